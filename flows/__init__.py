@@ -1,0 +1,1 @@
+"""Prefect flows. `python flows/full.py --help` runs the whole pipeline."""

@@ -1,0 +1,48 @@
+"""Task 3: transform images into HDF5 shards (mapped, one task per shard), then index them."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+
+from pneumo import shards
+from tasks.caching import cache_policy
+from tasks.reporting import quarantine_artifact
+
+
+@task(
+    name="write-shard",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    cache_policy=cache_policy("pneumo.shards", "pneumo.transform", "pneumo.splits"),
+)
+def write_shard(spec: shards.ShardSpec) -> shards.ShardResult:
+    """Featurize one shard's images and write the shard atomically."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    result = shards.write_shard(spec)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "%s-%04d: %d images, %d quarantined, %.1fs (%.0f images/s)",
+        spec.split, spec.number, result.count, len(result.quarantine), seconds,
+        (result.count + len(result.quarantine)) / max(seconds, 1e-9),
+    )
+    return result
+
+
+@task(
+    name="write-shard-index",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    cache_policy=cache_policy("pneumo.shards"),
+)
+def write_index(results: list[shards.ShardResult], index_uri: str, manifest_digest: str) -> shards.IndexRef:
+    """Write index.json over every shard and report what was quarantined."""
+    logger = get_run_logger()
+    ref = shards.write_index(results, index_uri, manifest_digest=manifest_digest)
+    logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
+    quarantined = [entry for result in results for entry in result.quarantine]
+    if quarantined:
+        quarantine_artifact(quarantined, key="transform-quarantine")
+    return ref
