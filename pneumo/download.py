@@ -1,0 +1,513 @@
+"""Stage 1: turn a ``--source`` string into a local dataset folder and a Manifest.
+
+Accepted sources (see ACCEPTED_FORMS): a Kaggle dataset handle, a local folder, a local
+``.zip``, an ``s3://`` zip, or an ``s3://`` prefix. ``fetch`` materializes any of them as a
+local folder under ``cache_dir``; ``find_dataset_root`` picks the folder holding
+``train/{NORMAL,PNEUMONIA}``; ``build_manifest`` lists and hashes every image in it.
+
+Every folder ``fetch`` creates is filled under a temporary name and then renamed, so a
+killed run never leaves a half-filled folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pneumo import storage
+from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry
+
+from pneumo.config import KAGGLE_DEFAULT_SOURCE as DEFAULT_SOURCE  # noqa: E402
+ACCEPTED_FORMS = (
+    "kaggle:OWNER/DATASET (optionally pinned as kaggle:OWNER/DATASET/versions/N), "
+    "a local folder in the Kaggle layout (e.g. /data/chest_xray), a local .zip file, "
+    "s3://bucket/path/archive.zip, or s3://bucket/prefix holding the Kaggle layout"
+)
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp"}
+_KAGGLE_HANDLE = re.compile(r"^([\w.-]+)/([\w.-]+)(?:/versions/(\d+))?$")
+_CHUNK = 1 << 20
+
+
+class SourceUnavailable(RuntimeError):
+    """The source exists in principle but cannot be reached now (no credentials, no network)."""
+
+
+class UnsafeArchive(ValueError):
+    """A zip archive that would write outside its target, explode in size, or is corrupt."""
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["kaggle", "dir", "zip", "s3_zip", "s3_prefix"]
+    location: str  # Kaggle "owner/dataset", a resolved local path, or an s3:// URI
+    version: int | None = None  # a pinned Kaggle dataset version
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def parse_source(source: str) -> Source:
+    """Classify ``source``; local paths must exist, remote ones are not contacted."""
+    text = str(source).strip()
+    if text.startswith("kaggle:"):
+        match = _KAGGLE_HANDLE.match(text[len("kaggle:"):])
+        if not match:
+            raise ValueError(f"invalid Kaggle source {text!r}. Accepted forms: {ACCEPTED_FORMS}.")
+        owner, dataset, version = match.groups()
+        return Source(kind="kaggle", location=f"{owner}/{dataset}", version=int(version) if version else None)
+    if storage.is_s3(text):
+        bucket, key = storage.split_s3(text)
+        kind = "s3_zip" if key.lower().endswith(".zip") else "s3_prefix"
+        return Source(kind=kind, location=f"s3://{bucket}/{key}")
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", text):
+        raise ValueError(f"unsupported source scheme in {text!r}. Accepted forms: {ACCEPTED_FORMS}.")
+    if not text:
+        raise ValueError(f"empty source. Accepted forms: {ACCEPTED_FORMS}.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return Source(kind="dir", location=str(path.resolve()))
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return Source(kind="zip", location=str(path.resolve()))
+    if path.exists():
+        raise ValueError(f"source {text!r} is a file but not a .zip archive. Accepted forms: {ACCEPTED_FORMS}.")
+    raise ValueError(f"source path {text!r} does not exist. Accepted forms: {ACCEPTED_FORMS}.")
+
+
+def source_fingerprint(source: str) -> str:
+    """A cheap sha256 that changes when the source's content changes; a cache key, not a checksum.
+
+    - folder: every file's (relative path, size, mtime_ns), from stat only;
+    - local zip: its resolved path, size and mtime_ns;
+    - s3 zip: the object's ETag and size (one HEAD request);
+    - s3 prefix: every listed key with its ETag and size (list_objects_v2);
+    - kaggle: the handle plus the dataset's current version number, asked from the Kaggle
+      API (the GetDataset call kagglehub itself makes); a pinned ``/versions/N`` handle is
+      used as is, without a request. Raises SourceUnavailable when Kaggle can't be reached.
+    """
+    parsed = parse_source(source)
+    if parsed.kind == "dir":
+        parts = [f"dir:{parsed.location}"]
+        root = Path(parsed.location)
+        for folder, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(folder, name)
+                try:
+                    info = path.stat()
+                except FileNotFoundError:  # a broken symlink
+                    info = path.lstat()
+                parts.append(f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}")
+    elif parsed.kind == "zip":
+        info = Path(parsed.location).stat()
+        parts = [f"zip:{parsed.location}", str(info.st_size), str(info.st_mtime_ns)]
+    elif parsed.kind == "s3_zip":
+        bucket, key = storage.split_s3(parsed.location)
+        head = storage.s3_client().head_object(Bucket=bucket, Key=key)
+        parts = [f"s3_zip:{parsed.location}", head["ETag"], str(head["ContentLength"])]
+    elif parsed.kind == "s3_prefix":
+        parts = [f"s3_prefix:{parsed.location}"]
+        parts += [f"{key}\0{etag}\0{size}" for key, etag, size in _list_s3_prefix(parsed.location)]
+    else:
+        version = parsed.version or _kaggle_current_version(parsed.location)
+        parts = [f"kaggle:{parsed.location}/versions/{version}"]
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def fetch(source: str, cache_dir: str | Path, *, progress: Callable[[str], None] | None = None) -> Path:
+    """Return a local folder holding the dataset; pass it to find_dataset_root.
+
+    A folder source is returned as is. Archives and remote sources land under ``cache_dir``
+    in folders named after their content, and are reused on the next call.
+    """
+    say = progress or (lambda message: None)
+    parsed = parse_source(source)
+    cache_dir = Path(cache_dir)
+    if parsed.kind == "dir":
+        return Path(parsed.location)
+    if parsed.kind == "zip":
+        return _extract_cached(Path(parsed.location), cache_dir, say)
+    if parsed.kind == "s3_zip":
+        local_zip = cache_dir / "downloads" / source_fingerprint(source)[:16] / Path(parsed.location).name
+        if local_zip.exists():
+            say(f"reusing downloaded {local_zip}")
+        else:
+            say(f"downloading {parsed.location}")
+            storage.download_file(parsed.location, local_zip)  # atomic: temp name, then rename
+        return _extract_cached(local_zip, cache_dir, say)
+    if parsed.kind == "s3_prefix":
+        target = cache_dir / "s3" / source_fingerprint(source)[:16]
+        return _publish_dir(target, lambda tmp: _download_s3_prefix(parsed.location, tmp, say), say)
+    return _fetch_kaggle(parsed, cache_dir, say)
+
+
+def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str], None]) -> Path:
+    """Fill a temporary folder next to ``target``, then rename it into place (or reuse target)."""
+    if target.is_dir():
+        say(f"reusing {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a lost race with another run: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _extract_cached(zip_path: Path, cache_dir: Path, say: Callable[[str], None]) -> Path:
+    say(f"hashing {zip_path}")
+    digest = _sha256_file(zip_path)[0]
+    target = cache_dir / "extracted" / digest[:16]
+    if not target.is_dir():
+        say(f"extracting {zip_path} into {target}")
+    return _publish_dir(target, lambda tmp: safe_extract_zip(zip_path, tmp), say)
+
+
+def _list_s3_prefix(uri: str) -> list[tuple[str, str, int]]:
+    bucket, key = storage.split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    objects = [(obj["Key"], obj["ETag"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
+    if not objects:
+        raise ValueError(f"no objects under {uri}. Accepted forms: {ACCEPTED_FORMS}.")
+    return sorted(objects)
+
+
+def _download_s3_prefix(uri: str, target: Path, say: Callable[[str], None]) -> None:
+    bucket, key = storage.split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    objects = _list_s3_prefix(uri)
+    say(f"downloading {len(objects)} objects from {uri}")
+    for object_key, _, _ in objects:
+        if object_key.endswith("/"):  # a "folder" marker object
+            continue
+        relpath = _checked_member_path(object_key[len(prefix):], uri)
+        storage.download_file(f"s3://{bucket}/{object_key}", target / relpath)
+
+
+# --------------------------------------------------------------------------- kaggle
+
+
+def _kaggle_current_version(handle: str) -> int:
+    from kagglehub.clients import build_kaggle_client
+    from kagglehub.exceptions import handle_call
+    from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+
+    owner, dataset = handle.split("/")
+    request = ApiGetDatasetRequest()
+    request.owner_slug, request.dataset_slug = owner, dataset
+    try:
+        with build_kaggle_client() as client:
+            found = handle_call(lambda: client.datasets.dataset_api_client.get_dataset(request))
+    except _kaggle_errors() as error:
+        raise SourceUnavailable(_kaggle_help(handle, "could not look up its current version", error)) from error
+    if not found.current_version_number:
+        raise SourceUnavailable(_kaggle_help(handle, "the Kaggle API returned no version number", None))
+    return found.current_version_number
+
+
+def _fetch_kaggle(parsed: Source, cache_dir: Path, say: Callable[[str], None]) -> Path:
+    import kagglehub
+
+    version = parsed.version or _kaggle_current_version(parsed.location)
+    target = cache_dir / "kaggle" / parsed.location / "versions" / str(version)
+
+    def download(tmp: Path) -> None:
+        say(f"downloading kaggle:{parsed.location} version {version}")
+        try:
+            # output_dir keeps kagglehub's files under cache_dir instead of ~/.cache/kagglehub.
+            kagglehub.dataset_download(f"{parsed.location}/versions/{version}", output_dir=str(tmp))
+        except _kaggle_errors() as error:
+            raise SourceUnavailable(_kaggle_help(parsed.location, "the download failed", error)) from error
+
+    return _publish_dir(target, download, say)
+
+
+def _kaggle_errors() -> tuple[type[Exception], ...]:
+    import requests
+    from kagglehub import exceptions
+
+    return (
+        requests.RequestException,  # no network, refused, HTTP 401/403/404/5xx
+        exceptions.UnauthenticatedError,
+        exceptions.CredentialError,
+        exceptions.BackendError,
+        exceptions.DataCorruptionError,
+        exceptions.NotFoundError,
+        ValueError,  # e.g. a malformed ~/.kaggle/kaggle.json
+    )
+
+
+def _kaggle_help(handle: str, what: str, error: Exception | None) -> str:
+    from kagglehub.config import get_kaggle_credentials
+
+    try:
+        have_credentials = get_kaggle_credentials() is not None
+    except ValueError:
+        have_credentials = False
+    detail = f" ({type(error).__name__}: {_redact(' '.join(str(error).split()))})" if error else ""
+    found = "Kaggle credentials were found" if have_credentials else "no Kaggle credentials were found"
+    return (
+        f"Could not get Kaggle dataset '{handle}': {what}{detail}; {found}. "
+        "To download from Kaggle, create an API token at https://www.kaggle.com/settings and either "
+        "set the KAGGLE_USERNAME and KAGGLE_KEY environment variables or save the token as "
+        '~/.kaggle/kaggle.json ({"username": ..., "key": ...}), and check that kaggle.com can be reached. '
+        "To work offline, pass --source /path/to/chest_xray (a folder in the Kaggle layout) "
+        "or --source /path/to/archive.zip instead."
+    )
+
+
+def _redact(text: str) -> str:
+    """Remove any credential value that an underlying error message might echo."""
+    from kagglehub.config import get_kaggle_credentials
+
+    secrets = [os.environ.get(name) for name in ("KAGGLE_KEY", "KAGGLE_API_TOKEN")]
+    try:
+        credentials = get_kaggle_credentials()
+    except ValueError:
+        credentials = None
+    if credentials:
+        secrets += [credentials.key, credentials.api_key]
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    return text
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _checked_member_path(name: str, archive: str | Path) -> PurePosixPath:
+    """The entry's relative path, or UnsafeArchive if it could land outside the target."""
+    if not name or "\0" in name:
+        raise UnsafeArchive(f"unsafe entry {name!r} in {archive}: empty name or NUL byte")
+    if "\\" in name:
+        raise UnsafeArchive(f"unsafe entry {name!r} in {archive}: backslashes (Windows path separators)")
+    if name.startswith("/") or re.match(r"^[a-zA-Z]:", name):
+        raise UnsafeArchive(f"unsafe entry {name!r} in {archive}: absolute path")
+    path = PurePosixPath(name)
+    if ".." in path.parts:
+        raise UnsafeArchive(f"unsafe entry {name!r} in {archive}: '..' would escape the target folder")
+    return path
+
+
+def safe_extract_zip(
+    zip_path: str | Path,
+    target_dir: str | Path,
+    *,
+    max_total_bytes: int = 20 * 2**30,
+    max_ratio: int = 200,
+    max_members: int = 1_000_000,
+) -> None:
+    """Extract a zip, refusing (UnsafeArchive) anything that could escape or exhaust the disk.
+
+    Every entry is checked before the first byte is written: '..' and absolute names,
+    symlinks, member count, declared total size, and the compression ratio of members of
+    1 MiB or more (smaller ones cannot be a bomb; the total limit covers many of them).
+    Sizes are enforced again while streaming because headers can lie. On error, a partial
+    extraction may remain in ``target_dir``: extract into a fresh folder (fetch does).
+    """
+    target = Path(target_dir)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = archive.infolist()
+            if len(members) > max_members:
+                raise UnsafeArchive(f"{zip_path} has {len(members)} entries, more than the limit of {max_members}")
+            declared = 0
+            for info in members:
+                _checked_member_path(info.filename, zip_path)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise UnsafeArchive(f"unsafe entry {info.filename!r} in {zip_path}: symbolic link")
+                declared += info.file_size
+                if declared > max_total_bytes:
+                    raise UnsafeArchive(
+                        f"{zip_path} expands to more than {max_total_bytes} bytes (at entry {info.filename!r})"
+                    )
+                ratio = info.file_size / max(info.compress_size, 1)
+                if info.file_size >= _CHUNK and ratio > max_ratio:
+                    raise UnsafeArchive(
+                        f"entry {info.filename!r} in {zip_path} has compression ratio {ratio:.0f} "
+                        f"(limit {max_ratio}): likely a zip bomb"
+                    )
+            written = 0
+            real_target = os.path.realpath(target)
+            for info in members:
+                destination = target / info.filename
+                # Guards against symlinks already sitting in target_dir, which names alone can't see.
+                if os.path.commonpath([real_target, os.path.realpath(destination)]) != real_target:
+                    raise UnsafeArchive(f"entry {info.filename!r} in {zip_path} resolves outside {target}")
+                if info.is_dir():
+                    destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as source, open(destination, "wb") as sink:
+                    member_written = 0
+                    while chunk := source.read(_CHUNK):
+                        member_written += len(chunk)
+                        written += len(chunk)
+                        if member_written > info.file_size or written > max_total_bytes:
+                            raise UnsafeArchive(
+                                f"entry {info.filename!r} in {zip_path} expands beyond its declared size"
+                            )
+                        sink.write(chunk)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise UnsafeArchive(f"archive is truncated or corrupt: {zip_path}: {error}") from error
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _is_junk(name: str) -> bool:
+    """OS metadata: macOS AppleDouble ``._*`` and ``__MACOSX``, ``.DS_Store``, other dotfiles."""
+    return name.startswith(".") or name == "__MACOSX" or name in {"Thumbs.db", "desktop.ini"}
+
+
+def _is_dataset_root(folder: Path) -> bool:
+    train = folder / "train"
+    return train.is_dir() and any((train / name).is_dir() for name in CLASSES)
+
+
+def find_dataset_root(path: str | Path, *, max_depth: int = 6) -> Path:
+    """The shallowest folder under ``path`` that has ``train/NORMAL`` or ``train/PNEUMONIA``.
+
+    The Kaggle archive holds the dataset twice (``chest_xray/`` and a nested
+    ``chest_xray/chest_xray/``) plus ``__MACOSX`` junk: the shallowest copy wins, junk is
+    never a candidate, and two candidates at the same depth are an error, not a guess.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder; expected a folder holding train/NORMAL and train/PNEUMONIA")
+    level = [path]
+    for _ in range(max_depth + 1):
+        found = [folder for folder in level if _is_dataset_root(folder)]
+        if len(found) > 1:
+            listed = ", ".join(str(folder) for folder in found)
+            raise ValueError(f"several dataset copies at the same depth under {path}: {listed}; pass one of them")
+        if found:
+            return found[0].resolve()
+        level = [
+            child
+            for folder in level
+            for child in sorted(folder.iterdir())
+            if child.is_dir() and not child.is_symlink() and not _is_junk(child.name)
+        ]
+        if not level:
+            break
+    raise ValueError(
+        f"no dataset found under {path}: expected a folder with train/NORMAL and train/PNEUMONIA "
+        "(and optionally val/ and test/ with the same class folders), as in the Kaggle "
+        "chest-xray-pneumonia archive chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg"
+    )
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def parse_patient_id(filename: str) -> str:
+    """The patient number in a Kaggle file name, as a canonical integer string.
+
+    ``person1000_virus_1681.jpeg`` -> "1000"; ``IM-0115-0001.jpeg`` -> "115";
+    ``NORMAL2-IM-1427-0001.jpeg`` -> "1427". Both naming schemes share one number space
+    here: merging a ``personN`` with an ``IM-N`` patient can only group more images
+    together, which never leaks a patient across splits. Names that fit neither scheme
+    fall back to the file stem, so each such image is its own patient.
+    """
+    name = PurePosixPath(filename).name
+    match = re.match(r"^person(\d+)_", name, re.IGNORECASE) or re.search(r"(?:^|-)IM-(\d+)-", name, re.IGNORECASE)
+    return str(int(match.group(1))) if match else PurePosixPath(name).stem
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """List and hash every image under ``root/{train,val,test}/{NORMAL,PNEUMONIA}/``.
+
+    Only those three split folders are read (the Kaggle archive's nested duplicate tree
+    and ``__MACOSX`` sit beside them). Every other file in a split folder becomes a
+    QuarantineEntry with its reason; OS junk (dotfiles, ``._*``, ``__MACOSX``) is skipped.
+    """
+    root = Path(root)
+    resolved_root = root.resolve()
+    if not _is_dataset_root(root):
+        raise ValueError(f"{root} has no train/NORMAL or train/PNEUMONIA folder; use find_dataset_root first")
+    quarantine: list[QuarantineEntry] = []
+    images: list[tuple[str, str, int, Path]] = []  # relpath, split, label, path
+
+    def refuse(path: Path, reason: str) -> None:
+        quarantine.append(QuarantineEntry(relpath=path.relative_to(root).as_posix(), stage="manifest", reason=reason))
+
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        for class_dir in sorted(split_dir.iterdir()):
+            if _is_junk(class_dir.name):
+                continue
+            if not class_dir.is_dir():
+                refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
+                continue
+            known = class_dir.name in CLASSES
+            for folder, dirnames, filenames in os.walk(class_dir):
+                dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+                for name in sorted(filenames):
+                    if _is_junk(name):
+                        continue
+                    path = Path(folder, name)
+                    if not known:
+                        refuse(path, f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)")
+                    elif Path(folder) != class_dir:
+                        refuse(path, f"inside a subfolder of class folder '{class_dir.name}'")
+                    elif path.is_symlink() and not path.resolve().is_relative_to(resolved_root):
+                        refuse(path, "symlink points outside the dataset")
+                    elif not path.is_file():
+                        refuse(path, "not a regular file (broken symlink, device or pipe)")
+                    elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                        refuse(path, f"not an image file (extension '{path.suffix or '(none)'}')")
+                    elif path.stat().st_size == 0:
+                        refuse(path, "empty file (0 bytes)")
+                    else:
+                        relpath = path.relative_to(root).as_posix()
+                        images.append((relpath, split, CLASSES.index(class_dir.name), path))
+
+    # hashlib releases the GIL on large buffers, so threads hash files in parallel.
+    records: list[ImageRecord] = []
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        for done, ((relpath, split, label, _), (sha256, size)) in enumerate(
+            zip(images, pool.map(_sha256_file, [image[3] for image in images])), start=1
+        ):
+            records.append(
+                ImageRecord(
+                    relpath=relpath,
+                    split=split,
+                    label=label,
+                    patient_id=parse_patient_id(relpath),
+                    bytes=size,
+                    sha256=sha256,
+                )
+            )
+            if progress and (done % 500 == 0 or done == len(images)):
+                progress(done, len(images))
+    return Manifest(root=str(resolved_root), records=records, quarantine=quarantine)
