@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -83,7 +83,7 @@ def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Opt
 
 
 @flow(name="pneumo-shards", log_prints=True)
-def shard_stage(specs: list[shards.ShardSpec], index_uri: str, manifest_digest: str, workdir: str, retries: int) -> shards.IndexRef:
+def shard_stage(specs: list[shards.ShardSpec], index_uri: str, workdir: str, retries: int) -> shards.IndexRef:
     """Write every shard (mapped over the flow's task runner), then the index."""
     logger = get_run_logger()
     shard_task = _with_run_options(write_shard, workdir, retries)
@@ -103,7 +103,11 @@ def shard_stage(specs: list[shards.ShardSpec], index_uri: str, manifest_digest: 
         results = [rebuilt.get(r.uri, r) for r in results]
 
     index_task = _with_run_options(write_index, workdir, retries)
-    return _checked(index_task, lambda ref: [ref.uri], "index", results, index_uri, manifest_digest)
+    first = specs[0]
+    return _checked(
+        index_task, lambda ref: [ref.uri], "index",
+        results, index_uri, first.manifest_digest, first.transform, first.split_config,
+    )
 
 
 @flow(name="pneumo-full")
@@ -146,13 +150,12 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    specs = shards.plan_shards(
-        load_manifest(manifest.uri), manifest.uri, split, transform, shard_size, storage.join(workdir, "shards")
-    )
-    index_uri = shards.index_uri_for(specs)
+    shards_root = storage.join(workdir, "shards")
+    specs = shards.plan_shards(load_manifest(manifest.uri), manifest.uri, split, transform, shard_size, shards_root)
+    index_uri = shards.index_uri(shards_root, manifest.digest, transform, split, shard_size)
     logger.info("transform: %d images in %d shard(s) on the %s runner", manifest.n_images, len(specs), runner)
     index = shard_stage.with_options(task_runner=task_runner(runner, workers, dask_address))(
-        specs, index_uri, manifest.digest, workdir, retries
+        specs, index_uri, workdir, retries
     )
 
     # 4. Train, evaluate and register.
@@ -172,6 +175,33 @@ def full(
         "size_stats": sizes.uri,
         "registry": registry,
     }
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Use the configured Prefect API, or start one temporary local server for this run.
+
+    Prefect would start its ephemeral server lazily in each process, so every
+    process-pool or Dask worker would boot a private server of its own (seconds each)
+    and report its task runs there. One server, announced through PREFECT_API_URL,
+    is shared by the whole run instead.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -221,11 +251,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    summary = full(
-        source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
-        percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
-        retries=args.retries, runner=args.runner, workers=args.workers, dask_address=args.dask_address,
-    )
+    with prefect_api():
+        summary = full(
+            source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
+            percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
+            retries=args.retries, runner=args.runner, workers=args.workers, dask_address=args.dask_address,
+        )
     print_summary(summary, time.perf_counter() - started)
     return 0
 

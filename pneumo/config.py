@@ -32,7 +32,7 @@ class TransformConfig(_Config):
         "fast", description="'exact' decodes full resolution; 'fast' decodes at a reduced DCT scale first"
     )
     max_pixels: int = Field(
-        200_000_000, gt=0, description="Images with more pixels are refused (decompression-bomb guard)"
+        50_000_000, gt=0, description="Images with more pixels are refused (decompression-bomb guard); X-rays are under 10 MP"
     )
 
     @field_validator("size", "grid")

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from pneumo import download, storage
 from pneumo.manifest import ManifestRef, save_manifest
 from tasks.caching import cache_policy
-from tasks.reporting import quarantine_artifact
+from tasks.reporting import progress_logger, quarantine_artifact
 
 
 @task(
@@ -29,10 +29,7 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     root = download.find_dataset_root(download.fetch(source, cache_dir, progress=logger.info))
     logger.info("dataset root: %s", root)
 
-    def progress(done: int, total: int) -> None:
-        logger.info("manifest: hashed %d/%d files", done, total)
-
-    manifest = download.build_manifest(root, progress=progress)
+    manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"))
     uri = save_manifest(manifest, storage.join(workdir, "manifests"))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(

@@ -17,3 +17,13 @@ def quarantine_artifact(entries: Iterable[QuarantineEntry], *, key: str) -> None
         table=rows,
         description=f"{len(rows)} input file(s) quarantined, each with the reason",
     )
+
+
+def progress_logger(logger, what: str, every: int = 1000):
+    """A ``progress(done, total)`` callback that logs every ``every`` items and at the end."""
+
+    def progress(done: int, total: int) -> None:
+        if done % every == 0 or done == total:
+            logger.info("%s: %d/%d", what, done, total)
+
+    return progress

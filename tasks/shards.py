@@ -7,6 +7,7 @@ import time
 from prefect import get_run_logger, task
 
 from pneumo import shards
+from pneumo.config import SplitConfig, TransformConfig
 from tasks.caching import cache_policy
 from tasks.reporting import quarantine_artifact
 
@@ -37,10 +38,19 @@ def write_shard(spec: shards.ShardSpec) -> shards.ShardResult:
     retry_delay_seconds=[2, 10, 30],
     cache_policy=cache_policy("pneumo.shards"),
 )
-def write_index(results: list[shards.ShardResult], index_uri: str, manifest_digest: str) -> shards.IndexRef:
+def write_index(
+    results: list[shards.ShardResult],
+    index_uri: str,
+    manifest_digest: str,
+    transform: TransformConfig,
+    split_config: SplitConfig,
+) -> shards.IndexRef:
     """Write index.json over every shard and report what was quarantined."""
     logger = get_run_logger()
-    ref = shards.write_index(results, index_uri, manifest_digest=manifest_digest)
+    shards.write_index(
+        results, index_uri, manifest_digest=manifest_digest, transform=transform, split_config=split_config
+    )
+    ref = shards.index_ref(index_uri)
     logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
     quarantined = [entry for result in results for entry in result.quarantine]
     if quarantined:

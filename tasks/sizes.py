@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from pneumo import sizes, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
+from tasks.reporting import progress_logger
 
 BASE_PERCENTILES = (25, 50, 75, 90, 99)
 
@@ -23,9 +24,7 @@ def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> 
     logger = get_run_logger()
     wanted = tuple(sorted({*BASE_PERCENTILES, percentile}))
 
-    def progress(done: int, total: int) -> None:
-        logger.info("sizes: read %d/%d headers", done, total)
-
+    progress = progress_logger(logger, "image headers read")
     stats = sizes.size_percentiles(load_manifest(manifest.uri), percentiles=wanted, progress=progress)
     uri = storage.join(workdir, "stats", f"sizes-{manifest.digest[:16]}.json")
     storage.write_bytes(uri, stats.model_dump_json(indent=2).encode())

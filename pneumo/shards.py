@@ -1,0 +1,350 @@
+"""Stage 3 storage: features in HDF5 shards of a bounded number of images, and their index.
+
+A shard is written by one process into a local temporary file, then uploaded in one
+atomic step, so readers never see half a shard. The same inputs give the same bytes (no
+timestamps), which lets a retry find its finished output and return it unchanged.
+
+Shard contract (SCHEMA_VERSION 1):
+    datasets  features float32 (n, rows*cols), labels uint8 (n,),
+              relpaths and patient_ids UTF-8 strings (n,)
+    attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
+              manifest_digest, schema_version, split, number, start, stop,
+              quarantine_json (the images of this shard that were refused, with reasons)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import h5py
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from pneumo import storage
+from pneumo.config import SplitConfig, TransformConfig
+from pneumo.manifest import CLASSES, SPLITS, Manifest, QuarantineEntry, load_manifest
+from pneumo.splits import records_by_split
+from pneumo.transform import ImageRejected, featurize
+
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.json"
+
+
+class CorruptShard(ValueError):
+    """A shard whose bytes or contents are not what its index says."""
+
+
+class ShardSpec(BaseModel):
+    """Everything needed to write one shard: a slice of one split of one manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    manifest_uri: str
+    manifest_digest: str
+    split_config: SplitConfig
+    transform: TransformConfig  # with its size already resolved from the size percentiles
+    split: Literal["train", "val", "test"]
+    number: int
+    start: int  # slice of records_by_split(manifest, split_config)[split]
+    stop: int
+    uri: str  # the .h5 file to write
+
+
+class ShardResult(BaseModel):
+    uri: str
+    split: str
+    number: int
+    count: int  # images stored
+    class_counts: dict[str, int]  # images stored per class name
+    sha256: str  # of the file's bytes
+    quarantine: list[QuarantineEntry] = []
+
+
+@dataclass(frozen=True)
+class ShardData:
+    features: np.ndarray  # float32 (n, rows*cols)
+    labels: np.ndarray  # uint8 (n,)
+    relpaths: list[str]
+    patient_ids: list[str]
+
+
+def shard_dir(out_dir: str, manifest_digest: str, transform: TransformConfig, split_config: SplitConfig, shard_size: int) -> str:
+    """The folder of one set of shards, named after everything that decides their contents.
+
+    The shard size is in the name too: with another size, ``train-0001.h5`` holds other images.
+    """
+    name = f"{manifest_digest[:16]}-{transform.digest()[:8]}-{split_config.digest()[:8]}-n{shard_size}"
+    return storage.join(out_dir, name)
+
+
+def index_uri(out_dir: str, manifest_digest: str, transform: TransformConfig, split_config: SplitConfig, shard_size: int) -> str:
+    return storage.join(shard_dir(out_dir, manifest_digest, transform, split_config, shard_size), INDEX_NAME)
+
+
+def plan_shards(
+    manifest: Manifest,
+    manifest_uri: str,
+    split_config: SplitConfig,
+    transform: TransformConfig,
+    shard_size: int,
+    out_dir: str,
+) -> list[ShardSpec]:
+    """One spec per ``shard_size`` images of each split, in split then relpath order."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be a positive number of images, got {shard_size}")
+    digest = manifest.digest()
+    folder = shard_dir(out_dir, digest, transform, split_config, shard_size)
+    by_split = records_by_split(manifest, split_config)
+    specs = []
+    for split in SPLITS:
+        for number, start in enumerate(range(0, len(by_split[split]), shard_size)):
+            specs.append(
+                ShardSpec(
+                    manifest_uri=manifest_uri,
+                    manifest_digest=digest,
+                    split_config=split_config,
+                    transform=transform,
+                    split=split,
+                    number=number,
+                    start=start,
+                    stop=min(start + shard_size, len(by_split[split])),
+                    uri=storage.join(folder, f"{split}-{number:04d}.h5"),
+                )
+            )
+    return specs
+
+
+def _spec_attrs(spec: ShardSpec) -> dict:
+    """The attributes that identify a shard's contents (not where it or its manifest live)."""
+    return {
+        "transform": spec.transform.model_dump_json(),
+        "split_config": spec.split_config.model_dump_json(),
+        "manifest_digest": spec.manifest_digest,
+        "schema_version": SCHEMA_VERSION,
+        "split": spec.split,
+        "number": spec.number,
+        "start": spec.start,
+        "stop": spec.stop,
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _result_from_file(spec: ShardSpec, path: Path) -> ShardResult | None:
+    """The result of an existing shard file, or None when it is not a complete shard of ``spec``."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {key: f.attrs[key] for key in _spec_attrs(spec)}
+            attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+            if attrs != _spec_attrs(spec):
+                return None
+            labels = f["labels"][:]
+            quarantine = json.loads(f.attrs["quarantine_json"])
+    except (OSError, KeyError, ValueError):
+        return None  # unreadable or from an older schema: recompute
+    return ShardResult(
+        uri=spec.uri,
+        split=spec.split,
+        number=spec.number,
+        count=len(labels),
+        class_counts={name: int((labels == label).sum()) for label, name in enumerate(CLASSES)},
+        sha256=_sha256_file(path),
+        quarantine=[QuarantineEntry(**entry) for entry in quarantine],
+    )
+
+
+def _write_h5(path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine) -> None:
+    strings = h5py.string_dtype("utf-8")
+    # Fixed libver and no creation times: the same inputs give the same bytes.
+    with h5py.File(path, "w", libver=("v110", "v110"), track_order=False) as f:
+        f.create_dataset("features", data=features, dtype=np.float32, track_times=False)
+        f.create_dataset("labels", data=labels, dtype=np.uint8, track_times=False)
+        f.create_dataset("relpaths", data=relpaths, dtype=strings, track_times=False)
+        f.create_dataset("patient_ids", data=patient_ids, dtype=strings, track_times=False)
+        for key, value in _spec_attrs(spec).items():
+            f.attrs[key] = value
+        f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
+
+
+def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None = None) -> ShardResult:
+    """Featurize the spec's images into one HDF5 shard at ``spec.uri``; return what it holds.
+
+    Images the transform refuses are left out and listed in the result's quarantine. An
+    existing complete shard for the same spec is returned as it is (a safe retry).
+    ``progress(done, total)`` is called after every image.
+    """
+    if storage.exists(spec.uri):
+        with storage.local_copy(spec.uri) as existing:
+            found = _result_from_file(spec, existing)
+        if found is not None:
+            return found
+
+    manifest = load_manifest(spec.manifest_uri)
+    if manifest.digest() != spec.manifest_digest:
+        raise ValueError(
+            f"manifest {spec.manifest_uri} has digest {manifest.digest()[:16]}, the shard plan expects "
+            f"{spec.manifest_digest[:16]}; plan the shards again from this manifest"
+        )
+    records = records_by_split(manifest, spec.split_config)[spec.split][spec.start : spec.stop]
+    root = Path(manifest.root)
+    features, kept, quarantine = [], [], []
+    for done, record in enumerate(records, start=1):
+        try:
+            features.append(featurize(root / record.relpath, spec.transform))
+            kept.append(record)
+        except ImageRejected as error:
+            quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
+        if progress:
+            progress(done, len(records))
+
+    n_features = spec.transform.n_features
+    matrix = np.stack(features) if features else np.zeros((0, n_features), np.float32)
+    labels = np.array([r.label for r in kept], dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
+        local = Path(tmp, Path(spec.uri).name)
+        _write_h5(local, spec, matrix, labels, [r.relpath for r in kept], [r.patient_id for r in kept], quarantine)
+        sha256 = _sha256_file(local)
+        storage.upload_file(local, spec.uri)
+    return ShardResult(
+        uri=spec.uri,
+        split=spec.split,
+        number=spec.number,
+        count=len(kept),
+        class_counts={name: int((labels == label).sum()) for label, name in enumerate(CLASSES)},
+        sha256=sha256,
+        quarantine=quarantine,
+    )
+
+
+def _parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
+
+
+def write_index(
+    results: list[ShardResult],
+    index_uri: str,
+    *,
+    manifest_digest: str,
+    transform: TransformConfig,
+    split_config: SplitConfig,
+) -> str:
+    """Write ``index.json`` next to the shards; return its URI.
+
+    The index names shards relative to its own folder, so a shard folder can be moved or
+    copied to S3 as a whole. Counts are per split and class of the images stored.
+    """
+    folder = _parent(index_uri)
+    shards, counts, quarantine = [], {s: {c: 0 for c in CLASSES} for s in SPLITS}, []
+    order = {split: i for i, split in enumerate(SPLITS)}
+    for result in sorted(results, key=lambda r: (order[r.split], r.number)):
+        if _parent(result.uri) != folder:
+            raise ValueError(f"shard {result.uri} is not in the index folder {folder}; write the index next to its shards")
+        name = result.uri[len(folder) :].lstrip("/\\")
+        shards.append(
+            {"name": name, "split": result.split, "number": result.number, "count": result.count, "sha256": result.sha256}
+        )
+        for class_name, count in result.class_counts.items():
+            counts[result.split][class_name] += count
+        quarantine.extend(q.model_dump() for q in result.quarantine)
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "manifest_digest": manifest_digest,
+        "transform": transform.model_dump(mode="json"),
+        "split_config": split_config.model_dump(mode="json"),
+        "shards": shards,
+        "counts": counts,
+        "quarantine": quarantine,
+    }
+    storage.write_json(index_uri, index)
+    return index_uri
+
+
+class IndexRef(BaseModel):
+    """What the shard stage hands to training: the index and a summary of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    digest: str  # sha256 of index.json: the exact features a model is trained on
+    n_shards: int
+    counts: dict[str, dict[str, int]]  # images per split and class name
+    n_quarantined: int
+
+
+def index_ref(index_uri: str) -> IndexRef:
+    index = read_index(index_uri)
+    return IndexRef(
+        uri=index_uri,
+        digest=index_digest(index_uri),
+        n_shards=len(index["shards"]),
+        counts=index["counts"],
+        n_quarantined=len(index["quarantine"]),
+    )
+
+
+def read_index(index_uri: str) -> dict:
+    return storage.read_json(index_uri)
+
+
+def index_digest(index_uri: str) -> str:
+    """sha256 of the index file: identifies the exact features a model was trained on."""
+    return hashlib.sha256(storage.read_bytes(index_uri)).hexdigest()
+
+
+def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
+    """Load a shard; with ``expected_sha256``, raise CorruptShard if its bytes differ."""
+    with storage.local_copy(uri) as path:
+        if expected_sha256 is not None:
+            actual = _sha256_file(path)
+            if actual != expected_sha256:
+                raise CorruptShard(
+                    f"shard {uri} has sha256 {actual[:16]}…, its index says {expected_sha256[:16]}…; "
+                    "delete it and run the transform again"
+                )
+        try:
+            with h5py.File(path, "r") as f:
+                return ShardData(
+                    features=f["features"][:],
+                    labels=f["labels"][:],
+                    relpaths=[s.decode() for s in f["relpaths"][:]],
+                    patient_ids=[s.decode() for s in f["patient_ids"][:]],
+                )
+        except (OSError, KeyError) as error:
+            raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
+
+
+def load_split(index_uri: str, split: str) -> ShardData:
+    """All images of one split, checked against the index's sha256s, read one shard at a time."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    index = read_index(index_uri)
+    folder = _parent(index_uri)
+    entries = [s for s in index["shards"] if s["split"] == split]
+    n_features = TransformConfig(**index["transform"]).n_features
+    total = sum(s["count"] for s in entries)
+    features = np.empty((total, n_features), np.float32)
+    labels = np.empty(total, np.uint8)
+    relpaths, patient_ids = [], []
+    at = 0
+    for entry in entries:
+        shard = read_shard(storage.join(folder, entry["name"]), expected_sha256=entry["sha256"])
+        n = len(shard.labels)
+        if n != entry["count"]:
+            raise CorruptShard(f"shard {entry['name']} holds {n} images, its index says {entry['count']}")
+        features[at : at + n] = shard.features
+        labels[at : at + n] = shard.labels
+        relpaths.extend(shard.relpaths)
+        patient_ids.extend(shard.patient_ids)
+        at += n
+    return ShardData(features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids)

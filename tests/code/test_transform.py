@@ -1,0 +1,203 @@
+"""Stage 3, one image: the seed's recipe, its fast path, and the images it must refuse."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from pneumo.config import TransformConfig
+from pneumo.transform import ImageRejected, crop_box, featurize, max_pool
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest_xray_224" / "train"
+METHODS = ["fast", "exact"]
+
+
+def _xray_like(width: int = 400, height: int = 300, seed: int = 0) -> np.ndarray:
+    """A gray [0, 1] picture with structure in every grid cell: gradients, two 'lungs', noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    lungs = np.exp(-(((x - 0.32 * width) / (0.12 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2))
+    lungs += np.exp(-(((x - 0.68 * width) / (0.12 * width)) ** 2 + ((y - 0.55 * height) / (0.22 * height)) ** 2))
+    picture = 0.15 + 0.5 * (x / width) * (y / height) + 0.4 * lungs + rng.normal(0, 0.02, (height, width))
+    return np.clip(picture, 0, 1)
+
+
+def _gray8(picture: np.ndarray) -> Image.Image:
+    return Image.fromarray((picture * 255).round().astype(np.uint8))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# Every mode the transform accepts, made from the same picture, and the format that stores it.
+MODES = {
+    "L": (lambda g: g, "png"),
+    "RGB": (lambda g: g.convert("RGB"), "png"),
+    "RGBA": (lambda g: g.convert("RGBA"), "png"),
+    "LA": (lambda g: g.convert("LA"), "png"),
+    "P": (lambda g: g.convert("P"), "png"),  # 256 gray levels fit the palette exactly
+    "CMYK": (lambda g: g.convert("CMYK"), "tiff"),
+    "I;16": (lambda g: Image.fromarray((np.asarray(g, np.uint16) * 257)), "png"),
+    "I": (lambda g: Image.fromarray((np.asarray(g, np.int32) * 257)), "tiff"),
+    "1": (lambda g: g.convert("1"), "png"),
+    "bmp": (lambda g: g.convert("RGB"), "bmp"),
+    "jpeg-L": (lambda g: g, "jpeg"),
+    "jpeg-RGB": (lambda g: g.convert("RGB"), "jpeg"),
+    "jpeg-CMYK": (lambda g: g.convert("CMYK"), "jpeg"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODES)
+def test_every_mode_gives_gray_features_in_unit_range(tmp_path, name, method):
+    make, extension = MODES[name]
+    gray = _gray8(_xray_like())
+    path = tmp_path / f"image.{extension}"
+    make(gray).save(path, **({"quality": 95} if extension == "jpeg" else {}))
+    config = TransformConfig(method=method)
+
+    features = featurize(path, config)
+
+    assert features.shape == (140,) and features.dtype == np.float32
+    assert 0.0 <= features.min() and features.max() <= 1.0
+    if name != "1":  # a 1-bit image keeps only the dithering of the picture
+        reference = featurize(_save(tmp_path / "reference.png", gray), config)
+        # Same gray levels whatever the storage: 16-bit divided by 65535, alpha dropped, ...
+        tolerance = 0.04 if extension == "jpeg" else 0.005  # JPEG is lossy; max-pooling keeps its ringing
+        np.testing.assert_allclose(features, reference, atol=tolerance)
+
+
+def _save(path: Path, image: Image.Image, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def _rotated_for(upright: Image.Image, orientation: int) -> Image.Image:
+    """The stored pixels that EXIF ``orientation`` turns back into ``upright``."""
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    return upright.transpose(undo[orientation])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_image_gives_the_upright_features(tmp_path, orientation, method):
+    upright = _gray8(_xray_like(900, 700))  # large enough for the fast path to decode at reduced scale
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    config = TransformConfig(method=method)
+
+    straight = featurize(_save(tmp_path / "upright.jpeg", upright, quality=95), config)
+    rotated = featurize(_save(tmp_path / "rotated.jpeg", _rotated_for(upright, orientation), quality=95, exif=exif.tobytes()), config)
+
+    np.testing.assert_allclose(rotated, straight, atol=0.03)  # JPEG blocks fall elsewhere once rotated
+    # Without applying the rotation the features would be far apart: the picture is asymmetric.
+    assert np.abs(featurize(_save(tmp_path / "ignored.jpeg", _rotated_for(upright, orientation)), config) - straight).max() > 0.05
+
+
+def test_max_pool_puts_a_bright_pixel_in_its_cell():
+    cropped = np.zeros((800, 1040), np.float32)  # 1000 x 1300 after a 10 % crop
+    cropped[85, 80] = 1.0  # row cells are 80 high, column cells 74 or 75 wide
+    pooled = max_pool(cropped, (10, 14))
+    assert pooled.shape == (10, 14)
+    assert np.argwhere(pooled == 1.0).tolist() == [[1, 1]]
+    assert pooled.sum() == 1.0
+
+
+def test_max_pool_cells_differ_by_one_pixel_at_most():
+    column_index = np.tile(np.arange(1040), (800, 1))
+    last_column_of_each_cell = max_pool(column_index, (10, 14))[0]
+    widths = np.diff(np.r_[-1, last_column_of_each_cell])
+    assert widths.sum() == 1040 and set(widths.tolist()) == {74, 75}
+
+
+def test_crop_box_matches_the_seed():
+    left, top, right, bottom = crop_box(1000, 1300, 0.1)
+    assert (bottom - top, right - left) == (800, 1040)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bright_spot_lands_in_the_right_feature(tmp_path, method):
+    picture = np.zeros((1000, 1300), np.uint8)  # already at the target size
+    # Cell (row 3, col 5): rows 100 + 240..320, cols 130 + 371..446 after the crop.
+    picture[100 + 260 : 100 + 300, 130 + 390 : 130 + 430] = 255
+    features = featurize(_save(tmp_path / "spot.png", Image.fromarray(picture)), TransformConfig(method=method))
+    assert int(features.argmax()) == 3 * 14 + 5
+    assert features[3 * 14 + 5] > 0.9 and np.delete(features, 3 * 14 + 5).max() < 0.1
+
+
+def _realistic_jpegs(tmp_path: Path) -> list[Path]:
+    """Full-size JPEGs like the Kaggle originals: upscaled real X-rays if present, else synthetic."""
+    rng = np.random.default_rng(1)
+    sources = sorted(SHARED.glob("*/*.jpeg"))[::1500][:3]
+    pictures = [np.asarray(Image.open(p).convert("L").resize((1800, 1400), Image.Resampling.BICUBIC), np.float32) / 255 for p in sources]
+    if not pictures:
+        pictures = [_xray_like(1800, 1400, seed) for seed in range(3)]
+    paths = []
+    for i, picture in enumerate(pictures):
+        noisy = np.clip(picture + rng.normal(0, 1.5 / 255, picture.shape), 0, 1)
+        paths.append(_save(tmp_path / f"full{i}.jpeg", _gray8(noisy), quality=90))
+    return paths
+
+
+def test_fast_agrees_with_exact_on_realistic_images(tmp_path):
+    for path in _realistic_jpegs(tmp_path):
+        exact = featurize(path, TransformConfig(method="exact"))
+        fast = featurize(path, TransformConfig(method="fast"))
+        assert _pearson(exact, fast) >= 0.99, path.name
+        assert np.abs(exact - fast).mean() < 0.05
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but holds none: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10_000, 15_000, 30_000])  # above PIL's warning, above its error, far above
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(side, side))
+    with pytest.raises(ImageRejected, match="too large"):
+        featurize(path)
+
+
+def test_max_pixels_is_checked_before_decoding(tmp_path):
+    path = _save(tmp_path / "big.png", _gray8(_xray_like(400, 300)))
+    with pytest.raises(ImageRejected, match=r"too large: 400x300 pixels exceeds max_pixels=100000"):
+        featurize(path, TransformConfig(max_pixels=100_000))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_files_are_rejected_with_a_specific_reason(tmp_path, method):
+    config = TransformConfig(method=method)
+    jpeg = _save(tmp_path / "good.jpeg", _gray8(_xray_like(600, 500)), quality=90).read_bytes()
+    cases = {
+        "empty.jpeg": (b"", "empty file (0 bytes)"),
+        "notes.jpeg": (b"not an image at all\n" * 20, "not an image (cannot identify image file)"),
+        "half.jpeg": (jpeg[: len(jpeg) // 2], "truncated JPEG"),
+        "header-cut.jpeg": (jpeg[:40], "truncated header"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageRejected) as caught:
+            featurize(tmp_path / name, config)
+        assert str(caught.value) == reason, name
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never switched on behind the caller's back
+
+
+def test_missing_file_is_not_a_bad_image(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        featurize(tmp_path / "nowhere.jpeg")
+
+
+def test_grid_larger_than_the_cropped_image_is_a_config_error(tmp_path):
+    path = _save(tmp_path / "small.png", _gray8(_xray_like(40, 30)))
+    with pytest.raises(ValueError, match="fewer than the 10x14 grid"):
+        featurize(path, TransformConfig(size=(10, 14)))
