@@ -63,13 +63,13 @@ class SplitConfig(_Config):
 class TrainConfig(_Config):
     """TinyNet training: the seed's optimizer, loss and batch size, with early stopping."""
 
-    epochs: int = Field(300, ge=1, description="Maximum number of epochs")
+    epochs: int = Field(1000, ge=1, description="Maximum number of epochs")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-5, gt=0.0, description="Adam learning rate")
     loss: Literal["hinge", "bce"] = Field("hinge", description="Keras-style hinge on the sigmoid output, or binary cross-entropy")
     balance: Literal["downsample", "class_weights", "none"] = Field(
         "downsample", description="How the class imbalance of train is handled"
     )
-    patience: int = Field(30, ge=1, description="Epochs without a better validation loss before stopping")
+    patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")

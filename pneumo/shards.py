@@ -293,6 +293,12 @@ def index_ref(index_uri: str) -> IndexRef:
     )
 
 
+def index_config(index_uri: str) -> dict:
+    """The transform and split configs the shards of an index were made with."""
+    index = read_index(index_uri)
+    return {"transform": index["transform"], "split": index["split_config"]}
+
+
 def read_index(index_uri: str) -> dict:
     return storage.read_json(index_uri)
 

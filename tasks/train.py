@@ -5,9 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, train
+from pneumo import evaluate, registry, shards, train
 from pneumo.config import TrainConfig
-from pneumo.shards import IndexRef
 from tasks.caching import cache_policy
 
 
@@ -18,24 +17,38 @@ from tasks.caching import cache_policy
     cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
 )
 def train_evaluate_register(
-    index: IndexRef, manifest_digest: str, config: TrainConfig, registry_uri: str, model_name: str
+    index: shards.IndexRef, manifest_digest: str, config: TrainConfig, registry_uri: str, model_name: str
 ) -> registry.ModelRef:
     """Train, score val and test at the configured threshold, register, and move `latest`."""
     logger = get_run_logger()
 
     def progress(epoch: dict) -> None:
-        if epoch["epoch"] % 10 == 0 or epoch.get("last"):
+        if epoch["epoch"] % 50 == 0:
             logger.info(
-                "epoch %d: train loss %.4f, val loss %.4f, val AUC %.4f",
-                epoch["epoch"], epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
+                "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s",
+                epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
             )
 
     fitted = train.fit_from_index(index.uri, config, progress=progress)
-    card = registry.build_card(
-        fitted, config=config, manifest_digest=manifest_digest, shards_digest=index.digest, counts=index.counts
+    outcome = fitted.result
+    logger.info(
+        "trained on %d rows in %.1fs: best epoch %d of %d%s",
+        outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
+        " (stopped early)" if outcome.stopped_early else "",
     )
-    ref = registry.register(registry_uri, model_name, fitted.state_dict, card)
-    registry.set_alias(registry_uri, model_name, "latest", ref.version)
+    card = registry.build_card(
+        state_dict=fitted.state_dict,
+        metrics=fitted.metrics,
+        training={"best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
+                  "stopped_early": outcome.stopped_early, "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2)},
+        config={"train": config.model_dump(mode="json"), **shards.index_config(index.uri)},
+        manifest_digest=manifest_digest,
+        shards_digest=index.digest,
+        counts=index.counts,
+    )
+    version = registry.register(registry_uri, model_name, fitted.state_dict, card)
+    registry.set_alias(registry_uri, model_name, "latest", version)
+    ref = registry.model_ref(registry_uri, model_name, version)
 
     for split in ("val", "test"):
         m = fitted.metrics[split]

@@ -1,0 +1,58 @@
+"""TinyNet: the seed's 2,541-parameter Keras model, in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Keras BatchNormalization defaults. Keras keeps 0.99 of the old running statistic;
+# PyTorch's `momentum` is the weight of the new batch, hence 1 - 0.99.
+_BN = {"eps": 1e-3, "momentum": 0.01}
+
+
+class TinyNet(nn.Module):
+    """Linear-LeakyReLU-BatchNorm, Linear-tanh-BatchNorm, Linear-sigmoid.
+
+    ``forward`` returns probabilities of PNEUMONIA with shape (n,), not logits.
+    Initialisation follows Keras: he-uniform for the first layer, glorot-uniform for
+    the others, zero biases. One known difference: in training, PyTorch's BatchNorm
+    updates the running variance with the unbiased batch variance, Keras with the biased one.
+    """
+
+    def __init__(self, n_features: int = 140):
+        super().__init__()
+        self.hidden1 = nn.Linear(n_features, 16)
+        self.act1 = nn.LeakyReLU(0.1)
+        self.norm1 = nn.BatchNorm1d(16, **_BN)
+        self.hidden2 = nn.Linear(16, 10)
+        self.act2 = nn.Tanh()
+        self.norm2 = nn.BatchNorm1d(10, **_BN)
+        self.output = nn.Linear(10, 1)
+        self._init_like_keras()
+
+    def _init_like_keras(self) -> None:
+        # kaiming_uniform_ with the ReLU gain has limit sqrt(6 / fan_in): Keras' he_uniform.
+        nn.init.kaiming_uniform_(self.hidden1.weight, nonlinearity="relu")
+        nn.init.xavier_uniform_(self.hidden2.weight)
+        nn.init.xavier_uniform_(self.output.weight)
+        for layer in (self.hidden1, self.hidden2, self.output):
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(self.act1(self.hidden1(x)))
+        x = self.norm2(self.act2(self.hidden2(x)))
+        return torch.sigmoid(self.output(x)).squeeze(1)
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def keras_parameter_count(model: nn.Module) -> int:
+    """Parameters as Keras' summary counts them: trainable ones plus BatchNorm running
+    means and variances (Keras' "non-trainable params"). PyTorch's num_batches_tracked
+    counter has no Keras counterpart and is left out."""
+    running = sum(
+        buffer.numel() for name, buffer in model.named_buffers() if name.endswith(("running_mean", "running_var"))
+    )
+    return trainable_parameter_count(model) + running

@@ -1,0 +1,234 @@
+"""Train TinyNet: the seed's loss, optimizer and batch size, plus early stopping.
+
+The whole training set is a few thousand rows of 140 floats, so it lives in memory as
+one tensor and batches are plain index slices: a DataLoader would cost more than the
+model's own forward and backward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.utils.class_weight import compute_class_weight
+
+from pneumo.config import TrainConfig
+from pneumo.model import TinyNet
+
+# One thread measured fastest for this model on a 2-core CPU (the matrices are 32 x 140 at most,
+# too small to split), and it leaves the other cores to parallel tasks.
+TRAIN_THREADS = 1
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]  # weights of the epoch with the lowest validation loss
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, train_loss, val_loss, val_auc
+    best_epoch: int = 0  # 1-based
+    stopped_early: bool = False
+    n_train: int = 0  # training rows after class balancing
+    seconds: float = 0.0
+
+
+def hinge_loss(prob: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Keras ``Hinge`` on the sigmoid output, labels 0/1 mapped to -1/+1: mean(max(0, 1 - y*p))."""
+    per_sample = torch.clamp(1.0 - (2.0 * y - 1.0) * prob, min=0.0)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def bce_loss(prob: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy(prob, y, weight=weight)
+
+
+LOSSES = {"hinge": hinge_loss, "bce": bce_loss}
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y).ravel()
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"{name}: expected X of shape (n, features) and n labels, got X {X.shape} and {len(y)} labels")
+    if len(y) < 2:
+        raise ValueError(f"{name}: needs at least 2 rows, got {len(y)}")
+    if not set(np.unique(y).tolist()) <= {0, 1}:
+        raise ValueError(f"{name}: labels must be 0 (NORMAL) or 1 (PNEUMONIA), got {sorted(set(np.unique(y).tolist()))}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name}: features contain NaN or infinite values")
+    return X, y.astype(np.float32)
+
+
+def downsample(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices keeping every minority row and as many randomly drawn majority rows."""
+    counts = np.bincount(y.astype(int), minlength=2)
+    minority = int(np.argmin(counts))
+    keep_majority = rng.choice(np.flatnonzero(y != minority), size=counts[minority], replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(y == minority), keep_majority]))
+
+
+def _class_weights(y: np.ndarray) -> np.ndarray:
+    """Per-sample weights inversely proportional to class frequency (sklearn's "balanced")."""
+    classes = np.array([0, 1])
+    weights = compute_class_weight("balanced", classes=classes, y=y.astype(int))
+    return weights[y.astype(int)].astype(np.float32)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Shuffled index batches. A last batch of one row is merged into the one before it:
+    BatchNorm cannot normalise a single row in training, and no row should be skipped."""
+    order = rng.permutation(n)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [n]
+    for start, end in zip(starts, ends):
+        yield order[start:end]
+
+
+@contextlib.contextmanager
+def _torch_settings(threads: int) -> Iterator[None]:
+    """Deterministic kernels and a fixed thread count for the run, restored afterwards."""
+    old_threads = torch.get_num_threads()
+    old_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_deterministic)
+
+
+def train(
+    train_X: np.ndarray,
+    train_y: np.ndarray,
+    val_X: np.ndarray,
+    val_y: np.ndarray,
+    config: TrainConfig,
+    *,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a TinyNet and return the weights of its best validation-loss epoch.
+
+    Same inputs and seed give the same weights. The validation loss uses the same class
+    weighting as training (balanced unless ``balance="none"``), so early stopping judges
+    the objective the model is trained for, not the validation set's class mix.
+    ``progress`` is called with each epoch's history entry.
+    """
+    train_X, train_y = _check_xy(train_X, train_y, "train")
+    val_X, val_y = _check_xy(val_X, val_y, "val")
+    if train_X.shape[1] != val_X.shape[1]:
+        raise ValueError(f"train has {train_X.shape[1]} features but val has {val_X.shape[1]}")
+    if len(np.unique(train_y)) < 2:
+        raise ValueError("train holds a single class; TinyNet needs NORMAL and PNEUMONIA examples")
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    if config.balance == "downsample":
+        keep = downsample(train_y, rng)
+        train_X, train_y = train_X[keep], train_y[keep]
+
+    balanced = config.balance != "none"
+    train_w = torch.from_numpy(_class_weights(train_y)) if config.balance == "class_weights" else None
+    val_w = torch.from_numpy(_class_weights(val_y)) if balanced and len(np.unique(val_y)) == 2 else None
+    loss_fn = LOSSES[config.loss]
+
+    X, y = torch.from_numpy(train_X), torch.from_numpy(train_y)
+    vX, vy = torch.from_numpy(val_X), torch.from_numpy(val_y)
+    result = TrainResult(state_dict={}, n_train=len(y))
+    best_loss = float("inf")
+    since_best = 0
+
+    with _torch_settings(TRAIN_THREADS):
+        torch.manual_seed(config.seed)
+        model = TinyNet(n_features=X.shape[1])
+        # The fused kernel is ~40% faster on CPU for this model (needs torch >= 2.4).
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            total, seen = 0.0, 0
+            for index in _batches(len(y), config.batch_size, rng):
+                idx = torch.from_numpy(index)
+                loss = loss_fn(model(X[idx]), y[idx], None if train_w is None else train_w[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(index)
+                seen += len(index)
+
+            model.eval()
+            with torch.no_grad():
+                val_prob = model(vX)
+                val_loss = loss_fn(val_prob, vy, val_w).item()
+            val_auc = float(roc_auc_score(val_y, val_prob.numpy())) if len(np.unique(val_y)) == 2 else None
+            entry = {"epoch": epoch, "train_loss": total / seen, "val_loss": val_loss, "val_auc": val_auc}
+            result.history.append(entry)
+            if progress is not None:
+                progress(entry)
+
+            if val_loss < best_loss:
+                best_loss, since_best = val_loss, 0
+                result.best_epoch = epoch
+                result.state_dict = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+                if since_best >= config.patience:
+                    result.stopped_early = epoch < config.epochs
+                    break
+
+    if not result.state_dict:
+        raise RuntimeError(f"the validation loss was never finite in {len(result.history)} epochs; check the features")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def predict_proba(model: TinyNet | dict[str, torch.Tensor], X: np.ndarray) -> np.ndarray:
+    """PNEUMONIA probabilities (n,) of a model or a state_dict, computed in eval mode."""
+    if isinstance(model, dict):
+        state_dict = model
+        model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
+        model.load_state_dict(state_dict)
+    X = np.asarray(X, dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(X)).numpy()
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Fitted:
+    """A trained model with its scores on the held-out splits."""
+
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, dict]  # "val" and "test": pneumo.evaluate.metrics
+    result: TrainResult
+
+
+def fit_from_index(index_uri: str, config: TrainConfig, *, progress: Callable[[dict], None] | None = None) -> Fitted:
+    """Train on the shards' train split, stop on val, and score val and test."""
+    from pneumo import evaluate, shards
+
+    data = {split: shards.load_split(index_uri, split) for split in ("train", "val", "test")}
+    for split, part in data.items():
+        if len(part.labels) == 0:
+            raise ValueError(f"the {split} split of {index_uri} is empty; the dataset is too small to carve it by patient")
+    result = train(
+        data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config, progress=progress
+    )
+    metrics = {
+        split: evaluate.metrics(
+            data[split].labels, predict_proba(result.state_dict, data[split].features), config.threshold
+        )
+        for split in ("val", "test")
+    }
+    return Fitted(state_dict=result.state_dict, metrics=metrics, result=result)

@@ -1,0 +1,167 @@
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pneumo import registry, storage
+from pneumo.model import TinyNet
+from pneumo.train import predict_proba
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return TinyNet().state_dict()
+
+
+def test_versions_increment_and_cards_are_filled_in(tmp_path):
+    reg = str(tmp_path)
+    assert registry.list_versions(reg, "tinynet") == []
+    assert registry.register(reg, "tinynet", _weights(0), {"metrics": {"auc": 0.9}}) == "v0001"
+    assert registry.register(reg, "tinynet", _weights(1), {"metrics": {"auc": 0.8}}) == "v0002"
+    assert registry.list_versions(reg, "tinynet") == ["v0001", "v0002"]
+    card = registry.load_card(reg, "tinynet", "v0002")
+    assert card["version"] == "v0002" and card["model_name"] == "tinynet"
+    assert card["metrics"] == {"auc": 0.8}
+    assert (tmp_path / "tinynet" / "v0001" / "model.pt").is_file()
+
+
+def test_load_roundtrip_gives_identical_predictions(tmp_path):
+    torch.manual_seed(3)
+    model = TinyNet()
+    # Non-default running statistics, so the test fails if buffers are not stored.
+    model.train()
+    model(torch.randn(64, 140) * 3 + 1)
+    version = registry.register(str(tmp_path), "tinynet", model.state_dict(), {})
+    X = np.random.default_rng(0).normal(size=(20, 140)).astype(np.float32)
+    loaded = registry.load_model(str(tmp_path), "tinynet", version)
+    assert not loaded.training
+    np.testing.assert_array_equal(predict_proba(loaded, X), predict_proba(model, X))
+    state = registry.load_state_dict(str(tmp_path), "tinynet", version)
+    assert torch.equal(state["norm1.running_mean"], model.norm1.running_mean)
+
+
+def test_a_crashed_claim_is_skipped_not_reused(tmp_path):
+    reg = str(tmp_path)
+    registry.register(reg, "m", _weights(0), {})
+    orphan = tmp_path / "m" / "v0002" / "model.pt"  # a run that died before writing its card
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"partial")
+    assert registry.list_versions(reg, "m") == ["v0001"]
+    assert registry.register(reg, "m", _weights(1), {}) == "v0003"
+    assert orphan.read_bytes() == b"partial"
+    with pytest.raises(FileNotFoundError):
+        registry.load_state_dict(reg, "m", "v0002")
+
+
+def test_a_card_that_is_not_json_claims_no_version(tmp_path):
+    with pytest.raises(TypeError):
+        registry.register(str(tmp_path), "m", _weights(0), {"when": object()})
+    assert storage.list_uris(str(tmp_path)) == []
+
+
+def _register_many(reg: str, worker: int, barrier, count: int) -> None:
+    barrier.wait()
+    for i in range(count):
+        tag = worker * 100 + i
+        weights = {k: torch.full_like(v, float(tag)) if v.is_floating_point() else v for k, v in _weights(0).items()}
+        registry.register(reg, "racy", weights, {"tag": tag})
+
+
+def _assert_ten_distinct_intact_versions(reg: str) -> None:
+    versions = registry.list_versions(reg, "racy")
+    assert len(versions) == 10
+    tags = []
+    for version in versions:
+        tag = registry.load_card(reg, "racy", version)["tag"]
+        # The weights under each card are the ones registered with it: nothing overwritten.
+        assert torch.all(registry.load_state_dict(reg, "racy", version)["hidden1.weight"] == tag)
+        tags.append(tag)
+    assert sorted(tags) == sorted(w * 100 + i for w in (1, 2) for i in range(5))
+
+
+def test_concurrent_processes_get_distinct_versions(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_register_many, args=(str(tmp_path), w, barrier, 5)) for w in (1, 2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    _assert_ten_distinct_intact_versions(str(tmp_path))
+
+
+def test_concurrent_threads_get_distinct_versions(tmp_path):
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def run(worker):
+        try:
+            _register_many(str(tmp_path), worker, barrier, 5)
+        except Exception as error:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    _assert_ten_distinct_intact_versions(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "", "Upper", "a/b", "a..b", ".hidden", "-x", "x" * 65, "a b"])
+def test_bad_model_names_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="invalid model name"):
+        registry.register(str(tmp_path), name, _weights(0), {})
+    with pytest.raises(ValueError, match="invalid alias"):
+        registry.get_alias(str(tmp_path), "ok", name)
+    assert storage.list_uris(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("name", ["tinynet", "pneumo-tinynet_v2.1", "0", "x" * 64])
+def test_good_model_names_are_accepted(name):
+    assert registry.validate_model_name(name) == name
+
+
+def test_aliases_point_at_versions(tmp_path):
+    reg = str(tmp_path)
+    assert registry.get_alias(reg, "m", "champion") is None
+    v1 = registry.register(reg, "m", _weights(0), {"n": 1})
+    v2 = registry.register(reg, "m", _weights(1), {"n": 2})
+    registry.set_alias(reg, "m", "champion", v1)
+    assert registry.get_alias(reg, "m", "champion") == "v0001"
+    assert registry.load_card(reg, "m", "champion")["n"] == 1
+    registry.set_alias(reg, "m", "champion", v2)
+    assert registry.get_alias(reg, "m", "champion") == "v0002"
+    assert torch.equal(registry.load_state_dict(reg, "m", "champion")["hidden1.weight"], _weights(1)["hidden1.weight"])
+    # Aliases are not versions.
+    assert registry.list_versions(reg, "m") == ["v0001", "v0002"]
+    with pytest.raises(FileNotFoundError):
+        registry.set_alias(reg, "m", "latest", "v0009")
+    with pytest.raises(FileNotFoundError):
+        registry.load_card(reg, "m", "no-such-alias")
+
+
+def test_registry_on_s3(monkeypatch):
+    moto = pytest.importorskip("moto")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage._s3_client.cache_clear()
+    try:
+        with moto.mock_aws():
+            storage.s3_client().create_bucket(Bucket="models")
+            reg = "s3://models/registry"
+            assert registry.register(reg, "tinynet", _weights(0), {}) == "v0001"
+            assert registry.register(reg, "tinynet", _weights(1), {}) == "v0002"
+            registry.set_alias(reg, "tinynet", "champion", "v0001")
+            assert registry.list_versions(reg, "tinynet") == ["v0001", "v0002"]
+            state = registry.load_state_dict(reg, "tinynet", "champion")
+            assert torch.equal(state["hidden1.weight"], _weights(0)["hidden1.weight"])
+    finally:
+        storage._s3_client.cache_clear()

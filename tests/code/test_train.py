@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from pneumo.config import TrainConfig
+from pneumo.model import TinyNet
+from pneumo.train import _batches, _class_weights, downsample, hinge_loss, predict_proba, train
+
+
+def _separable(n: int, seed: int, positive_share: float = 0.7):
+    """Two Gaussian clouds over 140 features, apart along 10 of them."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < positive_share).astype(np.uint8)
+    X = rng.normal(0.5, 0.15, size=(n, 140)).astype(np.float32)
+    X[:, :10] += 0.25 * y[:, None]
+    return X, y
+
+
+def test_hinge_loss_matches_keras_by_hand():
+    prob = torch.tensor([0.9, 0.2, 0.6])
+    y = torch.tensor([1.0, 0.0, 0.0])
+    # Labels become +1, -1, -1: max(0, 1 - 0.9), max(0, 1 + 0.2), max(0, 1 + 0.6).
+    assert hinge_loss(prob, y).item() == pytest.approx((0.1 + 1.2 + 1.6) / 3)
+    weighted = hinge_loss(prob, y, torch.tensor([2.0, 1.0, 0.5]))
+    assert weighted.item() == pytest.approx((0.2 + 1.2 + 0.8) / 3)
+
+
+# The seed's lr (5e-5) needs hundreds of epochs; tests use a larger one to stay fast.
+FAST = {"lr": 1e-3}
+
+
+def test_learns_separable_data():
+    X, y = _separable(600, seed=1)
+    vX, vy = _separable(200, seed=2)
+    tX, ty = _separable(300, seed=3)
+    result = train(X, y, vX, vy, TrainConfig(epochs=30, patience=30, **FAST))
+    assert roc_auc_score(ty, predict_proba(result.state_dict, tX)) > 0.95
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+
+def test_same_seed_gives_identical_weights():
+    X, y = _separable(200, seed=1)
+    vX, vy = _separable(60, seed=2)
+    config = TrainConfig(epochs=5, seed=7)
+    first, second = train(X, y, vX, vy, config), train(X, y, vX, vy, config)
+    assert first.state_dict.keys() == second.state_dict.keys()
+    for key in first.state_dict:
+        assert torch.equal(first.state_dict[key], second.state_dict[key]), key
+    assert first.history == second.history
+    other = train(X, y, vX, vy, config.model_copy(update={"seed": 8}))
+    assert not torch.equal(other.state_dict["hidden1.weight"], first.state_dict["hidden1.weight"])
+
+
+def test_early_stopping_restores_the_best_epoch():
+    X, y = _separable(200, seed=1)
+    # Validation labels are the opposite of the truth: learning makes the validation loss worse.
+    vX, vy = _separable(100, seed=2)
+    vy = 1 - vy
+    seen = []
+    result = train(X, y, vX, vy, TrainConfig(epochs=200, patience=3, **FAST), progress=seen.append)
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 3 < 200
+    assert seen == result.history
+    losses = [entry["val_loss"] for entry in result.history]
+    assert result.best_epoch == 1 + int(np.argmin(losses))
+    # The returned weights are those of the best epoch, not the last one.
+    prob = torch.from_numpy(predict_proba(result.state_dict, vX))
+    weights = torch.from_numpy(_class_weights(vy))
+    assert hinge_loss(prob, torch.from_numpy(vy.astype(np.float32)), weights).item() == pytest.approx(min(losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("balance, expected_rows", [("downsample", 2 * 60), ("class_weights", 200), ("none", 200)])
+def test_balance_modes(balance, expected_rows):
+    X, y = _separable(200, seed=1)
+    y[:] = 1
+    y[:60] = 0
+    vX, vy = _separable(50, seed=2)
+    result = train(X, y, vX, vy, TrainConfig(epochs=2, balance=balance))
+    assert result.n_train == expected_rows
+
+
+def test_downsample_keeps_every_minority_row():
+    y = np.array([1] * 30 + [0] * 8)
+    rng = np.random.default_rng(0)
+    keep = downsample(y, rng)
+    assert np.bincount(y[keep]).tolist() == [8, 8]
+    assert set(np.flatnonzero(y == 0)) <= set(keep)
+    assert np.array_equal(keep, downsample(y, np.random.default_rng(0)))
+    assert not np.array_equal(keep, downsample(y, np.random.default_rng(1)))
+
+
+def test_class_weights_give_each_class_the_same_total():
+    y = np.array([1] * 30 + [0] * 10)
+    weights = _class_weights(y)
+    assert weights[y == 0].sum() == pytest.approx(weights[y == 1].sum())
+    assert weights.mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 65, 100])
+def test_batches_cover_every_row_once_and_never_hold_a_single_row(n):
+    batches = list(_batches(n, 32, np.random.default_rng(0)))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    if n > 1:
+        assert min(len(b) for b in batches) >= 2
+
+
+def test_bce_loss_also_learns():
+    X, y = _separable(400, seed=1)
+    vX, vy = _separable(200, seed=2)
+    result = train(X, y, vX, vy, TrainConfig(epochs=20, loss="bce", **FAST))
+    assert result.history[-1]["val_auc"] > 0.9
+
+
+def test_global_torch_settings_are_restored():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    X, y = _separable(100, seed=1)
+    train(X, y, X, y, TrainConfig(epochs=1))
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
+def test_bad_input_is_refused():
+    X, y = _separable(50, seed=1)
+    config = TrainConfig(epochs=1)
+    with pytest.raises(ValueError, match="labels must be 0"):
+        train(X, y + 1, X, y, config)
+    with pytest.raises(ValueError, match="single class"):
+        train(X, np.ones_like(y), X, y, config)
+    with pytest.raises(ValueError, match="features"):
+        train(X, y, X[:, :10], y, config)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        train(bad, y, X, y, config)
+    with pytest.raises(ValueError, match="shape"):
+        train(X, y[:-1], X, y, config)
+
+
+def test_predict_proba_leaves_a_model_in_its_mode():
+    X, y = _separable(100, seed=1)
+    model = TinyNet().train()
+    prob = predict_proba(model, X)
+    assert prob.shape == (100,) and model.training
+    assert np.array_equal(prob, predict_proba(model.state_dict(), X))
