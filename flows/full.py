@@ -194,6 +194,8 @@ def prefect_api():
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
+    # start() registers the server's stop at exit, which runs after Prefect's log and
+    # event workers have drained: stopping it here would drop the run's last logs.
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -201,7 +203,6 @@ def prefect_api():
             yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -264,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
     lines = [
         "",
-        f"pneumo: registered {summary['model']} in {seconds:.0f} s",
+        f"pneumo: {summary['model']} is registered ({seconds:.0f} s)",
         f"  images       {summary['images']} ({summary['quarantined']} quarantined)",
     ]
     for split in ("val", "test"):

@@ -1,0 +1,151 @@
+"""The whole pipeline through a real Prefect server, on whole patients of the real data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.full import full
+from pneumo import shards
+from pneumo.manifest import load_manifest
+from pneumo.model import TinyNet
+from tests.flows.conftest import task_states
+
+TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
+QUICK = {"epochs": 8, "patience": 8}
+
+
+def run(source: Path, workdir: Path, runner: str = "threads", **train):
+    from pneumo.config import TrainConfig
+
+    state = full(
+        source=str(source),
+        workdir=str(workdir),
+        shard_size=150,
+        train=TrainConfig(**{**QUICK, **train}),
+        runner=runner,
+        workers=2,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def first_run(subset_source, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workdir")
+    summary, states = run(subset_source, workdir, runner="processes")
+    return workdir, summary, states
+
+
+def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source):
+    workdir, summary, states = first_run
+    assert {name: set(s) for name, s in states.items() if name in TASKS} == {name: {"Completed"} for name in TASKS}
+    card_path = workdir / "registry" / "tinynet" / "v0001" / "card.json"
+    assert summary["card"] == str(card_path)
+    card = json.loads(card_path.read_text())
+    assert card["model_name"] == "tinynet" and card["version"] == "v0001"
+    assert card["n_parameters"] == 2541
+    for split in ("val", "test"):
+        metrics = card["metrics"][split]
+        assert set(metrics) >= {"accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "confusion_matrix", "n"}
+        assert metrics["n"] > 0
+    assert card["data"]["manifest_digest"] == summary["dataset_version"]
+    assert card["data"]["shards_digest"] == sha256(summary["shards_index"])
+    assert set(card["data"]["counts"]) == {"train", "val", "test"}
+    assert card["code_version"] and card["created_at"] and card["config"]["train"]["epochs"] == QUICK["epochs"]
+    alias = json.loads((workdir / "registry" / "tinynet" / "aliases" / "latest.json").read_text())
+    assert alias["version"] == "v0001"
+    # The weights load safely and predict.
+    state_dict = torch.load(card_path.parent / "model.pt", weights_only=True)
+    model = TinyNet()
+    model.load_state_dict(state_dict)
+
+
+def test_every_input_image_is_accounted_for(first_run, subset_source):
+    workdir, summary, _ = first_run
+    inputs = sorted(p.relative_to(subset_source).as_posix() for p in subset_source.rglob("*") if p.is_file())
+    manifest = load_manifest(summary["manifest"])
+    index = shards.read_index(summary["shards_index"])
+    in_shards = []
+    for split in ("train", "val", "test"):
+        in_shards += shards.load_split(summary["shards_index"], split).relpaths
+    quarantined = [q.relpath for q in manifest.quarantine] + [q["relpath"] for q in index["quarantine"]]
+    assert sorted(in_shards + quarantined) == inputs
+    assert len(set(in_shards)) == len(in_shards)
+    # Carved sets never share a patient with train.
+    train_patients = set(shards.load_split(summary["shards_index"], "train").patient_ids)
+    for split in ("val", "test"):
+        assert not train_patients & set(shards.load_split(summary["shards_index"], split).patient_ids)
+
+
+def test_identical_rerun_is_fully_cached(first_run, subset_source):
+    workdir, summary, _ = first_run
+    again, states = run(subset_source, workdir)
+    assert {name: set(s) for name, s in states.items() if name in TASKS} == {name: {"Cached"} for name in TASKS}
+    assert again["card"] == summary["card"]
+
+
+def test_changing_only_epochs_reruns_only_training(first_run, subset_source):
+    workdir, summary, _ = first_run
+    again, states = run(subset_source, workdir, epochs=QUICK["epochs"] + 1)
+    upstream = [name for name in TASKS if name != "train-evaluate-register"]
+    assert {name: set(states[name]) for name in upstream} == {name: {"Cached"} for name in upstream}
+    assert states["train-evaluate-register"] == ["Completed"]
+    assert again["card"] != summary["card"]
+    assert json.loads(Path(again["card"]).read_text())["config"]["train"]["epochs"] == QUICK["epochs"] + 1
+
+
+def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
+    workdir, summary, _ = first_run
+    index = shards.read_index(summary["shards_index"])
+    folder = Path(summary["shards_index"]).parent
+    victim = folder / index["shards"][0]["name"]
+    before = sha256(str(victim))
+    victim.unlink()
+    run(subset_source, workdir)
+    assert victim.exists()
+    assert sha256(str(victim)) == before
+
+
+def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
+    _, clean, _ = first_run
+    real = shards.featurize
+    failed = []
+
+    def flaky(path, config=None):
+        # The first image of the first test shard fails once, as a flaky disk would.
+        if not failed and "/train/" in str(path):
+            failed.append(str(path))
+            raise OSError("injected transient read error")
+        return real(path, config)
+
+    monkeypatch.setattr(shards, "featurize", flaky)
+    summary, states = run(subset_source, tmp_path / "w", runner="threads")
+    assert failed, "the fault was never injected"
+    assert "Failed" not in states["write-shard"]
+    assert sorted(states["write-shard"]).count("Completed") == len(states["write-shard"])
+    clean_index = shards.read_index(clean["shards_index"])
+    flaky_index = shards.read_index(summary["shards_index"])
+    assert [s["sha256"] for s in flaky_index["shards"]] == [s["sha256"] for s in clean_index["shards"]]
+
+
+def test_cli_help_lists_every_option():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "flows/full.py", "--help"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    for option in ("--source", "--workdir", "--registry", "--epochs", "--seed", "--percentile", "--runner"):
+        assert option in out
