@@ -153,6 +153,29 @@ def test_fast_agrees_with_exact_on_realistic_images(tmp_path):
         assert np.abs(exact - fast).mean() < 0.05
 
 
+def test_fast_keeps_thin_bright_details_that_exact_sees(tmp_path):
+    # A 3-pixel bright marker stroke, like the letters on real films, in an otherwise dim cell.
+    picture = _xray_like(1800, 1400) * 0.5
+    picture[300:420, 1500:1503] = 1.0
+    path = _save(tmp_path / "marker.jpeg", _gray8(picture), quality=90)
+    exact = featurize(path, TransformConfig(method="exact"))
+    fast = featurize(path, TransformConfig(method="fast"))
+    cell = int(exact.argmax())
+    assert exact[cell] > 0.9
+    # Decoded at 1/8 scale, 8 x 8 block means dilute the stroke to ~0.46 and r to ~0.87.
+    assert fast[cell] > 0.7
+    assert _pearson(exact, fast) >= 0.98
+
+
+@pytest.mark.parametrize("size", [(30, 20), (80, 60)])  # fewer than 4 pixels per cell, and more
+def test_small_images_agree_with_exact(tmp_path, size):
+    path = _save(tmp_path / "small.png", _gray8(_xray_like(*size)))
+    exact = featurize(path, TransformConfig(method="exact"))
+    fast = featurize(path, TransformConfig(method="fast"))
+    assert _pearson(exact, fast) >= 0.95
+    np.testing.assert_allclose(fast, exact, atol=0.06)
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels but holds none: a decompression bomb's header."""
     def chunk(kind: bytes, data: bytes) -> bytes:

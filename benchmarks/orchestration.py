@@ -1,0 +1,84 @@
+"""Prefect's overhead on the transform stage: the flow's shard stage against a bare process pool.
+
+For each shard size, the same shard specs are written twice into fresh folders: once by
+``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shards.write_shard (no Prefect),
+once by the pipeline's ``shard_stage`` subflow on the process-pool task runner (task runs,
+result persistence, logging, one local Prefect server). Overhead = (flow - bare) / flow.
+
+    python benchmarks/orchestration.py --data /tmp/pneumo-kaggle-5840
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # flows/ is a folder of the repository, not of the installed package path
+
+from flows.full import prefect_api, shard_stage, task_runner  # noqa: E402
+from pneumo import shards  # noqa: E402
+from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
+from pneumo.download import build_manifest  # noqa: E402
+from pneumo.manifest import save_manifest  # noqa: E402
+
+
+def plan(manifest, shard_size: int, out: Path) -> list[shards.ShardSpec]:
+    shutil.rmtree(out, ignore_errors=True)
+    return shards.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/orchestration.py",
+        description="Wall time of the flow's shard stage (Prefect, process pool) against a bare process pool "
+        "doing the same shards, per shard size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, default=Path("/tmp/pneumo-kaggle-5840"), help="Kaggle-layout folder")
+    parser.add_argument("--shard-sizes", default="500,1000,2000", help="comma-separated images per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes in both runs")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts (shared machines are noisy)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-orchestration"), help="scratch folder")
+    args = parser.parse_args(argv)
+
+    manifest = build_manifest(args.data)
+    manifest_uri = save_manifest(manifest, str(args.workdir / "manifests"))
+    for path in manifest.records:  # warm the page cache so both runs read from memory
+        (Path(manifest.root) / path.relpath).read_bytes()
+
+    rows = []
+    with prefect_api():
+        for shard_size in [int(s) for s in args.shard_sizes.split(",")]:
+            bare = flow = float("inf")
+            for _ in range(args.repeats):
+                specs = plan(manifest, shard_size, args.workdir / "bare")
+                started = time.perf_counter()
+                with ProcessPoolExecutor(max_workers=args.workers) as pool:
+                    list(pool.map(shards.write_shard, specs))
+                bare = min(bare, time.perf_counter() - started)
+
+                # A fresh workdir each time: new shard URIs, so no cache hit.
+                workdir = args.workdir / f"flow-{time.time_ns()}"
+                stage = shard_stage.with_options(task_runner=task_runner("processes", args.workers))
+                started = time.perf_counter()
+                stage(manifest_uri, SplitConfig(), TransformConfig(), shard_size, str(workdir), 0)
+                flow = min(flow, time.perf_counter() - started)
+
+            row = {"shard_size": shard_size, "shards": len(specs), "bare_s": bare, "flow_s": flow,
+                   "overhead": (flow - bare) / flow}
+            rows.append(row)
+            print(f"shard size {shard_size:>5}: {len(specs):>3} shards  bare pool {bare:6.1f} s  flow {flow:6.1f} s  "
+                  f"overhead {row['overhead']:.0%}", flush=True)
+    print(json.dumps({"images": len(manifest.records), "workers": args.workers, "runs": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
