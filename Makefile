@@ -10,7 +10,11 @@ ARGS    ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: setup run test clean
+# Deployments (infra/prefect.yaml): where the deployed runs read and write.
+DEPLOY_SOURCE  ?= $(SOURCE)
+DEPLOY_WORKDIR ?= s3://pneumo/pneumo-data
+
+.PHONY: setup run test clean stack-up stack-down stack-status worker deploy
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,3 +31,20 @@ test: setup
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)
+
+# Local services: S3 endpoint, Prefect server, `process` work pool and worker (infra/stack.sh).
+stack-up: setup
+	infra/stack.sh up
+
+stack-down:
+	infra/stack.sh down
+
+stack-status:
+	infra/stack.sh status
+
+# Only the pool and a worker, for a remote Prefect server and real S3 (your own settings).
+worker: setup
+	infra/stack.sh worker
+
+deploy: setup
+	PNEUMO_SOURCE="$(DEPLOY_SOURCE)" PNEUMO_WORKDIR="$(DEPLOY_WORKDIR)" infra/stack.sh deploy

@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -187,6 +187,7 @@ class ModelRef(BaseModel):
     card_uri: str
     model_uri: str
     metrics: dict[str, dict[str, Any]]
+    champion_comparison: Optional[dict[str, Any]] = None
 
 
 def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
@@ -199,6 +200,7 @@ def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
         card_uri=storage.join(folder, "card.json"),
         model_uri=storage.join(folder, "model.pt"),
         metrics=card["metrics"],
+        champion_comparison=card.get("champion_comparison"),
     )
 
 
@@ -219,8 +221,13 @@ def build_card(
     manifest_digest: str,
     shards_digest: str,
     counts: dict[str, dict[str, int]],
+    champion_comparison: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """The card of a new version; ``register`` adds ``model_name`` and ``version``."""
+    """The card of a new version; ``register`` adds ``model_name`` and ``version``.
+
+    ``champion_comparison`` is the output of ``compare``: how the new model fared against
+    the champion when it was registered.
+    """
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {
@@ -231,4 +238,93 @@ def build_card(
         "data": {"manifest_digest": manifest_digest, "shards_digest": shards_digest, "counts": counts},
         "code_version": code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "champion_comparison": champion_comparison,
     }
+
+
+# --- Champion / challenger --------------------------------------------------------------
+
+CHAMPION = "champion"
+# Validation metrics a champion can be chosen on; for each of them, higher is better.
+ChampionMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "specificity"]
+CHAMPION_METRICS: tuple[str, ...] = get_args(ChampionMetric)
+
+
+def validate_champion_metric(metric: str) -> str:
+    if metric not in CHAMPION_METRICS:
+        raise ValueError(f"invalid champion metric {metric!r}: choose one of {', '.join(CHAMPION_METRICS)}")
+    return metric
+
+
+def champion_val_metrics(registry: str, model_name: str, version: str, index_uri: str) -> tuple[dict[str, Any], str]:
+    """The champion's validation metrics, and where they come from.
+
+    When the champion was trained on features of the same transform, it is scored again
+    on this run's val split, so that both models are judged on the same images: new data
+    also brings new val patients, and val figures from two different val sets do not
+    compare. Otherwise its features are not comparable and its card's figures are used.
+    """
+    from pneumo import evaluate, shards, train
+
+    card = load_card(registry, model_name, version)
+    if card.get("config", {}).get("transform") != shards.index_config(index_uri)["transform"]:
+        return card["metrics"]["val"], "champion's card (trained on a different transform)"
+    val = shards.load_split(index_uri, "val")
+    threshold = card["config"]["train"]["threshold"]
+    probs = train.predict_proba(load_state_dict(registry, model_name, version), val.features)
+    return evaluate.metrics(val.labels, probs, threshold), "re-scored on this run's val split"
+
+
+def compare(
+    metric: str,
+    challenger_val: dict[str, Any],
+    champion_version: str | None,
+    champion_val: dict[str, Any] | None,
+    basis: str | None = None,
+) -> dict[str, Any]:
+    """The champion/challenger decision, as recorded in the challenger's card.
+
+    The first model becomes champion. After that the challenger is promoted only when its
+    validation ``metric`` is strictly greater than the champion's: a tie keeps the
+    champion. A metric that could not be computed (ROC AUC of a one-class val split)
+    loses to any number and never wins against a champion.
+    """
+    validate_champion_metric(metric)
+    challenger = challenger_val.get(metric)
+    champion = None if champion_val is None else champion_val.get(metric)
+    if champion_version is None:
+        promoted, reason = True, "no champion yet: the first model becomes champion"
+    elif challenger is None:
+        promoted, reason = False, f"challenger has no val {metric}"
+    elif champion is None:
+        promoted, reason = True, f"champion {champion_version} has no val {metric}"
+    elif challenger > champion:
+        promoted, reason = True, f"val {metric} {challenger:.4f} > {champion:.4f}"
+    else:
+        promoted, reason = False, f"val {metric} {challenger:.4f} does not beat {champion:.4f}"
+    return {
+        "metric": metric,
+        "split": "val",
+        "challenger_value": challenger,
+        "champion_version": champion_version,
+        "champion_value": champion,
+        "basis": basis,
+        "promoted": promoted,
+        "reason": reason,
+    }
+
+
+def promote_if_better(registry: str, model_name: str, version: str, comparison: dict[str, Any]) -> bool:
+    """Point the champion alias at ``version`` if the comparison promoted it; True if it is champion.
+
+    The alias moves only while the champion is still the one the challenger was compared
+    with: a run that overlapped with another promotion, or a cached result replayed after
+    the champion has moved on, changes nothing. Idempotent, so a retried task is harmless.
+    """
+    current = get_alias(registry, model_name, CHAMPION)
+    if current == version:
+        return True
+    if comparison["promoted"] and current == comparison["champion_version"]:
+        set_alias(registry, model_name, CHAMPION, version)
+        return True
+    return False

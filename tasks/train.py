@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from typing import Any, Optional
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, registry, shards, train
@@ -17,10 +19,16 @@ from tasks.caching import cache_policy
     cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
 )
 def train_evaluate_register(
-    index: shards.IndexRef, manifest_digest: str, config: TrainConfig, registry_uri: str, model_name: str
+    index: shards.IndexRef,
+    manifest_digest: str,
+    config: TrainConfig,
+    registry_uri: str,
+    model_name: str,
+    champion_metric: str = "roc_auc",
 ) -> registry.ModelRef:
-    """Train, score val and test at the configured threshold, register, and move `latest`."""
+    """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     logger = get_run_logger()
+    registry.validate_champion_metric(champion_metric)
 
     def progress(epoch: dict) -> None:
         if epoch["epoch"] % 50 == 0:
@@ -36,6 +44,12 @@ def train_evaluate_register(
         outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
         " (stopped early)" if outcome.stopped_early else "",
     )
+    # Compare before registering: the immutable card records the decision.
+    champion = registry.get_alias(registry_uri, model_name, registry.CHAMPION)
+    champion_val, basis = None, None
+    if champion is not None:
+        champion_val, basis = registry.champion_val_metrics(registry_uri, model_name, champion, index.uri)
+    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_val, basis)
     card = registry.build_card(
         state_dict=fitted.state_dict,
         metrics=fitted.metrics,
@@ -45,10 +59,19 @@ def train_evaluate_register(
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,
+        champion_comparison=comparison,
     )
     version = registry.register(registry_uri, model_name, fitted.state_dict, card)
     registry.set_alias(registry_uri, model_name, "latest", version)
+    is_champion = registry.promote_if_better(registry_uri, model_name, version, comparison)
     ref = registry.model_ref(registry_uri, model_name, version)
+    if is_champion:
+        logger.info("champion: %s %s (%s)", model_name, version, comparison["reason"])
+    elif comparison["promoted"]:
+        logger.warning("champion: %s %s beat %s, but another run moved the champion meanwhile; not promoted",
+                       model_name, version, comparison["champion_version"])
+    else:
+        logger.info("champion stays %s: %s %s not promoted (%s)", champion, model_name, version, comparison["reason"])
 
     for split in ("val", "test"):
         m = fitted.metrics[split]
@@ -61,5 +84,38 @@ def train_evaluate_register(
         key="model-card",
         markdown=f"# {model_name} {ref.version}\n\n{evaluate.markdown_table(fitted.metrics)}\n\nCard: `{ref.card_uri}`\n",
     )
+    create_markdown_artifact(
+        key="champion-challenger",
+        markdown=comparison_markdown(model_name, version, fitted.metrics["val"], comparison, champion_val, is_champion),
+        description=f"{model_name} {version} against the champion on val {champion_metric}",
+    )
     logger.info("registered %s %s at %s", model_name, ref.version, ref.card_uri)
     return ref
+
+
+def comparison_markdown(
+    model_name: str,
+    version: str,
+    challenger_val: dict[str, Any],
+    comparison: dict[str, Any],
+    champion_val: Optional[dict[str, Any]],
+    is_champion: bool,
+) -> str:
+    """Champion against challenger on every val metric, the deciding one in bold, then the decision."""
+    metric = comparison["metric"]
+    names = [m for m in evaluate.COLUMNS if m != "n"]
+    header = ["role", "version", *[f"**{m}**" if m == metric else m for m in names]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [("challenger", version, challenger_val)]
+    if comparison["champion_version"] is not None:
+        rows.insert(0, ("champion", comparison["champion_version"], champion_val or {}))
+    for role, row_version, values in rows:
+        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in names]
+        lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
+    outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
+    basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
+    return (
+        f"# {model_name}: champion against challenger\n\n"
+        + "\n".join(lines)
+        + f"\n\n{outcome} Rule: val {metric}, strictly greater wins; {comparison['reason']}.{basis}\n"
+    )

@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 import threading
 
@@ -165,3 +166,131 @@ def test_registry_on_s3(monkeypatch):
             assert torch.equal(state["hidden1.weight"], _weights(0)["hidden1.weight"])
     finally:
         storage._s3_client.cache_clear()
+
+
+# --- Champion / challenger --------------------------------------------------------------
+
+
+def _val(roc_auc, accuracy=0.8):
+    return {"roc_auc": roc_auc, "accuracy": accuracy, "f1": 0.8, "precision": 0.8, "recall": 0.8, "specificity": 0.8}
+
+
+@pytest.mark.parametrize(
+    "challenger, champion_version, champion, promoted",
+    [
+        (0.70, None, None, True),  # the first model becomes champion, whatever it scores
+        (None, None, None, True),
+        (0.91, "v0001", 0.90, True),  # strictly greater wins
+        (0.90, "v0001", 0.90, False),  # a tie keeps the champion
+        (0.89, "v0001", 0.90, False),
+        (None, "v0001", 0.90, False),  # no metric never wins
+        (0.50, "v0001", None, True),  # any number beats a champion without the metric
+    ],
+)
+def test_compare_promotes_only_a_strictly_better_challenger(challenger, champion_version, champion, promoted):
+    champion_val = None if champion_version is None else _val(champion)
+    comparison = registry.compare("roc_auc", _val(challenger), champion_version, champion_val, basis="test")
+    assert comparison["promoted"] is promoted
+    assert comparison["metric"] == "roc_auc" and comparison["split"] == "val"
+    assert comparison["challenger_value"] == challenger
+    assert comparison["champion_version"] == champion_version
+    assert comparison["champion_value"] == (None if champion_version is None else champion)
+    assert comparison["reason"]
+    json.dumps(comparison)  # goes into the card as is
+
+
+def test_compare_uses_the_configured_metric():
+    challenger, champion = _val(0.95, accuracy=0.70), _val(0.90, accuracy=0.80)
+    assert registry.compare("roc_auc", challenger, "v0001", champion)["promoted"] is True
+    by_accuracy = registry.compare("accuracy", challenger, "v0001", champion)
+    assert by_accuracy["promoted"] is False
+    assert (by_accuracy["challenger_value"], by_accuracy["champion_value"]) == (0.70, 0.80)
+
+
+@pytest.mark.parametrize("metric", ["loss", "n", "confusion_matrix", "", "ROC_AUC"])
+def test_unknown_champion_metrics_are_refused(metric):
+    with pytest.raises(ValueError, match="invalid champion metric"):
+        registry.compare(metric, _val(0.9), None, None)
+
+
+def test_promotion_follows_the_comparison_and_is_idempotent(tmp_path):
+    reg = str(tmp_path)
+    v1 = registry.register(reg, "m", _weights(0), {})
+    first = registry.compare("roc_auc", _val(0.80), None, None)
+    assert registry.promote_if_better(reg, "m", v1, first) is True
+    assert registry.get_alias(reg, "m", "champion") == v1
+    assert registry.promote_if_better(reg, "m", v1, first) is True  # a retry changes nothing
+
+    v2 = registry.register(reg, "m", _weights(1), {})
+    worse = registry.compare("roc_auc", _val(0.79), v1, _val(0.80))
+    assert registry.promote_if_better(reg, "m", v2, worse) is False
+    assert registry.get_alias(reg, "m", "champion") == v1
+
+    v3 = registry.register(reg, "m", _weights(2), {})
+    better = registry.compare("roc_auc", _val(0.85), v1, _val(0.80))
+    assert registry.promote_if_better(reg, "m", v3, better) is True
+    assert registry.get_alias(reg, "m", "champion") == v3
+
+
+def test_a_stale_comparison_never_moves_the_champion(tmp_path):
+    """Two overlapping runs both beat v0001; only the first to promote wins."""
+    reg = str(tmp_path)
+    v1, v2, v3 = (registry.register(reg, "m", _weights(i), {}) for i in range(3))
+    registry.set_alias(reg, "m", "champion", v1)
+    beats_v1 = registry.compare("roc_auc", _val(0.95), v1, _val(0.80))
+    assert registry.promote_if_better(reg, "m", v2, beats_v1) is True
+    assert registry.promote_if_better(reg, "m", v3, beats_v1) is False
+    assert registry.get_alias(reg, "m", "champion") == v2
+
+
+def _val_index(folder, features, labels, transform) -> str:
+    """An index.json with one val shard holding ``features``/``labels``."""
+    from pneumo import shards
+    from pneumo.config import SplitConfig
+
+    spec = shards.ShardSpec(
+        root=str(folder), manifest_digest="0" * 64, split_config=SplitConfig(), transform=transform,
+        split="val", number=0, start=0, stop=len(labels), records=(), uri=str(folder / "val-0000.h5"),
+    )
+    ids = [f"p{i}" for i in range(len(labels))]
+    shards._write_h5(folder / "val-0000.h5", spec, features, labels, ids, ids, [])
+    result = shards.ShardResult(
+        uri=spec.uri, split="val", number=0, count=len(labels),
+        class_counts={"NORMAL": int((labels == 0).sum()), "PNEUMONIA": int((labels == 1).sum())},
+        sha256=shards._sha256_file(folder / "val-0000.h5"),
+    )
+    return shards.write_index(
+        [result], str(folder / "index.json"), manifest_digest="0" * 64, transform=transform, split_config=SplitConfig()
+    )
+
+
+def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
+    from pneumo import evaluate
+    from pneumo.config import TransformConfig
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 140)).astype(np.float32)
+    labels = (np.arange(60) % 2).astype(np.uint8)
+    transform = TransformConfig(size=(300, 400))
+    index_uri = _val_index(tmp_path, features, labels, transform)
+    reg = str(tmp_path / "reg")
+    stale = {"val": _val(0.999)}  # what the champion scored on an older val split
+    card = {"metrics": stale, "config": {"train": {"threshold": 0.5}, "transform": transform.model_dump(mode="json")}}
+    version = registry.register(reg, "m", _weights(4), card)
+
+    metrics, basis = registry.champion_val_metrics(reg, "m", version, index_uri)
+    expected = evaluate.metrics(labels, predict_proba(_weights(4), features), 0.5)
+    assert metrics == expected and metrics["roc_auc"] != 0.999
+    assert basis.startswith("re-scored")
+
+    # A champion made from another transform cannot read these features: its card decides.
+    other = {**card, "config": {**card["config"], "transform": TransformConfig(size=(100, 100)).model_dump(mode="json")}}
+    version = registry.register(reg, "m", _weights(5), other)
+    metrics, basis = registry.champion_val_metrics(reg, "m", version, index_uri)
+    assert metrics == stale["val"] and "card" in basis
+
+
+def test_model_ref_carries_the_cards_comparison(tmp_path):
+    comparison = registry.compare("roc_auc", _val(0.8), None, None)
+    version = registry.register(str(tmp_path), "m", _weights(0), {"metrics": {}, "champion_comparison": comparison})
+    assert registry.model_ref(str(tmp_path), "m", version).champion_comparison == comparison

@@ -1,0 +1,160 @@
+"""The deployments as a user runs them: infra/stack.sh, prefect.yaml, a worker, `prefect deployment run`.
+
+Everything is real and local: `prefect server start` on a free loopback port with its own
+PREFECT_HOME, a moto S3 server, a `process` work pool and worker, and the Prefect CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import copy_patient_subset, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = ROOT / "infra" / "stack.sh"
+PREFECT = Path(os.environ.get("PNEUMO_BIN", Path(sys.executable).parent)) / "prefect"
+QUICK = ["--param", 'train={"epochs": 5, "patience": 5}', "--param", "shard_size=100"]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export K="V"` lines infra/stack.sh writes (values without shell expansion)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        match = re.fullmatch(r'export (\w+)="?([^"$]*)"?', line)
+        if match:
+            env[match.group(1)] = match.group(2)
+    return env
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def small_source(shared_data, tmp_path_factory) -> Path:
+    """About 160 real images of whole patients: enough to carve train, val and test."""
+    return copy_patient_subset(shared_data, tmp_path_factory.mktemp("small"), per_class=80)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """infra/stack.sh up on free ports; infra/stack.sh down afterwards, and a check that it worked."""
+    state = tmp_path_factory.mktemp("stack")
+    bucket = f"pneumo-{uuid.uuid4().hex[:12]}"
+    env = {
+        **os.environ,
+        "PNEUMO_STACK_DIR": str(state),
+        "PNEUMO_PREFECT_PORT": str(free_port()),
+        "PNEUMO_S3_PORT": str(free_port()),
+        "PNEUMO_BUCKET": bucket,
+        "PNEUMO_BIN": str(PREFECT.parent),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick up runs quickly
+    }
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        env.pop(name, None)
+    pids: dict[str, int] = {}
+    try:
+        subprocess.run([str(STACK), "up"], env=env, check=True, timeout=300, capture_output=True, text=True)
+        pids = {name: int((state / f"{name}.pid").read_text()) for name in ("s3", "server", "worker")}
+        env.update(read_env_file(state / "env"))  # PREFECT_API_URL, PREFECT_HOME, AWS_* of the stack
+        env["PNEUMO_WORKDIR"] = f"s3://{bucket}/work"
+        yield env
+    finally:
+        pids = pids or {
+            p.stem: int(p.read_text()) for p in state.glob("*.pid") if p.read_text().strip().isdigit()
+        }
+        down = subprocess.run([str(STACK), "down"], env=env, timeout=120, capture_output=True, text=True)
+        left = [name for name, pid in pids.items() if alive(pid)]
+        for name in left:  # never leave a process behind, even when `down` is broken
+            os.killpg(pids[name], signal.SIGKILL)
+        assert down.returncode == 0 and not left, (down.stderr, left)
+
+
+def prefect(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(PREFECT), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def run_deployment(env, name: str, *params: str) -> dict:
+    """`prefect deployment run NAME --watch`; the flow run as `prefect flow-run inspect` shows it."""
+    out = prefect(env, "deployment", "run", f"pneumo-full/{name}", *params, "--watch", "--watch-timeout", "600", timeout=700)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    return json.loads(prefect(env, "flow-run", "inspect", run_id, "--output", "json").stdout)
+
+
+@pytest.fixture(scope="module")
+def two_runs(stack, small_source):
+    env = {**stack, "PNEUMO_SOURCE": str(small_source)}
+    subprocess.run([str(STACK), "deploy"], env=env, check=True, timeout=300, capture_output=True, text=True)
+    first = run_deployment(env, "on-demand", *QUICK)
+    second = run_deployment(env, "scheduled-retrain", *QUICK)
+    return env, first, second
+
+
+def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
+    env, _, _ = two_runs
+    listed = prefect(env, "deployment", "ls").stdout
+    assert "pneumo-full/on-demand" in listed and "pneumo-full/scheduled-retrain" in listed
+    scheduled = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/scheduled-retrain", "-o", "json").stdout)
+    [schedule] = scheduled["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
+    assert schedule["active"] is True
+    assert scheduled["parameters"]["retrain"] is True and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
+    assert scheduled["work_pool_name"] == "pneumo"
+    on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
+    assert on_demand["schedules"] == [] and "retrain" not in on_demand["parameters"]
+    pool = json.loads(prefect(env, "work-pool", "inspect", "pneumo", "-o", "json").stdout)
+    assert pool["type"] == "process"
+
+
+def test_runs_complete_and_the_champion_rule_holds(two_runs):
+    env, first, second = two_runs
+    assert first["state"]["type"] == "COMPLETED" and second["state"]["type"] == "COMPLETED"
+    # Read the registry on the stack's S3 endpoint, in a process with the stack's settings.
+    check = subprocess.run(
+        [sys.executable, "-c", (
+            "import json, sys; from pneumo import registry as r\n"
+            "reg = sys.argv[1]\n"
+            "print(json.dumps({'versions': r.list_versions(reg, 'tinynet'),"
+            " 'champion': r.get_alias(reg, 'tinynet', 'champion'),"
+            " 'cards': {v: r.load_card(reg, 'tinynet', v) for v in r.list_versions(reg, 'tinynet')}}))"
+        ), env["PNEUMO_WORKDIR"] + "/registry"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+    found = json.loads(check.stdout)
+    assert found["versions"] == ["v0001", "v0002"]  # the scheduled run retrained although nothing changed
+    first_card, second_card = found["cards"]["v0001"], found["cards"]["v0002"]
+    assert first_card["champion_comparison"]["promoted"] is True  # the first model becomes champion
+    comparison = second_card["champion_comparison"]
+    assert comparison["champion_version"] == "v0001" and comparison["metric"] == "roc_auc"
+    # The rule itself: v0002 is champion exactly when its val AUC is strictly greater.
+    beats = comparison["challenger_value"] > comparison["champion_value"]
+    assert comparison["promoted"] is beats
+    assert found["champion"] == ("v0002" if beats else "v0001")
+    # Both cards were trained on the same shards: the data stages were cached.
+    assert first_card["data"]["shards_digest"] == second_card["data"]["shards_digest"]
+
+
+def test_the_worker_credentials_stay_out_of_logs_and_the_prefect_database(two_runs):
+    env, _, _ = two_runs
+    secret = env["AWS_SECRET_ACCESS_KEY"].encode()
+    state = Path(env["PNEUMO_STACK_DIR"])
+    files = [*state.glob("*.log"), *(state / "prefect-home").rglob("*.db")]
+    assert any(f.suffix == ".db" for f in files) and (state / "worker.log").stat().st_size > 0
+    for path in files:
+        assert secret not in path.read_bytes(), path
