@@ -18,20 +18,25 @@ import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Literal, Optional  # noqa: E402
+from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from pneumo import download, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.manifest import load_manifest  # noqa: E402
+from pneumo.registry import validate_model_name  # noqa: E402
 from tasks.download import download_dataset  # noqa: E402
+from tasks.quarantine import report_quarantine  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
+from tasks.results import s3_result_storage  # noqa: E402
 from tasks.train import train_evaluate_register  # noqa: E402
+from pneumo.registry import CHAMPION, CHAMPION_METRICS, ChampionMetric, get_alias, list_versions  # noqa: E402
 
 Runner = Literal["threads", "processes", "dask"]
 
@@ -48,7 +53,9 @@ def _with_run_options(task: Any, workdir: str, retries: int) -> Any:
         "retry_jitter_factor": 0.5,
         "persist_result": True,
     }
-    if not storage.is_s3(workdir):
+    if storage.is_s3(workdir):
+        options["result_storage"] = s3_result_storage(workdir)
+    else:
         options["result_storage"] = Path(workdir, "prefect-results")
     return task.with_options(**options)
 
@@ -83,9 +90,20 @@ def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Opt
 
 
 @flow(name="pneumo-shards", log_prints=True)
-def shard_stage(specs: list[shards.ShardSpec], index_uri: str, workdir: str, retries: int) -> shards.IndexRef:
-    """Write every shard (mapped over the flow's task runner), then the index."""
+def shard_stage(
+    manifest_uri: str, split: SplitConfig, transform: TransformConfig, shard_size: int, workdir: str, retries: int
+) -> shards.IndexRef:
+    """Plan the shards, write them (mapped over the flow's task runner), then the index.
+
+    Planning happens here, not in the caller: each spec carries its shard's records, and
+    flow parameters must stay small.
+    """
     logger = get_run_logger()
+    manifest = load_manifest(manifest_uri)
+    shards_root = storage.join(workdir, "shards")
+    specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
+    index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
+    logger.info("transform: %d shard(s) of up to %d images", len(specs), shard_size)
     shard_task = _with_run_options(write_shard, workdir, retries)
     futures = shard_task.map(specs)
     by_uri: dict[str, shards.ShardResult] = {}
@@ -95,18 +113,22 @@ def shard_stage(specs: list[shards.ShardSpec], index_uri: str, workdir: str, ret
         logger.info("shards: %d/%d done", done, len(specs))
     results = [by_uri[spec.uri] for spec in specs]
 
-    # Cache hits whose shard files were deleted: rebuild just those.
-    missing = [spec for spec, result in zip(specs, results) if not storage.exists(result.uri)]
-    if missing:
-        logger.warning("%d shard file(s) missing from storage; rebuilding them", len(missing))
-        rebuilt = {r.uri: r for r in shard_task.with_options(refresh_cache=True).map(missing).result()}
+    # The cache remembers results, not files: a shard deleted or changed since it was
+    # written is set aside and rebuilt, never trusted.
+    broken = []
+    for spec, result in zip(specs, results):
+        problem = shards.shard_problem(result.uri, result.sha256)
+        if problem:
+            logger.warning("shard %s: %s; rebuilding it", result.uri, problem)
+            storage.delete(result.uri)
+            broken.append(spec)
+    if broken:
+        rebuilt = {r.uri: r for r in shard_task.with_options(refresh_cache=True).map(broken).result()}
         results = [rebuilt.get(r.uri, r) for r in results]
 
     index_task = _with_run_options(write_index, workdir, retries)
-    first = specs[0]
     return _checked(
-        index_task, lambda ref: [ref.uri], "index",
-        results, index_uri, first.manifest_digest, first.transform, first.split_config,
+        index_task, lambda ref: [ref.uri], "index", results, index_uri, specs[0].manifest_digest, transform, split
     )
 
 
@@ -116,24 +138,30 @@ def full(
     workdir: str = "./pneumo-data",
     registry: Optional[str] = None,
     model_name: str = "tinynet",
-    percentile: float = 75.0,
-    shard_size: int = 1000,
+    percentile: Annotated[float, Field(gt=0, lt=100)] = 75.0,
+    shard_size: Annotated[int, Field(ge=1)] = 1000,
     transform: TransformConfig = TransformConfig(),
     split: SplitConfig = SplitConfig(),
     train: TrainConfig = TrainConfig(),
-    retries: int = 3,
+    champion_metric: ChampionMetric = "roc_auc",
+    retrain: bool = False,
+    retries: Annotated[int, Field(ge=0, le=20)] = 3,
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01,
     runner: Runner = "processes",
-    workers: Optional[int] = None,
+    workers: Optional[Annotated[int, Field(ge=1)]] = None,
     dask_address: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Chest X-rays in, a registered 2,541-parameter pneumonia classifier out."""
+    """Chest X-rays in, a registered 2,541-parameter pneumonia classifier out.
+
+    The new version becomes `champion` when it is the first one, or when its val
+    ``champion_metric`` is strictly greater than the champion's. Unchanged data, config and
+    code make a run a cache hit that registers nothing; ``retrain=True`` (the scheduled
+    deployment) trains and registers a new version anyway, while the data stages stay cached.
+    """
     logger = get_run_logger()
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
-    if not 0 < percentile < 100:
-        raise ValueError(f"percentile must be between 0 and 100, got {percentile}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    validate_model_name(model_name)
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
     fingerprint = download.source_fingerprint(source)
@@ -150,27 +178,43 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    shards_root = storage.join(workdir, "shards")
-    specs = shards.plan_shards(load_manifest(manifest.uri), manifest.uri, split, transform, shard_size, shards_root)
-    index_uri = shards.index_uri(shards_root, manifest.digest, transform, split, shard_size)
-    logger.info("transform: %d images in %d shard(s) on the %s runner", manifest.n_images, len(specs), runner)
+    logger.info("transform: %d images on the %s runner", manifest.n_images, runner)
     index = shard_stage.with_options(task_runner=task_runner(runner, workers, dask_address))(
-        specs, index_uri, workdir, retries
+        manifest.uri, split, transform, shard_size, workdir, retries
     )
 
-    # 4. Train, evaluate and register.
-    model = _checked(
-        _with_run_options(train_evaluate_register, workdir, retries),
-        lambda ref: [ref.card_uri, ref.model_uri], "train", index, manifest.digest, train, registry, model_name,
+    # Every input is in a shard or in the quarantine report; too much bad input stops here.
+    quarantine_report = _checked(
+        _with_run_options(report_quarantine, workdir, retries),
+        lambda uri: [uri], "quarantine report", manifest, index, workdir, max_bad_fraction,
     )
+
+    # 4. Train, evaluate, register, and challenge the champion.
+    train_task = _with_run_options(train_evaluate_register, workdir, retries)
+    if retrain:
+        train_task = train_task.with_options(refresh_cache=True)
+    known_versions = list_versions(registry, model_name)
+    model = _checked(
+        train_task, lambda ref: [ref.card_uri, ref.model_uri], "train",
+        index, manifest.digest, train, registry, model_name, champion_metric,
+    )
+    if model.version in known_versions:
+        logger.info(
+            "data, config and code unchanged since %s %s: no new version registered (retrain=True trains anyway)",
+            model_name, model.version,
+        )
+    champion = get_alias(registry, model_name, CHAMPION)
     return {
         "model": f"{model_name} {model.version}",
+        "champion": f"{model_name} {champion}",
+        "champion_comparison": model.champion_comparison,
         "card": model.card_uri,
         "metrics": model.metrics,
         "manifest": manifest.uri,
         "dataset_version": manifest.digest,
         "images": manifest.n_images,
         "quarantined": manifest.n_quarantined + index.n_quarantined,
+        "quarantine_report": quarantine_report,
         "shards_index": index.uri,
         "size_stats": sizes.uri,
         "registry": registry,
@@ -238,6 +282,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="parallel workers for the runner (default: CPU count)")
     parser.add_argument("--dask-address", default=None, help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
     parser.add_argument("--retries", type=int, default=3, help="retries per task, with exponential backoff")
+    parser.add_argument(
+        "--champion-metric", choices=CHAMPION_METRICS,
+        default="roc_auc", help="val metric a new version must beat (strictly) to become champion",
+    )
+    parser.add_argument("--retrain", action="store_true", help="train and register a new version even when nothing changed")
+    parser.add_argument(
+        "--max-bad-fraction", type=float, default=0.01,
+        help="fail the run when more than this fraction of the input files is quarantined",
+    )
     return parser.parse_args(argv)
 
 
@@ -253,11 +306,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     started = time.perf_counter()
     with prefect_api():
-        summary = full(
-            source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
-            percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
-            retries=args.retries, runner=args.runner, workers=args.workers, dask_address=args.dask_address,
-        )
+        try:
+            summary = full(
+                source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
+                percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
+                retries=args.retries, max_bad_fraction=args.max_bad_fraction,
+                champion_metric=args.champion_metric, retrain=args.retrain,
+                runner=args.runner, workers=args.workers, dask_address=args.dask_address,
+            )
+        except Exception as error:  # Prefect has logged the traceback; end on one plain line
+            print(f"\npneumo: the run failed: {error}", file=sys.stderr)
+            return 1
     print_summary(summary, time.perf_counter() - started)
     return 0
 
@@ -276,10 +335,12 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
             f"recall {m['recall']:.3f}  specificity {m['specificity']:.3f}  F1 {m['f1']:.3f}  AUC {auc}"
         )
     lines += [
+        f"  champion     {summary['champion']}",
         f"  card         {summary['card']}",
         f"  shards       {summary['shards_index']}",
         f"  manifest     {summary['manifest']}",
         f"  size stats   {summary['size_stats']}",
+        f"  quarantine   {summary['quarantine_report']}",
     ]
     print("\n".join(lines))
 

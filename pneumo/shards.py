@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pneumo import storage
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.manifest import CLASSES, SPLITS, Manifest, QuarantineEntry, load_manifest
+from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry
 from pneumo.splits import records_by_split
 from pneumo.transform import ImageRejected, featurize
 
@@ -40,11 +41,15 @@ class CorruptShard(ValueError):
 
 
 class ShardSpec(BaseModel):
-    """Everything needed to write one shard: a slice of one split of one manifest."""
+    """Everything needed to write one shard: a slice of one split of one manifest.
+
+    The spec carries its own records, so a shard task reads ``shard_size`` records rather
+    than the whole manifest: its memory is bounded by the shard, not by the dataset.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    manifest_uri: str
+    root: str  # the local folder the records' relpaths resolve against
     manifest_digest: str
     split_config: SplitConfig
     transform: TransformConfig  # with its size already resolved from the size percentiles
@@ -52,6 +57,7 @@ class ShardSpec(BaseModel):
     number: int
     start: int  # slice of records_by_split(manifest, split_config)[split]
     stop: int
+    records: tuple[ImageRecord, ...]  # that slice
     uri: str  # the .h5 file to write
 
 
@@ -88,7 +94,6 @@ def index_uri(out_dir: str, manifest_digest: str, transform: TransformConfig, sp
 
 def plan_shards(
     manifest: Manifest,
-    manifest_uri: str,
     split_config: SplitConfig,
     transform: TransformConfig,
     shard_size: int,
@@ -103,16 +108,18 @@ def plan_shards(
     specs = []
     for split in SPLITS:
         for number, start in enumerate(range(0, len(by_split[split]), shard_size)):
+            stop = min(start + shard_size, len(by_split[split]))
             specs.append(
                 ShardSpec(
-                    manifest_uri=manifest_uri,
+                    root=manifest.root,
                     manifest_digest=digest,
                     split_config=split_config,
                     transform=transform,
                     split=split,
                     number=number,
                     start=start,
-                    stop=min(start + shard_size, len(by_split[split])),
+                    stop=stop,
+                    records=tuple(by_split[split][start:stop]),
                     uri=storage.join(folder, f"{split}-{number:04d}.h5"),
                 )
             )
@@ -190,14 +197,7 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
         if found is not None:
             return found
 
-    manifest = load_manifest(spec.manifest_uri)
-    if manifest.digest() != spec.manifest_digest:
-        raise ValueError(
-            f"manifest {spec.manifest_uri} has digest {manifest.digest()[:16]}, the shard plan expects "
-            f"{spec.manifest_digest[:16]}; plan the shards again from this manifest"
-        )
-    records = records_by_split(manifest, spec.split_config)[spec.split][spec.start : spec.stop]
-    root = Path(manifest.root)
+    records, root = spec.records, Path(spec.root)
     features, kept, quarantine = [], [], []
     for done, record in enumerate(records, start=1):
         try:
@@ -225,6 +225,17 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
         sha256=sha256,
         quarantine=quarantine,
     )
+
+
+def shard_problem(uri: str, expected_sha256: str) -> str | None:
+    """Why a written shard can no longer be trusted ("missing", changed bytes), or None if intact."""
+    if not storage.exists(uri):
+        return "missing"
+    with storage.local_copy(uri) as path:
+        actual = _sha256_file(path)
+    if actual != expected_sha256:
+        return f"bytes changed since it was written (sha256 {actual[:12]}…, expected {expected_sha256[:12]}…)"
+    return None
 
 
 def _parent(uri: str) -> str:
@@ -344,6 +355,9 @@ def load_split(index_uri: str, split: str) -> ShardData:
     relpaths, patient_ids = [], []
     at = 0
     for entry in entries:
+        # An index names shards in its own folder; anything else is tampering.
+        if not re.fullmatch(r"(train|val|test)-\d{4}\.h5", entry["name"]):
+            raise CorruptShard(f"index {index_uri} lists an unexpected shard name {entry['name']!r}")
         shard = read_shard(storage.join(folder, entry["name"]), expected_sha256=entry["sha256"])
         n = len(shard.labels)
         if n != entry["count"]:

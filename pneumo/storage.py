@@ -45,14 +45,21 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# Standard retry mode retries throttling (503 SlowDown), connection resets and timeouts
+# with exponential backoff; Prefect's task retries sit on top of these.
+S3_CLIENT_OPTIONS = {
+    "retries": {"max_attempts": 8, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _s3_client():
     import boto3
     from botocore.config import Config
 
-    # Standard retry mode retries throttling (503 SlowDown), resets and timeouts.
-    config = Config(retries={"max_attempts": 8, "mode": "standard"})
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session().client("s3", config=Config(**S3_CLIENT_OPTIONS))
 
 
 def s3_client():

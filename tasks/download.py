@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from pneumo import download, storage
 from pneumo.manifest import ManifestRef, save_manifest
 from tasks.caching import cache_policy
-from tasks.reporting import progress_logger, quarantine_artifact
+from tasks.reporting import progress_logger
 
 
 @task(
@@ -36,6 +36,4 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
         "manifest %s: %d images, %d quarantined, counts %s",
         ref.digest[:12], ref.n_images, ref.n_quarantined, ref.counts,
     )
-    if manifest.quarantine:
-        quarantine_artifact(manifest.quarantine, key="download-quarantine")
     return ref

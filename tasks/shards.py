@@ -9,7 +9,6 @@ from prefect import get_run_logger, task
 from pneumo import shards
 from pneumo.config import SplitConfig, TransformConfig
 from tasks.caching import cache_policy
-from tasks.reporting import quarantine_artifact
 
 
 @task(
@@ -45,14 +44,11 @@ def write_index(
     transform: TransformConfig,
     split_config: SplitConfig,
 ) -> shards.IndexRef:
-    """Write index.json over every shard and report what was quarantined."""
+    """Write index.json over every shard."""
     logger = get_run_logger()
     shards.write_index(
         results, index_uri, manifest_digest=manifest_digest, transform=transform, split_config=split_config
     )
     ref = shards.index_ref(index_uri)
     logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
-    quarantined = [entry for result in results for entry in result.quarantine]
-    if quarantined:
-        quarantine_artifact(quarantined, key="transform-quarantine")
     return ref

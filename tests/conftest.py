@@ -1,16 +1,15 @@
-"""Fixtures shared by every test folder: the real dataset and a real S3 endpoint."""
+"""Fixtures shared by every test folder: the real dataset, a real S3 endpoint, a real Prefect server."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import copy_patient_subset, free_port, wait_for_port
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
 
@@ -23,20 +22,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def subset_source(shared_data, tmp_path_factory) -> Path:
+    """About 500 real images, whole patients only, in the Kaggle layout (train split only)."""
+    return copy_patient_subset(shared_data, tmp_path_factory.mktemp("subset"), per_class=250)
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API server (SQLite in a temp dir) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")

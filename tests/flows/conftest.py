@@ -1,61 +1,10 @@
 """Flow tests run against a real, temporary Prefect API server on a subset of the real data."""
 
-from __future__ import annotations
-
-import hashlib
-import shutil
-from pathlib import Path
-
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-from prefect.testing.utilities import prefect_test_harness
 
-from pneumo.download import parse_patient_id
+from tests.helpers import task_states  # noqa: F401  (re-exported for the flow tests)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_server():
-    """One temporary Prefect server (SQLite in a temp dir) for the whole session."""
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def copy_patient_subset(shared: Path, target: Path, per_class: int) -> Path:
-    """Copy whole patients (chosen by a hash of their id) until each class has ``per_class`` images."""
-    for name in ("NORMAL", "PNEUMONIA"):
-        by_patient: dict[str, list[Path]] = {}
-        for path in sorted((shared / "train" / name).iterdir()):
-            by_patient.setdefault(parse_patient_id(path.name), []).append(path)
-        chosen = 0
-        for patient in sorted(by_patient, key=lambda p: hashlib.sha256(p.encode()).hexdigest()):
-            out = target / "train" / name
-            out.mkdir(parents=True, exist_ok=True)
-            for path in by_patient[patient]:
-                shutil.copy2(path, out / path.name)
-            chosen += len(by_patient[patient])
-            if chosen >= per_class:
-                break
-    return target
-
-
-@pytest.fixture(scope="session")
-def subset_source(shared_data, tmp_path_factory) -> Path:
-    """About 500 real images, whole patients only, in the Kaggle layout (train split only)."""
-    return copy_patient_subset(shared_data, tmp_path_factory.mktemp("subset"), per_class=250)
-
-
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """State names of every task run of a flow run and its subflows, by task name."""
-    with get_client(sync_client=True) as client:
-        run_ids = [flow_run_id]
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        run_ids += [child.id for child in children]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
-    states: dict[str, list[str]] = {}
-    for run in task_runs:
-        # Task run names are "<task name>-<3 hex>".
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
-    return states
+@pytest.fixture(autouse=True)
+def _prefect(prefect_server):
+    """Every flow test talks to the session's Prefect server."""

@@ -14,7 +14,7 @@ from flows.full import full
 from pneumo import shards
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
-from tests.flows.conftest import task_states
+from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
 QUICK = {"epochs": 8, "patience": 8}

@@ -1,0 +1,61 @@
+"""The quarantine report: every input file is either in a shard or here, with its reason."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from pydantic import BaseModel
+
+from pneumo.manifest import Manifest, QuarantineEntry
+
+
+class TooMuchBadData(ValueError):
+    """More of the input was quarantined than the run allows."""
+
+
+class QuarantineReport(BaseModel):
+    manifest_digest: str
+    n_inputs: int  # every file the manifest saw: records plus files it refused
+    n_in_shards: int
+    n_quarantined: int
+    bad_fraction: float
+    by_reason: dict[str, int]  # reason (without per-file detail) -> files
+    entries: list[QuarantineEntry]
+
+
+def _reason_kind(reason: str) -> str:
+    # "too large: 30000x30000 pixels exceeds ..." -> "too large"; "corrupt JPEG (OSError: ...)" -> "corrupt JPEG"
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def build_report(manifest: Manifest, index: dict) -> QuarantineReport:
+    """Reconcile the manifest with the shard index; raise if any input is unaccounted for."""
+    entries = [*manifest.quarantine, *(QuarantineEntry(**entry) for entry in index["quarantine"])]
+    n_in_shards = sum(sum(by_class.values()) for by_class in index["counts"].values())
+    n_inputs = len(manifest.records) + len(manifest.quarantine)
+    if n_in_shards + len(entries) != n_inputs:
+        raise RuntimeError(
+            f"accounting error: {n_inputs} input files, but {n_in_shards} in shards plus "
+            f"{len(entries)} quarantined; rebuild the shards of manifest {manifest.digest()[:16]}"
+        )
+    return QuarantineReport(
+        manifest_digest=manifest.digest(),
+        n_inputs=n_inputs,
+        n_in_shards=n_in_shards,
+        n_quarantined=len(entries),
+        bad_fraction=len(entries) / n_inputs if n_inputs else 0.0,
+        by_reason=dict(Counter(_reason_kind(e.reason) for e in entries).most_common()),
+        entries=sorted(entries, key=lambda e: e.relpath),
+    )
+
+
+def check_bad_fraction(report: QuarantineReport, max_bad_fraction: float) -> None:
+    """Fail the run when too much of the input is bad: that is a broken source, not noise."""
+    if report.bad_fraction > max_bad_fraction:
+        reasons = ", ".join(f"{kind} ({count})" for kind, count in list(report.by_reason.items())[:5])
+        raise TooMuchBadData(
+            f"{report.n_quarantined} of {report.n_inputs} input files ({report.bad_fraction:.1%}) were "
+            f"quarantined, above the allowed {max_bad_fraction:.1%}. Most common reasons: {reasons}. "
+            "Fix the source, or raise --max-bad-fraction if this much bad data is expected."
+        )

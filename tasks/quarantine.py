@@ -1,0 +1,31 @@
+"""Reconcile inputs with shards, report what was quarantined, and stop a run on a broken source."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from pneumo import quarantine, shards, storage
+from pneumo.manifest import ManifestRef, load_manifest
+from tasks.caching import cache_policy
+from tasks.reporting import quarantine_artifact
+
+
+@task(
+    name="quarantine-report",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    cache_policy=cache_policy("pneumo.quarantine"),
+)
+def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: str, max_bad_fraction: float) -> str:
+    """Write the quarantine report (JSON and artifact); fail if too much input was bad."""
+    logger = get_run_logger()
+    report = quarantine.build_report(load_manifest(manifest.uri), shards.read_index(index.uri))
+    uri = storage.join(workdir, "reports", f"quarantine-{index.digest[:16]}.json")
+    storage.write_bytes(uri, report.model_dump_json(indent=2).encode())
+    logger.info(
+        "%d input files: %d in shards, %d quarantined (%.2f%%) %s; report %s",
+        report.n_inputs, report.n_in_shards, report.n_quarantined, 100 * report.bad_fraction, report.by_reason, uri,
+    )
+    quarantine_artifact(report.entries, key="quarantine-report")
+    quarantine.check_bad_fraction(report, max_bad_fraction)
+    return uri

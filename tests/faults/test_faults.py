@@ -1,0 +1,213 @@
+"""Faults: kill -9 and re-run, transient S3 errors, corrupted shards, concurrent registration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.settings import PREFECT_API_URL
+
+from flows.full import full
+from pneumo import shards, storage
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig
+from pneumo.download import build_manifest
+from pneumo.manifest import save_manifest
+from tasks.shards import write_shard
+from tests.faults.s3_fault_proxy import FaultProxy
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = ["--epochs", "120", "--patience", "200", "--shard-size", "40", "--runner", "threads", "--workers", "1"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- kill -9, then re-run
+
+
+def start_cli(source: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.Popen(
+        [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(workdir), *QUICK, *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # the kill reaches every process of the run
+    )
+
+
+def outputs(workdir: Path) -> dict[str, str]:
+    """What a finished run leaves, by content: manifest, stats, shards, weights, metrics."""
+    index = next(workdir.rglob("index.json"))
+    card = json.loads(next(workdir.glob("registry/tinynet/v*/card.json")).read_text())
+    return {
+        "manifest": next(workdir.glob("manifests/*.json")).name,
+        "stats": sha256(next(workdir.glob("stats/*.json"))),
+        "shards": json.dumps({e["name"]: e["sha256"] for e in shards.read_index(str(index))["shards"]}),
+        "weights": sha256(next(workdir.glob("registry/tinynet/v*/model.pt"))),
+        "metrics": json.dumps(card["metrics"], sort_keys=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def zipped_subset(subset_source, tmp_path_factory) -> Path:
+    """The subset as a zip, so that the download stage has real extraction work to interrupt."""
+    path = tmp_path_factory.mktemp("zip") / "chest_xray.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for file in sorted(subset_source.rglob("*.jpeg")):
+            archive.write(file, Path("chest_xray") / file.relative_to(subset_source))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean_outputs(zipped_subset, tmp_path_factory) -> dict[str, str]:
+    workdir = tmp_path_factory.mktemp("clean")
+    run = start_cli(zipped_subset, workdir)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output
+    return outputs(workdir)
+
+
+def _reaches(workdir: Path, stage: str, log: list[str]) -> bool:
+    text = "".join(log)
+    if stage == "download":  # extraction has begun: the zip's folder is being filled
+        return any((workdir / "downloads").rglob("*.jpeg"))
+    if stage == "sizes":
+        return "download-" in text and "Finished in state" in text.split("download-", 1)[1]
+    if stage == "transform":
+        return len(list((workdir / "shards").rglob("*.h5"))) >= 2
+    if stage == "train":
+        return "epoch 50/" in text
+    raise ValueError(stage)
+
+
+@pytest.mark.parametrize("stage", ["download", "sizes", "transform", "train"])
+def test_kill_9_then_rerun_gives_the_outputs_of_a_clean_run(stage, zipped_subset, clean_outputs, tmp_path):
+    workdir = tmp_path / "work"
+    run = start_cli(zipped_subset, workdir)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(iter(run.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not _reaches(workdir, stage, log):
+        assert run.poll() is None, f"the run ended before the {stage} stage was reached:\n{''.join(log)}"
+        assert time.monotonic() < deadline, f"the {stage} stage was not reached in time"
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not list(workdir.glob("registry/tinynet/v*/card.json")), "killed too late: the run had finished"
+
+    rerun = start_cli(zipped_subset, workdir)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    assert outputs(workdir) == clean_outputs
+    # Nothing half-written is visible: every file that is not a dot-file parses or is complete.
+    for path in workdir.rglob("*.h5"):
+        assert not path.name.startswith(".")
+
+
+# --------------------------------------------------------------------------- transient S3 errors
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket, monkeypatch):
+    """The S3 settings pointed at a fault-injecting proxy in front of the moto server."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"], delay_seconds=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setitem(storage.S3_CLIENT_OPTIONS, "read_timeout", 1)
+        # Fewer attempts than production keeps botocore's backoff (and the test) short.
+        monkeypatch.setitem(storage.S3_CLIENT_OPTIONS, "retries", {"max_attempts": 3, "mode": "standard"})
+        storage._s3_client.cache_clear()
+        yield s3_bucket, proxy
+        storage._s3_client.cache_clear()
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "reset", "timeout"])
+def test_transient_s3_errors_are_retried_by_botocore(flaky_s3, fault, tmp_path):
+    bucket, proxy = flaky_s3
+    uri = f"s3://{bucket}/run/shards/train-0000.h5"
+    source = tmp_path / "shard.bin"
+    source.write_bytes(os.urandom(300_000))
+    for method in ("PUT", "HEAD", "GET"):
+        proxy.plan.add(fault, method, times=2)
+
+    storage.upload_file(source, uri)
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == source.read_bytes()
+    proxy.plan.add(fault, "PUT", times=2)
+    storage.write_json(f"s3://{bucket}/run/registry/m/v0001/card.json", {"ok": 1}, if_absent=True)
+    assert storage.read_json(f"s3://{bucket}/run/registry/m/v0001/card.json") == {"ok": 1}
+    assert {f for f, _, _ in proxy.plan.injected} == {fault}
+    assert len(proxy.plan.injected) == 8
+
+
+def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_source, tmp_path):
+    bucket, proxy = flaky_s3
+    manifest = build_manifest(subset_source)
+    manifest_uri = save_manifest(manifest, str(tmp_path))
+    spec = shards.plan_shards(
+        manifest, SplitConfig(), TransformConfig(size=(224, 224)), 50, f"s3://{bucket}/shards"
+    )[0]
+    # More consecutive 503s than botocore's 3 attempts: the task fails once, then Prefect retries it.
+    proxy.plan.add("slowdown", "PUT", times=4)
+
+    @flow
+    def one_shard():
+        return write_shard.with_options(retries=2, retry_delay_seconds=0, cache_policy=None)(spec)
+
+    state = one_shard(return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert storage.exists(result.uri)
+    assert len([f for f in proxy.plan.injected if f[0] == "slowdown"]) == 4
+    assert shards.shard_problem(result.uri, result.sha256) is None
+
+
+# --------------------------------------------------------------------------- corrupted shards
+
+
+def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tmp_path):
+    workdir = tmp_path / "work"
+    train = TrainConfig(epochs=3, patience=3)
+    summary = full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    index_uri = summary["shards_index"]
+    entry = shards.read_index(index_uri)["shards"][0]
+    victim = Path(index_uri).parent / entry["name"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of the features
+    victim.write_bytes(bytes(data))
+
+    with pytest.raises(shards.CorruptShard, match="sha256"):
+        shards.load_split(index_uri, entry["split"])
+    full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    assert sha256(victim) == entry["sha256"]
+    assert len(shards.load_split(index_uri, entry["split"]).labels) > 0
+
+
+# --------------------------------------------------------------------------- concurrent registration
+
+
+def test_two_flows_registering_at_once_get_distinct_versions(subset_source, tmp_path):
+    registry = tmp_path / "registry"
+    runs = [
+        start_cli(subset_source, tmp_path / f"work{i}", "--registry", str(registry), "--seed", str(i))
+        for i in range(2)
+    ]
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output
+    versions = sorted(p.name for p in (registry / "tinynet").glob("v*"))
+    assert versions == ["v0001", "v0002"]
+    seeds = {json.loads((registry / "tinynet" / v / "card.json").read_text())["config"]["train"]["seed"] for v in versions}
+    assert seeds == {0, 1}
+    weights = {sha256(registry / "tinynet" / v / "model.pt") for v in versions}
+    assert len(weights) == 2
