@@ -1,10 +1,11 @@
 """Peak memory of the shard stage against the number of images: it should stay flat.
 
 For each N it makes a Kaggle-layout folder of N images (hard links to a pool of copies of
-the shared 224 x 224 images, each named as its own patient), builds and saves the
-manifest, then runs the real shard stage in a fresh process: pneumo.shards.plan_shards and
-pneumo.shards.write_shard over every shard, one after the other, as a single worker does.
-That process reports its peak RSS. Small images keep the default run short; the transform's
+the shared 224 x 224 images, each named as its own patient), builds the manifest and plans
+the shards (pneumo.shards.plan_shards, as the flow does), saving each shard's spec to a
+file. A fresh process then plays one transform worker: it receives the specs one at a
+time, as a pool worker receives its tasks, runs pneumo.shards.write_shard on each, and
+reports its peak RSS. Small images keep the default run short; the transform's
 per-image memory is transient, so image size moves the baseline, not the trend.
 
     python benchmarks/scale.py --sizes 5000,20000,50000
@@ -46,24 +47,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(manifest_uri: str, out_dir: str, shard_size: int) -> None:
-    """The measured process: the shard stage on one worker. Prints JSON."""
+def child(spec_dir: str) -> None:
+    """The measured process: one worker writing every shard, one spec at a time. Prints JSON."""
     from pneumo import shards
-    from pneumo.config import SplitConfig, TransformConfig
-    from pneumo.manifest import load_manifest
 
     baseline = peak_rss_mb()
     started = time.perf_counter()
-    manifest = load_manifest(manifest_uri)
-    specs = shards.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, out_dir)
-    del manifest
-    images = 0
-    for spec in specs:
+    images = n_shards = 0
+    for path in sorted(Path(spec_dir).glob("*.json")):
+        spec = shards.ShardSpec.model_validate_json(path.read_text())
         result = shards.write_shard(spec)
         images += result.count + len(result.quarantine)
+        n_shards += 1
     print(json.dumps({
         "images": images,
-        "shards": len(specs),
+        "shards": n_shards,
         "seconds": time.perf_counter() - started,
         "rss_after_imports_mb": baseline,
         "peak_rss_mb": peak_rss_mb(),
@@ -80,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-scale"), help="scratch folder (rebuilt)")
     parser.add_argument("--shared", type=Path, default=SHARED, help="the images to replicate")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        child(args.child)
         return 0
 
+    from pneumo import shards
+    from pneumo.config import SplitConfig, TransformConfig
     from pneumo.download import build_manifest
-    from pneumo.manifest import save_manifest
 
     # Hard links need one file system: copy the shared images into the scratch folder once.
     pool_dir = args.workdir / "pool"
@@ -104,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(size) for size in args.sizes.split(",")]:
         folder = args.workdir / f"n{n}"
         make_folder(pool, folder, n)
-        manifest_uri = save_manifest(build_manifest(folder), str(args.workdir / "manifests"))
         out = args.workdir / f"shards-n{n}"
         shutil.rmtree(out, ignore_errors=True)
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", manifest_uri, str(out), str(args.shard_size)],
-            check=True, capture_output=True, text=True,
-        )
+        spec_dir = args.workdir / f"specs-n{n}"
+        shutil.rmtree(spec_dir, ignore_errors=True)
+        spec_dir.mkdir(parents=True)
+        specs = shards.plan_shards(build_manifest(folder), SplitConfig(), TransformConfig(), args.shard_size, str(out))
+        for i, spec in enumerate(specs):
+            (spec_dir / f"{i:05d}.json").write_text(spec.model_dump_json())
+        done = subprocess.run([sys.executable, __file__, "--child", str(spec_dir)], check=True, capture_output=True, text=True)
         row = {"n": n, **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
         print(
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(after imports {row['rss_after_imports_mb']:.0f} MB)  {row['images'] / row['seconds']:.0f} images/s",
             flush=True,
         )
-        shutil.rmtree(folder)
-        shutil.rmtree(out)
+        for path in (folder, out, spec_dir):
+            shutil.rmtree(path)
     print(json.dumps({"shard_size": args.shard_size, "runs": rows}))
     return 0
 
