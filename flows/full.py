@@ -29,14 +29,20 @@ from pydantic import Field  # noqa: E402
 from pneumo import download, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.manifest import load_manifest  # noqa: E402
-from pneumo.registry import validate_model_name  # noqa: E402
+from pneumo.registry import (  # noqa: E402
+    CHAMPION,
+    CHAMPION_METRICS,
+    ChampionMetric,
+    get_alias,
+    list_versions,
+    validate_model_name,
+)
 from tasks.download import download_dataset  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
+from tasks.results import s3_result_storage  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
-from tasks.results import s3_result_storage  # noqa: E402
 from tasks.train import train_evaluate_register  # noqa: E402
-from pneumo.registry import CHAMPION, CHAMPION_METRICS, ChampionMetric, get_alias, list_versions  # noqa: E402
 
 Runner = Literal["threads", "processes", "dask"]
 
@@ -249,6 +255,13 @@ def prefect_api():
         os.environ.pop("PREFECT_API_URL", None)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of options whose help already says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -259,7 +272,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             "register a 2,541-parameter TinyNet. Works without a Prefect server (Prefect "
             "starts a temporary local one)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--source", default=KAGGLE_DEFAULT_SOURCE,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from sklearn import metrics as skm
@@ -73,3 +73,31 @@ def markdown_table(metrics_by_split: dict[str, dict[str, Any]]) -> str:
     for row in table:
         lines.append("| " + " | ".join(_cell(row[key]) for key in header) + " |")
     return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(
+    model_name: str,
+    version: str,
+    challenger_val: dict[str, Any],
+    comparison: dict[str, Any],
+    champion_val: Optional[dict[str, Any]],
+    is_champion: bool,
+) -> str:
+    """Champion against challenger on every val metric, the deciding one in bold, then the decision."""
+    metric = comparison["metric"]
+    names = [m for m in COLUMNS if m != "n"]
+    header = ["role", "version", *[f"**{m}**" if m == metric else m for m in names]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [("challenger", version, challenger_val)]
+    if comparison["champion_version"] is not None:
+        rows.insert(0, ("champion", comparison["champion_version"], champion_val or {}))
+    for role, row_version, values in rows:
+        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in names]
+        lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
+    outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
+    basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
+    return (
+        f"# {model_name}: champion against challenger\n\n"
+        + "\n".join(lines)
+        + f"\n\n{outcome} Rule: val {metric}, strictly greater wins; {comparison['reason']}.{basis}\n"
+    )

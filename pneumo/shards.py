@@ -160,14 +160,18 @@ def _result_from_file(spec: ShardSpec, path: Path) -> ShardResult | None:
             quarantine = json.loads(f.attrs["quarantine_json"])
     except (OSError, KeyError, ValueError):
         return None  # unreadable or from an older schema: recompute
+    return _result(spec, labels, _sha256_file(path), [QuarantineEntry(**entry) for entry in quarantine])
+
+
+def _result(spec: ShardSpec, labels: np.ndarray, sha256: str, quarantine: list[QuarantineEntry]) -> ShardResult:
     return ShardResult(
         uri=spec.uri,
         split=spec.split,
         number=spec.number,
         count=len(labels),
         class_counts={name: int((labels == label).sum()) for label, name in enumerate(CLASSES)},
-        sha256=_sha256_file(path),
-        quarantine=[QuarantineEntry(**entry) for entry in quarantine],
+        sha256=sha256,
+        quarantine=quarantine,
     )
 
 
@@ -216,15 +220,7 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
         _write_h5(local, spec, matrix, labels, [r.relpath for r in kept], [r.patient_id for r in kept], quarantine)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
-    return ShardResult(
-        uri=spec.uri,
-        split=spec.split,
-        number=spec.number,
-        count=len(kept),
-        class_counts={name: int((labels == label).sum()) for label, name in enumerate(CLASSES)},
-        sha256=sha256,
-        quarantine=quarantine,
-    )
+    return _result(spec, labels, sha256, quarantine)
 
 
 def shard_problem(uri: str, expected_sha256: str) -> str | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from typing import Any, Optional
-
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, registry, shards, train
@@ -86,36 +84,10 @@ def train_evaluate_register(
     )
     create_markdown_artifact(
         key="champion-challenger",
-        markdown=comparison_markdown(model_name, version, fitted.metrics["val"], comparison, champion_val, is_champion),
+        markdown=evaluate.comparison_markdown(
+            model_name, version, fitted.metrics["val"], comparison, champion_val, is_champion
+        ),
         description=f"{model_name} {version} against the champion on val {champion_metric}",
     )
     logger.info("registered %s %s at %s", model_name, ref.version, ref.card_uri)
     return ref
-
-
-def comparison_markdown(
-    model_name: str,
-    version: str,
-    challenger_val: dict[str, Any],
-    comparison: dict[str, Any],
-    champion_val: Optional[dict[str, Any]],
-    is_champion: bool,
-) -> str:
-    """Champion against challenger on every val metric, the deciding one in bold, then the decision."""
-    metric = comparison["metric"]
-    names = [m for m in evaluate.COLUMNS if m != "n"]
-    header = ["role", "version", *[f"**{m}**" if m == metric else m for m in names]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows = [("challenger", version, challenger_val)]
-    if comparison["champion_version"] is not None:
-        rows.insert(0, ("champion", comparison["champion_version"], champion_val or {}))
-    for role, row_version, values in rows:
-        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in names]
-        lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
-    outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
-    basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
-    return (
-        f"# {model_name}: champion against challenger\n\n"
-        + "\n".join(lines)
-        + f"\n\n{outcome} Rule: val {metric}, strictly greater wins; {comparison['reason']}.{basis}\n"
-    )

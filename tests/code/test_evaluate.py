@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pneumo.evaluate import markdown_table, metrics, rows
+from pneumo.evaluate import comparison_markdown, markdown_table, metrics, rows
 
 # 4 NORMAL, 6 PNEUMONIA. At threshold 0.5: tn=3 fp=1 fn=2 tp=4.
 Y_TRUE = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
@@ -63,3 +63,15 @@ def test_rows_and_markdown_have_one_line_per_split():
     assert len(lines) == 4
     assert lines[2].startswith("| val | 10 | 70.00 |")
     assert "n/a" in lines[3]  # test has no AUC
+
+
+def test_comparison_markdown_shows_both_models_and_the_decision():
+    from pneumo.registry import compare
+
+    challenger = metrics([0, 1, 1, 0], [0.2, 0.9, 0.8, 0.3])
+    champion = metrics([0, 1, 1, 0], [0.6, 0.9, 0.4, 0.3])
+    comparison = compare("roc_auc", challenger, "v0001", champion)
+    text = comparison_markdown("tinynet", "v0002", challenger, comparison, champion, is_champion=True)
+    assert "| champion | v0001 |" in text and "| challenger | v0002 |" in text
+    assert "**roc_auc**" in text and "v0002 is now champion" in text
+    assert f"{champion['roc_auc']:.4f}" in text and f"{challenger['roc_auc']:.4f}" in text

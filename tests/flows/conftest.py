@@ -2,8 +2,6 @@
 
 import pytest
 
-from tests.helpers import task_states  # noqa: F401  (re-exported for the flow tests)
-
 
 @pytest.fixture(autouse=True)
 def _prefect(prefect_server):

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from flows.full import full
 from pneumo import registry, shards, storage
 from pneumo.config import TrainConfig
-from tests.flows.conftest import task_states
+from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
 # Unique, so finding them anywhere can only mean a leak.
