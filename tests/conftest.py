@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import copy_patient_subset, free_port, wait_for_port
+from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_for_port
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
 
@@ -59,14 +58,6 @@ def s3_bucket(s3_endpoint, monkeypatch) -> str:
     """A fresh bucket on the moto endpoint, with the standard AWS settings pointing at it."""
     from pneumo import storage
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    storage._s3_client.cache_clear()
-    bucket = f"pneumo-{uuid.uuid4().hex[:12]}"
-    storage.s3_client().create_bucket(Bucket=bucket)
+    bucket = use_s3_endpoint(monkeypatch, s3_endpoint)
     yield bucket
     storage._s3_client.cache_clear()

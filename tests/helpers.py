@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from pneumo.download import parse_patient_id
@@ -62,3 +63,19 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
         # Task run names are "<task name>-<3 hex>".
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return states
+
+
+def use_s3_endpoint(env, endpoint: str, key_id: str = "testing-key-id", secret: str = "testing-secret") -> str:
+    """Point the standard AWS settings at ``endpoint`` (through ``env``, a MonkeyPatch); return a fresh bucket."""
+    from pneumo import storage
+
+    env.setenv("AWS_ENDPOINT_URL", endpoint)
+    env.setenv("AWS_ACCESS_KEY_ID", key_id)
+    env.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        env.delenv(name, raising=False)
+    storage._s3_client.cache_clear()
+    bucket = f"pneumo-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    return bucket

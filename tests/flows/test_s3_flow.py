@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from flows.full import full
 from pneumo import registry, shards, storage
 from pneumo.config import TrainConfig
-from tests.helpers import task_states
+from tests.helpers import task_states, use_s3_endpoint
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
 # Unique, so finding them anywhere can only mean a leak.
@@ -34,15 +34,7 @@ def run(source, workdir, **options):
 def s3_runs(s3_endpoint, subset_source):
     """First run, identical second run, then a forced retrain; all on one fresh bucket."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-        env.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            env.delenv(name, raising=False)
-        storage._s3_client.cache_clear()
-        bucket = f"pneumo-{uuid.uuid4().hex[:12]}"
-        storage.s3_client().create_bucket(Bucket=bucket)
+        bucket = use_s3_endpoint(env, s3_endpoint, KEY_ID, SECRET)
         workdir = f"s3://{bucket}/work"
         try:
             runs = [run(subset_source, workdir), run(subset_source, workdir), run(subset_source, workdir, retrain=True)]
