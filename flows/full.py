@@ -21,12 +21,13 @@ from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect import unmapped  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from pneumo import download, shards, storage  # noqa: E402
+from pneumo import download, pool, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.manifest import load_manifest  # noqa: E402
 from pneumo.registry import (  # noqa: E402
@@ -81,11 +82,13 @@ def _checked(call: Callable[..., Any], outputs: Callable[[Any], list[str]], what
 
 
 def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Optional[str] = None):
-    """The task runner for the mapped shard task. Processes by default: h5py holds a global lock."""
-    if runner == "threads":
+    """The Prefect task runner for the mapped shard task.
+
+    ``processes`` runs the tasks on threads and hands their pixel work to a local process
+    pool (see ``shard_stage``): h5py holds a global lock, so threads alone do not scale.
+    """
+    if runner in ("threads", "processes"):
         return ThreadPoolTaskRunner(max_workers=workers)
-    if runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
@@ -95,14 +98,29 @@ def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Opt
     )
 
 
+def pool_processes(runner: Runner, workers: Optional[int] = None) -> int:
+    """Processes of the shard stage's local pool: none unless the runner is ``processes``."""
+    return (workers or os.cpu_count() or 1) if runner == "processes" else 0
+
+
 @flow(name="pneumo-shards", log_prints=True)
 def shard_stage(
-    manifest_uri: str, split: SplitConfig, transform: TransformConfig, shard_size: int, workdir: str, retries: int
+    manifest_uri: str,
+    split: SplitConfig,
+    transform: TransformConfig,
+    shard_size: int,
+    workdir: str,
+    retries: int,
+    processes: Annotated[int, Field(ge=0)] = 0,
 ) -> shards.IndexRef:
     """Plan the shards, write them (mapped over the flow's task runner), then the index.
 
     Planning happens here, not in the caller: each spec carries its shard's records, and
-    flow parameters must stay small.
+    flow parameters must stay small. With ``processes`` > 0 each shard task hands its
+    pixel work to a pool of that many local processes, forked from a warm forkserver: they
+    compute within a second, where Prefect's ProcessPoolTaskRunner spends ~3 s booting
+    interpreters that import Prefect and its plugins, then ~1.5 s tearing them down (45 %
+    of this stage on 5,840 images, benchmarks/orchestration.py).
     """
     logger = get_run_logger()
     manifest = load_manifest(manifest_uri)
@@ -110,8 +128,25 @@ def shard_stage(
     specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
     index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
     logger.info("transform: %d shard(s) of up to %d images", len(specs), shard_size)
+    transform_pool = pool.ProcessPool(processes) if processes else None
+    try:
+        results = _write_shards(specs, workdir, retries, transform_pool)
+    finally:
+        if transform_pool:
+            transform_pool.close()
+    index_task = _with_run_options(write_index, workdir, retries)
+    return _checked(
+        index_task, lambda ref: [ref.uri], "index", results, index_uri, specs[0].manifest_digest, transform, split
+    )
+
+
+def _write_shards(
+    specs: list[shards.ShardSpec], workdir: str, retries: int, transform_pool: Optional[pool.ProcessPool]
+) -> list[shards.ShardResult]:
+    """The mapped shard tasks, in spec order; shards found broken afterwards are rebuilt."""
+    logger = get_run_logger()
     shard_task = _with_run_options(write_shard, workdir, retries)
-    futures = shard_task.map(specs)
+    futures = shard_task.map(specs, pool=unmapped(transform_pool))
     by_uri: dict[str, shards.ShardResult] = {}
     for done, future in enumerate(as_completed(futures), start=1):
         result = future.result()
@@ -129,13 +164,10 @@ def shard_stage(
             storage.delete(result.uri)
             broken.append(spec)
     if broken:
-        rebuilt = {r.uri: r for r in shard_task.with_options(refresh_cache=True).map(broken).result()}
+        rebuild = shard_task.with_options(refresh_cache=True).map(broken, pool=unmapped(transform_pool))
+        rebuilt = {r.uri: r for r in rebuild.result()}
         results = [rebuilt.get(r.uri, r) for r in results]
-
-    index_task = _with_run_options(write_index, workdir, retries)
-    return _checked(
-        index_task, lambda ref: [ref.uri], "index", results, index_uri, specs[0].manifest_digest, transform, split
-    )
+    return results
 
 
 @flow(name="pneumo-full")
@@ -168,6 +200,9 @@ def full(
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
     validate_model_name(model_name)
+    processes = pool_processes(runner, workers)
+    if processes:
+        pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
     fingerprint = download.source_fingerprint(source)
@@ -186,7 +221,7 @@ def full(
     # 3. Transform and shard, mapped over the chosen task runner.
     logger.info("transform: %d images on the %s runner", manifest.n_images, runner)
     index = shard_stage.with_options(task_runner=task_runner(runner, workers, dask_address))(
-        manifest.uri, split, transform, shard_size, workdir, retries
+        manifest.uri, split, transform, shard_size, workdir, retries, processes
     )
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.

@@ -35,6 +35,9 @@ class LibrarySource(CachePolicy):
         return digest.hexdigest()
 
 
-def cache_policy(*modules: str) -> CachePolicy:
-    """Inputs + task source + the source of the given pneumo modules."""
-    return INPUTS + TASK_SOURCE + LibrarySource(modules=tuple(modules))
+def cache_policy(*modules: str, ignore: tuple[str, ...] = ()) -> CachePolicy:
+    """Inputs (but the ``ignore`` parameters) + task source + the source of the given pneumo modules."""
+    inputs = INPUTS
+    for name in ignore:
+        inputs = inputs - name
+    return inputs + TASK_SOURCE + LibrarySource(modules=tuple(modules))

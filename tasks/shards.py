@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from prefect import get_run_logger, task
 
 from pneumo import shards
+from pneumo.pool import ProcessPool
 from pneumo.config import SplitConfig, TransformConfig
 from tasks.caching import cache_policy
 
@@ -15,13 +17,14 @@ from tasks.caching import cache_policy
     name="write-shard",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
-    cache_policy=cache_policy("pneumo.shards", "pneumo.transform", "pneumo.splits"),
+    # Where the pixels are computed does not change the shard.
+    cache_policy=cache_policy("pneumo.shards", "pneumo.transform", "pneumo.splits", ignore=("pool",)),
 )
-def write_shard(spec: shards.ShardSpec) -> shards.ShardResult:
-    """Featurize one shard's images and write the shard atomically."""
+def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:
+    """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""
     logger = get_run_logger()
     started = time.perf_counter()
-    result = shards.write_shard(spec)
+    result = pool.run(shards.write_shard, spec) if pool else shards.write_shard(spec)
     seconds = time.perf_counter() - started
     logger.info(
         "%s-%04d: %d images, %d quarantined, %.1fs (%.0f images/s)",

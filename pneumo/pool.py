@@ -1,0 +1,91 @@
+"""A pool of local processes for CPU-bound work, cheap to start and able to heal.
+
+Workers are forked from a forkserver that has already imported the pipeline's modules, so
+a new pool computes within a fraction of a second, where a freshly spawned interpreter
+spends seconds importing. The forkserver is started once per process (``warm_up``), best
+while other work runs. Where fork is unavailable (Windows, macOS by default) the pool
+spawns instead: slower to start, same results.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+# Imported once by the forkserver, inherited by every worker. "__main__" spares each worker
+# from re-importing the script that started the run (multiprocessing re-runs it otherwise).
+PRELOAD = ["__main__", "pneumo.shards"]
+
+
+def start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def warm_up() -> None:
+    """Start the forkserver in the background; later pools fork from it at once."""
+    if start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
+def _in_context(cwd: str, environment: dict[str, str], fn: Callable[..., T], *args: Any) -> T:
+    """Call fn in the caller's working directory and environment (AWS settings, ...).
+
+    A forked worker inherits the forkserver's, which date from the server's start.
+    """
+    os.chdir(cwd)
+    if os.environ != environment:
+        os.environ.clear()
+        os.environ.update(environment)
+    return fn(*args)
+
+
+class ProcessPool:
+    """Runs functions in worker processes; a pool whose worker died is replaced.
+
+    A worker killed mid-task (out of memory, a crashing decoder) breaks a
+    ProcessPoolExecutor for good. ``run`` raises BrokenProcessPool for the calls that were
+    in flight and swaps in a fresh executor, so a retry of the same call can succeed.
+    Processes start on first use, so a pool whose every call is skipped costs nothing.
+    """
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        warm_up()
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(start_method()))
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._executor
+        try:
+            return executor.submit(_in_context, os.getcwd(), dict(os.environ), fn, *args).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._executor is executor:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                    self._executor = self._new_executor()
+            raise
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,42 @@
+"""The transform's process pool: real worker processes, and a fresh pool after a worker dies."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+from pneumo.pool import ProcessPool
+
+
+def test_runs_in_other_processes_and_returns_results():
+    with ProcessPool(2) as pool:
+        assert pool.run(pow, 3, 4) == 81
+        assert pool.run(os.getpid) != os.getpid()
+
+
+def test_calls_see_the_callers_current_environment_and_directory(tmp_path, monkeypatch):
+    with ProcessPool(1) as pool:
+        pool.run(os.getpid)  # workers exist before the change
+        monkeypatch.setenv("PNEUMO_POOL_PROBE", "set after the pool started")
+        monkeypatch.chdir(tmp_path)
+        assert pool.run(os.getenv, "PNEUMO_POOL_PROBE") == "set after the pool started"
+        assert pool.run(os.getcwd) == str(tmp_path)
+        monkeypatch.delenv("PNEUMO_POOL_PROBE")
+        assert pool.run(os.getenv, "PNEUMO_POOL_PROBE") is None
+
+
+def test_a_dead_worker_fails_its_call_and_the_next_call_gets_a_fresh_pool():
+    with ProcessPool(1) as pool:
+        first = pool.run(os.getpid)
+        with pytest.raises(BrokenProcessPool):
+            pool.run(os._exit, 1)  # the worker dies mid-call, as under the OOM killer
+        second = pool.run(os.getpid)
+        assert second != first
+        assert pool.run(pow, 2, 10) == 1024
+
+
+def test_needs_a_worker():
+    with pytest.raises(ValueError, match="at least 1"):
+        ProcessPool(0)
