@@ -326,8 +326,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=defaults.balance, help="class-imbalance handling")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per HDF5 shard")
-    parser.add_argument("--runner", choices=["threads", "processes", "dask"], default="processes", help="task runner for the shard transform")
-    parser.add_argument("--workers", type=int, default=None, help="parallel workers for the runner (default: CPU count)")
+    parser.add_argument(
+        "--runner", choices=["threads", "processes", "dask"], default="processes",
+        help="where the shard tasks transform images: 'processes' hands each task's pixel work to a local pool of "
+        "worker processes, 'threads' works in the tasks' threads (h5py's lock limits it), 'dask' runs the tasks on "
+        "Dask workers",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="parallel shard tasks, and processes or Dask workers (default: CPU count)")
     parser.add_argument("--dask-address", default=None, help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
     parser.add_argument("--retries", type=int, default=3, help="retries per task, with exponential backoff")
     parser.add_argument(

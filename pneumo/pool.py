@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -18,9 +19,17 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
-# Imported once by the forkserver, inherited by every worker. "__main__" spares each worker
-# from re-importing the script that started the run (multiprocessing re-runs it otherwise).
-PRELOAD = ["__main__", "pneumo.shards"]
+
+def preload() -> list[str]:
+    """Modules the forkserver imports once and every worker inherits.
+
+    multiprocessing re-runs the main module in each worker: a script (``python
+    flows/full.py``) unless the server preloads "__main__", a module run with ``-m`` (a
+    deployment's ``python -m prefect.engine``) by name, so the server imports that too.
+    """
+    main_name = getattr(sys.modules["__main__"].__spec__, "name", None)
+    by_name = [main_name] if main_name and not main_name.endswith("__main__") else []
+    return ["__main__", *by_name, "pneumo.shards"]
 
 
 def start_method() -> str:
@@ -34,7 +43,7 @@ def warm_up() -> None:
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload(preload())
     forkserver.ensure_running()
 
 

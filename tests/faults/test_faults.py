@@ -172,6 +172,62 @@ def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_so
     assert shards.shard_problem(result.uri, result.sha256) is None
 
 
+# --------------------------------------------------------------------------- a transform worker dies
+
+
+def kill_a_busy_pool_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first transform worker seen computing: a forkserver child with CPU time spent."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        for child in me.children(recursive=True):
+            try:
+                if "multiprocessing.forkserver" in " ".join(child.parent().cmdline()) and child.cpu_times().user > 0.2:
+                    child.kill()
+                    killed.append(child.pid)
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.005)
+
+
+def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool(subset_source, tmp_path):
+    from flows.full import shard_stage, task_runner
+
+    manifest_uri = save_manifest(build_manifest(subset_source), str(tmp_path / "manifests"))
+    # The exact recipe at 1000 x 1300 keeps each worker busy for about a second per shard.
+    args = (manifest_uri, SplitConfig(), TransformConfig(method="exact"), 100)
+    reference = shard_stage.with_options(task_runner=task_runner("threads", 1))(*args, str(tmp_path / "threads"), 0)
+
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_busy_pool_worker, args=(stop, killed))
+    killer.start()
+    try:
+        state = shard_stage.with_options(task_runner=task_runner("processes", 2))(
+            *args, str(tmp_path / "processes"), 2, 2, return_state=True
+        )
+    finally:
+        stop.set()
+        killer.join()
+
+    assert killed, "no busy transform worker was seen"
+    assert state.is_completed(), state.message
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    tries = [run.run_count for run in runs if run.name.startswith("write-shard-") and "index" not in run.name]
+    assert max(tries) == 2 and all(run.state.is_completed() for run in runs)
+    index = state.result()
+    assert [s["sha256"] for s in shards.read_index(index.uri)["shards"]] == [
+        s["sha256"] for s in shards.read_index(reference.uri)["shards"]
+    ]
+
+
 # --------------------------------------------------------------------------- corrupted shards
 
 
