@@ -224,3 +224,43 @@ def test_grid_larger_than_the_cropped_image_is_a_config_error(tmp_path):
     path = _save(tmp_path / "small.png", _gray8(_xray_like(40, 30)))
     with pytest.raises(ValueError, match="fewer than the 10x14 grid"):
         featurize(path, TransformConfig(size=(10, 14)))
+
+
+def test_a_jpeg_cut_short_near_its_end_is_still_rejected(tmp_path):
+    # The fast path stops decoding below the crop; the missing tail must still be noticed.
+    jpeg = _save(tmp_path / "good.jpeg", _gray8(_xray_like(1200, 900)), quality=90).read_bytes()
+    for method in METHODS:
+        assert featurize(tmp_path / "good.jpeg", TransformConfig(method=method)).shape == (140,)
+        (tmp_path / "tail.jpeg").write_bytes(jpeg[: len(jpeg) * 97 // 100])
+        with pytest.raises(ImageRejected, match="truncated JPEG"):
+            featurize(tmp_path / "tail.jpeg", TransformConfig(method=method))
+
+
+def test_a_flat_film_takes_the_exact_recipe(tmp_path):
+    # Low contrast plus grain: a gray level of error would pull r under 0.99, so fast defers to exact.
+    rng = np.random.default_rng(1)
+    picture = 0.5 + 0.02 * _xray_like(1800, 1400) + rng.normal(0, 2 / 255, (1400, 1800))
+    path = _save(tmp_path / "flat.jpeg", _gray8(np.clip(picture, 0, 1)), quality=90)
+    exact = featurize(path, TransformConfig(method="exact"))
+    fast = featurize(path, TransformConfig(method="fast"))
+    assert exact.std() < 10 / 255
+    np.testing.assert_allclose(fast, exact, atol=1e-5)
+
+
+def test_a_shortened_frame_header_decodes_the_same_top_rows(tmp_path):
+    from pneumo.transform import _with_height
+
+    picture = _gray8(_xray_like(1300, 1000))
+    path = _save(tmp_path / "baseline.jpeg", picture, quality=90)
+    with Image.open(path) as image:
+        whole = np.asarray(image)
+    with open(path, "rb") as handle:
+        cut = _with_height(handle, 900)
+        assert cut is not None
+        with Image.open(cut) as image:
+            assert image.size == (1300, 900)
+            np.testing.assert_array_equal(np.asarray(image), whole[:900])
+    # Progressive files keep their full header: their scans cover the whole frame.
+    picture.save(tmp_path / "progressive.jpeg", quality=90, progressive=True)
+    with open(tmp_path / "progressive.jpeg", "rb") as handle:
+        assert _with_height(handle, 900) is None
