@@ -84,11 +84,12 @@ def _checked(call: Callable[..., Any], outputs: Callable[[Any], list[str]], what
 def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Optional[str] = None):
     """The Prefect task runner for the mapped shard task.
 
-    ``processes`` runs the tasks on threads and hands their pixel work to a local process
+    ``processes`` runs the tasks on threads, which hand their pixel work to a local process
     pool (see ``shard_stage``): h5py holds a global lock, so threads alone do not scale.
     """
     if runner in ("threads", "processes"):
-        return ThreadPoolTaskRunner(max_workers=workers)
+        # One thread per worker process: a task's run time is then its shard's own.
+        return ThreadPoolTaskRunner(max_workers=workers or os.cpu_count())
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
@@ -98,12 +99,6 @@ def task_runner(runner: Runner, workers: Optional[int] = None, dask_address: Opt
     )
 
 
-def pool_processes(runner: Runner, workers: Optional[int] = None) -> int:
-    """Processes of the shard stage's local pool: none unless the runner is ``processes``."""
-    return (workers or os.cpu_count() or 1) if runner == "processes" else 0
-
-
-@flow(name="pneumo-shards", log_prints=True)
 def shard_stage(
     manifest_uri: str,
     split: SplitConfig,
@@ -111,26 +106,29 @@ def shard_stage(
     shard_size: int,
     workdir: str,
     retries: int,
-    processes: Annotated[int, Field(ge=0)] = 0,
+    runner: Runner = "processes",
+    workers: Optional[int] = None,
+    dask_address: Optional[str] = None,
 ) -> shards.IndexRef:
-    """Plan the shards, write them (mapped over the flow's task runner), then the index.
+    """Stage 3, inside a flow run: plan the shards, write them on ``runner``, then the index.
 
-    Planning happens here, not in the caller: each spec carries its shard's records, and
-    flow parameters must stay small. With ``processes`` > 0 each shard task hands its
-    pixel work to a pool of that many local processes, forked from a warm forkserver: they
-    compute within a second, where Prefect's ProcessPoolTaskRunner spends ~3 s booting
-    interpreters that import Prefect and its plugins, then ~1.5 s tearing them down (45 %
-    of this stage on 5,840 images, benchmarks/orchestration.py).
+    Planning happens here, from the manifest's URI: each spec carries its shard's records,
+    so the tasks' inputs stay small. With ``processes`` each shard task hands its pixel
+    work to a pool of local processes forked from a warm forkserver, which compute within
+    a second; Prefect's ProcessPoolTaskRunner spent ~3 s booting interpreters that import
+    Prefect and its plugins and ~1.5 s tearing them down, 45 % of this stage on 5,840
+    images. The stage is not a subflow for the same reason: a subflow run adds ~0.7 s.
     """
     logger = get_run_logger()
     manifest = load_manifest(manifest_uri)
     shards_root = storage.join(workdir, "shards")
     specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
     index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
-    logger.info("transform: %d shard(s) of up to %d images", len(specs), shard_size)
-    transform_pool = pool.ProcessPool(processes) if processes else None
+    logger.info("transform: %d shard(s) of up to %d images on the %s runner", len(specs), shard_size, runner)
+    transform_pool = pool.ProcessPool(workers or os.cpu_count() or 1) if runner == "processes" else None
     try:
-        results = _write_shards(specs, workdir, retries, transform_pool)
+        with task_runner(runner, workers, dask_address) as shard_runner:
+            results = _write_shards(shard_runner, specs, workdir, retries, transform_pool)
     finally:
         if transform_pool:
             transform_pool.close()
@@ -141,12 +139,16 @@ def shard_stage(
 
 
 def _write_shards(
-    specs: list[shards.ShardSpec], workdir: str, retries: int, transform_pool: Optional[pool.ProcessPool]
+    shard_runner: Any,
+    specs: list[shards.ShardSpec],
+    workdir: str,
+    retries: int,
+    transform_pool: Optional[pool.ProcessPool],
 ) -> list[shards.ShardResult]:
     """The mapped shard tasks, in spec order; shards found broken afterwards are rebuilt."""
     logger = get_run_logger()
     shard_task = _with_run_options(write_shard, workdir, retries)
-    futures = shard_task.map(specs, pool=unmapped(transform_pool))
+    futures = shard_runner.map(shard_task, {"spec": specs, "pool": unmapped(transform_pool)})
     by_uri: dict[str, shards.ShardResult] = {}
     for done, future in enumerate(as_completed(futures), start=1):
         result = future.result()
@@ -164,7 +166,9 @@ def _write_shards(
             storage.delete(result.uri)
             broken.append(spec)
     if broken:
-        rebuild = shard_task.with_options(refresh_cache=True).map(broken, pool=unmapped(transform_pool))
+        rebuild = shard_runner.map(
+            shard_task.with_options(refresh_cache=True), {"spec": broken, "pool": unmapped(transform_pool)}
+        )
         rebuilt = {r.uri: r for r in rebuild.result()}
         results = [rebuilt.get(r.uri, r) for r in results]
     return results
@@ -200,8 +204,7 @@ def full(
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
     validate_model_name(model_name)
-    processes = pool_processes(runner, workers)
-    if processes:
+    if runner == "processes":
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
@@ -219,10 +222,7 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    logger.info("transform: %d images on the %s runner", manifest.n_images, runner)
-    index = shard_stage.with_options(task_runner=task_runner(runner, workers, dask_address))(
-        manifest.uri, split, transform, shard_size, workdir, retries, processes
-    )
+    index = shard_stage(manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address)
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.
     quarantine_report = _checked(
@@ -358,6 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    if args.runner == "processes":
+        pool.warm_up()  # alongside the Prefect server's start
     with prefect_api():
         try:
             summary = full(

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import types
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
@@ -21,15 +22,25 @@ T = TypeVar("T")
 
 
 def preload() -> list[str]:
-    """Modules the forkserver imports once and every worker inherits.
+    """Modules the forkserver imports once, so that every worker starts with them.
 
-    multiprocessing re-runs the main module in each worker: a script (``python
-    flows/full.py``) unless the server preloads "__main__", a module run with ``-m`` (a
-    deployment's ``python -m prefect.engine``) by name, so the server imports that too.
+    multiprocessing re-runs the main module in each new worker. A module run with ``-m`` (a
+    deployment's ``python -m prefect.engine``) is re-run by name, so preloading it leaves
+    only its body to execute. A script (``python flows/full.py``) is re-run from its path;
+    preloading "__main__" should cover it but does nothing up to Python 3.13 at least
+    (forkserver looks for a "main_path" key that spawn never sets), so the server imports
+    the modules the script's names come from: the re-run then finds its imports done.
     """
-    main_name = getattr(sys.modules["__main__"].__spec__, "name", None)
-    by_name = [main_name] if main_name and not main_name.endswith("__main__") else []
-    return ["__main__", *by_name, "pneumo.shards"]
+    main = sys.modules["__main__"]
+    spec_name = getattr(main.__spec__, "name", None)
+    if spec_name and not spec_name.endswith("__main__"):
+        return [spec_name, "pneumo.shards"]
+    modules = {"pneumo.shards"}
+    for value in vars(main).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name in sys.modules and name not in ("__main__", "builtins"):
+            modules.add(name)
+    return sorted(modules)
 
 
 def start_method() -> str:

@@ -193,20 +193,23 @@ def kill_a_busy_pool_worker(stop: threading.Event, killed: list[int]) -> None:
 
 
 def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool(subset_source, tmp_path):
-    from flows.full import shard_stage, task_runner
+    from flows.full import shard_stage
 
     manifest_uri = save_manifest(build_manifest(subset_source), str(tmp_path / "manifests"))
     # The exact recipe at 1000 x 1300 keeps each worker busy for about a second per shard.
     args = (manifest_uri, SplitConfig(), TransformConfig(method="exact"), 100)
-    reference = shard_stage.with_options(task_runner=task_runner("threads", 1))(*args, str(tmp_path / "threads"), 0)
+
+    @flow
+    def stage(workdir: str, retries: int, runner: str, workers: int):
+        return shard_stage(*args, workdir, retries, runner, workers)
+
+    reference = stage(str(tmp_path / "threads"), 0, "threads", 1)
 
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_a_busy_pool_worker, args=(stop, killed))
     killer.start()
     try:
-        state = shard_stage.with_options(task_runner=task_runner("processes", 2))(
-            *args, str(tmp_path / "processes"), 2, 2, return_state=True
-        )
+        state = stage(str(tmp_path / "processes"), 2, "processes", 2, return_state=True)
     finally:
         stop.set()
         killer.join()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from distributed import Client, LocalCluster, get_task_stream
+from prefect import flow
 
-from flows.full import shard_stage, task_runner
+from flows.full import shard_stage
 from pneumo import shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.download import build_manifest
@@ -20,8 +21,12 @@ def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) 
     manifest_uri = save_manifest(manifest, str(workdir / "manifests"))
     transform, split = TransformConfig(), SplitConfig()
     n_shards = len(shards.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
-    stage = shard_stage.with_options(task_runner=task_runner(runner, **runner_options))
-    return stage(manifest_uri, split, transform, SHARD_SIZE, str(workdir), 0), n_shards
+
+    @flow
+    def stage():
+        return shard_stage(manifest_uri, split, transform, SHARD_SIZE, str(workdir), 0, runner, **runner_options)
+
+    return stage(), n_shards
 
 
 def test_two_dask_worker_processes_write_the_same_shards_as_one_thread(subset_source, tmp_path):
