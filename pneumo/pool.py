@@ -3,8 +3,8 @@
 Workers are forked from a forkserver that has already imported the pipeline's modules, so
 a new pool computes within a fraction of a second, where a freshly spawned interpreter
 spends seconds importing. The forkserver is started once per process (``warm_up``), best
-while other work runs. Where fork is unavailable (Windows, macOS by default) the pool
-spawns instead: slower to start, same results.
+while other work runs. Where there is no forkserver (Windows) the pool spawns instead:
+slower to start, same results.
 """
 
 from __future__ import annotations
@@ -70,6 +70,23 @@ def _in_context(cwd: str, environment: dict[str, str], fn: Callable[..., T], *ar
     return fn(*args)
 
 
+def _exit_with_parent() -> None:
+    """Worker initializer: exit once the process that owns the pool is gone.
+
+    A worker whose owner was killed (SIGKILL, an OOM kill) would otherwise wait forever for
+    work, and keep the forkserver alive with it.
+    """
+    owner = multiprocessing.parent_process()
+    if owner is None:
+        return
+
+    def watch() -> None:
+        owner.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class ProcessPool:
     """Runs functions in worker processes; a pool whose worker died is replaced.
 
@@ -88,7 +105,9 @@ class ProcessPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         warm_up()
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(start_method()))
+        return ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context(start_method()), initializer=_exit_with_parent
+        )
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         executor = self._executor

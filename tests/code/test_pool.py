@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
 
+import psutil
 import pytest
 
 from pneumo.pool import ProcessPool
@@ -40,3 +44,23 @@ def test_a_dead_worker_fails_its_call_and_the_next_call_gets_a_fresh_pool():
 def test_needs_a_worker():
     with pytest.raises(ValueError, match="at least 1"):
         ProcessPool(0)
+
+
+OWNER = """
+import os, signal, sys
+from pneumo.pool import ProcessPool
+pool = ProcessPool(2)
+print(pool.run(os.getpid), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_the_process_that_owns_the_pool_is_killed():
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    worker = int(owner.stdout.readline())
+    assert owner.wait(timeout=60) == -9
+    owner.stdout.close()
+    deadline = time.monotonic() + 20
+    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"worker {worker} outlived its owner"
+        time.sleep(0.1)
