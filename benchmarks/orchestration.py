@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # flows/ is a folder of the repository, not of the installed package path
+sys.path.insert(0, str(REPO / "benchmarks"))  # synthesize.py
 
 from prefect import flow  # noqa: E402
 
@@ -33,6 +34,7 @@ from pneumo import pool, shards  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
+import synthesize  # noqa: E402
 
 
 def plan(manifest, shard_size: int, out: Path) -> list[shards.ShardSpec]:
@@ -55,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         "doing the same shards, per shard size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, default=Path("/tmp/pneumo-kaggle-5840"), help="Kaggle-layout folder")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/pneumo-kaggle-5840"), help="Kaggle-layout folder of realistic JPEGs; made with benchmarks/synthesize.py if missing")
     parser.add_argument("--shard-sizes", default="500,1000,2000", help="comma-separated images per shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes in both runs")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts (shared machines are noisy)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-orchestration"), help="scratch folder")
     args = parser.parse_args(argv)
 
+    if not (args.data / "train").is_dir():
+        print(f"synthesizing realistic JPEGs into {args.data} (once; deterministic) ...", file=sys.stderr)
+        synthesize.synthesize(synthesize.kaggle_layout_jobs(synthesize.SHARED, args.data), args.workers)
     manifest = build_manifest(args.data)
     manifest_uri = save_manifest(manifest, str(args.workdir / "manifests"))
     for path in manifest.records:  # warm the page cache so both runs read from memory
