@@ -24,17 +24,21 @@ T = TypeVar("T")
 def preload() -> list[str]:
     """Modules the forkserver imports once, so that every worker starts with them.
 
-    multiprocessing re-runs the main module in each new worker. A module run with ``-m`` (a
-    deployment's ``python -m prefect.engine``) is re-run by name, so preloading it leaves
-    only its body to execute. A script (``python flows/full.py``) is re-run from its path;
-    preloading "__main__" should cover it but does nothing up to Python 3.13 at least
-    (forkserver looks for a "main_path" key that spawn never sets), so the server imports
-    the modules the script's names come from: the re-run then finds its imports done.
+    multiprocessing re-runs the main module in each new worker, so it should find that
+    module's imports done:
+
+    - a module run with ``-m`` (a deployment's ``python -m prefect.engine``) is re-run by
+      name; the server imports its top-level package. Not the module itself, nor anything
+      that imports it: runpy warns when it runs a module that is already imported.
+    - a script (``python flows/full.py``) is re-run from its path. Preloading "__main__"
+      should cover it but does nothing up to Python 3.13 at least (forkserver looks for a
+      "main_path" key that spawn never sets), so the server imports the modules the
+      script's names come from.
     """
     main = sys.modules["__main__"]
     spec_name = getattr(main.__spec__, "name", None)
     if spec_name and not spec_name.endswith("__main__"):
-        return [spec_name, "pneumo.shards"]
+        return [spec_name.partition(".")[0], "pneumo.shards"]
     modules = {"pneumo.shards"}
     for value in vars(main).values():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import psutil
 import pytest
@@ -64,3 +65,13 @@ def test_workers_exit_when_the_process_that_owns_the_pool_is_killed():
     while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, f"worker {worker} outlived its owner"
         time.sleep(0.1)
+
+
+def test_a_pool_used_from_a_module_run_with_dash_m_starts_cleanly():
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.code.pool_owner"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) > 0  # a worker pid
+    assert "Warning" not in run.stderr, run.stderr
