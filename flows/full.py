@@ -20,8 +20,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
 
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect import unmapped  # noqa: E402
+from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402

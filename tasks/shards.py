@@ -8,8 +8,8 @@ from typing import Optional
 from prefect import get_run_logger, task
 
 from pneumo import shards
-from pneumo.pool import ProcessPool
 from pneumo.config import SplitConfig, TransformConfig
+from pneumo.pool import ProcessPool
 from tasks.caching import cache_policy
 
 
