@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-orchestration"), help="scratch folder")
     args = parser.parse_args(argv)
 
-    if not (args.data / "train").is_dir():
-        print(f"synthesizing realistic JPEGs into {args.data} (once; deterministic) ...", file=sys.stderr)
-        synthesize.synthesize(synthesize.kaggle_layout_jobs(synthesize.SHARED, args.data), args.workers)
+    synthesize.ensure(args.data, args.workers)
     manifest = build_manifest(args.data)
     manifest_uri = save_manifest(manifest, str(args.workdir / "manifests"))
     for path in manifest.records:  # warm the page cache so both runs read from memory

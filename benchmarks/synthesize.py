@@ -114,6 +114,13 @@ def synthesize(jobs: list[tuple[str, str, str]], workers: int | None = None) -> 
         return list(pool.map(_render_job, jobs, chunksize=16))
 
 
+def ensure(out: Path, workers: int | None = None) -> None:
+    """Synthesize the Kaggle-layout folder at ``out`` unless it is already there."""
+    if not (out / "train").is_dir():
+        print(f"synthesizing realistic JPEGs into {out} (once; deterministic) ...", file=sys.stderr)
+        synthesize(kaggle_layout_jobs(SHARED, out), workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/synthesize.py",

@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    if not (args.data / "train").is_dir():
-        print(f"synthesizing realistic JPEGs into {args.data} (once; deterministic) ...", file=sys.stderr)
-        synthesize.synthesize(synthesize.kaggle_layout_jobs(synthesize.SHARED, args.data), args.workers)
+    synthesize.ensure(args.data, args.workers)
     every = sorted(str(p) for p in args.data.glob("*/*/*.jpeg"))
     paths = every[:: max(1, len(every) // args.images)][: args.images]
     for path in paths:  # warm the page cache: time decoding, not the disk
