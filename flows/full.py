@@ -108,9 +108,13 @@ def shard_stage(
     runner: Runner = "processes",
     workers: Optional[int] = None,
     dask_address: Optional[str] = None,
+    *,
+    root: str,
 ) -> shards.IndexRef:
     """Stage 3, inside a flow run: plan the shards, write them on ``runner``, then the index.
 
+    ``root`` is the folder this run's images are in (its ManifestRef.root): the manifest
+    file is shared by every copy of the same data and does not say which copy to read.
     Planning happens here, from the manifest's URI: each spec carries its shard's records,
     so the tasks' inputs stay small. With ``processes`` each shard task hands its pixel
     work to a pool of local processes forked from a warm forkserver, which compute within
@@ -119,7 +123,7 @@ def shard_stage(
     images. The stage is not a subflow for the same reason: a subflow run adds ~0.7 s.
     """
     logger = get_run_logger()
-    manifest = load_manifest(manifest_uri)
+    manifest = load_manifest(manifest_uri, root)
     shards_root = storage.join(workdir, "shards")
     specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
     index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
@@ -188,6 +192,7 @@ def full(
     retrain: bool = False,
     retries: Annotated[int, Field(ge=0, le=20)] = 3,
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01,
+    verify_source: bool = False,
     runner: Runner = "processes",
     workers: Optional[Annotated[int, Field(ge=1)]] = None,
     dask_address: Optional[str] = None,
@@ -198,6 +203,8 @@ def full(
     ``champion_metric`` is strictly greater than the champion's. Unchanged data, config and
     code make a run a cache hit that registers nothing; ``retrain=True`` (the scheduled
     deployment) trains and registers a new version anyway, while the data stages stay cached.
+    ``verify_source=True`` keys the download on the sha256 of every source file instead of
+    their sizes and mtimes, so a same-size rewrite with its mtime set back is seen.
     """
     logger = get_run_logger()
     workdir = _absolute(workdir)
@@ -207,7 +214,7 @@ def full(
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
-    fingerprint = download.source_fingerprint(source)
+    fingerprint = download.source_fingerprint(source, verify=verify_source)
     manifest = _checked(
         _with_run_options(download_dataset, workdir, retries),
         lambda ref: [ref.uri, ref.root], "download", source, fingerprint, workdir,
@@ -221,7 +228,9 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    index = shard_stage(manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address)
+    index = shard_stage(
+        manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address, root=manifest.root
+    )
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.
     quarantine_report = _checked(
@@ -340,6 +349,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--retrain", action="store_true", help="train and register a new version even when nothing changed")
     parser.add_argument(
+        "--verify-source", action="store_true",
+        help="fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every byte; "
+        "sees a same-size rewrite whose mtime was set back)",
+    )
+    parser.add_argument(
         "--max-bad-fraction", type=float, default=0.01,
         help="fail the run when more than this fraction of the input files is quarantined",
     )
@@ -365,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
                 percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
                 retries=args.retries, max_bad_fraction=args.max_bad_fraction,
-                champion_metric=args.champion_metric, retrain=args.retrain,
+                champion_metric=args.champion_metric, retrain=args.retrain, verify_source=args.verify_source,
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,
             )
         except Exception as error:  # Prefect has logged the traceback; end on one plain line

@@ -20,7 +20,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 import h5py
 import numpy as np
@@ -99,9 +99,14 @@ def plan_shards(
     shard_size: int,
     out_dir: str,
 ) -> list[ShardSpec]:
-    """One spec per ``shard_size`` images of each split, in split then relpath order."""
+    """One spec per ``shard_size`` images of each split, in split then relpath order.
+
+    The specs read the images from ``manifest.root``: the folder the manifest was built
+    from, or the one given to ``load_manifest`` (the run's ManifestRef.root).
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of images, got {shard_size}")
+    root = manifest.images_root()
     digest = manifest.digest()
     folder = shard_dir(out_dir, digest, transform, split_config, shard_size)
     by_split = records_by_split(manifest, split_config)
@@ -111,7 +116,7 @@ def plan_shards(
             stop = min(start + shard_size, len(by_split[split]))
             specs.append(
                 ShardSpec(
-                    root=manifest.root,
+                    root=root,
                     manifest_digest=digest,
                     split_config=split_config,
                     transform=transform,
@@ -188,6 +193,32 @@ def _write_h5(path: Path, spec: ShardSpec, features, labels, relpaths, patient_i
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
 
 
+# Files up to this size are verified and featurized in memory; bigger ones spill to a temporary file.
+_IN_MEMORY_BYTES = 64 << 20
+
+
+def _read_verified(root: Path, record: ImageRecord) -> BinaryIO:
+    """The file's bytes, read once and hashed as they are read; featurize reads this copy.
+
+    Raises ImageRejected when they are not the bytes the manifest hashed: the file was
+    rewritten after the manifest was made, and its pixels would not be the dataset version's.
+    A missing file raises FileNotFoundError (a wrong root, not a bad image).
+    """
+    copy = tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY_BYTES)
+    digest = hashlib.sha256()
+    with open(root / record.relpath, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            copy.write(block)
+    if digest.hexdigest() != record.sha256:
+        copy.close()
+        raise ImageRejected(
+            f"changed during the run (sha256 {digest.hexdigest()[:16]}… != manifest {record.sha256[:16]}…)"
+        )
+    copy.seek(0)
+    return copy
+
+
 def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None = None) -> ShardResult:
     """Featurize the spec's images into one HDF5 shard at ``spec.uri``; return what it holds.
 
@@ -205,7 +236,8 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
     features, kept, quarantine = [], [], []
     for done, record in enumerate(records, start=1):
         try:
-            features.append(featurize(root / record.relpath, spec.transform))
+            with _read_verified(root, record) as data:
+                features.append(featurize(data, spec.transform))
             kept.append(record)
         except ImageRejected as error:
             quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))

@@ -26,16 +26,20 @@ Two methods give the same features up to resampling detail:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
+import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumo.config import TransformConfig
+from pneumo.formats import FormatNotAllowed, open_image
 from pneumo.sizes import header_orientation, oriented_size
 
 # fast: decode JPEGs at the smallest DCT scale that keeps this many pixels per pool cell.
@@ -58,15 +62,17 @@ class ImageRejected(ValueError):
     """The file cannot be used as an image; the message is the reason, for the quarantine."""
 
 
-def featurize(path: str | Path, config: TransformConfig | None = None) -> np.ndarray:
+def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | None = None) -> np.ndarray:
     """The image's features: float32 array of rows * cols values in [0, 1].
 
-    Raises ImageRejected for files that are not images, are corrupt or truncated, or have
-    more than ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
+    ``source`` is a path, the file's bytes, or a binary file object (read from its start;
+    the caller closes it). Raises ImageRejected for files that are not images, are in a
+    format outside ``formats.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
+    ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
     config = config or TransformConfig()
     _check_geometry(config)
-    with open(path, "rb") as handle:
+    with _binary(source) as handle:
         if not handle.read(1):
             raise ImageRejected("empty file (0 bytes)")
         handle.seek(0)
@@ -82,6 +88,20 @@ def featurize(path: str | Path, config: TransformConfig | None = None) -> np.nda
                 raise ImageRejected(f"too large ({error})") from None
             except (OSError, SyntaxError, ValueError, EOFError) as error:
                 raise ImageRejected(_decode_failure(image, error)) from None
+
+
+@contextlib.contextmanager
+def _binary(source: str | Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
+    """A seekable binary handle on ``source``; only a file opened here is closed here."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            yield handle
+    elif source.seekable():
+        yield source
+    else:  # a pipe or socket: the decoder seeks, so read it whole
+        yield io.BytesIO(source.read())
 
 
 def max_pool(gray: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -126,7 +146,9 @@ def _open(handle, config: TransformConfig) -> Image.Image:
             # PIL's own bomb guard: its warning (above Image.MAX_IMAGE_PIXELS, ~89 MP by
             # default) counts as a refusal too, so the limit is the lower of the two.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
+            image = open_image(handle)  # JPEG, PNG or BMP only: no other parser sees the bytes
+    except FormatNotAllowed as error:
+        raise ImageRejected(str(error)) from None
     except UnidentifiedImageError:
         raise ImageRejected("not an image (cannot identify image file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -33,7 +33,7 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     uri = save_manifest(manifest, storage.join(workdir, "manifests"))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(
-        "manifest %s: %d images, %d quarantined, counts %s",
-        ref.digest[:12], ref.n_images, ref.n_quarantined, ref.counts,
+        "manifest %s: %d images, %d quarantined, %d OS metadata files skipped, counts %s",
+        ref.digest[:12], ref.n_images, ref.n_quarantined, ref.n_skipped, ref.counts,
     )
     return ref

@@ -6,17 +6,19 @@ from typing import Iterable
 
 from prefect.artifacts import create_table_artifact
 
-from pneumo.manifest import QuarantineEntry
+from pneumo.manifest import QuarantineEntry, SkippedEntry
 
 
-def quarantine_artifact(entries: Iterable[QuarantineEntry], *, key: str) -> None:
-    """A table of the images that were set aside, each with its reason."""
+def quarantine_artifact(
+    entries: Iterable[QuarantineEntry], *, key: str, skipped: Iterable[SkippedEntry] = ()
+) -> None:
+    """A table of the images that were set aside, each with its reason, then the OS metadata skipped."""
     rows = [entry.model_dump() for entry in entries]
-    create_table_artifact(
-        key=key,
-        table=rows,
-        description=f"{len(rows)} input file(s) quarantined, each with the reason",
-    )
+    junk = [{"relpath": e.relpath, "stage": "skipped", "reason": e.reason} for e in skipped]
+    description = f"{len(rows)} input file(s) quarantined, each with the reason"
+    if junk:
+        description += f"; {len(junk)} OS metadata file(s) skipped (stage 'skipped')"
+    create_table_artifact(key=key, table=rows + junk, description=description)
 
 
 def progress_logger(logger, what: str, every: int = 1000):
