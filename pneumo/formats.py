@@ -5,8 +5,9 @@ pipeline opens goes through ``open_image``, which passes an explicit allow-list 
 ``Image.open(..., formats=...)``: Pillow then tries only those plugins, so no other parser
 ever sees the bytes, and the EPS plugin, which hands files to Ghostscript, never runs.
 
-MPO (JPEG's multi-picture variant, written by some cameras and phones) is a JPEG whose
-first picture is read like any other JPEG; Pillow reports it as MPO, so it is allowed too.
+MPO (JPEG's multi-picture variant, written by some cameras and phones) is allowed too:
+it is a JPEG whose first picture is read like any other. Pillow's JPEG plugin opens it
+(and then reports the format as MPO); there is no separate MPO opener to list.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "BMP")
-ALLOWED_SHOWN = "JPEG, PNG, BMP"  # MPO is a kind of JPEG
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP")  # Pillow format names, as passed to Image.open
+ALLOWED_SHOWN = ", ".join(ALLOWED_FORMATS)
 
 # Leading bytes of formats a refused file may really be: enough to name it in the reason,
 # without handing the file to any parser. Checked in order.

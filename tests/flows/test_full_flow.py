@@ -119,17 +119,17 @@ def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
 
 def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
-    real = shards.featurize
+    real = shards._read_verified
     failed = []
 
-    def flaky(path, config=None):
-        # The first image of the first test shard fails once, as a flaky disk would.
-        if not failed and "/train/" in str(path):
-            failed.append(str(path))
+    def flaky(root, record):
+        # The first image of the first train shard fails once, as a flaky disk would.
+        if not failed and record.relpath.startswith("train/"):
+            failed.append(record.relpath)
             raise OSError("injected transient read error")
-        return real(path, config)
+        return real(root, record)
 
-    monkeypatch.setattr(shards, "featurize", flaky)
+    monkeypatch.setattr(shards, "_read_verified", flaky)
     summary, states = run(subset_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]
