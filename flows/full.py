@@ -33,7 +33,7 @@ from pneumo.registry import (  # noqa: E402
     CHAMPION,
     CHAMPION_METRICS,
     ChampionMetric,
-    get_alias,
+    describe_alias,
     list_versions,
     validate_model_name,
 )
@@ -252,7 +252,9 @@ def full(
             "data, config and code unchanged since %s %s: no new version registered (retrain=True trains anyway)",
             model_name, model.version,
         )
-    champion = get_alias(registry, model_name, CHAMPION)
+    champion = describe_alias(registry, model_name, CHAMPION)
+    if champion.startswith("broken"):
+        logger.warning("champion alias %s", champion)
     return {
         "model": f"{model_name} {model.version}",
         "champion": f"{model_name} {champion}",

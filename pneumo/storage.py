@@ -218,3 +218,81 @@ def read_json(uri: str) -> Any:
 def write_json(uri: str, obj: Any, *, if_absent: bool = False) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
     write_bytes(uri, data, if_absent=if_absent)
+
+
+# --- Compare-and-swap ---------------------------------------------------------------------
+#
+# A small object that several writers may replace (a registry alias) is read together with
+# a token, and replaced only if it still carries that token. On S3 the token is the ETag and
+# the write is a conditional PUT (If-Match, or If-None-Match: * while the object is absent).
+# Locally the token is the sha256 of the content, and the compare and the rename happen
+# under an exclusive flock on a sidecar ``.<stem>.lock`` file, so they are one step.
+
+
+class Conflict(Exception):
+    """Raised by ``compare_and_swap`` when the object changed since its token was read."""
+
+
+def _local_token(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_with_token(uri: str) -> tuple[bytes | None, str | None]:
+    """The object's bytes and its token for ``compare_and_swap``; (None, None) when absent."""
+    if not is_s3(uri):
+        try:
+            data = Path(uri).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, _local_token(data)
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return None, None
+        raise
+    return response["Body"].read(), response["ETag"]
+
+
+@contextlib.contextmanager
+def _local_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def compare_and_swap(uri: str, data: bytes, expected_token: str | None) -> None:
+    """Replace the object at ``uri`` with ``data`` only if it still has ``expected_token``.
+
+    ``expected_token`` comes from ``read_with_token``; None means "only if the object does
+    not exist yet". Raises Conflict when another writer got there first: read again,
+    decide again, and retry.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        with _local_lock(path):
+            _, current = read_with_token(uri)
+            if current != expected_token:
+                raise Conflict(f"{uri} changed since it was read")
+            _atomic_local_write(path, lambda handle: handle.write(data), if_absent=False)
+        return
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    condition = {"IfNoneMatch": "*"} if expected_token is None else {"IfMatch": expected_token}
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except ClientError as error:
+        # 412: the ETag no longer matches; 409: a concurrent conditional write won; 404: the
+        # object was deleted since it was read (If-Match on a missing key).
+        if _is_precondition_failed(error) or _is_missing(error) or error.response.get("Error", {}).get("Code") == "409":
+            raise Conflict(f"{uri} changed since it was read") from None
+        raise
