@@ -8,12 +8,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pneumo import evaluate, registry, shards, train
 from pneumo.config import TrainConfig
 from tasks.caching import cache_policy
+from tasks.retry import retry_options
 
 
 @task(
     name="train-evaluate-register",
-    retries=2,
-    retry_delay_seconds=[10, 60],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
 )
 def train_evaluate_register(
