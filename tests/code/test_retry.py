@@ -128,3 +128,30 @@ def test_every_task_uses_the_one_policy():
     # No task module sets its own numbers.
     for module in (download, sizes, shards, quarantine, train):
         assert "retry_delay_seconds=" not in inspect.getsource(module), module.__name__
+
+
+def test_a_source_one_level_too_deep_fails_on_the_first_try(prefect_server, tmp_path):
+    """The flow's own retry budget (--retries 3) no longer retries what no retry can fix."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.full import _with_run_options
+
+    source = tmp_path / "chest_xray" / "train"  # one level too deep: NORMAL/ and PNEUMONIA/ directly inside
+    for name in ("NORMAL", "PNEUMONIA"):
+        (source / name).mkdir(parents=True)
+        (source / name / "IM-0001-0001.jpeg").write_bytes(b"not read")
+    workdir = str(tmp_path / "work")
+
+    @flow
+    def stage():
+        return _with_run_options(download.download_dataset, workdir, 3)(str(source), "fingerprint", workdir)
+
+    state = stage(return_state=True)
+    assert state.is_failed()
+    assert "no dataset found" in state.message
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert run.run_count == 1
