@@ -15,6 +15,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,7 +25,6 @@ from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from pneumo import download, pool, shards, storage  # noqa: E402
@@ -40,6 +41,7 @@ from pneumo.registry import (  # noqa: E402
 from tasks.download import download_dataset  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
 from tasks.results import s3_result_storage  # noqa: E402
+from tasks.retry import is_retryable, retry_options  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
 from tasks.train import train_evaluate_register  # noqa: E402
@@ -52,13 +54,8 @@ def _absolute(uri: str) -> str:
 
 
 def _with_run_options(task: Any, workdir: str, retries: int) -> Any:
-    """The task with the run's retry budget and its results persisted under the workdir."""
-    options: dict[str, Any] = {
-        "retries": retries,
-        "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-        "retry_jitter_factor": 0.5,
-        "persist_result": True,
-    }
+    """The task with the run's retry budget (under the one policy, tasks/retry.py) and its results persisted under the workdir."""
+    options: dict[str, Any] = {**retry_options(retries), "persist_result": True}
     if storage.is_s3(workdir):
         options["result_storage"] = s3_result_storage(workdir)
     else:
@@ -207,8 +204,15 @@ def full(
     their sizes and mtimes, so a same-size rewrite with its mtime set back is seen.
     """
     logger = get_run_logger()
+    started = time.time()
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
+    # Temporaries of killed runs (half-extracted folders, .tmp/.part files) are swept here.
+    for folder in [workdir] if not storage.is_s3(workdir) else [str(Path.home() / ".cache/pneumo")]:
+        removed = download.sweep_workdir(folder, started)
+        if removed:
+            logger.info("removed %d temporary file(s)/folder(s) left by killed runs: %s",
+                        len(removed), ", ".join(str(path) for path in removed))
     validate_model_name(model_name)
     if runner == "processes":
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
@@ -272,6 +276,39 @@ def full(
     }
 
 
+# Runs beside the temporary Prefect server: once the process that started both is gone
+# (even by SIGKILL, which runs no atexit handler), it stops the server, so no orphaned
+# uvicorn keeps ~250 MB and a port. It ends by itself when the server stops first.
+_SERVER_WATCHER = """
+import os, signal, sys, time
+owner, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+while os.getppid() == owner and alive(server):
+    time.sleep(0.5)
+if alive(server):
+    os.kill(server, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not alive(server):
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
+
+
+def _stop_with_owner(server_pid: int) -> subprocess.Popen:
+    """Start the watcher that stops ``server_pid`` once this process is gone."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _SERVER_WATCHER, str(os.getpid()), str(server_pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 @contextlib.contextmanager
 def prefect_api():
     """Use the configured Prefect API, or start one temporary local server for this run.
@@ -279,7 +316,8 @@ def prefect_api():
     Prefect would start its ephemeral server lazily in each process, so every
     process-pool or Dask worker would boot a private server of its own (seconds each)
     and report its task runs there. One server, announced through PREFECT_API_URL,
-    is shared by the whole run instead.
+    is shared by the whole run instead. The server stops when this process ends, however
+    it ends (see _SERVER_WATCHER).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -288,7 +326,14 @@ def prefect_api():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
+    class OwnedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            process = super()._run_uvicorn_command()
+            # Watched from its first second: a kill during the minute of migrations counts too.
+            self.watcher = _stop_with_owner(process.pid)
+            return process
+
+    server = OwnedServer()
     # start() registers the server's stop at exit, which runs after Prefect's log and
     # event workers have drained: stopping it here would drop the run's last logs.
     server.start()
@@ -344,7 +389,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=None, help="parallel shard tasks, and processes or Dask workers (default: CPU count)")
     parser.add_argument("--dask-address", default=None, help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
-    parser.add_argument("--retries", type=int, default=3, help="retries per task, with exponential backoff")
+    parser.add_argument(
+        "--retries", type=int, default=3,
+        help="retries per task for errors a retry can fix (network, S3 throttling or 5xx, a dead worker), with "
+        "exponential backoff of at most 5 minutes per delay and 30 minutes in all; other errors fail at once",
+    )
     parser.add_argument(
         "--champion-metric", choices=CHAMPION_METRICS,
         default="roc_auc", help="val metric a new version must beat (strictly) to become champion",
@@ -359,7 +408,101 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--max-bad-fraction", type=float, default=0.01,
         help="fail the run when more than this fraction of the input files is quarantined",
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show tracebacks on the terminal too (they always go to the Prefect log)",
+    )
     return parser.parse_args(argv)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, leaving its traceback out."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _failure_record(record: logging.LogRecord) -> bool:
+    """Prefect's own reports of a failure, which the CLI sums up in one line at the end."""
+    message = str(record.msg)
+    return record.levelno >= logging.ERROR and (
+        record.exc_info is not None
+        or message.startswith("Finished in state Failed")
+        or message.startswith("Task run failed with exception")
+        or message.startswith("Encountered exception during execution")
+    )
+
+
+def _terminal_without_tracebacks() -> None:
+    """Tracebacks and repeated failure lines go to the Prefect log only, not to the terminal."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+                handler.addFilter(lambda record: not _failure_record(record))
+
+
+def _api_unreachable(url: Optional[str]) -> bool:
+    if not url:
+        return False
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=3)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+def failure_message(error: BaseException, api_url: Optional[str]) -> str:
+    """One line (or two) saying why the run failed and what to do next."""
+    if _api_unreachable(api_url):
+        return (
+            f"pneumo: the Prefect API at {api_url} went away during the run ({type(error).__name__}: {error}).\n"
+            "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
+            "the stages that finished are cached and are not repeated."
+        )
+    if is_retryable(error):
+        hint = "retries exhausted; if the cause was passing, re-run the same command: finished stages are cached"
+    else:
+        hint = "not retried: trying again cannot fix this; correct the input or setting above and re-run"
+    return f"pneumo: the run failed: {error}\n  ({hint}; --verbose shows the traceback, the Prefect log always has it)"
+
+
+@contextlib.contextmanager
+def _bounded_api_retries():
+    """Fewer Prefect client retries, so a Prefect API that died fails the run in about a minute.
+
+    Prefect retries each failed request 5 times with 2, 4, ... 32 s waits (a minute per
+    request, several requests in a row); 2 retries wait 2 + 4 s. A user's own setting wins.
+    """
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
+        yield
+        return
+    os.environ["PREFECT_CLIENT_MAX_RETRIES"] = str(CLI_CLIENT_MAX_RETRIES)  # for child processes
+    try:
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: CLI_CLIENT_MAX_RETRIES}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_CLIENT_MAX_RETRIES", None)
+
+
+CLI_CLIENT_MAX_RETRIES = 2
+API_GONE = False  # set by main() when the run failed because the Prefect API went away
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -372,10 +515,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        _terminal_without_tracebacks()
     started = time.perf_counter()
     if args.runner == "processes":
         pool.warm_up()  # alongside the Prefect server's start
-    with prefect_api():
+    with prefect_api(), _bounded_api_retries():
+        from prefect.settings import PREFECT_API_URL
+
         try:
             summary = full(
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
@@ -384,8 +531,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 champion_metric=args.champion_metric, retrain=args.retrain, verify_source=args.verify_source,
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,
             )
-        except Exception as error:  # Prefect has logged the traceback; end on one plain line
-            print(f"\npneumo: the run failed: {error}", file=sys.stderr)
+        except Exception as error:  # the Prefect log has the traceback; end on the reason and the next step
+            api_url = PREFECT_API_URL.value()
+            print(f"\n{failure_message(error, api_url)}", file=sys.stderr, flush=True)
+            global API_GONE
+            API_GONE = _api_unreachable(api_url)
             return 1
     print_summary(summary, time.perf_counter() - started)
     return 0
@@ -416,4 +566,10 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if API_GONE:
+        # Prefect's log and event workers would spend minutes at exit retrying a dead API.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

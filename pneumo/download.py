@@ -124,7 +124,8 @@ def source_fingerprint(source: str, *, verify: bool = False) -> str:
         parts = [f"zip:{parsed.location}", str(info.st_size), str(info.st_mtime_ns)]
     elif parsed.kind == "s3_zip":
         bucket, key = storage.split_s3(parsed.location)
-        head = storage.s3_client().head_object(Bucket=bucket, Key=key)
+        with storage.s3_errors(parsed.location, "HeadObject"):
+            head = storage.s3_client().head_object(Bucket=bucket, Key=key)
         parts = [f"s3_zip:{parsed.location}", head["ETag"], str(head["ContentLength"])]
     elif parsed.kind == "s3_prefix":
         parts = [f"s3_prefix:{parsed.location}"]
@@ -168,7 +169,7 @@ def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str]
         say(f"reusing {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=storage.temp_prefix(), suffix=".partial"))
     try:
         fill(tmp)
         try:
@@ -179,6 +180,23 @@ def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def sweep_workdir(workdir: str | Path, started: float) -> list[Path]:
+    """Remove temporaries that killed runs left in a local workdir (see storage.sweep_temporaries).
+
+    Published dataset folders under ``downloads/`` hold the user's files as they came and
+    are not searched: a dataset may hold dot-files of its own.
+    """
+    downloads = Path(workdir, "downloads")
+
+    def published(folder: Path) -> bool:
+        parts = folder.relative_to(downloads).parts if folder.is_relative_to(downloads) else ()
+        return (len(parts) == 2 and parts[0] in ("extracted", "s3")) or (len(parts) == 5 and parts[0] == "kaggle")
+
+    if not Path(workdir).is_dir():
+        return []
+    return storage.sweep_temporaries(workdir, started, prune=published)
 
 
 def _extract_cached(zip_path: Path, cache_dir: Path, say: Callable[[str], None]) -> Path:
@@ -194,7 +212,8 @@ def _list_s3_prefix(uri: str) -> list[tuple[str, str, int]]:
     bucket, key = storage.split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
     pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    objects = [(obj["Key"], obj["ETag"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
+    with storage.s3_errors(uri, "ListObjectsV2"):
+        objects = [(obj["Key"], obj["ETag"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
     if not objects:
         raise ValueError(f"no objects under {uri}. Accepted forms: {ACCEPTED_FORMS}.")
     return sorted(objects)

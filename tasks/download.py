@@ -10,12 +10,12 @@ from pneumo import download, storage
 from pneumo.manifest import ManifestRef, save_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
+from tasks.retry import retry_options
 
 
 @task(
     name="download",
-    retries=3,
-    retry_delay_seconds=[5, 30, 120],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.download", "pneumo.manifest"),
 )
 def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef:

@@ -8,12 +8,12 @@ from pneumo import quarantine, shards, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import quarantine_artifact
+from tasks.retry import retry_options
 
 
 @task(
     name="quarantine-report",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.quarantine"),
 )
 def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: str, max_bad_fraction: float) -> str:

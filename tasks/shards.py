@@ -11,12 +11,12 @@ from pneumo import shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
 from tasks.caching import cache_policy
+from tasks.retry import retry_options
 
 
 @task(
     name="write-shard",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     # Where the pixels are computed does not change the shard.
     cache_policy=cache_policy(
         "pneumo.shards", "pneumo.transform", "pneumo.splits", "pneumo.sizes", "pneumo.formats", ignore=("pool",)
@@ -38,8 +38,7 @@ def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> s
 
 @task(
     name="write-shard-index",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.shards"),
 )
 def write_index(

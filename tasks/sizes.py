@@ -9,15 +9,15 @@ from pneumo import sizes, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
+from tasks.retry import retry_options
 
 BASE_PERCENTILES = (25, 50, 75, 90, 99)
 
 
 @task(
     name="size-percentiles",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    cache_policy=cache_policy("pneumo.sizes", "pneumo.formats"),
+    **retry_options(),
+    cache_policy=cache_policy("pneumo.sizes"),
 )
 def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> sizes.SizesRef:
     """Write width/height percentiles (overall and per class) and resolve the target size."""

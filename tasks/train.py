@@ -8,16 +8,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pneumo import evaluate, registry, release, shards
 from pneumo.config import TrainConfig
 from tasks.caching import cache_policy
+from tasks.retry import retry_options
 
 
 @task(
     name="train-evaluate-register",
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    cache_policy=cache_policy(
-        "pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards", "pneumo.release",
-        "pneumo.storage",
-    ),
+    **retry_options(),
+    cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
 )
 def train_evaluate_register(
     index: shards.IndexRef,
