@@ -75,6 +75,8 @@ def featurize(path: str | Path, config: TransformConfig | None = None) -> np.nda
             try:
                 if config.method == "exact":
                     return _featurize_exact(image, config)
+                if config.method == "resample":
+                    return pool_features(render(decode_reduced(image, config), config), config)
                 return _featurize_fast(image, config, handle)
             except ImageRejected:
                 raise
@@ -370,3 +372,109 @@ def _border_values(a: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.nda
     lo = a[below].astype(np.float32)
     values = lo + weight * (a[below + 1] - lo)
     return np.maximum(values[: len(first)], values[len(first) :])
+
+
+# --- The "resample" method: decode small, resample the crop to a canvas, pool it ------------
+#
+# One decode per image serves the original, its augmented renditions (pneumo.augment) and
+# the acquisition shifts (pneumo.shift): each is a resampling of the decoded picture onto a
+# canvas of cell_pixels x cell_pixels per cell, which costs a fraction of the decode.
+
+
+def decode_gray(source: str | Path | bytes, config: TransformConfig) -> np.ndarray:
+    """The picture at the resample method's reduced scale (``decode_reduced``), refusing bad files.
+
+    Raises ImageRejected as ``featurize`` does.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        handle = io.BytesIO(source)
+    else:
+        handle = open(source, "rb")
+    with handle:
+        if not handle.read(1):
+            raise ImageRejected("empty file (0 bytes)")
+        handle.seek(0)
+        with _open(handle, config) as image:
+            try:
+                return decode_reduced(image, config)
+            except ImageRejected:
+                raise
+            except Image.DecompressionBombError as error:
+                raise ImageRejected(f"too large ({error})") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as error:
+                raise ImageRejected(_decode_failure(image, error)) from None
+
+
+def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
+    """float32 gray in [0, 1], upright, decoded at the smallest JPEG scale (libjpeg's 1/2 to 1/8,
+    via Image.draft) that still leaves the crop ``cell_pixels`` samples per cell side."""
+    if image.format in _JPEG_FORMATS:
+        rows, cols = config.grid
+        kept = 1.0 - 2.0 * config.crop_fraction
+        need_w = math.ceil(cols * config.cell_pixels / kept)
+        need_h = math.ceil(rows * config.cell_pixels / kept)
+        if oriented_size(image) != image.size:  # a 90-degree EXIF rotation swaps the stored axes
+            need_w, need_h = need_h, need_w
+        image.draft("L", (need_w, need_h))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return _gray(image)
+
+
+def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
+
+    ``warp`` = (zoom, shift_x, shift_y, rotation_degrees) moves the picture before the
+    crop: zoom about the centre (> 1 magnifies), shift in fractions of width and height,
+    rotation about the centre. Pixels from outside the picture repeat its edge, as a film
+    that extends past the detector would look, rather than adding black corners.
+    """
+    rows, cols = config.grid
+    out_w, out_h = cols * config.cell_pixels, rows * config.cell_pixels
+    height, width = gray.shape
+    c = config.crop_fraction
+    picture = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))  # mode F
+    if warp is None or tuple(warp) == (1.0, 0.0, 0.0, 0.0):
+        box = (c * width, c * height, (1 - c) * width, (1 - c) * height)
+        return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+
+    # Shrink a large decode by whole pixels first (a box filter): the affine map below
+    # samples without anti-aliasing, so it should run at about the canvas's own scale.
+    factor = int(min((1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h))
+    if factor >= 2:
+        picture = picture.reduce(factor)
+        width, height = picture.size
+    zoom, shift_x, shift_y, degrees = warp
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    centre_x, centre_y = width / 2, height / 2
+    # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the zoom and the rotation.
+    step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
+    x0 = c * width - centre_x - shift_x * width
+    y0 = c * height - centre_y - shift_y * height
+    a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
+    cx = centre_x + (cos * x0 + sin * y0) / zoom
+    cy = centre_y + (-sin * x0 + cos * y0) / zoom
+    corners_u, corners_v = np.array([0, out_w, 0, out_w]), np.array([0, 0, out_h, out_h])
+    xs, ys = a * corners_u + b * corners_v + cx, d * corners_u + e * corners_v + cy
+    margin = max(0, math.ceil(max(-xs.min(), xs.max() - width, -ys.min(), ys.max() - height))) + 2
+    if margin > 2:
+        picture = Image.fromarray(np.pad(np.asarray(picture), margin, mode="edge"))
+    else:
+        margin = 0
+    data = (a, b, cx + margin, d, e, cy + margin)
+    return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
+
+
+def pool_features(canvas: np.ndarray, config: TransformConfig) -> np.ndarray:
+    """The canvas pooled per cell, one part per ``config.pooling`` mode, each z-scored if asked."""
+    rows, cols = config.grid
+    k = config.cell_pixels
+    cells = canvas.reshape(rows, k, cols, k)
+    parts = []
+    for mode in config.pooling:
+        part = (cells.max(axis=3).max(axis=1) if mode == "max" else cells.mean(axis=(1, 3))).ravel()
+        if config.normalize == "zscore":
+            # A blank film has no spread: centre it and leave it at 0 rather than divide by 0.
+            part = (part - part.mean()) / max(float(part.std()), 1e-6)
+        parts.append(part)
+    return np.concatenate(parts).astype(np.float32)

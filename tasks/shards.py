@@ -18,7 +18,9 @@ from tasks.caching import cache_policy
     retries=3,
     retry_delay_seconds=[2, 10, 30],
     # Where the pixels are computed does not change the shard.
-    cache_policy=cache_policy("pneumo.shards", "pneumo.transform", "pneumo.splits", ignore=("pool",)),
+    cache_policy=cache_policy(
+        "pneumo.shards", "pneumo.transform", "pneumo.augment", "pneumo.shift", "pneumo.splits", ignore=("pool",)
+    ),
 )
 def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:
     """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""

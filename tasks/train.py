@@ -23,6 +23,7 @@ def train_evaluate_register(
     registry_uri: str,
     model_name: str,
     champion_metric: str = "roc_auc",
+    recipe: str = "seed",
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     logger = get_run_logger()
@@ -53,7 +54,7 @@ def train_evaluate_register(
         metrics=fitted.metrics,
         training={"best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
                   "stopped_early": outcome.stopped_early, "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2)},
-        config={"train": config.model_dump(mode="json"), **shards.index_config(index.uri)},
+        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shards.index_config(index.uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,
