@@ -425,56 +425,96 @@ def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, 
     """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
 
     ``warp`` = (zoom, shift_x, shift_y, rotation_degrees) moves the picture before the
-    crop: zoom about the centre (> 1 magnifies), shift in fractions of width and height,
-    rotation about the centre. Pixels from outside the picture repeat its edge, as a film
-    that extends past the detector would look, rather than adding black corners.
+    crop; see Resampler, which renders one picture many ways for the cost of one set-up.
     """
-    rows, cols = config.grid
-    out_w, out_h = cols * config.cell_pixels, rows * config.cell_pixels
-    height, width = gray.shape
-    c = config.crop_fraction
-    picture = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))  # mode F
-    if warp is None or tuple(warp) == (1.0, 0.0, 0.0, 0.0):
-        box = (c * width, c * height, (1 - c) * width, (1 - c) * height)
-        return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+    return Resampler(gray, config).canvas(warp)
 
-    # Shrink a large decode by whole pixels first (a box filter): the affine map below
-    # samples without anti-aliasing, so it should run at about the canvas's own scale.
-    factor = int(min((1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h))
-    if factor >= 2:
-        picture = picture.reduce(factor)
-        width, height = picture.size
-    zoom, shift_x, shift_y, degrees = warp
-    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    centre_x, centre_y = width / 2, height / 2
-    # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the zoom and the rotation.
-    step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
-    x0 = c * width - centre_x - shift_x * width
-    y0 = c * height - centre_y - shift_y * height
-    a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
-    cx = centre_x + (cos * x0 + sin * y0) / zoom
-    cy = centre_y + (-sin * x0 + cos * y0) / zoom
-    corners_u, corners_v = np.array([0, out_w, 0, out_w]), np.array([0, 0, out_h, out_h])
-    xs, ys = a * corners_u + b * corners_v + cx, d * corners_u + e * corners_v + cy
-    margin = max(0, math.ceil(max(-xs.min(), xs.max() - width, -ys.min(), ys.max() - height))) + 2
-    if margin > 2:
-        picture = Image.fromarray(np.pad(np.asarray(picture), margin, mode="edge"))
-    else:
-        margin = 0
-    data = (a, b, cx + margin, d, e, cy + margin)
-    return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
+
+class Resampler:
+    """One decoded picture, ready to be resampled onto the recipe's canvas, plainly or warped.
+
+    A warp zooms about the centre (> 1 magnifies), shifts by fractions of width and height
+    and rotates about the centre, all before the crop. Pixels from outside the picture
+    repeat its edge, as a film that extends past the detector would look, rather than
+    adding black corners. The set-up (a box-filter shrink and the edge padding) is done
+    once per picture, so each further rendering costs one small affine resampling.
+    """
+
+    # Edge padding prepared up front, as a fraction of the larger side: enough for zooms
+    # down to 0.8, shifts of 10 % and rotations of 10 degrees; larger warps pad again.
+    MARGIN = 0.25
+
+    def __init__(self, gray: np.ndarray, config: TransformConfig):
+        self.gray = np.ascontiguousarray(gray, dtype=np.float32)
+        self.rows, self.cols = config.grid
+        self.out = (self.cols * config.cell_pixels, self.rows * config.cell_pixels)  # (width, height)
+        self.crop = config.crop_fraction
+        self._padded: tuple[Image.Image, int, int, int] | None = None  # picture, margin, width, height
+
+    def canvas(self, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        c, (out_w, out_h) = self.crop, self.out
+        if warp is None or tuple(warp) == (1.0, 0.0, 0.0, 0.0):
+            height, width = self.gray.shape
+            box = (c * width, c * height, (1 - c) * width, (1 - c) * height)
+            picture = Image.fromarray(self.gray)  # mode F
+            return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+
+        zoom, shift_x, shift_y, degrees = warp
+        picture, margin, width, height = self._prepared()
+        cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+        centre_x, centre_y = width / 2, height / 2
+        # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the zoom and the rotation.
+        step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
+        x0 = c * width - centre_x - shift_x * width
+        y0 = c * height - centre_y - shift_y * height
+        a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
+        cx = centre_x + (cos * x0 + sin * y0) / zoom
+        cy = centre_y + (-sin * x0 + cos * y0) / zoom
+        xs = (cx, cx + a * out_w, cx + b * out_h, cx + a * out_w + b * out_h)
+        ys = (cy, cy + d * out_w, cy + e * out_h, cy + d * out_w + e * out_h)
+        need = math.ceil(max(-min(xs), max(xs) - width, -min(ys), max(ys) - height, 0)) + 2
+        if need > margin:  # a warp beyond the prepared padding: pad this once more
+            picture = Image.fromarray(np.pad(self._reduced(), need, mode="edge"))
+            margin = need
+        data = (a, b, cx + margin, d, e, cy + margin)
+        return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
+
+    def _reduced(self) -> np.ndarray:
+        # Shrink a large decode by whole pixels first (a box filter): the affine map samples
+        # without anti-aliasing, so it should run at about the canvas's own scale.
+        height, width = self.gray.shape
+        factor = int(min((1 - 2 * self.crop) * width / self.out[0], (1 - 2 * self.crop) * height / self.out[1]))
+        if factor < 2:
+            return self.gray
+        return np.asarray(Image.fromarray(self.gray).reduce(factor))
+
+    def _prepared(self) -> tuple[Image.Image, int, int, int]:
+        if self._padded is None:
+            reduced = self._reduced()
+            height, width = reduced.shape
+            margin = math.ceil(self.MARGIN * max(height, width)) + 2
+            self._padded = (Image.fromarray(np.pad(reduced, margin, mode="edge")), margin, width, height)
+        return self._padded
 
 
 def pool_features(canvas: np.ndarray, config: TransformConfig) -> np.ndarray:
-    """The canvas pooled per cell, one part per ``config.pooling`` mode, each z-scored if asked."""
+    """The canvas pooled per cell, one part per ``config.pooling`` mode, each z-scored if asked.
+
+    ``canvas`` may carry leading axes (a batch of canvases): one vectorized pass for all of
+    them, since numpy's per-call overhead outweighs the arithmetic on arrays this small.
+    """
     rows, cols = config.grid
     k = config.cell_pixels
-    cells = canvas.reshape(rows, k, cols, k)
-    parts = []
-    for mode in config.pooling:
-        part = (cells.max(axis=3).max(axis=1) if mode == "max" else cells.mean(axis=(1, 3))).ravel()
-        if config.normalize == "zscore":
-            # A blank film has no spread: centre it and leave it at 0 rather than divide by 0.
-            part = (part - part.mean()) / max(float(part.std()), 1e-6)
-        parts.append(part)
-    return np.concatenate(parts).astype(np.float32)
+    lead = canvas.shape[:-2]
+    cells = canvas.reshape(*lead, rows, k, cols, k)
+    axes = (len(lead) + 1, len(lead) + 3)
+    parts = np.stack(
+        [(cells.max(axis=axes) if mode == "max" else cells.mean(axis=axes)).reshape(*lead, rows * cols) for mode in config.pooling],
+        axis=-2,
+    )  # (..., parts, cells)
+    if config.normalize == "zscore":
+        # A blank film has no spread: centre it and leave it at 0 rather than divide by 0.
+        mean = parts.mean(axis=-1, keepdims=True)
+        spread = np.maximum(parts.std(axis=-1, keepdims=True), 1e-6)
+        parts = (parts - mean) / spread
+    return parts.reshape(*lead, -1).astype(np.float32, copy=False)
