@@ -391,7 +391,7 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     labels=f["labels"][:],
                     relpaths=[s.decode() for s in f["relpaths"][:]],
                     patient_ids=[s.decode() for s in f["patient_ids"][:]],
-                    renditions=f["renditions"][:],
+                    renditions=f["renditions"][:] if "renditions" in f else None,  # schema 1: no renditions
                     shift=shifted,
                 )
         except (OSError, KeyError) as error:
@@ -407,7 +407,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     folder = _parent(index_uri)
     entries = [s for s in index["shards"] if s["split"] == split]
     n_features = TransformConfig(**index["transform"]).n_features
-    total = sum(s["rows"] for s in entries)
+    total = sum(s.get("rows", s["count"]) for s in entries)  # schema 1 indexes: one row per image
     features = np.empty((total, n_features), np.float32)
     labels = np.empty(total, np.uint8)
     renditions = np.empty(total, np.uint8)
@@ -419,10 +419,11 @@ def load_split(index_uri: str, split: str) -> ShardData:
             raise CorruptShard(f"index {index_uri} lists an unexpected shard name {entry['name']!r}")
         shard = read_shard(storage.join(folder, entry["name"]), expected_sha256=entry["sha256"])
         n = len(shard.labels)
-        if n != entry["rows"] or int((shard.renditions == 0).sum()) != entry["count"]:
+        rows = entry.get("rows", entry["count"])
+        if n != rows or int((shard.renditions == 0).sum()) != entry["count"]:
             raise CorruptShard(
                 f"shard {entry['name']} holds {n} rows of {int((shard.renditions == 0).sum())} images, "
-                f"its index says {entry['rows']} of {entry['count']}"
+                f"its index says {rows} of {entry['count']}"
             )
         features[at : at + n] = shard.features
         labels[at : at + n] = shard.labels

@@ -74,3 +74,18 @@ def test_explicit_options_override_the_recipe_and_nothing_else():
     assert transform == TransformConfig(method="exact") and train == TrainConfig(seed=4)
     transform, _ = with_recipe("robust", TransformConfig(renditions=0, method="resample"), None)
     assert transform.renditions == 0 and transform.pooling == ("max", "mean")
+
+
+def test_weight_decay_shrinks_the_weights_and_zero_keeps_plain_adam():
+    from pneumo.train import train
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 140)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(np.float32)
+    base = TrainConfig(epochs=30, patience=30, lr=1e-2, loss="bce", balance="none", batch_size=50)
+    plain = train(X, y, X[:50], y[:50], base)
+    again = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 0.0}))
+    decayed = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 1.0}))
+    assert all((plain.state_dict[k] == again.state_dict[k]).all() for k in plain.state_dict)
+    norm = lambda r: float(r.state_dict["hidden1.weight"].norm())  # noqa: E731
+    assert norm(decayed) < 0.9 * norm(plain)
