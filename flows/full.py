@@ -30,6 +30,7 @@ from pydantic import Field  # noqa: E402
 from pneumo import download, pool, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.manifest import load_manifest  # noqa: E402
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
     CHAMPION_METRICS,
@@ -182,9 +183,10 @@ def full(
     model_name: str = "tinynet",
     percentile: Annotated[float, Field(gt=0, lt=100)] = 75.0,
     shard_size: Annotated[int, Field(ge=1)] = 1000,
-    transform: TransformConfig = TransformConfig(),
+    recipe: RecipeName = DEFAULT_RECIPE,
+    transform: Optional[TransformConfig] = None,
     split: SplitConfig = SplitConfig(),
-    train: TrainConfig = TrainConfig(),
+    train: Optional[TrainConfig] = None,
     champion_metric: ChampionMetric = "roc_auc",
     retrain: bool = False,
     retries: Annotated[int, Field(ge=0, le=20)] = 3,
@@ -202,9 +204,12 @@ def full(
     deployment) trains and registers a new version anyway, while the data stages stay cached.
     ``verify_source=True`` keys the download on the sha256 of every source file instead of
     their sizes and mtimes, so a same-size rewrite with its mtime set back is seen.
+    ``recipe`` names the transform and training preset (pneumo.recipes); the fields given
+    in ``transform`` and ``train`` override the recipe's, the others keep its values.
     """
     logger = get_run_logger()
     started = time.time()
+    transform, train = with_recipe(recipe, transform, train)
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
     # Temporaries of killed runs (half-extracted folders, .tmp/.part files) are swept here.
@@ -249,7 +254,7 @@ def full(
     known_versions = list_versions(registry, model_name)
     model = _checked(
         train_task, lambda ref: [ref.card_uri, ref.model_uri], "train",
-        index, manifest.digest, train, registry, model_name, champion_metric,
+        index, manifest.digest, train, registry, model_name, champion_metric, recipe,
     )
     if model.version in known_versions:
         logger.info(
@@ -307,6 +312,24 @@ def _stop_with_owner(server_pid: int) -> subprocess.Popen:
         [sys.executable, "-c", _SERVER_WATCHER, str(os.getpid()), str(server_pid)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def with_recipe(
+    recipe: str, transform: Optional[TransformConfig] = None, train: Optional[TrainConfig] = None
+) -> tuple[TransformConfig, TrainConfig]:
+    """The recipe's configs with the fields set explicitly in ``transform`` and ``train`` replaced.
+
+    Only explicitly given fields count (pydantic's ``model_fields_set``), so
+    ``--param train='{"epochs": 50}'`` changes the epochs of the recipe, not the rest of it.
+    """
+    base = RECIPES[recipe]
+
+    def merged(config, default):
+        if config is None:
+            return default
+        return type(default)(**{**default.model_dump(), **config.model_dump(include=config.model_fields_set)})
+
+    return merged(transform, base.transform), merged(train, base.train)
 
 
 @contextlib.contextmanager
@@ -373,13 +396,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="./pneumo-data", help="root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
     parser.add_argument("--registry", default=None, help="model registry root (default: WORKDIR/registry)")
     parser.add_argument("--model-name", default="tinynet", help="name the model is registered under")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum training epochs (early stopping may end sooner)")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+        help="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape features, "
+        "augmented renditions and class-weighted BCE; the options below override its values",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="maximum training epochs (early stopping may end sooner; default: the recipe's)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, initialisation and shuffling")
     parser.add_argument("--percentile", type=float, default=75.0, help="image-size percentile that sets the resize target")
-    parser.add_argument("--transform", choices=["fast", "exact"], default="fast", help="'exact' decodes every image at full resolution")
-    parser.add_argument("--loss", choices=["hinge", "bce"], default=defaults.loss, help="training loss")
-    parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=defaults.balance, help="class-imbalance handling")
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
+    parser.add_argument(
+        "--transform", choices=["fast", "exact", "resample"], default=None,
+        help="transform method (default: the recipe's); 'exact' decodes every image at full resolution",
+    )
+    parser.add_argument("--renditions", type=int, default=None, help="augmented renditions per train image (default: the recipe's)")
+    parser.add_argument("--loss", choices=["hinge", "bce"], default=None, help="training loss (default: the recipe's)")
+    parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=None, help="class-imbalance handling (default: the recipe's)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default: the recipe's)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per HDF5 shard")
     parser.add_argument(
         "--runner", choices=["threads", "processes", "dask"], default="processes",
@@ -508,10 +540,12 @@ API_GONE = False  # set by main() when the run failed because the Prefect API we
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        train = TrainConfig(
-            epochs=args.epochs, seed=args.seed, loss=args.loss, balance=args.balance, patience=args.patience
-        )
-        transform = TransformConfig(method=args.transform)
+        # Only the options given on the command line override the recipe.
+        chosen = {"epochs": args.epochs, "seed": args.seed, "loss": args.loss, "balance": args.balance, "patience": args.patience}
+        train = TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
+        chosen = {"method": args.transform, "renditions": args.renditions}
+        transform = TransformConfig(**{k: v for k, v in chosen.items() if v is not None})
+        transform, train = with_recipe(args.recipe, transform, train)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -526,7 +560,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             summary = full(
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
-                percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
+                percentile=args.percentile, shard_size=args.shard_size, recipe=args.recipe, transform=transform, train=train,
                 retries=args.retries, max_bad_fraction=args.max_bad_fraction,
                 champion_metric=args.champion_metric, retrain=args.retrain, verify_source=args.verify_source,
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,

@@ -44,6 +44,7 @@ def train_and_register(
     *,
     progress: Optional[Callable[[dict], None]] = None,
     logger: Any = None,
+    recipe: str = "seed",
     card_extra: Optional[dict[str, Any]] = None,
 ) -> ReleaseResult:
     """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
@@ -51,6 +52,7 @@ def train_and_register(
     ``champion_metric`` (compare-and-swap, see ``registry.promote``).
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
+    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
     ``card_extra`` keys are added to the card as they are.
     """
     logger = logger or log
@@ -89,11 +91,12 @@ def train_and_register(
         state_dict=fitted.state_dict,
         metrics=fitted.metrics,
         training=training,
-        config={"train": config.model_dump(mode="json"), **shards.index_config(index_uri)},
+        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shards.index_config(index_uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,
         champion_comparison=comparison,
+        recipe=recipe,
         **(card_extra or {}),
     )
     version = registry.register(registry_uri, model_name, fitted.state_dict, card)

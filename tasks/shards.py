@@ -19,7 +19,8 @@ from tasks.retry import retry_options
     **retry_options(),
     # Where the pixels are computed does not change the shard.
     cache_policy=cache_policy(
-        "pneumo.shards", "pneumo.transform", "pneumo.splits", "pneumo.sizes", "pneumo.formats", ignore=("pool",)
+        "pneumo.shards", "pneumo.transform", "pneumo.augment", "pneumo.shift", "pneumo.splits", "pneumo.sizes",
+        "pneumo.formats", ignore=("pool",)
     ),
 )
 def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:

@@ -23,6 +23,7 @@ def train_evaluate_register(
     registry_uri: str,
     model_name: str,
     champion_metric: str = "roc_auc",
+    recipe: str = "seed",
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     logger = get_run_logger()
@@ -35,7 +36,8 @@ def train_evaluate_register(
             )
 
     result = release.train_and_register(
-        index.uri, manifest_digest, config, registry_uri, model_name, champion_metric, progress=progress, logger=logger
+        index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
+        progress=progress, logger=logger, recipe=recipe,
     )
     ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
