@@ -222,8 +222,11 @@ def build_card(
     shards_digest: str,
     counts: dict[str, dict[str, int]],
     champion_comparison: Optional[dict[str, Any]] = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """The card of a new version; ``register`` adds ``model_name`` and ``version``.
+
+    ``extra`` adds top-level keys (threshold, labels, plots, ...: ``Evaluation.card_fields``).
 
     ``champion_comparison`` is the output of ``compare``: how the new model fared against
     the champion when it was registered.
@@ -239,6 +242,7 @@ def build_card(
         "code_version": code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "champion_comparison": champion_comparison,
+        **extra,
     }
 
 

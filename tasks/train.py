@@ -5,16 +5,17 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, shards, train
+from pneumo import evaluate, plots, registry, shards, storage, train
 from pneumo.config import TrainConfig
 from tasks.caching import cache_policy
+from tasks.reporting import model_report_artifacts
 
 
 @task(
     name="train-evaluate-register",
     retries=2,
     retry_delay_seconds=[10, 60],
-    cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
+    cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards", "pneumo.plots"),
 )
 def train_evaluate_register(
     index: shards.IndexRef,
@@ -42,6 +43,12 @@ def train_evaluate_register(
         outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
         " (stopped early)" if outcome.stopped_early else "",
     )
+    # Issue 9: CIs by patient, shift suite, per-epoch history and pictures of val and test.
+    evaluation = evaluate.evaluate_model(
+        fitted.state_dict, {split: shards.load_split(index.uri, split) for split in ("val", "test")},
+        config.threshold, outcome.history, best_epoch=outcome.best_epoch,
+    )
+    pngs = plots.render_evaluation(evaluation)
     # Compare before registering: the immutable card records the decision.
     champion = registry.get_alias(registry_uri, model_name, registry.CHAMPION)
     champion_val, basis = None, None
@@ -50,16 +57,19 @@ def train_evaluate_register(
     comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_val, basis)
     card = registry.build_card(
         state_dict=fitted.state_dict,
-        metrics=fitted.metrics,
+        metrics=evaluation.metrics,
         training={"best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
-                  "stopped_early": outcome.stopped_early, "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2)},
+                  "stopped_early": outcome.stopped_early, "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2),
+                  "history": evaluation.history},
         config={"train": config.model_dump(mode="json"), **shards.index_config(index.uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,
         champion_comparison=comparison,
+        **evaluation.card_fields(plots=sorted(pngs)),
     )
     version = registry.register(registry_uri, model_name, fitted.state_dict, card)
+    plots.write_all(storage.join(registry_uri, model_name, version), pngs)
     registry.set_alias(registry_uri, model_name, "latest", version)
     is_champion = registry.promote_if_better(registry_uri, model_name, version, comparison)
     ref = registry.model_ref(registry_uri, model_name, version)
@@ -78,10 +88,7 @@ def train_evaluate_register(
             split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
         )
     create_table_artifact(key="model-metrics", table=evaluate.rows(fitted.metrics), description=f"{model_name} {ref.version}")
-    create_markdown_artifact(
-        key="model-card",
-        markdown=f"# {model_name} {ref.version}\n\n{evaluate.markdown_table(fitted.metrics)}\n\nCard: `{ref.card_uri}`\n",
-    )
+    model_report_artifacts(model_name, ref.version, evaluation, pngs, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(
