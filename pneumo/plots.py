@@ -38,6 +38,11 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _legend(ax, loc: str) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing to name when no split had both classes
+        ax.legend(loc=loc)
+
+
 def _two_classes(y: np.ndarray) -> bool:
     return len(np.unique(y)) == 2
 
@@ -56,7 +61,7 @@ def roc_curves(predictions: Predictions, threshold: float) -> bytes:
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (recall)",
            title=f"ROC; dots: operating point at threshold {threshold:g}", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    _legend(ax, "lower right")
     return _png(fig)
 
 
@@ -75,7 +80,7 @@ def pr_curves(predictions: Predictions, threshold: float) -> bytes:
                 "o", color=color, markeredgecolor="black")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision",
            title=f"Precision-recall; dots: threshold {threshold:g}", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower left")
+    _legend(ax, "lower left")
     return _png(fig)
 
 
@@ -92,7 +97,7 @@ def confusion_matrices(predictions: Predictions, threshold: float) -> bytes:
                         color="white" if rates[i, j] > 0.5 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
                xlabel="prediction", ylabel="truth", title=f"{split} (n={len(y)}, threshold {threshold:g})")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9, wspace=0.45)
     return _png(fig)
 
 
@@ -102,11 +107,12 @@ def score_histograms(predictions: Predictions, threshold: float) -> bytes:
     bins = np.linspace(0, 1, 41)
     for ax, (split, (y, p)) in zip(axes[0], predictions.items()):
         for label, color in ((0, "tab:green"), (1, "tab:red")):
-            ax.hist(p[y == label], bins=bins, alpha=0.6, color=color, label=f"{CLASS_NAMES[label]} ({(y == label).sum()})")
+            # One filled polygon per histogram: 40 bar patches each are several times slower to draw.
+            ax.hist(p[y == label], bins=bins, histtype="stepfilled", alpha=0.5, color=color, label=f"{CLASS_NAMES[label]} ({(y == label).sum()})")
         ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
         ax.set(xlabel="predicted PNEUMONIA probability", ylabel="images", title=f"{split}: scores by true class")
         ax.legend(loc="upper center")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     return _png(fig)
 
 
@@ -139,8 +145,8 @@ def learning_curves(history: list[dict[str, Any]], best_epoch: Optional[int] = N
     for ax in (loss_ax, auc_ax):
         if best_epoch:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"kept epoch {best_epoch}")
-        ax.legend(loc="best")
-    fig.tight_layout()
+        ax.legend(loc="upper right")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     return _png(fig)
 
 
@@ -164,8 +170,8 @@ def shift_suite(shift: dict[str, dict[str, Any]]) -> bytes:
                 ax.axhline(clean, color=color, ls="--", lw=1, label=f"clean {metric} {clean:.3f}")
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set(ylim=(0, 1.05), ylabel="score", title=f"{split}: shift suite")
-        ax.legend(loc="lower left", ncol=4, fontsize="small")
-    fig.tight_layout()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside, not over, the bars
+    fig.subplots_adjust(left=0.06, right=0.8, bottom=0.2 / len(splits), top=1 - 0.06 / len(splits), hspace=0.6)
     return _png(fig)
 
 

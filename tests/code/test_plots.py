@@ -44,9 +44,10 @@ def pngs():
                for e in range(1, 61)]
     preds = {"val": predictions(520, 0), "test": predictions(780, 1)}
     shift = {"val": shift_results(0), "test": shift_results(1)}
-    started = time.perf_counter()
+    # CPU time, not wall time: the test machine's cores are shared.
+    started = time.process_time()
     out = plots.render_all(preds, 0.5, history, best_epoch=40, shift=shift)
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     return out, seconds, (preds, history, shift)
 
 
