@@ -112,8 +112,8 @@ CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den, 0 where den is 0 (sklearn's zero_division=0)."""
-    return np.divide(num, den, out=np.zeros_like(num, dtype=float), where=den > 0)
+    """num / den, NaN where den is 0: a resample without positives has no recall, not a recall of 0."""
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
 def _resampled_metrics(y_true, y_prob, patient, weights, threshold) -> dict[str, np.ndarray]:
@@ -121,7 +121,8 @@ def _resampled_metrics(y_true, y_prob, patient, weights, threshold) -> dict[str,
 
     The confusion counts are one matrix product; the AUC is a weighted Mann-Whitney statistic
     over the rows sorted once: for each positive, the negative weight scored below it (ties
-    count half), over (positive weight) x (negative weight). NaN where a resample has one class.
+    count half), over (positive weight) x (negative weight). NaN where a metric is undefined in a
+    resample (AUC with one class, recall without positives, precision without positive predictions).
     """
     n_boot, n_patients = weights.shape
     y_pred = (y_prob >= threshold).astype(int)
@@ -164,9 +165,9 @@ def bootstrap_ci(
 
     A patient's images are correlated, so they are drawn together: resampling rows would
     pretend each image is independent evidence and give too narrow intervals. Without
-    ``patient_ids`` every row is its own patient. Resamples holding a single class are
-    skipped for ROC AUC (it is undefined there); an interval is None when no resample
-    could compute it.
+    ``patient_ids`` every row is its own patient. Resamples where a metric is undefined are
+    skipped for it (ROC AUC with a single class, recall without positives, ...), rather than
+    counted as 0; an interval is None when no resample could compute it.
 
     Vectorized: a resample is a vector of patient multiplicities (see ``_resampled_metrics``),
     so 1000 resamples of 700 rows take a few tens of milliseconds.

@@ -165,6 +165,15 @@ def test_bootstrap_is_fast():
     assert time.perf_counter() - started < 1.0
 
 
+def test_resamples_where_a_metric_is_undefined_are_skipped_not_counted_as_zero():
+    # 3 patients: one NORMAL with 10 images, two PNEUMONIA, all predicted correctly. About 30%
+    # of resamples hold no PNEUMONIA patient: recall is undefined there, not 0.
+    y = [0] * 10 + [1, 1]
+    p = [0.1] * 10 + [0.9, 0.8]
+    ci = bootstrap_ci(y, p, ["a"] * 10 + ["b", "c"])
+    assert ci["recall"] == [1.0, 1.0] and ci["precision"] == [1.0, 1.0] and ci["specificity"] == [1.0, 1.0]
+
+
 def test_single_class_split_has_no_auc_interval():
     ci = bootstrap_ci([1, 1, 1, 1], [0.2, 0.6, 0.9, 0.7], ["a", "a", "b", "c"])
     assert ci["roc_auc"] is None
