@@ -50,6 +50,9 @@ def _shift_table(shift: dict) -> str:
         for name, m in rows.items():
             cells = ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("roc_auc", "specificity", "sensitivity", "accuracy")]
             lines.append("| " + " | ".join([split, name, *cells]) + " |")
+        worst = result.get("worst") or {}
+        cells = ["n/a" if not worst.get(k) else f"{worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity", "sensitivity", "accuracy")]
+        lines.append("| " + " | ".join([split, "**worst**", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,5 +80,5 @@ def model_report_artifacts(model_name: str, version: str, evaluation: "evaluate.
         encoded = base64.b64encode(pngs[name]).decode("ascii")
         pictures.append(f"## {PICTURES.get(name, name)}\n\n![{name}](data:image/png;base64,{encoded})\n")
     create_markdown_artifact(
-        key="model-pictures", markdown="\n".join(pictures), description=f"{model_name} {version}: {', '.join(sorted(pngs))}"
+        key="model-pictures", markdown="\n".join(pictures), description=f"{model_name} {version}: {len(pngs)} pictures"
     )
