@@ -151,27 +151,31 @@ def learning_curves(history: list[dict[str, Any]], best_epoch: Optional[int] = N
 
 
 def shift_suite(shift: dict[str, dict[str, Any]]) -> bytes:
-    """AUC and specificity per acquisition shift, per split; the clean score as a dashed reference.
+    """AUC and specificity per acquisition shift, one panel per split; the clean scores as dashed lines.
 
     ``shift`` is ``{split: pneumo.shift.shift_metrics(...)}``: each has ``per_shift``
-    ({name: {"roc_auc", "specificity", ...}}) and ``clean``.
+    ({name: {"roc_auc", "specificity", ...}}) and ``clean``. Horizontal bars, so twenty
+    shift names stay readable.
     """
-    splits = list(shift)
-    fig, axes = plt.subplots(len(splits), 1, figsize=(11, 3.6 * len(splits)), squeeze=False)
-    for ax, split in zip(axes[:, 0], splits):
-        per_shift = shift[split]["per_shift"]
-        names = list(per_shift)
-        x = np.arange(len(names))
-        for offset, (metric, color) in zip((-0.2, 0.2), (("roc_auc", "tab:blue"), ("specificity", "tab:red"))):
-            values = [np.nan if per_shift[n].get(metric) is None else per_shift[n][metric] for n in names]
-            ax.bar(x + offset, values, width=0.4, color=color, label=metric)
-            clean = (shift[split].get("clean") or {}).get(metric)
-            if clean is not None:
-                ax.axhline(clean, color=color, ls="--", lw=1, label=f"clean {metric} {clean:.3f}")
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.set(ylim=(0, 1.05), ylabel="score", title=f"{split}: shift suite")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside, not over, the bars
-    fig.subplots_adjust(left=0.06, right=0.8, bottom=0.2 / len(splits), top=1 - 0.06 / len(splits), hspace=0.6)
+    splits = sorted(shift, key=lambda s: (s != "val", s))  # val first, also when read from a sorted card
+    names = list(shift[splits[0]]["per_shift"])
+    bars = (("roc_auc", "ROC AUC", "tab:blue"), ("specificity", "specificity", "tab:red"))
+    height = 1.5 + 0.3 * len(names)  # inches: margins + one row per shift
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), height), squeeze=False, sharey=True)
+    y = np.arange(len(names))
+    for ax, split in zip(axes[0], splits):
+        per_shift, clean = shift[split]["per_shift"], shift[split].get("clean") or {}
+        for offset, (metric, label, color) in zip((-0.2, 0.2), bars):
+            values = [np.nan if per_shift.get(n, {}).get(metric) is None else per_shift[n][metric] for n in names]
+            ax.barh(y + offset, values, height=0.4, color=color, label=label)
+            if clean.get(metric) is not None:
+                ax.axvline(clean[metric], color=color, ls="--", lw=1)
+        reference = ", ".join(f"{label} {clean[m]:.3f}" for m, label, _ in bars if clean.get(m) is not None)
+        ax.set(xlim=(0, 1), ylim=(len(names) - 0.5, -0.5), xlabel="score",
+               title=f"{split}: clean (dashed) {reference}" if reference else split)
+        ax.set_yticks(y, names)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2)
+    fig.subplots_adjust(left=0.14, right=0.98, top=1 - 0.4 / height, bottom=1.05 / height, wspace=0.08)
     return _png(fig)
 
 

@@ -44,15 +44,27 @@ PICTURES = {
 
 
 def _shift_table(shift: dict) -> str:
-    lines = ["| split | shift | ROC AUC | specificity | sensitivity | accuracy |", "|---|---|---:|---:|---:|---:|"]
-    for split, result in shift.items():
-        rows = {"clean": result.get("clean") or {}, **result["per_shift"]}
-        for name, m in rows.items():
-            cells = ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("roc_auc", "specificity", "sensitivity", "accuracy")]
-            lines.append("| " + " | ".join([split, name, *cells]) + " |")
-        worst = result.get("worst") or {}
-        cells = ["n/a" if not worst.get(k) else f"{worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity", "sensitivity", "accuracy")]
-        lines.append("| " + " | ".join([split, "**worst**", *cells]) + " |")
+    """One row per shift, ROC AUC and specificity per split; the clean scores first, the worst case last."""
+    splits = sorted(shift, key=lambda s: (s != "val", s))
+    metrics = (("roc_auc", "ROC AUC"), ("specificity", "specificity"))
+    header = ["shift", *[f"{split} {label}" for split in splits for _, label in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    names = ["clean", *shift[splits[0]]["per_shift"]]
+    for name in names:
+        cells = []
+        for split in splits:
+            row = (shift[split].get("clean") if name == "clean" else shift[split]["per_shift"].get(name)) or {}
+            cells += [fmt(row.get(metric)) for metric, _ in metrics]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    cells = []
+    for split in splits:
+        worst = shift[split].get("worst") or {}
+        cells += ["n/a" if not worst.get(m) else f"**{worst[m][0]:.3f}** ({worst[m][1]})" for m, _ in metrics]
+    lines.append("| " + " | ".join(["**worst**", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 

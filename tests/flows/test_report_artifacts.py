@@ -62,7 +62,9 @@ def test_report_artifacts_carry_the_ci_table_and_every_picture():
     low, high = evaluation.metrics["test"]["ci95"]["accuracy"]
     assert f"({100 * low:.1f}-{100 * high:.1f})" in card
     assert "Threshold **0.5**" in card and "[[tn, fp], [fn, tp]]" in card
-    assert "| val | **worst** | 0.810 (blur) | 0.420 (blur)" in card
+    assert "| shift | val ROC AUC | val specificity | test ROC AUC | test specificity |" in card
+    assert "| blur | 0.810 | 0.420 | 0.810 | 0.420 |" in card
+    assert "| **worst** | **0.810** (blur) | **0.420** (blur) |" in card
 
     embedded = re.findall(r"!\[([\w.]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key["model-pictures"].data)
     assert {name for name, _ in embedded} == set(pngs) and len(pngs) == 7
