@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -44,11 +46,13 @@ def train_evaluate_register(
         " (stopped early)" if outcome.stopped_early else "",
     )
     # Issue 9: CIs by patient, shift suite, per-epoch history and pictures of val and test.
+    started = time.perf_counter()
     evaluation = evaluate.evaluate_model(
         fitted.state_dict, {split: shards.load_split(index.uri, split) for split in ("val", "test")},
         config.threshold, outcome.history, best_epoch=outcome.best_epoch,
     )
     pngs = plots.render_evaluation(evaluation)
+    logger.info("CIs, shift suite and %d pictures in %.1fs", len(pngs), time.perf_counter() - started)
     # Compare before registering: the immutable card records the decision.
     champion = registry.get_alias(registry_uri, model_name, registry.CHAMPION)
     champion_val, basis = None, None
