@@ -350,6 +350,8 @@ def build_card(
 ) -> dict[str, Any]:
     """The card of a new version; ``register`` adds ``model_name``, ``version`` and ``files``.
 
+    ``extra`` adds top-level keys (threshold, labels, plots, ...: ``Evaluation.card_fields``).
+
     ``champion_comparison`` is the output of ``compare``: how the new model fared against
     the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
     are. ``threshold`` is the one of ``config["train"]``, used for every metric.

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import registry, shards, train
+from pneumo import evaluate, plots, registry, shards, storage, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class ReleaseResult(BaseModel):
     """What one release produced: the new version, its scores, and how the champion fared."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     ref: registry.ModelRef
     metrics: dict[str, dict[str, Any]]  # "val" and "test"
@@ -28,6 +28,8 @@ class ReleaseResult(BaseModel):
     comparison: dict[str, Any]  # the decision recorded in the card, before registration
     champion_val: Optional[dict[str, Any]] = None  # the val metrics the challenger was compared with
     promotion: dict[str, Any]  # how the promotion ended (registry.promote)
+    evaluation: evaluate.Evaluation  # CIs, shift suite, history and predictions of val and test
+    pictures: dict[str, bytes]  # PNG name -> bytes, also written beside the card
 
     @property
     def is_champion(self) -> bool:
@@ -68,6 +70,13 @@ def train_and_register(
         " (stopped early)" if outcome.stopped_early else "",
     )
 
+    # CIs by patient, the shift suite, the per-epoch history and pictures of val and test.
+    evaluation = evaluate.evaluate_model(
+        fitted.state_dict, {split: shards.load_split(index_uri, split) for split in ("val", "test")},
+        config.threshold, outcome.history, best_epoch=outcome.best_epoch,
+    )
+    pictures = plots.render_evaluation(evaluation)
+
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 
     def champion_val(version: str) -> tuple[dict[str, Any], str]:
@@ -85,11 +94,11 @@ def train_and_register(
     comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis)
     training = {
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
-        "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2),
+        "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,
     }
     card = registry.build_card(
         state_dict=fitted.state_dict,
-        metrics=fitted.metrics,
+        metrics=evaluation.metrics,
         training=training,
         config={"recipe": recipe, "train": config.model_dump(mode="json"), **shards.index_config(index_uri)},
         manifest_digest=manifest_digest,
@@ -97,9 +106,11 @@ def train_and_register(
         counts=index.counts,
         champion_comparison=comparison,
         recipe=recipe,
+        **evaluation.card_fields(plots=sorted(pictures)),
         **(card_extra or {}),
     )
     version = registry.register(registry_uri, model_name, fitted.state_dict, card)
+    plots.write_all(storage.join(registry_uri, model_name, version), pictures)
     registry.set_alias(registry_uri, model_name, "latest", version)
     promotion = registry.promote(
         registry_uri, model_name, version, fitted.metrics["val"], champion_metric,
@@ -114,9 +125,11 @@ def train_and_register(
         )
     return ReleaseResult(
         ref=registry.model_ref(registry_uri, model_name, version),
-        metrics=fitted.metrics,
+        metrics=evaluation.metrics,
         training=training,
         comparison=comparison,
         champion_val=scores[promotion["champion_version"]][0] if promotion["champion_version"] in scores else None,
         promotion=promotion,
+        evaluation=evaluation,
+        pictures=pictures,
     )

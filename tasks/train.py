@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pneumo import evaluate, registry, release, shards
 from pneumo.config import TrainConfig
 from tasks.caching import cache_policy
+from tasks.reporting import model_report_artifacts
 from tasks.retry import retry_options
 
 
@@ -47,10 +48,7 @@ def train_evaluate_register(
             split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
         )
     create_table_artifact(key="model-metrics", table=evaluate.rows(metrics), description=f"{model_name} {ref.version}")
-    create_markdown_artifact(
-        key="model-card",
-        markdown=f"# {model_name} {ref.version}\n\n{evaluate.markdown_table(metrics)}\n\nCard: `{ref.card_uri}`\n",
-    )
+    model_report_artifacts(model_name, ref.version, result.evaluation, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(
