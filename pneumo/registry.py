@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
-from pneumo import storage
+from pneumo import export, storage
 from pneumo.model import TinyNet, keras_parameter_count
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -91,6 +91,7 @@ def register(registry: str, model_name: str, state_dict: dict[str, torch.Tensor]
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     full_card = {"created_at": created, **card, "model_name": model_name}
+    onnx_model = export.add_onnx(full_card, state_dict)  # model.onnx beside model.pt, or why not
     json.dumps(full_card)  # a card that cannot be written must fail before a number is claimed
 
     numbers = [int(v[1:]) for v, _ in _version_files(registry, model_name)]
@@ -100,6 +101,8 @@ def register(registry: str, model_name: str, state_dict: dict[str, torch.Tensor]
         folder = storage.join(_model_root(registry, model_name), version)
         try:
             storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
+            if onnx_model is not None:
+                storage.write_bytes(storage.join(folder, "model.onnx"), onnx_model, if_absent=True)
             storage.write_json(storage.join(folder, "card.json"), {**full_card, "version": version}, if_absent=True)
             return version
         except storage.AlreadyExists:

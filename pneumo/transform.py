@@ -26,6 +26,7 @@ Two methods give the same features up to resampling detail:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -58,15 +59,18 @@ class ImageRejected(ValueError):
     """The file cannot be used as an image; the message is the reason, for the quarantine."""
 
 
-def featurize(path: str | Path, config: TransformConfig | None = None) -> np.ndarray:
+def featurize(path, config: TransformConfig | None = None) -> np.ndarray:
     """The image's features: float32 array of rows * cols values in [0, 1].
 
+    ``path`` is a path, the file's bytes, or a seekable binary file object.
     Raises ImageRejected for files that are not images, are corrupt or truncated, or have
     more than ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
     config = config or TransformConfig()
     _check_geometry(config)
-    with open(path, "rb") as handle:
+    if isinstance(path, (bytes, bytearray)):
+        path = io.BytesIO(path)
+    with open(path, "rb") if isinstance(path, (str, Path)) else contextlib.nullcontext(path) as handle:
         if not handle.read(1):
             raise ImageRejected("empty file (0 bytes)")
         handle.seek(0)
