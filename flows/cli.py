@@ -11,7 +11,6 @@ Only ``run`` imports Prefect: the other commands start in about a second.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,7 +44,6 @@ def _fail(message: str, code: int = 2) -> None:
 )
 def run(ctx: typer.Context) -> None:
     """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
-    sys.argv[0] = "pneumo run"
     from flows import full  # Prefect is imported here only
 
     raise typer.Exit(full.main(list(ctx.args)))

@@ -121,10 +121,14 @@ def predict_batch(
             description=f"{model_name} {version} scored against the input's labels",
         )
     create_table_artifact(
+        key="predict-counts",
+        table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts],
+        description=f"{model_name} {version} on {input}: files scored and predicted labels",
+    )
+    create_table_artifact(
         key="predictions",
-        table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts]
-        + [{k: row[k] for k in predict.PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
-        description=f"Counts, then the first {FIRST_ROWS} predictions; all of them in {uri}",
+        table=[{k: row[k] for k in predict.PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
+        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
     )
     create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
     return summary

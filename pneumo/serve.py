@@ -16,6 +16,7 @@ an image is a 422, an unsupported content type a 415. Never a 500 for a bad uplo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any, Optional
@@ -138,6 +139,7 @@ def create_app(
     """The app; the alias is polled from startup to shutdown."""
     holder = ModelHolder(registry, model_name, alias, max_pixels=max_pixels, predictor=predictor)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         holder.start(poll_seconds)
         yield
@@ -174,7 +176,14 @@ def create_app(
     async def predict_batch(request: Request) -> JSONResponse:
         """Per-image results in upload order; an image that cannot be scored has its ``error``."""
         files = await _files(request, max_bytes * 5, MAX_BATCH_FILES)
-        results = await run_in_threadpool(holder.current.predict, files)
+        current = holder.current  # one model for the whole batch
+        scored = iter(await run_in_threadpool(current.predict, [f for f in files if len(f[1]) <= max_bytes]))
+        results = [
+            next(scored) if len(data) <= max_bytes
+            else Prediction(name, None, None, current.threshold, current.model,
+                            error=f"too large: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+            for name, data in files
+        ]
         return JSONResponse([r.to_dict() for r in results])
 
     return app

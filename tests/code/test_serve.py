@@ -79,7 +79,7 @@ def test_bad_uploads_are_4xx_with_a_clear_message(server):
         # over the pixel bound (1 MP): a small file of many pixels
         (client.post("/predict", content=image_bytes(np.zeros((1200, 1200), dtype=np.uint8)), headers={"content-type": "image/png"}), 413, "too large"),
         # a form without a file, and two files on the single-image endpoint
-        (client.post("/predict", data={"note": "x"}, files={}), 422, None),
+        (client.post("/predict", files={"note": (None, "x")}), 422, "holds no file"),
         (client.post("/predict", files=[("a", ("a.png", b"1")), ("b", ("b.png", b"2"))]), 422, "takes one image"),
     ]
     for response, status, words in cases:

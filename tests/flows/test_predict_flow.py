@@ -66,7 +66,7 @@ def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_pa
     assert [q["relpath"] for q in quarantine] == ["films/NORMAL/notes.txt"] and "not an image" in quarantine[0]["reason"]
     assert summary["metrics"]["n"] == 30 and summary["metrics"]["threshold"] == 0.5
     assert set(states["score-chunk"]) == {"Completed"} and len(states["score-chunk"]) == 4
-    assert {"predictions", "predictions-file", "predict-metrics", "predict-quarantine"} <= artifact_keys(run_id)
+    assert {"predict-counts", "predictions", "predictions-file", "predict-metrics", "predict-quarantine"} <= artifact_keys(run_id)
 
     again, again_states, _ = run(input=str(labelled_input), registry=registry_root, workdir=str(workdir), runner="processes")
     assert set(again_states["score-chunk"]) == {"Cached"} and set(again_states["write-predictions"]) == {"Cached"}
