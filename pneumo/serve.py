@@ -164,7 +164,7 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        files = await _files(request, max_bytes, 1)
+        files = await _files(request, max_bytes, 2)  # 2: so that a second file gets the message below
         if len(files) != 1:
             raise UploadError(422, f"POST /predict takes one image, got {len(files)}; use /predict/batch")
         (result,) = await run_in_threadpool(holder.current.predict, files)
