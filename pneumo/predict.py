@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import ValidationError
 
 from pneumo import registry as reg
@@ -290,12 +290,13 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _colour_levels(image: Image.Image) -> float:
-    """Mean (max - min) over the RGB channels of a small decode of the image."""
-    if image.format in ("JPEG", "MPO"):
-        image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
-    small = ImageOps.exif_transpose(image.convert("RGB"))
-    small.thumbnail((128, 128))
-    rgb = np.asarray(small, dtype=np.int16)
+    """Mean (max - min) over the RGB channels of a small decode of the image (orientation does not matter)."""
+    if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "YCbCr"):
+        # libjpeg's 1/8-scale decode, left in YCbCr: the cheapest look at the chroma there is.
+        image.draft("YCbCr", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+    else:
+        image.thumbnail((128, 128))
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
 
 
