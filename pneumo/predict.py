@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
+from pneumo.manifest import CLASSES
 from pneumo.model import TinyNet
 from pneumo.transform import ImageRejected, featurize
 
@@ -301,9 +302,6 @@ def _colour_levels(image: Image.Image) -> float:
 
 
 # --- Inputs: files, folders, datasets ----------------------------------------------------
-
-CLASSES = ("NORMAL", "PNEUMONIA")
-
 
 @dataclass(frozen=True)
 class InputImage:

@@ -86,3 +86,20 @@ def test_a_flat_folder_without_labels_is_scored_with_a_pinned_version(shared_dat
     rows = read_csv(summary["predictions"])
     assert {row["true_label"] for row in rows} == {""} and {row["threshold"] for row in rows} == {"0.3"}
     assert "/v0002/" in summary["predictions"]
+
+
+def test_an_s3_prefix_scored_with_an_s3_registry(shared_data, tmp_path, s3_bucket):
+    from pneumo import storage
+
+    registry_root = f"s3://{s3_bucket}/registry"
+    weights = register_two(registry_root)
+    films = sorted((shared_data / "train" / "NORMAL").iterdir())[:3] + sorted((shared_data / "train" / "PNEUMONIA").iterdir())[:3]
+    for path in films:
+        storage.upload_file(path, f"s3://{s3_bucket}/incoming/{path.parent.name}/{path.name}")
+    summary, _, _ = run(input=f"s3://{s3_bucket}/incoming", registry=registry_root, workdir=str(tmp_path / "work"),
+                        runner="threads")
+    assert summary["scored"] == 6 and summary["metrics"]["n"] == 6
+    rows = {row["relpath"]: row for row in read_csv(summary["predictions"])}
+    assert float(rows[f"NORMAL/{films[0].name}"]["probability"]) == pytest.approx(
+        expected_probability(weights["v0001"], films[0]), abs=1e-6
+    )
