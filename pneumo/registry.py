@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
-from pneumo import storage
+from pneumo import export, storage
 from pneumo.model import TinyNet, keras_parameter_count
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -126,6 +126,10 @@ def register(
         validate_model_name(name, what="file name")
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    card = dict(card)
+    onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
+    if onnx_model is not None:
+        extra_files["model.onnx"] = onnx_model
     files = {"model.pt": file_entry(weights), **{name: file_entry(data) for name, data in extra_files.items()}}
     full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **files}, "model_name": model_name}
     json.dumps(full_card)  # a card that cannot be written must fail before a number is claimed

@@ -1,0 +1,235 @@
+"""The ``pneumo`` command: run the pipeline, score X-rays, serve a model, manage versions.
+
+    pneumo run --source DIR_ZIP_S3_OR_KAGGLE      train and register (python flows/full.py)
+    pneumo predict IMAGE_OR_FOLDER...             score images with the champion
+    pneumo serve                                  HTTP endpoint that follows the champion
+    pneumo models list | show V | promote V       what the registry holds
+
+Only ``run`` imports Prefect: the other commands start in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
+
+app = typer.Typer(
+    help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List registered versions, show a card, move an alias.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+RegistryOption = Annotated[
+    str, typer.Option("--registry", envvar="PNEUMO_REGISTRY", help="Model registry: a folder or an s3:// prefix.")
+]
+ModelNameOption = Annotated[str, typer.Option("--model-name", help="Registered model name.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"pneumo: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def run(ctx: typer.Context) -> None:
+    """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
+    from flows import full  # Prefect is imported here only
+
+    raise typer.Exit(full.main(list(ctx.args)))
+
+
+def _load_predictor(registry: str, model_name: str, alias: Optional[str], version: Optional[str], **kwargs):
+    from pneumo import predict
+
+    if alias and version:
+        _fail("give --alias or --version, not both")
+    try:
+        return predict.Predictor.from_registry(registry, model_name, alias=alias or "champion", version=version, **kwargs)
+    except (predict.CardError, predict.ModelNotFound, ValueError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images (read recursively).", show_default=False)],
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    model_name: ModelNameOption = "tinynet",
+    alias: Annotated[Optional[str], typer.Option(help="Alias to load [default: champion].", show_default=False)] = None,
+    version: Annotated[Optional[str], typer.Option(help="Version to load, e.g. v0003, instead of an alias.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
+) -> None:
+    """Score X-rays: label, PNEUMONIA probability and warnings, one line per image.
+
+    Exit code 0 when every input was scored, 1 when some could not be (each with its reason), 2 on bad usage.
+    """
+    from pneumo.predict import list_inputs
+
+    paths: list[str] = []
+    for item in inputs:
+        if item.is_dir():
+            paths += [image.path for image in list_inputs(item)]
+        else:
+            paths.append(str(item))  # a missing file is reported per input
+    if not paths:
+        _fail("no files found in " + ", ".join(map(str, inputs)))
+    predictor = _load_predictor(registry, model_name, alias, version)
+    results = predictor.predict(paths)
+    failed = [p for p in results if not p.ok]
+    if as_json:
+        for p in results:
+            typer.echo(json.dumps(p.to_dict()))
+    else:
+        width = max(len(p.input) for p in results)
+        typer.echo(f"{'image':<{width}}  {'label':<9}  probability  warnings")
+        for p in results:
+            if p.ok:
+                typer.echo(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
+            else:
+                typer.echo(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+    for p in failed:
+        typer.echo(f"pneumo: cannot score {p.input}: {p.error}", err=True)
+    typer.echo(
+        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}): "
+        f"{len(results) - len(failed)} scored, {len(failed)} failed",
+        err=True,
+    )
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def serve(
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    model_name: ModelNameOption = "tinynet",
+    alias: Annotated[str, typer.Option(help="Alias to serve; the server follows it when it moves.")] = "champion",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    poll: Annotated[float, typer.Option(help="Seconds between checks of where the alias points.", min=0.1)] = 60.0,
+    max_bytes: Annotated[int, typer.Option(help="Largest upload accepted, per image.", min=1)] = 20_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Largest image accepted, in pixels.", min=1)] = 50_000_000,
+) -> None:
+    """Serve the model over HTTP: POST /predict, POST /predict/batch, GET /health, GET /model."""
+    import uvicorn
+
+    from pneumo import serve as serving
+
+    predictor = _load_predictor(registry, model_name, alias, None, max_pixels=max_pixels)
+    api = serving.create_app(
+        registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels, predictor=predictor
+    )
+    typer.echo(f"pneumo: serving {model_name} {predictor.version} ({alias}) on http://{host}:{port}", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
+def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
+    """version -> the aliases pointing at it."""
+    from pneumo import storage
+
+    by_version: dict[str, list[str]] = {}
+    for uri in storage.list_uris(storage.join(registry, model_name, "aliases")):
+        name = uri.replace("\\", "/").rsplit("/", 1)[-1]
+        if name.endswith(".json"):
+            target = storage.read_json(uri).get("version")
+            by_version.setdefault(target, []).append(name[: -len(".json")])
+    return by_version
+
+
+def _metric(card: dict, split: str, name: str) -> str:
+    value = (card.get("metrics", {}).get(split) or {}).get(name)
+    return "-" if value is None else f"{value:.3f}"
+
+
+@models_app.command("list")
+def models_list(registry: RegistryOption = DEFAULT_REGISTRY, model_name: ModelNameOption = "tinynet") -> None:
+    """Versions, oldest first, with their val/test metrics and aliases."""
+    from pneumo import registry as reg
+
+    try:
+        versions = reg.list_versions(registry, model_name)
+    except ValueError as error:
+        _fail(str(error))
+    if not versions:
+        _fail(f"no versions of {model_name} in {registry} (train one: pneumo run --source ...)", code=1)
+    aliases = _aliases(registry, model_name)
+    typer.echo(f"{'version':<8} {'created':<25} {'val AUC':>7} {'val acc':>7} {'test AUC':>8} {'test acc':>8}  aliases")
+    for version in versions:
+        card = reg.load_card(registry, model_name, version)
+        typer.echo(
+            f"{version:<8} {card.get('created_at', '-'):<25} {_metric(card, 'val', 'roc_auc'):>7} "
+            f"{_metric(card, 'val', 'accuracy'):>7} {_metric(card, 'test', 'roc_auc'):>8} "
+            f"{_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases.get(version, [])))}".rstrip()
+        )
+
+
+@models_app.command("show")
+def models_show(
+    version: Annotated[str, typer.Argument(help="A version (v0003) or an alias (champion).")] = "champion",
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    model_name: ModelNameOption = "tinynet",
+    as_json: Annotated[bool, typer.Option("--json", help="The whole card as JSON.")] = False,
+) -> None:
+    """Print a version's card readably (or whole, with --json)."""
+    from pneumo import registry as reg
+
+    try:
+        card = reg.load_card(registry, model_name, version)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(card, indent=2))
+        return
+    config = card.get("config", {})
+    lines = [
+        f"{model_name} {card.get('version')}  (card schema {card.get('schema_version', 1)})",
+        f"  created     {card.get('created_at')}",
+        f"  recipe      {card.get('recipe', '-')}",
+        f"  threshold   {card.get('threshold', config.get('train', {}).get('threshold'))}",
+        f"  transform   {json.dumps(config.get('transform'))}",
+        f"  train       {json.dumps(config.get('train'))}",
+        f"  data        {json.dumps(card.get('data', {}).get('counts'))}",
+        f"  export      {json.dumps(card.get('export'))}",
+    ]
+    for split in ("val", "test"):
+        m = card.get("metrics", {}).get(split) or {}
+        shown = "  ".join(f"{k} {_metric(card, split, k)}" for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
+        lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
+    comparison = card.get("champion_comparison") or {}
+    if comparison:
+        lines.append(f"  champion    {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
+    typer.echo("\n".join(lines))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The version to point the alias at, e.g. v0003.")],
+    alias: Annotated[str, typer.Option(help="The alias to move.")] = "champion",
+    registry: RegistryOption = DEFAULT_REGISTRY,
+    model_name: ModelNameOption = "tinynet",
+) -> None:
+    """Point an alias (champion by default) at a version by hand."""
+    from pneumo import registry as reg
+
+    try:
+        before = reg.get_alias(registry, model_name, alias)
+        reg.set_alias(registry, model_name, alias, version)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

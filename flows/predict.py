@@ -1,0 +1,188 @@
+"""Batch scoring: every image of a folder, zip or s3:// prefix through a registered model.
+
+    python flows/predict.py --input DIR_OR_ZIP_OR_S3 --registry R [--alias champion | --version v0003]
+
+Writes ``{workdir}/predictions/{model}/{version}/{input digest}.csv`` (relpath, probability,
+label, threshold, warnings, true_label). Labels are optional: images under NORMAL/ or
+PNEUMONIA/ folders are scored against them (metrics as in the card); a flat folder is
+scored only. Deployed as ``pneumo-predict/batch`` (infra/prefect.yaml).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, Literal, Optional  # noqa: E402
+
+from prefect import flow, get_run_logger, unmapped  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from flows.full import _absolute, _checked, _with_run_options, prefect_api, task_runner  # noqa: E402
+from pneumo import download, evaluate, pool, predict, storage  # noqa: E402
+from pneumo.manifest import QuarantineEntry  # noqa: E402
+from tasks.predict import score_chunk, write_predictions  # noqa: E402
+from tasks.reporting import quarantine_artifact  # noqa: E402
+
+FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
+
+
+@flow(name="pneumo-predict")
+def predict_batch(
+    input: str,
+    registry: Optional[str] = None,
+    workdir: str = "./pneumo-data",
+    model_name: str = "tinynet",
+    alias: str = "champion",
+    version: Optional[str] = None,
+    chunk_size: Annotated[int, Field(ge=1)] = 1000,
+    runner: Literal["threads", "processes"] = "processes",
+    workers: Optional[Annotated[int, Field(ge=1)]] = None,
+    retries: Annotated[int, Field(ge=0, le=20)] = 3,
+) -> dict[str, Any]:
+    """Score every image of ``input`` with ``alias`` (or ``version``) of the registered model.
+
+    The version is fixed when the run starts; a re-run on the same input and version is a
+    cache hit. Files that are not usable images are quarantined with their reason.
+    """
+    logger = get_run_logger()
+    workdir = _absolute(workdir)
+    registry = _absolute(registry) if registry else storage.join(workdir, "registry")
+    version = predict.resolve_version(registry, model_name, alias, version)
+    model = predict.Predictor.from_registry(registry, model_name, version=version)  # refuses unusable cards now
+    logger.info("scoring with %s %s (threshold %g)", model_name, version, model.threshold)
+
+    fingerprint = download.source_fingerprint(input)
+    cache_dir = Path(workdir, "downloads") if not storage.is_s3(workdir) else Path.home() / ".cache/pneumo/downloads"
+    root = download.fetch(input, cache_dir, progress=logger.info)
+    images = predict.list_inputs(root)
+    if not images:
+        raise ValueError(f"no files found in {input}")
+    chunks = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
+    logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), runner)
+
+    scorer = _with_run_options(score_chunk, workdir, retries)
+    score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if runner == "processes" else None
+    try:
+        with task_runner("threads", workers) as chunk_runner:
+            futures = chunk_runner.map(
+                scorer,
+                {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
+                 "model_name": unmapped(model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
+            )
+            rows = [row for chunk_rows in futures.result() for row in chunk_rows]
+    finally:
+        if score_pool:
+            score_pool.close()
+
+    uri = storage.join(workdir, "predictions", model_name, version, f"{fingerprint[:16]}.csv")
+    _checked(_with_run_options(write_predictions, workdir, retries), lambda u: [u], "predictions", rows, uri)
+
+    scored = [row for row in rows if row["error"] is None]
+    bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
+    quarantine_uri = None
+    if bad:
+        quarantine_uri = storage.join(workdir, "predictions", model_name, version, f"{fingerprint[:16]}-quarantine.json")
+        storage.write_json(quarantine_uri, [entry.model_dump() for entry in bad])
+        quarantine_artifact(bad, key="predict-quarantine")
+        logger.warning("%d file(s) quarantined (not scored); reasons in %s", len(bad), quarantine_uri)
+
+    counts = {label: sum(row["label"] == label for row in scored) for label in predict.CLASSES}
+    summary: dict[str, Any] = {
+        "model": f"{model_name} {version}",
+        "threshold": model.threshold,
+        "input": input,
+        "files": len(rows),
+        "scored": len(scored),
+        "quarantined": len(bad),
+        "predicted": counts,
+        "with_warnings": sum(bool(row["warnings"]) for row in scored),
+        "predictions": uri,
+        "quarantine_report": quarantine_uri,
+        "metrics": None,
+    }
+    labelled = [row for row in scored if row["true_label"]]
+    if labelled:
+        truth = [predict.CLASSES.index(row["true_label"]) for row in labelled]
+        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], model.threshold)
+        create_markdown_artifact(
+            key="predict-metrics",
+            markdown=(
+                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {model.threshold:g}\n\n"
+                + evaluate.markdown_table({"input": summary["metrics"]})
+            ),
+            description=f"{model_name} {version} scored against the input's labels",
+        )
+    create_table_artifact(
+        key="predict-counts",
+        table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts],
+        description=f"{model_name} {version} on {input}: files scored and predicted labels",
+    )
+    create_table_artifact(
+        key="predictions",
+        table=[{k: row[k] for k in predict.PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
+        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
+    )
+    create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
+    return summary
+
+
+def _link(uri: str) -> str:
+    return uri if storage.is_s3(uri) else Path(uri).as_uri()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/predict.py",
+        description="Score every image of a folder, .zip or s3:// prefix with a registered model (a Prefect flow).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="a folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, s3://bucket/archive.zip or s3://bucket/prefix")
+    parser.add_argument("--registry", default=None, help="model registry root (default: WORKDIR/registry)")
+    parser.add_argument("--workdir", default="./pneumo-data", help="where predictions, downloads and Prefect results go")
+    parser.add_argument("--model-name", default="tinynet")
+    parser.add_argument("--alias", default="champion", help="alias of the version to use")
+    parser.add_argument("--version", default=None, help="a version (e.g. v0003) instead of the alias")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="images per scoring task")
+    parser.add_argument("--runner", choices=["threads", "processes"], default="processes")
+    parser.add_argument("--workers", type=int, default=None, help="parallel chunks (default: CPU count)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.runner == "processes":
+        pool.warm_up()
+    with prefect_api():
+        try:
+            summary = predict_batch(
+                input=args.input, registry=args.registry, workdir=args.workdir, model_name=args.model_name,
+                alias=args.alias, version=args.version, chunk_size=args.chunk_size, runner=args.runner,
+                workers=args.workers,
+            )
+        except Exception as error:
+            print(f"\npneumo: the batch run failed: {error}", file=sys.stderr)
+            return 1
+    print(
+        f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
+        f"({summary['quarantined']} quarantined) in {time.perf_counter() - started:.0f} s\n"
+        f"  predicted    {summary['predicted']}\n  predictions  {summary['predictions']}"
+    )
+    if summary["metrics"]:
+        m = summary["metrics"]
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+        print(f"  labelled n={m['n']}: accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  "
+              f"specificity {m['specificity']:.3f}  F1 {m['f1']:.3f}  AUC {auc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

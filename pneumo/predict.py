@@ -1,0 +1,379 @@
+"""Score X-rays with a registered model: every preprocessing constant comes from its card.
+
+    predictor = Predictor.from_registry("./pneumo-data/registry", alias="champion")
+    for p in predictor.predict(["a.jpeg", "b.jpeg"]):
+        print(p.input, p.label, p.probability, p.warnings)
+
+Features are computed by ``pneumo.transform.featurize`` with the card's own
+``config.transform``, the code path that built the training shards, so training and
+prediction cannot drift; the decision threshold is the card's ``threshold``. Cards written
+before schema_version 2 lack these and are refused with the missing field named.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from pneumo import registry as reg
+from pneumo import storage
+from pneumo.config import TransformConfig
+from pneumo.manifest import CLASSES
+from pneumo.model import TinyNet
+from pneumo.transform import ImageRejected, featurize
+
+SCHEMA_VERSION = 2  # the oldest card schema prediction can use
+DEFAULT_LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
+
+# Out-of-distribution warnings. The image is still scored; the warning says why to doubt it.
+# Either side under this fraction of the card's resize target: upsampled far beyond training.
+TINY_FRACTION = 0.25
+# Width/height more than this factor away from the resize target's own width/height.
+ASPECT_FACTOR = 2.0
+# Mean spread between the colour channels, in gray levels of 255: X-rays are gray (~0).
+COLOUR_LEVELS = 20.0
+# Features spreading less than this (std over the cells, [0, 1] scale): a nearly uniform picture.
+# X-rays spread ~0.1 to 0.3; the transform's own flat-film fallback starts at 0.04.
+BLANK_SPREAD = 0.02
+
+# An input: a path, raw bytes, or (name, bytes) so that uploads keep their file name.
+Input = Union[str, Path, bytes, tuple[str, bytes]]
+
+
+class CardError(ValueError):
+    """A registered version that prediction cannot use; the message names the problem."""
+
+
+class ModelNotFound(FileNotFoundError):
+    """No such registry, model, version or alias; the message says what exists."""
+
+
+@dataclass
+class Prediction:
+    input: str  # the path, or the upload's name
+    probability: Optional[float]  # of PNEUMONIA; None when the input could not be scored
+    label: Optional[str]  # "NORMAL" / "PNEUMONIA"
+    threshold: float
+    model: dict[str, str]  # {"name": ..., "version": ...}
+    warnings: list[str] = field(default_factory=list)
+    error: Optional[str] = None  # why the input could not be scored
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def transform_config(card: dict[str, Any], where: str = "card") -> TransformConfig:
+    """The card's full transform config, with anything that only augments training switched off."""
+    data = dict(card["config"]["transform"])
+    if "renditions" in TransformConfig.model_fields:  # extra augmented copies: training only
+        data["renditions"] = 0
+    try:
+        return TransformConfig(**data)
+    except ValidationError as error:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
+        raise CardError(
+            f"{where}: config.transform does not fit this pneumo's TransformConfig (field(s) {fields}): {error}"
+        ) from None
+
+
+def check_card(card: dict[str, Any], where: str = "card") -> None:
+    """Refuse a card that lacks what prediction needs, naming each missing field."""
+    missing = []
+    if not isinstance(card.get("schema_version"), int):
+        missing.append("schema_version")
+    threshold = card.get("threshold")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        missing.append("threshold")
+    if not isinstance((card.get("config") or {}).get("transform"), dict):
+        missing.append("config.transform")
+    if missing:
+        raise CardError(
+            f"{where} cannot be used for prediction: its card lacks {', '.join(missing)} "
+            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {SCHEMA_VERSION}). "
+            "Train and register a new version with this pneumo (pneumo run --retrain)."
+        )
+    if card["schema_version"] < SCHEMA_VERSION:
+        raise CardError(
+            f"{where} has an older card (schema_version {card['schema_version']}; prediction needs "
+            f"{SCHEMA_VERSION}). Train and register a new version with this pneumo (pneumo run --retrain)."
+        )
+    if not 0.0 < threshold < 1.0:
+        raise CardError(f"{where}: card threshold {threshold!r} is not between 0 and 1")
+
+
+def resolve_version(registry: str, model_name: str, alias: Optional[str], version: Optional[str]) -> str:
+    """The version to load, or ModelNotFound saying what the registry does hold."""
+    if not storage.is_s3(registry) and not Path(registry).is_dir():
+        raise ModelNotFound(f"registry {registry} does not exist (train a model first: pneumo run --source ...)")
+    versions = reg.list_versions(registry, model_name)
+    held = f"versions: {', '.join(versions)}" if versions else f"it holds no version of {model_name!r}"
+    if version is not None:
+        if version not in versions:
+            raise ModelNotFound(f"no version {version!r} of {model_name} in {registry}; {held}")
+        return version
+    found = reg.get_alias(registry, model_name, alias or reg.CHAMPION)
+    if found is None:
+        raise ModelNotFound(f"no alias {alias!r} for {model_name} in {registry}; {held}")
+    return found
+
+
+class Predictor:
+    """One registered version, ready to score images."""
+
+    def __init__(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        card: dict[str, Any],
+        *,
+        model_name: str,
+        version: str,
+        max_pixels: Optional[int] = None,
+    ):
+        where = f"{model_name} {version}"
+        check_card(card, where)
+        self.card = card
+        self.model_name, self.version = model_name, version
+        self.threshold = float(card["threshold"])
+        self.labels = {int(k): v for k, v in (card.get("labels") or DEFAULT_LABELS).items()}
+        config = transform_config(card, where)
+        if max_pixels is not None and max_pixels < config.max_pixels:
+            config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
+        self.config = config
+        n_features = state_dict["hidden1.weight"].shape[1]
+        if n_features != config.n_features:
+            raise CardError(
+                f"{where}: model.pt takes {n_features} features but the card's transform gives {config.n_features}"
+            )
+        self.network = TinyNet(n_features=n_features)
+        self.network.load_state_dict(state_dict)
+        self.network.eval()
+
+    @classmethod
+    def from_registry(
+        cls,
+        registry: str,
+        model_name: str = "tinynet",
+        alias: Optional[str] = "champion",
+        version: Optional[str] = None,
+        *,
+        max_pixels: Optional[int] = None,
+    ) -> Predictor:
+        """Load ``version`` (or the version ``alias`` points at) from a local or s3:// registry.
+
+        model.pt is checked against the card's sha256 (when the card records one) and
+        loaded with ``weights_only=True``.
+        """
+        version = resolve_version(registry, model_name, alias, version)
+        card = reg.load_card(registry, model_name, version)
+        check_card(card, f"{model_name} {version}")
+        weights = storage.read_bytes(storage.join(registry, model_name, version, "model.pt"))
+        expected = ((card.get("files") or {}).get("model.pt") or {}).get("sha256")
+        if expected and hashlib.sha256(weights).hexdigest() != expected:
+            raise CardError(f"{model_name} {version}: model.pt does not match the sha256 in its card; refusing to load it")
+        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        return cls(state_dict, card, model_name=model_name, version=version, max_pixels=max_pixels)
+
+    @property
+    def model(self) -> dict[str, str]:
+        return {"name": self.model_name, "version": self.version}
+
+    def summary(self) -> dict[str, Any]:
+        """What a client needs to know about the model being served."""
+        card = self.card
+        return {
+            **self.model,
+            "threshold": self.threshold,
+            "labels": {str(k): v for k, v in self.labels.items()},
+            "recipe": card.get("recipe"),
+            "created_at": card.get("created_at"),
+            "schema_version": card.get("schema_version"),
+            "transform": self.config.model_dump(mode="json"),
+            "metrics": {
+                split: {k: v for k, v in (card.get("metrics", {}).get(split) or {}).items() if not isinstance(v, (dict, list))}
+                for split in ("val", "test")
+            },
+        }
+
+    def features(self, data: bytes) -> tuple[np.ndarray, list[str]]:
+        """The image's features and its out-of-distribution warnings; ImageRejected if it is no usable image."""
+        features = featurize(data, self.config)
+        return features, self._warnings(data, features)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """PNEUMONIA probabilities of rows of features (the network in eval mode)."""
+        with torch.inference_mode():
+            return self.network(torch.from_numpy(np.asarray(features, dtype=np.float32))).numpy()
+
+    def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
+        """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""
+        names, rows, results = [], [], []
+        for item in inputs:
+            name, data = _read(item)
+            prediction = Prediction(name, None, None, self.threshold, self.model)
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                features, prediction.warnings = self.features(data)
+                rows.append(features)
+                names.append(len(results))
+            except (ImageRejected, OSError) as error:
+                prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
+            results.append(prediction)
+        if rows:
+            for at, probability in zip(names, self.probabilities(np.stack(rows)).tolist()):
+                results[at].probability = probability
+                results[at].label = self.labels[int(probability >= self.threshold)]
+        return results
+
+    def _warnings(self, data: bytes, features: np.ndarray) -> list[str]:
+        """Why the image looks unlike the training X-rays: a header read, the features' spread,
+        and for colour images a tiny decode."""
+        out = []
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = _oriented_size(image)
+            target_h, target_w = self.config.size
+            if width < TINY_FRACTION * target_w or height < TINY_FRACTION * target_h:
+                out.append(f"tiny: {width}x{height} pixels, the model's images were resized to {target_w}x{target_h}")
+            ratio = (width / height) / (target_w / target_h)
+            if not 1 / ASPECT_FACTOR <= ratio <= ASPECT_FACTOR:
+                out.append(f"extreme aspect ratio: {width}x{height} (width/height {width / height:.2f})")
+            if image.mode not in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+                levels = _colour_levels(image)
+                if levels > COLOUR_LEVELS:
+                    out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")
+        spread = float(features.std())
+        if spread < BLANK_SPREAD:
+            out.append(f"nearly blank: the features barely vary (std {spread:.3f})")
+        return out
+
+
+def _read(item: Input) -> tuple[str, Union[bytes, Exception]]:
+    if isinstance(item, tuple):
+        return str(item[0]), bytes(item[1])
+    if isinstance(item, (bytes, bytearray)):
+        return f"<{len(item)} bytes>", bytes(item)
+    try:
+        return str(item), Path(item).read_bytes()
+    except OSError as error:
+        return str(item), error
+
+
+def _os_error(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image"
+    return f"cannot read ({error.strerror or error})"
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the transform ignores it too
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _colour_levels(image: Image.Image) -> float:
+    """Mean (max - min) over the RGB channels of a small decode of the image (orientation does not matter)."""
+    if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "YCbCr"):
+        # libjpeg's 1/8-scale decode, left in YCbCr: the cheapest look at the chroma there is.
+        image.draft("YCbCr", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+    else:
+        image.thumbnail((128, 128))
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+# --- Inputs: files, folders, datasets ----------------------------------------------------
+
+@dataclass(frozen=True)
+class InputImage:
+    relpath: str  # POSIX, relative to the listed root
+    path: str
+    label: Optional[int] = None  # 0 / 1 when a parent folder is named NORMAL / PNEUMONIA
+
+
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+def list_inputs(root: str | Path) -> list[InputImage]:
+    """Every file under ``root`` (OS junk skipped), sorted; labelled by a NORMAL/PNEUMONIA parent folder.
+
+    Files that are not images are listed too: scoring reports each with its reason.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [InputImage(relpath=root.name, path=str(root))]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist")
+    found = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        for name in sorted(filenames):
+            if _is_junk(name):
+                continue
+            path = Path(folder, name)
+            relpath = path.relative_to(root)
+            parents = [part for part in relpath.parts[:-1] if part in CLASSES]
+            label = CLASSES.index(parents[-1]) if parents else None
+            found.append(InputImage(relpath=relpath.as_posix(), path=str(path), label=label))
+    return found
+
+
+# --- Batch scoring (the library side of flows/predict.py) ---------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def cached_predictor(registry: str, model_name: str, version: str) -> Predictor:
+    """One loaded model per process and version: a pool worker loads it once, not per chunk."""
+    return Predictor.from_registry(registry, model_name, version=version)
+
+
+def score_inputs(registry: str, model_name: str, version: str, images: list[InputImage]) -> list[dict[str, Any]]:
+    """Rows for the predictions file: relpath, label truth, and the prediction (or its error)."""
+    predictor = cached_predictor(registry, model_name, version)
+    predictions = predictor.predict([image.path for image in images])
+    return [
+        {
+            "relpath": image.relpath,
+            "probability": p.probability,
+            "label": p.label,
+            "threshold": p.threshold,
+            "warnings": "; ".join(p.warnings),
+            "true_label": None if image.label is None else CLASSES[image.label],
+            "error": p.error,
+        }
+        for image, p in zip(images, predictions)
+    ]
+
+
+PREDICTION_COLUMNS = ("relpath", "probability", "label", "threshold", "warnings", "true_label")
+
+
+def predictions_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The predictions file: one line per scored image (rows with an error are left out)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        if row.get("error") is None:
+            writer.writerow({**row, "probability": f"{row['probability']:.6f}", "true_label": row["true_label"] or ""})
+    return buffer.getvalue().encode()
