@@ -264,7 +264,10 @@ def evaluate_model(
         if shifted:
             from pneumo.shift import shift_metrics
 
-            probs = {name: predict_proba(state_dict, X) for name, X in shifted.items()}
+            # One forward pass over every shift: twenty small ones cost ten times more.
+            names = list(shifted)
+            flat = predict_proba(state_dict, np.concatenate([shifted[name] for name in names]))
+            probs = dict(zip(names, np.split(flat, len(names))))
             shift[split] = shift_metrics(predictions[split][0], {"clean": predictions[split][1], **probs}, threshold)
     if shift:
         scored["shift"] = shift

@@ -145,7 +145,7 @@ def learning_curves(history: list[dict[str, Any]], best_epoch: Optional[int] = N
     for ax in (loss_ax, auc_ax):
         if best_epoch:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"kept epoch {best_epoch}")
-        ax.legend(loc="upper right")
+        _legend(ax, "upper right")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     return _png(fig)
 

@@ -70,8 +70,11 @@ def _shift_table(shift: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_report_artifacts(model_name: str, version: str, evaluation: "evaluate.Evaluation", pngs: dict[str, bytes], card_uri: str) -> None:
-    """The version's metrics with 95% CIs, and its pictures, as markdown artifacts the Prefect UI shows.
+def model_report_artifacts(
+    model_name: str, version: str, metrics: dict, threshold: float, pngs: dict[str, bytes], card_uri: str
+) -> None:
+    """The version's metrics with 95% CIs (the card's ``metrics``), and its pictures, as markdown
+    artifacts the Prefect UI shows.
 
     The UI runs in a browser that cannot read the registry (a local path or a private S3
     key), so each PNG is embedded in the markdown as a ``data:image/png;base64`` URI.
@@ -79,13 +82,13 @@ def model_report_artifacts(model_name: str, version: str, evaluation: "evaluate.
     layout = evaluate.CONFUSION_MATRIX_LAYOUT
     markdown = (
         f"# {model_name} {version}\n\n"
-        f"Threshold **{evaluation.threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
+        f"Threshold **{threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
         "Percent, with 95% bootstrap intervals resampled by patient.\n\n"
-        f"{evaluate.ci_markdown_table({s: evaluation.metrics[s] for s in ('val', 'test') if s in evaluation.metrics})}\n"
+        f"{evaluate.ci_markdown_table({s: metrics[s] for s in ('val', 'test') if s in metrics})}\n"
         f"Confusion matrices {layout}.\n\n"
     )
-    if "shift" in evaluation.metrics:
-        markdown += "## Shift suite\n\n" + _shift_table(evaluation.metrics["shift"]) + "\n"
+    if metrics.get("shift"):
+        markdown += "## Shift suite\n\n" + _shift_table(metrics["shift"]) + "\n"
     markdown += f"Card: `{card_uri}`\n"
     create_markdown_artifact(key="model-card", markdown=markdown, description=f"{model_name} {version}: metrics with 95% CIs")
 

@@ -48,7 +48,7 @@ def train_evaluate_register(
             split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
         )
     create_table_artifact(key="model-metrics", table=evaluate.rows(metrics), description=f"{model_name} {ref.version}")
-    model_report_artifacts(model_name, ref.version, result.evaluation, result.pictures, ref.card_uri)
+    model_report_artifacts(model_name, ref.version, metrics, result.evaluation.threshold, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(

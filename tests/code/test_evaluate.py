@@ -218,3 +218,35 @@ def test_evaluate_model_records_ci_threshold_labels_and_no_shift_without_shift_d
     assert set(evaluation.metrics["val"]["ci95"]) == set(CI_METRICS)
     assert evaluation.history == history
     json.dumps({**fields, "metrics": evaluation.metrics})
+
+
+def test_evaluate_model_scores_every_shift_with_the_clean_reference(monkeypatch):
+    """Each shift's features are scored as if alone (one batched pass must not mix them up), and
+    pneumo.shift.shift_metrics gets them with the clean scores under "clean"."""
+    import sys
+    import types
+
+    import torch
+
+    from pneumo.model import TinyNet
+    from pneumo.train import predict_proba
+
+    received = {}
+
+    def shift_metrics(labels, probs_by_shift, threshold):  # stands in for pneumo.shift's (another branch)
+        received.update(probs_by_shift)
+        return {"per_shift": {n: {"roc_auc": 0.5} for n in probs_by_shift if n != "clean"}, "clean": {}, "worst": {}}
+
+    monkeypatch.setitem(sys.modules, "pneumo.shift", types.SimpleNamespace(shift_metrics=shift_metrics))
+    torch.manual_seed(0)
+    state_dict = TinyNet(n_features=140).state_dict()
+    rng = np.random.default_rng(0)
+    shifted = {name: rng.random((30, 140), dtype=np.float32) for name in ("blur", "jpeg", "zoom")}
+    val = Split(rng.random((30, 140), dtype=np.float32), rng.integers(0, 2, 30), list(range(30)), shift=shifted)
+    test = Split(rng.random((20, 140), dtype=np.float32), rng.integers(0, 2, 20), list(range(20)))  # no shift data
+    evaluation = evaluate_model(state_dict, {"val": val, "test": test}, 0.5, n_boot=50)
+    assert set(evaluation.metrics["shift"]) == {"val"}
+    assert set(received) == {"clean", "blur", "jpeg", "zoom"}
+    np.testing.assert_allclose(received["clean"], predict_proba(state_dict, val.features), rtol=1e-6)
+    for name, X in shifted.items():
+        np.testing.assert_allclose(received[name], predict_proba(state_dict, X), rtol=1e-6, atol=1e-7)

@@ -49,7 +49,9 @@ def test_report_artifacts_carry_the_ci_table_and_every_picture():
 
     @flow
     def report():
-        model_report_artifacts("tinynet", "v0007", evaluation, pngs, "/registry/tinynet/v0007/card.json")
+        model_report_artifacts(
+            "tinynet", "v0007", evaluation.metrics, 0.5, pngs, "/registry/tinynet/v0007/card.json"
+        )
         return get_run_context().flow_run.id
 
     run_id = report()
