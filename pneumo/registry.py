@@ -127,9 +127,10 @@ def register(
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     card = dict(card)
-    onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
-    if onnx_model is not None:
-        extra_files["model.onnx"] = onnx_model
+    if "model.onnx" not in extra_files:
+        onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
+        if onnx_model is not None:
+            extra_files["model.onnx"] = onnx_model
     files = {"model.pt": file_entry(weights), **{name: file_entry(data) for name, data in extra_files.items()}}
     full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **files}, "model_name": model_name}
     json.dumps(full_card)  # a card that cannot be written must fail before a number is claimed

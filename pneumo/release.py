@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, registry, shards, storage, train
+from pneumo import evaluate, plots, registry, shards, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,10 @@ def train_and_register(
         shards_digest=index.digest,
         counts=index.counts,
         champion_comparison=comparison,
-        recipe=recipe,
-        **evaluation.card_fields(plots=sorted(pictures)),
-        **(card_extra or {}),
+        **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
-    version = registry.register(registry_uri, model_name, fitted.state_dict, card)
-    plots.write_all(storage.join(registry_uri, model_name, version), pictures)
+    # The pictures are written with the version, before its card: a card never lists missing files.
+    version = registry.register(registry_uri, model_name, fitted.state_dict, card, extra_files=pictures)
     registry.set_alias(registry_uri, model_name, "latest", version)
     promotion = registry.promote(
         registry_uri, model_name, version, fitted.metrics["val"], champion_metric,

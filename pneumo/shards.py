@@ -72,7 +72,7 @@ class ShardResult(BaseModel):
     split: str
     number: int
     count: int  # images stored
-    rows: int = 0  # rows stored: images plus their renditions
+    rows: int = 0  # rows stored: images plus their renditions (0: same as count)
     class_counts: dict[str, int]  # images stored per class name
     sha256: str  # of the file's bytes
     quarantine: list[QuarantineEntry] = []
@@ -198,7 +198,12 @@ def _result(
     )
 
 
-def _write_h5(path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions, shifted) -> None:
+def _write_h5(
+    path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None
+) -> None:
+    """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
+    if renditions is None:
+        renditions = np.zeros(len(labels), np.uint8)
     strings = h5py.string_dtype("utf-8")
     # Fixed libver and no creation times: the same inputs give the same bytes.
     with h5py.File(path, "w", libver=("v110", "v110"), track_order=False) as f:
@@ -348,7 +353,7 @@ def write_index(
         name = result.uri[len(folder) :].lstrip("/\\")
         shards.append(
             {"name": name, "split": result.split, "number": result.number, "count": result.count,
-             "rows": result.rows, "sha256": result.sha256}
+             "rows": result.rows or result.count, "sha256": result.sha256}
         )
         for class_name, count in result.class_counts.items():
             counts[result.split][class_name] += count

@@ -101,6 +101,7 @@ def _binary(source: str | Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
         with open(source, "rb") as handle:
             yield handle
     elif source.seekable():
+        source.seek(0)  # read from the start, whatever the caller read before
         yield source
     else:  # a pipe or socket: the decoder seeks, so read it whole
         yield io.BytesIO(source.read())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 
 import numpy as np
 import pytest
+import torch
 
 from pneumo import registry, storage
 from pneumo.predict import CardError, ModelNotFound, Predictor, list_inputs
@@ -103,7 +106,8 @@ def test_an_older_card_is_refused_naming_the_missing_fields(tmp_path):
 def test_weights_that_do_not_match_the_card_are_refused(tmp_path):
     root = str(tmp_path / "registry")
     weights = state_dict(1)
-    registry.register(root, "tinynet", weights, card(state_dict(2)))  # the card records other weights
+    registry.register(root, "tinynet", weights, card(weights))
+    torch.save(state_dict(2), Path(root, "tinynet", "v0001", "model.pt"))  # other weights, after registration
     with pytest.raises(CardError, match="does not match the sha256"):
         Predictor.from_registry(root, version="v0001")
 
