@@ -451,7 +451,8 @@ def compare(
     }
 
 
-ChampionVal = Callable[[str], "tuple[dict[str, Any], str]"]
+# version -> (its val metrics, where they come from); raises CorruptModel for a damaged model
+ChampionVal = Callable[[str], tuple[dict[str, Any], str]]
 
 
 def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
@@ -470,7 +471,9 @@ def champion_to_beat(
     """
     target, token = read_alias(registry, model_name, CHAMPION)
     notes: list[str] = []
-    if target is not None and target != challenger:
+    if target is not None and target == challenger:  # already champion: nothing to compare
+        return target, token, None, None, None, notes
+    if target is not None:
         try:
             if not (isinstance(target, str) and _VERSION.match(target)) or not storage.exists(
                 _card_uri(registry, model_name, target)
@@ -528,11 +531,12 @@ def promote(
     validate_champion_metric(metric)
     uri = _alias_uri(registry, model_name, CHAMPION)
     pointer = _alias_pointer(registry, model_name, CHAMPION, version)
+    champion_val = champion_val or (lambda v: champion_val_metrics(registry, model_name, v, None))
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 
-    def scored(v: str) -> tuple[dict[str, Any], str]:
+    def scored(v: str) -> tuple[dict[str, Any], str]:  # each version once, however many attempts
         if v not in scores:
-            scores[v] = (champion_val or (lambda x: champion_val_metrics(registry, model_name, x, None)))(v)
+            scores[v] = champion_val(v)
         return scores[v]
 
     conflicts: list[str] = []
