@@ -418,18 +418,22 @@ def compare(
     champion_version: str | None,
     champion_val: dict[str, Any] | None,
     basis: str | None = None,
+    notes: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """The champion/challenger decision, as recorded in the challenger's card.
 
     The first model becomes champion. After that the challenger is promoted only when its
     validation ``metric`` is strictly greater than the champion's: a tie keeps the
     champion. A metric that could not be computed (ROC AUC of a one-class val split)
-    loses to any number and never wins against a champion.
+    loses to any number and never wins against a champion. ``notes`` say what was skipped
+    on the way (a missing, broken or corrupt champion) and are kept with the decision.
     """
     validate_champion_metric(metric)
     challenger = challenger_val.get(metric)
     champion = None if champion_val is None else champion_val.get(metric)
-    if champion_version is None:
+    if champion_version is None and notes:  # the alias was broken or every other version corrupt
+        promoted, reason = True, "no intact champion or version to compare with (see notes): the new model becomes champion"
+    elif champion_version is None:
         promoted, reason = True, "no champion yet: the first model becomes champion"
     elif challenger is None:
         promoted, reason = False, f"challenger has no val {metric}"
@@ -448,6 +452,7 @@ def compare(
         "basis": basis,
         "promoted": promoted,
         "reason": reason,
+        "notes": list(notes),
     }
 
 
@@ -546,7 +551,7 @@ def promote(
         )
         for note in notes:
             logger.warning(note)
-        comparison = compare(metric, challenger_val, champion, champion_vals, basis)
+        comparison = compare(metric, challenger_val, champion, champion_vals, basis, notes)
         if target == version:
             comparison.update(promoted=True, reason=f"{version} is already champion")
         elif force:
@@ -561,7 +566,7 @@ def promote(
         if conflicts and not comparison["promoted"]:
             comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
         outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
-                   "conflicts": conflicts, "notes": notes,
+                   "conflicts": conflicts,
                    "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         promotion_uri = storage.join(_model_root(registry, model_name), version, "promotion.json")
         try:

@@ -79,7 +79,7 @@ def train_and_register(
         registry_uri, model_name, None, champion_metric, champion_val
     )
     # The notes (alias missing, broken or corrupt) are logged as warnings by promote() below.
-    comparison = {**registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis), "notes": notes}
+    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis, notes)
     training = {
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
         "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2),
