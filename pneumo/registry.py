@@ -425,18 +425,22 @@ def compare(
     champion_version: str | None,
     champion_val: dict[str, Any] | None,
     basis: str | None = None,
+    notes: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """The champion/challenger decision, as recorded in the challenger's card.
 
     The first model becomes champion. After that the challenger is promoted only when its
     validation ``metric`` is strictly greater than the champion's: a tie keeps the
     champion. A metric that could not be computed (ROC AUC of a one-class val split)
-    loses to any number and never wins against a champion.
+    loses to any number and never wins against a champion. ``notes`` say what was skipped
+    on the way (a missing, broken or corrupt champion) and are kept with the decision.
     """
     validate_champion_metric(metric)
     challenger = challenger_val.get(metric)
     champion = None if champion_val is None else champion_val.get(metric)
-    if champion_version is None:
+    if champion_version is None and notes:  # the alias was broken or every other version corrupt
+        promoted, reason = True, "no intact champion or version to compare with (see notes): the new model becomes champion"
+    elif champion_version is None:
         promoted, reason = True, "no champion yet: the first model becomes champion"
     elif challenger is None:
         promoted, reason = False, f"challenger has no val {metric}"
@@ -455,10 +459,12 @@ def compare(
         "basis": basis,
         "promoted": promoted,
         "reason": reason,
+        "notes": list(notes),
     }
 
 
-ChampionVal = Callable[[str], "tuple[dict[str, Any], str]"]
+# version -> (its val metrics, where they come from); raises CorruptModel for a damaged model
+ChampionVal = Callable[[str], tuple[dict[str, Any], str]]
 
 
 def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
@@ -477,7 +483,9 @@ def champion_to_beat(
     """
     target, token = read_alias(registry, model_name, CHAMPION)
     notes: list[str] = []
-    if target is not None and target != challenger:
+    if target is not None and target == challenger:  # already champion: nothing to compare
+        return target, token, None, None, None, notes
+    if target is not None:
         try:
             if not (isinstance(target, str) and _VERSION.match(target)) or not storage.exists(
                 _card_uri(registry, model_name, target)
@@ -535,11 +543,12 @@ def promote(
     validate_champion_metric(metric)
     uri = _alias_uri(registry, model_name, CHAMPION)
     pointer = _alias_pointer(registry, model_name, CHAMPION, version)
+    champion_val = champion_val or (lambda v: champion_val_metrics(registry, model_name, v, None))
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 
-    def scored(v: str) -> tuple[dict[str, Any], str]:
+    def scored(v: str) -> tuple[dict[str, Any], str]:  # each version once, however many attempts
         if v not in scores:
-            scores[v] = (champion_val or (lambda x: champion_val_metrics(registry, model_name, x, None)))(v)
+            scores[v] = champion_val(v)
         return scores[v]
 
     conflicts: list[str] = []
@@ -549,7 +558,7 @@ def promote(
         )
         for note in notes:
             logger.warning(note)
-        comparison = compare(metric, challenger_val, champion, champion_vals, basis)
+        comparison = compare(metric, challenger_val, champion, champion_vals, basis, notes)
         if target == version:
             comparison.update(promoted=True, reason=f"{version} is already champion")
         elif force:
@@ -564,7 +573,7 @@ def promote(
         if conflicts and not comparison["promoted"]:
             comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
         outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
-                   "conflicts": conflicts, "notes": notes,
+                   "conflicts": conflicts,
                    "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         promotion_uri = storage.join(_model_root(registry, model_name), version, "promotion.json")
         try:

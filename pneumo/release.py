@@ -89,9 +89,8 @@ def train_and_register(
     _, _, champion, champion_vals, basis, notes = registry.champion_to_beat(
         registry_uri, model_name, None, champion_metric, champion_val
     )
-    for note in notes:
-        logger.warning(note)
-    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis)
+    # The notes (alias missing, broken or corrupt) are logged as warnings by promote() below.
+    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis, notes)
     training = {
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
         "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,

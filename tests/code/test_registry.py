@@ -284,6 +284,8 @@ def test_a_broken_alias_is_named_as_such(tmp_path):
     message = "alias champion of m points at v9999, which does not exist"
     with pytest.raises(registry.BrokenAlias, match=message):
         registry.get_alias(reg, "m", "champion")
+    assert registry.describe_alias(reg, "m", "champion").startswith(f"broken: {message}")  # the run summary
+    assert registry.describe_alias(reg, "m", "latest") == "not set"
     with pytest.raises(FileNotFoundError, match=message):
         registry.resolve(reg, "m", "champion")
     with pytest.raises(FileNotFoundError, match=message):

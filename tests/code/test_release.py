@@ -74,6 +74,8 @@ def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     # No intact version is left to compare with: the new one takes over.
     assert result.is_champion and registry.get_alias(reg, "tinynet", "champion") == "v0002"
     assert any("v0001" in note for note in result.promotion["notes"])
+    assert result.promotion["reason"].startswith("no intact champion or version to compare with")
+    assert registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]["notes"] == result.promotion["notes"]
 
     # The next run compares with v0002, re-scored on this run's val split.
     third = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
