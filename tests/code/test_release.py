@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
 import pytest
 
-from pneumo import registry, release, shards
+from pneumo import registry, release, shards, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 
 
@@ -42,7 +43,7 @@ CONFIG = TrainConfig(epochs=3, patience=3, threshold=0.4)
 def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
-    result = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", card_extra={"recipe": "seed"})
+    result = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert result.ref.version == "v0001" and result.is_champion
     assert result.promotion["reason"] == "no champion yet: the first model becomes champion"
     card = registry.load_card(reg, "tinynet", "v0001")
@@ -50,7 +51,12 @@ def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
     assert card["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
     assert card["threshold"] == 0.4 == card["config"]["train"]["threshold"]
-    assert set(card["files"]) == {"model.pt"} and len(card["files"]["model.pt"]["sha256"]) == 64
+    # model.pt, model.onnx and the pictures, each with the sha256 of the bytes beside the card
+    assert {"model.pt", "model.onnx", "roc.png", "learning_curves.png"} <= set(card["files"])
+    assert set(card["plots"]) <= set(card["files"])
+    for name, entry in card["files"].items():
+        data = storage.read_bytes(storage.join(reg, "tinynet", "v0001", name))
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert card["metrics"]["val"]["n"] == 120 and card["data"]["manifest_digest"] == "d" * 64
     assert registry.get_alias(reg, "tinynet", "latest") == "v0001"
     assert registry.get_alias(reg, "tinynet", "champion") == "v0001"
