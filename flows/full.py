@@ -505,7 +505,7 @@ def failure_message(error: BaseException, api_url: Optional[str], api_gone: bool
     if is_retryable(error):
         hint = "retries exhausted; if the cause was passing, re-run the same command: finished stages are cached"
     else:
-        hint = "not retried: trying again cannot fix this; correct the input or setting above and re-run"
+        hint = "not retried: trying again cannot fix this; correct what it names and re-run"
     return f"pneumo: the run failed: {error}\n  ({hint}; --verbose shows the traceback, the Prefect log always has it)"
 
 
