@@ -419,9 +419,10 @@ class _WithoutTraceback(logging.Formatter):
 def _failure_record(record: logging.LogRecord) -> bool:
     """Prefect's own reports of a failure, which the CLI sums up in one line at the end."""
     message = str(record.msg)
+    if message.startswith("Finished in state Failed"):  # INFO for a flow run, ERROR for a task run
+        return True
     return record.levelno >= logging.ERROR and (
         record.exc_info is not None
-        or message.startswith("Finished in state Failed")
         or message.startswith("Task run failed with exception")
         or message.startswith("Encountered exception during execution")
     )
