@@ -18,6 +18,7 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
@@ -466,9 +467,10 @@ class _WithoutTraceback(logging.Formatter):
 def _failure_record(record: logging.LogRecord) -> bool:
     """Prefect's own reports of a failure, which the CLI sums up in one line at the end."""
     message = str(record.msg)
+    if message.startswith("Finished in state Failed"):  # INFO for a flow run, ERROR for a task run
+        return True
     return record.levelno >= logging.ERROR and (
         record.exc_info is not None
-        or message.startswith("Finished in state Failed")
         or message.startswith("Task run failed with exception")
         or message.startswith("Encountered exception during execution")
     )
@@ -486,21 +488,64 @@ def _terminal_without_tracebacks() -> None:
                 handler.addFilter(lambda record: not _failure_record(record))
 
 
-def _api_unreachable(url: Optional[str]) -> bool:
+def _api_unreachable(url: Optional[str], timeout: float = 3.0) -> bool:
+    """True when nothing answers at the API's address (any HTTP answer counts as alive)."""
     if not url:
         return False
     import httpx
 
     try:
-        httpx.get(f"{url.rstrip('/')}/health", timeout=3)
-    except httpx.HTTPError:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.TransportError:
         return True
     return False
 
 
-def failure_message(error: BaseException, api_url: Optional[str]) -> str:
-    """One line (or two) saying why the run failed and what to do next."""
-    if _api_unreachable(api_url):
+API_GONE_AFTER_SECONDS = 30.0
+
+
+def _watch_api(url: Optional[str], on_gone: Callable[[float], None], every: float = 5.0,
+               gone_after: float = API_GONE_AFTER_SECONDS) -> threading.Event:
+    """Call ``on_gone(seconds)`` once the API has not answered for ``gone_after`` seconds; set the event to stop.
+
+    A task that computes (training, a transform) talks to the API only when it ends, so
+    without this a run whose API died would go on for minutes, then fail on a refused
+    connection that names nothing.
+    """
+    stop = threading.Event()
+
+    def watch() -> None:
+        last_answer = time.monotonic()
+        while not stop.wait(every):
+            if not _api_unreachable(url, timeout=every):
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer >= gone_after and not stop.is_set():
+                on_gone(time.monotonic() - last_answer)
+                return
+
+    if url:
+        threading.Thread(target=watch, name="prefect-api-watch", daemon=True).start()
+    return stop
+
+
+def _exit_api_gone(url: str) -> Callable[[float], None]:
+    def exit_now(seconds: float) -> None:
+        print(
+            f"\npneumo: the Prefect API at {url} went away: no answer for {seconds:.0f} s.\n"
+            "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
+            "the stages that finished are cached and are not repeated.",
+            file=sys.stderr, flush=True,
+        )
+        sys.stdout.flush()
+        # Nothing can be reported to a dead API, and Prefect's workers would retry it for minutes at exit.
+        os._exit(1)
+
+    return exit_now
+
+
+def failure_message(error: BaseException, api_url: Optional[str], api_gone: bool) -> str:
+    """Two lines: why the run failed, and what to do next."""
+    if api_gone:
         return (
             f"pneumo: the Prefect API at {api_url} went away during the run ({type(error).__name__}: {error}).\n"
             "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
@@ -509,7 +554,7 @@ def failure_message(error: BaseException, api_url: Optional[str]) -> str:
     if is_retryable(error):
         hint = "retries exhausted; if the cause was passing, re-run the same command: finished stages are cached"
     else:
-        hint = "not retried: trying again cannot fix this; correct the input or setting above and re-run"
+        hint = "not retried: trying again cannot fix this; correct what it names and re-run"
     return f"pneumo: the run failed: {error}\n  ({hint}; --verbose shows the traceback, the Prefect log always has it)"
 
 
@@ -538,6 +583,7 @@ API_GONE = False  # set by main() when the run failed because the Prefect API we
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    global API_GONE
     args = parse_args(argv)
     try:
         # Only the options given on the command line override the recipe.
@@ -557,6 +603,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with prefect_api(), _bounded_api_retries():
         from prefect.settings import PREFECT_API_URL
 
+        api_url = PREFECT_API_URL.value()
+        stop_watching = _watch_api(api_url, _exit_api_gone(api_url))
         try:
             summary = full(
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
@@ -566,11 +614,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,
             )
         except Exception as error:  # the Prefect log has the traceback; end on the reason and the next step
-            api_url = PREFECT_API_URL.value()
-            print(f"\n{failure_message(error, api_url)}", file=sys.stderr, flush=True)
-            global API_GONE
+            stop_watching.set()
             API_GONE = _api_unreachable(api_url)
+            print(f"\n{failure_message(error, api_url, API_GONE)}", file=sys.stderr, flush=True)
             return 1
+        stop_watching.set()
     print_summary(summary, time.perf_counter() - started)
     return 0
 
