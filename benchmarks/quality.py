@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's maximum epochs")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing shards")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
+                        help="print the table of earlier --json reports (their recipes together) and exit")
     args = parser.parse_args(argv)
+    if args.table_from:
+        reports = [json.loads(path.read_text()) for path in args.table_from]
+        print(table({"recipes": {name: runs for report in reports for name, runs in report["recipes"].items()}}))
+        return 0
     if not (args.source / "train").is_dir():
         print(f"error: {args.source} has no train/ folder (see ../shared/data/chest_xray_224/README.md)", file=sys.stderr)
         return 2
