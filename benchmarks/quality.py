@@ -7,7 +7,8 @@ patient-grouped split and report mean +- sd over the seeds of
 - carved-val ROC AUC, accuracy, specificity (the split early stopping watched),
 - the shift suite's worst case (pneumo.shift) over val and test together: ROC AUC and
   specificity, each the minimum over the shifts,
-- the training time (TinyNet on the train rows, renditions included, one thread).
+- the training time (TinyNet on the train rows, renditions included, one thread): wall
+  seconds, and CPU seconds, which on a shared, busy machine estimate the idle wall time.
 
 The carved splits come from the same period as train; the shift suite is the proxy for
 films of another period. Prints a markdown table for the README, then the figures as JSON.
@@ -58,7 +59,9 @@ def run_seed(data: dict[str, shards.ShardData], recipe: str, seed: int, epochs: 
     """Train one seed; its carved-val metrics, the shift suite's worst case and the training time."""
     update = {"seed": seed} if epochs is None else {"seed": seed, "epochs": epochs}
     config = RECIPES[recipe].train.model_copy(update=update)
+    cpu = time.process_time()
     result = train(data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config)
+    cpu = time.process_time() - cpu  # TinyNet trains on one thread: its CPU time is what an idle machine's wall time would be
     val = evaluate.metrics(data["val"].labels, predict_proba(result.state_dict, data["val"].features), config.threshold)
     test = evaluate.metrics(data["test"].labels, predict_proba(result.state_dict, data["test"].features), config.threshold)
     # The shift suite over val and test together: twice the rows, half the noise of either.
@@ -80,6 +83,7 @@ def run_seed(data: dict[str, shards.ShardData], recipe: str, seed: int, epochs: 
         "shift_worst_specificity_shift": shifted["worst"]["specificity"][1],
         "shift_clean_specificity": shifted["clean"]["specificity"],
         "train_seconds": result.seconds,
+        "train_cpu_seconds": cpu,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "n_train_rows": result.n_train,
@@ -93,6 +97,7 @@ COLUMNS = [
     ("shift_worst_auc", "shift worst AUC", 3),
     ("shift_worst_specificity", "shift worst specificity", 3),
     ("train_seconds", "train s", 1),
+    ("train_cpu_seconds", "train CPU s", 1),
 ]
 
 
@@ -108,7 +113,8 @@ def table(report: dict) -> str:
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
     for recipe, runs in report["recipes"].items():
-        cells = [_cell([run[key] for run in runs["seeds"]], digits) for key, _, digits in COLUMNS]
+        cells = [_cell([run[key] for run in runs["seeds"]], digits) if key in runs["seeds"][0] else "n/a"
+                 for key, _, digits in COLUMNS]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's maximum epochs")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing shards")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
+                        help="print the table of earlier --json reports (their recipes together) and exit")
     args = parser.parse_args(argv)
+    if args.table_from:
+        reports = [json.loads(path.read_text()) for path in args.table_from]
+        print(table({"recipes": {name: runs for report in reports for name, runs in report["recipes"].items()}}))
+        return 0
     if not (args.source / "train").is_dir():
         print(f"error: {args.source} has no train/ folder (see ../shared/data/chest_xray_224/README.md)", file=sys.stderr)
         return 2

@@ -91,6 +91,21 @@ class ShardData:
         if self.renditions is None:
             object.__setattr__(self, "renditions", np.zeros(len(self.labels), np.uint8))
 
+    def originals(self) -> "ShardData":
+        """The rows of the images themselves (rendition 0), one per image, with their shift rows."""
+        keep = self.renditions == 0
+        if keep.all():
+            return self
+        where = np.flatnonzero(keep)
+        return ShardData(
+            features=self.features[keep],
+            labels=self.labels[keep],
+            relpaths=[self.relpaths[i] for i in where],
+            patient_ids=[self.patient_ids[i] for i in where],
+            renditions=self.renditions[keep],
+            shift={name: rows[keep] for name, rows in self.shift.items()},
+        )
+
 
 def shard_dir(out_dir: str, manifest_digest: str, transform: TransformConfig, split_config: SplitConfig, shard_size: int) -> str:
     """The folder of one set of shards, named after everything that decides their contents.

@@ -22,6 +22,12 @@ Two methods give the same features up to resampling detail:
   recipe; on one process it takes 1.12x to 1.17x the time of the bare 1/8-scale decode.
   For JPEGs it takes libjpeg's luma (0.299 R + 0.587 G + 0.114 B) instead of the channel
   mean; the two are equal for gray X-rays.
+
+A third method, ``resample`` (the robust recipe's), decodes at a reduced scale, resamples
+the crop to a canvas of ``cell_pixels`` per cell side (``Resampler``) and pools it with max
+and/or mean, each part z-scored per image if asked (``pool_features``). ``config.size`` does
+not matter to it: the cells cover the same parts of the film at any size. The same decoded
+picture serves its augmented renditions (pneumo.augment) and the shift suite (pneumo.shift).
 """
 
 from __future__ import annotations

@@ -141,3 +141,11 @@ def test_shards_store_the_rendition_index(manifest, tmp_path):
         assert f["renditions"].dtype == np.uint8
         assert f["features"].shape == (len(spec.records) * 4, 140)
     assert result.count == len(spec.records) and result.rows == 4 * len(spec.records)
+
+
+def test_originals_keeps_one_row_per_image(manifest, tmp_path):
+    train = load_split(_write_all(manifest, tmp_path / "shards"), "train")
+    originals = train.originals()
+    assert originals.relpaths == train.relpaths[:: TRANSFORM.renditions + 1]
+    np.testing.assert_array_equal(originals.features, train.features[train.renditions == 0])
+    assert originals.renditions.tolist() == [0] * len(originals.relpaths)

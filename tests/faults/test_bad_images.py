@@ -50,7 +50,7 @@ def test_shards_hold_exactly_the_good_files(mixed_run):
     root, odd, bad, junk, summary = mixed_run
     in_shards = []
     for split in ("train", "val", "test"):
-        in_shards += shards.load_split(summary["shards_index"], split).relpaths
+        in_shards += shards.load_split(summary["shards_index"], split).originals().relpaths
     assert len(in_shards) == len(set(in_shards))
     assert set(in_shards) == all_files(root) - set(bad) - set(junk)
     assert set(odd) <= set(in_shards)
@@ -74,7 +74,7 @@ def test_odd_formats_give_the_features_of_the_upright_gray_image(mixed_run, tmp_
     config = TransformConfig(**shards.read_index(summary["shards_index"])["transform"])
     features = {}
     for split in ("train", "val", "test"):
-        part = shards.load_split(summary["shards_index"], split)
+        part = shards.load_split(summary["shards_index"], split).originals()
         features.update(zip(part.relpaths, part.features))
     for relpath, upright in odd.items():
         reference = tmp_path / "upright.png"

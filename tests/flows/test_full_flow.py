@@ -93,7 +93,7 @@ def test_every_input_image_is_accounted_for(first_run, subset_source):
     index = shards.read_index(summary["shards_index"])
     in_shards = []
     for split in ("train", "val", "test"):
-        in_shards += shards.load_split(summary["shards_index"], split).relpaths
+        in_shards += shards.load_split(summary["shards_index"], split).originals().relpaths
     quarantined = [q.relpath for q in manifest.quarantine] + [q["relpath"] for q in index["quarantine"]]
     assert sorted(in_shards + quarantined) == inputs
     assert len(set(in_shards)) == len(in_shards)
