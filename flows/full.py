@@ -28,9 +28,8 @@ from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from pneumo import download, pool, shards, storage  # noqa: E402
+from pneumo import download, pool, sharding, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
-from pneumo.manifest import load_manifest  # noqa: E402
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
@@ -110,70 +109,53 @@ def shard_stage(
     *,
     root: str,
 ) -> shards.IndexRef:
-    """Stage 3, inside a flow run: plan the shards, write them on ``runner``, then the index.
+    """Stage 3, inside a flow run: the library's plan (pneumo.sharding), one write-shard task per shard on
+    ``runner``, the broken ones rebuilt, then the index task.
 
-    ``root`` is the folder this run's images are in (its ManifestRef.root): the manifest
-    file is shared by every copy of the same data and does not say which copy to read.
-    Planning happens here, from the manifest's URI: each spec carries its shard's records,
-    so the tasks' inputs stay small. With ``processes`` each shard task hands its pixel
-    work to a pool of local processes forked from a warm forkserver, which compute within
-    a second; Prefect's ProcessPoolTaskRunner spent ~3 s booting interpreters that import
-    Prefect and its plugins and ~1.5 s tearing them down, 45 % of this stage on 5,840
-    images. The stage is not a subflow for the same reason: a subflow run adds ~0.7 s.
+    ``root`` is the folder this run's images are in (its ManifestRef.root). With ``processes``
+    each shard task hands its pixel work to a pool of local processes forked from a warm
+    forkserver, which compute within a second; Prefect's ProcessPoolTaskRunner spent ~3 s
+    booting interpreters that import Prefect and its plugins and ~1.5 s tearing them down,
+    45 % of this stage on 5,840 images. The stage is not a subflow for the same reason: a
+    subflow run adds ~0.7 s.
     """
     logger = get_run_logger()
-    manifest = load_manifest(manifest_uri, root)
-    shards_root = storage.join(workdir, "shards")
-    specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
-    index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
-    logger.info("transform: %d shard(s) of up to %d images on the %s runner", len(specs), shard_size, runner)
+    plan = sharding.plan(manifest_uri, root, split, transform, shard_size, workdir)
+    logger.info("transform: %d shard(s) of up to %d images on the %s runner", len(plan.specs), shard_size, runner)
+    shard_task = _with_run_options(write_shard, workdir, retries)
     transform_pool = pool.ProcessPool(workers or os.cpu_count() or 1) if runner == "processes" else None
     try:
         with task_runner(runner, workers, dask_address) as shard_runner:
-            results = _write_shards(shard_runner, specs, workdir, retries, transform_pool)
+            results = _map_shards(shard_runner, shard_task, plan.specs, transform_pool)
+            broken = sharding.set_aside_broken(plan.specs, results)
+            for spec, problem in broken:
+                logger.warning("shard %s: %s; rebuilding it", spec.uri, problem)
+            if broken:
+                rebuild = shard_task.with_options(refresh_cache=True)
+                rebuilt = _map_shards(shard_runner, rebuild, [spec for spec, _ in broken], transform_pool)
+                results = sharding.with_rebuilt(results, rebuilt)
     finally:
         if transform_pool:
             transform_pool.close()
     index_task = _with_run_options(write_index, workdir, retries)
     return _checked(
-        index_task, lambda ref: [ref.uri], "index", results, index_uri, specs[0].manifest_digest, transform, split
+        index_task, lambda ref: [ref.uri], "index",
+        results, plan.index_uri, plan.manifest_digest, plan.transform, plan.split,
     )
 
 
-def _write_shards(
-    shard_runner: Any,
-    specs: list[shards.ShardSpec],
-    workdir: str,
-    retries: int,
-    transform_pool: Optional[pool.ProcessPool],
+def _map_shards(
+    shard_runner: Any, shard_task: Any, specs: list[shards.ShardSpec], transform_pool: Optional[pool.ProcessPool]
 ) -> list[shards.ShardResult]:
-    """The mapped shard tasks, in spec order; shards found broken afterwards are rebuilt."""
+    """The shard task mapped over ``specs`` on the task runner; results in spec order."""
     logger = get_run_logger()
-    shard_task = _with_run_options(write_shard, workdir, retries)
     futures = shard_runner.map(shard_task, {"spec": specs, "pool": unmapped(transform_pool)})
     by_uri: dict[str, shards.ShardResult] = {}
     for done, future in enumerate(as_completed(futures), start=1):
         result = future.result()
         by_uri[result.uri] = result
         logger.info("shards: %d/%d done", done, len(specs))
-    results = [by_uri[spec.uri] for spec in specs]
-
-    # The cache remembers results, not files: a shard deleted or changed since it was
-    # written is set aside and rebuilt, never trusted.
-    broken = []
-    for spec, result in zip(specs, results):
-        problem = shards.shard_problem(result.uri, result.sha256)
-        if problem:
-            logger.warning("shard %s: %s; rebuilding it", result.uri, problem)
-            storage.delete(result.uri)
-            broken.append(spec)
-    if broken:
-        rebuild = shard_runner.map(
-            shard_task.with_options(refresh_cache=True), {"spec": broken, "pool": unmapped(transform_pool)}
-        )
-        rebuilt = {r.uri: r for r in rebuild.result()}
-        results = [rebuilt.get(r.uri, r) for r in results]
-    return results
+    return [by_uri[spec.uri] for spec in specs]
 
 
 @flow(name="pneumo-full")

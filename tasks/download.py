@@ -16,7 +16,7 @@ from tasks.retry import retry_options
 @task(
     name="download",
     **retry_options(),
-    cache_policy=cache_policy("pneumo.download", "pneumo.manifest"),
+    cache_policy=cache_policy(),
 )
 def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef:
     """Fetch ``source`` into the workdir cache and write its manifest.

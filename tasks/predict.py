@@ -18,7 +18,7 @@ from tasks.caching import cache_policy
     retry_delay_seconds=[2, 10, 30],
     # The source fingerprint is an input, so changed files change the key; where the
     # pixels are computed does not change the predictions.
-    cache_policy=cache_policy("pneumo.predict", "pneumo.transform", "pneumo.sizes", "pneumo.model", ignore=("pool",)),
+    cache_policy=cache_policy(ignore=("pool",)),
 )
 def score_chunk(
     images: list[predict.InputImage],
@@ -45,7 +45,7 @@ def score_chunk(
     name="write-predictions",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
-    cache_policy=cache_policy("pneumo.predict"),
+    cache_policy=cache_policy(),
 )
 def write_predictions(rows: list[dict[str, Any]], uri: str) -> str:
     """Write the predictions CSV (scored images only) and return its URI."""

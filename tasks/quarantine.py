@@ -14,7 +14,7 @@ from tasks.retry import retry_options
 @task(
     name="quarantine-report",
     **retry_options(),
-    cache_policy=cache_policy("pneumo.quarantine"),
+    cache_policy=cache_policy(),
 )
 def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: str, max_bad_fraction: float) -> str:
     """Write the quarantine report (JSON and artifact); fail if too much input was bad."""

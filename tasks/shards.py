@@ -7,7 +7,7 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from pneumo import shards
+from pneumo import sharding, shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
 from tasks.caching import cache_policy
@@ -18,16 +18,13 @@ from tasks.retry import retry_options
     name="write-shard",
     **retry_options(),
     # Where the pixels are computed does not change the shard.
-    cache_policy=cache_policy(
-        "pneumo.shards", "pneumo.transform", "pneumo.augment", "pneumo.shift", "pneumo.splits", "pneumo.sizes",
-        "pneumo.formats", ignore=("pool",)
-    ),
+    cache_policy=cache_policy(ignore=("pool",)),
 )
 def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:
     """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""
     logger = get_run_logger()
     started = time.perf_counter()
-    result = pool.run(shards.write_shard, spec) if pool else shards.write_shard(spec)
+    result = sharding.write_one(spec, pool)
     seconds = time.perf_counter() - started
     logger.info(
         "%s-%04d: %d images, %d quarantined, %.1fs (%.0f images/s)",
@@ -40,7 +37,7 @@ def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> s
 @task(
     name="write-shard-index",
     **retry_options(),
-    cache_policy=cache_policy("pneumo.shards"),
+    cache_policy=cache_policy(),
 )
 def write_index(
     results: list[shards.ShardResult],
@@ -51,9 +48,6 @@ def write_index(
 ) -> shards.IndexRef:
     """Write index.json over every shard."""
     logger = get_run_logger()
-    shards.write_index(
-        results, index_uri, manifest_digest=manifest_digest, transform=transform, split_config=split_config
-    )
-    ref = shards.index_ref(index_uri)
+    ref = sharding.write_index(results, index_uri, manifest_digest, transform, split_config)
     logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
     return ref

@@ -17,7 +17,7 @@ BASE_PERCENTILES = (25, 50, 75, 90, 99)
 @task(
     name="size-percentiles",
     **retry_options(),
-    cache_policy=cache_policy("pneumo.sizes"),
+    cache_policy=cache_policy(),
 )
 def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> sizes.SizesRef:
     """Write width/height percentiles (overall and per class) and resolve the target size."""

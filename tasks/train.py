@@ -15,7 +15,7 @@ from tasks.retry import retry_options
 @task(
     name="train-evaluate-register",
     **retry_options(),
-    cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
+    cache_policy=cache_policy(),
 )
 def train_evaluate_register(
     index: shards.IndexRef,
