@@ -1,10 +1,12 @@
 """Prefect's overhead on the transform stage: the flow's shard stage against a bare process pool.
 
-For each shard size, the same shard specs are written twice into fresh folders: once by
+For each shard size, the same shard specs are written three times into fresh folders: once by
 ``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shards.write_shard (no Prefect),
-once by the pipeline's ``shard_stage`` with ``--runner processes``, timed inside a flow run
-as the pipeline runs it (planning, one task run per shard with cache lookup and result
-persistence, logging, the index task, one local Prefect server). Overhead = (flow - bare) / flow.
+once by the library's whole stage, ``pneumo.sharding.run`` with a process pool (planning,
+verifying, the index; no Prefect), and once by the flow's ``shard_stage`` with ``--runner
+processes``, timed inside a flow run as the pipeline runs it (the library's steps plus one
+task run per shard with cache lookup and result persistence, logging, the index task, one
+local Prefect server). Overhead = (flow - bare) / flow; Prefect's own share = (flow - library) / flow.
 
 The pipeline starts the transform pool's forkserver while stages 1 and 2 run; here it is
 started once before timing, and the time it took is printed.
@@ -30,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # synthesize.py
 from prefect import flow  # noqa: E402
 
 from flows.full import prefect_api, shard_stage  # noqa: E402
-from pneumo import pool, shards  # noqa: E402
+from pneumo import pool, sharding, shards  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
@@ -54,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/orchestration.py",
         description="Wall time of the flow's shard stage (Prefect, process pool) against a bare process pool "
-        "doing the same shards, per shard size.",
+        "and the library's stage without Prefect (pneumo.sharding.run) doing the same shards, per shard size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=Path("/tmp/pneumo-kaggle-5840"), help="Kaggle-layout folder of realistic JPEGs; made with benchmarks/synthesize.py if missing")
     parser.add_argument("--shard-sizes", default="500,1000,2000", help="comma-separated images per shard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes in both runs")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes in every run")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts (shared machines are noisy)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-orchestration"), help="scratch folder")
     args = parser.parse_args(argv)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with prefect_api():
         for shard_size in [int(s) for s in args.shard_sizes.split(",")]:
-            bare = in_flow = float("inf")
+            bare = library = in_flow = float("inf")
             for _ in range(args.repeats):
                 specs = plan(manifest, shard_size, args.workdir / "bare")
                 started = time.perf_counter()
@@ -87,15 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                     list(executor.map(shards.write_shard, specs))
                 bare = min(bare, time.perf_counter() - started)
 
+                started = time.perf_counter()
+                sharding.run(manifest_uri, manifest.root, SplitConfig(), TransformConfig(), shard_size,
+                             str(args.workdir / f"library-{time.time_ns()}"), workers=args.workers)
+                library = min(library, time.perf_counter() - started)
+
                 # A fresh workdir each time: new shard URIs, so no cache hit.
                 workdir = args.workdir / f"flow-{time.time_ns()}"
                 in_flow = min(in_flow, timed_shard_stage(manifest_uri, manifest.root, shard_size, str(workdir), args.workers))
 
-            row = {"shard_size": shard_size, "shards": len(specs), "bare_s": bare, "flow_s": in_flow,
-                   "overhead": (in_flow - bare) / in_flow}
+            row = {"shard_size": shard_size, "shards": len(specs), "bare_s": bare, "library_s": library,
+                   "flow_s": in_flow, "overhead": (in_flow - bare) / in_flow,
+                   "prefect_overhead": (in_flow - library) / in_flow}
             rows.append(row)
-            print(f"shard size {shard_size:>5}: {len(specs):>3} shards  bare pool {bare:6.2f} s  flow {in_flow:6.2f} s  "
-                  f"overhead {row['overhead']:.0%}", flush=True)
+            print(f"shard size {shard_size:>5}: {len(specs):>3} shards  bare pool {bare:6.2f} s  "
+                  f"library {library:6.2f} s  flow {in_flow:6.2f} s  overhead {row['overhead']:.0%} "
+                  f"(Prefect's own {row['prefect_overhead']:.0%})", flush=True)
     print(json.dumps({"images": len(manifest.records), "workers": args.workers, "warm_up_s": warm_up_s, "runs": rows}))
     return 0
 

@@ -1,0 +1,120 @@
+"""Cache keys: every cached task's key changes with any pneumo module's source, and never with the pool."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prefect import Task
+
+import tasks
+from pneumo import pool as pneumo_pool
+from pneumo.config import SplitConfig, TransformConfig
+from pneumo.shards import ShardSpec
+from tasks import caching
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cached_tasks() -> list[Task]:
+    """Every task in tasks/ (all of them are cached across runs)."""
+    found = {}
+    for module in pkgutil.iter_modules(tasks.__path__):
+        for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
+            if isinstance(value, Task):
+                found[value.name] = value
+    return list(found.values())
+
+
+def key(task: Task, **inputs) -> str:
+    # TASK_SOURCE reads only ``task_ctx.task``; the rest of a run context is not needed for a key.
+    return task.cache_policy.compute_key(task_ctx=SimpleNamespace(task=task), inputs=inputs, flow_parameters={})
+
+
+def test_the_library_digest_covers_every_module_of_pneumo(tmp_path):
+    copy = tmp_path / "pneumo"
+    shutil.copytree(caching.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = caching.source_digest(copy)
+    assert base == caching.library_digest()  # the key is of the package the tasks run
+
+    modules = sorted(copy.glob("*.py"))
+    assert len(modules) >= 20
+    for path in modules:
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# changed\n")
+        assert caching.source_digest(copy) != base, f"a change to pneumo/{path.name} keeps every cache key"
+        path.write_bytes(original)
+    assert caching.source_digest(copy) == base
+    (copy / "added.py").write_text("X = 1\n")
+    assert caching.source_digest(copy) != base, "a new pneumo module keeps every cache key"
+
+
+def test_every_cached_task_key_changes_with_the_library_source(monkeypatch):
+    found = cached_tasks()
+    assert {"download", "write-shard", "write-shard-index", "train-evaluate-register"} <= {t.name for t in found}
+    before = {task.name: key(task, x=1) for task in found}
+    monkeypatch.setattr(caching, "library_digest", lambda: "0" * 64)
+    after = {task.name: key(task, x=1) for task in found}
+    assert [name for name in before if before[name] == after[name]] == []
+
+
+# Run in a fresh interpreter against a copy of the repository: the keys of every cached task.
+KEYS_SCRIPT = """
+import json, sys
+from types import SimpleNamespace
+import pneumo
+assert pneumo.__file__.startswith(sys.argv[1]), pneumo.__file__
+from tests.code.test_caching import cached_tasks, key
+print(json.dumps({task.name: key(task, x=1) for task in cached_tasks()}))
+"""
+
+
+def keys_in(root: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    run = subprocess.run(
+        [sys.executable, "-c", KEYS_SCRIPT, str(root)], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["sizes.py", "storage.py"])
+def test_changing_a_pneumo_module_changes_every_task_key_in_a_fresh_process(tmp_path, module):
+    """End to end, as a user meets it: edit a library file, run again, no stale cache hit.
+
+    pneumo/storage.py (which writes every shard) and pneumo/sizes.py (which the transform
+    uses) were each missing from hand-kept module lists.
+    """
+    root = tmp_path / "repo"
+    for folder in ("pneumo", "tasks", "tests"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "data", "fixtures"))
+    before = keys_in(root)
+    changed = root / "pneumo" / module
+    changed.write_text(changed.read_text() + "\n# a change the cache must see\n")
+    after = keys_in(root)
+    assert before.keys() == after.keys() and "write-shard" in before
+    assert [name for name in before if before[name] == after[name]] == []
+
+
+def test_where_the_pixels_are_computed_is_not_in_the_key():
+    spec = ShardSpec(
+        root="/data", manifest_digest="d" * 64, split_config=SplitConfig(), transform=TransformConfig(size=(8, 8)),
+        split="train", number=0, start=0, stop=0, records=(), uri="/work/shards/train-0000.h5",
+    )
+    other = spec.model_copy(update={"number": 1, "uri": "/work/shards/train-0001.h5"})
+    with_pool = [task for task in cached_tasks() if "pool" in inspect.signature(task.fn).parameters]
+    assert {"write-shard", "score-chunk"} <= {task.name for task in with_pool}
+    with pneumo_pool.ProcessPool(1) as process_pool:
+        for task in with_pool:
+            first = next(iter(inspect.signature(task.fn).parameters))
+            assert key(task, **{first: spec, "pool": None}) == key(task, **{first: spec, "pool": process_pool}), task.name
+            assert key(task, **{first: spec, "pool": None}) != key(task, **{first: other, "pool": None}), task.name
