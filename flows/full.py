@@ -109,8 +109,9 @@ def shard_stage(
     *,
     root: str,
 ) -> shards.IndexRef:
-    """Stage 3, inside a flow run: the library's plan (pneumo.sharding), one write-shard task per shard on
-    ``runner``, the broken ones rebuilt, then the index task.
+    """Stage 3 in a flow run: pneumo.sharding's steps, with one write-shard task per shard on ``runner``.
+
+    Plan, map the write-shard task, rebuild the shards found broken, then the index task.
 
     ``root`` is the folder this run's images are in (its ManifestRef.root). With ``processes``
     each shard task hands its pixel work to a pool of local processes forked from a warm
@@ -127,6 +128,7 @@ def shard_stage(
     try:
         with task_runner(runner, workers, dask_address) as shard_runner:
             results = _map_shards(shard_runner, shard_task, plan.specs, transform_pool)
+            # A cache hit remembers a shard, not its file: one deleted or changed since is rebuilt, never trusted.
             broken = sharding.set_aside_broken(plan.specs, results)
             for spec, problem in broken:
                 logger.warning("shard %s: %s; rebuilding it", spec.uri, problem)
