@@ -233,6 +233,8 @@ class Predictor:
                 names.append(len(results))
             except (ImageRejected, OSError) as error:
                 prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
+            except (ValueError, SyntaxError, EOFError) as error:  # any other decoder complaint: this input only
+                prediction.error = f"unreadable image ({type(error).__name__}: {error})"
             results.append(prediction)
         if rows:
             for at, probability in zip(names, self.probabilities(np.stack(rows)).tolist()):
