@@ -43,10 +43,10 @@ def plan(manifest, shard_size: int, out: Path) -> list[shards.ShardSpec]:
 
 
 @flow(name="pneumo-orchestration-benchmark")
-def timed_shard_stage(manifest_uri: str, shard_size: int, workdir: str, workers: int) -> float:
+def timed_shard_stage(manifest_uri: str, root: str, shard_size: int, workdir: str, workers: int) -> float:
     """Seconds the shard stage takes inside a flow run, as in the pipeline."""
     started = time.perf_counter()
-    shard_stage(manifest_uri, SplitConfig(), TransformConfig(), shard_size, workdir, 0, "processes", workers)
+    shard_stage(manifest_uri, SplitConfig(), TransformConfig(), shard_size, workdir, 0, "processes", workers, root=root)
     return time.perf_counter() - started
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 # A fresh workdir each time: new shard URIs, so no cache hit.
                 workdir = args.workdir / f"flow-{time.time_ns()}"
-                in_flow = min(in_flow, timed_shard_stage(manifest_uri, shard_size, str(workdir), args.workers))
+                in_flow = min(in_flow, timed_shard_stage(manifest_uri, manifest.root, shard_size, str(workdir), args.workers))
 
             row = {"shard_size": shard_size, "shards": len(specs), "bare_s": bare, "flow_s": in_flow,
                    "overhead": (in_flow - bare) / in_flow}

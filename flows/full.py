@@ -15,6 +15,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,23 +25,24 @@ from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from pneumo import download, pool, shards, storage  # noqa: E402
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.manifest import load_manifest  # noqa: E402
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
     CHAMPION_METRICS,
     ChampionMetric,
-    get_alias,
+    describe_alias,
     list_versions,
     validate_model_name,
 )
 from tasks.download import download_dataset  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
 from tasks.results import s3_result_storage  # noqa: E402
+from tasks.retry import is_retryable, retry_options  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
 from tasks.train import train_evaluate_register  # noqa: E402
@@ -52,13 +55,8 @@ def _absolute(uri: str) -> str:
 
 
 def _with_run_options(task: Any, workdir: str, retries: int) -> Any:
-    """The task with the run's retry budget and its results persisted under the workdir."""
-    options: dict[str, Any] = {
-        "retries": retries,
-        "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-        "retry_jitter_factor": 0.5,
-        "persist_result": True,
-    }
+    """The task with the run's retry budget (under the one policy, tasks/retry.py) and its results persisted under the workdir."""
+    options: dict[str, Any] = {**retry_options(retries), "persist_result": True}
     if storage.is_s3(workdir):
         options["result_storage"] = s3_result_storage(workdir)
     else:
@@ -108,9 +106,13 @@ def shard_stage(
     runner: Runner = "processes",
     workers: Optional[int] = None,
     dask_address: Optional[str] = None,
+    *,
+    root: str,
 ) -> shards.IndexRef:
     """Stage 3, inside a flow run: plan the shards, write them on ``runner``, then the index.
 
+    ``root`` is the folder this run's images are in (its ManifestRef.root): the manifest
+    file is shared by every copy of the same data and does not say which copy to read.
     Planning happens here, from the manifest's URI: each spec carries its shard's records,
     so the tasks' inputs stay small. With ``processes`` each shard task hands its pixel
     work to a pool of local processes forked from a warm forkserver, which compute within
@@ -119,7 +121,7 @@ def shard_stage(
     images. The stage is not a subflow for the same reason: a subflow run adds ~0.7 s.
     """
     logger = get_run_logger()
-    manifest = load_manifest(manifest_uri)
+    manifest = load_manifest(manifest_uri, root)
     shards_root = storage.join(workdir, "shards")
     specs = shards.plan_shards(manifest, split, transform, shard_size, shards_root)
     index_uri = shards.index_uri(shards_root, manifest.digest(), transform, split, shard_size)
@@ -181,13 +183,15 @@ def full(
     model_name: str = "tinynet",
     percentile: Annotated[float, Field(gt=0, lt=100)] = 75.0,
     shard_size: Annotated[int, Field(ge=1)] = 1000,
-    transform: TransformConfig = TransformConfig(),
+    recipe: RecipeName = DEFAULT_RECIPE,
+    transform: Optional[TransformConfig] = None,
     split: SplitConfig = SplitConfig(),
-    train: TrainConfig = TrainConfig(),
+    train: Optional[TrainConfig] = None,
     champion_metric: ChampionMetric = "roc_auc",
     retrain: bool = False,
     retries: Annotated[int, Field(ge=0, le=20)] = 3,
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01,
+    verify_source: bool = False,
     runner: Runner = "processes",
     workers: Optional[Annotated[int, Field(ge=1)]] = None,
     dask_address: Optional[str] = None,
@@ -198,16 +202,28 @@ def full(
     ``champion_metric`` is strictly greater than the champion's. Unchanged data, config and
     code make a run a cache hit that registers nothing; ``retrain=True`` (the scheduled
     deployment) trains and registers a new version anyway, while the data stages stay cached.
+    ``verify_source=True`` keys the download on the sha256 of every source file instead of
+    their sizes and mtimes, so a same-size rewrite with its mtime set back is seen.
+    ``recipe`` names the transform and training preset (pneumo.recipes); the fields given
+    in ``transform`` and ``train`` override the recipe's, the others keep its values.
     """
     logger = get_run_logger()
+    started = time.time()
+    transform, train = with_recipe(recipe, transform, train)
     workdir = _absolute(workdir)
     registry = _absolute(registry) if registry else storage.join(workdir, "registry")
+    # Temporaries of killed runs (half-extracted folders, .tmp/.part files) are swept here.
+    for folder in [workdir] if not storage.is_s3(workdir) else [str(Path.home() / ".cache/pneumo")]:
+        removed = download.sweep_workdir(folder, started)
+        if removed:
+            logger.info("removed %d temporary file(s)/folder(s) left by killed runs: %s",
+                        len(removed), ", ".join(str(path) for path in removed))
     validate_model_name(model_name)
     if runner == "processes":
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
-    fingerprint = download.source_fingerprint(source)
+    fingerprint = download.source_fingerprint(source, verify=verify_source)
     manifest = _checked(
         _with_run_options(download_dataset, workdir, retries),
         lambda ref: [ref.uri, ref.root], "download", source, fingerprint, workdir,
@@ -221,7 +237,9 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    index = shard_stage(manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address)
+    index = shard_stage(
+        manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address, root=manifest.root
+    )
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.
     quarantine_report = _checked(
@@ -236,14 +254,16 @@ def full(
     known_versions = list_versions(registry, model_name)
     model = _checked(
         train_task, lambda ref: [ref.card_uri, ref.model_uri], "train",
-        index, manifest.digest, train, registry, model_name, champion_metric,
+        index, manifest.digest, train, registry, model_name, champion_metric, recipe,
     )
     if model.version in known_versions:
         logger.info(
             "data, config and code unchanged since %s %s: no new version registered (retrain=True trains anyway)",
             model_name, model.version,
         )
-    champion = get_alias(registry, model_name, CHAMPION)
+    champion = describe_alias(registry, model_name, CHAMPION)
+    if champion.startswith("broken"):
+        logger.warning("champion alias %s", champion)
     return {
         "model": f"{model_name} {model.version}",
         "champion": f"{model_name} {champion}",
@@ -261,6 +281,57 @@ def full(
     }
 
 
+# Runs beside the temporary Prefect server: once the process that started both is gone
+# (even by SIGKILL, which runs no atexit handler), it stops the server, so no orphaned
+# uvicorn keeps ~250 MB and a port. It ends by itself when the server stops first.
+_SERVER_WATCHER = """
+import os, signal, sys, time
+owner, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+while os.getppid() == owner and alive(server):
+    time.sleep(0.5)
+if alive(server):
+    os.kill(server, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        if not alive(server):
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
+
+
+def _stop_with_owner(server_pid: int) -> subprocess.Popen:
+    """Start the watcher that stops ``server_pid`` once this process is gone."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _SERVER_WATCHER, str(os.getpid()), str(server_pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def with_recipe(
+    recipe: str, transform: Optional[TransformConfig] = None, train: Optional[TrainConfig] = None
+) -> tuple[TransformConfig, TrainConfig]:
+    """The recipe's configs with the fields set explicitly in ``transform`` and ``train`` replaced.
+
+    Only explicitly given fields count (pydantic's ``model_fields_set``), so
+    ``--param train='{"epochs": 50}'`` changes the epochs of the recipe, not the rest of it.
+    """
+    base = RECIPES[recipe]
+
+    def merged(config, default):
+        if config is None:
+            return default
+        return type(default)(**{**default.model_dump(), **config.model_dump(include=config.model_fields_set)})
+
+    return merged(transform, base.transform), merged(train, base.train)
+
+
 @contextlib.contextmanager
 def prefect_api():
     """Use the configured Prefect API, or start one temporary local server for this run.
@@ -268,7 +339,8 @@ def prefect_api():
     Prefect would start its ephemeral server lazily in each process, so every
     process-pool or Dask worker would boot a private server of its own (seconds each)
     and report its task runs there. One server, announced through PREFECT_API_URL,
-    is shared by the whole run instead.
+    is shared by the whole run instead. The server stops when this process ends, however
+    it ends (see _SERVER_WATCHER).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -277,7 +349,14 @@ def prefect_api():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
+    class OwnedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            process = super()._run_uvicorn_command()
+            # Watched from its first second: a kill during the minute of migrations counts too.
+            self.watcher = _stop_with_owner(process.pid)
+            return process
+
+    server = OwnedServer()
     # start() registers the server's stop at exit, which runs after Prefect's log and
     # event workers have drained: stopping it here would drop the run's last logs.
     server.start()
@@ -317,13 +396,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="./pneumo-data", help="root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
     parser.add_argument("--registry", default=None, help="model registry root (default: WORKDIR/registry)")
     parser.add_argument("--model-name", default="tinynet", help="name the model is registered under")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum training epochs (early stopping may end sooner)")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+        help="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape features, "
+        "augmented renditions and class-weighted BCE; the options below override its values",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="maximum training epochs (early stopping may end sooner; default: the recipe's)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, initialisation and shuffling")
     parser.add_argument("--percentile", type=float, default=75.0, help="image-size percentile that sets the resize target")
-    parser.add_argument("--transform", choices=["fast", "exact"], default="fast", help="'exact' decodes every image at full resolution")
-    parser.add_argument("--loss", choices=["hinge", "bce"], default=defaults.loss, help="training loss")
-    parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=defaults.balance, help="class-imbalance handling")
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
+    parser.add_argument(
+        "--transform", choices=["fast", "exact", "resample"], default=None,
+        help="transform method (default: the recipe's); 'exact' decodes every image at full resolution",
+    )
+    parser.add_argument("--renditions", type=int, default=None, help="augmented renditions per train image (default: the recipe's)")
+    parser.add_argument("--loss", choices=["hinge", "bce"], default=None, help="training loss (default: the recipe's)")
+    parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=None, help="class-imbalance handling (default: the recipe's)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default: the recipe's)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per HDF5 shard")
     parser.add_argument(
         "--runner", choices=["threads", "processes", "dask"], default="processes",
@@ -333,43 +421,155 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=None, help="parallel shard tasks, and processes or Dask workers (default: CPU count)")
     parser.add_argument("--dask-address", default=None, help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
-    parser.add_argument("--retries", type=int, default=3, help="retries per task, with exponential backoff")
+    parser.add_argument(
+        "--retries", type=int, default=3,
+        help="retries per task for errors a retry can fix (network, S3 throttling or 5xx, a dead worker), with "
+        "exponential backoff of at most 5 minutes per delay and 30 minutes in all; other errors fail at once",
+    )
     parser.add_argument(
         "--champion-metric", choices=CHAMPION_METRICS,
         default="roc_auc", help="val metric a new version must beat (strictly) to become champion",
     )
     parser.add_argument("--retrain", action="store_true", help="train and register a new version even when nothing changed")
     parser.add_argument(
+        "--verify-source", action="store_true",
+        help="fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every byte; "
+        "sees a same-size rewrite whose mtime was set back)",
+    )
+    parser.add_argument(
         "--max-bad-fraction", type=float, default=0.01,
         help="fail the run when more than this fraction of the input files is quarantined",
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show tracebacks on the terminal too (they always go to the Prefect log)",
+    )
     return parser.parse_args(argv)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, leaving its traceback out."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _failure_record(record: logging.LogRecord) -> bool:
+    """Prefect's own reports of a failure, which the CLI sums up in one line at the end."""
+    message = str(record.msg)
+    return record.levelno >= logging.ERROR and (
+        record.exc_info is not None
+        or message.startswith("Finished in state Failed")
+        or message.startswith("Task run failed with exception")
+        or message.startswith("Encountered exception during execution")
+    )
+
+
+def _terminal_without_tracebacks() -> None:
+    """Tracebacks and repeated failure lines go to the Prefect log only, not to the terminal."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+                handler.addFilter(lambda record: not _failure_record(record))
+
+
+def _api_unreachable(url: Optional[str]) -> bool:
+    if not url:
+        return False
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=3)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+def failure_message(error: BaseException, api_url: Optional[str]) -> str:
+    """One line (or two) saying why the run failed and what to do next."""
+    if _api_unreachable(api_url):
+        return (
+            f"pneumo: the Prefect API at {api_url} went away during the run ({type(error).__name__}: {error}).\n"
+            "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
+            "the stages that finished are cached and are not repeated."
+        )
+    if is_retryable(error):
+        hint = "retries exhausted; if the cause was passing, re-run the same command: finished stages are cached"
+    else:
+        hint = "not retried: trying again cannot fix this; correct the input or setting above and re-run"
+    return f"pneumo: the run failed: {error}\n  ({hint}; --verbose shows the traceback, the Prefect log always has it)"
+
+
+@contextlib.contextmanager
+def _bounded_api_retries():
+    """Fewer Prefect client retries, so a Prefect API that died fails the run in about a minute.
+
+    Prefect retries each failed request 5 times with 2, 4, ... 32 s waits (a minute per
+    request, several requests in a row); 2 retries wait 2 + 4 s. A user's own setting wins.
+    """
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
+        yield
+        return
+    os.environ["PREFECT_CLIENT_MAX_RETRIES"] = str(CLI_CLIENT_MAX_RETRIES)  # for child processes
+    try:
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: CLI_CLIENT_MAX_RETRIES}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_CLIENT_MAX_RETRIES", None)
+
+
+CLI_CLIENT_MAX_RETRIES = 2
+API_GONE = False  # set by main() when the run failed because the Prefect API went away
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        train = TrainConfig(
-            epochs=args.epochs, seed=args.seed, loss=args.loss, balance=args.balance, patience=args.patience
-        )
-        transform = TransformConfig(method=args.transform)
+        # Only the options given on the command line override the recipe.
+        chosen = {"epochs": args.epochs, "seed": args.seed, "loss": args.loss, "balance": args.balance, "patience": args.patience}
+        train = TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
+        chosen = {"method": args.transform, "renditions": args.renditions}
+        transform = TransformConfig(**{k: v for k, v in chosen.items() if v is not None})
+        transform, train = with_recipe(args.recipe, transform, train)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        _terminal_without_tracebacks()
     started = time.perf_counter()
     if args.runner == "processes":
         pool.warm_up()  # alongside the Prefect server's start
-    with prefect_api():
+    with prefect_api(), _bounded_api_retries():
+        from prefect.settings import PREFECT_API_URL
+
         try:
             summary = full(
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
-                percentile=args.percentile, shard_size=args.shard_size, transform=transform, train=train,
+                percentile=args.percentile, shard_size=args.shard_size, recipe=args.recipe, transform=transform, train=train,
                 retries=args.retries, max_bad_fraction=args.max_bad_fraction,
-                champion_metric=args.champion_metric, retrain=args.retrain,
+                champion_metric=args.champion_metric, retrain=args.retrain, verify_source=args.verify_source,
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,
             )
-        except Exception as error:  # Prefect has logged the traceback; end on one plain line
-            print(f"\npneumo: the run failed: {error}", file=sys.stderr)
+        except Exception as error:  # the Prefect log has the traceback; end on the reason and the next step
+            api_url = PREFECT_API_URL.value()
+            print(f"\n{failure_message(error, api_url)}", file=sys.stderr, flush=True)
+            global API_GONE
+            API_GONE = _api_unreachable(api_url)
             return 1
     print_summary(summary, time.perf_counter() - started)
     return 0
@@ -400,4 +600,10 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if API_GONE:
+        # Prefect's log and event workers would spend minutes at exit retrying a dead API.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 KAGGLE_DEFAULT_SOURCE = "kaggle:paultimothymooney/chest-xray-pneumonia"
 
@@ -20,17 +20,54 @@ class _Config(BaseModel):
         return hashlib.sha256(payload).hexdigest()
 
 
+class AugmentConfig(_Config):
+    """Ranges of the random renditions of train images (pneumo.augment); the defaults change nothing.
+
+    Each rendition draws every parameter uniformly from its range: zoom in [zoom[0], zoom[1]]
+    (> 1 magnifies), shift up to +-``shift`` of the width and height, rotation up to
+    +-``rotation`` degrees, gamma e^u with u in +-``gamma``, contrast about the image mean
+    e^u with u in +-``contrast``, brightness +-``brightness`` on the [0, 1] scale.
+    """
+
+    zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
+    shift: float = Field(0.0, ge=0.0, le=0.25, description="Largest shift, as a fraction of width and height")
+    rotation: float = Field(0.0, ge=0.0, le=30.0, description="Largest rotation in degrees")
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
+    contrast: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")
+    brightness: float = Field(0.0, ge=0.0, le=0.5, description="Largest brightness offset on the [0, 1] scale")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.5 <= value[0] <= value[1] <= 2.0:
+            raise ValueError(f"zoom must be (low, high) with 0.5 <= low <= high <= 2, got {value}")
+        return value
+
+
 class TransformConfig(_Config):
-    """The seed's image recipe: resize, crop borders, gray [0, 1], max-pool, flatten."""
+    """The image recipe. The defaults are the seed's: resize, crop borders, gray [0, 1], max-pool, flatten."""
 
     size: tuple[int, int] = Field(
         (1000, 1300), description="(height, width) every image is resized to; the pipeline sets it from the size percentile"
     )
     crop_fraction: float = Field(0.10, ge=0.0, lt=0.5, description="Fraction cut from each border after resizing")
     grid: tuple[int, int] = Field((10, 14), description="(rows, cols) of the max-pool grid; features = rows * cols")
-    method: Literal["fast", "exact"] = Field(
-        "fast", description="'exact' decodes full resolution; 'fast' decodes at a reduced DCT scale first"
+    method: Literal["fast", "exact", "resample"] = Field(
+        "fast",
+        description="'exact' decodes full resolution; 'fast' decodes at a reduced DCT scale first and pools the decoded "
+        "samples (max pooling only); 'resample' decodes at a reduced scale, resamples the crop to cell_pixels per cell "
+        "and pools that: the path that supports mean pooling, normalization and augmented renditions",
     )
+    pooling: tuple[Literal["max", "mean"], ...] = Field(
+        ("max",), description="Pooling parts, concatenated in this order; features = rows * cols * len(pooling)"
+    )
+    normalize: Literal["none", "zscore"] = Field("none", description="'zscore': each pooling part scaled to mean 0, sd 1 per image")
+    cell_pixels: int = Field(16, ge=2, le=64, description="'resample': pixels per cell side of the resampled crop")
+    augment: AugmentConfig = Field(AugmentConfig(), description="Ranges of the train renditions")
+    renditions: int = Field(0, ge=0, le=32, description="Augmented renditions stored per train image beside the original; 0 = off")
+    augment_seed: int = Field(0, ge=0, description="Seeds the renditions, with each image's sha256 and the rendition number")
+    shift_suite: bool = Field(True, description="Store val and test features under the acquisition shifts of pneumo.shift")
+    shift_seed: int = Field(0, ge=0, description="Seeds the shift suite's random parts (shift direction, border widths, noise)")
     max_pixels: int = Field(
         50_000_000, gt=0, description="Images with more pixels are refused (decompression-bomb guard); X-rays are under 10 MP"
     )
@@ -42,9 +79,26 @@ class TransformConfig(_Config):
             raise ValueError(f"must be two positive integers, got {value}")
         return value
 
+    @field_validator("pooling")
+    @classmethod
+    def _pooling(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"pooling must name 'max' and/or 'mean' once each, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _method_supports(self) -> "TransformConfig":
+        # 'fast' and 'exact' are the seed's max-pool recipe; everything else needs the resampled crop.
+        if self.method != "resample" and (self.pooling != ("max",) or self.normalize != "none" or self.renditions):
+            raise ValueError(
+                f"method {self.method!r} computes the seed's max-pool features only; "
+                "use method='resample' for mean pooling, normalization or renditions"
+            )
+        return self
+
     @property
     def n_features(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.grid[0] * self.grid[1] * len(self.pooling)
 
 
 class SplitConfig(_Config):
@@ -73,3 +127,4 @@ class TrainConfig(_Config):
     patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")

@@ -26,7 +26,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pneumo import storage
-from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry
+from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry
 
 from pneumo.config import KAGGLE_DEFAULT_SOURCE as DEFAULT_SOURCE  # noqa: E402
 ACCEPTED_FORMS = (
@@ -85,7 +85,7 @@ def parse_source(source: str) -> Source:
     raise ValueError(f"source path {text!r} does not exist. Accepted forms: {ACCEPTED_FORMS}.")
 
 
-def source_fingerprint(source: str) -> str:
+def source_fingerprint(source: str, *, verify: bool = False) -> str:
     """A cheap sha256 that changes when the source's content changes; a cache key, not a checksum.
 
     - folder: every file's (relative path, size, mtime_ns), from stat only;
@@ -95,10 +95,15 @@ def source_fingerprint(source: str) -> str:
     - kaggle: the handle plus the dataset's current version number, asked from the Kaggle
       API (the GetDataset call kagglehub itself makes); a pinned ``/versions/N`` handle is
       used as is, without a request. Raises SourceUnavailable when Kaggle can't be reached.
+
+    Size and mtime cannot see a file rewritten with the same size and its mtime set back
+    (``touch -d``, ``cp -p``, ``rsync -t``, some editors and sync tools). ``verify=True``
+    (``--verify-source``) reads every byte of a local folder or zip instead: the sha256 of
+    each file's content. S3 ETags and Kaggle versions already change with the content.
     """
     parsed = parse_source(source)
     if parsed.kind == "dir":
-        parts = [f"dir:{parsed.location}"]
+        parts = [f"dir:{parsed.location}" + (":sha256" if verify else "")]
         root = Path(parsed.location)
         for folder, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -108,13 +113,19 @@ def source_fingerprint(source: str) -> str:
                     info = path.stat()
                 except FileNotFoundError:  # a broken symlink
                     info = path.lstat()
-                parts.append(f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}")
+                if verify and stat.S_ISREG(info.st_mode):
+                    parts.append(f"{path.relative_to(root).as_posix()}\0{_sha256_file(path)[0]}")
+                else:
+                    parts.append(f"{path.relative_to(root).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}")
+    elif parsed.kind == "zip" and verify:
+        parts = [f"zip:{parsed.location}:sha256", _sha256_file(Path(parsed.location))[0]]
     elif parsed.kind == "zip":
         info = Path(parsed.location).stat()
         parts = [f"zip:{parsed.location}", str(info.st_size), str(info.st_mtime_ns)]
     elif parsed.kind == "s3_zip":
         bucket, key = storage.split_s3(parsed.location)
-        head = storage.s3_client().head_object(Bucket=bucket, Key=key)
+        with storage.s3_errors(parsed.location, "HeadObject"):
+            head = storage.s3_client().head_object(Bucket=bucket, Key=key)
         parts = [f"s3_zip:{parsed.location}", head["ETag"], str(head["ContentLength"])]
     elif parsed.kind == "s3_prefix":
         parts = [f"s3_prefix:{parsed.location}"]
@@ -158,7 +169,7 @@ def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str]
         say(f"reusing {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=storage.temp_prefix(), suffix=".partial"))
     try:
         fill(tmp)
         try:
@@ -169,6 +180,23 @@ def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def sweep_workdir(workdir: str | Path, started: float) -> list[Path]:
+    """Remove temporaries that killed runs left in a local workdir (see storage.sweep_temporaries).
+
+    Published dataset folders under ``downloads/`` hold the user's files as they came and
+    are not searched: a dataset may hold dot-files of its own.
+    """
+    downloads = Path(workdir, "downloads")
+
+    def published(folder: Path) -> bool:
+        parts = folder.relative_to(downloads).parts if folder.is_relative_to(downloads) else ()
+        return (len(parts) == 2 and parts[0] in ("extracted", "s3")) or (len(parts) == 5 and parts[0] == "kaggle")
+
+    if not Path(workdir).is_dir():
+        return []
+    return storage.sweep_temporaries(workdir, started, prune=published)
 
 
 def _extract_cached(zip_path: Path, cache_dir: Path, say: Callable[[str], None]) -> Path:
@@ -184,7 +212,8 @@ def _list_s3_prefix(uri: str) -> list[tuple[str, str, int]]:
     bucket, key = storage.split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
     pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    objects = [(obj["Key"], obj["ETag"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
+    with storage.s3_errors(uri, "ListObjectsV2"):
+        objects = [(obj["Key"], obj["ETag"], obj["Size"]) for page in pages for obj in page.get("Contents", [])]
     if not objects:
         raise ValueError(f"no objects under {uri}. Accepted forms: {ACCEPTED_FORMS}.")
     return sorted(objects)
@@ -442,41 +471,93 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _junk_reason(name: str) -> str | None:
+    """Why a file or folder of OS metadata is skipped, or None when it is not such junk."""
+    if name == "__MACOSX":
+        return "OS metadata: macOS archive folder (__MACOSX)"
+    if name.startswith("._"):
+        return "OS metadata: macOS AppleDouble file (._*)"
+    if name == ".DS_Store":
+        return "OS metadata: macOS folder settings (.DS_Store)"
+    if name in {"Thumbs.db", "desktop.ini"}:
+        return f"OS metadata: Windows folder settings ({name})"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """``name`` as valid UTF-8: bytes of a file name that are not UTF-8 are shown escaped.
+
+    os.walk hands such bytes over as lone surrogates, which JSON cannot encode:
+    b"caf\xe9.jpeg" -> "caf\\xe9.jpeg".
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | None = None) -> Manifest:
     """List and hash every image under ``root/{train,val,test}/{NORMAL,PNEUMONIA}/``.
 
     Only those three split folders are read (the Kaggle archive's nested duplicate tree
-    and ``__MACOSX`` sit beside them). Every other file in a split folder becomes a
-    QuarantineEntry with its reason; OS junk (dotfiles, ``._*``, ``__MACOSX``) is skipped.
+    and ``__MACOSX`` sit beside them). Every file in them is accounted for: an image
+    record, a QuarantineEntry with its reason (including names that are not valid UTF-8,
+    shown escaped, and hidden files such as ``.person1_virus_1.jpeg``), or, for OS
+    metadata (``.DS_Store``, ``._*``, ``__MACOSX/``, ``Thumbs.db``), a SkippedEntry.
     """
     root = Path(root)
     resolved_root = root.resolve()
     if not _is_dataset_root(root):
         raise ValueError(f"{root} has no train/NORMAL or train/PNEUMONIA folder; use find_dataset_root first")
     quarantine: list[QuarantineEntry] = []
+    skipped: list[SkippedEntry] = []
     images: list[tuple[str, str, int, Path]] = []  # relpath, split, label, path
 
     def refuse(path: Path, reason: str) -> None:
-        quarantine.append(QuarantineEntry(relpath=path.relative_to(root).as_posix(), stage="manifest", reason=reason))
+        relpath = shown_name(path.relative_to(root).as_posix())
+        quarantine.append(QuarantineEntry(relpath=relpath, stage="manifest", reason=shown_name(reason)))
+
+    def skip(path: Path, reason: str) -> None:
+        """Skip a junk file, or every file of a junk folder (each is counted)."""
+        files = [path]
+        if path.is_dir() and not path.is_symlink():
+            files = [Path(folder, name) for folder, _, names in sorted(os.walk(path)) for name in sorted(names)]
+        for file in files:
+            skipped.append(SkippedEntry(relpath=shown_name(file.relative_to(root).as_posix()), reason=reason))
 
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(split_dir.iterdir()):
-            if _is_junk(class_dir.name):
+            if junk := _junk_reason(class_dir.name):
+                skip(class_dir, junk)
                 continue
             if not class_dir.is_dir():
                 refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
                 continue
             known = class_dir.name in CLASSES
             for folder, dirnames, filenames in os.walk(class_dir):
-                dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+                for name in [d for d in dirnames if _junk_reason(d)]:
+                    skip(Path(folder, name), _junk_reason(name))
+                dirnames[:] = sorted(d for d in dirnames if not _junk_reason(d))
                 for name in sorted(filenames):
-                    if _is_junk(name):
-                        continue
                     path = Path(folder, name)
-                    if not known:
+                    relpath = path.relative_to(root).as_posix()
+                    if junk := _junk_reason(name):
+                        skip(path, junk)
+                    elif not _is_utf8(relpath):
+                        refuse(path, "file name is not valid UTF-8")
+                    elif name.startswith("."):
+                        # Hidden files are often partial copies or files set aside on purpose;
+                        # the user decides by renaming it.
+                        refuse(path, "hidden file (name starts with '.'): rename it to use it")
+                    elif not known:
                         refuse(path, f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)")
                     elif Path(folder) != class_dir:
                         refuse(path, f"inside a subfolder of class folder '{class_dir.name}'")
@@ -489,7 +570,6 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                     elif path.stat().st_size == 0:
                         refuse(path, "empty file (0 bytes)")
                     else:
-                        relpath = path.relative_to(root).as_posix()
                         images.append((relpath, split, CLASSES.index(class_dir.name), path))
 
     # hashlib releases the GIL on large buffers, so threads hash files in parallel.
@@ -510,4 +590,4 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
             )
             if progress and (done % 500 == 0 or done == len(images)):
                 progress(done, len(images))
-    return Manifest(root=str(resolved_root), records=records, quarantine=quarantine)
+    return Manifest(root=str(resolved_root), records=records, quarantine=quarantine, skipped=skipped)

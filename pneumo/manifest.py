@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pneumo import storage
 
@@ -33,18 +33,43 @@ class QuarantineEntry(BaseModel):
     reason: str
 
 
+class SkippedEntry(BaseModel):
+    """A file of a split folder left out on purpose: OS metadata such as ``.DS_Store``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    relpath: str
+    reason: str
+
+
 class Manifest(BaseModel):
-    root: str  # local folder the relpaths resolve against; not part of the digest
+    # The local folder the relpaths resolve against, when known: set by build_manifest and
+    # by load_manifest(uri, root). Never saved: the file is named by its content, so every
+    # copy of the same data shares it, and a root stored there would name whichever copy
+    # wrote it last. Where the pixels come from travels in the run's own ManifestRef.
+    root: str | None = Field(default=None, exclude=True)
     records: list[ImageRecord]
     quarantine: list[QuarantineEntry] = []
+    skipped: list[SkippedEntry] = []
 
     def digest(self) -> str:
-        """The dataset version: a sha256 over records and quarantine, independent of where root is."""
+        """The dataset version: a sha256 over everything in the file, independent of where root is."""
         payload = {
             "records": [r.model_dump() for r in sorted(self.records, key=lambda r: r.relpath)],
             "quarantine": [q.model_dump() for q in sorted(self.quarantine, key=lambda q: q.relpath)],
         }
+        if self.skipped:  # only when present: folders without OS junk keep their earlier digest
+            payload["skipped"] = [e.model_dump() for e in sorted(self.skipped, key=lambda e: e.relpath)]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def images_root(self) -> str:
+        """The folder to read the images from; an error if this manifest was loaded without one."""
+        if not self.root:
+            raise ValueError(
+                "this manifest does not say where its images are: load it with "
+                "load_manifest(uri, root=...) using the root of the run's own ManifestRef"
+            )
+        return self.root
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per source split and class name."""
@@ -56,16 +81,25 @@ class Manifest(BaseModel):
 
 
 def save_manifest(manifest: Manifest, directory: str) -> str:
-    """Write the manifest under a name derived from its digest; return its URI."""
+    """Write the manifest under a name derived from its digest; return its URI.
+
+    The file holds only what the digest covers (no root), so an existing file of the
+    same name already has these contents and is left as it is.
+    """
     uri = storage.join(directory, f"manifest-{manifest.digest()[:16]}.json")
-    # Same digest can come from another copy of the data: keep root pointing at this one.
-    if not storage.exists(uri) or load_manifest(uri).root != manifest.root:
+    if not storage.exists(uri):
         storage.write_bytes(uri, manifest.model_dump_json(indent=1).encode())
     return uri
 
 
-def load_manifest(uri: str) -> Manifest:
-    return Manifest.model_validate_json(storage.read_bytes(uri))
+def load_manifest(uri: str, root: str | None = None) -> Manifest:
+    """The manifest at ``uri``, its images under ``root`` (the run's ManifestRef.root).
+
+    A ``root`` written into the file by an older version is ignored: it may name another copy.
+    """
+    data = json.loads(storage.read_bytes(uri))
+    data.pop("root", None)
+    return Manifest.model_validate({**data, "root": root})
 
 
 class ManifestRef(BaseModel):
@@ -75,18 +109,20 @@ class ManifestRef(BaseModel):
 
     uri: str
     digest: str
-    root: str
+    root: str  # the local folder this run's images are in: the only source of where pixels come from
     n_images: int
     n_quarantined: int
     counts: dict[str, dict[str, int]]
+    n_skipped: int = 0  # OS metadata files left out (manifest.skipped)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, uri: str) -> "ManifestRef":
         return cls(
             uri=uri,
             digest=manifest.digest(),
-            root=manifest.root,
+            root=manifest.images_root(),
             n_images=len(manifest.records),
             n_quarantined=len(manifest.quarantine),
             counts=manifest.counts(),
+            n_skipped=len(manifest.skipped),
         )

@@ -7,7 +7,7 @@ from collections import Counter
 
 from pydantic import BaseModel
 
-from pneumo.manifest import Manifest, QuarantineEntry
+from pneumo.manifest import Manifest, QuarantineEntry, SkippedEntry
 
 
 class TooMuchBadData(ValueError):
@@ -16,12 +16,15 @@ class TooMuchBadData(ValueError):
 
 class QuarantineReport(BaseModel):
     manifest_digest: str
-    n_inputs: int  # every file the manifest saw: records plus files it refused
+    n_inputs: int  # every file of the split folders: in shards + quarantined + skipped
     n_in_shards: int
     n_quarantined: int
-    bad_fraction: float
+    bad_fraction: float  # quarantined / (inputs - skipped): OS metadata is not bad data
     by_reason: dict[str, int]  # reason (without per-file detail) -> files
     entries: list[QuarantineEntry]
+    n_skipped: int = 0  # OS metadata (.DS_Store, ._*, __MACOSX/, Thumbs.db) left out on purpose
+    skipped_by_reason: dict[str, int] = {}
+    skipped: list[SkippedEntry] = []
 
 
 def _reason_kind(reason: str) -> str:
@@ -33,20 +36,25 @@ def build_report(manifest: Manifest, index: dict) -> QuarantineReport:
     """Reconcile the manifest with the shard index; raise if any input is unaccounted for."""
     entries = [*manifest.quarantine, *(QuarantineEntry(**entry) for entry in index["quarantine"])]
     n_in_shards = sum(sum(by_class.values()) for by_class in index["counts"].values())
-    n_inputs = len(manifest.records) + len(manifest.quarantine)
-    if n_in_shards + len(entries) != n_inputs:
+    n_skipped = len(manifest.skipped)
+    n_inputs = len(manifest.records) + len(manifest.quarantine) + n_skipped
+    if n_in_shards + len(entries) + n_skipped != n_inputs:
         raise RuntimeError(
             f"accounting error: {n_inputs} input files, but {n_in_shards} in shards plus "
-            f"{len(entries)} quarantined; rebuild the shards of manifest {manifest.digest()[:16]}"
+            f"{len(entries)} quarantined plus {n_skipped} skipped; rebuild the shards of manifest {manifest.digest()[:16]}"
         )
+    candidates = n_inputs - n_skipped
     return QuarantineReport(
         manifest_digest=manifest.digest(),
         n_inputs=n_inputs,
         n_in_shards=n_in_shards,
         n_quarantined=len(entries),
-        bad_fraction=len(entries) / n_inputs if n_inputs else 0.0,
+        bad_fraction=len(entries) / candidates if candidates else 0.0,
         by_reason=dict(Counter(_reason_kind(e.reason) for e in entries).most_common()),
         entries=sorted(entries, key=lambda e: e.relpath),
+        n_skipped=n_skipped,
+        skipped_by_reason=dict(Counter(e.reason for e in manifest.skipped).most_common()),
+        skipped=sorted(manifest.skipped, key=lambda e: e.relpath),
     )
 
 

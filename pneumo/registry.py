@@ -4,12 +4,14 @@ Layout::
 
     {registry}/{model_name}/v0001/model.pt     a state_dict (torch.save)
     {registry}/{model_name}/v0001/card.json    metrics, config, provenance
+    {registry}/{model_name}/v0001/promotion.json   how its champion promotion ended
     {registry}/{model_name}/aliases/champion.json   {"version": "v0001", ...}
 
 ``card.json`` is written last, create-if-absent: a version exists if and only if its card
 does. Both files of a version are written create-if-absent, so a version number is
 claimed by exactly one writer and a version is never overwritten, even when several
-runs register at the same time.
+runs register at the same time. The card records the sha256 of every file of its version,
+checked on every load. ``champion`` moves by compare-and-swap (``promote``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Callable, Literal, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,11 +37,26 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 # A version folder under a model: ".../v0003/<file>", with either separator.
 _VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
+SCHEMA_VERSION = 2
+LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
+CONFUSION_MATRIX_LAYOUT = "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction"
+
+log = logging.getLogger(__name__)
+
+
+class CorruptModel(ValueError):
+    """A version's model file does not match its card (hash, size or TinyNet shape) or cannot be read."""
+
+
+class BrokenAlias(FileNotFoundError):
+    """An alias names a version that does not exist."""
 
 
 def validate_model_name(name: str, what: str = "model name") -> str:
     """Refuse names that could escape the registry or clash on case-insensitive stores."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if isinstance(name, str) and ("/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name):
+        raise ValueError(f"unsafe path {name!r} as {what}: it could point outside the registry ('/', '\\', '..' or a leading '.')")
+    if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
             f"invalid {what} {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and no '..'"
@@ -76,22 +94,44 @@ def list_versions(registry: str, model_name: str) -> list[str]:
     return sorted(versions, key=lambda v: int(v[1:]))
 
 
-def register(registry: str, model_name: str, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> str:
+def file_entry(data: bytes) -> dict[str, Any]:
+    """What a card records of one file of its version, checked when the file is loaded."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def register(
+    registry: str,
+    model_name: str,
+    state_dict: dict[str, torch.Tensor],
+    card: dict[str, Any],
+    extra_files: Optional[dict[str, bytes]] = None,
+) -> str:
     """Store a new version and return its name, e.g. "v0003".
 
     The number after the highest one in use is claimed by creating its model.pt; if another
     writer got there first, the next number is tried. Numbers left by a crashed run (a
-    model.pt without a card) are skipped, never reused.
+    model.pt without a card) are skipped, never reused. ``extra_files`` (e.g.
+    ``{"model.onnx": data}``) are written beside model.pt, before the card; the card's
+    ``files`` records the sha256 and size of each.
     """
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
     buffer = io.BytesIO()
     torch.save(dict(state_dict), buffer)
     weights = buffer.getvalue()
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if name in ("model.pt", "card.json", "promotion.json"):
+            raise ValueError(f"extra file {name!r} would replace a file the registry writes itself")
+        validate_model_name(name, what="file name")
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    full_card = {"created_at": created, **card, "model_name": model_name}
-    onnx_model = export.add_onnx(full_card, state_dict)  # model.onnx beside model.pt, or why not
+    card = dict(card)
+    onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
+    if onnx_model is not None:
+        extra_files["model.onnx"] = onnx_model
+    files = {"model.pt": file_entry(weights), **{name: file_entry(data) for name, data in extra_files.items()}}
+    full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **files}, "model_name": model_name}
     json.dumps(full_card)  # a card that cannot be written must fail before a number is claimed
 
     numbers = [int(v[1:]) for v, _ in _version_files(registry, model_name)]
@@ -101,8 +141,8 @@ def register(registry: str, model_name: str, state_dict: dict[str, torch.Tensor]
         folder = storage.join(_model_root(registry, model_name), version)
         try:
             storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
-            if onnx_model is not None:
-                storage.write_bytes(storage.join(folder, "model.onnx"), onnx_model, if_absent=True)
+            for name, data in extra_files.items():
+                storage.write_bytes(storage.join(folder, name), data, if_absent=True)
             storage.write_json(storage.join(folder, "card.json"), {**full_card, "version": version}, if_absent=True)
             return version
         except storage.AlreadyExists:
@@ -117,8 +157,7 @@ def _alias_uri(registry: str, model_name: str, alias: str) -> str:
     return storage.join(_model_root(registry, model_name), "aliases", f"{alias}.json")
 
 
-def set_alias(registry: str, model_name: str, alias: str, version: str) -> None:
-    """Point ``alias`` (e.g. "champion") at an existing version, replacing its old target."""
+def _alias_pointer(registry: str, model_name: str, alias: str, version: str) -> bytes:
     version = _check_version(version)
     if not storage.exists(_card_uri(registry, model_name, version)):
         raise FileNotFoundError(f"cannot alias {model_name} {version} in {registry}: that version does not exist")
@@ -128,15 +167,49 @@ def set_alias(registry: str, model_name: str, alias: str, version: str) -> None:
         "version": version,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    storage.write_json(_alias_uri(registry, model_name, alias), pointer)
+    return json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def set_alias(registry: str, model_name: str, alias: str, version: str) -> None:
+    """Point ``alias`` (e.g. "latest") at an existing version, replacing its old target.
+
+    Unconditional: use ``promote`` for ``champion``, which must not overwrite a concurrent move.
+    """
+    storage.write_bytes(_alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version))
+
+
+def read_alias(registry: str, model_name: str, alias: str) -> tuple[str | None, str | None]:
+    """The version ``alias`` names (unchecked; None when unset) and the token to swap it with."""
+    data, token = storage.read_with_token(_alias_uri(registry, model_name, alias))
+    return (None if data is None else json.loads(data)["version"]), token
+
+
+def broken_alias_message(model_name: str, alias: str, version: str) -> str:
+    return f"alias {alias} of {model_name} points at {version}, which does not exist"
 
 
 def get_alias(registry: str, model_name: str, alias: str) -> str | None:
-    """The version ``alias`` points at, or None when the alias is not set."""
+    """The version ``alias`` points at, or None when the alias is not set.
+
+    Raises BrokenAlias when the alias names a version that does not exist.
+    """
     try:
-        return storage.read_json(_alias_uri(registry, model_name, alias))["version"]
+        version = storage.read_json(_alias_uri(registry, model_name, alias))["version"]
     except FileNotFoundError:
         return None
+    if not (isinstance(version, str) and _VERSION.match(version)) or not storage.exists(
+        _card_uri(registry, model_name, version)
+    ):
+        raise BrokenAlias(f"{broken_alias_message(model_name, alias, str(version))} (in {registry})")
+    return version
+
+
+def describe_alias(registry: str, model_name: str, alias: str) -> str:
+    """For summaries: the version, "not set", or "broken: <why>"; never raises on a broken alias."""
+    try:
+        return get_alias(registry, model_name, alias) or "not set"
+    except BrokenAlias as error:
+        return f"broken: {error}"
 
 
 def resolve(registry: str, model_name: str, version_or_alias: str) -> str:
@@ -162,13 +235,55 @@ def load_card(registry: str, model_name: str, version: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no version {version!r} of {model_name} in {registry} ({uri} is missing)") from None
 
 
+def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> int | None:
+    grid = card.get("config", {}).get("transform", {}).get("grid")
+    if grid:
+        return int(grid[0]) * int(grid[1])
+    weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None:
+    """What is wrong with ``state_dict`` as the weights of a TinyNet(n_features), or None."""
+    if not isinstance(state_dict, dict) or n_features is None:
+        return "not a TinyNet state_dict"
+    expected = {k: tuple(v.shape) for k, v in TinyNet(n_features=n_features).state_dict().items()}
+    actual = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state_dict.items()}
+    if actual == expected:
+        return None
+    missing, unexpected = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+    wrong = [f"{k} {actual[k]} instead of {expected[k]}" for k in expected if k in actual and actual[k] != expected[k]]
+    parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "", ", ".join(wrong)]
+    return f"not the weights of a TinyNet with {n_features} features: " + "; ".join(p for p in parts if p)
+
+
 def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, torch.Tensor]:
-    """The weights of a committed version (``version`` may be an alias), loaded with weights_only."""
+    """The weights of a committed version (``version`` may be an alias), loaded with weights_only.
+
+    Raises CorruptModel when model.pt does not have the sha256 and size its card recorded,
+    cannot be read, or is not a TinyNet for the card's feature count.
+    """
     version = resolve(registry, model_name, version)
-    load_card(registry, model_name, version)  # refuses uncommitted versions
+    card = load_card(registry, model_name, version)  # refuses uncommitted versions
     uri = storage.join(_model_root(registry, model_name), version, "model.pt")
-    with storage.local_copy(uri) as path:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    data = storage.read_bytes(uri)
+    where = f"{model_name} {version}: {uri}"
+    expected = card.get("files", {}).get("model.pt")
+    if expected is not None:
+        actual = file_entry(data)
+        if actual != {k: expected.get(k) for k in actual}:
+            raise CorruptModel(
+                f"{where} is corrupt: expected sha256 {expected.get('sha256')} ({expected.get('bytes')} bytes), "
+                f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
+            )
+    try:
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip, a pickle weights_only refuses, ...
+        raise CorruptModel(f"{where} cannot be read as a state_dict: {type(error).__name__}: {error}") from error
+    problem = _check_tinynet_shapes(state_dict, _expected_n_features(card, state_dict if isinstance(state_dict, dict) else {}))
+    if problem:
+        raise CorruptModel(f"{where} is {problem}")
+    return state_dict
 
 
 def load_model(registry: str, model_name: str, version: str) -> TinyNet:
@@ -190,7 +305,16 @@ class ModelRef(BaseModel):
     card_uri: str
     model_uri: str
     metrics: dict[str, dict[str, Any]]
-    champion_comparison: Optional[dict[str, Any]] = None
+    champion_comparison: Optional[dict[str, Any]] = None  # the decision recorded in the card
+    promotion: Optional[dict[str, Any]] = None  # how the promotion ended (promotion.json)
+
+
+def read_promotion(registry: str, model_name: str, version: str) -> dict[str, Any] | None:
+    """How the champion promotion of ``version`` ended, or None when it was never attempted."""
+    try:
+        return storage.read_json(storage.join(_model_root(registry, model_name), _check_version(version), "promotion.json"))
+    except FileNotFoundError:
+        return None
 
 
 def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
@@ -204,6 +328,7 @@ def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
         model_uri=storage.join(folder, "model.pt"),
         metrics=card["metrics"],
         champion_comparison=card.get("champion_comparison"),
+        promotion=read_promotion(registry, model_name, version),
     )
 
 
@@ -225,15 +350,23 @@ def build_card(
     shards_digest: str,
     counts: dict[str, dict[str, int]],
     champion_comparison: Optional[dict[str, Any]] = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The card of a new version; ``register`` adds ``model_name`` and ``version``.
+    """The card of a new version; ``register`` adds ``model_name``, ``version`` and ``files``.
+
+    ``extra`` adds top-level keys (threshold, labels, plots, ...: ``Evaluation.card_fields``).
 
     ``champion_comparison`` is the output of ``compare``: how the new model fared against
-    the champion when it was registered.
+    the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
+    are. ``threshold`` is the one of ``config["train"]``, used for every metric.
     """
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {
+        "schema_version": SCHEMA_VERSION,
+        "labels": LABELS,
+        "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
+        "threshold": config.get("train", {}).get("threshold"),
         "n_parameters": keras_parameter_count(model),
         "metrics": metrics,
         "training": training,
@@ -242,6 +375,7 @@ def build_card(
         "code_version": code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "champion_comparison": champion_comparison,
+        **extra,
     }
 
 
@@ -259,22 +393,28 @@ def validate_champion_metric(metric: str) -> str:
     return metric
 
 
-def champion_val_metrics(registry: str, model_name: str, version: str, index_uri: str) -> tuple[dict[str, Any], str]:
+def champion_val_metrics(
+    registry: str, model_name: str, version: str, index_uri: Optional[str]
+) -> tuple[dict[str, Any], str]:
     """The champion's validation metrics, and where they come from.
 
     When the champion was trained on features of the same transform, it is scored again
     on this run's val split, so that both models are judged on the same images: new data
     also brings new val patients, and val figures from two different val sets do not
-    compare. Otherwise its features are not comparable and its card's figures are used.
+    compare. Otherwise (or without ``index_uri``) its features are not comparable and its
+    card's figures are used. Its model file is verified either way (CorruptModel).
     """
     from pneumo import evaluate, shards, train
 
     card = load_card(registry, model_name, version)
+    state_dict = load_state_dict(registry, model_name, version)  # a corrupt champion is never compared
+    if index_uri is None:
+        return card["metrics"]["val"], "champion's card"
     if card.get("config", {}).get("transform") != shards.index_config(index_uri)["transform"]:
         return card["metrics"]["val"], "champion's card (trained on a different transform)"
     val = shards.load_split(index_uri, "val")
     threshold = card["config"]["train"]["threshold"]
-    probs = train.predict_proba(load_state_dict(registry, model_name, version), val.features)
+    probs = train.predict_proba(state_dict, val.features)
     return evaluate.metrics(val.labels, probs, threshold), "re-scored on this run's val split"
 
 
@@ -317,17 +457,120 @@ def compare(
     }
 
 
-def promote_if_better(registry: str, model_name: str, version: str, comparison: dict[str, Any]) -> bool:
-    """Point the champion alias at ``version`` if the comparison promoted it; True if it is champion.
+ChampionVal = Callable[[str], "tuple[dict[str, Any], str]"]
 
-    The alias moves only while the champion is still the one the challenger was compared
-    with: a run that overlapped with another promotion, or a cached result replayed after
-    the champion has moved on, changes nothing. Idempotent, so a retried task is harmless.
+
+def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
+    value = (val or {}).get(metric)
+    return float("-inf") if value is None else float(value)
+
+
+def champion_to_beat(
+    registry: str, model_name: str, challenger: Optional[str], metric: str, champion_val: ChampionVal
+) -> tuple[Optional[str], Optional[str], Optional[str], Optional[dict[str, Any]], Optional[str], list[str]]:
+    """(alias target, alias token, version to compare with, its val metrics, their basis, notes).
+
+    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
+    intact registered version by val ``metric`` stands in for it, so that a lost alias
+    never lets a worse model through as "the first model".
     """
-    current = get_alias(registry, model_name, CHAMPION)
-    if current == version:
-        return True
-    if comparison["promoted"] and current == comparison["champion_version"]:
-        set_alias(registry, model_name, CHAMPION, version)
-        return True
-    return False
+    target, token = read_alias(registry, model_name, CHAMPION)
+    notes: list[str] = []
+    if target is not None and target != challenger:
+        try:
+            if not (isinstance(target, str) and _VERSION.match(target)) or not storage.exists(
+                _card_uri(registry, model_name, target)
+            ):
+                raise BrokenAlias(broken_alias_message(model_name, CHAMPION, str(target)))
+            val, basis = champion_val(target)
+            return target, token, target, val, basis, notes
+        except BrokenAlias as error:
+            notes.append(f"{error}: ignored")
+        except CorruptModel as error:
+            notes.append(f"champion {target} skipped for comparison: {error}")
+    best = None
+    for version in list_versions(registry, model_name):
+        if version in (challenger, target):
+            continue
+        try:
+            val, basis = champion_val(version)
+        except CorruptModel as error:
+            notes.append(f"{version} skipped for comparison: {error}")
+            continue
+        if best is None or _metric_key(val, metric) > _metric_key(best[1], metric):
+            best = (version, val, basis)
+    if target is None and best is not None:
+        notes.insert(0, f"alias {CHAMPION} of {model_name} is missing although versions exist")
+    if best is None:
+        return target, token, None, None, None, notes
+    return target, token, best[0], best[1], f"{best[2]}; best registered version by val {metric}, standing in for the champion", notes
+
+
+def promote(
+    registry: str,
+    model_name: str,
+    version: str,
+    challenger_val: dict[str, Any],
+    metric: str,
+    *,
+    champion_val: Optional[ChampionVal] = None,
+    force: bool = False,
+    logger: Any = None,
+    max_attempts: int = 50,
+) -> dict[str, Any]:
+    """Make ``version`` champion if its val ``metric`` beats the champion's; return the outcome.
+
+    A compare-and-swap in a loop: the champion alias is read with its token, the challenger
+    is compared with it, and the alias is replaced only if it still holds that token. If
+    another run moved it meanwhile, the challenger is compared again with the new champion.
+    ``champion_val(version)`` gives a version's val metrics and their basis (default: its
+    card); it must raise CorruptModel for a damaged model, which is then skipped with a
+    warning. ``force`` promotes without comparing (a promotion by hand), still atomically.
+
+    The outcome is ``compare``'s dict plus ``is_champion``, ``attempts``, ``conflicts`` and
+    ``notes``; it is also kept as the version's promotion.json.
+    """
+    logger = logger or log
+    validate_champion_metric(metric)
+    uri = _alias_uri(registry, model_name, CHAMPION)
+    pointer = _alias_pointer(registry, model_name, CHAMPION, version)
+    scores: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def scored(v: str) -> tuple[dict[str, Any], str]:
+        if v not in scores:
+            scores[v] = (champion_val or (lambda x: champion_val_metrics(registry, model_name, x, None)))(v)
+        return scores[v]
+
+    conflicts: list[str] = []
+    for attempt in range(1, max_attempts + 1):
+        target, token, champion, champion_vals, basis, notes = champion_to_beat(
+            registry, model_name, version, metric, scored
+        )
+        for note in notes:
+            logger.warning(note)
+        comparison = compare(metric, challenger_val, champion, champion_vals, basis)
+        if target == version:
+            comparison.update(promoted=True, reason=f"{version} is already champion")
+        elif force:
+            comparison.update(promoted=True, reason="promoted by hand")
+        if comparison["promoted"] and target != version:
+            try:
+                storage.compare_and_swap(uri, pointer, token)
+            except storage.Conflict:
+                conflicts.append(f"the champion moved away from {target or 'unset'} before {version} could replace it")
+                logger.info("%s %s: %s; comparing again", model_name, version, conflicts[-1])
+                continue
+        if conflicts and not comparison["promoted"]:
+            comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
+        outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
+                   "conflicts": conflicts, "notes": notes,
+                   "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        promotion_uri = storage.join(_model_root(registry, model_name), version, "promotion.json")
+        try:
+            storage.write_json(promotion_uri, outcome, if_absent=True)
+        except storage.AlreadyExists:  # a retried or repeated promotion: the first outcome stays
+            pass
+        return outcome
+    raise RuntimeError(
+        f"could not promote {model_name} {version} in {registry}: the champion moved {max_attempts} times in a row"
+    )

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
+from pneumo.formats import FormatNotAllowed, open_image
 from pneumo.manifest import CLASSES, Manifest, QuarantineEntry
 
 DEFAULT_PERCENTILES = (25, 50, 75, 90, 99)
@@ -69,11 +70,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
     with warnings.catch_warnings():
         # Sizes are only read here; refusing big images is the transform's job.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        with open_image(path) as image:  # the transform's allow-list: JPEG, PNG, BMP
             return oriented_size(image)
 
 
 def _unreadable_reason(error: Exception) -> str:
+    if isinstance(error, FormatNotAllowed):
+        return str(error)
     if isinstance(error, UnidentifiedImageError):
         return "cannot identify image file"
     if isinstance(error, Image.DecompressionBombError):
@@ -104,7 +107,7 @@ def size_percentiles(
     percentiles = [float(p) for p in percentiles]
     if not percentiles or any(not 0 <= p <= 100 for p in percentiles):
         raise ValueError(f"percentiles must be numbers in [0, 100], got {percentiles}")
-    root = Path(manifest.root)
+    root = Path(manifest.images_root())
     sizes: dict[int, tuple[list[int], list[int]]] = {label: ([], []) for label in range(len(CLASSES))}
     unreadable = []
     total = len(manifest.records)

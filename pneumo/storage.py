@@ -15,10 +15,11 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 S3_PREFIX = "s3://"
 
@@ -46,12 +47,47 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 # Standard retry mode retries throttling (503 SlowDown), connection resets and timeouts
-# with exponential backoff; Prefect's task retries sit on top of these.
+# with exponential backoff; Prefect's task retries sit on top of these for 5xx bursts.
+# The bounds keep a dead endpoint (one that accepts connections and never answers) from
+# hanging a run: at most max_attempts x read_timeout plus a few seconds of backoff per
+# call, about a minute by default. Each can be set through the environment (S3_ENV).
 S3_CLIENT_OPTIONS = {
-    "retries": {"max_attempts": 8, "mode": "standard"},
-    "connect_timeout": 10,
-    "read_timeout": 60,
+    "retries": {"total_max_attempts": 3, "mode": "standard"},  # the first try included
+    "connect_timeout": 5,
+    "read_timeout": 20,
 }
+S3_ENV = {
+    "connect_timeout": "PNEUMO_S3_CONNECT_TIMEOUT",
+    "read_timeout": "PNEUMO_S3_READ_TIMEOUT",
+    "max_attempts": "PNEUMO_S3_MAX_ATTEMPTS",
+}
+
+
+def s3_client_options() -> dict[str, Any]:
+    """S3_CLIENT_OPTIONS with the PNEUMO_S3_* environment overrides applied (validated)."""
+    options = {**S3_CLIENT_OPTIONS, "retries": dict(S3_CLIENT_OPTIONS["retries"])}
+    for option, variable in S3_ENV.items():
+        text = os.environ.get(variable)
+        if not text:
+            continue
+        try:
+            value = float(text) if option != "max_attempts" else int(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} is not a number") from None
+        if value <= 0:
+            raise ValueError(f"{variable}={text!r} must be greater than 0")
+        if option == "max_attempts":
+            options["retries"].pop("max_attempts", None)  # botocore's count of retries, first try excluded
+            options["retries"]["total_max_attempts"] = value
+        else:
+            options[option] = value
+    return options
+
+
+def s3_attempts(options: dict[str, Any]) -> int:
+    """Attempts per S3 call, the first one included, under botocore's two ways to say it."""
+    retries = options["retries"]
+    return retries["total_max_attempts"] if "total_max_attempts" in retries else retries.get("max_attempts", 2) + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +95,7 @@ def _s3_client():
     import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client("s3", config=Config(**S3_CLIENT_OPTIONS))
+    return boto3.session.Session().client("s3", config=Config(**s3_client_options()))
 
 
 def s3_client():
@@ -77,19 +113,117 @@ def _is_precondition_failed(error: Exception) -> bool:
     return code in {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 
 
+class S3Error(RuntimeError):
+    """An S3 call failed; the message names the endpoint, the object and the likely cause.
+
+    ``retryable`` says whether trying again later can help (throttling, 5xx, a dropped
+    connection); credentials, permissions, a missing bucket and an endpoint that never
+    answers (botocore has already tried it ``max_attempts`` times) cannot.
+    """
+
+    def __init__(self, message: str, *, kind: str, retryable: bool):
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+
+
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed", "InvalidClientTokenId", "ExpiredTokenException",
+}
+_PERMISSION_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem"}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "429"}
+_CREDENTIAL_HINT = "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, or AWS_PROFILE"
+
+
+def _endpoint() -> str:
+    return s3_client().meta.endpoint_url
+
+
+def _client_error(error: Exception, code: str, status: int, what: str) -> S3Error:
+    """Classify an S3 error response by its code (and HTTP status when the code says nothing)."""
+    detail = getattr(error, "response", {}).get("Error", {}).get("Message") or ""
+    said = f"{code} {detail}".strip() if detail and detail != code else code
+    if code in _CREDENTIAL_CODES:
+        return S3Error(f"{what} was refused: the credentials look wrong ({said}); {_CREDENTIAL_HINT}",
+                       kind="credentials", retryable=False)
+    if code in _PERMISSION_CODES:
+        return S3Error(f"{what} was refused: permission denied ({said}); the credentials were accepted but "
+                       "may not do this: check the IAM or bucket policy", kind="permissions", retryable=False)
+    if code == "NoSuchBucket":
+        return S3Error(f"{what} failed: the bucket does not exist ({said}); check the bucket name and "
+                       "AWS_ENDPOINT_URL / the region", kind="missing bucket", retryable=False)
+    if code in {"403", "Forbidden"} or status == 403:
+        # HEAD answers carry no body, so a bare 403 cannot tell bad credentials from missing rights.
+        return S3Error(f"{what} was refused (403 Forbidden, no detail): either the credentials are wrong "
+                       f"({_CREDENTIAL_HINT}) or they lack permission for this bucket/key",
+                       kind="credentials or permissions", retryable=False)
+    if code in {"404", "NoSuchKey", "NotFound"}:
+        return S3Error(f"{what} failed: no such object ({said})", kind="missing object", retryable=False)
+    if code in _THROTTLE_CODES or status in (429, 503):
+        return S3Error(f"{what} was throttled ({said})", kind="throttled", retryable=True)
+    if status >= 500 or code in {"InternalError", "ServiceUnavailable", "RequestTimeout"}:
+        return S3Error(f"{what} failed on the server side ({said}, HTTP {status})", kind="server error", retryable=True)
+    return S3Error(f"{what} failed ({said}, HTTP {status})", kind="other", retryable=False)
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, operation: str) -> Iterator[None]:
+    """Turn botocore's errors inside the block into an S3Error that says what failed and why.
+
+    Messages hold the endpoint, the URI, the error code and a hint, never a credential.
+    """
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    try:
+        yield
+    except ClientError as error:
+        what = f"S3 {operation} on {uri} at {_endpoint()}"
+        info = error.response.get("Error", {})
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        raise _client_error(error, str(info.get("Code", status)), int(status), what) from error
+    except S3UploadFailedError as error:  # boto3's managed upload hides the ClientError in its text
+        what = f"S3 {operation} on {uri} at {_endpoint()}"
+        match = re.search(r"An error occurred \((\w+)\)", str(error))
+        code = match.group(1) if match else "unknown"
+        raise _client_error(error, code, int(code) if code.isdigit() else 0, what) from error
+    except (NoCredentialsError, PartialCredentialsError) as error:
+        raise S3Error(f"S3 {operation} on {uri}: {error}; {_CREDENTIAL_HINT}", kind="credentials",
+                      retryable=False) from error
+    except (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError) as error:
+        options = s3_client_options()
+        raise S3Error(
+            f"the S3 endpoint {_endpoint()} did not answer {operation} on {uri} "
+            f"({type(error).__name__}; {s3_attempts(options)} attempts, connect timeout "
+            f"{options['connect_timeout']:g} s, read timeout {options['read_timeout']:g} s): check "
+            "AWS_ENDPOINT_URL and the network; PNEUMO_S3_CONNECT_TIMEOUT, PNEUMO_S3_READ_TIMEOUT and "
+            "PNEUMO_S3_MAX_ATTEMPTS set these limits",
+            kind="unreachable", retryable=False,
+        ) from error
+
+
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
-    try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as error:
-        if _is_missing(error):
-            return False
-        raise
+    with s3_errors(uri, "HeadObject"):
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as error:
+            if _is_missing(error):
+                return False
+            raise
 
 
 def read_bytes(uri: str) -> bytes:
@@ -98,17 +232,74 @@ def read_bytes(uri: str) -> bytes:
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
+    with s3_errors(uri, "GetObject"):
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(uri) from None
+            raise
+
+
+# Temporary names: fixed length (a 255-byte target name leaves no room to grow) and the
+# owner's PID, so a later run can tell a killed run's leftovers from a live run's files.
+TEMP_PREFIX = ".pneumo-"
+_OWNED_TEMP = re.compile(r"^\.pneumo-(\d+)-")
+# Names earlier versions used: ".{name}.{random}.tmp", ".{name}.part", ".{name}.partial-{random}".
+_LEGACY_TEMP = re.compile(r"^\..+(\.tmp|\.part|\.partial-[\w-]+)$", re.DOTALL)
+
+
+def temp_prefix() -> str:
+    """Prefix for a temporary file or folder next to its target: ``.pneumo-{pid}-``."""
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as error:
-        if _is_missing(error):
-            raise FileNotFoundError(uri) from None
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_temporaries(root: str | Path, started: float, prune: Callable[[Path], bool] = lambda folder: False) -> list[Path]:
+    """Remove the temporaries killed runs left under the local folder ``root``; return what went.
+
+    A temporary goes when it is older than ``started`` (this run's start, a Unix time)
+    and its owner is gone: the PID in its name is not a live process, or, for names
+    without a PID, its age is the only evidence. Fresh temporaries of a concurrent run are
+    newer than ``started`` or carry a live PID, and stay. Folders for which ``prune`` is
+    true (published datasets) are not searched.
+    """
+    removed: list[Path] = []
+    for folder, dirnames, filenames in os.walk(root):
+        here = Path(folder)
+        for name in [*dirnames, *filenames]:
+            owned = _OWNED_TEMP.match(name)
+            if not owned and not _LEGACY_TEMP.match(name):
+                continue
+            path = here / name
+            try:
+                if path.lstat().st_mtime >= started or (owned and _pid_alive(int(owned.group(1)))):
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        dirnames[:] = [d for d in dirnames if (here / d).is_dir() and here / d not in removed and not prune(here / d)]
+    return removed
 
 
 def _atomic_local_write(path: Path, fill, if_absent: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
@@ -136,12 +327,13 @@ def write_bytes(uri: str, data: bytes, *, if_absent: bool = False) -> None:
 
     bucket, key = split_s3(uri)
     extra = {"IfNoneMatch": "*"} if if_absent else {}
-    try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
-    except ClientError as error:
-        if if_absent and _is_precondition_failed(error):
-            raise AlreadyExists(uri) from None
-        raise
+    with s3_errors(uri, "PutObject"):
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except ClientError as error:
+            if if_absent and _is_precondition_failed(error):
+                raise AlreadyExists(uri) from None
+            raise
 
 
 def upload_file(local_path: str | Path, uri: str, *, if_absent: bool = False) -> None:
@@ -156,7 +348,8 @@ def upload_file(local_path: str | Path, uri: str, *, if_absent: bool = False) ->
         return
     bucket, key = split_s3(uri)
     # upload_file uses multipart for large files; the object appears only on completion.
-    s3_client().upload_file(str(local_path), bucket, key)
+    with s3_errors(uri, "upload"):
+        s3_client().upload_file(str(local_path), bucket, key)
 
 
 def download_file(uri: str, local_path: str | Path) -> None:
@@ -167,9 +360,15 @@ def download_file(uri: str, local_path: str | Path) -> None:
         return
     bucket, key = split_s3(uri)
     local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.part")
-    s3_client().download_file(bucket, key, str(tmp))
-    os.replace(tmp, local_path)
+    fd, tmp = tempfile.mkstemp(dir=local_path.parent, prefix=temp_prefix(), suffix=".part")
+    os.close(fd)
+    try:
+        with s3_errors(uri, "download"):
+            s3_client().download_file(bucket, key, tmp)
+        os.replace(tmp, local_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -197,8 +396,9 @@ def list_uris(prefix: str) -> list[str]:
     key = key.rstrip("/") + "/" if key else ""
     paginator = s3_client().get_paginator("list_objects_v2")
     uris = []
-    for page in paginator.paginate(Bucket=bucket, Prefix=key):
-        uris.extend(f"{S3_PREFIX}{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+    with s3_errors(prefix, "ListObjectsV2"):
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            uris.extend(f"{S3_PREFIX}{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
     return sorted(uris)
 
 
@@ -208,7 +408,8 @@ def delete(uri: str) -> None:
             Path(uri).unlink()
         return
     bucket, key = split_s3(uri)
-    s3_client().delete_object(Bucket=bucket, Key=key)
+    with s3_errors(uri, "DeleteObject"):
+        s3_client().delete_object(Bucket=bucket, Key=key)
 
 
 def read_json(uri: str) -> Any:
@@ -218,3 +419,81 @@ def read_json(uri: str) -> Any:
 def write_json(uri: str, obj: Any, *, if_absent: bool = False) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
     write_bytes(uri, data, if_absent=if_absent)
+
+
+# --- Compare-and-swap ---------------------------------------------------------------------
+#
+# A small object that several writers may replace (a registry alias) is read together with
+# a token, and replaced only if it still carries that token. On S3 the token is the ETag and
+# the write is a conditional PUT (If-Match, or If-None-Match: * while the object is absent).
+# Locally the token is the sha256 of the content, and the compare and the rename happen
+# under an exclusive flock on a sidecar ``.<stem>.lock`` file, so they are one step.
+
+
+class Conflict(Exception):
+    """Raised by ``compare_and_swap`` when the object changed since its token was read."""
+
+
+def _local_token(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_with_token(uri: str) -> tuple[bytes | None, str | None]:
+    """The object's bytes and its token for ``compare_and_swap``; (None, None) when absent."""
+    if not is_s3(uri):
+        try:
+            data = Path(uri).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, _local_token(data)
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return None, None
+        raise
+    return response["Body"].read(), response["ETag"]
+
+
+@contextlib.contextmanager
+def _local_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def compare_and_swap(uri: str, data: bytes, expected_token: str | None) -> None:
+    """Replace the object at ``uri`` with ``data`` only if it still has ``expected_token``.
+
+    ``expected_token`` comes from ``read_with_token``; None means "only if the object does
+    not exist yet". Raises Conflict when another writer got there first: read again,
+    decide again, and retry.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        with _local_lock(path):
+            _, current = read_with_token(uri)
+            if current != expected_token:
+                raise Conflict(f"{uri} changed since it was read")
+            _atomic_local_write(path, lambda handle: handle.write(data), if_absent=False)
+        return
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    condition = {"IfNoneMatch": "*"} if expected_token is None else {"IfMatch": expected_token}
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except ClientError as error:
+        # 412: the ETag no longer matches; 409: a concurrent conditional write won; 404: the
+        # object was deleted since it was read (If-Match on a missing key).
+        if _is_precondition_failed(error) or _is_missing(error) or error.response.get("Error", {}).get("Code") == "409":
+            raise Conflict(f"{uri} changed since it was read") from None
+        raise

@@ -30,13 +30,16 @@ import contextlib
 import functools
 import io
 import math
+import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumo.config import TransformConfig
+from pneumo.formats import FormatNotAllowed, open_image
 from pneumo.sizes import header_orientation, oriented_size
 
 # fast: decode JPEGs at the smallest DCT scale that keeps this many pixels per pool cell.
@@ -59,18 +62,17 @@ class ImageRejected(ValueError):
     """The file cannot be used as an image; the message is the reason, for the quarantine."""
 
 
-def featurize(path, config: TransformConfig | None = None) -> np.ndarray:
+def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | None = None) -> np.ndarray:
     """The image's features: float32 array of rows * cols values in [0, 1].
 
-    ``path`` is a path, the file's bytes, or a seekable binary file object.
-    Raises ImageRejected for files that are not images, are corrupt or truncated, or have
-    more than ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
+    ``source`` is a path, the file's bytes, or a binary file object (read from its start;
+    the caller closes it). Raises ImageRejected for files that are not images, are in a
+    format outside ``formats.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
+    ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
     config = config or TransformConfig()
     _check_geometry(config)
-    if isinstance(path, (bytes, bytearray)):
-        path = io.BytesIO(path)
-    with open(path, "rb") if isinstance(path, (str, Path)) else contextlib.nullcontext(path) as handle:
+    with _binary(source) as handle:
         if not handle.read(1):
             raise ImageRejected("empty file (0 bytes)")
         handle.seek(0)
@@ -79,6 +81,8 @@ def featurize(path, config: TransformConfig | None = None) -> np.ndarray:
             try:
                 if config.method == "exact":
                     return _featurize_exact(image, config)
+                if config.method == "resample":
+                    return pool_features(render(decode_reduced(image, config), config), config)
                 return _featurize_fast(image, config, handle)
             except ImageRejected:
                 raise
@@ -86,6 +90,20 @@ def featurize(path, config: TransformConfig | None = None) -> np.ndarray:
                 raise ImageRejected(f"too large ({error})") from None
             except (OSError, SyntaxError, ValueError, EOFError) as error:
                 raise ImageRejected(_decode_failure(image, error)) from None
+
+
+@contextlib.contextmanager
+def _binary(source: str | Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
+    """A seekable binary handle on ``source``; only a file opened here is closed here."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            yield handle
+    elif source.seekable():
+        yield source
+    else:  # a pipe or socket: the decoder seeks, so read it whole
+        yield io.BytesIO(source.read())
 
 
 def max_pool(gray: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -130,7 +148,9 @@ def _open(handle, config: TransformConfig) -> Image.Image:
             # PIL's own bomb guard: its warning (above Image.MAX_IMAGE_PIXELS, ~89 MP by
             # default) counts as a refusal too, so the limit is the lower of the two.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
+            image = open_image(handle)  # JPEG, PNG or BMP only: no other parser sees the bytes
+    except FormatNotAllowed as error:
+        raise ImageRejected(str(error)) from None
     except UnidentifiedImageError:
         raise ImageRejected("not an image (cannot identify image file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -374,3 +394,145 @@ def _border_values(a: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.nda
     lo = a[below].astype(np.float32)
     values = lo + weight * (a[below + 1] - lo)
     return np.maximum(values[: len(first)], values[len(first) :])
+
+
+# --- The "resample" method: decode small, resample the crop to a canvas, pool it ------------
+#
+# One decode per image serves the original, its augmented renditions (pneumo.augment) and
+# the acquisition shifts (pneumo.shift): each is a resampling of the decoded picture onto a
+# canvas of cell_pixels x cell_pixels per cell, which costs a fraction of the decode.
+
+
+def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) -> np.ndarray:
+    """The picture at the resample method's reduced scale (``decode_reduced``), refusing bad files.
+
+    ``source`` is taken as by ``featurize``. Raises ImageRejected as ``featurize`` does.
+    """
+    with _binary(source) as handle:
+        if not handle.read(1):
+            raise ImageRejected("empty file (0 bytes)")
+        handle.seek(0)
+        with _open(handle, config) as image:
+            try:
+                return decode_reduced(image, config)
+            except ImageRejected:
+                raise
+            except Image.DecompressionBombError as error:
+                raise ImageRejected(f"too large ({error})") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as error:
+                raise ImageRejected(_decode_failure(image, error)) from None
+
+
+def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
+    """float32 gray in [0, 1], upright, decoded at the smallest JPEG scale (libjpeg's 1/2 to 1/8,
+    via Image.draft) that still leaves the crop ``cell_pixels`` samples per cell side."""
+    if image.format in _JPEG_FORMATS:
+        rows, cols = config.grid
+        kept = 1.0 - 2.0 * config.crop_fraction
+        need_w = math.ceil(cols * config.cell_pixels / kept)
+        need_h = math.ceil(rows * config.cell_pixels / kept)
+        if oriented_size(image) != image.size:  # a 90-degree EXIF rotation swaps the stored axes
+            need_w, need_h = need_h, need_w
+        image.draft("L", (need_w, need_h))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return _gray(image)
+
+
+def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
+
+    ``warp`` = (zoom, shift_x, shift_y, rotation_degrees) moves the picture before the
+    crop; see Resampler, which renders one picture many ways for the cost of one set-up.
+    """
+    return Resampler(gray, config).canvas(warp)
+
+
+class Resampler:
+    """One decoded picture, ready to be resampled onto the recipe's canvas, plainly or warped.
+
+    A warp zooms about the centre (> 1 magnifies), shifts by fractions of width and height
+    and rotates about the centre, all before the crop. Pixels from outside the picture
+    repeat its edge, as a film that extends past the detector would look, rather than
+    adding black corners. The set-up (a box-filter shrink and the edge padding) is done
+    once per picture, so each further rendering costs one small affine resampling.
+    """
+
+    # Edge padding prepared up front, as a fraction of the larger side: enough for zooms
+    # down to 0.8, shifts of 10 % and rotations of 10 degrees; larger warps pad again.
+    MARGIN = 0.25
+
+    def __init__(self, gray: np.ndarray, config: TransformConfig):
+        self.gray = np.ascontiguousarray(gray, dtype=np.float32)
+        self.rows, self.cols = config.grid
+        self.out = (self.cols * config.cell_pixels, self.rows * config.cell_pixels)  # (width, height)
+        self.crop = config.crop_fraction
+        self._padded: tuple[Image.Image, int, int, int] | None = None  # picture, margin, width, height
+
+    def canvas(self, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        c, (out_w, out_h) = self.crop, self.out
+        if warp is None or tuple(warp) == (1.0, 0.0, 0.0, 0.0):
+            height, width = self.gray.shape
+            box = (c * width, c * height, (1 - c) * width, (1 - c) * height)
+            picture = Image.fromarray(self.gray)  # mode F
+            return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+
+        zoom, shift_x, shift_y, degrees = warp
+        picture, margin, width, height = self._prepared()
+        cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+        centre_x, centre_y = width / 2, height / 2
+        # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the zoom and the rotation.
+        step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
+        x0 = c * width - centre_x - shift_x * width
+        y0 = c * height - centre_y - shift_y * height
+        a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
+        cx = centre_x + (cos * x0 + sin * y0) / zoom
+        cy = centre_y + (-sin * x0 + cos * y0) / zoom
+        xs = (cx, cx + a * out_w, cx + b * out_h, cx + a * out_w + b * out_h)
+        ys = (cy, cy + d * out_w, cy + e * out_h, cy + d * out_w + e * out_h)
+        need = math.ceil(max(-min(xs), max(xs) - width, -min(ys), max(ys) - height, 0)) + 2
+        if need > margin:  # a warp beyond the prepared padding: pad this once more
+            picture = Image.fromarray(np.pad(self._reduced(), need, mode="edge"))
+            margin = need
+        data = (a, b, cx + margin, d, e, cy + margin)
+        return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
+
+    def _reduced(self) -> np.ndarray:
+        # Shrink a large decode by whole pixels first (a box filter): the affine map samples
+        # without anti-aliasing, so it should run at about the canvas's own scale.
+        height, width = self.gray.shape
+        factor = int(min((1 - 2 * self.crop) * width / self.out[0], (1 - 2 * self.crop) * height / self.out[1]))
+        if factor < 2:
+            return self.gray
+        return np.asarray(Image.fromarray(self.gray).reduce(factor))
+
+    def _prepared(self) -> tuple[Image.Image, int, int, int]:
+        if self._padded is None:
+            reduced = self._reduced()
+            height, width = reduced.shape
+            margin = math.ceil(self.MARGIN * max(height, width)) + 2
+            self._padded = (Image.fromarray(np.pad(reduced, margin, mode="edge")), margin, width, height)
+        return self._padded
+
+
+def pool_features(canvas: np.ndarray, config: TransformConfig) -> np.ndarray:
+    """The canvas pooled per cell, one part per ``config.pooling`` mode, each z-scored if asked.
+
+    ``canvas`` may carry leading axes (a batch of canvases): one vectorized pass for all of
+    them, since numpy's per-call overhead outweighs the arithmetic on arrays this small.
+    """
+    rows, cols = config.grid
+    k = config.cell_pixels
+    lead = canvas.shape[:-2]
+    cells = canvas.reshape(*lead, rows, k, cols, k)
+    axes = (len(lead) + 1, len(lead) + 3)
+    parts = np.stack(
+        [(cells.max(axis=axes) if mode == "max" else cells.mean(axis=axes)).reshape(*lead, rows * cols) for mode in config.pooling],
+        axis=-2,
+    )  # (..., parts, cells)
+    if config.normalize == "zscore":
+        # A blank film has no spread: centre it and leave it at 0 rather than divide by 0.
+        mean = parts.mean(axis=-1, keepdims=True)
+        spread = np.maximum(parts.std(axis=-1, keepdims=True), 1e-6)
+        parts = (parts - mean) / spread
+    return parts.reshape(*lead, -1).astype(np.float32, copy=False)

@@ -10,12 +10,12 @@ from pneumo import download, storage
 from pneumo.manifest import ManifestRef, save_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
+from tasks.retry import retry_options
 
 
 @task(
     name="download",
-    retries=3,
-    retry_delay_seconds=[5, 30, 120],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.download", "pneumo.manifest"),
 )
 def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef:
@@ -33,7 +33,7 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     uri = save_manifest(manifest, storage.join(workdir, "manifests"))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(
-        "manifest %s: %d images, %d quarantined, counts %s",
-        ref.digest[:12], ref.n_images, ref.n_quarantined, ref.counts,
+        "manifest %s: %d images, %d quarantined, %d OS metadata files skipped, counts %s",
+        ref.digest[:12], ref.n_images, ref.n_quarantined, ref.n_skipped, ref.counts,
     )
     return ref

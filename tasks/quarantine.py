@@ -8,12 +8,12 @@ from pneumo import quarantine, shards, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import quarantine_artifact
+from tasks.retry import retry_options
 
 
 @task(
     name="quarantine-report",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.quarantine"),
 )
 def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: str, max_bad_fraction: float) -> str:
@@ -23,9 +23,10 @@ def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: st
     uri = storage.join(workdir, "reports", f"quarantine-{index.digest[:16]}.json")
     storage.write_bytes(uri, report.model_dump_json(indent=2).encode())
     logger.info(
-        "%d input files: %d in shards, %d quarantined (%.2f%%) %s; report %s",
-        report.n_inputs, report.n_in_shards, report.n_quarantined, 100 * report.bad_fraction, report.by_reason, uri,
+        "%d input files: %d in shards, %d quarantined (%.2f%%) %s, %d skipped %s; report %s",
+        report.n_inputs, report.n_in_shards, report.n_quarantined, 100 * report.bad_fraction, report.by_reason,
+        report.n_skipped, report.skipped_by_reason, uri,
     )
-    quarantine_artifact(report.entries, key="quarantine-report")
+    quarantine_artifact(report.entries, key="quarantine-report", skipped=report.skipped)
     quarantine.check_bad_fraction(report, max_bad_fraction)
     return uri

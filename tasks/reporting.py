@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Iterable
 
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo.manifest import QuarantineEntry
+from pneumo import evaluate
+from pneumo.manifest import QuarantineEntry, SkippedEntry
 
 
-def quarantine_artifact(entries: Iterable[QuarantineEntry], *, key: str) -> None:
-    """A table of the images that were set aside, each with its reason."""
+def quarantine_artifact(
+    entries: Iterable[QuarantineEntry], *, key: str, skipped: Iterable[SkippedEntry] = ()
+) -> None:
+    """A table of the images that were set aside, each with its reason, then the OS metadata skipped."""
     rows = [entry.model_dump() for entry in entries]
-    create_table_artifact(
-        key=key,
-        table=rows,
-        description=f"{len(rows)} input file(s) quarantined, each with the reason",
-    )
+    junk = [{"relpath": e.relpath, "stage": "skipped", "reason": e.reason} for e in skipped]
+    description = f"{len(rows)} input file(s) quarantined, each with the reason"
+    if junk:
+        description += f"; {len(junk)} OS metadata file(s) skipped (stage 'skipped')"
+    create_table_artifact(key=key, table=rows + junk, description=description)
 
 
 def progress_logger(logger, what: str, every: int = 1000):
@@ -27,3 +31,68 @@ def progress_logger(logger, what: str, every: int = 1000):
             logger.info("%s: %d/%d", what, done, total)
 
     return progress
+
+
+# Titles of the pictures, in the order the report shows them.
+PICTURES = {
+    "roc.png": "ROC curves",
+    "precision_recall.png": "Precision-recall curves",
+    "confusion_matrix.png": "Confusion matrices",
+    "score_histogram.png": "Scores by true class",
+    "reliability.png": "Reliability",
+    "learning_curves.png": "Learning curves",
+    "shift_suite.png": "Shift suite",
+}
+
+
+def _shift_table(shift: dict) -> str:
+    """One row per shift, ROC AUC and specificity per split; the clean scores first, the worst case last."""
+    splits = sorted(shift, key=lambda s: (s != "val", s))
+    metrics = (("roc_auc", "ROC AUC"), ("specificity", "specificity"))
+    header = ["shift", *[f"{split} {label}" for split in splits for _, label in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    names = ["clean", *shift[splits[0]]["per_shift"]]
+    for name in names:
+        cells = []
+        for split in splits:
+            row = (shift[split].get("clean") if name == "clean" else shift[split]["per_shift"].get(name)) or {}
+            cells += [fmt(row.get(metric)) for metric, _ in metrics]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    cells = []
+    for split in splits:
+        worst = shift[split].get("worst") or {}
+        cells += ["n/a" if not worst.get(m) else f"**{worst[m][0]:.3f}** ({worst[m][1]})" for m, _ in metrics]
+    lines.append("| " + " | ".join(["**worst**", *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def model_report_artifacts(model_name: str, version: str, evaluation: "evaluate.Evaluation", pngs: dict[str, bytes], card_uri: str) -> None:
+    """The version's metrics with 95% CIs, and its pictures, as markdown artifacts the Prefect UI shows.
+
+    The UI runs in a browser that cannot read the registry (a local path or a private S3
+    key), so each PNG is embedded in the markdown as a ``data:image/png;base64`` URI.
+    """
+    layout = evaluate.CONFUSION_MATRIX_LAYOUT
+    markdown = (
+        f"# {model_name} {version}\n\n"
+        f"Threshold **{evaluation.threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
+        "Percent, with 95% bootstrap intervals resampled by patient.\n\n"
+        f"{evaluate.ci_markdown_table({s: evaluation.metrics[s] for s in ('val', 'test') if s in evaluation.metrics})}\n"
+        f"Confusion matrices {layout}.\n\n"
+    )
+    if "shift" in evaluation.metrics:
+        markdown += "## Shift suite\n\n" + _shift_table(evaluation.metrics["shift"]) + "\n"
+    markdown += f"Card: `{card_uri}`\n"
+    create_markdown_artifact(key="model-card", markdown=markdown, description=f"{model_name} {version}: metrics with 95% CIs")
+
+    pictures = [f"# {model_name} {version}: pictures\n"]
+    for name in sorted(pngs, key=lambda n: list(PICTURES).index(n) if n in PICTURES else len(PICTURES)):
+        encoded = base64.b64encode(pngs[name]).decode("ascii")
+        pictures.append(f"## {PICTURES.get(name, name)}\n\n![{name}](data:image/png;base64,{encoded})\n")
+    create_markdown_artifact(
+        key="model-pictures", markdown="\n".join(pictures), description=f"{model_name} {version}: {len(pngs)} pictures"
+    )

@@ -11,14 +11,17 @@ from pneumo import shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
 from tasks.caching import cache_policy
+from tasks.retry import retry_options
 
 
 @task(
     name="write-shard",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     # Where the pixels are computed does not change the shard.
-    cache_policy=cache_policy("pneumo.shards", "pneumo.transform", "pneumo.splits", ignore=("pool",)),
+    cache_policy=cache_policy(
+        "pneumo.shards", "pneumo.transform", "pneumo.augment", "pneumo.shift", "pneumo.splits", "pneumo.sizes",
+        "pneumo.formats", ignore=("pool",)
+    ),
 )
 def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:
     """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""
@@ -36,8 +39,7 @@ def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> s
 
 @task(
     name="write-shard-index",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.shards"),
 )
 def write_index(

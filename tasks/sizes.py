@@ -9,14 +9,14 @@ from pneumo import sizes, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
+from tasks.retry import retry_options
 
 BASE_PERCENTILES = (25, 50, 75, 90, 99)
 
 
 @task(
     name="size-percentiles",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.sizes"),
 )
 def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> sizes.SizesRef:
@@ -25,7 +25,7 @@ def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> 
     wanted = tuple(sorted({*BASE_PERCENTILES, percentile}))
 
     progress = progress_logger(logger, "image headers read")
-    stats = sizes.size_percentiles(load_manifest(manifest.uri), percentiles=wanted, progress=progress)
+    stats = sizes.size_percentiles(load_manifest(manifest.uri, manifest.root), percentiles=wanted, progress=progress)
     uri = storage.join(workdir, "stats", f"sizes-{manifest.digest[:16]}.json")
     storage.write_bytes(uri, stats.model_dump_json(indent=2).encode())
     height, width = sizes.target_size(stats, percentile)

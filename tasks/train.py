@@ -5,15 +5,16 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, shards, train
+from pneumo import evaluate, registry, release, shards
 from pneumo.config import TrainConfig
 from tasks.caching import cache_policy
+from tasks.reporting import model_report_artifacts
+from tasks.retry import retry_options
 
 
 @task(
     name="train-evaluate-register",
-    retries=2,
-    retry_delay_seconds=[10, 60],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.train", "pneumo.model", "pneumo.evaluate", "pneumo.registry", "pneumo.shards"),
 )
 def train_evaluate_register(
@@ -23,10 +24,10 @@ def train_evaluate_register(
     registry_uri: str,
     model_name: str,
     champion_metric: str = "roc_auc",
+    recipe: str = "seed",
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     logger = get_run_logger()
-    registry.validate_champion_metric(champion_metric)
 
     def progress(epoch: dict) -> None:
         if epoch["epoch"] % 50 == 0:
@@ -35,59 +36,25 @@ def train_evaluate_register(
                 epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
             )
 
-    fitted = train.fit_from_index(index.uri, config, progress=progress)
-    outcome = fitted.result
-    logger.info(
-        "trained on %d rows in %.1fs: best epoch %d of %d%s",
-        outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
-        " (stopped early)" if outcome.stopped_early else "",
+    result = release.train_and_register(
+        index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
+        progress=progress, logger=logger, recipe=recipe,
     )
-    # Compare before registering: the immutable card records the decision.
-    champion = registry.get_alias(registry_uri, model_name, registry.CHAMPION)
-    champion_val, basis = None, None
-    if champion is not None:
-        champion_val, basis = registry.champion_val_metrics(registry_uri, model_name, champion, index.uri)
-    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_val, basis)
-    card = registry.build_card(
-        state_dict=fitted.state_dict,
-        metrics=fitted.metrics,
-        training={"best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
-                  "stopped_early": outcome.stopped_early, "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2)},
-        config={"train": config.model_dump(mode="json"), **shards.index_config(index.uri)},
-        manifest_digest=manifest_digest,
-        shards_digest=index.digest,
-        counts=index.counts,
-        champion_comparison=comparison,
-    )
-    version = registry.register(registry_uri, model_name, fitted.state_dict, card)
-    registry.set_alias(registry_uri, model_name, "latest", version)
-    is_champion = registry.promote_if_better(registry_uri, model_name, version, comparison)
-    ref = registry.model_ref(registry_uri, model_name, version)
-    if is_champion:
-        logger.info("champion: %s %s (%s)", model_name, version, comparison["reason"])
-    elif comparison["promoted"]:
-        logger.warning("champion: %s %s beat %s, but another run moved the champion meanwhile; not promoted",
-                       model_name, version, comparison["champion_version"])
-    else:
-        logger.info("champion stays %s: %s %s not promoted (%s)", champion, model_name, version, comparison["reason"])
-
+    ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
-        m = fitted.metrics[split]
+        m = metrics[split]
         logger.info(
             "%s (n=%d): accuracy %.4f, precision %.4f, recall %.4f, specificity %.4f, F1 %.4f, ROC AUC %s",
             split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
         )
-    create_table_artifact(key="model-metrics", table=evaluate.rows(fitted.metrics), description=f"{model_name} {ref.version}")
-    create_markdown_artifact(
-        key="model-card",
-        markdown=f"# {model_name} {ref.version}\n\n{evaluate.markdown_table(fitted.metrics)}\n\nCard: `{ref.card_uri}`\n",
-    )
+    create_table_artifact(key="model-metrics", table=evaluate.rows(metrics), description=f"{model_name} {ref.version}")
+    model_report_artifacts(model_name, ref.version, result.evaluation, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(
-            model_name, version, fitted.metrics["val"], comparison, champion_val, is_champion
+            model_name, ref.version, metrics["val"], result.promotion, result.champion_val, result.is_champion
         ),
-        description=f"{model_name} {version} against the champion on val {champion_metric}",
+        description=f"{model_name} {ref.version} against the champion on val {champion_metric}",
     )
     logger.info("registered %s %s at %s", model_name, ref.version, ref.card_uri)
     return ref

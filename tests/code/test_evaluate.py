@@ -75,3 +75,146 @@ def test_comparison_markdown_shows_both_models_and_the_decision():
     assert "| champion | v0001 |" in text and "| challenger | v0002 |" in text
     assert "**roc_auc**" in text and "v0002 is now champion" in text
     assert f"{champion['roc_auc']:.4f}" in text and f"{challenger['roc_auc']:.4f}" in text
+
+
+# --- Bootstrap confidence intervals by patient ---------------------------------------------
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from pneumo.evaluate import (  # noqa: E402
+    CI_METRICS,
+    _resampled_metrics,
+    bootstrap_ci,
+    ci_markdown_table,
+    evaluate_model,
+    metrics_with_ci,
+)
+
+
+def held_back_like(n_patients: int, rows_per_patient: int = 1, seed: int = 0, patient_effect: float = 0.0):
+    """Labels, probabilities and patient ids shaped like the held-back split: 37.5% NORMAL, AUC ~0.9.
+
+    ``patient_effect`` shifts all of a patient's scores together (correlated rows).
+    """
+    rng = np.random.default_rng(seed)
+    patient_label = (rng.random(n_patients) >= 0.375).astype(int)
+    effect = rng.normal(0, patient_effect, n_patients)
+    patients = np.repeat(np.arange(n_patients), rows_per_patient)
+    y = patient_label[patients]
+    logit = np.where(y == 1, 1.2, -0.8) + effect[patients] + rng.normal(0, 1.0, len(y))
+    return y, 1 / (1 + np.exp(-logit)), patients
+
+
+def test_resampled_metrics_match_sklearn_with_weights():
+    """The vectorized per-resample figures equal sklearn's with the resample's multiplicities as weights."""
+    y, p, patients = held_back_like(60, rows_per_patient=2, seed=3)
+    p = np.round(p, 1)  # many ties: they must count half, as in sklearn
+    rng = np.random.default_rng(1)
+    weights = rng.multinomial(60, np.full(60, 1 / 60), size=5).astype(float)
+    out = _resampled_metrics(y, p, patients, weights, 0.5)
+    for b in range(5):
+        w = weights[b][patients]
+        expected = metrics(np.repeat(y, w.astype(int)), np.repeat(p, w.astype(int)), 0.5)
+        for name in CI_METRICS:
+            assert out[name][b] == pytest.approx(expected[name]), name
+        assert out["roc_auc"][b] == pytest.approx(roc_auc_score(y, p, sample_weight=w))
+
+
+def test_intervals_contain_the_point_estimate():
+    y, p, patients = held_back_like(624)
+    m = metrics_with_ci(y, p, patients, 0.5)
+    for name in CI_METRICS:
+        low, high = m["ci95"][name]
+        assert low <= m[name] <= high, name
+        assert high - low > 0, name
+
+
+def test_intervals_shrink_with_the_square_root_of_n():
+    y, p, patients = held_back_like(600, seed=1)
+    y4, p4, patients4 = held_back_like(2400, seed=1)
+    for name in ("accuracy", "specificity", "roc_auc"):
+        small, large = bootstrap_ci(y, p, patients)[name], bootstrap_ci(y4, p4, patients4)[name]
+        ratio = (large[1] - large[0]) / (small[1] - small[0])
+        assert 0.35 < ratio < 0.65, (name, ratio)  # 4x the patients: about half the width
+
+
+def test_patient_resampling_is_wider_than_row_resampling_for_correlated_rows():
+    y, p, patients = held_back_like(150, rows_per_patient=4, patient_effect=2.0, seed=2)
+    by_patient = bootstrap_ci(y, p, patients)
+    by_row = bootstrap_ci(y, p, None)
+    for name in ("accuracy", "roc_auc"):
+        patient_width = by_patient[name][1] - by_patient[name][0]
+        row_width = by_row[name][1] - by_row[name][0]
+        assert patient_width > 1.3 * row_width, (name, patient_width, row_width)
+
+
+def test_bootstrap_is_seeded():
+    y, p, patients = held_back_like(200)
+    assert bootstrap_ci(y, p, patients, seed=7) == bootstrap_ci(y, p, patients, seed=7)
+    assert bootstrap_ci(y, p, patients, seed=7) != bootstrap_ci(y, p, patients, seed=8)
+
+
+def test_bootstrap_is_fast():
+    y, p, patients = held_back_like(700)
+    bootstrap_ci(y, p, patients, n_boot=50)  # warm up
+    started = time.perf_counter()
+    bootstrap_ci(y, p, patients, n_boot=1000)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_resamples_where_a_metric_is_undefined_are_skipped_not_counted_as_zero():
+    # 3 patients: one NORMAL with 10 images, two PNEUMONIA, all predicted correctly. About 30%
+    # of resamples hold no PNEUMONIA patient: recall is undefined there, not 0.
+    y = [0] * 10 + [1, 1]
+    p = [0.1] * 10 + [0.9, 0.8]
+    ci = bootstrap_ci(y, p, ["a"] * 10 + ["b", "c"])
+    assert ci["recall"] == [1.0, 1.0] and ci["precision"] == [1.0, 1.0] and ci["specificity"] == [1.0, 1.0]
+
+
+def test_single_class_split_has_no_auc_interval():
+    ci = bootstrap_ci([1, 1, 1, 1], [0.2, 0.6, 0.9, 0.7], ["a", "a", "b", "c"])
+    assert ci["roc_auc"] is None
+    assert ci["recall"][0] <= 0.5 <= ci["recall"][1]
+
+
+def test_metrics_with_ci_are_json_serializable_and_rendered():
+    y, p, patients = held_back_like(100)
+    m = metrics_with_ci(y, p, [f"person{i}" for i in patients], 0.5, n_boot=200)
+    assert json.loads(json.dumps(m)) == m
+    table = ci_markdown_table({"val": m})
+    low, high = m["ci95"]["accuracy"]
+    assert f"{100 * m['accuracy']:.2f} ({100 * low:.1f}-{100 * high:.1f})" in table
+
+
+class Split:
+    """The parts of a ShardData that evaluation reads."""
+
+    def __init__(self, features, labels, patient_ids, shift=None):
+        self.features, self.labels, self.patient_ids = features, labels, patient_ids
+        if shift is not None:
+            self.shift = shift
+
+
+def test_evaluate_model_records_ci_threshold_labels_and_no_shift_without_shift_data():
+    import torch
+
+    from pneumo.model import TinyNet
+
+    torch.manual_seed(0)
+    state_dict = TinyNet(n_features=140).state_dict()
+    rng = np.random.default_rng(0)
+    splits = {s: Split(rng.random((40, 140), dtype=np.float32), rng.integers(0, 2, 40), list(range(40))) for s in ("val", "test")}
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_auc": 0.6}]
+    evaluation = evaluate_model(state_dict, splits, 0.4, history, best_epoch=1, n_boot=100)
+    fields = evaluation.card_fields(plots=["roc.png"])
+    assert fields["threshold"] == 0.4 and fields["plots"] == ["roc.png"]
+    assert fields["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert fields["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
+    assert set(evaluation.metrics) == {"val", "test"}  # no shift data, no shift section
+    assert evaluation.metrics["val"]["threshold"] == 0.4
+    assert set(evaluation.metrics["val"]["ci95"]) == set(CI_METRICS)
+    assert evaluation.history == history
+    json.dumps({**fields, "metrics": evaluation.metrics})

@@ -113,12 +113,24 @@ def test_concurrent_threads_get_distinct_versions(tmp_path):
     _assert_ten_distinct_intact_versions(str(tmp_path))
 
 
-@pytest.mark.parametrize("name", ["../x", "/abs", "", "Upper", "a/b", "a..b", ".hidden", "-x", "x" * 65, "a b"])
+@pytest.mark.parametrize("name", ["", "Upper", "-x", "x" * 65, "a b"])
 def test_bad_model_names_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match="invalid model name"):
         registry.register(str(tmp_path), name, _weights(0), {})
     with pytest.raises(ValueError, match="invalid alias"):
         registry.get_alias(str(tmp_path), "ok", name)
+    assert storage.list_uris(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("name", ["../../etc", "../x", "/abs", "a/b", "a\\b", "a..b", ".hidden", ".."])
+def test_path_like_names_are_called_unsafe_paths(tmp_path, name):
+    """Issue 12 item 9: '../../etc' is an unsafe path, not merely an "invalid alias"."""
+    with pytest.raises(ValueError, match="unsafe path") as refused:
+        registry.register(str(tmp_path), name, _weights(0), {})
+    assert "invalid" not in str(refused.value)
+    with pytest.raises(ValueError, match="unsafe path") as refused:
+        registry.get_alias(str(tmp_path), "ok", name)
+    assert "invalid alias" not in str(refused.value) and "as alias" in str(refused.value)
     assert storage.list_uris(str(tmp_path)) == []
 
 
@@ -213,34 +225,133 @@ def test_unknown_champion_metrics_are_refused(metric):
         registry.compare(metric, _val(0.9), None, None)
 
 
+def _versions(reg, model, *aucs):
+    """Register one version per val ROC AUC; returns their names."""
+    return [registry.register(reg, model, _weights(i), {"metrics": {"val": _val(auc)}}) for i, auc in enumerate(aucs)]
+
+
 def test_promotion_follows_the_comparison_and_is_idempotent(tmp_path):
     reg = str(tmp_path)
-    v1 = registry.register(reg, "m", _weights(0), {})
-    first = registry.compare("roc_auc", _val(0.80), None, None)
-    assert registry.promote_if_better(reg, "m", v1, first) is True
+    (v1,) = _versions(reg, "m", 0.80)
+    first = registry.promote(reg, "m", v1, _val(0.80), "roc_auc")
+    assert first["is_champion"] is True and first["champion_version"] is None
     assert registry.get_alias(reg, "m", "champion") == v1
-    assert registry.promote_if_better(reg, "m", v1, first) is True  # a retry changes nothing
+    again = registry.promote(reg, "m", v1, _val(0.80), "roc_auc")  # a retry changes nothing
+    assert again["is_champion"] is True and again["reason"] == "v0001 is already champion"
+    assert registry.read_promotion(reg, "m", v1) == first  # the first outcome is kept
 
-    v2 = registry.register(reg, "m", _weights(1), {})
-    worse = registry.compare("roc_auc", _val(0.79), v1, _val(0.80))
-    assert registry.promote_if_better(reg, "m", v2, worse) is False
+    v2, v3 = _versions(reg, "m", 0.79, 0.85)
+    worse = registry.promote(reg, "m", v2, _val(0.79), "roc_auc")
+    assert worse["is_champion"] is False and worse["champion_version"] == v1 and "does not beat" in worse["reason"]
     assert registry.get_alias(reg, "m", "champion") == v1
+    assert registry.model_ref(reg, "m", v2).promotion == worse
 
-    v3 = registry.register(reg, "m", _weights(2), {})
-    better = registry.compare("roc_auc", _val(0.85), v1, _val(0.80))
-    assert registry.promote_if_better(reg, "m", v3, better) is True
+    better = registry.promote(reg, "m", v3, _val(0.85), "roc_auc")
+    assert better["is_champion"] is True and better["champion_version"] == v1
     assert registry.get_alias(reg, "m", "champion") == v3
 
 
-def test_a_stale_comparison_never_moves_the_champion(tmp_path):
-    """Two overlapping runs both beat v0001; only the first to promote wins."""
+def test_a_promotion_by_hand_moves_the_champion_without_comparing(tmp_path):
     reg = str(tmp_path)
-    v1, v2, v3 = (registry.register(reg, "m", _weights(i), {}) for i in range(3))
+    v1, v2 = _versions(reg, "m", 0.90, 0.10)
     registry.set_alias(reg, "m", "champion", v1)
-    beats_v1 = registry.compare("roc_auc", _val(0.95), v1, _val(0.80))
-    assert registry.promote_if_better(reg, "m", v2, beats_v1) is True
-    assert registry.promote_if_better(reg, "m", v3, beats_v1) is False
+    outcome = registry.promote(reg, "m", v2, _val(0.10), "roc_auc", force=True)
+    assert outcome["is_champion"] is True and outcome["reason"] == "promoted by hand"
     assert registry.get_alias(reg, "m", "champion") == v2
+
+
+def test_a_missing_alias_compares_with_the_best_registered_version(tmp_path, caplog):
+    """Issue 12 item 7: with versions present, a lost champion.json does not promote "the first model"."""
+    reg = str(tmp_path)
+    v1, v2, v3 = _versions(reg, "m", 0.95, 0.70, 0.728)
+    outcome = registry.promote(reg, "m", v3, _val(0.728), "roc_auc")
+    assert outcome["is_champion"] is False
+    assert outcome["champion_version"] == v1 and outcome["champion_value"] == 0.95
+    assert "best registered version" in outcome["basis"]
+    assert any("alias champion of m is missing" in note for note in outcome["notes"])
+    assert "alias champion of m is missing" in caplog.text
+    assert registry.get_alias(reg, "m", "champion") is None
+
+    v4 = _versions(reg, "m", 0.97)[0]
+    assert registry.promote(reg, "m", v4, _val(0.97), "roc_auc")["is_champion"] is True
+
+
+def test_a_broken_alias_is_named_as_such(tmp_path):
+    """Issue 12 item 9: champion.json naming v9999."""
+    reg = str(tmp_path)
+    v1, v2 = _versions(reg, "m", 0.90, 0.80)
+    storage.write_json(str(tmp_path / "m" / "aliases" / "champion.json"), {"version": "v9999"})
+    message = "alias champion of m points at v9999, which does not exist"
+    with pytest.raises(registry.BrokenAlias, match=message):
+        registry.get_alias(reg, "m", "champion")
+    with pytest.raises(FileNotFoundError, match=message):
+        registry.resolve(reg, "m", "champion")
+    with pytest.raises(FileNotFoundError, match=message):
+        registry.load_card(reg, "m", "champion")
+    # A promotion says so, compares with the best intact version, and repairs the alias.
+    outcome = registry.promote(reg, "m", v2, _val(0.80), "roc_auc")
+    assert any(message in note for note in outcome["notes"])
+    assert outcome["is_champion"] is False and outcome["champion_version"] == v1
+    v3 = _versions(reg, "m", 0.99)[0]
+    assert registry.promote(reg, "m", v3, _val(0.99), "roc_auc")["is_champion"] is True
+    assert registry.get_alias(reg, "m", "champion") == v3
+
+
+def _model_pt(tmp_path, version):
+    return tmp_path / "m" / version / "model.pt"
+
+
+def test_cards_record_the_sha256_of_each_file(tmp_path):
+    import hashlib
+
+    reg = str(tmp_path)
+    version = registry.register(reg, "m", _weights(0), {}, extra_files={"model.onnx": b"onnx bytes"})
+    card = registry.load_card(reg, "m", version)
+    weights = _model_pt(tmp_path, version).read_bytes()
+    assert card["files"]["model.pt"] == {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
+    assert card["files"]["model.onnx"] == registry.file_entry(b"onnx bytes")
+    assert (tmp_path / "m" / version / "model.onnx").read_bytes() == b"onnx bytes"
+
+
+def test_a_flipped_byte_in_model_pt_is_refused_by_name(tmp_path):
+    """Issue 12 item 8: one flipped byte in the tensor data used to load silently."""
+    reg = str(tmp_path)
+    version = registry.register(reg, "m", _weights(0), {})
+    path = _model_pt(tmp_path, version)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(registry.CorruptModel, match=r"m v0001: .*model\.pt is corrupt: expected sha256 [0-9a-f]{64}"):
+        registry.load_state_dict(reg, "m", version)
+    with pytest.raises(registry.CorruptModel):
+        registry.load_model(reg, "m", version)
+
+
+def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
+    """Issue 12 item 8: a valid state_dict of a different shape, even with a card that has no hashes."""
+    from pneumo.config import TransformConfig
+
+    reg = str(tmp_path)
+    card = {"config": {"transform": TransformConfig().model_dump(mode="json")}}  # 10 x 14 = 140 features
+    version = registry.register(reg, "m", _weights(0), card)
+    card_path = tmp_path / "m" / version / "card.json"
+    legacy = json.loads(card_path.read_text())
+    del legacy["files"]  # a schema-1 card: only the shape check can tell
+    card_path.write_text(json.dumps(legacy))
+    torch.save(TinyNet(n_features=99).state_dict(), _model_pt(tmp_path, version))
+    with pytest.raises(registry.CorruptModel, match=r"m v0001: .* not the weights of a TinyNet with 140 features"):
+        registry.load_state_dict(reg, "m", version)
+
+
+def test_a_corrupt_champion_is_skipped_for_the_best_intact_version(tmp_path):
+    reg = str(tmp_path)
+    v1, v2, v3 = _versions(reg, "m", 0.80, 0.99, 0.90)
+    registry.set_alias(reg, "m", "champion", v2)
+    _model_pt(tmp_path, v2).write_bytes(b"not a model")
+    outcome = registry.promote(reg, "m", v3, _val(0.90), "roc_auc")
+    assert any(note.startswith("champion v0002 skipped for comparison: m v0002") for note in outcome["notes"])
+    assert outcome["champion_version"] == v1 and outcome["is_champion"] is True
+    assert registry.get_alias(reg, "m", "champion") == v3
 
 
 def _val_index(folder, features, labels, transform) -> str:

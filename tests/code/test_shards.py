@@ -57,7 +57,10 @@ def dataset(tmp_path):
                 ImageRecord(relpath=relpath, split=split, label=label, patient_id=str(patient), bytes=len(data),
                             sha256=hashlib.sha256(data).hexdigest())
             )
-    (root / BAD).write_bytes(b"<html>not an image</html>")  # listed in the manifest, refused by the transform
+    bad = b"<html>not an image</html>"
+    (root / BAD).write_bytes(bad)  # listed in the manifest with its own hash, refused by the transform
+    hashed = {"bytes": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    records = [r.model_copy(update=hashed) if r.relpath == BAD else r for r in records]
     manifest = Manifest(root=str(root), records=records)
     return manifest, save_manifest(manifest, str(tmp_path / "manifests")), str(tmp_path / "shards")
 

@@ -42,9 +42,9 @@ MODES = {
     "RGBA": (lambda g: g.convert("RGBA"), "png"),
     "LA": (lambda g: g.convert("LA"), "png"),
     "P": (lambda g: g.convert("P"), "png"),  # 256 gray levels fit the palette exactly
-    "CMYK": (lambda g: g.convert("CMYK"), "tiff"),
     "I;16": (lambda g: Image.fromarray((np.asarray(g, np.uint16) * 257)), "png"),
-    "I": (lambda g: Image.fromarray((np.asarray(g, np.int32) * 257)), "tiff"),
+    # CMYK and 32-bit "I" images come only in TIFF among Pillow's writers, and TIFF is refused
+    # (pneumo.formats); CMYK is read as JPEG below, 16-bit gray as PNG above.
     "1": (lambda g: g.convert("1"), "png"),
     "bmp": (lambda g: g.convert("RGB"), "bmp"),
     "jpeg-L": (lambda g: g, "jpeg"),

@@ -57,6 +57,20 @@ def add_odd_but_valid(shared: Path, root: Path) -> dict[str, Image.Image]:
     return out
 
 
+def add_junk(root: Path) -> dict[str, str]:
+    """OS metadata the manifest skips and counts: relpath -> a word of the reason."""
+    junk = {
+        "train/NORMAL/.DS_Store": ".DS_Store",
+        "train/PNEUMONIA/._person1_virus_1.jpeg": "AppleDouble",
+        "train/Thumbs.db": "Thumbs.db",
+        "train/NORMAL/__MACOSX/._IM-0001-0001.jpeg": "__MACOSX",
+    }
+    for relpath in junk:
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / relpath).write_bytes(b"\x00\x05\x16\x07 metadata")
+    return junk
+
+
 def add_bad(shared: Path, root: Path, outside: Path) -> dict[str, str]:
     """Files that must be quarantined: relpath -> a word their reason must contain."""
     normal, pneumonia = root / "train" / "NORMAL", root / "train" / "PNEUMONIA"
@@ -81,6 +95,22 @@ def add_bad(shared: Path, root: Path, outside: Path) -> dict[str, str]:
     (outside / "elsewhere.jpeg").write_bytes(real)
     (normal / "IM-9106-0001.jpeg").symlink_to(outside / "elsewhere.jpeg")
     bad["train/NORMAL/IM-9106-0001.jpeg"] = "outside"
+    # Formats outside the allow-list, named like JPEGs; EPS would go to Ghostscript.
+    gray = _real_gray(shared, 2)
+    for number, kind in enumerate(("TIFF", "GIF", "WEBP", "JPEG2000", "ICO"), start=9107):
+        buffer = io.BytesIO()
+        gray.resize((128, 128)).save(buffer, format=kind)
+        put(normal / f"IM-{number}-0001.jpeg", buffer.getvalue(), "not allowed")
+    put(pneumonia / "person9112_virus_1.jpeg", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n", "format eps not allowed")
+    # A hidden but valid image: quarantined, so that the user sees it and decides.
+    put(pneumonia / ".person9999_bacteria_1.jpeg", real, "hidden file")
+    # A file name that is not UTF-8, shown with the byte escaped.
+    try:
+        with open(os.path.join(os.fsencode(normal), b"IM-8010-0001-caf\xe9.jpeg"), "wb") as handle:
+            handle.write(real)
+        bad["train/NORMAL/IM-8010-0001-caf\\xe9.jpeg"] = "not valid utf-8"
+    except OSError:  # a file system that refuses such names: nothing to test there
+        pass
     # Empty splits are fine: no images, nothing to quarantine.
     for name in ("NORMAL", "PNEUMONIA"):
         (root / "val" / name).mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,16 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(SLOW_DOWN)
                     return
+                if fault and fault.startswith("error:"):  # "error:403:AccessDenied": an S3 error answer
+                    _, status, code = fault.split(":")
+                    body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+                    self.send_response(int(status))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":  # HEAD answers carry no body, as on S3
+                        self.wfile.write(body)
+                    return
                 if fault == "timeout":
                     time.sleep(delay)
                     self.close_connection = True

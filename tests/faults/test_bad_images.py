@@ -11,15 +11,17 @@ import pytest
 from flows.full import full
 from pneumo import shards
 from pneumo.config import TrainConfig, TransformConfig
+from pneumo.download import shown_name
 from pneumo.quarantine import TooMuchBadData
 from pneumo.transform import featurize
-from tests.faults.bad_files import add_bad, add_odd_but_valid, link_or_copy_tree
+from tests.faults.bad_files import add_bad, add_junk, add_odd_but_valid, link_or_copy_tree
 
 QUICK = TrainConfig(epochs=3, patience=3)
 
 
 def all_files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    """Every file, named as the reports name it (bytes that are not UTF-8 escaped)."""
+    return {shown_name(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +31,13 @@ def mixed_run(shared_data, tmp_path_factory):
     link_or_copy_tree(shared_data, root)
     odd = add_odd_but_valid(shared_data, root)
     bad = add_bad(shared_data, root, outside=tmp_path_factory.mktemp("outside"))
+    junk = add_junk(root)
     summary = full(source=str(root), workdir=str(root.parent / "work"), train=QUICK, runner="processes")
-    return root, odd, bad, summary
+    return root, odd, bad, junk, summary
 
 
 def test_the_run_completes_and_quarantines_exactly_the_bad_files(mixed_run):
-    root, _, bad, summary = mixed_run
+    root, _, bad, _, summary = mixed_run
     report = json.loads(Path(summary["quarantine_report"]).read_text())
     reasons = {entry["relpath"]: entry["reason"] for entry in report["entries"]}
     assert set(reasons) == set(bad)
@@ -44,19 +47,30 @@ def test_the_run_completes_and_quarantines_exactly_the_bad_files(mixed_run):
 
 
 def test_shards_hold_exactly_the_good_files(mixed_run):
-    root, odd, bad, summary = mixed_run
+    root, odd, bad, junk, summary = mixed_run
     in_shards = []
     for split in ("train", "val", "test"):
         in_shards += shards.load_split(summary["shards_index"], split).relpaths
     assert len(in_shards) == len(set(in_shards))
-    assert set(in_shards) == all_files(root) - set(bad)
+    assert set(in_shards) == all_files(root) - set(bad) - set(junk)
     assert set(odd) <= set(in_shards)
     report = json.loads(Path(summary["quarantine_report"]).read_text())
-    assert report["n_in_shards"] + report["n_quarantined"] == report["n_inputs"] == len(all_files(root))
+    n_accounted = report["n_in_shards"] + report["n_quarantined"] + report["n_skipped"]
+    assert n_accounted == report["n_inputs"] == len(all_files(root))
+
+
+def test_os_junk_is_skipped_and_reported_with_its_reason(mixed_run):
+    *_, junk, summary = mixed_run
+    report = json.loads(Path(summary["quarantine_report"]).read_text())
+    reasons = {entry["relpath"]: entry["reason"] for entry in report["skipped"]}
+    assert set(reasons) == set(junk)
+    for relpath, word in junk.items():
+        assert word in reasons[relpath], (relpath, reasons[relpath])
+    assert sum(report["skipped_by_reason"].values()) == report["n_skipped"] == len(junk)
 
 
 def test_odd_formats_give_the_features_of_the_upright_gray_image(mixed_run, tmp_path):
-    root, odd, _, summary = mixed_run
+    root, odd, _, _, summary = mixed_run
     config = TransformConfig(**shards.read_index(summary["shards_index"])["transform"])
     features = {}
     for split in ("train", "val", "test"):

@@ -201,7 +201,7 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 
     @flow
     def stage(workdir: str, retries: int, runner: str, workers: int):
-        return shard_stage(*args, workdir, retries, runner, workers)
+        return shard_stage(*args, workdir, retries, runner, workers, root=str(subset_source))
 
     reference = stage(str(tmp_path / "threads"), 0, "threads", 1)
 

@@ -24,7 +24,9 @@ def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) 
 
     @flow
     def stage():
-        return shard_stage(manifest_uri, split, transform, SHARD_SIZE, str(workdir), 0, runner, **runner_options)
+        return shard_stage(
+            manifest_uri, split, transform, SHARD_SIZE, str(workdir), 0, runner, **runner_options, root=manifest.root
+        )
 
     return stage(), n_shards
 

@@ -71,6 +71,21 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
     model.load_state_dict(state_dict)
 
 
+def test_first_run_card_has_cis_history_threshold_and_pictures_beside_it(first_run):
+    workdir, _, _ = first_run
+    folder = workdir / "registry" / "tinynet" / "v0001"
+    card = json.loads((folder / "card.json").read_text())
+    assert card["threshold"] == 0.5 and card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    for split in ("val", "test"):
+        metrics = card["metrics"][split]
+        low, high = metrics["ci95"]["accuracy"]
+        assert low <= metrics["accuracy"] <= high
+    assert [h["epoch"] for h in card["training"]["history"]] == list(range(1, card["training"]["epochs_run"] + 1))
+    assert len(card["plots"]) >= 6
+    for name in card["plots"]:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_every_input_image_is_accounted_for(first_run, subset_source):
     workdir, summary, _ = first_run
     inputs = sorted(p.relative_to(subset_source).as_posix() for p in subset_source.rglob("*") if p.is_file())
@@ -119,17 +134,17 @@ def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
 
 def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
-    real = shards.featurize
+    real = shards._read_verified
     failed = []
 
-    def flaky(path, config=None):
-        # The first image of the first test shard fails once, as a flaky disk would.
-        if not failed and "/train/" in str(path):
-            failed.append(str(path))
+    def flaky(root, record):
+        # The first image of the first train shard fails once, as a flaky disk would.
+        if not failed and record.relpath.startswith("train/"):
+            failed.append(record.relpath)
             raise OSError("injected transient read error")
-        return real(path, config)
+        return real(root, record)
 
-    monkeypatch.setattr(shards, "featurize", flaky)
+    monkeypatch.setattr(shards, "_read_verified", flaky)
     summary, states = run(subset_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]

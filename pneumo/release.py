@@ -1,0 +1,135 @@
+"""Train, evaluate, register and promote: the last stage of the pipeline as one library call.
+
+No Prefect here: ``tasks/train.py`` adds retries, caching and artifacts around
+``train_and_register``, and anyone can call it directly to retrain and register.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from pneumo import evaluate, plots, registry, shards, storage, train
+from pneumo.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReleaseResult(BaseModel):
+    """What one release produced: the new version, its scores, and how the champion fared."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    ref: registry.ModelRef
+    metrics: dict[str, dict[str, Any]]  # "val" and "test"
+    training: dict[str, Any]
+    comparison: dict[str, Any]  # the decision recorded in the card, before registration
+    champion_val: Optional[dict[str, Any]] = None  # the val metrics the challenger was compared with
+    promotion: dict[str, Any]  # how the promotion ended (registry.promote)
+    evaluation: evaluate.Evaluation  # CIs, shift suite, history and predictions of val and test
+    pictures: dict[str, bytes]  # PNG name -> bytes, also written beside the card
+
+    @property
+    def is_champion(self) -> bool:
+        return bool(self.promotion["is_champion"])
+
+
+def train_and_register(
+    index_uri: str,
+    manifest_digest: str,
+    config: TrainConfig,
+    registry_uri: str,
+    model_name: str,
+    champion_metric: str = "roc_auc",
+    *,
+    progress: Optional[Callable[[dict], None]] = None,
+    logger: Any = None,
+    recipe: str = "seed",
+    card_extra: Optional[dict[str, Any]] = None,
+) -> ReleaseResult:
+    """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
+    point ``latest`` at it, and make it ``champion`` if it beats the champion on val
+    ``champion_metric`` (compare-and-swap, see ``registry.promote``).
+
+    ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
+    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
+    ``card_extra`` keys are added to the card as they are.
+    """
+    logger = logger or log
+    registry.validate_champion_metric(champion_metric)
+    registry.validate_model_name(model_name)
+    index = shards.index_ref(index_uri)
+
+    fitted = train.fit_from_index(index_uri, config, progress=progress)
+    outcome = fitted.result
+    logger.info(
+        "trained on %d rows in %.1fs: best epoch %d of %d%s",
+        outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
+        " (stopped early)" if outcome.stopped_early else "",
+    )
+
+    # CIs by patient, the shift suite, the per-epoch history and pictures of val and test.
+    evaluation = evaluate.evaluate_model(
+        fitted.state_dict, {split: shards.load_split(index_uri, split) for split in ("val", "test")},
+        config.threshold, outcome.history, best_epoch=outcome.best_epoch,
+    )
+    pictures = plots.render_evaluation(evaluation)
+
+    scores: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def champion_val(version: str) -> tuple[dict[str, Any], str]:
+        # Scored once per version: the comparison below and the promotion reuse it.
+        if version not in scores:
+            scores[version] = registry.champion_val_metrics(registry_uri, model_name, version, index_uri)
+        return scores[version]
+
+    # Compare before registering: the immutable card records the decision as it stood then.
+    _, _, champion, champion_vals, basis, notes = registry.champion_to_beat(
+        registry_uri, model_name, None, champion_metric, champion_val
+    )
+    for note in notes:
+        logger.warning(note)
+    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis)
+    training = {
+        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
+        "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,
+    }
+    card = registry.build_card(
+        state_dict=fitted.state_dict,
+        metrics=evaluation.metrics,
+        training=training,
+        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shards.index_config(index_uri)},
+        manifest_digest=manifest_digest,
+        shards_digest=index.digest,
+        counts=index.counts,
+        champion_comparison=comparison,
+        recipe=recipe,
+        **evaluation.card_fields(plots=sorted(pictures)),
+        **(card_extra or {}),
+    )
+    version = registry.register(registry_uri, model_name, fitted.state_dict, card)
+    plots.write_all(storage.join(registry_uri, model_name, version), pictures)
+    registry.set_alias(registry_uri, model_name, "latest", version)
+    promotion = registry.promote(
+        registry_uri, model_name, version, fitted.metrics["val"], champion_metric,
+        champion_val=champion_val, logger=logger,
+    )
+    if promotion["is_champion"]:
+        logger.info("champion: %s %s (%s)", model_name, version, promotion["reason"])
+    else:
+        logger.info(
+            "champion stays %s: %s %s not promoted (%s)",
+            promotion["champion_version"], model_name, version, promotion["reason"],
+        )
+    return ReleaseResult(
+        ref=registry.model_ref(registry_uri, model_name, version),
+        metrics=evaluation.metrics,
+        training=training,
+        comparison=comparison,
+        champion_val=scores[promotion["champion_version"]][0] if promotion["champion_version"] in scores else None,
+        promotion=promotion,
+        evaluation=evaluation,
+        pictures=pictures,
+    )

@@ -1,0 +1,91 @@
+"""Named recipes: within TinyNet's 2,541 parameters, seed unchanged, explicit options override the recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumo.config import TrainConfig, TransformConfig
+from pneumo.model import TinyNet, keras_parameter_count
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES, recipe
+from pneumo.transform import featurize
+
+FIXTURE = Path(__file__).parent / "fixtures" / "seed_features.json"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_fits_in_2541_parameters(name):
+    transform, _ = RECIPES[name]
+    model = TinyNet(n_features=transform.n_features)
+    assert keras_parameter_count(model) <= 2541
+
+
+def test_the_seed_recipe_is_the_seed():
+    transform, train = recipe("seed")
+    assert transform == TransformConfig() and train == TrainConfig()
+    assert (transform.method, transform.grid, transform.crop_fraction, transform.pooling) == ("fast", (10, 14), 0.10, ("max",))
+    assert (train.loss, train.balance, train.lr, train.batch_size, train.weight_decay) == ("hinge", "downsample", 5e-5, 32, 0.0)
+    assert transform.renditions == 0
+    assert DEFAULT_RECIPE in RECIPES and DEFAULT_RECIPE != "seed"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("nope")
+
+
+def test_seed_features_of_real_images_are_unchanged(shared_data):
+    """The seed recipe's features, recorded with the code before recipes existed (tests/code/fixtures)."""
+    recorded = json.loads(FIXTURE.read_text())
+    assert recorded["images"]
+    for entry in recorded["images"]:
+        for key, config in recorded["configs"].items():
+            features = featurize(shared_data / entry["relpath"], TransformConfig(**config))
+            assert features.tobytes().hex() == entry[key], (entry["relpath"], key)
+
+
+def test_methods_that_only_max_pool_refuse_other_features():
+    for update in ({"pooling": ("max", "mean")}, {"normalize": "zscore"}, {"renditions": 2}):
+        with pytest.raises(ValueError, match="resample"):
+            TransformConfig(**update)
+    with pytest.raises(ValueError, match="pooling"):
+        TransformConfig(method="resample", pooling=("max", "max"))
+    assert TransformConfig(method="resample", grid=(7, 10), pooling=("max", "mean")).n_features == 140
+
+
+def test_resample_features_are_finite_and_normalized_per_part(shared_data):
+    path = next((shared_data / "train" / "NORMAL").glob("*.jpeg"))
+    transform = RECIPES["robust"].transform.model_copy(update={"size": (224, 224)})
+    features = featurize(path, transform)
+    assert features.shape == (140,) and features.dtype == np.float32
+    for part in (features[:70], features[70:]):
+        assert abs(part.mean()) < 1e-4 and abs(part.std() - 1) < 1e-3
+
+
+def test_explicit_options_override_the_recipe_and_nothing_else():
+    from flows.full import with_recipe
+
+    transform, train = with_recipe("robust", None, TrainConfig(epochs=3))
+    assert train.epochs == 3
+    assert train.model_dump(exclude={"epochs"}) == RECIPES["robust"].train.model_dump(exclude={"epochs"})
+    assert transform == RECIPES["robust"].transform
+    # The seed recipe given complete configs is exactly those configs.
+    transform, train = with_recipe("seed", TransformConfig(method="exact"), TrainConfig(seed=4))
+    assert transform == TransformConfig(method="exact") and train == TrainConfig(seed=4)
+    transform, _ = with_recipe("robust", TransformConfig(renditions=0, method="resample"), None)
+    assert transform.renditions == 0 and transform.pooling == ("max", "mean")
+
+
+def test_weight_decay_shrinks_the_weights_and_zero_keeps_plain_adam():
+    from pneumo.train import train
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 140)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(np.float32)
+    base = TrainConfig(epochs=30, patience=30, lr=1e-2, loss="bce", balance="none", batch_size=50)
+    plain = train(X, y, X[:50], y[:50], base)
+    again = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 0.0}))
+    decayed = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 1.0}))
+    assert all((plain.state_dict[k] == again.state_dict[k]).all() for k in plain.state_dict)
+    norm = lambda r: float(r.state_dict["hidden1.weight"].norm())  # noqa: E731
+    assert norm(decayed) < 0.9 * norm(plain)

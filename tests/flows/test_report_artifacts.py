@@ -1,0 +1,72 @@
+"""The version's report as Prefect artifacts: metric table with CIs, and pictures embedded in the markdown.
+
+The browser showing the Prefect UI cannot read the registry, so the pictures must travel
+inside the artifact: each one as a data:image/png;base64 URI that decodes to the PNG written
+beside the card.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.context import get_run_context
+
+from pneumo import evaluate, plots
+from tasks.reporting import model_report_artifacts
+
+
+def _evaluation() -> evaluate.Evaluation:
+    rng = np.random.default_rng(0)
+    predictions, scored = {}, {}
+    for split, n in (("val", 300), ("test", 400)):
+        y = (rng.random(n) >= 0.375).astype(int)
+        p = 1 / (1 + np.exp(-(np.where(y == 1, 1.2, -0.8) + rng.normal(0, 1, n))))
+        predictions[split] = (y, p)
+        scored[split] = evaluate.metrics_with_ci(y, p, np.arange(n) // 2, 0.5, n_boot=200)
+    shift = {
+        split: {
+            "per_shift": {"blur": {"roc_auc": 0.81, "specificity": 0.42, "sensitivity": 0.97, "accuracy": 0.76},
+                          "jpeg": {"roc_auc": 0.88, "specificity": 0.61, "sensitivity": 0.95, "accuracy": 0.82}},
+            "clean": {"roc_auc": 0.93, "specificity": 0.8, "sensitivity": 0.94, "accuracy": 0.88},
+            "worst": {"roc_auc": [0.81, "blur"], "specificity": [0.42, "blur"], "sensitivity": [0.95, "jpeg"],
+                      "accuracy": [0.76, "blur"]},
+        }
+        for split in ("val", "test")
+    }
+    scored["shift"] = shift
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e + 0.01, "val_auc": 0.9} for e in range(1, 21)]
+    return evaluate.Evaluation(0.5, predictions, scored, history, best_epoch=12)
+
+
+def test_report_artifacts_carry_the_ci_table_and_every_picture():
+    evaluation = _evaluation()
+    pngs = plots.render_evaluation(evaluation)
+
+    @flow
+    def report():
+        model_report_artifacts("tinynet", "v0007", evaluation, pngs, "/registry/tinynet/v0007/card.json")
+        return get_run_context().flow_run.id
+
+    run_id = report()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"model-card", "model-pictures"} <= set(by_key)
+
+    card = by_key["model-card"].data
+    low, high = evaluation.metrics["test"]["ci95"]["accuracy"]
+    assert f"({100 * low:.1f}-{100 * high:.1f})" in card
+    assert "Threshold **0.5**" in card and "[[tn, fp], [fn, tp]]" in card
+    assert "| shift | val ROC AUC | val specificity | test ROC AUC | test specificity |" in card
+    assert "| blur | 0.810 | 0.420 | 0.810 | 0.420 |" in card
+    assert "| **worst** | **0.810** (blur) | **0.420** (blur) |" in card
+
+    embedded = re.findall(r"!\[([\w.]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key["model-pictures"].data)
+    assert {name for name, _ in embedded} == set(pngs) and len(pngs) == 7
+    for name, data in embedded:
+        assert base64.b64decode(data) == pngs[name]
