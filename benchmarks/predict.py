@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=500, help="images for the API benchmark")
     parser.add_argument("--requests", type=int, default=400, help="requests for the server benchmark")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recipe", choices=["seed", "robust"], default="seed", help="the registered model's transform")
     parser.add_argument("--skip", nargs="*", default=[], choices=["api", "server", "flow", "cli"])
     args = parser.parse_args(argv)
 
@@ -184,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     root = str(work / "registry")
     # The transform the pipeline would pick for these files: p75 of their sizes.
     stats = sizes.size_percentiles(build_manifest(args.data), percentiles=(75,))
-    transform = TransformConfig(size=sizes.target_size(stats, 75))
+    from pneumo.recipes import recipe
+
+    transform = recipe(args.recipe).transform.model_copy(update={"size": sizes.target_size(stats, 75)})
     register_model(root, transform)
     predictor = Predictor.from_registry(root)
     everything = [image.path for image in list_inputs(args.data / "train")]
     paths = everything[:: max(1, len(everything) // args.images)][: args.images]
-    print(f"stand-ins {args.data}, transform size {transform.size}, {os.cpu_count()} CPUs (shared machine: figures are noisy)")
+    print(f"stand-ins {args.data}, recipe {args.recipe} ({transform.method}), transform size {transform.size}, {os.cpu_count()} CPUs (shared machine: figures are noisy)")
     if "api" not in args.skip:
         bench_api(paths, predictor, args.repeats)
     if "server" not in args.skip:
