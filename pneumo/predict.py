@@ -31,7 +31,7 @@ from pneumo import storage
 from pneumo.config import TransformConfig
 from pneumo.manifest import CLASSES
 from pneumo.model import TinyNet
-from pneumo.transform import ImageRejected, featurize
+from pneumo.transform import ImageRejected, decode_gray, featurize, pool_features, render
 
 SCHEMA_VERSION = 2  # the oldest card schema prediction can use
 DEFAULT_LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
@@ -211,8 +211,15 @@ class Predictor:
 
     def features(self, data: bytes) -> tuple[np.ndarray, list[str]]:
         """The image's features and its out-of-distribution warnings; ImageRejected if it is no usable image."""
-        features = featurize(data, self.config)
-        return features, self._warnings(data, features)
+        if self.config.method == "resample":
+            # featurize's own three steps, so that the picture's spread is seen before the
+            # per-image z-score hides it (a test holds this equal to featurize).
+            canvas = render(decode_gray(data, self.config), self.config)
+            features, spread = pool_features(canvas, self.config), float(canvas.std())
+        else:
+            features = featurize(data, self.config)
+            spread = float(features.std())
+        return features, self._warnings(data, spread)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of rows of features (the network in eval mode)."""
@@ -233,6 +240,8 @@ class Predictor:
                 names.append(len(results))
             except (ImageRejected, OSError) as error:
                 prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
+            except (ValueError, SyntaxError, EOFError) as error:  # any other decoder complaint: this input only
+                prediction.error = f"unreadable image ({type(error).__name__}: {error})"
             results.append(prediction)
         if rows:
             for at, probability in zip(names, self.probabilities(np.stack(rows)).tolist()):
@@ -240,9 +249,9 @@ class Predictor:
                 results[at].label = self.labels[int(probability >= self.threshold)]
         return results
 
-    def _warnings(self, data: bytes, features: np.ndarray) -> list[str]:
-        """Why the image looks unlike the training X-rays: a header read, the features' spread,
-        and for colour images a tiny decode."""
+    def _warnings(self, data: bytes, spread: float) -> list[str]:
+        """Why the image looks unlike the training X-rays: a header read, the picture's spread
+        (of its features, or of the resampled crop), and for colour images a tiny decode."""
         out = []
         with Image.open(io.BytesIO(data)) as image:
             width, height = _oriented_size(image)
@@ -256,9 +265,8 @@ class Predictor:
                 levels = _colour_levels(image)
                 if levels > COLOUR_LEVELS:
                     out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")
-        spread = float(features.std())
         if spread < BLANK_SPREAD:
-            out.append(f"nearly blank: the features barely vary (std {spread:.3f})")
+            out.append(f"nearly blank: the picture barely varies (std {spread:.3f} on a 0-1 scale)")
         return out
 
 
