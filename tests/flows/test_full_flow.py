@@ -119,17 +119,21 @@ def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
 
 def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
-    real = shards.featurize
     failed = []
 
-    def flaky(path, config=None):
-        # The first image of the first test shard fails once, as a flaky disk would.
-        if not failed and "/train/" in str(path):
-            failed.append(str(path))
-            raise OSError("injected transient read error")
-        return real(path, config)
+    def flaky(real):
+        def read(path, config=None):
+            # The first image of the first test shard fails once, as a flaky disk would.
+            if not failed and "/train/" in str(path):
+                failed.append(str(path))
+                raise OSError("injected transient read error")
+            return real(path, config)
 
-    monkeypatch.setattr(shards, "featurize", flaky)
+        return read
+
+    # featurize reads an image for its own row; decode_gray for its renditions and shifts.
+    monkeypatch.setattr(shards, "featurize", flaky(shards.featurize))
+    monkeypatch.setattr(shards, "decode_gray", flaky(shards.decode_gray))
     summary, states = run(subset_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]
