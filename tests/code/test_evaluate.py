@@ -63,6 +63,8 @@ def test_rows_and_markdown_have_one_line_per_split():
     assert len(lines) == 4
     assert lines[2].startswith("| val | 10 | 70.00 |")
     assert "n/a" in lines[3]  # test has no AUC
+    # The shift suite's metrics (one dict per split and shift) are not a row of this table.
+    assert rows({**by_split, "shift": {"val": {"clean": {}}}}) == table
 
 
 def test_comparison_markdown_shows_both_models_and_the_decision():
