@@ -69,7 +69,6 @@ def test_every_cached_task_key_changes_with_the_library_source(monkeypatch):
 # Run in a fresh interpreter against a copy of the repository: the keys of every cached task.
 KEYS_SCRIPT = """
 import json, sys
-from types import SimpleNamespace
 import pneumo
 assert pneumo.__file__.startswith(sys.argv[1]), pneumo.__file__
 from tests.code.test_caching import cached_tasks, key
