@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pneumo import download, storage
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
-from pneumo.registry import ChampionMetric, validate_model_name
+from pneumo.names import ChampionMetric, validate_model_name
 
 Runner = Literal["threads", "processes", "dask"]
 
@@ -197,7 +197,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     }
     for option in OPTIONS:
         help_text = f"{option.description} [{default_text(option)}]".replace("%", "%%").lstrip()
-        groups[option.path[0]].add_argument(option.flag, dest=option.flag, help=help_text, **_argparse_kwargs(option.annotation))
+        kwargs = _argparse_kwargs(option.annotation)
+        if "choices" not in kwargs and "action" not in kwargs:
+            kwargs["metavar"] = option.flag[2:].upper().replace("-", "_")
+        groups[option.path[0]].add_argument(option.flag, dest=option.flag, help=help_text, **kwargs)
     return parser
 
 
