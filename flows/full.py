@@ -13,6 +13,15 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+if __name__ == "__main__":
+    # `python flows/full.py`: the settings are checked before Prefect and torch are imported
+    # (seconds on a busy machine), so a bad value is refused at once, as by `pneumo run`.
+    from flows import settings as _early_settings
+
+    CHECKED = _early_settings.load(None, "python flows/full.py")
+    if CHECKED is None:  # --print-config
+        raise SystemExit(0)
+
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 import subprocess  # noqa: E402
@@ -627,7 +636,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = run(CHECKED)
     if API_GONE:
         # Prefect's log and event workers would spend minutes at exit retrying a dead API.
         sys.stdout.flush()
