@@ -222,13 +222,24 @@ def models_promote(
     registry: RegistryOption = DEFAULT_REGISTRY,
     model_name: ModelNameOption = "tinynet",
 ) -> None:
-    """Point an alias (champion by default) at a version by hand."""
+    """Point an alias (champion by default) at a version by hand.
+
+    ``champion`` moves by the same compare-and-swap as the pipeline's promotion, so a run
+    promoting at the same moment is never silently overwritten.
+    """
     from pneumo import registry as reg
 
     try:
-        before = reg.get_alias(registry, model_name, alias)
-        reg.set_alias(registry, model_name, alias, version)
-    except (FileNotFoundError, ValueError) as error:
+        try:
+            before = reg.get_alias(registry, model_name, alias)
+        except reg.BrokenAlias as error:  # promoting by hand is how a broken alias is repaired
+            before = f"(broken: {error})"
+        if alias == reg.CHAMPION:
+            card = reg.load_card(registry, model_name, version)
+            reg.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True)
+        else:
+            reg.set_alias(registry, model_name, alias, version)
+    except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
 

@@ -31,7 +31,7 @@ from pneumo import storage
 from pneumo.config import TransformConfig
 from pneumo.manifest import CLASSES
 from pneumo.model import TinyNet
-from pneumo.transform import ImageRejected, featurize
+from pneumo.transform import ImageRejected, _with_height, decode_gray, featurize, pool_features, render
 
 SCHEMA_VERSION = 2  # the oldest card schema prediction can use
 DEFAULT_LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
@@ -43,6 +43,7 @@ TINY_FRACTION = 0.25
 ASPECT_FACTOR = 2.0
 # Mean spread between the colour channels, in gray levels of 255: X-rays are gray (~0).
 COLOUR_LEVELS = 20.0
+COLOUR_ROWS = 0.3  # JPEGs: the share of rows, from the top, looked at for colour
 # Features spreading less than this (std over the cells, [0, 1] scale): a nearly uniform picture.
 # X-rays spread ~0.1 to 0.3; the transform's own flat-film fallback starts at 0.04.
 BLANK_SPREAD = 0.02
@@ -211,8 +212,15 @@ class Predictor:
 
     def features(self, data: bytes) -> tuple[np.ndarray, list[str]]:
         """The image's features and its out-of-distribution warnings; ImageRejected if it is no usable image."""
-        features = featurize(data, self.config)
-        return features, self._warnings(data, features)
+        if self.config.method == "resample":
+            # featurize's own three steps, so that the picture's spread is seen before the
+            # per-image z-score hides it (a test holds this equal to featurize).
+            canvas = render(decode_gray(data, self.config), self.config)
+            features, spread = pool_features(canvas, self.config), float(canvas.std())
+        else:
+            features = featurize(data, self.config)
+            spread = float(features.std())
+        return features, self._warnings(data, spread)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of rows of features (the network in eval mode)."""
@@ -233,6 +241,8 @@ class Predictor:
                 names.append(len(results))
             except (ImageRejected, OSError) as error:
                 prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
+            except (ValueError, SyntaxError, EOFError) as error:  # any other decoder complaint: this input only
+                prediction.error = f"unreadable image ({type(error).__name__}: {error})"
             results.append(prediction)
         if rows:
             for at, probability in zip(names, self.probabilities(np.stack(rows)).tolist()):
@@ -240,9 +250,9 @@ class Predictor:
                 results[at].label = self.labels[int(probability >= self.threshold)]
         return results
 
-    def _warnings(self, data: bytes, features: np.ndarray) -> list[str]:
-        """Why the image looks unlike the training X-rays: a header read, the features' spread,
-        and for colour images a tiny decode."""
+    def _warnings(self, data: bytes, spread: float) -> list[str]:
+        """Why the image looks unlike the training X-rays: a header read, the picture's spread
+        (of its features, or of the resampled crop), and for colour images a tiny decode."""
         out = []
         with Image.open(io.BytesIO(data)) as image:
             width, height = _oriented_size(image)
@@ -253,12 +263,11 @@ class Predictor:
             if not 1 / ASPECT_FACTOR <= ratio <= ASPECT_FACTOR:
                 out.append(f"extreme aspect ratio: {width}x{height} (width/height {width / height:.2f})")
             if image.mode not in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
-                levels = _colour_levels(image)
+                levels = _colour_levels(image, data)
                 if levels > COLOUR_LEVELS:
                     out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")
-        spread = float(features.std())
         if spread < BLANK_SPREAD:
-            out.append(f"nearly blank: the features barely vary (std {spread:.3f})")
+            out.append(f"nearly blank: the picture barely varies (std {spread:.3f} on a 0-1 scale)")
         return out
 
 
@@ -290,10 +299,17 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _colour_levels(image: Image.Image) -> float:
-    """Mean (max - min) over the RGB channels of a small decode of the image (orientation does not matter)."""
-    if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "YCbCr"):
-        # libjpeg's 1/8-scale decode, left in YCbCr: the cheapest look at the chroma there is.
+def _colour_levels(image: Image.Image, data: bytes) -> float:
+    """Mean (max - min) over the RGB channels of a small decode of the image (orientation does not matter).
+
+    A JPEG costs a second entropy decode, which no scale skips: only its top COLOUR_ROWS are
+    decoded (the frame header is read as shorter, as the transform's fast path does), at 1/8
+    scale and left in YCbCr.
+    """
+    if image.format == "JPEG" and image.mode in ("RGB", "YCbCr"):
+        cut = _with_height(io.BytesIO(data), max(16, int(image.size[1] * COLOUR_ROWS)))
+        if cut is not None:
+            image = Image.open(cut)
         image.draft("YCbCr", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
     else:
         image.thumbnail((128, 128))

@@ -21,6 +21,7 @@ Version 2 added renditions and the shift suite; the seed recipe's features are u
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import tempfile
@@ -235,28 +236,31 @@ def _write_h5(
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
 
 
-# Files up to this size are verified and featurized in memory; bigger ones spill to a temporary file.
+# Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
 _IN_MEMORY_BYTES = 64 << 20
 
 
 def _read_verified(root: Path, record: ImageRecord) -> BinaryIO:
-    """The file's bytes, read once and hashed as they are read; featurize reads this copy.
+    """A private copy of the file's bytes, read once and hashed as they are read.
 
-    Raises ImageRejected when they are not the bytes the manifest hashed: the file was
-    rewritten after the manifest was made, and its pixels would not be the dataset version's.
-    A missing file raises FileNotFoundError (a wrong root, not a bad image).
+    featurize reads this copy, so the pixels are those of the bytes checked here. Raises
+    ImageRejected when they are not the bytes the manifest hashed (the file was rewritten
+    after the manifest was made); reading stops as soon as the file is longer than the
+    manifest says. A missing file raises FileNotFoundError (a wrong root, not a bad image).
     """
-    copy = tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY_BYTES)
-    digest = hashlib.sha256()
+    copy = io.BytesIO() if record.bytes <= _IN_MEMORY_BYTES else tempfile.TemporaryFile()
+    digest, size = hashlib.sha256(), 0
     with open(root / record.relpath, "rb") as handle:
-        while block := handle.read(1 << 20):
+        while size <= record.bytes and (block := handle.read(1 << 20)):
             digest.update(block)
             copy.write(block)
+            size += len(block)
+    if size > record.bytes:
+        copy.close()
+        raise ImageRejected(f"changed during the run (longer than the manifest's {record.bytes} bytes)")
     if digest.hexdigest() != record.sha256:
         copy.close()
-        raise ImageRejected(
-            f"changed during the run (sha256 {digest.hexdigest()[:16]}… != manifest {record.sha256[:16]}…)"
-        )
+        raise ImageRejected(f"changed during the run (sha256 {digest.hexdigest()[:16]}… != manifest {record.sha256[:16]}…)")
     copy.seek(0)
     return copy
 

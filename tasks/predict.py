@@ -10,12 +10,12 @@ from prefect import get_run_logger, task
 from pneumo import predict, storage
 from pneumo.pool import ProcessPool
 from tasks.caching import cache_policy
+from tasks.retry import retry_options
 
 
 @task(
     name="score-chunk",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     # The source fingerprint is an input, so changed files change the key; where the
     # pixels are computed does not change the predictions.
     cache_policy=cache_policy("pneumo.predict", "pneumo.transform", "pneumo.sizes", "pneumo.model", ignore=("pool",)),
@@ -43,8 +43,7 @@ def score_chunk(
 
 @task(
     name="write-predictions",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
+    **retry_options(),
     cache_policy=cache_policy("pneumo.predict"),
 )
 def write_predictions(rows: list[dict[str, Any]], uri: str) -> str:

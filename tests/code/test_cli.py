@@ -95,7 +95,7 @@ def test_models_list_show_and_promote(two_versions):
     assert promoted.returncode == 0 and "v0001 -> v0002" in promoted.stdout
     assert registry.get_alias(root, "tinynet", "champion") == "v0002"
     missing = pneumo("models", "promote", "v0009", "--registry", root)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "no version 'v0009'" in missing.stderr
 
 
 def test_help_and_run_passthrough():

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 
 import numpy as np
 import pytest
-import torch
 
 from pneumo import registry, storage
 from pneumo.predict import CardError, ModelNotFound, Predictor, list_inputs
@@ -107,7 +104,9 @@ def test_weights_that_do_not_match_the_card_are_refused(tmp_path):
     root = str(tmp_path / "registry")
     weights = state_dict(1)
     registry.register(root, "tinynet", weights, card(weights))
-    torch.save(state_dict(2), Path(root, "tinynet", "v0001", "model.pt"))  # other weights, after registration
+    registry.register(root, "tinynet", state_dict(2), card(state_dict(2)))
+    v1, v2 = (tmp_path / "registry" / "tinynet" / v / "model.pt" for v in ("v0001", "v0002"))
+    v1.write_bytes(v2.read_bytes())  # v0001's weights swapped after registration
     with pytest.raises(CardError, match="does not match the sha256"):
         Predictor.from_registry(root, version="v0001")
 
@@ -131,6 +130,28 @@ def test_out_of_distribution_images_are_scored_with_a_warning_saying_why(two_ver
     assert by_name["xray"].warnings == []
     for name, words in (("tiny", "tiny"), ("aspect", "extreme aspect ratio"), ("colour", "strong colour"), ("blank", "nearly blank")):
         assert any(w.startswith(words) for w in by_name[name].warnings), (name, by_name[name].warnings)
+
+
+@pytest.mark.parametrize("recipe", ["seed", "robust"])
+def test_features_are_featurize_s_for_every_recipe_and_blank_is_seen_through_zscores(tmp_path, shared_data, recipe):
+    """The robust recipe z-scores each film; its features must still be featurize's, bit for bit,
+    and a blank film must still be called blank."""
+    from pneumo.recipes import recipe as named
+    from pneumo.transform import featurize
+
+    transform = named(recipe).transform.model_copy(update={"size": (224, 224)})
+    root = str(tmp_path / "registry")
+    weights = state_dict(1) if transform.n_features == 140 else None
+    registry.register(root, "tinynet", weights, card(weights, transform=transform))
+    predictor = Predictor.from_registry(root, version="v0001")
+    assert predictor.config.renditions == 0 and predictor.config == transform.model_copy(update={"renditions": 0})
+    for path in xray_pair(shared_data):
+        features, warnings = predictor.features(path.read_bytes())
+        assert np.array_equal(features, featurize(path, predictor.config)) and warnings == []
+    rng = np.random.default_rng(0)
+    almost_blank = np.clip(128 + rng.normal(0, 1, size=(224, 224)), 0, 255).astype(np.uint8)
+    (result,) = predictor.predict([image_bytes(almost_blank)])
+    assert result.ok and any(w.startswith("nearly blank") for w in result.warnings), result.warnings
 
 
 def test_s3_registry(s3_bucket, tmp_path, shared_data):

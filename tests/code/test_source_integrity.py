@@ -115,14 +115,17 @@ def test_an_image_rewritten_after_the_manifest_is_quarantined_not_featurized(tmp
     before = victim.read_bytes()
     gray(99).save(victim, quality=90)  # other pixels, after the manifest hashed the file
     after = hashlib.sha256(victim.read_bytes()).hexdigest()
+    grown = root / "train" / "PNEUMONIA" / "person3_virus_3.jpeg"
+    grown.write_bytes(grown.read_bytes() + b"\0" * (3 << 20))  # a valid JPEG still, 3 MiB longer
 
     results = [write_shard(spec) for spec in plan_shards(manifest, SPLIT, TRANSFORM, 100, str(tmp_path / "shards"))]
     refused = {q.relpath: q.reason for r in results for q in r.quarantine}
-    assert list(refused) == ["train/NORMAL/IM-0002-0001.jpeg"]
+    assert sorted(refused) == ["train/NORMAL/IM-0002-0001.jpeg", "train/PNEUMONIA/person3_virus_3.jpeg"]
     reason = refused["train/NORMAL/IM-0002-0001.jpeg"]
     assert reason.startswith("changed during the run (sha256 ")
     assert after[:16] in reason and hashlib.sha256(before).hexdigest()[:16] in reason
-    assert sum(r.count for r in results) == len(manifest.records) - 1
+    assert refused["train/PNEUMONIA/person3_virus_3.jpeg"].startswith("changed during the run (longer than the manifest's")
+    assert sum(r.count for r in results) == len(manifest.records) - 2
 
 
 def test_verify_source_sees_a_same_size_rewrite_with_the_mtime_set_back(tmp_path):
