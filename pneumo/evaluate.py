@@ -50,6 +50,8 @@ def rows(metrics_by_split: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per split (confusion matrix spelled out as tn/fp/fn/tp), for a table artifact."""
     out = []
     for split, m in metrics_by_split.items():
+        if "confusion_matrix" not in m:
+            continue  # "shift": per-shift metrics, reported in their own table
         (tn, fp), (fn, tp) = m["confusion_matrix"]
         out.append({"split": split, **{k: m[k] for k in COLUMNS}, "tn": tn, "fp": fp, "fn": fn, "tp": tp})
     return out
