@@ -302,8 +302,10 @@ def full(
         "registry": registry,
     }
     # Where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
-    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome_line(summary))
-    return Completed(message=outcome_line(summary), data=summary)
+    outcome = outcome_line(summary)
+    logger.info("run summary: %s", outcome)
+    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome)
+    return Completed(message=outcome, data=summary)
 
 
 def outcome_line(summary: dict[str, Any]) -> str:
