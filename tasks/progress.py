@@ -30,6 +30,20 @@ def terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def _log_console() -> Any:
+    """The rich console Prefect's log lines are printed on: the bar shares it, so log lines scroll above the bar."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from rich.console import Console
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                return handler.console
+    return Console(file=sys.stderr)
+
+
 class Stage:
     """One stage's progress: ``done`` of ``total`` units, mirrored in an artifact and maybe a bar."""
 
@@ -69,13 +83,12 @@ def open_stage(key: str, title: str, total: int, unit: str) -> Stage:
     global _bar
     with _lock:
         if terminal() and _bar is None:
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             _bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-                console=Console(file=sys.stdout), transient=False,
+                console=_log_console(), transient=False,
             )
             _bar.start()
     stage = Stage(key, title, total, unit)
