@@ -29,7 +29,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
+from typing import Annotated, Any, Callable, Optional  # noqa: E402
 
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -44,7 +44,6 @@ from pneumo.manifest import load_manifest  # noqa: E402
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
-    CHAMPION_METRICS,
     ChampionMetric,
     describe_alias,
     list_versions,

@@ -37,9 +37,15 @@ def _log_console() -> Any:
     from prefect.logging.handlers import PrefectConsoleHandler
     from rich.console import Console
 
+    from rich.default_styles import DEFAULT_STYLES
+    from rich.theme import Theme
+
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, PrefectConsoleHandler):
+                # Prefect's theme has only its own styles: add rich's bar and progress styles to it.
+                bar_styles = {key: style for key, style in DEFAULT_STYLES.items() if key.startswith(("bar.", "progress."))}
+                handler.console.push_theme(Theme(bar_styles, inherit=False))
                 return handler.console
     return Console(file=sys.stderr)
 
@@ -69,8 +75,11 @@ class Stage:
             if note is not None:
                 self.note = note
             if self.bar_task is not None and _bar is not None:
-                _bar.update(self.bar_task, total=self.total, completed=self.done,
-                            note=f"{self._rate()}  {self.note}".rstrip())
+                try:
+                    _bar.update(self.bar_task, total=self.total, completed=self.done,
+                                note=f"{self._rate()}  {self.note}".rstrip())
+                except Exception:  # a display problem never fails a run
+                    self.bar_task = None
             now = time.monotonic()
             if now - self._artifact_at < ARTIFACT_EVERY_SECONDS and self.done < self.total:
                 return
@@ -90,7 +99,10 @@ def open_stage(key: str, title: str, total: int, unit: str) -> Stage:
                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                 console=_log_console(), transient=False,
             )
-            _bar.start()
+            try:
+                _bar.start()
+            except Exception:  # a display problem never fails a run: log lines remain
+                _bar = None
     stage = Stage(key, title, total, unit)
     with _lock:
         _stages[key] = stage
