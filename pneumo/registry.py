@@ -225,9 +225,11 @@ def load_card(registry: str, model_name: str, version: str) -> dict[str, Any]:
 
 
 def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> int | None:
-    grid = card.get("config", {}).get("transform", {}).get("grid")
-    if grid:
-        return int(grid[0]) * int(grid[1])
+    transform = card.get("config", {}).get("transform")
+    if transform:
+        # Every part counts: the robust recipe pools max and mean, 2 x 70 features.
+        grid = transform.get("grid", (0, 0))
+        return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
     return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 

@@ -12,8 +12,8 @@ Every task gets its options from ``retry_options`` (the decorators and the flow'
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pneumo.download import UnsafeArchive
@@ -44,7 +44,7 @@ PERMANENT: tuple[type[BaseException], ...] = (
 TRANSIENT: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
-    concurrent.futures.process.BrokenProcessPool,
+    BrokenProcessPool,
     http.client.HTTPException,
 )
 

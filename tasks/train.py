@@ -55,7 +55,8 @@ def train_evaluate_register(
             "%s (n=%d): accuracy %.4f, precision %.4f, recall %.4f, specificity %.4f, F1 %.4f, ROC AUC %s",
             split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
         )
-    create_table_artifact(key="model-metrics", table=evaluate.rows(metrics), description=f"{model_name} {ref.version}")
+    splits = {split: metrics[split] for split in ("val", "test")}  # metrics also holds "shift"
+    create_table_artifact(key="model-metrics", table=evaluate.rows(splits), description=f"{model_name} {ref.version}")
     model_report_artifacts(model_name, ref.version, metrics, result.evaluation.threshold, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",

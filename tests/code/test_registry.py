@@ -345,6 +345,18 @@ def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
         registry.load_state_dict(reg, "m", version)
 
 
+def test_every_recipe_loads_its_own_weights(tmp_path):
+    """The shape check counts every pooling part: robust pools max and mean on 7 x 10 cells, 140 inputs."""
+    from pneumo.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        card = {"config": {"transform": recipe.transform.model_dump(mode="json")}}
+        weights = TinyNet(n_features=recipe.transform.n_features).state_dict()
+        version = registry.register(str(tmp_path), name, weights, card)
+        loaded = registry.load_state_dict(str(tmp_path), name, version)
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
 def test_a_corrupt_champion_is_skipped_for_the_best_intact_version(tmp_path):
     reg = str(tmp_path)
     v1, v2, v3 = _versions(reg, "m", 0.80, 0.99, 0.90)
