@@ -44,9 +44,15 @@ def _fail(message: str, code: int = 2) -> None:
 )
 def run(ctx: typer.Context) -> None:
     """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
+    from flows import settings
+
+    # Checked before Prefect is even imported: a bad value is refused in about a second.
+    checked = settings.load(list(ctx.args), prog="pneumo run")
+    if checked is None:  # --print-config
+        raise typer.Exit(0)
     from flows import full  # Prefect is imported here only
 
-    raise typer.Exit(full.main(list(ctx.args)))
+    raise typer.Exit(full.run(checked))
 
 
 def _load_predictor(registry: str, model_name: str, alias: Optional[str], version: Optional[str], **kwargs):

@@ -13,7 +13,15 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import argparse  # noqa: E402
+if __name__ == "__main__":
+    # `python flows/full.py`: the settings are checked before Prefect and torch are imported
+    # (seconds on a busy machine), so a bad value is refused at once, as by `pneumo run`.
+    from flows import settings as _early_settings
+
+    CHECKED = _early_settings.load(None, "python flows/full.py")
+    if CHECKED is None:  # --print-config
+        raise SystemExit(0)
+
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 import subprocess  # noqa: E402
@@ -21,10 +29,12 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, Callable, Literal, Optional  # noqa: E402
+from typing import Annotated, Any, Callable, Optional  # noqa: E402
 
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from pydantic import Field  # noqa: E402
 
@@ -33,13 +43,13 @@ from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, Trans
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
-    CHAMPION_METRICS,
     ChampionMetric,
     describe_alias,
     list_versions,
     validate_model_name,
 )
 from tasks.download import download_dataset  # noqa: E402
+from tasks import progress  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
 from tasks.results import s3_result_storage  # noqa: E402
 from tasks.retry import is_retryable, retry_options  # noqa: E402
@@ -47,7 +57,8 @@ from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
 from tasks.train import train_evaluate_register  # noqa: E402
 
-Runner = Literal["threads", "processes", "dask"]
+from flows import settings as settings_module  # noqa: E402
+from flows.settings import RUN_DEFAULTS as D, Runner  # noqa: E402
 
 
 def _absolute(uri: str) -> str:
@@ -162,24 +173,25 @@ def _map_shards(
 
 @flow(name="pneumo-full")
 def full(
-    source: str = KAGGLE_DEFAULT_SOURCE,
-    workdir: str = "./pneumo-data",
-    registry: Optional[str] = None,
-    model_name: str = "tinynet",
-    percentile: Annotated[float, Field(gt=0, lt=100)] = 75.0,
-    shard_size: Annotated[int, Field(ge=1)] = 1000,
-    recipe: RecipeName = DEFAULT_RECIPE,
+    # Defaults and ranges are RunSettings' (flows/settings.py); tests/code/test_run_settings.py keeps them equal.
+    source: str = D.source,
+    workdir: str = D.workdir,
+    registry: Optional[str] = D.registry,
+    model_name: str = D.model_name,
+    percentile: Annotated[float, Field(gt=0, lt=100)] = D.percentile,
+    shard_size: Annotated[int, Field(ge=1)] = D.shard_size,
+    recipe: RecipeName = D.recipe,
     transform: Optional[TransformConfig] = None,
     split: SplitConfig = SplitConfig(),
     train: Optional[TrainConfig] = None,
-    champion_metric: ChampionMetric = "roc_auc",
-    retrain: bool = False,
-    retries: Annotated[int, Field(ge=0, le=20)] = 3,
-    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01,
-    verify_source: bool = False,
-    runner: Runner = "processes",
-    workers: Optional[Annotated[int, Field(ge=1)]] = None,
-    dask_address: Optional[str] = None,
+    champion_metric: ChampionMetric = D.champion_metric,
+    retrain: bool = D.retrain,
+    retries: Annotated[int, Field(ge=0, le=20)] = D.retries,
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = D.max_bad_fraction,
+    verify_source: bool = D.verify_source,
+    runner: Runner = D.runner,
+    workers: Optional[Annotated[int, Field(ge=1)]] = D.workers,
+    dask_address: Optional[str] = D.dask_address,
 ) -> dict[str, Any]:
     """Chest X-rays in, a registered 2,541-parameter pneumonia classifier out.
 
@@ -222,9 +234,14 @@ def full(
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner.
-    index = shard_stage(
-        manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address, root=manifest.root
-    )
+    # Shard tasks on this process's threads advance it image by image (tasks/progress.py).
+    transform_progress = progress.open_stage("transform-progress", "transform", manifest.n_images, "images")
+    try:
+        index = shard_stage(
+            manifest.uri, split, transform, shard_size, workdir, retries, runner, workers, dask_address, root=manifest.root
+        )
+    finally:
+        progress.close_stage(transform_progress)
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.
     quarantine_report = _checked(
@@ -241,16 +258,19 @@ def full(
         train_task, lambda ref: [ref.card_uri, ref.model_uri], "train",
         index, manifest.digest, train, registry, model_name, champion_metric, recipe,
     )
-    if model.version in known_versions:
+    registered = model.version not in known_versions
+    if not registered:
         logger.info(
-            "data, config and code unchanged since %s %s: no new version registered (retrain=True trains anyway)",
+            "data, config and code unchanged since %s %s: no new version registered (--retrain, or retrain=True, trains anyway)",
             model_name, model.version,
         )
     champion = describe_alias(registry, model_name, CHAMPION)
     if champion.startswith("broken"):
         logger.warning("champion alias %s", champion)
-    return {
+    summary = {
         "model": f"{model_name} {model.version}",
+        "version": model.version,
+        "registered": registered,
         "champion": f"{model_name} {champion}",
         "champion_comparison": model.champion_comparison,
         "card": model.card_uri,
@@ -264,6 +284,42 @@ def full(
         "size_stats": sizes.uri,
         "registry": registry,
     }
+    # Where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
+    outcome = outcome_line(summary)
+    logger.info("run summary: %s", outcome)
+    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome)
+    return Completed(message=outcome, data=summary)
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """One line: what was registered (or not), the champion, and the val/test AUC."""
+    name, version = summary["model"].rsplit(" ", 1)
+    if summary["registered"]:
+        head = f"registered {name} {version}"
+    else:
+        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+    aucs = ", ".join(f"{split} AUC {_fmt((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in ("val", "test"))
+    return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run-summary artifact: outcome, metrics per split, and where everything is."""
+    metrics = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+    lines = [
+        f"# {outcome_line(summary).split(';')[0]}", "",
+        f"Champion: **{summary['champion']}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
+        "| split | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics),
+    ]
+    for split in ("val", "test"):
+        m = summary["metrics"].get(split) or {}
+        lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
+    lines += ["", f"- card: `{summary['card']}`", f"- registry: `{summary['registry']}`",
+              f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
+    return "\n".join(lines) + "\n"
 
 
 # Runs beside the temporary Prefect server: once the process that started both is gone
@@ -353,83 +409,9 @@ def prefect_api():
         os.environ.pop("PREFECT_API_URL", None)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the None of options whose help already says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python flows/full.py",
-        description=(
-            "Run the pneumo pipeline: download the chest X-ray dataset, compute image-size "
-            "percentiles, transform the images into HDF5 shards, then train, evaluate and "
-            "register a 2,541-parameter TinyNet. Works without a Prefect server (Prefect "
-            "starts a temporary local one)."
-        ),
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument(
-        "--source", default=KAGGLE_DEFAULT_SOURCE,
-        help="kaggle:OWNER/DATASET (needs KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json), "
-        "a folder in the Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, "
-        "s3://bucket/archive.zip or an s3://bucket/prefix in that layout",
-    )
-    parser.add_argument("--workdir", default="./pneumo-data", help="root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
-    parser.add_argument("--registry", default=None, help="model registry root (default: WORKDIR/registry)")
-    parser.add_argument("--model-name", default="tinynet", help="name the model is registered under")
-    parser.add_argument(
-        "--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-        help="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape features, "
-        "augmented renditions and class-weighted BCE; the options below override its values",
-    )
-    parser.add_argument("--epochs", type=int, default=None, help="maximum training epochs (early stopping may end sooner; default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, initialisation and shuffling")
-    parser.add_argument("--percentile", type=float, default=75.0, help="image-size percentile that sets the resize target")
-    parser.add_argument(
-        "--transform", choices=["fast", "exact", "resample"], default=None,
-        help="transform method (default: the recipe's); 'exact' decodes every image at full resolution",
-    )
-    parser.add_argument("--renditions", type=int, default=None, help="augmented renditions per train image (default: the recipe's)")
-    parser.add_argument("--loss", choices=["hinge", "bce"], default=None, help="training loss (default: the recipe's)")
-    parser.add_argument("--balance", choices=["downsample", "class_weights", "none"], default=None, help="class-imbalance handling (default: the recipe's)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default: the recipe's)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per HDF5 shard")
-    parser.add_argument(
-        "--runner", choices=["threads", "processes", "dask"], default="processes",
-        help="where the shard tasks transform images: 'processes' hands each task's pixel work to a local pool of "
-        "worker processes, 'threads' works in the tasks' threads (h5py's lock limits it), 'dask' runs the tasks on "
-        "Dask workers",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="parallel shard tasks, and processes or Dask workers (default: CPU count)")
-    parser.add_argument("--dask-address", default=None, help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
-    parser.add_argument(
-        "--retries", type=int, default=3,
-        help="retries per task for errors a retry can fix (network, S3 throttling or 5xx, a dead worker), with "
-        "exponential backoff of at most 5 minutes per delay and 30 minutes in all; other errors fail at once",
-    )
-    parser.add_argument(
-        "--champion-metric", choices=CHAMPION_METRICS,
-        default="roc_auc", help="val metric a new version must beat (strictly) to become champion",
-    )
-    parser.add_argument("--retrain", action="store_true", help="train and register a new version even when nothing changed")
-    parser.add_argument(
-        "--verify-source", action="store_true",
-        help="fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every byte; "
-        "sees a same-size rewrite whose mtime was set back)",
-    )
-    parser.add_argument(
-        "--max-bad-fraction", type=float, default=0.01,
-        help="fail the run when more than this fraction of the input files is quarantined",
-    )
-    parser.add_argument(
-        "--verbose", action="store_true",
-        help="show tracebacks on the terminal too (they always go to the Prefect log)",
-    )
-    return parser.parse_args(argv)
+def parse_args(argv: Optional[list[str]] = None, prog: str = "python flows/full.py") -> Optional[settings_module.Settings]:
+    """The effective settings (flows/settings.py), checked before any service starts; exits 2 on a bad value."""
+    return settings_module.load(argv, prog)
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -566,20 +548,19 @@ CLI_CLIENT_MAX_RETRIES = 2
 API_GONE = False  # set by main() when the run failed because the Prefect API went away
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "python flows/full.py") -> int:
+    """`python flows/full.py` and `pneumo run`: check the settings, then run the flow."""
+    settings = parse_args(argv, prog)
+    if settings is None:  # --print-config
+        return 0
+    return run(settings)
+
+
+def run(settings: settings_module.Settings) -> int:
+    """Run the flow with checked settings (a temporary Prefect server unless PREFECT_API_URL is set)."""
     global API_GONE
-    args = parse_args(argv)
-    try:
-        # Only the options given on the command line override the recipe.
-        chosen = {"epochs": args.epochs, "seed": args.seed, "loss": args.loss, "balance": args.balance, "patience": args.patience}
-        train = TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
-        chosen = {"method": args.transform, "renditions": args.renditions}
-        transform = TransformConfig(**{k: v for k, v in chosen.items() if v is not None})
-        transform, train = with_recipe(args.recipe, transform, train)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if not args.verbose:
+    args, transform, train = settings.run, settings.transform, settings.train
+    if not settings.verbose:
         _terminal_without_tracebacks()
     started = time.perf_counter()
     if args.runner == "processes":
@@ -593,6 +574,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = full(
                 source=args.source, workdir=args.workdir, registry=args.registry, model_name=args.model_name,
                 percentile=args.percentile, shard_size=args.shard_size, recipe=args.recipe, transform=transform, train=train,
+                split=settings.split,
                 retries=args.retries, max_bad_fraction=args.max_bad_fraction,
                 champion_metric=args.champion_metric, retrain=args.retrain, verify_source=args.verify_source,
                 runner=args.runner, workers=args.workers, dask_address=args.dask_address,
@@ -607,10 +589,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def closing_line(summary: dict[str, Any]) -> str:
+    """What the run did to the registry, as the user's closing line says it."""
+    if summary["registered"]:
+        return f"registered {summary['model']}"
+    return f"nothing new registered (cache hit; --retrain to train anyway): {summary['model']} is unchanged"
+
+
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
     lines = [
         "",
-        f"pneumo: {summary['model']} is registered ({seconds:.0f} s)",
+        f"pneumo: {closing_line(summary)} ({seconds:.0f} s)",
         f"  images       {summary['images']} ({summary['quarantined']} quarantined)",
     ]
     for split in ("val", "test"):
@@ -632,7 +621,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = run(CHECKED)
     if API_GONE:
         # Prefect's log and event workers would spend minutes at exit retrying a dead API.
         sys.stdout.flush()

@@ -23,7 +23,7 @@ import logging
 import re
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Optional, get_args
+from typing import Any, Callable, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict
 import pneumo
 from pneumo import export, storage
 from pneumo.model import TinyNet, keras_parameter_count
+from pneumo.names import CHAMPION_METRICS, ChampionMetric, validate_model_name  # noqa: F401 (re-exported)
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^v(\d{4,})$")
 # A version folder under a model: ".../v0003/<file>", with either separator.
 _VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
@@ -50,18 +50,6 @@ class CorruptModel(ValueError):
 
 class BrokenAlias(FileNotFoundError):
     """An alias names a version that does not exist."""
-
-
-def validate_model_name(name: str, what: str = "model name") -> str:
-    """Refuse names that could escape the registry or clash on case-insensitive stores."""
-    if isinstance(name, str) and ("/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name):
-        raise ValueError(f"unsafe path {name!r} as {what}: it could point outside the registry ('/', '\\', '..' or a leading '.')")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"invalid {what} {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and no '..'"
-        )
-    return name
 
 
 def _version_name(number: int) -> str:
@@ -385,9 +373,6 @@ def build_card(
 # --- Champion / challenger --------------------------------------------------------------
 
 CHAMPION = "champion"
-# Validation metrics a champion can be chosen on; for each of them, higher is better.
-ChampionMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "specificity"]
-CHAMPION_METRICS: tuple[str, ...] = get_args(ChampionMetric)
 
 
 def validate_champion_metric(metric: str) -> str:

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from pneumo import sharding, shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
+from tasks import progress
 from tasks.caching import cache_policy
 from tasks.retry import retry_options
 
@@ -26,6 +27,7 @@ def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> s
     started = time.perf_counter()
     result = sharding.write_one(spec, pool)
     seconds = time.perf_counter() - started
+    progress.advance("transform-progress", result.count + len(result.quarantine))
     logger.info(
         "%s-%04d: %d images, %d quarantined, %.1fs (%.0f images/s)",
         spec.split, spec.number, result.count, len(result.quarantine), seconds,

@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, registry, release, shards
 from pneumo.config import TrainConfig
+from tasks import progress as stage_progress
 from tasks.caching import cache_policy
 from tasks.reporting import model_report_artifacts
 from tasks.retry import retry_options
@@ -29,17 +30,24 @@ def train_evaluate_register(
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     logger = get_run_logger()
 
+    stage = stage_progress.open_stage("training-progress", "training", config.epochs, "epochs")
+
     def progress(epoch: dict) -> None:
+        auc = epoch["val_auc"]
+        stage.advance(1, f"val AUC {auc:.3f}" if isinstance(auc, float) else None)
         if epoch["epoch"] % 50 == 0:
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s",
                 epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
             )
 
-    result = release.train_and_register(
-        index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-        progress=progress, logger=logger, recipe=recipe,
-    )
+    try:
+        result = release.train_and_register(
+            index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
+            progress=progress, logger=logger, recipe=recipe,
+        )
+    finally:
+        stage_progress.close_stage(stage)
     ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
         m = metrics[split]

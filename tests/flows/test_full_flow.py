@@ -164,3 +164,38 @@ def test_cli_help_lists_every_option():
     ).stdout
     for option in ("--source", "--workdir", "--registry", "--epochs", "--seed", "--percentile", "--runner"):
         assert option in out
+
+
+def _artifacts(flow_run_id) -> dict:
+    """The latest artifact of each key created by the flow run or any of its tasks."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in sorted(found, key=lambda a: a.created)}
+
+
+def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subset_source):
+    from pneumo.config import TrainConfig
+
+    workdir, summary, _ = first_run
+    common = dict(source=str(subset_source), workdir=str(workdir), shard_size=150, runner="threads", workers=2,
+                  return_state=True)
+    cached = full(train=TrainConfig(**QUICK), **common)
+    assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
+    assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]
+    artifacts = _artifacts(cached.state_details.flow_run_id)
+    assert artifacts["run-summary"].data.startswith("# nothing new registered (cache hit")
+    assert artifacts["transform-progress"].data == 100.0  # cached shards: the stage still ends at 100 %
+
+    trained = full(train=TrainConfig(**QUICK), retrain=True, **common)
+    result = trained.result()
+    assert result["registered"] is True and result["version"] != summary["version"]
+    assert trained.message.startswith(f"registered tinynet {result['version']}; champion ")
+    assert f"val AUC {result['metrics']['val']['roc_auc']:.3f}" in trained.message
+    artifacts = _artifacts(trained.state_details.flow_run_id)
+    assert f"registered tinynet {result['version']}" in artifacts["run-summary"].data
+    assert "| val |" in artifacts["run-summary"].data and "| test |" in artifacts["run-summary"].data
+    assert artifacts["training-progress"].data == 100.0
+    assert "epochs" in artifacts["training-progress"].description and "val AUC" in artifacts["training-progress"].description

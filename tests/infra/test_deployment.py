@@ -124,6 +124,8 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
 def test_runs_complete_and_the_champion_rule_holds(two_runs):
     env, first, second = two_runs
     assert first["state"]["type"] == "COMPLETED" and second["state"]["type"] == "COMPLETED"
+    # The outcome is in the final state's message, which `--watch` and the UI show (retrain=True registers).
+    assert all(run["state"]["message"].startswith("registered tinynet v") for run in (first, second))
     # Read the registry on the stack's S3 endpoint, in a process with the stack's settings.
     check = subprocess.run(
         [sys.executable, "-c", (

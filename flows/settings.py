@@ -1,0 +1,422 @@
+"""The settings of `pneumo run` (= `python flows/full.py`), each declared once, and their checks.
+
+The command-line options are generated from pydantic models: ``RunSettings`` (the flow's own
+parameters, which ``flows.full.full`` takes its defaults from) and the config models
+(TrainConfig, TransformConfig with its AugmentConfig, SplitConfig). A value comes, by
+rising priority, from the model's default, the recipe (pneumo.recipes), ``--config FILE``
+(TOML, or YAML when PyYAML is installed), then the command line.
+
+``check`` then refuses every bad value a run could only discover later (source, ranges,
+workdir, buckets, model name) in about a second, before the Prefect server or the process
+pool starts. No Prefect import here: a refusal must not wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+import uuid
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pneumo import download, storage
+from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
+from pneumo.names import ChampionMetric, validate_model_name
+
+Runner = Literal["threads", "processes", "dask"]
+
+
+class UsageError(Exception):
+    """A bad setting: one line that names the option and says how to fix it (exit code 2)."""
+
+
+class RunSettings(BaseModel):
+    """The flow's own parameters (flows.full.full takes its defaults from here)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        KAGGLE_DEFAULT_SOURCE,
+        description="kaggle:OWNER/DATASET (needs KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json), a folder in the "
+        "Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, s3://bucket/archive.zip or an "
+        "s3://bucket/prefix in that layout",
+    )
+    workdir: str = Field("./pneumo-data", description="root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
+    registry: Optional[str] = Field(None, description="model registry root (default: WORKDIR/registry)")
+    model_name: str = Field("tinynet", description="name the model is registered under")
+    recipe: RecipeName = Field(
+        DEFAULT_RECIPE,
+        description="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape "
+        "features, augmented renditions and class-weighted BCE; the other options override its values",
+    )
+    percentile: float = Field(75.0, gt=0, lt=100, description="image-size percentile that sets the resize target")
+    shard_size: int = Field(1000, ge=1, description="images per HDF5 shard")
+    champion_metric: ChampionMetric = Field("roc_auc", description="val metric a new version must beat (strictly) to become champion")
+    retrain: bool = Field(False, description="train and register a new version even when nothing changed")
+    retries: int = Field(
+        3, ge=0, le=20,
+        description="retries per task for errors a retry can fix (network, S3 throttling or 5xx, a dead worker), with "
+        "exponential backoff of at most 5 minutes per delay and 30 minutes in all; other errors fail at once",
+    )
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more than this fraction of the input files is quarantined")
+    verify_source: bool = Field(
+        False,
+        description="fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every "
+        "byte; sees a same-size rewrite whose mtime was set back)",
+    )
+    runner: Runner = Field(
+        "processes",
+        description="where the shard tasks transform images: 'processes' hands each task's pixel work to a local pool "
+        "of worker processes, 'threads' works in the tasks' threads (h5py's lock limits it), 'dask' runs the tasks on "
+        "Dask workers",
+    )
+    workers: Optional[int] = Field(None, ge=1, description="parallel shard tasks, and processes or Dask workers (default: CPU count)")
+    dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
+
+
+RUN_DEFAULTS = RunSettings()
+
+# Sections of the settings, in --help's order: each model's fields become options.
+SECTIONS: dict[str, type[BaseModel]] = {"run": RunSettings, "train": TrainConfig, "transform": TransformConfig, "split": SplitConfig}
+# The pipeline sets these itself (size from --percentile).
+SKIPPED = {("transform", "size")}
+# Option names that differ from the field's (kept from the earlier CLI).
+NAMES = {("transform", "method"): "transform"}
+
+
+class Option(typing.NamedTuple):
+    path: tuple[str, ...]  # ("train", "epochs"), ("transform", "augment", "zoom"), ("run", "source")
+    flag: str  # "--epochs"
+    annotation: Any
+    description: str
+
+
+def _options() -> list[Option]:
+    """One option per field of every section (nested models flattened with their field name as prefix)."""
+    options: list[Option] = []
+
+    def walk(model: type[BaseModel], path: tuple[str, ...], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            here = (*path, name)
+            if here in SKIPPED:
+                continue
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, here, f"{prefix}{name}-")
+                continue
+            flag = "--" + NAMES.get(here, prefix + name).replace("_", "-")
+            options.append(Option(here, flag, field.annotation, field.description or ""))
+
+    for section, model in SECTIONS.items():
+        walk(model, (section,), "")
+    flags = [option.flag for option in options]
+    assert len(flags) == len(set(flags)), f"two settings map to one option: {sorted(flags)}"
+    return options
+
+
+OPTIONS = _options()
+BY_FLAG = {option.flag: option for option in OPTIONS}
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _argparse_kwargs(annotation: Any) -> dict[str, Any]:
+    """How argparse reads a value of this type; pydantic then validates it."""
+    annotation = _unwrap_optional(annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"nargs": "+", **_argparse_kwargs(args[0])}
+        return {"nargs": len(args), **_argparse_kwargs(args[0])}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no command-line form for {annotation!r}")
+
+
+def _value_at(config: BaseModel, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def default_text(option: Option) -> str:
+    """The default as --help shows it: the default recipe's value, and the other recipes' when different."""
+    section, rest = option.path[0], option.path[1:]
+    if section == "run":
+        return f"default: {_shown(_value_at(RUN_DEFAULTS, rest))}"
+    if section == "split":
+        return f"default: {_shown(_value_at(SplitConfig(), rest))}"
+    values = {name: _shown(_value_at(getattr(recipe, section), rest)) for name, recipe in RECIPES.items()}
+    text = f"default: {values[DEFAULT_RECIPE]}"
+    others = [f"{name}: {value}" for name, value in values.items() if name != DEFAULT_RECIPE and value != values[DEFAULT_RECIPE]]
+    return text + (f" (recipe {', '.join(others)})" if others else "")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Run the pneumo pipeline: download the chest X-ray dataset, compute image-size percentiles, transform the "
+            "images into HDF5 shards, then train, evaluate and register a 2,541-parameter TinyNet. Works without a "
+            "Prefect server (Prefect starts a temporary local one). Every option can also be given in --config FILE; "
+            "the command line wins."
+        ),
+        argument_default=argparse.SUPPRESS,  # only what was given counts: the recipe supplies the rest
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings: top-level keys named as the "
+                        "options (epochs, shard_size, ...) or tables [run], [train], [transform], [split]")
+    parser.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on the terminal too (they always go to the Prefect log)")
+    groups = {
+        "run": parser.add_argument_group("pipeline"),
+        "train": parser.add_argument_group("training (TrainConfig)"),
+        "transform": parser.add_argument_group("transform (TransformConfig)"),
+        "split": parser.add_argument_group("splits (SplitConfig)"),
+    }
+    for option in OPTIONS:
+        help_text = f"{option.description} [{default_text(option)}]".replace("%", "%%").lstrip()
+        kwargs = _argparse_kwargs(option.annotation)
+        if "choices" not in kwargs and "action" not in kwargs:
+            kwargs["metavar"] = option.flag[2:].upper().replace("-", "_")
+        groups[option.path[0]].add_argument(option.flag, dest=option.flag, help=help_text, **kwargs)
+    return parser
+
+
+class Settings(typing.NamedTuple):
+    """The effective settings of one run."""
+
+    run: RunSettings
+    transform: TransformConfig
+    train: TrainConfig
+    split: SplitConfig
+    verbose: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.run.model_dump(mode="json"),
+            "transform": self.transform.model_dump(mode="json", exclude={"size"}),
+            "train": self.train.model_dump(mode="json"),
+            "split": self.split.model_dump(mode="json"),
+        }
+
+
+def _read_config_file(path: str) -> dict[tuple[str, ...], Any]:
+    """The file's settings by path; flat keys are option names (dashes or underscores)."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_bytes()
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error}); give an existing TOML or YAML file")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); or write the file as TOML") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text.decode("utf-8"))
+    except UsageError:
+        raise
+    except Exception as error:  # a syntax error: one line, not a traceback
+        raise UsageError(f"--config {path}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'TOML'}: "
+                         f"{str(error).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a table of settings at the top level")
+
+    by_path = {option.path: option for option in OPTIONS}
+    found: dict[tuple[str, ...], Any] = {}
+
+    def take(prefix: tuple[str, ...], table: dict) -> None:
+        for key, value in table.items():
+            name = str(key).replace("-", "_")
+            if not prefix and name in SECTIONS and isinstance(value, dict):
+                take((name,), value)
+            elif prefix and isinstance(value, dict) and (*prefix, name) not in by_path:
+                take((*prefix, name), value)
+            elif not prefix and f"--{name.replace('_', '-')}" in BY_FLAG:
+                found[BY_FLAG[f"--{name.replace('_', '-')}"].path] = value
+            elif (*prefix, name) in by_path:
+                found[(*prefix, name)] = value
+            else:
+                where = ".".join((*prefix, name))
+                raise UsageError(f"--config {path}: unknown setting {where!r}; `pneumo run --help` lists them")
+
+    take((), data)
+    return found
+
+
+def _nested(given: dict[tuple[str, ...], Any], section: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in given.items():
+        if path[0] != section:
+            continue
+        table = out
+        for name in path[1:-1]:
+            table = table.setdefault(name, {})
+        table[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _flag_of(section: str, loc: tuple) -> str:
+    path = (section, *[str(part) for part in loc if not isinstance(part, int)])
+    for option in OPTIONS:
+        if option.path == path:
+            return option.flag
+    return f"{section} settings"
+
+
+def _validation_line(section: str, error: ValidationError, given: dict[tuple[str, ...], Any]) -> str:
+    first = error.errors()[0]
+    flag = _flag_of(section, tuple(first["loc"]))
+    option = BY_FLAG.get(flag)
+    value = given.get(option.path) if option else None
+    shown = f" {_shown(tuple(value) if isinstance(value, list) else value)}" if option and option.path in given else ""
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{flag}{shown}: {message[0].lower()}{message[1:]}; see `pneumo run --help`"
+
+
+def resolve(given: dict[tuple[str, ...], Any], verbose: bool = False) -> Settings:
+    """Defaults < recipe < given values, validated by the models."""
+    sections: dict[str, BaseModel] = {}
+    try:
+        run = RunSettings(**_nested(given, "run"))
+    except ValidationError as error:
+        raise UsageError(_validation_line("run", error, given)) from None
+    recipe = RECIPES[run.recipe]
+    bases = {"transform": recipe.transform, "train": recipe.train, "split": SplitConfig()}
+    for section, base in bases.items():
+        try:
+            sections[section] = type(base)(**_merge(base.model_dump(), _nested(given, section)))
+        except ValidationError as error:
+            raise UsageError(_validation_line(section, error, given)) from None
+    return Settings(run, sections["transform"], sections["train"], sections["split"], verbose)  # type: ignore[arg-type]
+
+
+def parse(argv: Optional[list[str]], prog: str) -> Optional[Settings]:
+    """Settings from the command line and --config; None after --print-config printed them."""
+    args = vars(build_parser(prog).parse_args(argv))
+    given = _read_config_file(args["config"]) if "config" in args else {}
+    given.update({BY_FLAG[flag].path: value for flag, value in args.items() if flag in BY_FLAG})
+    settings = resolve(given, verbose=bool(args.get("verbose")))
+    if args.get("print_config"):
+        print(json.dumps(settings.to_dict(), indent=2))
+        return None
+    return settings
+
+
+# --------------------------------------------------------------------------- checks before any service starts
+
+
+def _local_writable(flag: str, folder: str) -> None:
+    path = Path(folder).expanduser()
+    probe = path / f".pneumo-write-probe-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: not writable ({error.strerror or error}); choose a folder you can write to") from None
+
+
+def _bucket_reachable(flag: str, uri: str) -> None:
+    """One cheap call (HeadBucket) that proves the endpoint answers, the bucket exists and the credentials work."""
+    bucket, _ = storage.split_s3(uri)
+    try:
+        with storage.s3_errors(uri, "HeadBucket"):
+            storage.s3_client().head_bucket(Bucket=bucket)
+    except Exception as error:  # S3Error, or botocore's missing-credentials errors
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"{flag} {uri}: {text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
+
+
+def _check_source(source: str) -> None:
+    try:
+        parsed = download.parse_source(source)
+    except ValueError as error:
+        raise UsageError(f"--source: {error}") from None
+    if parsed.kind == "dir":
+        folder = Path(parsed.location)
+        classes = [name for name in download.CLASSES if (folder / name).is_dir()]
+        if classes:  # .../chest_xray/train: one level too deep
+            raise UsageError(
+                f"--source {source}: this is one split's folder (it holds {'/ and '.join(classes)}/); "
+                f"pass the folder above it: --source {folder.parent}"
+            )
+        try:
+            download.find_dataset_root(folder)
+        except ValueError as error:
+            raise UsageError(f"--source: {error}") from None
+    elif parsed.kind == "zip":
+        import zipfile
+
+        if not zipfile.is_zipfile(parsed.location):
+            raise UsageError(f"--source {source}: not a readable zip archive; give the dataset's .zip or its unpacked folder")
+    elif parsed.kind in ("s3_zip", "s3_prefix"):
+        _bucket_reachable("--source", parsed.location)
+
+
+def check(settings: Settings) -> None:
+    """Refuse, as UsageError, what the run would only discover later; contacts each S3 bucket once."""
+    run = settings.run
+    try:
+        validate_model_name(run.model_name)
+    except ValueError as error:
+        raise UsageError(f"--model-name: {error}") from None
+    if run.dask_address and run.runner != "dask":
+        raise UsageError(f"--dask-address {run.dask_address}: only used with --runner dask; add --runner dask or drop it")
+    _check_source(run.source)
+    buckets_seen = set()
+    for flag, uri in (("--workdir", run.workdir), ("--registry", run.registry)):
+        if not uri:
+            continue
+        if storage.is_s3(uri):
+            bucket = storage.split_s3(uri)[0]
+            if bucket not in buckets_seen:
+                buckets_seen.add(bucket)
+                _bucket_reachable(flag, uri)
+        else:
+            _local_writable(flag, uri)
+
+
+def load(argv: Optional[list[str]], prog: str) -> Optional[Settings]:
+    """Parse and check; a bad value prints one line to stderr and exits with code 2."""
+    try:
+        settings = parse(argv, prog)
+        if settings is not None:
+            check(settings)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
