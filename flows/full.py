@@ -39,8 +39,8 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from pneumo import download, pool, sharding, shards, storage  # noqa: E402
-from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig  # noqa: E402
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName  # noqa: E402
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig  # noqa: E402
+from pneumo.recipes import RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
     CHAMPION,
     ChampionMetric,

@@ -9,7 +9,6 @@ resampling, then the photometric changes on the canvas.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict
 from pneumo import storage
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry
 
-from pneumo.config import KAGGLE_DEFAULT_SOURCE as DEFAULT_SOURCE  # noqa: E402
 ACCEPTED_FORMS = (
     "kaggle:OWNER/DATASET (optionally pinned as kaggle:OWNER/DATASET/versions/N), "
     "a local folder in the Kaggle layout (e.g. /data/chest_xray), a local .zip file, "

@@ -24,7 +24,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from pneumo.augment import Rendition, features, photometric
+from pneumo.augment import Rendition, photometric
 from pneumo.config import TransformConfig
 from pneumo.transform import Resampler, pool_features
 

@@ -7,8 +7,6 @@ import hashlib
 import io
 import json
 import os
-import socket
-import stat
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +26,6 @@ from pneumo.download import (
     find_dataset_root,
     parse_patient_id,
     parse_source,
-    safe_extract_zip,
     source_fingerprint,
 )
 

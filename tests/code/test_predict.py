@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumo import registry, storage
+from pneumo import registry
 from pneumo.predict import CardError, ModelNotFound, Predictor, list_inputs
 from tests.predict_helpers import TRANSFORM, card, expected_probability, image_bytes, register_two, state_dict, xray_pair
 

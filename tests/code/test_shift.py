@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pneumo import shift
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo.config import SplitConfig
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.recipes import RECIPES
 from pneumo.shards import index_uri, load_split, plan_shards, write_index, write_shard

@@ -153,7 +153,6 @@ def test_transient_s3_errors_are_retried_by_botocore(flaky_s3, fault, tmp_path):
 def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_source, tmp_path):
     bucket, proxy = flaky_s3
     manifest = build_manifest(subset_source)
-    manifest_uri = save_manifest(manifest, str(tmp_path))
     spec = shards.plan_shards(
         manifest, SplitConfig(), TransformConfig(size=(224, 224)), 50, f"s3://{bucket}/shards"
     )[0]
