@@ -32,7 +32,7 @@ def run(source: Path, workdir: Path, **options):
 def features_by_relpath(index_uri: str) -> dict[str, np.ndarray]:
     out = {}
     for split in ("train", "val", "test"):
-        part = shards.load_split(index_uri, split)
+        part = shards.load_split(index_uri, split).originals()  # renditions repeat an image's relpath
         out.update(zip(part.relpaths, part.features))
     return out
 
