@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo import shift
+from pneumo import augment, shift
 from pneumo.config import SplitConfig
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.recipes import RECIPES
@@ -45,7 +45,7 @@ def test_the_suite_is_seeded(gray, config):
 
 @pytest.mark.parametrize("config", [ROBUST, SEED], ids=["robust", "seed"])
 def test_every_shift_changes_the_features_but_what_zscores_remove(gray, config):
-    clean = shift.features(gray, config, shift.Rendition())
+    clean = augment.features(gray, config, augment.Rendition())
     # Per-image z-scores cancel a linear change of exposure (unless it clips): that is their point.
     invariant = {"contrast_e+0.2", "contrast_e-0.2", "brightness_+0.06", "brightness_-0.06"} if config.normalize == "zscore" else set()
     for name, row in zip(shift.NAMES, shift.shift_features(gray, config, SHA)):
