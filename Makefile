@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 DEPLOY_SOURCE  ?= $(SOURCE)
 DEPLOY_WORKDIR ?= s3://pneumo/pneumo-data
 
-.PHONY: setup run test clean stack-up stack-down stack-status worker deploy
+.PHONY: setup run test test-fast clean stack-up stack-down stack-status worker deploy
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+# Unit tests (without the ones marked slow) and one end-to-end run through Prefect.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" tests/code tests/data \
+		"tests/flows/test_full_flow.py::test_first_run_registers_v0001_with_a_complete_card" $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from prefect import Task
 
 import tasks
@@ -85,6 +86,7 @@ def keys_in(root: Path) -> dict[str, str]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh processes on a copy of the repository
 def test_changing_a_pneumo_module_changes_every_task_key_in_a_fresh_process(tmp_path):
     """End to end, as a user meets it: edit a library file, run again, no stale cache hit.
 

@@ -12,6 +12,9 @@ import pytest
 from pneumo import registry
 from tests.predict_helpers import card, expected_probability, register_two, state_dict, xray_pair
 
+# each test starts the `pneumo` command (and torch) in a new process: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def pneumo_command(*args: str) -> list[str]:
     """The installed console script beside this interpreter (make setup installs it)."""

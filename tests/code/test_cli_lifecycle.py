@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+
+# real CLI runs against real Prefect servers, killed on purpose: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,6 +14,7 @@ from tests.code.test_cli import pneumo
 from tests.predict_helpers import TRANSFORM, card
 
 
+@pytest.mark.slow  # trains a model and runs the CLI
 def test_pneumo_predict_matches_training_scores(shared_data, tmp_path):
     paths = {name: sorted((shared_data / "train" / name).iterdir())[:60] for name in ("NORMAL", "PNEUMONIA")}
     files = paths["NORMAL"] + paths["PNEUMONIA"]

@@ -15,6 +15,9 @@ from pneumo import registry
 from tests.code import promotion_race
 from tests.code.promotion_race import BETTER, MODEL, WORSE
 
+# many trials of two processes racing: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TRIALS = int(os.environ.get("PNEUMO_RACE_TRIALS", "30"))
 
 

@@ -82,6 +82,7 @@ def _assert_ten_distinct_intact_versions(reg: str) -> None:
     assert sorted(tags) == sorted(w * 100 + i for w in (1, 2) for i in range(5))
 
 
+@pytest.mark.slow  # several processes
 def test_concurrent_processes_get_distinct_versions(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)

@@ -73,6 +73,7 @@ def test_input_errors_fail_at_once(tmp_path):
         assert not retry_condition(None, None, Failed(data=error)), error
 
 
+@pytest.mark.slow  # a temporary Prefect server
 def test_a_task_fails_at_once_on_a_permanent_error_and_retries_a_transient_one(prefect_server):
     calls = {"permanent": 0, "transient": 0}
 
@@ -130,6 +131,7 @@ def test_every_task_uses_the_one_policy():
         assert "retry_delay_seconds=" not in inspect.getsource(module), module.__name__
 
 
+@pytest.mark.slow  # a temporary Prefect server
 def test_a_source_one_level_too_deep_fails_on_the_first_try(prefect_server, tmp_path):
     """The flow's own retry budget (--retries 3) no longer retries what no retry can fix."""
     from prefect.client.orchestration import get_client

@@ -16,6 +16,9 @@ from tests.code.test_cli import pneumo_command
 
 import numpy as np
 
+# real servers in subprocesses: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def server(tmp_path):
