@@ -84,18 +84,12 @@ def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | N
         handle.seek(0)
         image = _open(handle, config)
         with image:
-            try:
+            with _decode_errors(image):
                 if config.method == "exact":
                     return _featurize_exact(image, config)
                 if config.method == "resample":
                     return pool_features(render(decode_reduced(image, config), config), config)
                 return _featurize_fast(image, config, handle)
-            except ImageRejected:
-                raise
-            except Image.DecompressionBombError as error:
-                raise ImageRejected(f"too large ({error})") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as error:
-                raise ImageRejected(_decode_failure(image, error)) from None
 
 
 @contextlib.contextmanager
@@ -174,6 +168,19 @@ def _open(handle, config: TransformConfig) -> Image.Image:
         image.close()
         raise ImageRejected(f"empty image: {width}x{height} pixels")
     return image
+
+
+@contextlib.contextmanager
+def _decode_errors(image: Image.Image) -> Iterator[None]:
+    """Decoding problems of ``image`` as ImageRejected, with the reason for the quarantine."""
+    try:
+        yield
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageRejected(f"too large ({error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageRejected(_decode_failure(image, error)) from None
 
 
 def _decode_failure(image: Image.Image, error: Exception) -> str:
@@ -420,14 +427,8 @@ def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) 
             raise ImageRejected("empty file (0 bytes)")
         handle.seek(0)
         with _open(handle, config) as image:
-            try:
+            with _decode_errors(image):
                 return decode_reduced(image, config)
-            except ImageRejected:
-                raise
-            except Image.DecompressionBombError as error:
-                raise ImageRejected(f"too large ({error})") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as error:
-                raise ImageRejected(_decode_failure(image, error)) from None
 
 
 def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
