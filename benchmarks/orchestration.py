@@ -1,8 +1,8 @@
 """Prefect's overhead on the transform stage: the flow's shard stage against a bare process pool.
 
 For each shard size, the same shard specs are written three times into fresh folders: once by
-``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shards.write_shard (no Prefect),
-once by the library's whole stage, ``pneumo.sharding.run`` with a process pool (planning,
+``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shard_files.write_shard (no Prefect),
+once by the library's whole stage, ``pneumo.shards.run`` with a process pool (planning,
 verifying, the index; no Prefect), and once by the flow's ``shard_stage`` with ``--runner
 processes``, timed inside a flow run as the pipeline runs it (the library's steps plus one
 task run per shard with cache lookup and result persistence, logging, the index task, one
@@ -32,16 +32,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # synthesize.py
 from prefect import flow  # noqa: E402
 
 from flows.full import prefect_api, shard_stage  # noqa: E402
-from pneumo import pool, sharding, shards  # noqa: E402
+from pneumo import pool, shards, shard_files  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
 import synthesize  # noqa: E402
 
 
-def plan(manifest, shard_size: int, out: Path) -> list[shards.ShardSpec]:
+def plan(manifest, shard_size: int, out: Path) -> list[shard_files.ShardSpec]:
     shutil.rmtree(out, ignore_errors=True)
-    return shards.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
+    return shard_files.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
 
 
 @flow(name="pneumo-orchestration-benchmark")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/orchestration.py",
         description="Wall time of the flow's shard stage (Prefect, process pool) against a bare process pool "
-        "and the library's stage without Prefect (pneumo.sharding.run) doing the same shards, per shard size.",
+        "and the library's stage without Prefect (pneumo.shards.run) doing the same shards, per shard size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=Path("/tmp/pneumo-kaggle-5840"), help="Kaggle-layout folder of realistic JPEGs; made with benchmarks/synthesize.py if missing")
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 specs = plan(manifest, shard_size, args.workdir / "bare")
                 started = time.perf_counter()
                 with ProcessPoolExecutor(max_workers=args.workers) as executor:
-                    list(executor.map(shards.write_shard, specs))
+                    list(executor.map(shard_files.write_shard, specs))
                 bare = min(bare, time.perf_counter() - started)
 
                 started = time.perf_counter()
-                sharding.run(manifest_uri, manifest.root, SplitConfig(), TransformConfig(), shard_size,
+                shards.run(manifest_uri, manifest.root, SplitConfig(), TransformConfig(), shard_size,
                              str(args.workdir / f"library-{time.time_ns()}"), workers=args.workers)
                 library = min(library, time.perf_counter() - started)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo import evaluate, shards, shift
+from pneumo import evaluate, shard_files, shift
 from pneumo.config import SplitConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
@@ -45,17 +45,17 @@ def build_shards(manifest, recipe: str, size: tuple[int, int], out_dir: str, wor
     """The recipe's shards (reused when already written); their index URI and the seconds it took."""
     transform = RECIPES[recipe].transform.model_copy(update={"size": size})
     split = SplitConfig()
-    specs = shards.plan_shards(manifest, split, transform, SHARD_SIZE, out_dir)
+    specs = shard_files.plan_shards(manifest, split, transform, SHARD_SIZE, out_dir)
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(shards.write_shard, specs))
+        results = list(pool.map(shard_files.write_shard, specs))
     seconds = time.perf_counter() - started
-    index_uri = shards.index_uri(out_dir, manifest.digest(), transform, split, SHARD_SIZE)
-    shards.write_index(results, index_uri, manifest_digest=manifest.digest(), transform=transform, split_config=split)
+    index_uri = shard_files.index_uri(out_dir, manifest.digest(), transform, split, SHARD_SIZE)
+    shard_files.write_index(results, index_uri, manifest_digest=manifest.digest(), transform=transform, split_config=split)
     return index_uri, seconds
 
 
-def run_seed(data: dict[str, shards.ShardData], recipe: str, seed: int, epochs: int | None) -> dict:
+def run_seed(data: dict[str, shard_files.ShardData], recipe: str, seed: int, epochs: int | None) -> dict:
     """Train one seed; its carved-val metrics, the shift suite's worst case and the training time."""
     update = {"seed": seed} if epochs is None else {"seed": seed, "epochs": epochs}
     config = RECIPES[recipe].train.model_copy(update=update)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"source": str(args.source), "images": len(manifest.records), "cpu_count": os.cpu_count(), "recipes": {}}
     for recipe in args.recipes:
         index_uri, shard_seconds = build_shards(manifest, recipe, size, str(args.workdir / "shards"), args.workers)
-        data = {split: shards.load_split(index_uri, split) for split in ("train", "val", "test")}
+        data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
         runs = []
         for seed in range(args.seeds):
             runs.append(run_seed(data, recipe, seed, args.epochs))

@@ -38,7 +38,7 @@ from prefect.states import Completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from pneumo import download, pool, sharding, shards, storage  # noqa: E402
+from pneumo import download, pool, shards, shard_files, storage  # noqa: E402
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.recipes import RECIPES, RecipeName  # noqa: E402
 from pneumo.registry import (  # noqa: E402
@@ -119,8 +119,8 @@ def shard_stage(
     dask_address: Optional[str] = None,
     *,
     root: str,
-) -> shards.IndexRef:
-    """Stage 3 in a flow run: pneumo.sharding's steps, with one write-shard task per shard on ``runner``.
+) -> shard_files.IndexRef:
+    """Stage 3 in a flow run: pneumo.shards's steps, with one write-shard task per shard on ``runner``.
 
     Plan, map the write-shard task, rebuild the shards found broken, then the index task.
 
@@ -132,7 +132,7 @@ def shard_stage(
     subflow run adds ~0.7 s.
     """
     logger = get_run_logger()
-    plan = sharding.plan(manifest_uri, root, split, transform, shard_size, workdir)
+    plan = shards.plan(manifest_uri, root, split, transform, shard_size, workdir)
     logger.info("transform: %d shard(s) of up to %d images on the %s runner", len(plan.specs), shard_size, runner)
     shard_task = _with_run_options(write_shard, workdir, retries)
     transform_pool = pool.ProcessPool(workers or os.cpu_count() or 1) if runner == "processes" else None
@@ -140,13 +140,13 @@ def shard_stage(
         with task_runner(runner, workers, dask_address) as shard_runner:
             results = _map_shards(shard_runner, shard_task, plan.specs, transform_pool)
             # A cache hit remembers a shard, not its file: one deleted or changed since is rebuilt, never trusted.
-            broken = sharding.set_aside_broken(plan.specs, results)
+            broken = shards.set_aside_broken(plan.specs, results)
             for spec, problem in broken:
                 logger.warning("shard %s: %s; rebuilding it", spec.uri, problem)
             if broken:
                 rebuild = shard_task.with_options(refresh_cache=True)
                 rebuilt = _map_shards(shard_runner, rebuild, [spec for spec, _ in broken], transform_pool)
-                results = sharding.with_rebuilt(results, rebuilt)
+                results = shards.with_rebuilt(results, rebuilt)
     finally:
         if transform_pool:
             transform_pool.close()
@@ -158,12 +158,12 @@ def shard_stage(
 
 
 def _map_shards(
-    shard_runner: Any, shard_task: Any, specs: list[shards.ShardSpec], transform_pool: Optional[pool.ProcessPool]
-) -> list[shards.ShardResult]:
+    shard_runner: Any, shard_task: Any, specs: list[shard_files.ShardSpec], transform_pool: Optional[pool.ProcessPool]
+) -> list[shard_files.ShardResult]:
     """The shard task mapped over ``specs`` on the task runner; results in spec order."""
     logger = get_run_logger()
     futures = shard_runner.map(shard_task, {"spec": specs, "pool": unmapped(transform_pool)})
-    by_uri: dict[str, shards.ShardResult] = {}
+    by_uri: dict[str, shard_files.ShardResult] = {}
     for done, future in enumerate(as_completed(futures), start=1):
         result = future.result()
         by_uri[result.uri] = result

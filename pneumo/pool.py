@@ -38,8 +38,8 @@ def preload() -> list[str]:
     main = sys.modules["__main__"]
     spec_name = getattr(main.__spec__, "name", None)
     if spec_name and not spec_name.endswith("__main__"):
-        return [spec_name.partition(".")[0], "pneumo.shards"]
-    modules = {"pneumo.shards"}
+        return [spec_name.partition(".")[0], "pneumo.shard_files"]
+    modules = {"pneumo.shard_files"}
     for value in vars(main).values():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(name, str) and name in sys.modules and name not in ("__main__", "builtins"):

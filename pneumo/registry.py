@@ -392,15 +392,15 @@ def champion_val_metrics(
     compare. Otherwise (or without ``index_uri``) its features are not comparable and its
     card's figures are used. Its model file is verified either way (CorruptModel).
     """
-    from pneumo import evaluate, shards, train
+    from pneumo import evaluate, shard_files, train
 
     card = load_card(registry, model_name, version)
     state_dict = load_state_dict(registry, model_name, version)  # a corrupt champion is never compared
     if index_uri is None:
         return card["metrics"]["val"], "champion's card"
-    if card.get("config", {}).get("transform") != shards.index_config(index_uri)["transform"]:
+    if card.get("config", {}).get("transform") != shard_files.index_config(index_uri)["transform"]:
         return card["metrics"]["val"], "champion's card (trained on a different transform)"
-    val = shards.load_split(index_uri, "val")
+    val = shard_files.load_split(index_uri, "val")
     threshold = card["config"]["train"]["threshold"]
     probs = train.predict_proba(state_dict, val.features)
     return evaluate.metrics(val.labels, probs, threshold), "re-scored on this run's val split"

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, registry, shards, train
+from pneumo import evaluate, plots, registry, shard_files, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def train_and_register(
     logger = logger or log
     registry.validate_champion_metric(champion_metric)
     registry.validate_model_name(model_name)
-    index = shards.index_ref(index_uri)
+    index = shard_files.index_ref(index_uri)
 
     fitted = train.fit_from_index(index_uri, config, progress=progress)
     outcome = fitted.result
@@ -72,7 +72,7 @@ def train_and_register(
 
     # CIs by patient, the shift suite, the per-epoch history and pictures of val and test.
     evaluation = evaluate.evaluate_model(
-        fitted.state_dict, {split: shards.load_split(index_uri, split) for split in ("val", "test")},
+        fitted.state_dict, {split: shard_files.load_split(index_uri, split) for split in ("val", "test")},
         config.threshold, outcome.history, best_epoch=outcome.best_epoch,
     )
     pictures = plots.render_evaluation(evaluation)
@@ -99,7 +99,7 @@ def train_and_register(
         state_dict=fitted.state_dict,
         metrics=evaluation.metrics,
         training=training,
-        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shards.index_config(index_uri)},
+        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,

@@ -219,9 +219,9 @@ class Fitted:
 
 def fit_from_index(index_uri: str, config: TrainConfig, *, progress: Callable[[dict], None] | None = None) -> Fitted:
     """Train on the shards' train split, stop on val, and score val and test."""
-    from pneumo import evaluate, shards
+    from pneumo import evaluate, shard_files
 
-    data = {split: shards.load_split(index_uri, split) for split in ("train", "val", "test")}
+    data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
     for split, part in data.items():
         if len(part.labels) == 0:
             raise ValueError(f"the {split} split of {index_uri} is empty; the dataset is too small to carve it by patient")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from pneumo import quarantine, shards, storage
+from pneumo import quarantine, shard_files, storage
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import quarantine_artifact
@@ -16,10 +16,10 @@ from tasks.retry import retry_options
     **retry_options(),
     cache_policy=cache_policy(),
 )
-def report_quarantine(manifest: ManifestRef, index: shards.IndexRef, workdir: str, max_bad_fraction: float) -> str:
+def report_quarantine(manifest: ManifestRef, index: shard_files.IndexRef, workdir: str, max_bad_fraction: float) -> str:
     """Write the quarantine report (JSON and artifact); fail if too much input was bad."""
     logger = get_run_logger()
-    report = quarantine.build_report(load_manifest(manifest.uri), shards.read_index(index.uri))
+    report = quarantine.build_report(load_manifest(manifest.uri), shard_files.read_index(index.uri))
     uri = storage.join(workdir, "reports", f"quarantine-{index.digest[:16]}.json")
     storage.write_bytes(uri, report.model_dump_json(indent=2).encode())
     logger.info(

@@ -7,7 +7,7 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from pneumo import sharding, shards
+from pneumo import shards, shard_files
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
 from tasks import progress
@@ -21,11 +21,11 @@ from tasks.retry import retry_options
     # Where the pixels are computed does not change the shard.
     cache_policy=cache_policy(ignore=("pool",)),
 )
-def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> shards.ShardResult:
+def write_shard(spec: shard_files.ShardSpec, pool: Optional[ProcessPool] = None) -> shard_files.ShardResult:
     """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""
     logger = get_run_logger()
     started = time.perf_counter()
-    result = sharding.write_one(spec, pool)
+    result = shards.write_one(spec, pool)
     seconds = time.perf_counter() - started
     progress.advance("transform-progress", result.count + len(result.quarantine))
     logger.info(
@@ -42,14 +42,14 @@ def write_shard(spec: shards.ShardSpec, pool: Optional[ProcessPool] = None) -> s
     cache_policy=cache_policy(),
 )
 def write_index(
-    results: list[shards.ShardResult],
+    results: list[shard_files.ShardResult],
     index_uri: str,
     manifest_digest: str,
     transform: TransformConfig,
     split_config: SplitConfig,
-) -> shards.IndexRef:
+) -> shard_files.IndexRef:
     """Write index.json over every shard."""
     logger = get_run_logger()
-    ref = sharding.write_index(results, index_uri, manifest_digest, transform, split_config)
+    ref = shards.write_index(results, index_uri, manifest_digest, transform, split_config)
     logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
     return ref

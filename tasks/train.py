@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, release, shards
+from pneumo import evaluate, registry, release, shard_files
 from pneumo.config import TrainConfig
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
@@ -19,7 +19,7 @@ from tasks.retry import retry_options
     cache_policy=cache_policy(),
 )
 def train_evaluate_register(
-    index: shards.IndexRef,
+    index: shard_files.IndexRef,
     manifest_digest: str,
     config: TrainConfig,
     registry_uri: str,

@@ -19,7 +19,7 @@ from prefect import Task
 import tasks
 from pneumo import pool as pneumo_pool
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.shards import ShardSpec
+from pneumo.shard_files import ShardSpec
 from tasks import caching
 
 REPO = Path(__file__).resolve().parents[2]

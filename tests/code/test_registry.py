@@ -371,21 +371,21 @@ def test_a_corrupt_champion_is_skipped_for_the_best_intact_version(tmp_path):
 
 def _val_index(folder, features, labels, transform) -> str:
     """An index.json with one val shard holding ``features``/``labels``."""
-    from pneumo import shards
+    from pneumo import shard_files
     from pneumo.config import SplitConfig
 
-    spec = shards.ShardSpec(
+    spec = shard_files.ShardSpec(
         root=str(folder), manifest_digest="0" * 64, split_config=SplitConfig(), transform=transform,
         split="val", number=0, start=0, stop=len(labels), records=(), uri=str(folder / "val-0000.h5"),
     )
     ids = [f"p{i}" for i in range(len(labels))]
-    shards._write_h5(folder / "val-0000.h5", spec, features, labels, ids, ids, [])
-    result = shards.ShardResult(
+    shard_files._write_h5(folder / "val-0000.h5", spec, features, labels, ids, ids, [])
+    result = shard_files.ShardResult(
         uri=spec.uri, split="val", number=0, count=len(labels),
         class_counts={"NORMAL": int((labels == 0).sum()), "PNEUMONIA": int((labels == 1).sum())},
-        sha256=shards._sha256_file(folder / "val-0000.h5"),
+        sha256=shard_files._sha256_file(folder / "val-0000.h5"),
     )
-    return shards.write_index(
+    return shard_files.write_index(
         [result], str(folder / "index.json"), manifest_digest="0" * 64, transform=transform, split_config=SplitConfig()
     )
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from pneumo import registry, release, shards, storage
+from pneumo import registry, release, shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 
 
@@ -21,18 +21,18 @@ def _index(folder, seed=0, n=120) -> str:
         labels = (np.arange(n) % 2).astype(np.uint8)
         features = (rng.normal(size=(n, 140)) + labels[:, None] * 0.8).astype(np.float32)
         uri = str(folder / f"{split}-0000.h5")
-        spec = shards.ShardSpec(
+        spec = shard_files.ShardSpec(
             root=str(folder), manifest_digest="0" * 64, split_config=SplitConfig(), transform=transform,
             split=split, number=0, start=0, stop=n, records=(), uri=uri,
         )
         ids = [f"{split}{i}" for i in range(n)]
-        shards._write_h5(folder / f"{split}-0000.h5", spec, features, labels, ids, ids, [])
-        results.append(shards.ShardResult(
+        shard_files._write_h5(folder / f"{split}-0000.h5", spec, features, labels, ids, ids, [])
+        results.append(shard_files.ShardResult(
             uri=uri, split=split, number=0, count=n,
             class_counts={"NORMAL": int((labels == 0).sum()), "PNEUMONIA": int((labels == 1).sum())},
-            sha256=shards._sha256_file(folder / f"{split}-0000.h5"),
+            sha256=shard_files._sha256_file(folder / f"{split}-0000.h5"),
         ))
-    return shards.write_index(
+    return shard_files.write_index(
         results, str(folder / "index.json"), manifest_digest="0" * 64, transform=transform, split_config=SplitConfig()
     )
 

@@ -15,7 +15,7 @@ from pneumo import augment, shift
 from pneumo.config import SplitConfig
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.recipes import RECIPES
-from pneumo.shards import index_uri, load_split, plan_shards, write_index, write_shard
+from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
 from pneumo.transform import decode_gray
 
 ROBUST = RECIPES["robust"].transform.model_copy(update={"size": (224, 224), "renditions": 0})

@@ -21,7 +21,7 @@ from pneumo.download import build_manifest, source_fingerprint
 from pneumo.formats import FormatNotAllowed, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest
 from pneumo.quarantine import build_report
-from pneumo.shards import index_uri, plan_shards, read_index, write_index, write_shard
+from pneumo.shard_files import index_uri, plan_shards, read_index, write_index, write_shard
 from pneumo.transform import ImageRejected, featurize
 
 TRANSFORM = TransformConfig(size=(100, 130))

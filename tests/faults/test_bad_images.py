@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flows.full import full
-from pneumo import shards
+from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
 from pneumo.download import shown_name
 from pneumo.quarantine import TooMuchBadData
@@ -50,7 +50,7 @@ def test_shards_hold_exactly_the_good_files(mixed_run):
     root, odd, bad, junk, summary = mixed_run
     in_shards = []
     for split in ("train", "val", "test"):
-        in_shards += shards.load_split(summary["shards_index"], split).originals().relpaths
+        in_shards += shard_files.load_split(summary["shards_index"], split).originals().relpaths
     assert len(in_shards) == len(set(in_shards))
     assert set(in_shards) == all_files(root) - set(bad) - set(junk)
     assert set(odd) <= set(in_shards)
@@ -71,10 +71,10 @@ def test_os_junk_is_skipped_and_reported_with_its_reason(mixed_run):
 
 def test_odd_formats_give_the_features_of_the_upright_gray_image(mixed_run, tmp_path):
     root, odd, _, _, summary = mixed_run
-    config = TransformConfig(**shards.read_index(summary["shards_index"])["transform"])
+    config = TransformConfig(**shard_files.read_index(summary["shards_index"])["transform"])
     features = {}
     for split in ("train", "val", "test"):
-        part = shards.load_split(summary["shards_index"], split).originals()
+        part = shard_files.load_split(summary["shards_index"], split).originals()
         features.update(zip(part.relpaths, part.features))
     for relpath, upright in odd.items():
         reference = tmp_path / "upright.png"

@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
 from flows.full import full
-from pneumo import shards, storage
+from pneumo import shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
@@ -52,7 +52,7 @@ def outputs(workdir: Path) -> dict[str, str]:
     return {
         "manifest": next(workdir.glob("manifests/*.json")).name,
         "stats": sha256(next(workdir.glob("stats/*.json"))),
-        "shards": json.dumps({e["name"]: e["sha256"] for e in shards.read_index(str(index))["shards"]}),
+        "shards": json.dumps({e["name"]: e["sha256"] for e in shard_files.read_index(str(index))["shards"]}),
         "weights": sha256(next(workdir.glob("registry/tinynet/v*/model.pt"))),
         "metrics": json.dumps(card["metrics"], sort_keys=True),
     }
@@ -153,7 +153,7 @@ def test_transient_s3_errors_are_retried_by_botocore(flaky_s3, fault, tmp_path):
 def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_source, tmp_path):
     bucket, proxy = flaky_s3
     manifest = build_manifest(subset_source)
-    spec = shards.plan_shards(
+    spec = shard_files.plan_shards(
         manifest, SplitConfig(), TransformConfig(size=(224, 224)), 50, f"s3://{bucket}/shards"
     )[0]
     # More consecutive 503s than botocore's 3 attempts: the task fails once, then Prefect retries it.
@@ -168,7 +168,7 @@ def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_so
     result = state.result()
     assert storage.exists(result.uri)
     assert len([f for f in proxy.plan.injected if f[0] == "slowdown"]) == 4
-    assert shards.shard_problem(result.uri, result.sha256) is None
+    assert shard_files.shard_problem(result.uri, result.sha256) is None
 
 
 # --------------------------------------------------------------------------- a transform worker dies
@@ -225,8 +225,8 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
     tries = [run.run_count for run in runs if run.name.startswith("write-shard-") and "index" not in run.name]
     assert max(tries) == 2 and all(run.state.is_completed() for run in runs)
     index = state.result()
-    assert [s["sha256"] for s in shards.read_index(index.uri)["shards"]] == [
-        s["sha256"] for s in shards.read_index(reference.uri)["shards"]
+    assert [s["sha256"] for s in shard_files.read_index(index.uri)["shards"]] == [
+        s["sha256"] for s in shard_files.read_index(reference.uri)["shards"]
     ]
 
 
@@ -238,17 +238,17 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tm
     train = TrainConfig(epochs=3, patience=3)
     summary = full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     index_uri = summary["shards_index"]
-    entry = shards.read_index(index_uri)["shards"][0]
+    entry = shard_files.read_index(index_uri)["shards"][0]
     victim = Path(index_uri).parent / entry["name"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of the features
     victim.write_bytes(bytes(data))
 
-    with pytest.raises(shards.CorruptShard, match="sha256"):
-        shards.load_split(index_uri, entry["split"])
+    with pytest.raises(shard_files.CorruptShard, match="sha256"):
+        shard_files.load_split(index_uri, entry["split"])
     full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     assert sha256(victim) == entry["sha256"]
-    assert len(shards.load_split(index_uri, entry["split"]).labels) > 0
+    assert len(shard_files.load_split(index_uri, entry["split"]).labels) > 0
 
 
 # --------------------------------------------------------------------------- concurrent registration

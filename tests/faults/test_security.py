@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from flows.full import full
-from pneumo import registry, shards, storage
+from pneumo import registry, shard_files, storage
 from pneumo.model import TinyNet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,8 +137,8 @@ def test_a_tampered_index_cannot_point_outside_its_folder(tmp_path):
     storage.write_json(str(folder / "index.json"), {
         "transform": {}, "shards": [{"name": "../../secret.h5", "split": "train", "count": 1, "sha256": "0" * 64}],
     })
-    with pytest.raises(shards.CorruptShard, match="unexpected shard name"):
-        shards.load_split(str(folder / "index.json"), "train")
+    with pytest.raises(shard_files.CorruptShard, match="unexpected shard name"):
+        shard_files.load_split(str(folder / "index.json"), "train")
 
 
 def test_a_zip_entry_cannot_escape_through_the_download_cache(tmp_path):

@@ -8,7 +8,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from prefect import flow
 
 from flows.full import shard_stage
-from pneumo import shards
+from pneumo import shard_files
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
@@ -16,11 +16,11 @@ from pneumo.manifest import save_manifest
 SHARD_SIZE = 120  # ~500 images: several shards per worker
 
 
-def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) -> tuple[shards.IndexRef, int]:
+def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) -> tuple[shard_files.IndexRef, int]:
     manifest = build_manifest(source)
     manifest_uri = save_manifest(manifest, str(workdir / "manifests"))
     transform, split = TransformConfig(), SplitConfig()
-    n_shards = len(shards.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
+    n_shards = len(shard_files.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
 
     @flow
     def stage():
@@ -50,11 +50,11 @@ def test_two_dask_worker_processes_write_the_same_shards_as_one_thread(subset_so
     assert len(set(ran_on)) == 2
     # Same shard bytes, same index, same features.
     assert on_dask.counts == sequential.counts and on_dask.n_shards == n_shards
-    assert [s["sha256"] for s in shards.read_index(on_dask.uri)["shards"]] == [
-        s["sha256"] for s in shards.read_index(sequential.uri)["shards"]
+    assert [s["sha256"] for s in shard_files.read_index(on_dask.uri)["shards"]] == [
+        s["sha256"] for s in shard_files.read_index(sequential.uri)["shards"]
     ]
     assert on_dask.digest == sequential.digest
     for split in ("train", "val", "test"):
-        a, b = shards.load_split(on_dask.uri, split), shards.load_split(sequential.uri, split)
+        a, b = shard_files.load_split(on_dask.uri, split), shard_files.load_split(sequential.uri, split)
         assert len(a.labels) > 0
         assert a.features.tobytes() == b.features.tobytes() and a.relpaths == b.relpaths

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flows.full import full
-from pneumo import shards
+from pneumo import shard_files
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
 from tests.helpers import task_states
@@ -89,17 +89,17 @@ def test_every_input_image_is_accounted_for(first_run, subset_source):
     workdir, summary, _ = first_run
     inputs = sorted(p.relative_to(subset_source).as_posix() for p in subset_source.rglob("*") if p.is_file())
     manifest = load_manifest(summary["manifest"])
-    index = shards.read_index(summary["shards_index"])
+    index = shard_files.read_index(summary["shards_index"])
     in_shards = []
     for split in ("train", "val", "test"):
-        in_shards += shards.load_split(summary["shards_index"], split).originals().relpaths
+        in_shards += shard_files.load_split(summary["shards_index"], split).originals().relpaths
     quarantined = [q.relpath for q in manifest.quarantine] + [q["relpath"] for q in index["quarantine"]]
     assert sorted(in_shards + quarantined) == inputs
     assert len(set(in_shards)) == len(in_shards)
     # Carved sets never share a patient with train.
-    train_patients = set(shards.load_split(summary["shards_index"], "train").patient_ids)
+    train_patients = set(shard_files.load_split(summary["shards_index"], "train").patient_ids)
     for split in ("val", "test"):
-        assert not train_patients & set(shards.load_split(summary["shards_index"], split).patient_ids)
+        assert not train_patients & set(shard_files.load_split(summary["shards_index"], split).patient_ids)
 
 
 def test_identical_rerun_is_fully_cached(first_run, subset_source):
@@ -121,7 +121,7 @@ def test_changing_only_epochs_reruns_only_training(first_run, subset_source):
 
 def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
     workdir, summary, _ = first_run
-    index = shards.read_index(summary["shards_index"])
+    index = shard_files.read_index(summary["shards_index"])
     folder = Path(summary["shards_index"]).parent
     victim = folder / index["shards"][0]["name"]
     before = sha256(str(victim))
@@ -133,7 +133,7 @@ def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
 
 def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
-    real = shards._read_verified
+    real = shard_files._read_verified
     failed = []
 
     def flaky(root, record):
@@ -148,8 +148,8 @@ def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]
     assert sorted(states["write-shard"]).count("Completed") == len(states["write-shard"])
-    clean_index = shards.read_index(clean["shards_index"])
-    flaky_index = shards.read_index(summary["shards_index"])
+    clean_index = shard_files.read_index(clean["shards_index"])
+    flaky_index = shard_files.read_index(summary["shards_index"])
     assert [s["sha256"] for s in flaky_index["shards"]] == [s["sha256"] for s in clean_index["shards"]]
 
 

@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
 
 from flows.full import full
-from pneumo import registry, shards, storage
+from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
 from tests.helpers import task_states, use_s3_endpoint
 
@@ -53,7 +53,7 @@ def test_first_run_puts_shards_stats_results_and_model_on_s3(s3_runs):
     assert under("stats") == [summary["size_stats"]]
     assert len(under("prefect-results")) >= len(TASKS)  # Prefect's persisted task results
     # Every shard of the index is on S3 with the bytes the index records.
-    index = shards.read_index(summary["shards_index"])
+    index = shard_files.read_index(summary["shards_index"])
     folder = summary["shards_index"].rsplit("/", 1)[0]
     assert sorted(u for u in under("shards") if u.endswith(".h5")) == sorted(f"{folder}/{s['name']}" for s in index["shards"])
     for entry in index["shards"]:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from flows.full import full
-from pneumo import shards
+from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
 from pneumo.transform import featurize
 from tests.helpers import copy_patient_subset
@@ -32,13 +32,13 @@ def run(source: Path, workdir: Path, **options):
 def features_by_relpath(index_uri: str) -> dict[str, np.ndarray]:
     out = {}
     for split in ("train", "val", "test"):
-        part = shards.load_split(index_uri, split).originals()  # renditions repeat an image's relpath
+        part = shard_files.load_split(index_uri, split).originals()  # renditions repeat an image's relpath
         out.update(zip(part.relpaths, part.features))
     return out
 
 
 def assert_shards_hold_the_pixels_of(root: Path, summary: dict) -> None:
-    config = TransformConfig(**shards.read_index(summary["shards_index"])["transform"])
+    config = TransformConfig(**shard_files.read_index(summary["shards_index"])["transform"])
     features = features_by_relpath(summary["shards_index"])
     assert sorted(features) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     for relpath, row in features.items():

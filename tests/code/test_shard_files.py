@@ -1,0 +1,220 @@
+"""Stage 3 storage: HDF5 shards that are deterministic, atomic, safe to retry, and checked on read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumo import storage
+from pneumo.config import SplitConfig, TransformConfig
+from pneumo.manifest import ImageRecord, Manifest, save_manifest
+from pneumo.shard_files import (
+    SCHEMA_VERSION,
+    CorruptShard,
+    index_digest,
+    index_uri,
+    load_split,
+    plan_shards,
+    read_index,
+    read_shard,
+    write_index,
+    write_shard,
+)
+from pneumo.splits import records_by_split
+
+TRANSFORM = TransformConfig(size=(100, 130))  # small target: the tests are about storage, not images
+SPLIT_CONFIG = SplitConfig(min_val_images=100)
+BAD = "train/PNEUMONIA/person3_bacteria_1.jpeg"
+
+
+def _write_image(path: Path, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(path, quality=90)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A manifest of 24 images of 12 patients (one image is not a JPEG), saved to disk."""
+    root = tmp_path / "data"
+    records = []
+    for patient in range(12):
+        label = patient % 2
+        for image in range(2):
+            split = "test" if patient >= 10 else "train"
+            name = f"IM-{patient:04d}-{image:04d}.jpeg" if label == 0 else f"person{patient}_bacteria_{image}.jpeg"
+            relpath = f"{split}/{['NORMAL', 'PNEUMONIA'][label]}/{name}"
+            data = _write_image(root / relpath, seed=patient * 10 + image)
+            records.append(
+                ImageRecord(relpath=relpath, split=split, label=label, patient_id=str(patient), bytes=len(data),
+                            sha256=hashlib.sha256(data).hexdigest())
+            )
+    bad = b"<html>not an image</html>"
+    (root / BAD).write_bytes(bad)  # listed in the manifest with its own hash, refused by the transform
+    hashed = {"bytes": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    records = [r.model_copy(update=hashed) if r.relpath == BAD else r for r in records]
+    manifest = Manifest(root=str(root), records=records)
+    return manifest, save_manifest(manifest, str(tmp_path / "manifests")), str(tmp_path / "shards")
+
+
+def _plan(dataset, shard_size=5):
+    manifest, manifest_uri, out_dir = dataset
+    return plan_shards(manifest, SPLIT_CONFIG, TRANSFORM, shard_size, out_dir)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_plan_covers_every_record_once_in_bounded_shards(dataset):
+    manifest = dataset[0]
+    specs = _plan(dataset)
+
+    assert specs == _plan(dataset)  # deterministic
+    by_split = records_by_split(manifest, SPLIT_CONFIG)
+    for split, records in by_split.items():
+        mine = [s for s in specs if s.split == split]
+        assert [s.number for s in mine] == list(range(len(mine)))
+        assert [r for s in mine for r in records[s.start : s.stop]] == records
+        assert all(0 < s.stop - s.start <= 5 for s in mine)
+    assert all(Path(s.uri).name == f"{s.split}-{s.number:04d}.h5" for s in specs)
+    assert len({Path(s.uri).parent for s in specs}) == 1
+    assert Path(specs[0].uri).parent.name.startswith(manifest.digest()[:16])
+    # Another shard size must not reuse the same file names for other images.
+    assert Path(_plan(dataset, shard_size=4)[0].uri).parent != Path(specs[0].uri).parent
+
+
+def test_shard_holds_the_contract_and_quarantines_bad_images(dataset):
+    spec = next(s for s in _plan(dataset, shard_size=100) if s.split == "train")
+    records = records_by_split(dataset[0], SPLIT_CONFIG)["train"]
+    result = write_shard(spec)
+
+    assert [q.relpath for q in result.quarantine] == [BAD]
+    assert result.quarantine[0].stage == "transform"
+    assert result.quarantine[0].reason == "not an image (cannot identify image file)"
+    kept = [r for r in records if r.relpath != BAD]
+    assert result.count == len(kept)
+    assert result.class_counts == {"NORMAL": sum(r.label == 0 for r in kept), "PNEUMONIA": sum(r.label == 1 for r in kept)}
+    assert result.sha256 == _sha256(spec.uri)
+
+    with h5py.File(spec.uri, "r") as f:
+        assert f["features"].dtype == np.float32 and f["features"].shape == (len(kept), 140)
+        assert f["labels"].dtype == np.uint8
+        assert h5py.check_string_dtype(f["relpaths"].dtype).encoding == "utf-8"
+        assert h5py.check_string_dtype(f["patient_ids"].dtype).encoding == "utf-8"
+        assert TransformConfig.model_validate_json(f.attrs["transform"]) == TRANSFORM
+        assert f.attrs["manifest_digest"] == spec.manifest_digest
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        assert f.attrs["split"] == "train"
+
+    data = read_shard(spec.uri, expected_sha256=result.sha256)
+    assert data.relpaths == [r.relpath for r in kept]
+    assert data.patient_ids == [r.patient_id for r in kept]
+    assert data.labels.tolist() == [r.label for r in kept]
+    assert 0.0 <= data.features.min() and data.features.max() <= 1.0
+
+
+def test_same_inputs_give_the_same_bytes(dataset, tmp_path):
+    spec = _plan(dataset)[0]
+    first = write_shard(spec)
+    time.sleep(1.1)  # HDF5 creation times have one-second resolution: a timestamped file would now differ
+    elsewhere = spec.model_copy(update={"uri": str(tmp_path / "copy" / "train-0000.h5")})
+    second = write_shard(elsewhere)
+    assert first.sha256 == second.sha256 == _sha256(spec.uri) == _sha256(elsewhere.uri)
+
+
+def test_finished_shard_is_returned_without_recomputing(dataset):
+    spec = next(s for s in _plan(dataset, shard_size=100) if s.split == "train")
+    first = write_shard(spec)
+    Path(dataset[0].root).rename(Path(dataset[0].root).with_name("moved"))  # recomputing would now fail
+
+    assert write_shard(spec) == first  # quarantine included: it is stored in the shard
+
+
+def test_a_stale_or_foreign_file_at_the_target_is_replaced(dataset):
+    spec = _plan(dataset)[0]
+    Path(spec.uri).parent.mkdir(parents=True)
+    Path(spec.uri).write_bytes(b"left over from a crash")
+    result = write_shard(spec)
+    assert read_shard(spec.uri, result.sha256).features.shape[0] == result.count
+
+
+def test_target_appears_only_when_complete(dataset):
+    spec = _plan(dataset)[0]
+    folder = Path(spec.uri).parent
+    seen = []
+
+    def progress(done, total):
+        seen.append(Path(spec.uri).exists())
+
+    write_shard(spec, progress=progress)
+    assert seen and not any(seen)
+    assert sorted(os.listdir(folder)) == [Path(spec.uri).name]  # no temporary file left beside it
+
+
+def test_a_failed_write_leaves_nothing_behind(dataset):
+    spec = _plan(dataset)[0]
+    manifest = dataset[0]
+    victim = records_by_split(manifest, SPLIT_CONFIG)[spec.split][spec.stop - 1]
+    (Path(manifest.root) / victim.relpath).unlink()  # a missing file is an error, not a bad image
+
+    with pytest.raises(FileNotFoundError):
+        write_shard(spec)
+    assert not Path(spec.uri).exists()
+    assert not Path(spec.uri).parent.exists() or os.listdir(Path(spec.uri).parent) == []
+
+
+def test_a_shard_task_needs_its_spec_only_not_the_manifest(dataset):
+    manifest, manifest_uri, out_dir = dataset
+    spec = _plan(dataset)[0]
+    Path(manifest_uri).unlink()  # memory bounded by the shard: the manifest is never read
+    result = write_shard(spec)
+    assert result.count == len(spec.records) == spec.stop - spec.start
+
+
+def test_index_lists_shards_counts_and_quarantine(dataset):
+    manifest, _, out_dir = dataset
+    results = [write_shard(spec) for spec in _plan(dataset)]
+    uri = index_uri(out_dir, manifest.digest(), TRANSFORM, SPLIT_CONFIG, 5)
+
+    assert write_index(results[::-1], uri, manifest_digest=manifest.digest(), transform=TRANSFORM, split_config=SPLIT_CONFIG) == uri
+    index = read_index(uri)
+
+    assert [s["name"] for s in index["shards"]] == [Path(r.uri).name for r in results]
+    assert [s["sha256"] for s in index["shards"]] == [r.sha256 for r in results]
+    assert index["manifest_digest"] == manifest.digest() and index["schema_version"] == SCHEMA_VERSION
+    assert [q["relpath"] for q in index["quarantine"]] == [BAD]
+    by_split = records_by_split(manifest, SPLIT_CONFIG)
+    for split, records in by_split.items():
+        kept = [r for r in records if r.relpath != BAD]
+        assert index["counts"][split] == {"NORMAL": sum(r.label == 0 for r in kept), "PNEUMONIA": sum(r.label == 1 for r in kept)}
+
+        data = load_split(uri, split)
+        assert data.relpaths == [r.relpath for r in kept]
+        assert data.features.shape == (len(kept), 140)
+        parts = [read_shard(r.uri) for r in results if r.split == split]
+        if parts:
+            np.testing.assert_array_equal(data.features, np.concatenate([p.features for p in parts]))
+
+    digest = index_digest(uri)
+    write_index(results, uri, manifest_digest=manifest.digest(), transform=TRANSFORM, split_config=SPLIT_CONFIG)
+    assert index_digest(uri) == digest  # rewriting the same index changes nothing
+
+
+def test_a_flipped_byte_is_detected(dataset):
+    spec = _plan(dataset)[0]
+    result = write_shard(spec)
+    data = bytearray(Path(spec.uri).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    storage.write_bytes(spec.uri, bytes(data))
+
+    with pytest.raises(CorruptShard, match="delete it and run the transform again"):
+        read_shard(spec.uri, expected_sha256=result.sha256)
