@@ -57,6 +57,11 @@ def rows(metrics_by_split: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def format_metric(value: Optional[float], digits: int = 3) -> str:
+    """A metric as a person reads it: ``digits`` decimals, ``n/a`` when it is undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "n/a"
