@@ -51,7 +51,7 @@ from pneumo.registry import (  # noqa: E402
 from tasks.download import download_dataset  # noqa: E402
 from tasks import progress  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
-from tasks.results import s3_result_storage  # noqa: E402
+from tasks.result_storage import result_storage  # noqa: E402
 from tasks.retry import is_retryable, retry_options  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
@@ -67,12 +67,8 @@ def _absolute(uri: str) -> str:
 
 def _with_run_options(task: Any, workdir: str, retries: int) -> Any:
     """The task with the run's retry budget (under the one policy, tasks/retry.py) and its results persisted under the workdir."""
-    options: dict[str, Any] = {**retry_options(retries), "persist_result": True}
-    if storage.is_s3(workdir):
-        options["result_storage"] = s3_result_storage(workdir)
-    else:
-        options["result_storage"] = Path(workdir, "prefect-results")
-    return task.with_options(**options)
+    # Signed records: a record planted in the workdir is refused, never unpickled (tasks/result_storage.py).
+    return task.with_options(**retry_options(retries), persist_result=True, result_storage=result_storage(workdir))
 
 
 def _checked(call: Callable[..., Any], outputs: Callable[[Any], list[str]], what: str, *args: Any, **kwargs: Any) -> Any:
