@@ -81,7 +81,7 @@ def near_pairs(fingerprints: list[str | None], max_bits: int = NEAR_BITS) -> lis
     """Pairs (i, j, distance), i < j, whose fingerprints differ in at most ``max_bits`` bits.
 
     Candidates come from the LSH tables only; each is then checked on all bits. Images
-    without a fingerprint pair with none. Memory is bounded by a block of one bucket.
+    without a fingerprint pair with none.
     """
     index = np.array([i for i, f in enumerate(fingerprints) if f is not None], dtype=np.int64)
     if len(index) < 2:
@@ -95,22 +95,26 @@ def near_pairs(fingerprints: list[str | None], max_bits: int = NEAR_BITS) -> lis
         sampled = (packed[:, positions // 8] >> (7 - positions % 8).astype(np.uint8)) & 1
         keys = (sampled.astype(np.uint64) << np.arange(SAMPLE_BITS, dtype=np.uint64)).sum(axis=1)
         order = np.argsort(keys, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            if stop - start > 1:
-                _close_in_bucket(np.sort(order[start:stop]), words, max_bits, found)
+        keys = keys[order]
+        # Members of a bucket are contiguous once sorted: pair every position with the one
+        # `step` places on while both hold the same key; no such pair means no bigger bucket.
+        for step in range(1, len(order)):
+            same = keys[step:] == keys[:-step]
+            if not same.any():
+                break
+            _keep_close(order[:-step][same], order[step:][same], words, max_bits, found)
     return sorted((int(index[a]), int(index[b]), d) for (a, b), d in found.items())
 
 
-def _close_in_bucket(members: np.ndarray, words: np.ndarray, max_bits: int, found: dict) -> None:
-    block = max(1, 4096 // len(members))  # rows per block: about 4096 x words pairs at a time
-    for row in range(0, len(members), block):
-        rows = members[row:row + block]
-        dist = np.bitwise_count(words[rows][:, None, :] ^ words[members][None, :, :]).sum(axis=2)
-        for r, c in zip(*np.nonzero(dist <= max_bits)):
-            a, b = int(rows[r]), int(members[c])
-            if a < b:
-                found[(a, b)] = int(dist[r, c])
+def _keep_close(a: np.ndarray, b: np.ndarray, words: np.ndarray, max_bits: int, found: dict) -> None:
+    """Add the candidate pairs (a[k], b[k]) within ``max_bits`` to ``found``, a block at a time."""
+    block = 1 << 16
+    for start in range(0, len(a), block):
+        x, y = a[start:start + block], b[start:start + block]
+        dist = np.bitwise_count(words[x] ^ words[y]).sum(axis=1)
+        for k in np.flatnonzero(dist <= max_bits):
+            i, j = int(x[k]), int(y[k])
+            found[(min(i, j), max(i, j))] = int(dist[k])
 
 
 class Groups:
