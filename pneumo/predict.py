@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,12 +28,11 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
-from pneumo.manifest import CLASSES
+from pneumo.labels import CLASSES, LABELS
 from pneumo.model import TinyNet
 from pneumo.transform import ImageRejected, _with_height, decode_gray, featurize, pool_features, render
 
-SCHEMA_VERSION = 2  # the oldest card schema prediction can use
-DEFAULT_LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
+OLDEST_CARD_SCHEMA = 2  # the oldest registry.CARD_SCHEMA_VERSION prediction can use
 
 # Out-of-distribution warnings. The image is still scored; the warning says why to doubt it.
 # Either side under this fraction of the card's resize target: upsampled far beyond training.
@@ -105,13 +103,13 @@ def check_card(card: dict[str, Any], where: str = "card") -> None:
     if missing:
         raise CardError(
             f"{where} cannot be used for prediction: its card lacks {', '.join(missing)} "
-            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {SCHEMA_VERSION}). "
+            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {OLDEST_CARD_SCHEMA}). "
             "Train and register a new version with this pneumo (pneumo run --retrain)."
         )
-    if card["schema_version"] < SCHEMA_VERSION:
+    if card["schema_version"] < OLDEST_CARD_SCHEMA:
         raise CardError(
             f"{where} has an older card (schema_version {card['schema_version']}; prediction needs "
-            f"{SCHEMA_VERSION}). Train and register a new version with this pneumo (pneumo run --retrain)."
+            f"{OLDEST_CARD_SCHEMA}). Train and register a new version with this pneumo (pneumo run --retrain)."
         )
     if not 0.0 < threshold < 1.0:
         raise CardError(f"{where}: card threshold {threshold!r} is not between 0 and 1")
@@ -150,7 +148,7 @@ class Predictor:
         self.card = card
         self.model_name, self.version = model_name, version
         self.threshold = float(card["threshold"])
-        self.labels = {int(k): v for k, v in (card.get("labels") or DEFAULT_LABELS).items()}
+        self.labels = {int(k): v for k, v in (card.get("labels") or LABELS).items()}
         config = transform_config(card, where)
         if max_pixels is not None and max_pixels < config.max_pixels:
             config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
@@ -182,11 +180,13 @@ class Predictor:
         version = resolve_version(registry, model_name, alias, version)
         card = reg.load_card(registry, model_name, version)
         check_card(card, f"{model_name} {version}")
-        weights = storage.read_bytes(storage.join(registry, model_name, version, "model.pt"))
-        expected = ((card.get("files") or {}).get("model.pt") or {}).get("sha256")
-        if expected and hashlib.sha256(weights).hexdigest() != expected:
-            raise CardError(f"{model_name} {version}: model.pt does not match the sha256 in its card; refusing to load it")
-        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        try:
+            state_dict = reg.load_state_dict(registry, model_name, version)
+        except reg.CorruptModel as error:
+            raise CardError(
+                f"{model_name} {version}: model.pt does not match the sha256, size or shape in its card; "
+                f"refusing to load it ({error})"
+            ) from None
         return cls(state_dict, card, model_name=model_name, version=version, max_pixels=max_pixels)
 
     @property
