@@ -119,16 +119,10 @@ def resolve_version(registry: str, model_name: str, alias: Optional[str], versio
     """The version to load, or ModelNotFound saying what the registry does hold."""
     if not storage.is_s3(registry) and not Path(registry).is_dir():
         raise ModelNotFound(f"registry {registry} does not exist (train a model first: pneumo run --source ...)")
-    versions = reg.list_versions(registry, model_name)
-    held = f"versions: {', '.join(versions)}" if versions else f"it holds no version of {model_name!r}"
-    if version is not None:
-        if version not in versions:
-            raise ModelNotFound(f"no version {version!r} of {model_name} in {registry}; {held}")
-        return version
-    found = reg.get_alias(registry, model_name, alias or reg.CHAMPION)
-    if found is None:
-        raise ModelNotFound(f"no alias {alias!r} for {model_name} in {registry}; {held}")
-    return found
+    try:
+        return reg.resolve(registry, model_name, version if version is not None else alias or reg.CHAMPION)
+    except reg.VersionNotFound as error:
+        raise ModelNotFound(str(error)) from None
 
 
 class Predictor:

@@ -50,6 +50,10 @@ class BrokenAlias(FileNotFoundError):
     """An alias names a version that does not exist."""
 
 
+class VersionNotFound(FileNotFoundError):
+    """No such version or alias; the message names the versions the registry does hold."""
+
+
 def _version_name(number: int) -> str:
     return f"v{number:04d}"
 
@@ -221,13 +225,24 @@ def describe_alias(registry: str, model_name: str, alias: str) -> str:
 
 
 def resolve(registry: str, model_name: str, version_or_alias: str) -> str:
-    """A version name from either a version ("v0003") or an alias ("champion")."""
+    """The committed version named by a version ("v0003") or an alias ("champion").
+
+    The one place a version or alias is looked up (loading, prediction, the CLI). Raises
+    VersionNotFound naming the versions the registry holds, BrokenAlias when the alias
+    names a missing version.
+    """
     if isinstance(version_or_alias, str) and _VERSION.match(version_or_alias):
-        return version_or_alias
-    version = get_alias(registry, model_name, version_or_alias)
-    if version is None:
-        raise FileNotFoundError(f"{model_name} in {registry} has no version or alias named {version_or_alias!r}")
-    return version
+        if storage.exists(_card_uri(registry, model_name, version_or_alias)):
+            return version_or_alias
+        missing = f"no version {version_or_alias!r}"
+    else:
+        version = get_alias(registry, model_name, version_or_alias)
+        if version is not None:
+            return version
+        missing = f"no alias {version_or_alias!r}"
+    versions = list_versions(registry, model_name)
+    held = f"versions: {', '.join(versions)}" if versions else f"it holds no version of {model_name!r}"
+    raise VersionNotFound(f"{missing} of {model_name} in {registry}; {held}")
 
 
 def _card_uri(registry: str, model_name: str, version: str) -> str:
