@@ -29,7 +29,7 @@ from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
 from pneumo.labels import CLASSES, LABELS
-from pneumo.model import TinyNet
+from pneumo.model import TinyNet, predict_proba
 from pneumo.transform import ImageRejected, _with_height, decode_gray, featurize, pool_features, render
 
 OLDEST_CARD_SCHEMA = 2  # the oldest registry.CARD_SCHEMA_VERSION prediction can use
@@ -217,9 +217,8 @@ class Predictor:
         return features, self._warnings(data, spread)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """PNEUMONIA probabilities of rows of features (the network in eval mode)."""
-        with torch.inference_mode():
-            return self.network(torch.from_numpy(np.asarray(features, dtype=np.float32))).numpy()
+        """PNEUMONIA probabilities of rows of features: the same scoring as evaluation (model.predict_proba)."""
+        return predict_proba(self.network, features)
 
     def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""
