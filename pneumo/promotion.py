@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from pneumo import registry, shard_files, storage
 from pneumo.evaluate import format_metric, metrics
 from pneumo.model import predict_proba
-from pneumo.names import CHAMPION_METRICS, ChampionMetric  # noqa: F401 (ChampionMetric: the settings' type)
+from pneumo.names import CHAMPION_METRICS
 from pneumo.registry import CHAMPION, BrokenAlias, CorruptModel
 
 log = logging.getLogger(__name__)
