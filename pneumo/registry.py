@@ -232,7 +232,7 @@ def resolve(registry: str, model_name: str, version_or_alias: str) -> str:
     names a missing version.
     """
     if isinstance(version_or_alias, str) and _VERSION.match(version_or_alias):
-        if storage.exists(_card_uri(registry, model_name, version_or_alias)):
+        if version_exists(registry, model_name, version_or_alias):
             return version_or_alias
         missing = f"no version {version_or_alias!r}"
     else:

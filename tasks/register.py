@@ -38,7 +38,7 @@ def train_evaluate_register(
         if epoch["epoch"] % 50 == 0:
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s",
-                epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
+                epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], evaluate.format_metric(auc, 4),
             )
 
     try:
@@ -51,7 +51,7 @@ def train_evaluate_register(
     ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
         m = metrics[split]
-        shown = {key: evaluate.format_metric(m[key], 4) for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")}
+        shown = {key: evaluate.format_metric(m[key], 4) for key in evaluate.CI_METRICS}
         logger.info(
             "%s (n=%d): accuracy %s, precision %s, recall %s, specificity %s, F1 %s, ROC AUC %s",
             split, m["n"], shown["accuracy"], shown["precision"], shown["recall"], shown["specificity"], shown["f1"],
