@@ -419,3 +419,25 @@ def test_model_ref_carries_the_cards_comparison(tmp_path):
     comparison = promotion.compare("roc_auc", _val(0.8), None, None)
     version = registry.register(str(tmp_path), "m", _weights(0), {"metrics": {}, "champion_comparison": comparison})
     assert registry.model_ref(str(tmp_path), "m", version).champion_comparison == comparison
+
+
+def _pneumo_imports(module) -> set[str]:
+    """The pneumo modules ``module`` imports, at the top or inside a function."""
+    import ast
+    import inspect
+
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module == "pneumo":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumo."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_the_registry_stores_and_imports_nothing_that_trains_or_scores():
+    from pneumo import evaluate, train
+
+    assert not _pneumo_imports(registry) & {"evaluate", "train", "shard_files", "shards", "promotion", "plots", "register"}
+    # Scoring lives with the model: evaluation and training do not import each other.
+    assert "train" not in _pneumo_imports(evaluate) and "evaluate" not in _pneumo_imports(train)
