@@ -30,7 +30,7 @@ from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
-from pneumo.manifest import CLASSES
+from pneumo.manifest import CLASSES, is_junk
 from pneumo.model import TinyNet
 from pneumo.transform import featurize, pool_features, render
 
@@ -318,10 +318,6 @@ class InputImage:
     label: Optional[int] = None  # 0 / 1 when a parent folder is named NORMAL / PNEUMONIA
 
 
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
-
-
 def list_inputs(root: str | Path) -> list[InputImage]:
     """Every file under ``root`` (OS junk skipped), sorted; labelled by a NORMAL/PNEUMONIA parent folder.
 
@@ -334,9 +330,9 @@ def list_inputs(root: str | Path) -> list[InputImage]:
         raise FileNotFoundError(f"{root} does not exist")
     found = []
     for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_junk(d))
         for name in sorted(filenames):
-            if _is_junk(name):
+            if is_junk(name):
                 continue
             path = Path(folder, name)
             relpath = path.relative_to(root)
