@@ -35,6 +35,11 @@ def percentile_key(percentile: float) -> str:
     return f"p{float(percentile):g}"
 
 
+def with_default_percentiles(percentile: float) -> tuple[float, ...]:
+    """DEFAULT_PERCENTILES plus the one the target size is read at, sorted, each once."""
+    return tuple(sorted({*DEFAULT_PERCENTILES, percentile}))
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of the image at ``path`` as displayed, from its header alone."""
     with warnings.catch_warnings():
