@@ -279,7 +279,7 @@ def _border_values(a: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.nda
 def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
 
-    ``warp`` = (zoom, shift_x, shift_y, rotation_degrees) moves the picture before the
+    ``warp`` = (zoom, translate_x, translate_y, rotation_degrees) moves the picture before the
     crop; see Resampler, which renders one picture many ways for the cost of one set-up.
     """
     return Resampler(gray, config).canvas(warp)
@@ -288,7 +288,7 @@ def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, 
 class Resampler:
     """One decoded picture, ready to be resampled onto the recipe's canvas, plainly or warped.
 
-    A warp zooms about the centre (> 1 magnifies), shifts by fractions of width and height
+    A warp zooms about the centre (> 1 magnifies), translates by fractions of width and height
     and rotates about the centre, all before the crop. Pixels from outside the picture
     repeat its edge, as a film that extends past the detector would look, rather than
     adding black corners. The set-up (a box-filter shrink and the edge padding) is done
@@ -296,7 +296,7 @@ class Resampler:
     """
 
     # Edge padding prepared up front, as a fraction of the larger side: enough for zooms
-    # down to 0.8, shifts of 10 % and rotations of 10 degrees; larger warps pad again.
+    # down to 0.8, translations of 10 % and rotations of 10 degrees; larger warps pad again.
     MARGIN = 0.25
 
     def __init__(self, gray: np.ndarray, config: TransformConfig):
@@ -314,14 +314,14 @@ class Resampler:
             picture = Image.fromarray(self.gray)  # mode F
             return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
-        zoom, shift_x, shift_y, degrees = warp
+        zoom, translate_x, translate_y, degrees = warp
         picture, margin, width, height = self._prepared()
         cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         centre_x, centre_y = width / 2, height / 2
-        # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the zoom and the rotation.
+        # Output (u, v) -> crop position (x, y) -> picture position: undo the translation, the zoom and the rotation.
         step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
-        x0 = c * width - centre_x - shift_x * width
-        y0 = c * height - centre_y - shift_y * height
+        x0 = c * width - centre_x - translate_x * width
+        y0 = c * height - centre_y - translate_y * height
         a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
         cx = centre_x + (cos * x0 + sin * y0) / zoom
         cy = centre_y + (-sin * x0 + cos * y0) / zoom

@@ -129,7 +129,7 @@ def test_identity_rendition_changes_nothing_and_photometric_stays_in_range():
 
 def test_draws_stay_inside_the_configured_ranges():
     for r in augment.draw(AUGMENT, augment.rendition_rng(0, "ab" * 32), 200):
-        assert 0.9 <= r.zoom <= 1.12 and abs(r.shift_x) <= 0.05 and abs(r.shift_y) <= 0.05 and abs(r.rotation) <= 5
+        assert 0.9 <= r.zoom <= 1.12 and abs(r.translate_x) <= 0.05 and abs(r.translate_y) <= 0.05 and abs(r.rotation) <= 5
         assert np.exp(-0.35) <= r.gamma <= np.exp(0.35) and np.exp(-0.2) <= r.contrast <= np.exp(0.2)
         assert abs(r.brightness) <= 0.06
 
