@@ -25,13 +25,12 @@ come from a fixed seed, so the pairs found are the same on every run.
 from __future__ import annotations
 
 import base64
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from pneumo.formats import open_image
+from pneumo import images
 
 GRID = 32  # the thumbnail is GRID + 1 columns by GRID rows: GRID * GRID bits
 HASH_BITS = GRID * GRID
@@ -48,20 +47,19 @@ MAX_PIXELS = 50_000_000
 def fingerprint(path: str | Path) -> str | None:
     """The dHash of the image at ``path`` (base64 of 1024 bits), or None if it cannot be decoded.
 
-    The thumbnail has a fixed shape whatever the image's aspect ratio, so a copy resized
-    without keeping its aspect keeps its hash; each bit says whether a thumbnail pixel is
-    brighter than its left-hand neighbour. Errors are not raised: the transform stage
-    decodes every image again and quarantines the bad ones with their reason.
+    The thumbnail is the picture as shown (EXIF orientation applied) at a fixed shape
+    whatever its aspect ratio, so a copy resized without keeping its aspect keeps its hash;
+    each bit says whether a thumbnail pixel is brighter than its left-hand neighbour.
+    Errors are not raised: the transform stage decodes every image again and quarantines
+    the bad ones with their reason.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_image(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    return None
-                # JPEG: decode at the smallest DCT scale that leaves at least 64 pixels a side.
-                image.draft("L", (2 * GRID, 2 * GRID))
-                thumb = np.asarray(image.convert("L").resize((GRID + 1, GRID), Image.Resampling.BOX), dtype=np.int16)
+        with open(path, "rb") as handle, images.open_checked(handle, MAX_PIXELS) as image:
+            # JPEG: decode at the smallest DCT scale that leaves at least 64 pixels a side.
+            image.draft("L", (2 * GRID, 2 * GRID))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            thumb = np.asarray(image.convert("L").resize((GRID + 1, GRID), Image.Resampling.BOX), dtype=np.int16)
     except Exception:  # any decoder failure: no fingerprint; the transform reports the image
         return None
     return base64.b64encode(np.packbits(thumb[:, 1:] > thumb[:, :-1]).tobytes()).decode()
