@@ -78,3 +78,17 @@ def test_the_data_report_names_what_was_joined(with_copies):
         kind = "same bytes" if how == "renamed" else "near copy"
         assert any(tie.kind == kind and tie.distance <= report.near_duplicate_bits for tie in ties_of.get(copy, [])), copy
     assert report.exact_groups >= 60 and report.near_pairs >= 40
+
+
+def test_the_quarantine_report_carries_the_ties(with_copies):
+    from pneumo.config import SplitConfig
+    from pneumo.quarantine import build_report
+
+    manifest, copies = with_copies
+    index = {"quarantine": [], "counts": {"train": {"NORMAL": len(manifest.records)}},
+             "split_config": SplitConfig().model_dump(mode="json")}
+    report = build_report(manifest, index)
+    tied = {name for tie in report.duplicates.joined for name in (tie.a, tie.b)}
+    assert {copy for _, copy, _ in copies if not copy.endswith("_dup.jpeg")} <= tied
+    assert report.duplicates.across_splits == [] or all(t.kind == "near copy" and t.distance > 112
+                                                        for t in report.duplicates.across_splits)
