@@ -80,7 +80,8 @@ def full(
     """
     logger = get_run_logger()
     started = time.time()
-    RunSettings(**{name: value for name, value in locals().items() if name in RunSettings.model_fields})  # the ranges
+    # The values' ranges and choices are checked by RunSettings, where they are defined.
+    RunSettings(**{name: value for name, value in locals().items() if name in RunSettings.model_fields})
     validate_model_name(model_name)
     transform, train = apply_recipe(recipe, transform, train)
     workdir = layout.absolute(workdir)
@@ -93,16 +94,16 @@ def full(
     if runner == "processes":
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
-    def run(task: Any, *args: Any, outputs: Any, refresh: bool = False) -> Any:
+    def run_task(task: Any, *args: Any, outputs: Any, refresh: bool = False) -> Any:
         """``task(*args)`` with the run's retries and result storage, recomputed if its outputs are gone."""
         return rerun_if_outputs_missing(with_run_options(task, workdir, retries, refresh=refresh), *args, outputs=outputs)
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
     fingerprint = download.source_fingerprint(source, verify=verify_source)
-    manifest = run(download_dataset, source, fingerprint, workdir, outputs=lambda ref: [ref.uri, ref.root])
+    manifest = run_task(download_dataset, source, fingerprint, workdir, outputs=lambda ref: [ref.uri, ref.root])
 
     # 2. Size percentiles from image headers set the resize target.
-    sizes = run(size_percentiles, manifest, workdir, percentile, outputs=lambda ref: [ref.uri])
+    sizes = run_task(size_percentiles, manifest, workdir, percentile, outputs=lambda ref: [ref.uri])
     transform = transform.model_copy(update={"size": sizes.size})
 
     # 3. Transform and shard, mapped over the chosen task runner; shard tasks on this process's
@@ -115,12 +116,12 @@ def full(
         progress.close_stage(transform_progress)
 
     # Every input is in a shard or in the quarantine report; too much bad input stops here.
-    quarantine_report = run(report_quarantine, manifest, index, workdir, max_bad_fraction, outputs=lambda uri: [uri])
+    quarantine_report = run_task(report_quarantine, manifest, index, workdir, max_bad_fraction, outputs=lambda uri: [uri])
 
     # 4. Train, evaluate, register, and challenge the champion.
     known_versions = list_versions(registry, model_name)
-    model = run(train_evaluate_register, index, manifest.digest, train, registry, model_name, champion_metric, recipe,
-                outputs=lambda ref: [ref.card_uri, ref.model_uri], refresh=retrain)
+    model = run_task(train_evaluate_register, index, manifest.digest, train, registry, model_name, champion_metric, recipe,
+                     outputs=lambda ref: [ref.card_uri, ref.model_uri], refresh=retrain)
     registered = model.version not in known_versions
     if not registered:
         logger.info(
