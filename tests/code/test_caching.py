@@ -100,5 +100,6 @@ def test_where_the_pixels_are_computed_is_not_in_the_key():
     with pneumo_pool.ProcessPool(1) as process_pool:
         for task in with_pool:
             first = next(iter(inspect.signature(task.fn).parameters))
-            assert cache_key(task, **{first: spec, "pool": None}) == cache_key(task, **{first: spec, "pool": process_pool}), task.name
-            assert cache_key(task, **{first: spec, "pool": None}) != cache_key(task, **{first: other, "pool": None}), task.name
+            alone = cache_key(task, **{first: spec, "pool": None})
+            assert alone == cache_key(task, **{first: spec, "pool": process_pool}), task.name
+            assert alone != cache_key(task, **{first: other, "pool": None}), task.name
