@@ -73,14 +73,13 @@ class SignedResultStorage(WritableFileSystem):
         return await asyncio.to_thread(self.write_path, path, content)
 
 
-def result_storage(workdir: str) -> str:
-    """Save the signed result storage block for ``{workdir}/prefect-results`` and return its slug.
+def signed_storage_block(root: str) -> str:
+    """Save the signed result storage block for the folder or S3 prefix ``root`` and return its slug.
 
     Task subprocesses (Dask, a worker's flow run) resolve result storage by name from the
     Prefect API, and Prefect refuses an unsaved block, so the block is saved there. It
-    holds the location only.
+    holds the location only: no credential, no key.
     """
-    root = storage.join(workdir, "prefect-results")
     # Named after the location, so runs on the same workdir share one block and its cache.
     name = "pneumo-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     SignedResultStorage(root=root).save(name, overwrite=True)
