@@ -52,6 +52,7 @@ class SignedResultStorage(WritableFileSystem):
             raise ValueError(f"refusing result record name {path!r}: not a plain file name")
         return storage.join(self.root, path)
 
+    # Prefect calls these with ``_sync=True`` (its async-dispatch flag); they are sync anyway.
     def read_path(self, path: str, _sync: Any = None) -> bytes:
         uri = self._uri(path)
         data = storage.read_bytes(uri)
