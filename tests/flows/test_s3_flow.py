@@ -128,6 +128,6 @@ def test_no_credential_reaches_s3_cards_artifacts_logs_or_blocks(s3_runs):
     assert "registered tinynet v0002" in text  # the logs did arrive, so their check means something
     assert {"champion-challenger", "model-card"} <= {a.key for a in artifacts}
     results_blocks = [b for b in blocks if b.name.startswith("pneumo-results-")]
-    assert any(b.data["bucket_name"] == workdir.split("/")[2] for b in results_blocks)
+    assert any(b.data["root"] == f"{workdir}/prefect-results" for b in results_blocks)
     for blob in [text, *(str(a.data) + str(a.description) for a in artifacts), *(str(b.data) for b in blocks)]:
         assert KEY_ID not in blob and SECRET not in blob
