@@ -93,6 +93,7 @@ def register(
     state_dict: dict[str, torch.Tensor],
     card: dict[str, Any],
     extra_files: Optional[dict[str, bytes]] = None,
+    render_files: Optional[Callable[[dict[str, Any]], dict[str, bytes]]] = None,
 ) -> str:
     """Store a new version and return its name, e.g. "v0003".
 
@@ -100,7 +101,9 @@ def register(
     writer got there first, the next number is tried. Numbers left by a crashed run (a
     model.pt without a card) are skipped, never reused. ``extra_files`` (e.g.
     ``{"model.onnx": data}``) are written beside model.pt, before the card; the card's
-    ``files`` records the sha256 and size of each.
+    ``files`` records the sha256 and size of each. ``render_files(card)`` makes files from
+    the card as it will be written (its version and ``files`` known, e.g. ``report.html``);
+    they are written last before the card and listed in its ``files`` too.
     """
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
@@ -132,7 +135,12 @@ def register(
             storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
             for name, data in extra_files.items():
                 storage.write_bytes(storage.join(folder, name), data, if_absent=True)
-            storage.write_json(storage.join(folder, "card.json"), {**full_card, "version": version}, if_absent=True)
+            final_card = {**full_card, "version": version}
+            rendered = render_files(final_card) if render_files else {}
+            for name, data in rendered.items():
+                storage.write_bytes(storage.join(folder, name), data, if_absent=True)
+            final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
+            storage.write_json(storage.join(folder, "card.json"), final_card, if_absent=True)
             return version
         except storage.AlreadyExists:
             number += 1

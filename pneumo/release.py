@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, registry, shard_files, train
+from pneumo import evaluate, plots, registry, report, shard_files, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,11 @@ def train_and_register(
         champion_comparison=comparison,
         **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
-    # The pictures are written with the version, before its card: a card never lists missing files.
-    version = registry.register(registry_uri, model_name, fitted.state_dict, card, extra_files=pictures)
+    # The pictures and the report are written with the version, before its card: a card never lists missing files.
+    version = registry.register(
+        registry_uri, model_name, fitted.state_dict, card, extra_files=pictures,
+        render_files=lambda full_card: {report.REPORT_NAME: report.render(full_card, pictures).encode()},
+    )
     registry.set_alias(registry_uri, model_name, "latest", version)
     promotion = registry.promote(
         registry_uri, model_name, version, fitted.metrics["val"], champion_metric,
