@@ -207,11 +207,28 @@ def models_show(
     ]
     for split in ("val", "test"):
         m = card.get("metrics", {}).get(split) or {}
-        shown = "  ".join(f"{k} {_metric(card, split, k)}" for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
+        ci = m.get("ci95") or {}
+        shown = "  ".join(
+            f"{k} {_metric(card, split, k)}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+            for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+        )
         lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
+    if any((card.get("metrics", {}).get(split) or {}).get("ci95") for split in ("val", "test")):
+        lines.append("              [95% bootstrap interval, resampled by patient]")
+    shift = card.get("metrics", {}).get("shift") or {}
+    for split in (s for s in ("val", "test") if s in shift):
+        worst = shift[split].get("worst") or {}
+        shown = "  ".join(f"{k} {worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity") if worst.get(k))
+        lines.append(f"  {'worst shift':<11} {split}: {shown or '-'}")
     comparison = card.get("champion_comparison") or {}
     if comparison:
         lines.append(f"  champion    {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
+    if "report.html" in (card.get("files") or {}):
+        from pneumo import storage
+
+        lines.append(f"  report      {storage.join(registry, model_name, card['version'], 'report.html')}")
+    else:
+        lines.append("  report      none (registered before reports were written)")
     typer.echo("\n".join(lines))
 
 

@@ -151,3 +151,21 @@ def test_chromium_opens_the_report_from_disk_and_decodes_every_picture(registere
     )
     assert shot.stat().st_size > 50_000  # a rendered page with pictures, not a blank one
     print(f"screenshot: {shot}")
+
+
+def test_models_show_prints_cis_the_worst_shift_the_threshold_and_the_report(registered):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, version, _ = registered
+    card = registry.load_card(root, "tinynet", version)
+    shown = CliRunner().invoke(app, ["models", "show", version, "--registry", root])
+    assert shown.exit_code == 0, shown.output
+    low, high = card["metrics"]["test"]["ci95"]["roc_auc"]
+    assert f"roc_auc {card['metrics']['test']['roc_auc']:.3f} [{low:.3f}, {high:.3f}]" in shown.output
+    value, name = card["metrics"]["shift"]["val"]["worst"]["specificity"]
+    assert f"worst shift val: " in shown.output and f"specificity {value:.3f} ({name})" in shown.output
+    assert "threshold   0.5" in shown.output
+    assert f"report      {storage.join(root, 'tinynet', version, 'report.html')}" in shown.output
+    assert Path(storage.join(root, "tinynet", version, "report.html")).is_file()
