@@ -4,6 +4,7 @@
     pneumo predict IMAGE_OR_FOLDER...             score images with the champion
     pneumo serve                                  HTTP endpoint that follows the champion
     pneumo models list | show V | promote V       what the registry holds
+    pneumo gc [--yes]                             what the workdir can lose, and removing it
 
 Only ``run`` imports Prefect: the other commands start in about a second.
 """
@@ -259,6 +260,46 @@ def models_promote(
     except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+@app.command()
+def gc(
+    workdir: Annotated[str, typer.Option(help="The workdir to clean: a folder or an s3:// prefix.")] = "./pneumo-data",
+    registry: Annotated[
+        Optional[str], typer.Option(help="Model registry whose versions' inputs are kept [default: WORKDIR/registry].", show_default=False)
+    ] = None,
+    keep_recent: Annotated[str, typer.Option(help="Keep what was modified, or used by a run that ended, this recently: 30m, 24h, 7d, 0.")] = "24h",
+    only_aliased: Annotated[bool, typer.Option("--only-aliased", help="Keep the inputs of aliased versions only (champion, latest, ...), not of every version.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Remove what is listed as removable; without it nothing is removed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The plan as JSON.")] = False,
+) -> None:
+    """List what no registered version, alias or recent run needs (shards, manifests, stats, reports,
+    downloads, predictions), with sizes; remove it with --yes.
+
+    Never touched: the registry, Prefect's results, and anything at all while a run is running in the workdir.
+    """
+    from pneumo import cleanup
+
+    try:
+        plan = cleanup.plan(workdir, registry, keep_recent=cleanup.parse_duration(keep_recent), only_aliased=only_aliased)
+    except ValueError as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(cleanup.to_json(plan))
+    else:
+        typer.echo(f"pneumo gc: {plan.workdir}")
+        typer.echo("\n".join(cleanup.describe(plan)))
+    if plan.running:
+        typer.echo(f"pneumo: {len(plan.running)} run(s) in progress in this workdir: nothing can be removed now", err=True)
+    if not yes:
+        if plan.removable:
+            typer.echo("nothing removed: add --yes to remove the items marked remove", err=True)
+        return
+    try:
+        freed = cleanup.remove(plan)
+    except cleanup.RunInProgress as error:
+        _fail(str(error), code=1)
+    typer.echo(f"removed {len(plan.removable)} item(s), {cleanup.human_bytes(freed)} freed", err=True)
 
 
 def main() -> None:
