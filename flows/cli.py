@@ -12,12 +12,14 @@ Only ``run`` imports Prefect: the other commands start in about a second.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
+DEFAULT_REGISTRY = "./pneumo-data/registry"
+SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM  # {workdir}/registry of `pneumo run`'s default workdir
 
 app = typer.Typer(
     help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
@@ -107,7 +109,7 @@ def predict(
     for p in failed:
         typer.echo(f"pneumo: cannot score {p.input}: {p.error}", err=True)
     typer.echo(
-        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}): "
+        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}, {predictor.runtime}): "
         f"{len(results) - len(failed)} scored, {len(failed)} failed",
         err=True,
     )
@@ -134,8 +136,20 @@ def serve(
     api = serving.create_app(
         registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels, predictor=predictor
     )
-    typer.echo(f"pneumo: serving {model_name} {predictor.version} ({alias}) on http://{host}:{port}", err=True)
-    uvicorn.run(api, host=host, port=port, log_level="warning")
+    request_log = logging.getLogger("pneumo.serve")  # one line per request (pneumo.serve's middleware)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
+    typer.echo(
+        f"pneumo: serving {model_name} {predictor.version} ({alias}, {predictor.runtime}) on http://{host}:{port}; "
+        f"API docs at http://{host}:{port}/docs",
+        err=True,
+    )
+    # A stalled upload must not hold the process after SIGTERM: requests still running
+    # half a second after it are cancelled.
+    uvicorn.run(api, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
 
 
 def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:

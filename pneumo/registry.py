@@ -23,14 +23,17 @@ import logging
 import re
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
 from pneumo import export, storage
-from pneumo.model import TinyNet, keras_parameter_count
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: reading cards and aliases
+    import torch  # (pneumo predict with model.onnx) must not pay seconds for it
+
+    from pneumo.model import TinyNet
 from pneumo.names import CHAMPION_METRICS, ChampionMetric, validate_model_name  # noqa: F401 (re-exported)
 
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -107,6 +110,8 @@ def register(
     """
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
+    import torch
+
     buffer = io.BytesIO()
     torch.save(dict(state_dict), buffer)
     weights = buffer.getvalue()
@@ -239,11 +244,15 @@ def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> in
         grid = transform.get("grid", (0, 0))
         return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
-    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    return int(weight.shape[1]) if hasattr(weight, "shape") and len(weight.shape) == 2 else None
 
 
 def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None:
     """What is wrong with ``state_dict`` as the weights of a TinyNet(n_features), or None."""
+    import torch
+
+    from pneumo.model import TinyNet
+
     if not isinstance(state_dict, dict) or n_features is None:
         return "not a TinyNet state_dict"
     expected = {k: tuple(v.shape) for k, v in TinyNet(n_features=n_features).state_dict().items()}
@@ -275,6 +284,8 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
                 f"{where} is corrupt: expected sha256 {expected.get('sha256')} ({expected.get('bytes')} bytes), "
                 f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
             )
+    import torch
+
     try:
         state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle weights_only refuses, ...
@@ -287,6 +298,8 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
 
 def load_model(registry: str, model_name: str, version: str) -> TinyNet:
     """A TinyNet with the version's weights, in eval mode, ready for predict_proba."""
+    from pneumo.model import TinyNet
+
     state_dict = load_state_dict(registry, model_name, version)
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
@@ -359,6 +372,8 @@ def build_card(
     the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
     are. ``threshold`` is the one of ``config["train"]``, used for every metric.
     """
+    from pneumo.model import TinyNet, keras_parameter_count
+
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {
