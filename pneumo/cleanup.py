@@ -83,30 +83,53 @@ class Plan:
 # --- Run records --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def recording_run(workdir: str) -> Iterator[dict[str, Any]]:
-    """Mark a run as running in ``workdir`` while the block runs; the block may add
-    ``manifest_digest`` and ``shards_digest`` to the record, which ``plan`` keeps as recent."""
+def _record_uri(workdir: str, run_id: str) -> str:
+    return storage.join(workdir, RUNS, f"{run_id}.json")
+
+
+def start_run(workdir: str, run_id: Optional[str] = None) -> dict[str, Any]:
+    """Record that a run is running in ``workdir`` (``plan`` then keeps everything); the record."""
     started = datetime.now(timezone.utc)
     record: dict[str, Any] = {
-        "run_id": f"{started:%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        "run_id": run_id or f"{started:%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started_at": started.isoformat(timespec="seconds"),
         "state": "running",
     }
-    uri = storage.join(workdir, RUNS, f"{record['run_id']}.json")
-    storage.write_json(uri, record)
+    storage.write_json(_record_uri(workdir, record["run_id"]), record)
+    return record
+
+
+def finish_run(workdir: str, run_id: str, state: str, **used: Any) -> None:
+    """Record how the run ended ("finished", "failed") and what it used (``manifest_digest``,
+    ``shards_digest``), which ``plan`` keeps while the run is recent. Never raises: a lost
+    record must not hide the run's own outcome."""
+    with contextlib.suppress(Exception):
+        uri = _record_uri(workdir, run_id)
+        try:
+            record = storage.read_json(uri)
+        except FileNotFoundError:
+            record = {"run_id": run_id}
+        record.update(used, state=state, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        storage.write_json(uri, record)
+
+
+@contextlib.contextmanager
+def recording_run(workdir: str) -> Iterator[dict[str, Any]]:
+    """``start_run`` and ``finish_run`` around a block, which may add ``manifest_digest`` and
+    ``shards_digest`` to the record it is given (they are written when the run ends)."""
+    record = start_run(workdir)
     try:
         yield record
-        record["state"] = "finished"
     except BaseException:
-        record["state"] = "failed"
+        finish_run(workdir, record["run_id"], "failed", **_used(record))
         raise
-    finally:
-        record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with contextlib.suppress(Exception):  # a lost record must not hide the run's own outcome
-            storage.write_json(uri, record)
+    finish_run(workdir, record["run_id"], "finished", **_used(record))
+
+
+def _used(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record[key] for key in ("manifest_digest", "shards_digest") if key in record}
 
 
 def _pid_alive(pid: int) -> bool:
