@@ -142,6 +142,8 @@ def register(
                 storage.write_bytes(storage.join(folder, name), data, if_absent=True)
             final_card = {**full_card, "version": version}
             rendered = render_files(final_card) if render_files else {}
+            if set(rendered) & set(final_card["files"]) or set(rendered) & {"card.json", "promotion.json"}:
+                raise ValueError(f"rendered files {sorted(rendered)} would replace files of the version")
             for name, data in rendered.items():
                 storage.write_bytes(storage.join(folder, name), data, if_absent=True)
             final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
