@@ -8,6 +8,9 @@ from typing import Any, Optional
 import numpy as np
 from sklearn import metrics as skm
 
+from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
+from pneumo.model import predict_proba
+
 # Column order of the report tables.
 COLUMNS = ("n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -100,7 +103,7 @@ def comparison_markdown(
     if comparison["champion_version"] is not None:
         rows.insert(0, ("champion", comparison["champion_version"], champion_val or {}))
     for role, row_version, values in rows:
-        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in names]
+        cells = [format_metric(values.get(m), 4) for m in names]
         lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
     outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
     basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
@@ -113,8 +116,6 @@ def comparison_markdown(
 
 # --- Confidence intervals -----------------------------------------------------------------
 
-LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
-CONFUSION_MATRIX_LAYOUT = "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction"
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
@@ -257,8 +258,6 @@ def evaluate_model(
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
     and the shift suite when the splits carry shifted features (``ShardData.shift``)."""
-    from pneumo.train import predict_proba
-
     predictions, scored = {}, {}
     for split, data in splits.items():
         y = np.asarray(data.labels).astype(int)

@@ -8,21 +8,15 @@ onnxruntime is installed, and falls back to torch otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from typing import Any, Optional
 
 import numpy as np
 
-from pneumo import storage
 
 ONNX_NAME = "model.onnx"
 INPUT_NAME = "features"  # the graph's input: n x n_features float32
 OUTPUT_NAME = "probability"  # its output: n PNEUMONIA probabilities
-
-
-class CorruptOnnx(ValueError):
-    """model.onnx does not have the sha256 its card records."""
 
 
 class OnnxModel:
@@ -49,16 +43,10 @@ def available() -> bool:
 
 
 def load(registry: str, model_name: str, version: str, card: dict[str, Any]) -> Optional[OnnxModel]:
-    """The version's model.onnx, checked against the sha256 in its card; None when it has none
-    or onnxruntime is not installed (the caller then uses model.pt with torch)."""
-    expected = (card.get("files") or {}).get(ONNX_NAME)
-    if not expected or not available():
+    """The version's model.onnx, checked against the sha256 in its card (registry.CorruptModel if
+    it differs); None when it has none or onnxruntime is not installed (then torch runs model.pt)."""
+    from pneumo import registry as reg
+
+    if ONNX_NAME not in (card.get("files") or {}) or not available():
         return None
-    data = storage.read_bytes(storage.join(registry, model_name, version, ONNX_NAME))
-    actual = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    if actual != {k: expected.get(k) for k in actual}:
-        raise CorruptOnnx(
-            f"{model_name} {version}: {ONNX_NAME} is corrupt: expected sha256 {expected.get('sha256')} "
-            f"({expected.get('bytes')} bytes), found {actual['sha256']} ({actual['bytes']} bytes)"
-        )
-    return OnnxModel(data)
+    return OnnxModel(reg.read_verified(registry, model_name, version, ONNX_NAME, card))
