@@ -12,9 +12,10 @@ from PIL import Image
 
 from pneumo import augment
 from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
+from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
-from pneumo.transform import decode_gray, featurize
+from pneumo.transform import featurize
 
 AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06)
 TRANSFORM = TransformConfig(
@@ -128,7 +129,7 @@ def test_identity_rendition_changes_nothing_and_photometric_stays_in_range():
 
 def test_draws_stay_inside_the_configured_ranges():
     for r in augment.draw(AUGMENT, augment.rendition_rng(0, "ab" * 32), 200):
-        assert 0.9 <= r.zoom <= 1.12 and abs(r.shift_x) <= 0.05 and abs(r.shift_y) <= 0.05 and abs(r.rotation) <= 5
+        assert 0.9 <= r.zoom <= 1.12 and abs(r.translate_x) <= 0.05 and abs(r.translate_y) <= 0.05 and abs(r.rotation) <= 5
         assert np.exp(-0.35) <= r.gamma <= np.exp(0.35) and np.exp(-0.2) <= r.contrast <= np.exp(0.2)
         assert abs(r.brightness) <= 0.06
 
