@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pneumo import storage
+from pneumo import workdir as layout
 
 RUNS = "runs"  # run records: {workdir}/runs/{run id}.json
 KINDS = ("shards", "manifests", "stats", "reports", "downloads", "predictions", RUNS)
@@ -84,7 +85,7 @@ class Plan:
 
 
 def _record_uri(workdir: str, run_id: str) -> str:
-    return storage.join(workdir, RUNS, f"{run_id}.json")
+    return storage.join(layout.runs(workdir), f"{run_id}.json")
 
 
 def start_run(workdir: str, run_id: Optional[str] = None) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def plan(
     """Sort every output of ``workdir`` into kept (``Item.keep`` says why) and removable."""
     now = time.time() if now is None else now
     workdir = workdir if storage.is_s3(workdir) else str(Path(workdir).absolute())
-    registry = registry or storage.join(workdir, "registry")
+    registry = registry or layout.registry(workdir)
     registry = registry if storage.is_s3(registry) else str(Path(registry).absolute())
     versions, manifests, shards = _needed_by_versions(registry, only_aliased)
     kept_versions = {tuple(v.split(" ")) for v in versions}
@@ -305,7 +306,7 @@ def remove(plan_: Plan) -> int:
     """
     now = time.time()
     live = list(plan_.running)
-    for entry in storage.list_entries(storage.join(plan_.workdir, RUNS)):
+    for entry in storage.list_entries(layout.runs(plan_.workdir)):
         with contextlib.suppress(Exception):
             record = storage.read_json(entry.uri)
             if is_live(record, now) and record not in live:
