@@ -9,10 +9,8 @@ onnxruntime is installed, and falls back to torch otherwise.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Optional
 
 import numpy as np
-
 
 ONNX_NAME = "model.onnx"
 INPUT_NAME = "features"  # the graph's input: n x n_features float32
@@ -41,12 +39,3 @@ def available() -> bool:
     """Whether onnxruntime is installed (found without importing it)."""
     return importlib.util.find_spec("onnxruntime") is not None
 
-
-def load(registry: str, model_name: str, version: str, card: dict[str, Any]) -> Optional[OnnxModel]:
-    """The version's model.onnx, checked against the sha256 in its card (registry.CorruptModel if
-    it differs); None when it has none or onnxruntime is not installed (then torch runs model.pt)."""
-    from pneumo import registry as reg
-
-    if ONNX_NAME not in (card.get("files") or {}) or not available():
-        return None
-    return OnnxModel(reg.read_verified(registry, model_name, version, ONNX_NAME, card))

@@ -30,8 +30,8 @@ from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
+from pneumo import onnx_model
 from pneumo.onnx_model import OnnxModel
-from pneumo.onnx_model import load as load_onnx
 from pneumo.transform import featurize, pool_features, render
 
 if TYPE_CHECKING:
@@ -203,7 +203,9 @@ class Predictor:
         card = reg.load_card(registry, model_name, version)
         check_card(card, f"{model_name} {version}")
         try:
-            onnx = load_onnx(registry, model_name, version, card) if runtime == "auto" else None
+            onnx = None
+            if runtime == "auto" and onnx_model.ONNX_NAME in (card.get("files") or {}) and onnx_model.available():
+                onnx = OnnxModel(reg.read_verified(registry, model_name, version, onnx_model.ONNX_NAME, card))
             if onnx is not None:
                 # model.pt is checked too: a version whose files differ from its card is refused, whichever runs.
                 reg.read_verified(registry, model_name, version, "model.pt", card)
