@@ -31,7 +31,8 @@ from prefect.states import Completed
 
 from flows.settings import RUN_DEFAULTS, RunSettings, Runner, Settings, apply_recipe
 from flows.summary import outcome_line, print_summary, summary_markdown
-from pneumo import cleanup, download, pool, shards, shard_files, workdir as layout
+from pneumo import cleanup, download, pool, shards, shard_files, storage, workdir as layout
+from pneumo.report import REPORT_NAME
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import RecipeName
 from pneumo.names import ChampionMetric, validate_model_name
@@ -143,11 +144,13 @@ def full(
     if champion.startswith("broken"):
         logger.warning("champion alias %s", champion)
 
+    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
     # 5. The summary, where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
     summary = {
         "model": f"{model_name} {model.version}", "version": model.version, "registered": registered,
         "champion": f"{model_name} {champion}", "champion_comparison": model.champion_comparison,
-        "card": model.card_uri, "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
+        "card": model.card_uri, "report": report if storage.exists(report) else None,
+        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
         "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
         "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
     }

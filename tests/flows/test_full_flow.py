@@ -65,6 +65,7 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
     alias = json.loads((workdir / "registry" / "tinynet" / "aliases" / "latest.json").read_text())
     assert alias["version"] == "v0001"
     # The report beside the card, and the run's record for `pneumo gc`: finished, with what it used.
+    assert summary["report"] == str(card_path.parent / "report.html")
     assert "report.html" in card["files"] and "tinynet v0001" in (card_path.parent / "report.html").read_text()
     records = [json.loads(path.read_text()) for path in (workdir / "runs").glob("*.json")]
     assert ("finished", card["data"]["manifest_digest"], card["data"]["shards_digest"]) in [
