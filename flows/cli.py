@@ -281,7 +281,7 @@ def models_promote(
 def gc(
     workdir: Annotated[str, typer.Option(help="The workdir to clean: a folder or an s3:// prefix.")] = "./pneumo-data",
     registry: Annotated[
-        Optional[str], typer.Option(help="Model registry whose versions' inputs are kept [default: WORKDIR/registry].", show_default=False)
+        Optional[str], typer.Option(help="Model registry whose versions' inputs are kept \\[default: WORKDIR/registry].", show_default=False)
     ] = None,
     keep_recent: Annotated[str, typer.Option(help="Keep what was modified, or used by a run that ended, this recently: 30m, 24h, 7d, 0.")] = "24h",
     only_aliased: Annotated[bool, typer.Option("--only-aliased", help="Keep the inputs of aliased versions only (champion, latest, ...), not of every version.")] = False,
