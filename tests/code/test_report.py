@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -99,7 +100,7 @@ def test_the_report_holds_numbers_pictures_and_decisions_and_nothing_to_fetch(re
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # escaped, never run
     assert "config.train.threshold" in html
     for name, data in pictures.items():
-        assert f"data:image/png;base64,{__import__('base64').b64encode(data).decode()}" in html, name
+        assert f"data:image/png;base64,{base64.b64encode(data).decode()}" in html, name
     # self-contained: nothing is fetched from a server or another file
     assert not re.search(r"(src|href)=\"(?!data:)", html) and "<link" not in html and "<script" not in html
 
@@ -165,7 +166,7 @@ def test_models_show_prints_cis_the_worst_shift_the_threshold_and_the_report(reg
     low, high = card["metrics"]["test"]["ci95"]["roc_auc"]
     assert f"roc_auc {card['metrics']['test']['roc_auc']:.3f} [{low:.3f}, {high:.3f}]" in shown.output
     value, name = card["metrics"]["shift"]["val"]["worst"]["specificity"]
-    assert f"worst shift val: " in shown.output and f"specificity {value:.3f} ({name})" in shown.output
+    assert "worst shift val: " in shown.output and f"specificity {value:.3f} ({name})" in shown.output
     assert "threshold   0.5" in shown.output
     assert f"report      {storage.join(root, 'tinynet', version, 'report.html')}" in shown.output
     assert Path(storage.join(root, "tinynet", version, "report.html")).is_file()
