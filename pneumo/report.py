@@ -79,13 +79,13 @@ def render(card: dict[str, Any], pictures: dict[str, bytes]) -> str:
 def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None, numeric: bool = True) -> str:
     """An HTML table; cells are already escaped HTML, ``classes`` (one per row) mark rows.
     ``numeric``: every column after the first is right-aligned figures."""
-    head = "".join(f"<th>{cell}</th>" for cell in header)
+    head = f"<thead><tr>{''.join(f'<th>{cell}</th>' for cell in header)}</tr></thead>" if any(header) else ""
     body = []
     for at, row in enumerate(rows):
         cls = f' class="{classes[at]}"' if classes and classes[at] else ""
         cells = "".join(f"<td>{cell}</td>" if i == 0 or not numeric else f'<td class="num">{cell}</td>' for i, cell in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
 def _summary(card: dict[str, Any]) -> str:
