@@ -94,7 +94,7 @@ def poisoned_rerun(source, workdir: str, tmp_path: Path, **options) -> list[str]
     assert ran == [], f"{len(ran)} of {len(names)} planted records ran their code"
     assert state.is_completed(), state.message
     run_id = state.state_details.flow_run_id
-    states = task_states(run_id)
+    states = task_states(run_id, expected=TASKS)
     # Every task ran again (a refused record is no cache hit) and completed.
     assert {name: set(states[name]) for name in TASKS} == {name: {"Completed"} for name in TASKS}
     logs = run_logs(run_id, until=names[-1])
@@ -113,7 +113,7 @@ def test_planted_records_in_a_local_workdir_are_refused_and_recomputed(subset_so
     workdir = str(tmp_path / "work")
     poisoned_rerun(subset_source, workdir, tmp_path, runner="threads")
     # The recomputed records are signed again: the next run is served from the cache.
-    states = task_states(run(subset_source, workdir, runner="threads").state_details.flow_run_id)
+    states = task_states(run(subset_source, workdir, runner="threads").state_details.flow_run_id, expected=TASKS)
     assert {name: set(states[name]) for name in TASKS} == {name: {"Cached"} for name in TASKS}
 
 

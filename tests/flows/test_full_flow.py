@@ -32,7 +32,7 @@ def run(source: Path, workdir: Path, runner: str = "threads", **train):
         return_state=True,
     )
     assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
+    return state.result(), task_states(state.state_details.flow_run_id, expected=TASKS)
 
 
 def sha256(path: str) -> str:
