@@ -20,6 +20,10 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
+# What the workers compute with, imported once in the forkserver: the shard writer, and the
+# blur of the shift suite (scipy.ndimage, imported lazily by pneumo.shift so the parent does not pay for it).
+WORKER_MODULES = ("pneumo.shard_files", "scipy.ndimage")
+
 
 def preload() -> list[str]:
     """Modules the forkserver imports once, so that every worker starts with them.
@@ -38,8 +42,8 @@ def preload() -> list[str]:
     main = sys.modules["__main__"]
     spec_name = getattr(main.__spec__, "name", None)
     if spec_name and not spec_name.endswith("__main__"):
-        return [spec_name.partition(".")[0], "pneumo.shard_files"]
-    modules = {"pneumo.shard_files"}
+        return [spec_name.partition(".")[0], *WORKER_MODULES]
+    modules = set(WORKER_MODULES)
     for value in vars(main).values():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(name, str) and name in sys.modules and name not in ("__main__", "builtins"):

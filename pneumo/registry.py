@@ -25,13 +25,11 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
-from pneumo import export, storage
+from pneumo import storage
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
-from pneumo.model import TinyNet, keras_parameter_count
 from pneumo.names import validate_model_name
 
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -40,6 +38,8 @@ _VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
 CARD_SCHEMA_VERSION = 2  # the layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION)
 CHAMPION = "champion"  # the alias pneumo.promotion moves
+# torch and the model are imported inside the functions that load or save weights: listing
+# versions and reading cards and aliases (every run's summary) then costs no torch import.
 
 
 class CorruptModel(ValueError):
@@ -104,6 +104,10 @@ def register(
     ``{"model.onnx": data}``) are written beside model.pt, before the card; the card's
     ``files`` records the sha256 and size of each.
     """
+    import torch
+
+    from pneumo import export
+
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
     buffer = io.BytesIO()
@@ -264,12 +268,18 @@ def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> in
         # Every part counts: the robust recipe pools max and mean, 2 x 70 features.
         grid = transform.get("grid", (0, 0))
         return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
+    import torch
+
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
     return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None:
     """What is wrong with ``state_dict`` as the weights of a TinyNet(n_features), or None."""
+    import torch
+
+    from pneumo.model import TinyNet
+
     if not isinstance(state_dict, dict) or n_features is None:
         return "not a TinyNet state_dict"
     expected = {k: tuple(v.shape) for k, v in TinyNet(n_features=n_features).state_dict().items()}
@@ -301,6 +311,8 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
                 f"{where} is corrupt: expected sha256 {expected.get('sha256')} ({expected.get('bytes')} bytes), "
                 f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
             )
+    import torch
+
     try:
         state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle weights_only refuses, ...
@@ -313,6 +325,8 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
 
 def load_model(registry: str, model_name: str, version: str) -> TinyNet:
     """A TinyNet with the version's weights, in eval mode, ready for predict_proba."""
+    from pneumo.model import TinyNet
+
     state_dict = load_state_dict(registry, model_name, version)
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
@@ -386,6 +400,8 @@ def build_card(
     the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
     are. ``threshold`` is the one of ``config["train"]``, used for every metric.
     """
+    from pneumo.model import TinyNet, keras_parameter_count
+
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {
