@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.server_cli import server_app
+
 DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
 
 app = typer.Typer(
@@ -26,6 +28,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List registered versions, show a card, move an alias.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(server_app, name="server")
 
 RegistryOption = Annotated[
     str, typer.Option("--registry", envvar="PNEUMO_REGISTRY", help="Model registry: a folder or an s3:// prefix.")
@@ -50,7 +53,10 @@ def run(ctx: typer.Context) -> None:
     checked = settings.load(list(ctx.args), prog="pneumo run")
     if checked is None:  # --print-config
         raise typer.Exit(0)
-    from flows import full, runtime  # Prefect is imported here only
+    from flows import runtime
+
+    runtime.stop_on_interrupt()  # Ctrl-C: stop, say what is cached, exit 130 (flows/runtime.py)
+    from flows import full  # Prefect is imported here only
 
     runtime.exit_process(full.run(checked))
 

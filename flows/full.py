@@ -13,7 +13,10 @@ if __name__ == "__main__":
 
     CHECKED = settings.load(None, "python flows/full.py")
     if CHECKED is not None:  # None: --print-config printed them
-        from flows import full, runtime  # this file again, as the module flows.full
+        from flows import runtime
+
+        runtime.stop_on_interrupt()  # before Prefect's import: a Ctrl-C during it is no traceback either
+        from flows import full  # this file again, as the module flows.full
 
         runtime.exit_process(full.run(CHECKED))
     raise SystemExit(0)
@@ -42,6 +45,11 @@ from tasks.quarantine import report_quarantine
 from tasks.shards import write_index, write_shard
 from tasks.sizes import size_percentiles
 from tasks.register import train_evaluate_register
+
+
+# The stages as Ctrl-C counts them (task names): each one finished is cached for the re-run.
+STAGES = (download_dataset.name, size_percentiles.name, write_index.name, report_quarantine.name,
+          train_evaluate_register.name)
 
 
 @flow(name="pneumo-full")
@@ -97,7 +105,9 @@ def full(
 
     def run_task(task: Any, *args: Any, outputs: Any, refresh: bool = False) -> Any:
         """``task(*args)`` with the run's retries and result storage, recomputed if its outputs are gone."""
-        return rerun_if_outputs_missing(with_run_options(task, workdir, retries, refresh=refresh), *args, outputs=outputs)
+        result = rerun_if_outputs_missing(with_run_options(task, workdir, retries, refresh=refresh), *args, outputs=outputs)
+        runtime.finished_stage(task.name)  # persisted: a re-run after Ctrl-C takes it from the cache
+        return result
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
     fingerprint = download.source_fingerprint(source, verify=verify_source)
@@ -178,7 +188,9 @@ def shard_stage(
 
             def index(*args: Any) -> shard_files.IndexRef:
                 task = with_run_options(write_index, workdir, retries)
-                return rerun_if_outputs_missing(task, *args, outputs=lambda ref: [ref.uri])
+                ref = rerun_if_outputs_missing(task, *args, outputs=lambda ref: [ref.uri])
+                runtime.finished_stage(write_index.name)
+                return ref
 
             return shards.run(
                 manifest_uri, root, split, transform, shard_size, workdir, write=write, index=index,
@@ -191,5 +203,5 @@ def shard_stage(
 
 def run(settings: Settings) -> int:
     """`pneumo run` and `python flows/full.py`: the flow with checked settings, under flows/runtime.py; the exit code."""
-    return runtime.run_flow(lambda: full(**settings.flow_parameters()), print_summary,
+    return runtime.run_flow(full, settings.flow_parameters(), print_summary, stages=STAGES,
                             verbose=settings.verbose, process_pool=settings.run.runner == "processes")

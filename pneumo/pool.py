@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import types
@@ -63,7 +64,16 @@ def warm_up() -> None:
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload())
-    forkserver.ensure_running()
+    # Started with Ctrl-C ignored, which the forkserver and the workers it forks inherit: a
+    # terminal's SIGINT reaches the whole process group, and the owner stops the workers itself
+    # (a traceback from each of them is noise). Signal handlers can only be set from the main thread.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        forkserver.ensure_running()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _in_context(cwd: str, environment: dict[str, str], fn: Callable[..., T], *args: Any) -> T:
