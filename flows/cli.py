@@ -47,15 +47,15 @@ def _fail(message: str, code: int = 2) -> None:
 )
 def run(ctx: typer.Context) -> None:
     """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
+    from flows import runtime
+
+    runtime.stop_on_interrupt()  # Ctrl-C: stop, say what is cached, exit 130 (flows/runtime.py)
     from flows import settings
 
     # Checked before Prefect is even imported: a bad value is refused in about a second.
     checked = settings.load(list(ctx.args), prog="pneumo run")
     if checked is None:  # --print-config
         raise typer.Exit(0)
-    from flows import runtime
-
-    runtime.stop_on_interrupt()  # Ctrl-C: stop, say what is cached, exit 130 (flows/runtime.py)
     from flows import full  # Prefect is imported here only
 
     runtime.exit_process(full.run(checked))

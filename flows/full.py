@@ -9,13 +9,13 @@ from __future__ import annotations
 if __name__ == "__main__":
     # `python flows/full.py`: the settings are checked before Prefect and torch are imported
     # (seconds on a busy machine), so a bad value is refused at once with exit 2, as by `pneumo run`.
+    from flows import runtime
+
+    runtime.stop_on_interrupt()  # first: a Ctrl-C while the modules load is one line, no traceback, too
     from flows import settings
 
     CHECKED = settings.load(None, "python flows/full.py")
     if CHECKED is not None:  # None: --print-config printed them
-        from flows import runtime
-
-        runtime.stop_on_interrupt()  # before Prefect's import: a Ctrl-C during it is no traceback either
         from flows import full  # this file again, as the module flows.full
 
         runtime.exit_process(full.run(CHECKED))
@@ -100,8 +100,6 @@ def full(
     if removed:
         logger.info("removed %d temporary file(s)/folder(s) left by killed runs: %s",
                     len(removed), ", ".join(str(path) for path in removed))
-    if runner == "processes":
-        pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     def run_task(task: Any, *args: Any, outputs: Any, refresh: bool = False) -> Any:
         """``task(*args)`` with the run's retries and result storage, recomputed if its outputs are gone."""
@@ -203,5 +201,4 @@ def shard_stage(
 
 def run(settings: Settings) -> int:
     """`pneumo run` and `python flows/full.py`: the flow with checked settings, under flows/runtime.py; the exit code."""
-    return runtime.run_flow(full, settings.flow_parameters(), print_summary, stages=STAGES,
-                            verbose=settings.verbose, process_pool=settings.run.runner == "processes")
+    return runtime.run_flow(full, settings.flow_parameters(), print_summary, stages=STAGES, verbose=settings.verbose)

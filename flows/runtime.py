@@ -412,25 +412,20 @@ def run_page(api_url: Optional[str]) -> Optional[str]:
 
 
 def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, float], None], *,
-             stages: tuple[str, ...] = (), verbose: bool = False, process_pool: bool = False) -> int:
+             stages: tuple[str, ...] = (), verbose: bool = False) -> int:
     """``flow(**parameters)`` with a Prefect API, bounded retries, the watchdog and Ctrl-C handling; the exit code.
 
     On success ``on_success(result, seconds)`` prints the summary; on failure one message
     says why and what to do next (the traceback stays in the Prefect log unless ``verbose``);
     either way the last line is the run's UI page. ``stages`` names the stages the flow reports
-    with ``finished_stage`` (for Ctrl-C's message). ``process_pool`` starts the transform pool's
-    forkserver alongside the Prefect server.
+    with ``finished_stage`` (for Ctrl-C's message).
     """
     global API_GONE
-    from pneumo import pool
-
     stop_on_interrupt()
     RunProgress.stages = tuple(stages)
     if not verbose:
         terminal_without_tracebacks()
     started = time.perf_counter()
-    if process_pool:
-        pool.warm_up()
     with prefect_api(), bounded_api_retries():
         from prefect.settings import PREFECT_API_URL
 
