@@ -112,6 +112,7 @@ def local_server():
     from flows import prefect_server
 
     with prefect_server.in_use() as (server, started):
+        RunProgress.server = "local"
         if started:
             print(f"pneumo: started the local Prefect server in the background: UI {server.url} "
                   f"(stops after {server.idle_minutes:g} min idle; `pneumo server stop` stops it now)",
@@ -137,7 +138,7 @@ def temporary_server():
     # start() registers the server's stop at exit, which runs after Prefect's log and
     # event workers have drained: stopping it here would drop the run's last logs.
     server.start()
-    RunProgress.temporary_server = True
+    RunProgress.server = "temporary"
     yield server.api_url
 
 
@@ -205,7 +206,7 @@ def exit_api_gone(url: str) -> Callable[[float], None]:
     def exit_now(seconds: float) -> None:
         print(
             f"\npneumo: the Prefect API at {url} went away: no answer for {seconds:.0f} s.\n"
-            "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
+            f"  {restart_hint()} and re-run the same command: "
             "the stages that finished are cached and are not repeated.",
             file=sys.stderr, flush=True,
         )
@@ -216,6 +217,15 @@ def exit_api_gone(url: str) -> Callable[[float], None]:
     return exit_now
 
 
+def restart_hint() -> str:
+    """What to do about a Prefect API that went away: which one it was decides."""
+    if RunProgress.server == "local":
+        return "A re-run starts the local Prefect server again (`pneumo server status` says why it stopped)"
+    if RunProgress.server == "temporary":
+        return "This run's temporary Prefect server stopped; nothing else to start"
+    return "Start it again (or unset PREFECT_API_URL to use the local Prefect server)"
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 
@@ -223,7 +233,7 @@ class RunProgress:
     """What an interrupt reports: the flow run, and the stages finished (hence cached) so far."""
 
     flow_run_id: Optional[str] = None
-    temporary_server = False  # its pages are gone after the run
+    server = "configured"  # or "local", or "temporary" (whose pages are gone after the run): set by prefect_api
     stages: tuple[str, ...] = ()
     finished: list[str] = []
 
@@ -388,7 +398,7 @@ def failure_message(error: BaseException, api_url: Optional[str], api_gone: bool
     if api_gone:
         return (
             f"pneumo: the Prefect API at {api_url} went away during the run ({type(error).__name__}: {error}).\n"
-            "  Start it again (or unset PREFECT_API_URL to use a temporary one) and re-run the same command: "
+            f"  {restart_hint()} and re-run the same command: "
             "the stages that finished are cached and are not repeated."
         )
     if is_retryable(error):
@@ -403,7 +413,7 @@ def failure_message(error: BaseException, api_url: Optional[str], api_gone: bool
 
 def run_page(api_url: Optional[str]) -> Optional[str]:
     """The flow run's page in the Prefect UI, when the server outlives the run (not a temporary one)."""
-    if not (api_url and RunProgress.flow_run_id) or RunProgress.temporary_server:
+    if not (api_url and RunProgress.flow_run_id) or RunProgress.server == "temporary":
         return None
     from prefect.settings import PREFECT_UI_URL
 
