@@ -111,7 +111,14 @@ def local_server():
     """The project's local Prefect server (flows/prefect_server.py), started if none is up and kept after the run."""
     from flows import prefect_server
 
-    with prefect_server.in_use() as (server, started):
+    uses = contextlib.ExitStack()
+    try:
+        server, started = uses.enter_context(prefect_server.in_use())
+    except (RuntimeError, ValueError, OSError) as error:  # no traceback: what failed, and the ways around it
+        print(f"pneumo: {error}\n  (set PREFECT_API_URL to use another Prefect server, or "
+              f"{SERVER_MODE_VARIABLE}=temporary for one that lives as long as the run)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    with uses:
         RunProgress.server = "local"
         if started:
             print(f"pneumo: started the local Prefect server in the background: UI {server.url} "
