@@ -389,8 +389,9 @@ def supervise(port: int, idle: float, every: float = CHECK_EVERY_SECONDS) -> int
             continue
         next_check = time.monotonic() + every
         with locked("in-use.lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
-            if not free or deployment_runs_busy(server.api_url):
-                last_active = time.time()
+            pass  # only a test: a run starting meanwhile must not wait for the API call below
+        if not free or deployment_runs_busy(server.api_url):
+            last_active = time.time()
         last_active = max(last_active, last_used())
         if time.time() - last_active < idle * 60:
             continue
