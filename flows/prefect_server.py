@@ -143,9 +143,7 @@ def locked(name: str, mode: int = fcntl.LOCK_EX) -> Iterator[bool]:
 
 
 def touch_last_used() -> None:
-    path = state_dir() / "last-used"
-    path.touch()
-    os.utime(path)
+    (state_dir() / "last-used").touch()  # sets its mtime to now
 
 
 def last_used() -> float:
