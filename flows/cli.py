@@ -18,8 +18,10 @@ from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_REGISTRY = "./pneumo-data/registry"
-SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM  # {workdir}/registry of `pneumo run`'s default workdir
+from flows.server_cli import server_app
+
+DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
+SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM
 
 app = typer.Typer(
     help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
@@ -29,6 +31,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List registered versions, show a card, move an alias.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(server_app, name="server")
 
 RegistryOption = Annotated[
     str, typer.Option("--registry", envvar="PNEUMO_REGISTRY", help="Model registry: a folder or an s3:// prefix.")
@@ -47,13 +50,16 @@ def _fail(message: str, code: int = 2) -> None:
 )
 def run(ctx: typer.Context) -> None:
     """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
+    from flows import runtime
+
+    runtime.stop_on_interrupt()  # Ctrl-C: stop, say what is cached, exit 130 (flows/runtime.py)
     from flows import settings
 
     # Checked before Prefect is even imported: a bad value is refused in about a second.
     checked = settings.load(list(ctx.args), prog="pneumo run")
     if checked is None:  # --print-config
         raise typer.Exit(0)
-    from flows import full, runtime  # Prefect is imported here only
+    from flows import full  # Prefect is imported here only
 
     runtime.exit_process(full.run(checked))
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 if __name__ == "__main__":
     # `python flows/full.py`: the settings are checked before Prefect and torch are imported
     # (seconds on a busy machine), so a bad value is refused at once with exit 2, as by `pneumo run`.
+    from flows import runtime
+
+    runtime.stop_on_interrupt()  # first: a Ctrl-C while the modules load is one line, no traceback, too
     from flows import settings
 
     CHECKED = settings.load(None, "python flows/full.py")
     if CHECKED is not None:  # None: --print-config printed them
-        from flows import full, runtime  # this file again, as the module flows.full
+        from flows import full  # this file again, as the module flows.full
 
         runtime.exit_process(full.run(CHECKED))
     raise SystemExit(0)
@@ -44,6 +47,11 @@ from tasks.quarantine import report_quarantine
 from tasks.shards import write_index, write_shard
 from tasks.sizes import size_percentiles
 from tasks.register import train_evaluate_register
+
+
+# The stages as Ctrl-C counts them (task names): each one finished is cached for the re-run.
+STAGES = (download_dataset.name, size_percentiles.name, write_index.name, report_quarantine.name,
+          train_evaluate_register.name)
 
 
 def end_run_record(flow: Any, flow_run: Any, state: Any) -> None:
@@ -103,12 +111,12 @@ def full(
     # While this record says "running", `pneumo gc` removes nothing from the workdir.
     run_id = str(this_flow_run.id)
     cleanup.start_run(workdir, run_id)
-    if runner == "processes":
-        pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
     def run_task(task: Any, *args: Any, outputs: Any, refresh: bool = False) -> Any:
         """``task(*args)`` with the run's retries and result storage, recomputed if its outputs are gone."""
-        return rerun_if_outputs_missing(with_run_options(task, workdir, retries, refresh=refresh), *args, outputs=outputs)
+        result = rerun_if_outputs_missing(with_run_options(task, workdir, retries, refresh=refresh), *args, outputs=outputs)
+        runtime.finished_stage(task.name)  # persisted: a re-run after Ctrl-C takes it from the cache
+        return result
 
     # 1. Download: keyed on a cheap fingerprint of the source, so an unchanged source is a cache hit.
     fingerprint = download.source_fingerprint(source, verify=verify_source)
@@ -192,7 +200,9 @@ def shard_stage(
 
             def index(*args: Any) -> shard_files.IndexRef:
                 task = with_run_options(write_index, workdir, retries)
-                return rerun_if_outputs_missing(task, *args, outputs=lambda ref: [ref.uri])
+                ref = rerun_if_outputs_missing(task, *args, outputs=lambda ref: [ref.uri])
+                runtime.finished_stage(write_index.name)
+                return ref
 
             return shards.run(
                 manifest_uri, root, split, transform, shard_size, workdir, write=write, index=index,
@@ -205,5 +215,4 @@ def shard_stage(
 
 def run(settings: Settings) -> int:
     """`pneumo run` and `python flows/full.py`: the flow with checked settings, under flows/runtime.py; the exit code."""
-    return runtime.run_flow(lambda: full(**settings.flow_parameters()), print_summary,
-                            verbose=settings.verbose, process_pool=settings.run.runner == "processes")
+    return runtime.run_flow(full, settings.flow_parameters(), print_summary, stages=STAGES, verbose=settings.verbose)

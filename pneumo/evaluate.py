@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-from sklearn import metrics as skm
 
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
-from pneumo.model import predict_proba
+
+# scikit-learn and the model (torch) are imported where they are used: a run that trains and
+# scores nothing (a cached re-run, the CLI's summary) then starts without them (seconds).
 
 # Column order of the report tables.
 COLUMNS = ("n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -31,6 +32,7 @@ def metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, Any]:
     if not set(np.unique(y_true)) <= {0, 1}:
         raise ValueError(f"labels must be 0 (NORMAL) or 1 (PNEUMONIA), got {sorted(set(np.unique(y_true)))}")
     y_pred = (y_prob >= threshold).astype(int)
+    from sklearn import metrics as skm
 
     (tn, fp), (fn, tp) = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
     roc_auc = None
@@ -258,6 +260,8 @@ def evaluate_model(
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
     and the shift suite when the splits carry shifted features (``ShardData.shift``)."""
+    from pneumo.model import predict_proba
+
     predictions, scored = {}, {}
     for split, data in splits.items():
         y = np.asarray(data.labels).astype(int)

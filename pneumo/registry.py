@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
-from pneumo import export, storage
+from pneumo import storage
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
 from pneumo.names import validate_model_name
 
@@ -43,6 +43,8 @@ _VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
 CARD_SCHEMA_VERSION = 2  # the layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION)
 CHAMPION = "champion"  # the alias pneumo.promotion moves
+# torch and the model are imported inside the functions that load or save weights: listing
+# versions and reading cards and aliases (every run's summary) then costs no torch import.
 
 
 class CorruptModel(ValueError):
@@ -110,6 +112,10 @@ def register(
     the card as it will be written (its version and ``files`` known, e.g. ``report.html``);
     they are written last before the card and listed in its ``files`` too.
     """
+    import torch
+
+    from pneumo import export
+
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
     import torch
@@ -279,6 +285,8 @@ def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> in
         # Every part counts: the robust recipe pools max and mean, 2 x 70 features.
         grid = transform.get("grid", (0, 0))
         return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
+    import torch
+
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
     return int(weight.shape[1]) if hasattr(weight, "shape") and len(weight.shape) == 2 else None
 

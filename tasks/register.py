@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, register, registry, shard_files
+from pneumo import evaluate, registry, shard_files
 from pneumo.config import TrainConfig
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
@@ -28,6 +28,10 @@ def train_evaluate_register(
     recipe: str = "seed",
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
+    # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
+    # cached run (this task's cache hit) never needs.
+    from pneumo import register
+
     logger = get_run_logger()
 
     stage = stage_progress.open_stage("training-progress", "training", config.epochs, "epochs")

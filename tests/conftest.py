@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_for_port
+
+# The CLI's runs in tests use a temporary Prefect server each, as before (flows/runtime.py), never the
+# user's local server that stays; tests about that server set their own PNEUMO_SERVER_DIR and mode.
+os.environ.setdefault("PNEUMO_PREFECT_SERVER", "temporary")
+os.environ.setdefault("PNEUMO_SERVER_DIR", str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}"))
 
 # ../shared beside the clone; PNEUMO_SHARED_DATA points elsewhere (e.g. from a git worktree).
 SHARED_DATA = Path(
