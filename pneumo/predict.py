@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
-from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
+from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size, read_file
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
 from pneumo.model import TinyNet, predict_proba
@@ -272,8 +272,8 @@ def _read(item: Input) -> tuple[str, Union[bytes, Exception]]:
     if isinstance(item, (bytes, bytearray)):
         return f"<{len(item)} bytes>", bytes(item)
     try:
-        return str(item), Path(item).read_bytes()
-    except OSError as error:
+        return str(item), read_file(item)  # regular files under the size bound only
+    except (OSError, ImageRejected) as error:
         return str(item), error
 
 

@@ -1,0 +1,85 @@
+"""Inputs from outside training: files that are no regular file, oversized, hostile names, configs and zips."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+MAX_FILE_BYTES = 20_000_000  # pneumo.images.MAX_FILE_BYTES (spelled out: the test must also run on older code)
+from pneumo.predict import list_inputs, score_inputs
+from tests.predict_helpers import register_two, xray_pair
+
+PNEUMO = [sys.executable, "-c", "from flows.cli import main; main()"]
+
+
+def hostile_folder(root: Path, shared_data: Path) -> Path:
+    """A good film, a FIFO named b.jpeg (no writer) and a sparse file over the size bound named c.jpeg."""
+    root.mkdir(parents=True)
+    good, _ = xray_pair(shared_data)
+    shutil.copy2(good, root / "a.jpeg")
+    os.mkfifo(root / "b.jpeg")
+    with open(root / "c.jpeg", "wb") as handle:  # sparse: costs no disk, but read whole it costs RAM
+        handle.truncate(MAX_FILE_BYTES * 10)
+    return root
+
+
+def unblock_after(fifo: Path, seconds: float) -> threading.Event:
+    """If the FIFO is still waited on after ``seconds``, open it for writing so the reader gets EOF."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def test_batch_scoring_refuses_a_fifo_and_an_oversized_file_and_scores_the_rest(tmp_path, shared_data):
+    """Item 12 (issue 15): the library side of flows/predict.py; before, the FIFO blocked the chunk forever."""
+    registry_root = str(tmp_path / "registry")
+    register_two(registry_root)
+    root = hostile_folder(tmp_path / "in", shared_data)
+    done = unblock_after(root / "b.jpeg", 20)
+    started = time.monotonic()
+    rows = score_inputs(registry_root, "tinynet", "v0001", list_inputs(root))
+    seconds = time.monotonic() - started
+    done.set()
+    assert seconds < 15, f"scoring waited {seconds:.0f} s on the FIFO"
+    by_name = {row["relpath"]: row for row in rows}
+    assert by_name["a.jpeg"]["error"] is None and by_name["a.jpeg"]["label"] in ("NORMAL", "PNEUMONIA")
+    assert by_name["b.jpeg"]["error"] == "not a regular file (a pipe, device or socket)"
+    assert by_name["c.jpeg"]["error"] == f"too large: {MAX_FILE_BYTES * 10} bytes exceeds the limit of {MAX_FILE_BYTES} bytes"
+
+
+def test_pneumo_predict_refuses_a_fifo_and_an_oversized_file_and_scores_the_rest(tmp_path, shared_data):
+    """Item 12 (issue 15): before, `pneumo predict` hung on the FIFO (killed here at 60 s)."""
+    registry_root = str(tmp_path / "registry")
+    register_two(registry_root)
+    root = hostile_folder(tmp_path / "in", shared_data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        result = subprocess.run(
+            [*PNEUMO, "predict", str(root / "a.jpeg"), str(root / "b.jpeg"), str(root / "c.jpeg"),
+             "--registry", registry_root, "--json"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("pneumo predict still blocked after 60 s (a FIFO named b.jpeg)")
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(p["input"]).name for p in lines] == ["a.jpeg", "b.jpeg", "c.jpeg"]
+    assert lines[0]["error"] is None and lines[0]["label"]
+    assert lines[1]["error"] == "not a regular file (a pipe, device or socket)"
+    assert lines[2]["error"].startswith("too large:")
