@@ -83,3 +83,43 @@ def test_pneumo_predict_refuses_a_fifo_and_an_oversized_file_and_scores_the_rest
     assert lines[0]["error"] is None and lines[0]["label"]
     assert lines[1]["error"] == "not a regular file (a pipe, device or socket)"
     assert lines[2]["error"].startswith("too large:")
+
+
+def laughs(levels: int = 7) -> str:
+    """A "billion laughs" YAML value: each anchored list repeats the one before nine times."""
+    lists = ["&a [" + ",".join(["lol"] * 9) + "]"]
+    for at in range(1, levels):
+        name, before = "abcdefghij"[at], "abcdefghij"[at - 1]
+        lists.append(f"&{name} [" + ",".join([f"*{before}"] * 9) + "]")
+    return "epochs: [" + ", ".join(lists) + "]\n"
+
+
+def run_refused(config: Path) -> str:
+    """`pneumo run --config FILE`: refused before Prefect starts; its one stderr line."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        result = subprocess.run([*PNEUMO, "run", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pneumo run --config {config.name} still running after 60 s")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 400, f"{len(lines)} line(s), {len(result.stderr)} characters: {result.stderr[:300]}"
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("laughs.yaml", laughs(), "anchors and aliases (&name, *name) are not allowed"),
+        ("recursive.yaml", "epochs: &a [*a]\n", "anchors and aliases (&name, *name) are not allowed"),
+        ("big.toml", "# padding\n" * 20_000 + "epochs = 0\n", "larger than 100000 bytes"),
+        ("long.toml", f'recipe = "{"x" * 50_000}"\n', "--recipe xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (50000 characters)"),
+    ],
+)
+def test_a_hostile_config_file_is_refused_in_one_short_line(tmp_path, name, text, expected):
+    """Item 14 (issue 15): before, 264 bytes of YAML gave a 39 MB error line and a recursive
+    anchor a 54-line RecursionError traceback."""
+    config = tmp_path / name
+    config.write_text(text)
+    assert len(text) < 300 or name.endswith(".toml")
+    assert expected in run_refused(config)
