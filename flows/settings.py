@@ -321,9 +321,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def overridden(base: BaseModel, values: dict[str, Any]) -> BaseModel:
+def overridden(base: BaseModel, values: dict[str, Any], strict: bool = False) -> BaseModel:
     """``base`` with ``values`` (nested tables merged field by field) in place of its own, validated."""
-    return type(base)(**_merge(base.model_dump(), values))
+    return type(base).model_validate(_merge(base.model_dump(), values), strict=strict)
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (TOML/YAML arrays, repeated command-line values) as tuples, the type strict validation expects."""
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
 
 
 def apply_recipe(
@@ -361,17 +366,19 @@ def _validation_line(section: str, error: ValidationError, given: dict[tuple[str
 
 
 def resolve(given: dict[tuple[str, ...], Any], verbose: bool = False) -> Settings:
-    """Defaults < recipe < given values, validated by the models."""
+    """Defaults < recipe < given values, validated by the models in strict mode: ``epochs = true``
+    or ``percentile = "75"`` is refused, not read as 1 or 75 (an int is still a float)."""
     sections: dict[str, BaseModel] = {}
+    given = {path: _tuples(value) for path, value in given.items()}
     try:
-        run = RunSettings(**_nested(given, "run"))
+        run = RunSettings.model_validate(_nested(given, "run"), strict=True)
     except ValidationError as error:
         raise UsageError(_validation_line("run", error, given)) from None
     recipe = RECIPES[run.recipe]
     bases = {"transform": recipe.transform, "train": recipe.train, "split": SplitConfig()}
     for section, base in bases.items():
         try:
-            sections[section] = overridden(base, _nested(given, section))
+            sections[section] = overridden(base, _nested(given, section), strict=True)
         except ValidationError as error:
             raise UsageError(_validation_line(section, error, given)) from None
     return Settings(run, sections["transform"], sections["train"], sections["split"], verbose)  # type: ignore[arg-type]
