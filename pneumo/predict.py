@@ -366,12 +366,32 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
 PREDICTION_COLUMNS = ("relpath", "probability", "label", "threshold", "warnings", "true_label")
 
 
+# A cell starting with one of these is a formula to a spreadsheet (=HYPERLINK(...), +cmd|...).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text, on one line: a leading formula character gets a
+    ``'`` before it (OWASP's advice), line breaks are written as ``\\n`` and ``\\r``."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
 def predictions_csv(rows: list[dict[str, Any]]) -> bytes:
-    """The predictions file: one line per scored image (rows with an error are left out)."""
+    """The predictions file: one line per scored image (rows with an error are left out).
+
+    File names (and any other text) go through ``safe_cell``: no formula, no line break.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         if row.get("error") is None:
-            writer.writerow({**row, "probability": f"{row['probability']:.6f}", "true_label": row["true_label"] or ""})
+            writer.writerow({
+                **row,
+                "relpath": safe_cell(row["relpath"]),
+                "warnings": safe_cell(row["warnings"]),
+                "probability": f"{row['probability']:.6f}",
+                "true_label": row["true_label"] or "",
+            })
     return buffer.getvalue().encode()

@@ -154,3 +154,32 @@ def test_settings_keep_their_lax_but_exact_forms(tmp_path):
     chosen = settings.parse(["--config", str(config), "--augment-zoom", "0.9", "1.1", "--epochs", "3"], "pneumo run")
     assert chosen.run.percentile == 80.0 and chosen.transform.grid == (5, 7)
     assert chosen.transform.augment.zoom == (0.9, 1.1) and chosen.train.epochs == 3
+
+
+def test_predictions_csv_has_no_formulas_and_one_record_per_line(tmp_path, shared_data):
+    """Item 18 (issue 15): before, `=HYPERLINK(...)` went verbatim into the first cell and a name
+    holding a newline spanned two lines."""
+    import csv
+
+    from pneumo.predict import predictions_csv
+
+    registry_root = str(tmp_path / "registry")
+    register_two(registry_root)
+    good, _ = xray_pair(shared_data)
+    names = ['=HYPERLINK("evil.invalid";"x").jpeg', "+1.jpeg", "-2.jpeg", "@SUM(A1).jpeg",
+             "two\nlines.jpeg", "plain.jpeg"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in names:
+        shutil.copy2(good, root / name)
+    rows = score_inputs(registry_root, "tinynet", "v0001", list_inputs(root))
+    assert all(row["error"] is None for row in rows)
+    text = predictions_csv(rows).decode()
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(names), text
+    cells = [line.split(",")[0].strip('"') for line in lines[1:]]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "-", "@"))], cells
+    records = list(csv.DictReader(text.splitlines()))
+    assert sorted(record["relpath"] for record in records) == sorted(
+        ["'" + name if name[0] in "=+-@" else name.replace("\n", "\\n") for name in names]
+    )
