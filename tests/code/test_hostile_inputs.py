@@ -183,3 +183,38 @@ def test_predictions_csv_has_no_formulas_and_one_record_per_line(tmp_path, share
     assert sorted(record["relpath"] for record in records) == sorted(
         ["'" + name if name[0] in "=+-@" else name.replace("\n", "\\n") for name in names]
     )
+
+
+def zip_of(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    import warnings
+    import zipfile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a duplicate name, and writes it anyway
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in entries:
+                archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entries, says",
+    [
+        ([("a.jpeg", b"first"), ("a.jpeg/b.jpeg", b"second")],
+         "entry 'a.jpeg/b.jpeg' in {zip} needs a folder 'a.jpeg', but the archive also holds a file 'a.jpeg' by that name"),
+        ([("a.jpeg/b.jpeg", b"second"), ("a.jpeg", b"first")],
+         "entry 'a.jpeg/b.jpeg' in {zip} needs a folder 'a.jpeg', but the archive also holds a file 'a.jpeg' by that name"),
+        ([("train/NORMAL/x.jpeg", b"first"), ("train/NORMAL/x.jpeg", b"replaced")],
+         "entry 'train/NORMAL/x.jpeg' appears twice in {zip}; remove one copy"),
+    ],
+)
+def test_zip_entries_that_clash_are_refused_naming_the_entry(tmp_path, entries, says):
+    """Item 16 (issue 15): before, `[Errno 17] File exists: '…/.pneumo-…partial/a.jpeg'` (a temporary
+    path), and a duplicate entry silently replaced the first."""
+    from pneumo import download
+
+    archive = zip_of(tmp_path / "in.zip", entries)
+    with pytest.raises(download.UnsafeArchive) as refused:
+        download.fetch(str(archive), tmp_path / "cache")
+    assert str(refused.value) == says.format(zip=archive)
+    assert not list((tmp_path / "cache").rglob("*.jpeg")), "nothing extracted is left visible"
