@@ -528,9 +528,16 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
         for file in files:
             skipped.append(SkippedEntry(relpath=shown_name(file.relative_to(root).as_posix()), reason=reason))
 
+    def outside(path: Path) -> bool:
+        """A symlink (file or folder) that leads out of the dataset."""
+        return path.is_symlink() and not path.resolve().is_relative_to(resolved_root)
+
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
+            continue
+        if outside(split_dir):
+            refuse(split_dir, "symlinked folder points outside the dataset (not read)")
             continue
         for class_dir in sorted(split_dir.iterdir()):
             if junk := junk_reason(class_dir.name):
@@ -539,10 +546,16 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
             if not class_dir.is_dir():
                 refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
                 continue
+            if outside(class_dir):  # the same rule as for a file: its files are never read
+                refuse(class_dir, "symlinked folder points outside the dataset (not read)")
+                continue
             known = class_dir.name in CLASSES
             for folder, dirnames, filenames in os.walk(class_dir):
                 for name in [d for d in dirnames if junk_reason(d)]:
                     skip(Path(folder, name), junk_reason(name))
+                for name in [d for d in dirnames if Path(folder, d).is_symlink() and not junk_reason(d)]:
+                    # os.walk does not follow it: say so rather than lose its files without a word
+                    refuse(Path(folder, name), "symlinked folder inside a class folder (not followed)")
                 dirnames[:] = sorted(d for d in dirnames if not junk_reason(d))
                 for name in sorted(filenames):
                     path = Path(folder, name)
@@ -559,7 +572,7 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                         refuse(path, f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)")
                     elif Path(folder) != class_dir:
                         refuse(path, f"inside a subfolder of class folder '{class_dir.name}'")
-                    elif path.is_symlink() and not path.resolve().is_relative_to(resolved_root):
+                    elif outside(path):
                         refuse(path, "symlink points outside the dataset")
                     elif not path.is_file():
                         refuse(path, "not a regular file (broken symlink, device or pipe)")

@@ -218,3 +218,50 @@ def test_zip_entries_that_clash_are_refused_naming_the_entry(tmp_path, entries, 
         download.fetch(str(archive), tmp_path / "cache")
     assert str(refused.value) == says.format(zip=archive)
     assert not list((tmp_path / "cache").rglob("*.jpeg")), "nothing extracted is left visible"
+
+
+def outside_folder(tmp_path: Path, shared_data: Path) -> Path:
+    """Three PNEUMONIA films in a folder outside any dataset or input."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for path in sorted((shared_data / "train" / "PNEUMONIA").iterdir())[:3]:
+        shutil.copy2(path, outside / path.name)
+    return outside
+
+
+def test_a_symlinked_class_folder_leading_outside_is_refused_by_the_manifest(tmp_path, shared_data):
+    """Item 13 (issue 15): before, `train/PNEUMONIA -> /outside` put the three outside files into the manifest."""
+    from pneumo.download import build_manifest
+
+    outside = outside_folder(tmp_path, shared_data)
+    root = tmp_path / "dataset"
+    (root / "train" / "NORMAL").mkdir(parents=True)
+    for path in sorted((shared_data / "train" / "NORMAL").iterdir())[:2]:
+        shutil.copy2(path, root / "train" / "NORMAL" / path.name)
+    (root / "train" / "PNEUMONIA").symlink_to(outside, target_is_directory=True)
+    (root / "train" / "NORMAL" / "more").symlink_to(root / "train" / "NORMAL", target_is_directory=True)
+    manifest = build_manifest(root)
+    assert sorted(record.relpath.split("/")[1] for record in manifest.records) == ["NORMAL", "NORMAL"]
+    reasons = {entry.relpath: entry.reason for entry in manifest.quarantine}
+    assert reasons == {
+        "train/PNEUMONIA": "symlinked folder points outside the dataset (not read)",
+        "train/NORMAL/more": "symlinked folder inside a class folder (not followed)",
+    }
+
+
+def test_batch_scoring_reports_a_symlinked_folder_instead_of_skipping_it(tmp_path, shared_data):
+    """Item 13 (issue 15): before, the batch flow silently skipped such a folder (`scored 1 of 2`)."""
+    registry_root = str(tmp_path / "registry")
+    register_two(registry_root)
+    outside = outside_folder(tmp_path, shared_data)
+    root = tmp_path / "in"
+    (root / "NORMAL").mkdir(parents=True)
+    good, _ = xray_pair(shared_data)
+    shutil.copy2(good, root / "NORMAL" / good.name)
+    (root / "PNEUMONIA").symlink_to(outside, target_is_directory=True)
+    (root / "NORMAL" / "link.jpeg").symlink_to(outside / sorted(os.listdir(outside))[0])
+    rows = {row["relpath"]: row for row in score_inputs(registry_root, "tinynet", "v0001", list_inputs(root))}
+    assert rows[f"NORMAL/{good.name}"]["error"] is None
+    assert rows["PNEUMONIA"]["error"] == "symlinked folder points outside the input (not read)"
+    assert rows["NORMAL/link.jpeg"]["error"] == "symlink points outside the input (not read)"
+    assert len(rows) == 3
