@@ -125,6 +125,9 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Largest image accepted, in pixels.", min=1)] = 50_000_000,
     body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive (then 408).", min=0.1)] = 30.0,
     max_connections: Annotated[int, typer.Option(help="Open connections and requests at once; more get 503.", min=1)] = 100,
+    decode_memory: Annotated[Optional[int], typer.Option(
+        help="MB of image decoding in flight across requests [default: a quarter of RAM, 256 to 2048].", min=1,
+        show_default=False)] = None,
 ) -> None:
     """Serve the model over HTTP: POST /predict, POST /predict/batch, GET /health, GET /model.
 
@@ -138,7 +141,7 @@ def serve(
     predictor = _load_predictor(registry, model_name, alias, None, max_pixels=max_pixels)
     api = serving.create_app(
         registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels,
-        body_seconds=body_timeout, predictor=predictor,
+        body_seconds=body_timeout, decode_memory=decode_memory * 2**20 if decode_memory else None, predictor=predictor,
     )
     typer.echo(f"pneumo: serving {model_name} {predictor.version} ({alias}) on http://{host}:{port}", err=True)
     uvicorn.run(api, host=host, port=port, log_level="warning", limit_concurrency=max_connections, timeout_keep_alive=5)

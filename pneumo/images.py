@@ -156,6 +156,21 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
+def decode_cost(data: bytes) -> int:
+    """Bytes one decode of this image may take at its peak (pixels, their gray copy, the features'
+    working arrays), from the header alone; 0 when the header does not parse (the decode refuses it).
+
+    Measured on a 7000 x 7000 RGB PNG: 0.94 GB, 19 bytes per pixel; gray images about half.
+    """
+    try:
+        with open_image(io.BytesIO(data)) as image:
+            width, height = image.size
+            colour = len(image.getbands()) >= 3 or image.mode == "P"
+    except Exception:  # not an image, or a broken header: refused by the decode itself, at no cost
+        return 0
+    return width * height * (20 if colour else 10)
+
+
 def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
     """Open from the header only, refusing empty, unknown and oversized images before any pixel is decoded.
 
@@ -262,8 +277,13 @@ def to_gray(image: Image.Image) -> np.ndarray:
     if mode not in ("RGB", "RGBA", "RGBa", "RGBX"):
         # P, PA, CMYK, YCbCr, LAB, HSV...: PIL knows how to turn each into RGB (or RGBA).
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    rgb = np.asarray(image, dtype=np.float32)[..., :3]
-    return rgb.mean(axis=2) / 255.0
+    # The channel sum in 16-bit integers, then one float32 layer: the same values as a float32
+    # mean of the three channels (the sum is exact either way), at a third of the memory
+    # (a 7000 x 7000 RGB PNG: 0.2 GB of float32 here instead of 0.6 GB, then 0.2 more for the mean).
+    rgb = np.asarray(image)[..., :3]
+    total = rgb.sum(axis=2, dtype=np.uint16)
+    del rgb
+    return total.astype(np.float32) / np.float32(3) / np.float32(255.0)
 
 
 def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) -> np.ndarray:

@@ -13,6 +13,10 @@ request never sees a half-loaded model and none fails during the switch.
 Uploads are bounded: bodies over ``max_bytes`` per image are refused with 413 before they
 are read whole, images over ``max_pixels`` with 413 after a header read; a body that is not
 an image is a 422, an unsupported content type a 415. Never a 500 for a bad upload.
+Decoding is bounded across requests: each image holds its decode cost (``images.decode_cost``,
+from its header) of a shared ``decode_memory`` budget while it is scored, waits while the
+budget is spent, and gives the memory back to the system afterwards; an image costing more
+than the whole budget is a 413.
 A body that does not arrive within ``body_seconds`` is a 408 and its connection is closed;
 media types are matched case-insensitively, and a multipart body cut short says so.
 """
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +39,60 @@ from fastapi.responses import JSONResponse
 
 from pneumo import registry as reg
 from pneumo import storage
+from pneumo.images import decode_cost
 from pneumo.predict import Prediction, Predictor
 
 logger = logging.getLogger("pneumo.serve")
 
 MAX_BATCH_FILES = 64
 RAW_TYPES = ("image/", "application/octet-stream")
+
+
+DECODE_WAIT_SECONDS = 60.0  # longest wait for decode memory before a 503
+TRIM_BYTES = 64 * 2**20  # after a decode this large, hand freed memory back to the system
+
+
+def default_decode_memory() -> int:
+    """A quarter of the memory this process may use (RAM, or the cgroup's limit), between 256 MB and 2 GB."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return min(max(total // 4, 256 * 2**20), 2 * 2**30)
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise: RSS stays at its peak)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class DecodeBudget:
+    """Bytes of decoding in flight across all requests: a counting semaphore over bytes."""
+
+    def __init__(self, total: int, wait_seconds: float = DECODE_WAIT_SECONDS):
+        self.total, self.wait_seconds, self.used = total, wait_seconds, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cost: int):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.used + cost <= self.total, timeout=self.wait_seconds):
+                raise UploadError(503, f"busy: no decode memory free for {self.wait_seconds:g} s; retry later")
+            self.used += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= cost
+                self._changed.notify_all()
+            if cost >= TRIM_BYTES:
+                _trim()
 
 
 class UploadError(Exception):
@@ -176,10 +231,27 @@ def create_app(
     max_bytes: int = 20_000_000,
     max_pixels: int = 50_000_000,
     body_seconds: float = 30.0,
+    decode_memory: Optional[int] = None,
     predictor: Optional[Predictor] = None,
 ) -> FastAPI:
-    """The app; the alias is polled from startup to shutdown."""
+    """The app; the alias is polled from startup to shutdown. ``decode_memory`` in bytes
+    (default: ``default_decode_memory()``)."""
     holder = ModelHolder(registry, model_name, alias, max_pixels=max_pixels, predictor=predictor)
+    budget = DecodeBudget(decode_memory or default_decode_memory())
+
+    def score(current: Predictor, files: list[tuple[str, bytes]]) -> list[Prediction]:
+        """One image at a time, each within the decode budget (runs in the thread pool)."""
+        results = []
+        for name, data in files:
+            cost = decode_cost(data)
+            if cost > budget.total:
+                results.append(Prediction(name, None, None, current.threshold, current.model, error=(
+                    f"too large to decode: needs about {cost // 2**20} MB, over the server's decode "
+                    f"memory of {budget.total // 2**20} MB")))
+                continue
+            with budget.hold(cost):
+                results += current.predict([(name, data)])
+        return results
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -213,7 +285,7 @@ def create_app(
         files = await _files(request, max_bytes, 2, body_seconds)  # 2: so that a second file gets the message below
         if len(files) != 1:
             raise UploadError(422, f"POST /predict takes one image, got {len(files)}; use /predict/batch")
-        (result,) = await run_in_threadpool(holder.current.predict, files)
+        (result,) = await run_in_threadpool(score, holder.current, files)
         if not result.ok:
             return JSONResponse({"detail": f"{result.input}: {result.error}", **result.to_dict()}, status_code=_status(result))
         return JSONResponse(result.to_dict())
@@ -223,7 +295,7 @@ def create_app(
         """Per-image results in upload order; an image that cannot be scored has its ``error``."""
         files = await _files(request, max_bytes * 5, MAX_BATCH_FILES, body_seconds)
         current = holder.current  # one model for the whole batch
-        scored = iter(await run_in_threadpool(current.predict, [f for f in files if len(f[1]) <= max_bytes]))
+        scored = iter(await run_in_threadpool(score, current, [f for f in files if len(f[1]) <= max_bytes]))
         results = [
             next(scored) if len(data) <= max_bytes
             else Prediction(name, None, None, current.threshold, current.model,

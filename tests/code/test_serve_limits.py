@@ -34,6 +34,7 @@ def serve(tmp_path):
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         return client, root, port
 
+    start.processes = processes
     yield start
     for process in processes:
         process.terminate()
@@ -139,3 +140,57 @@ def test_slow_bodies_get_408_and_open_connections_are_capped(serve):
     assert set(codes) <= {b"408", b"503"} and codes.count(b"503") >= 30 - 12, codes
     assert seconds < 12, f"the burst was held {seconds:.0f} s"
     assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+
+
+def big_png(side: int) -> bytes:
+    """A ~160 KB RGB PNG of side x side pixels: small on the wire, large decoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((side, side, 3), np.uint8)
+    pixels[::50, :, 0] = 200
+    pixels[:, ::70, 1] = 120
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def rss_mb(pid: int, field: str) -> float:
+    from pathlib import Path
+
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def test_decoding_is_bounded_across_requests_and_given_back(serve, tmp_path):
+    """Item 8: before, a 160 KB 7000 x 7000 RGB PNG raised the server's RSS by ~1.2 GB, four at
+    once peaked at 4.35 GB and 1.05 GB stayed taken. Here two 5000 x 5000 PNGs (~0.5 GB of decode
+    each) at once under --decode-memory 600: one at a time, and the memory is given back."""
+    import threading
+
+    client, _, port = serve("--decode-memory", "600", "--max-pixels", "50000000")
+    assert client.get("/health").status_code == 200
+    data = big_png(5000)
+    too_big = big_png(6000)  # ~0.7 GB of decode: over the whole budget
+    refused = client.post("/predict", content=too_big, headers={"content-type": "image/png"})
+    assert refused.status_code == 413 and "too large to decode: needs about" in refused.json()["detail"], refused.text
+
+    server_pid = serve.processes[-1].pid  # the console script execs python: the server itself
+    before = rss_mb(server_pid, "VmRSS")
+    codes = []
+
+    def post() -> None:
+        codes.append(httpx.post(f"http://127.0.0.1:{port}/predict", content=data,
+                                headers={"content-type": "image/png"}, timeout=300).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    peak, after = rss_mb(server_pid, "VmHWM"), rss_mb(server_pid, "VmRSS")
+    assert codes == [200, 200]
+    assert peak - before < 800, f"peak {peak:.0f} MB from {before:.0f} MB: both decodes ran at once"
+    assert after - before < 200, f"RSS {after:.0f} MB after, {before:.0f} MB before: not given back"
