@@ -95,6 +95,10 @@ class DecodeBudget:
                 _trim()
 
 
+class AliasUnavailable(RuntimeError):
+    """Nothing to follow: the registry is unreachable or the alias is missing (the message says which)."""
+
+
 class UploadError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -114,14 +118,14 @@ class ModelHolder:
     def refresh(self) -> bool:
         """Load and swap in the alias's version if it moved; True when it did.
 
-        Raises RuntimeError saying "registry unreachable" or "alias missing" when there is
+        Raises AliasUnavailable saying "registry unreachable" or "alias missing" when there is
         nothing to follow: the caller keeps serving the current model and reports it.
         """
         if not storage.is_s3(self.registry) and not Path(self.registry).is_dir():
-            raise RuntimeError(f"registry unreachable: {self.registry} is not a folder (moved, deleted or unmounted)")
+            raise AliasUnavailable(f"registry unreachable: {self.registry} is not a folder (moved, deleted or unmounted)")
         version = reg.get_alias(self.registry, self.model_name, self.alias)
         if version is None:
-            raise RuntimeError(f"alias missing: {self.model_name} has no alias {self.alias!r} in {self.registry}")
+            raise AliasUnavailable(f"alias missing: {self.model_name} has no alias {self.alias!r} in {self.registry}")
         if version == self.current.version:
             return False
         new = Predictor.from_registry(self.registry, self.model_name, version=version, max_pixels=self.max_pixels)
@@ -136,7 +140,7 @@ class ModelHolder:
                     self.refresh()
                     self.last_error = None
                 except Exception as error:  # keep serving the current model; say why on /health
-                    self.last_error = str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"
+                    self.last_error = str(error) if isinstance(error, AliasUnavailable) else f"{type(error).__name__}: {error}"
                     logger.warning("cannot follow %s %s: %s", self.model_name, self.alias, self.last_error)
 
         self._thread = threading.Thread(target=loop, name="pneumo-alias-poll", daemon=True)

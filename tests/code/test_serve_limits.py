@@ -3,7 +3,6 @@ every loop bounded in count and time."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
