@@ -132,15 +132,25 @@ def serve(
     poll: Annotated[float, typer.Option(help="Seconds between checks of where the alias points.", min=0.1)] = 60.0,
     max_bytes: Annotated[int, typer.Option(help="Largest upload accepted, per image.", min=1)] = 20_000_000,
     max_pixels: Annotated[int, typer.Option(help="Largest image accepted, in pixels.", min=1)] = 50_000_000,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive (then 408).", min=0.1)] = 30.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections and requests at once; more get 503.", min=1)] = 100,
+    decode_memory: Annotated[Optional[int], typer.Option(
+        help="MB of image decoding in flight across requests [default: a quarter of RAM, 256 to 2048].", min=1,
+        show_default=False)] = None,
 ) -> None:
-    """Serve the model over HTTP: POST /predict, POST /predict/batch, GET /health, GET /model."""
+    """Serve the model over HTTP: POST /predict, POST /predict/batch, GET /health, GET /model.
+
+    No TLS and no authentication: exposed beyond this machine (--host), put it behind a reverse
+    proxy that terminates TLS, authenticates and times out slow clients (see the README).
+    """
     import uvicorn
 
     from pneumo import serve as serving
 
     predictor = _load_predictor(registry, model_name, alias, None, max_pixels=max_pixels)
     api = serving.create_app(
-        registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels, predictor=predictor
+        registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels,
+        body_seconds=body_timeout, decode_memory=decode_memory * 2**20 if decode_memory else None, predictor=predictor,
     )
     request_log = logging.getLogger("pneumo.serve")  # one line per request (pneumo.serve's middleware)
     handler = logging.StreamHandler()
@@ -155,7 +165,10 @@ def serve(
     )
     # A stalled upload must not hold the process after SIGTERM: requests still running
     # half a second after it are cancelled.
-    uvicorn.run(api, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+    uvicorn.run(
+        api, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        limit_concurrency=max_connections, timeout_keep_alive=5,
+    )
 
 
 def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:

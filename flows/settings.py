@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import types
 import typing
@@ -226,20 +227,46 @@ class Settings(typing.NamedTuple):
         }
 
 
+MAX_CONFIG_BYTES = 100_000  # a settings file is a few hundred bytes
+SHOWN_CHARS = 40  # a value quoted in an error message is cut to this many characters
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and how many there were: a value echoed in an error stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _plain_yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader without anchors and aliases: nothing in a settings file needs them, and
+    they are how a few hundred bytes expand to gigabytes ("billion laughs") or recurse forever."""
+
+    class PlainLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return PlainLoader
+
+
 def _read_config_file(path: str) -> dict[tuple[str, ...], Any]:
     """The file's settings by path; flat keys are option names (dashes or underscores)."""
     file = Path(path).expanduser()
     try:
-        text = file.read_bytes()
+        with open(file, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise UsageError(f"--config {path}: cannot read it ({error.strerror or error}); give an existing TOML or YAML file")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a settings file is a few lines")
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
                 raise UsageError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); or write the file as TOML") from None
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_plain_yaml_loader(yaml)) or {}
         else:
             import tomllib
 
@@ -247,8 +274,9 @@ def _read_config_file(path: str) -> dict[tuple[str, ...], Any]:
     except UsageError:
         raise
     except Exception as error:  # a syntax error: one line, not a traceback
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"--config {path}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'TOML'}: "
-                         f"{str(error).splitlines()[0]}")
+                         f"{cut(first_line, 200)}")
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a table of settings at the top level")
 
@@ -268,7 +296,7 @@ def _read_config_file(path: str) -> dict[tuple[str, ...], Any]:
                 found[(*prefix, name)] = value
             else:
                 where = ".".join((*prefix, name))
-                raise UsageError(f"--config {path}: unknown setting {where!r}; `pneumo run --help` lists them")
+                raise UsageError(f"--config {path}: unknown setting {cut(repr(where))}; `pneumo run --help` lists them")
 
     take((), data)
     return found
@@ -293,9 +321,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def overridden(base: BaseModel, values: dict[str, Any]) -> BaseModel:
+def overridden(base: BaseModel, values: dict[str, Any], strict: bool = False) -> BaseModel:
     """``base`` with ``values`` (nested tables merged field by field) in place of its own, validated."""
-    return type(base)(**_merge(base.model_dump(), values))
+    return type(base).model_validate(_merge(base.model_dump(), values), strict=strict)
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (TOML/YAML arrays, repeated command-line values) as tuples, the type strict validation expects."""
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
 
 
 def apply_recipe(
@@ -327,23 +360,25 @@ def _validation_line(section: str, error: ValidationError, given: dict[tuple[str
     flag = _flag_of(section, tuple(first["loc"]))
     option = BY_FLAG.get(flag)
     value = given.get(option.path) if option else None
-    shown = f" {_shown(tuple(value) if isinstance(value, list) else value)}" if option and option.path in given else ""
+    shown = f" {cut(_shown(tuple(value) if isinstance(value, list) else value))}" if option and option.path in given else ""
     message = first["msg"].removeprefix("Value error, ")
     return f"{flag}{shown}: {message[0].lower()}{message[1:]}; see `pneumo run --help`"
 
 
 def resolve(given: dict[tuple[str, ...], Any], verbose: bool = False) -> Settings:
-    """Defaults < recipe < given values, validated by the models."""
+    """Defaults < recipe < given values, validated by the models in strict mode: ``epochs = true``
+    or ``percentile = "75"`` is refused, not read as 1 or 75 (an int is still a float)."""
     sections: dict[str, BaseModel] = {}
+    given = {path: _tuples(value) for path, value in given.items()}
     try:
-        run = RunSettings(**_nested(given, "run"))
+        run = RunSettings.model_validate(_nested(given, "run"), strict=True)
     except ValidationError as error:
         raise UsageError(_validation_line("run", error, given)) from None
     recipe = RECIPES[run.recipe]
     bases = {"transform": recipe.transform, "train": recipe.train, "split": SplitConfig()}
     for section, base in bases.items():
         try:
-            sections[section] = overridden(base, _nested(given, section))
+            sections[section] = overridden(base, _nested(given, section), strict=True)
         except ValidationError as error:
             raise UsageError(_validation_line(section, error, given)) from None
     return Settings(run, sections["transform"], sections["train"], sections["split"], verbose)  # type: ignore[arg-type]
@@ -442,6 +477,8 @@ def load(argv: Optional[list[str]], prog: str) -> Optional[Settings]:
         if settings is not None:
             check(settings)
     except UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        # Any other long word (a value quoted by a check further down) is cut too.
+        message = re.sub(r"\S{200,}", lambda word: cut(word[0]), str(error))
+        print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings

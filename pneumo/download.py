@@ -359,8 +359,12 @@ def safe_extract_zip(
             if len(members) > max_members:
                 raise UnsafeArchive(f"{zip_path} has {len(members)} entries, more than the limit of {max_members}")
             declared = 0
+            seen: dict[PurePosixPath, str] = {}  # each entry's path -> its name in the archive
             for info in members:
-                _checked_member_path(info.filename, zip_path)
+                path = _checked_member_path(info.filename, zip_path)
+                if path in seen:  # extracted, the second would silently replace the first
+                    raise UnsafeArchive(f"entry {info.filename!r} appears twice in {zip_path}; remove one copy")
+                seen[path] = info.filename
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise UnsafeArchive(f"unsafe entry {info.filename!r} in {zip_path}: symbolic link")
                 declared += info.file_size
@@ -374,6 +378,14 @@ def safe_extract_zip(
                         f"entry {info.filename!r} in {zip_path} has compression ratio {ratio:.0f} "
                         f"(limit {max_ratio}): likely a zip bomb"
                     )
+            files = {path for path, name in seen.items() if not name.endswith("/")}
+            for path, name in seen.items():
+                for parent in path.parents:
+                    if parent in files:  # a file and, at once, the folder of another entry
+                        raise UnsafeArchive(
+                            f"entry {name!r} in {zip_path} needs a folder {parent.as_posix()!r}, "
+                            f"but the archive also holds a file {seen[parent]!r} by that name"
+                        )
             written = 0
             real_target = os.path.realpath(target)
             for info in members:
@@ -381,20 +393,24 @@ def safe_extract_zip(
                 # Guards against symlinks already sitting in target_dir, which names alone can't see.
                 if os.path.commonpath([real_target, os.path.realpath(destination)]) != real_target:
                     raise UnsafeArchive(f"entry {info.filename!r} in {zip_path} resolves outside {target}")
-                if info.is_dir():
-                    destination.mkdir(parents=True, exist_ok=True)
-                    continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(info) as source, open(destination, "wb") as sink:
-                    member_written = 0
-                    while chunk := source.read(_CHUNK):
-                        member_written += len(chunk)
-                        written += len(chunk)
-                        if member_written > info.file_size or written > max_total_bytes:
-                            raise UnsafeArchive(
-                                f"entry {info.filename!r} in {zip_path} expands beyond its declared size"
-                            )
-                        sink.write(chunk)
+                try:
+                    if info.is_dir():
+                        destination.mkdir(parents=True, exist_ok=True)
+                        continue
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(info) as source, open(destination, "wb") as sink:
+                        member_written = 0
+                        while chunk := source.read(_CHUNK):
+                            member_written += len(chunk)
+                            written += len(chunk)
+                            if member_written > info.file_size or written > max_total_bytes:
+                                raise UnsafeArchive(
+                                    f"entry {info.filename!r} in {zip_path} expands beyond its declared size"
+                                )
+                            sink.write(chunk)
+                except OSError as error:  # named by its entry: the temporary folder means nothing to the user
+                    raise OSError(error.errno, f"cannot extract entry {info.filename!r} from {zip_path}: "
+                                  f"{error.strerror or error}") from None
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise UnsafeArchive(f"archive is truncated or corrupt: {zip_path}: {error}") from error
 
@@ -518,9 +534,16 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
         for file in files:
             skipped.append(SkippedEntry(relpath=shown_name(file.relative_to(root).as_posix()), reason=reason))
 
+    def outside(path: Path) -> bool:
+        """A symlink (file or folder) that leads out of the dataset."""
+        return path.is_symlink() and not path.resolve().is_relative_to(resolved_root)
+
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
+            continue
+        if outside(split_dir):
+            refuse(split_dir, "symlinked folder points outside the dataset (not read)")
             continue
         for class_dir in sorted(split_dir.iterdir()):
             if junk := junk_reason(class_dir.name):
@@ -529,10 +552,16 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
             if not class_dir.is_dir():
                 refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
                 continue
+            if outside(class_dir):  # the same rule as for a file: its files are never read
+                refuse(class_dir, "symlinked folder points outside the dataset (not read)")
+                continue
             known = class_dir.name in CLASSES
             for folder, dirnames, filenames in os.walk(class_dir):
                 for name in [d for d in dirnames if junk_reason(d)]:
                     skip(Path(folder, name), junk_reason(name))
+                for name in [d for d in dirnames if Path(folder, d).is_symlink() and not junk_reason(d)]:
+                    # os.walk does not follow it: say so rather than lose its files without a word
+                    refuse(Path(folder, name), "symlinked folder inside a class folder (not followed)")
                 dirnames[:] = sorted(d for d in dirnames if not junk_reason(d))
                 for name in sorted(filenames):
                     path = Path(folder, name)
@@ -549,7 +578,7 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                         refuse(path, f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)")
                     elif Path(folder) != class_dir:
                         refuse(path, f"inside a subfolder of class folder '{class_dir.name}'")
-                    elif path.is_symlink() and not path.resolve().is_relative_to(resolved_root):
+                    elif outside(path):
                         refuse(path, "symlink points outside the dataset")
                     elif not path.is_file():
                         refuse(path, "not a regular file (broken symlink, device or pipe)")

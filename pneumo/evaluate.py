@@ -20,7 +20,8 @@ def metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, Any]:
     """Metrics of binary predictions, as plain JSON-serializable Python values.
 
     A probability at or above ``threshold`` predicts PNEUMONIA (1). ``roc_auc`` is None
-    when ``y_true`` holds a single class (AUC is undefined then). ``confusion_matrix``
+    when ``y_true`` holds a single class (AUC is undefined then); so are ``recall`` without
+    positives, ``specificity`` without negatives and ``precision`` without positive predictions. ``confusion_matrix``
     is [[tn, fp], [fn, tp]].
     """
     y_true = np.asarray(y_true).astype(int).ravel()
@@ -38,13 +39,15 @@ def metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, Any]:
     roc_auc = None
     if len(np.unique(y_true)) == 2:
         roc_auc = float(skm.roc_auc_score(y_true, y_prob))
+    # None where a rate has no denominator (recall of a set without PNEUMONIA films, ...): it is
+    # undefined there, not 0, as in bootstrap_ci.
     return {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
         "roc_auc": roc_auc,
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "threshold": float(threshold),

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
-from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
+from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size, read_file
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
 from pneumo import onnx_model
@@ -305,8 +305,8 @@ def _read(item: Input) -> tuple[str, Union[bytes, Exception]]:
     if isinstance(item, (bytes, bytearray)):
         return f"<{len(item)} bytes>", bytes(item)
     try:
-        return str(item), Path(item).read_bytes()
-    except OSError as error:
+        return str(item), read_file(item)  # regular files under the size bound only
+    except (OSError, ImageRejected) as error:
         return str(item), error
 
 
@@ -343,29 +343,43 @@ class InputImage:
     relpath: str  # POSIX, relative to the listed root
     path: str
     label: Optional[int] = None  # 0 / 1 when a parent folder is named NORMAL / PNEUMONIA
+    refused: Optional[str] = None  # why it is not read at all (a symlink leading out of the input)
 
 
 def list_inputs(root: str | Path) -> list[InputImage]:
     """Every file under ``root`` (OS junk skipped), sorted; labelled by a NORMAL/PNEUMONIA parent folder.
 
-    Files that are not images are listed too: scoring reports each with its reason.
+    Files that are not images are listed too: scoring reports each with its reason. A symlink
+    leading out of ``root`` (file or folder) is listed with ``refused`` set, as in training's
+    manifest; a symlinked folder inside it is listed as not followed (its files are listed
+    where they are). Nothing under ``root`` is left out without a word.
     """
     root = Path(root)
     if root.is_file():
         return [InputImage(relpath=root.name, path=str(root))]
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist")
+    resolved_root = root.resolve()
     found = []
+
+    def add(path: Path, refused: Optional[str] = None) -> None:
+        relpath = path.relative_to(root)
+        parents = [part for part in relpath.parts[:-1] if part in CLASSES]
+        label = CLASSES.index(parents[-1]) if parents else None
+        found.append(InputImage(relpath=relpath.as_posix(), path=str(path), label=label, refused=refused))
+
     for folder, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not is_junk(d))
+        for name in [d for d in dirnames if Path(folder, d).is_symlink()]:  # os.walk does not follow them
+            inside = Path(folder, name).resolve().is_relative_to(resolved_root)
+            add(Path(folder, name), "symlinked folder inside the input (not followed)" if inside
+                else "symlinked folder points outside the input (not read)")
         for name in sorted(filenames):
             if is_junk(name):
                 continue
             path = Path(folder, name)
-            relpath = path.relative_to(root)
-            parents = [part for part in relpath.parts[:-1] if part in CLASSES]
-            label = CLASSES.index(parents[-1]) if parents else None
-            found.append(InputImage(relpath=relpath.as_posix(), path=str(path), label=label))
+            outside = path.is_symlink() and not path.resolve().is_relative_to(resolved_root)
+            add(path, "symlink points outside the input (not read)" if outside else None)
     return found
 
 
@@ -381,7 +395,12 @@ def cached_predictor(registry: str, model_name: str, version: str) -> Predictor:
 def score_inputs(registry: str, model_name: str, version: str, images: list[InputImage]) -> list[dict[str, Any]]:
     """Rows for the predictions file: relpath, label truth, and the prediction (or its error)."""
     predictor = cached_predictor(registry, model_name, version)
-    predictions = predictor.predict([image.path for image in images])
+    readable = iter(predictor.predict([image.path for image in images if image.refused is None]))
+    predictions = [
+        next(readable) if image.refused is None
+        else Prediction(image.path, None, None, predictor.threshold, predictor.model, error=image.refused)
+        for image in images
+    ]
     return [
         {
             "relpath": image.relpath,
@@ -399,12 +418,32 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
 PREDICTION_COLUMNS = ("relpath", "probability", "label", "threshold", "warnings", "true_label")
 
 
+# A cell starting with one of these is a formula to a spreadsheet (=HYPERLINK(...), +cmd|...).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text, on one line: a leading formula character gets a
+    ``'`` before it (OWASP's advice), line breaks are written as ``\\n`` and ``\\r``."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
 def predictions_csv(rows: list[dict[str, Any]]) -> bytes:
-    """The predictions file: one line per scored image (rows with an error are left out)."""
+    """The predictions file: one line per scored image (rows with an error are left out).
+
+    File names (and any other text) go through ``safe_cell``: no formula, no line break.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         if row.get("error") is None:
-            writer.writerow({**row, "probability": f"{row['probability']:.6f}", "true_label": row["true_label"] or ""})
+            writer.writerow({
+                **row,
+                "relpath": safe_cell(row["relpath"]),
+                "warnings": safe_cell(row["warnings"]),
+                "probability": f"{row['probability']:.6f}",
+                "true_label": row["true_label"] or "",
+            })
     return buffer.getvalue().encode()

@@ -3,7 +3,8 @@
     POST /predict         one image: multipart upload (any field name) or a raw body with an
                           image/* or application/octet-stream content type -> a prediction
     POST /predict/batch   several images in one multipart form -> a list of predictions
-    GET  /health          liveness and the version being served
+    GET  /health          liveness, the version being served, and "degraded" with the problem
+                          when the alias cannot be followed (?strict=true: 503 then)
     GET  /model           name, version, threshold, labels, transform, card metrics
 
 Every ``poll_seconds`` a background thread reads where the alias points; when it has moved,
@@ -14,14 +15,25 @@ status, milliseconds and the model version that answered.
 Uploads are bounded: bodies over ``max_bytes`` per image are refused with 413 before they
 are read whole, images over ``max_pixels`` with 413 after a header read; a body that is not
 an image is a 422, an unsupported content type a 415. Never a 500 for a bad upload.
+Decoding is bounded across requests: each image holds its decode cost (``images.decode_cost``,
+from its header) of a shared ``decode_memory`` budget while it is scored, waits while the
+budget is spent, and gives the memory back to the system afterwards; an image costing more
+than the whole budget is a 413.
+A body that does not arrive within ``body_seconds`` is a 408 and its connection is closed;
+media types are matched case-insensitively, and a multipart body cut short says so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -29,12 +41,65 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from pneumo import registry as reg
+from pneumo import storage
+from pneumo.images import decode_cost
 from pneumo.predict import Prediction, Predictor
 
 logger = logging.getLogger("pneumo.serve")
 
 MAX_BATCH_FILES = 64
 RAW_TYPES = ("image/", "application/octet-stream")
+
+
+DECODE_WAIT_SECONDS = 60.0  # longest wait for decode memory before a 503
+TRIM_BYTES = 64 * 2**20  # after a decode this large, hand freed memory back to the system
+
+
+def default_decode_memory() -> int:
+    """A quarter of the memory this process may use (RAM, or the cgroup's limit), between 256 MB and 2 GB."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return min(max(total // 4, 256 * 2**20), 2 * 2**30)
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise: RSS stays at its peak)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class DecodeBudget:
+    """Bytes of decoding in flight across all requests: a counting semaphore over bytes."""
+
+    def __init__(self, total: int, wait_seconds: float = DECODE_WAIT_SECONDS):
+        self.total, self.wait_seconds, self.used = total, wait_seconds, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cost: int):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.used + cost <= self.total, timeout=self.wait_seconds):
+                raise UploadError(503, f"busy: no decode memory free for {self.wait_seconds:g} s; retry later")
+            self.used += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= cost
+                self._changed.notify_all()
+            if cost >= TRIM_BYTES:
+                _trim()
+
+
+class AliasUnavailable(RuntimeError):
+    """Nothing to follow: the registry is unreachable or the alias is missing (the message says which)."""
 
 
 class UploadError(Exception):
@@ -54,9 +119,17 @@ class ModelHolder:
         self._thread: Optional[threading.Thread] = None
 
     def refresh(self) -> bool:
-        """Load and swap in the alias's version if it moved; True when it did."""
+        """Load and swap in the alias's version if it moved; True when it did.
+
+        Raises AliasUnavailable saying "registry unreachable" or "alias missing" when there is
+        nothing to follow: the caller keeps serving the current model and reports it.
+        """
+        if not storage.is_s3(self.registry) and not Path(self.registry).is_dir():
+            raise AliasUnavailable(f"registry unreachable: {self.registry} is not a folder (moved, deleted or unmounted)")
         version = reg.get_alias(self.registry, self.model_name, self.alias)
-        if version is None or version == self.current.version:
+        if version is None:
+            raise AliasUnavailable(f"alias missing: {self.model_name} has no alias {self.alias!r} in {self.registry}")
+        if version == self.current.version:
             return False
         new = Predictor.from_registry(self.registry, self.model_name, version=version, max_pixels=self.max_pixels)
         old, self.current = self.current, new  # one reference: in-flight requests keep the old model
@@ -70,7 +143,7 @@ class ModelHolder:
                     self.refresh()
                     self.last_error = None
                 except Exception as error:  # keep serving the current model; say why on /health
-                    self.last_error = f"{type(error).__name__}: {error}"
+                    self.last_error = str(error) if isinstance(error, AliasUnavailable) else f"{type(error).__name__}: {error}"
                     logger.warning("cannot follow %s %s: %s", self.model_name, self.alias, self.last_error)
 
         self._thread = threading.Thread(target=loop, name="pneumo-alias-poll", daemon=True)
@@ -80,25 +153,52 @@ class ModelHolder:
         self._stop.set()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes,
+    and with 408 when it has not arrived whole within ``seconds`` (a client that declares a
+    body and never sends it must not hold a connection and a worker forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise UploadError(413, f"upload of {int(declared)} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise UploadError(413, f"upload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise UploadError(413, f"upload exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise UploadError(408, f"the request body did not arrive within {seconds:g} s ({size} bytes received)") from None
     return b"".join(chunks)
 
 
-async def _files(request: Request, limit: int, max_files: int) -> list[tuple[str, bytes]]:
+def _media_type(request: Request) -> str:
+    """The content type without its parameters, lower-case: media types are case-insensitive (RFC 9110)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _closing_boundary(request: Request) -> bytes:
+    """``--BOUNDARY--``, the line that ends a complete multipart body."""
+    for parameter in request.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "boundary":
+            return b"--" + value.strip().strip('"').encode("latin-1") + b"--"
+    raise UploadError(422, "multipart/form-data without a boundary parameter")
+
+
+async def _files(request: Request, limit: int, max_files: int, seconds: float) -> list[tuple[str, bytes]]:
     """(name, bytes) of each uploaded image: every file of a multipart form, or the raw body."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        body = await _read_body(request, limit)
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        closing = _closing_boundary(request)
+        body = await _read_body(request, limit, seconds)
+        if closing not in body:
+            raise UploadError(
+                422, f"the multipart body is incomplete: {len(body)} bytes without the closing boundary "
+                f"{closing.decode('latin-1')!r} (the upload was cut short)",
+            )
 
         async def replay() -> dict[str, Any]:  # the bounded body, for Starlette's form parser
             return {"type": "http.request", "body": body, "more_body": False}
@@ -115,8 +215,8 @@ async def _files(request: Request, limit: int, max_files: int) -> list[tuple[str
         if not files:
             raise UploadError(422, "the form holds no file; upload the image as a file field (e.g. -F file=@xray.jpeg)")
         return files
-    if content_type.startswith(RAW_TYPES):
-        return [("body", await _read_body(request, limit))]
+    if media_type.startswith(RAW_TYPES):
+        return [("body", await _read_body(request, limit, seconds))]
     raise UploadError(
         415,
         f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, "
@@ -137,10 +237,28 @@ def create_app(
     poll_seconds: float = 60.0,
     max_bytes: int = 20_000_000,
     max_pixels: int = 50_000_000,
+    body_seconds: float = 30.0,
+    decode_memory: Optional[int] = None,
     predictor: Optional[Predictor] = None,
 ) -> FastAPI:
-    """The app; the alias is polled from startup to shutdown."""
+    """The app; the alias is polled from startup to shutdown. ``decode_memory`` in bytes
+    (default: ``default_decode_memory()``)."""
     holder = ModelHolder(registry, model_name, alias, max_pixels=max_pixels, predictor=predictor)
+    budget = DecodeBudget(decode_memory or default_decode_memory())
+
+    def score(current: Predictor, files: list[tuple[str, bytes]]) -> list[Prediction]:
+        """One image at a time, each within the decode budget (runs in the thread pool)."""
+        results = []
+        for name, data in files:
+            cost = decode_cost(data)
+            if cost > budget.total:
+                results.append(Prediction(name, None, None, current.threshold, current.model, error=(
+                    f"too large to decode: needs about {cost // 2**20} MB, over the server's decode "
+                    f"memory of {budget.total // 2**20} MB")))
+                continue
+            with budget.hold(cost):
+                results += current.predict([(name, data)])
+        return results
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,13 +287,17 @@ def create_app(
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, error: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=error.status)
+        # After a 408 the rest of the body may still be on its way: close the connection.
+        headers = {"connection": "close"} if error.status == 408 else None
+        return JSONResponse({"detail": str(error)}, status_code=error.status, headers=headers)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        current = holder.current
-        return {"status": "ok", "model": model_name, "version": current.version, "alias": alias,
-                "alias_error": holder.last_error}
+    def health(strict: bool = False) -> JSONResponse:
+        """200 while a model is served; "degraded" (and 503 with ?strict=true) while the alias cannot be followed."""
+        current, problem = holder.current, holder.last_error
+        body = {"status": "degraded" if problem else "ok", "problem": problem, "model": model_name,
+                "version": current.version, "alias": alias, "alias_error": problem}
+        return JSONResponse(body, status_code=503 if problem and strict else 200)
 
     @app.get("/model")
     def model() -> dict[str, Any]:
@@ -183,12 +305,12 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        files = await _files(request, max_bytes, 2)  # 2: so that a second file gets the message below
+        files = await _files(request, max_bytes, 2, body_seconds)  # 2: so that a second file gets the message below
         if len(files) != 1:
             raise UploadError(422, f"POST /predict takes one image, got {len(files)}; use /predict/batch")
         current = holder.current
         request.state.version = current.version
-        (result,) = await run_in_threadpool(current.predict, files)
+        (result,) = await run_in_threadpool(score, current, files)
         if not result.ok:
             return JSONResponse({"detail": f"{result.input}: {result.error}", **result.to_dict()}, status_code=_status(result))
         return JSONResponse(result.to_dict())
@@ -196,10 +318,10 @@ def create_app(
     @app.post("/predict/batch")
     async def predict_batch(request: Request) -> JSONResponse:
         """Per-image results in upload order; an image that cannot be scored has its ``error``."""
-        files = await _files(request, max_bytes * 5, MAX_BATCH_FILES)
+        files = await _files(request, max_bytes * 5, MAX_BATCH_FILES, body_seconds)
         current = holder.current  # one model for the whole batch
         request.state.version = current.version
-        scored = iter(await run_in_threadpool(current.predict, [f for f in files if len(f[1]) <= max_bytes]))
+        scored = iter(await run_in_threadpool(score, current, [f for f in files if len(f[1]) <= max_bytes]))
         results = [
             next(scored) if len(data) <= max_bytes
             else Prediction(name, None, None, current.threshold, current.model,

@@ -38,13 +38,19 @@ def test_single_class_split_has_no_auc():
     m = metrics([1, 1, 1], [0.2, 0.6, 0.9])
     assert m["roc_auc"] is None
     assert m["confusion_matrix"] == [[0, 0], [1, 2]]
-    assert m["specificity"] == 0.0
+    assert m["specificity"] is None  # no NORMAL film: undefined, not 0
     json.dumps(m)
 
 
-def test_no_positive_predictions_gives_zero_precision_without_warning():
+def test_no_positive_predictions_gives_no_precision_without_warning():
     m = metrics([0, 1], [0.1, 0.2])
-    assert m["precision"] == 0.0 and m["recall"] == 0.0
+    assert m["precision"] is None and m["recall"] == 0.0
+
+
+def test_a_set_without_pneumonia_has_no_recall():
+    """Issue 15 item 13: a labelled set of NORMAL films only reported recall 0.000; it has none."""
+    m = metrics([0, 0, 0], [0.1, 0.7, 0.2])
+    assert m["recall"] is None and m["specificity"] == 2 / 3 and m["precision"] == 0.0
 
 
 @pytest.mark.parametrize("y_true, y_prob", [([0, 1], [0.5]), ([], []), ([0, 2], [0.1, 0.9])])
