@@ -27,6 +27,9 @@ class AugmentConfig(_Config):
     (> 1 magnifies), shift up to +-``shift`` of the width and height, rotation up to
     +-``rotation`` degrees, gamma e^u with u in +-``gamma``, contrast about the image mean
     e^u with u in +-``contrast``, brightness +-``brightness`` on the [0, 1] scale.
+    ``aspect`` stretches one axis against the other (zoom_x = zoom e^u, zoom_y = zoom e^-u,
+    u in +-``aspect``), so that the chest's width stops being a clue; ``blur`` is the share of
+    renditions blurred, with sigma in ``blur_sigma`` (fractions of the film's short side).
     """
 
     zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
@@ -35,12 +38,24 @@ class AugmentConfig(_Config):
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
     contrast: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")
     brightness: float = Field(0.0, ge=0.0, le=0.5, description="Largest brightness offset on the [0, 1] scale")
+    aspect: float = Field(0.0, ge=0.0, le=0.5, description="Largest |log| of the aspect change: zoom_x = zoom e^u, zoom_y = zoom e^-u")
+    blur: float = Field(0.0, ge=0.0, le=1.0, description="Share of renditions blurred (Gaussian)")
+    blur_sigma: tuple[float, float] = Field(
+        (0.005, 0.015), description="Blur sigma range, as fractions of the film's short side"
+    )
 
     @field_validator("zoom")
     @classmethod
     def _zoom_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0.5 <= value[0] <= value[1] <= 2.0:
             raise ValueError(f"zoom must be (low, high) with 0.5 <= low <= high <= 2, got {value}")
+        return value
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _blur_sigma_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] <= value[1] <= 0.1:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high <= 0.1, got {value}")
         return value
 
 
@@ -128,3 +143,7 @@ class TrainConfig(_Config):
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")
+    swa_start: int = Field(
+        0, ge=0, description="Average the weights of every epoch from this one on (SWA; from the last epoch if the "
+        "budget is shorter) and train all epochs; 0 = off: keep the best validation-loss epoch"
+    )
