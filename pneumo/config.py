@@ -142,6 +142,10 @@ class TrainConfig(_Config):
     patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")
+    threshold_rule: Literal["fixed", "stress_youden"] = Field(
+        "fixed", description="'fixed': use threshold; 'stress_youden': the threshold that maximizes Youden's J "
+        "(sensitivity + specificity - 1) on the stress val"
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")
     swa_start: int = Field(
         0, ge=0, description="Average the weights of every epoch from this one on (SWA; from the last epoch if the "

@@ -117,6 +117,19 @@ LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
 CONFUSION_MATRIX_LAYOUT = "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction"
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
+def youden_threshold(y_true, y_prob) -> float:
+    """The threshold that maximizes Youden's J = sensitivity + specificity - 1 (ties: the first, highest).
+
+    Chosen on the stress val, where no class mix or exposure is taken for granted: it weighs a
+    missed pneumonia and a false alarm alike, as balanced training does.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    if len(np.unique(y_true)) != 2:
+        raise ValueError("Youden's threshold needs NORMAL and PNEUMONIA rows")
+    fpr, tpr, thresholds = skm.roc_curve(y_true, np.asarray(y_prob, dtype=float).ravel())
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))  # roc_curve's first threshold is +inf
+
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, NaN where den is 0: a resample without positives has no recall, not a recall of 0."""

@@ -252,3 +252,20 @@ def test_evaluate_model_scores_every_shift_with_the_clean_reference(monkeypatch)
     np.testing.assert_allclose(received["clean"], predict_proba(state_dict, val.features), rtol=1e-6)
     for name, X in shifted.items():
         np.testing.assert_allclose(received[name], predict_proba(state_dict, X), rtol=1e-6, atol=1e-7)
+
+
+def test_youden_threshold_maximizes_sensitivity_plus_specificity():
+    from pneumo.evaluate import youden_threshold
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.6).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    t = youden_threshold(y, p)
+
+    def j(threshold):
+        m = metrics(y, p, threshold)
+        return m["recall"] + m["specificity"] - 1
+
+    assert 0 < t < 1 and j(t) >= max(j(c) for c in np.linspace(0.01, 0.99, 99)) - 1e-12
+    with pytest.raises(ValueError, match="NORMAL and PNEUMONIA"):
+        youden_threshold(np.ones(5), np.linspace(0, 1, 5))

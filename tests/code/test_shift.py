@@ -101,3 +101,25 @@ def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
         expected = shift.shift_features(decode_gray(Path(root) / first.relpath, transform), transform, first.sha256)
         np.testing.assert_array_equal(np.stack([data.shift[n][0] for n in shift.NAMES]), expected)
     assert load_split(uri, "train").shift == {}
+
+
+def test_stretches_change_one_axis_only():
+    x, y = shift.stretch("x", 0.82).warp[:2], shift.stretch("y", 1.22).warp[:2]
+    assert x == pytest.approx((0.82, 1.0)) and y == pytest.approx((1.0, 1.22))
+    assert {"stretch_x0.82", "stretch_x1.22", "stretch_y0.82", "stretch_y1.22"} <= set(shift.NAMES)
+
+
+@pytest.mark.parametrize("config", [ROBUST, SEED], ids=["robust", "seed"])
+def test_the_stress_val_is_seeded_per_image_and_the_same_for_every_recipe_setting_but_the_seed(gray, config):
+    first = shift.stress_features(gray, config, SHA)
+    assert first.shape == (shift.STRESS_RENDITIONS, config.n_features) and np.isfinite(first).all()
+    np.testing.assert_array_equal(shift.stress_features(gray, config, SHA), first)
+    # Ten different jitters, none of them the clean film.
+    clean = augment.features(gray, config, augment.Rendition())
+    assert len({row.tobytes() for row in first}) == shift.STRESS_RENDITIONS
+    assert not any(np.allclose(row, clean, atol=1e-4) for row in first)
+    # The jitters do not follow the recipe's own renditions or their seed, only the shift seed.
+    others = config.model_copy(update={"augment_seed": 5, "renditions": 0})
+    np.testing.assert_array_equal(shift.stress_features(gray, others, SHA), first)
+    assert not np.array_equal(shift.stress_features(gray, config.model_copy(update={"shift_seed": 1}), SHA), first)
+    assert not np.array_equal(shift.stress_features(gray, config, hashlib.sha256(b"another").hexdigest()), first)
