@@ -10,7 +10,8 @@
   width (issue 16): narrowed to x0.82 its val specificity falls to 0.06.
 - ``robust2``: the default. ``robust``'s features, trained on wider renditions that also
   change the aspect ratio (so the chest's width stops being a clue) and blur, for a fixed
-  budget of epochs whose weights from epoch 11 on are averaged (pneumo.train).
+  budget of epochs whose weights from epoch 11 on are averaged (pneumo.train), its
+  threshold chosen on the stress val (Youden's J, pneumo.evaluate).
 
 A recipe's name is a promise: it always builds the same model. Cards record the name, so a
 new version of a recipe gets a new name and the old one keeps its meaning ("robust" in a
@@ -68,7 +69,7 @@ RECIPES["robust2"] = Recipe(
             "renditions": 12,
         }
     ),
-    RECIPES["robust"].train.model_copy(update={"epochs": 30, "swa_start": 11}),
+    RECIPES["robust"].train.model_copy(update={"epochs": 30, "swa_start": 11, "threshold_rule": "stress_youden"}),
 )
 
 
