@@ -244,14 +244,16 @@ class Evaluation:
 
     threshold: float
     predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, probabilities)
-    metrics: dict[str, dict[str, Any]]  # "val", "test": metrics_with_ci; "shift" when the shards have it
+    metrics: dict[str, dict[str, Any]]  # "val", "test": metrics_with_ci; "shift" and "stress_val" when the shards have them
     history: list[dict[str, Any]]  # per epoch: epoch, train_loss, val_loss, val_auc
     best_epoch: Optional[int] = None
+    threshold_rule: str = "fixed"  # how the threshold was chosen (TrainConfig.threshold_rule)
 
     def card_fields(self, plots: list[str] = ()) -> dict[str, Any]:
         """Top-level card keys besides ``metrics`` (pass ``self.metrics``) and ``training.history``."""
         return {
             "threshold": self.threshold,
+            "threshold_rule": self.threshold_rule,
             "labels": dict(LABELS),
             "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
             "plots": list(plots),
@@ -265,11 +267,13 @@ def evaluate_model(
     history: list[dict[str, Any]] = (),
     *,
     best_epoch: Optional[int] = None,
+    threshold_rule: str = "fixed",
     n_boot: int = 1000,
     seed: int = 0,
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
-    and the shift suite when the splits carry shifted features (``ShardData.shift``)."""
+    the shift suite when the splits carry shifted features (``ShardData.shift``), and the stress
+    val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``)."""
     from pneumo.train import predict_proba
 
     predictions, scored = {}, {}
@@ -291,7 +295,35 @@ def evaluate_model(
             shift[split] = shift_metrics(predictions[split][0], {"clean": predictions[split][1], **probs}, threshold)
     if shift:
         scored["shift"] = shift
-    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch)
+    if "val" in splits and getattr(splits["val"], "stress", None) is not None:
+        labels, probs, patients = stress_predictions(state_dict, splits["val"])
+        scored["stress_val"] = {
+            **metrics_with_ci(labels, probs, patients, threshold, n_boot=n_boot, seed=seed),
+            "jitters_per_image": int(splits["val"].stress.shape[1]),
+        }
+    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule)
+
+
+def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``):
+    each image's jitters carry its label and patient, so the CIs resample patients as for clean val."""
+    from pneumo.train import predict_proba
+
+    n, jitters, n_features = val.stress.shape
+    probs = predict_proba(state_dict, val.stress.reshape(n * jitters, n_features))
+    return np.repeat(np.asarray(val.labels).astype(int), jitters), probs, np.repeat(np.asarray(val.patient_ids), jitters)
+
+
+def decision_threshold(state_dict, val, rule: str, fixed: float) -> float:
+    """The threshold a model is used at: ``fixed``, or Youden's J on the stress val of ``val``."""
+    if rule == "fixed":
+        return float(fixed)
+    if rule != "stress_youden":
+        raise ValueError(f"unknown threshold rule {rule!r}")
+    if getattr(val, "stress", None) is None:
+        raise ValueError("threshold rule 'stress_youden' needs the stress val in the val shards: turn the shift suite on")
+    labels, probs, _ = stress_predictions(state_dict, val)
+    return youden_threshold(labels, probs)
 
 
 def ci_markdown_table(metrics_by_split: dict[str, dict[str, Any]]) -> str:

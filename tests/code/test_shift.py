@@ -67,7 +67,7 @@ def test_shift_metrics_per_shift_worst_and_clean():
         shift.shift_metrics(labels, {"blur": perfect[:3]}, 0.5)
 
 
-def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
+def test_val_and_test_shards_store_the_suite_val_the_stress_val_and_train_shards_neither(tmp_path):
     root = tmp_path / "data"
     records = []
     for patient in range(12):
@@ -93,6 +93,11 @@ def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
             else:
                 assert f["shift_features"].shape == (len(shift.NAMES), len(spec.records), 140)
                 assert json.loads(f.attrs["shift_names"]) == list(shift.NAMES)
+            # The stress val is val's alone: test stays the untouched held-out check, train never sees it.
+            if spec.split == "val":
+                assert f["stress_features"].shape == (len(spec.records), shift.STRESS_RENDITIONS, 140)
+            else:
+                assert "stress_features" not in f
     for name in ("val", "test"):
         data = load_split(uri, name)
         assert list(data.shift) == list(shift.NAMES)
@@ -100,7 +105,13 @@ def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
         first = by_relpath[data.relpaths[0]]
         expected = shift.shift_features(decode_gray(Path(root) / first.relpath, transform), transform, first.sha256)
         np.testing.assert_array_equal(np.stack([data.shift[n][0] for n in shift.NAMES]), expected)
-    assert load_split(uri, "train").shift == {}
+        if name == "val":
+            gray = decode_gray(Path(root) / first.relpath, transform)
+            np.testing.assert_array_equal(data.stress[0], shift.stress_features(gray, transform, first.sha256))
+            assert data.stress.shape == (len(data.labels), shift.STRESS_RENDITIONS, 140)
+        else:
+            assert data.stress is None
+    assert load_split(uri, "train").shift == {} and load_split(uri, "train").stress is None
 
 
 def test_stretches_change_one_axis_only():
