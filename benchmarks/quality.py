@@ -42,7 +42,8 @@ from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
 from pneumo.sizes import size_percentiles, target_size
-from pneumo.train import predict_proba, train
+from pneumo.model import predict_proba
+from pneumo.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray_224"

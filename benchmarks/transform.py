@@ -114,7 +114,8 @@ def features_in_pool(pool: ProcessPoolExecutor, name: str, paths: list[str]) -> 
 def val_auc(features: np.ndarray, index: dict[str, int], by_split: dict, config: TrainConfig) -> dict:
     """Train TinyNet on the train split, early-stop on val; AUC of the best epoch on val and test."""
     from pneumo.evaluate import metrics
-    from pneumo.train import predict_proba, train
+    from pneumo.model import predict_proba
+    from pneumo.train import train
 
     data = {}
     for split, records in by_split.items():

@@ -227,6 +227,7 @@ def models_promote(
     ``champion`` moves by the same compare-and-swap as the pipeline's promotion, so a run
     promoting at the same moment is never silently overwritten.
     """
+    from pneumo import promotion
     from pneumo import registry as reg
 
     try:
@@ -236,7 +237,7 @@ def models_promote(
             before = f"(broken: {error})"
         if alias == reg.CHAMPION:
             card = reg.load_card(registry, model_name, version)
-            reg.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True)
+            promotion.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True)
         else:
             reg.set_alias(registry, model_name, alias, version)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -41,13 +41,8 @@ from pydantic import Field  # noqa: E402
 from pneumo import download, pool, shards, shard_files, storage  # noqa: E402
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig  # noqa: E402
 from pneumo.recipes import RECIPES, RecipeName  # noqa: E402
-from pneumo.registry import (  # noqa: E402
-    CHAMPION,
-    ChampionMetric,
-    describe_alias,
-    list_versions,
-    validate_model_name,
-)
+from pneumo.names import ChampionMetric, validate_model_name  # noqa: E402
+from pneumo.registry import CHAMPION, describe_alias, list_versions  # noqa: E402
 from tasks.download import download_dataset  # noqa: E402
 from tasks import progress  # noqa: E402
 from tasks.quarantine import report_quarantine  # noqa: E402
@@ -55,7 +50,7 @@ from tasks.results import s3_result_storage  # noqa: E402
 from tasks.retry import is_retryable, retry_options  # noqa: E402
 from tasks.shards import write_index, write_shard  # noqa: E402
 from tasks.sizes import size_percentiles  # noqa: E402
-from tasks.train import train_evaluate_register  # noqa: E402
+from tasks.register import train_evaluate_register  # noqa: E402
 
 from flows import settings as settings_module  # noqa: E402
 from flows.settings import RUN_DEFAULTS as D, Runner  # noqa: E402

@@ -8,6 +8,9 @@ from typing import Any, Optional
 import numpy as np
 from sklearn import metrics as skm
 
+from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
+from pneumo.model import predict_proba
+
 # Column order of the report tables.
 COLUMNS = ("n", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -100,7 +103,7 @@ def comparison_markdown(
     if comparison["champion_version"] is not None:
         rows.insert(0, ("champion", comparison["champion_version"], champion_val or {}))
     for role, row_version, values in rows:
-        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in names]
+        cells = [format_metric(values.get(m), 4) for m in names]
         lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
     outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
     basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
@@ -113,9 +116,8 @@ def comparison_markdown(
 
 # --- Confidence intervals -----------------------------------------------------------------
 
-LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
-CONFUSION_MATRIX_LAYOUT = "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction"
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
 
 def youden_threshold(y_true, y_prob) -> float:
     """The threshold that maximizes Youden's J = sensitivity + specificity - 1 (ties: the first, highest).
@@ -274,8 +276,6 @@ def evaluate_model(
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
     the shift suite when the splits carry shifted features (``ShardData.shift``), and the stress
     val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``)."""
-    from pneumo.train import predict_proba
-
     predictions, scored = {}, {}
     for split, data in splits.items():
         y = np.asarray(data.labels).astype(int)
@@ -307,8 +307,6 @@ def evaluate_model(
 def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``):
     each image's jitters carry its label and patient, so the CIs resample patients as for clean val."""
-    from pneumo.train import predict_proba
-
     n, jitters, n_features = val.stress.shape
     probs = predict_proba(state_dict, val.stress.reshape(n * jitters, n_features))
     return np.repeat(np.asarray(val.labels).astype(int), jitters), probs, np.repeat(np.asarray(val.patient_ids), jitters)

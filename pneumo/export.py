@@ -14,7 +14,6 @@ and the card's ``config.transform``, and compare with the card's ``threshold``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from typing import Any, Optional
@@ -59,12 +58,10 @@ def onnx_bytes(state_dict: dict[str, torch.Tensor]) -> tuple[Optional[bytes], st
 
 
 def add_onnx(card: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Optional[bytes]:
-    """Export, record the outcome in ``card["export"]`` (and ``card["files"]``), return the bytes or None."""
+    """Export, record the outcome in ``card["export"]``, return the bytes or None.
+
+    The registry writes the bytes as model.onnx and records their sha256 in the card's ``files``.
+    """
     data, status = onnx_bytes(state_dict)
     card["export"] = {**(card.get("export") or {}), "onnx": status}
-    if data is not None:
-        card["files"] = {
-            **(card.get("files") or {}),
-            "model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
-        }
     return data

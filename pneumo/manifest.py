@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pneumo import storage
+from pneumo.labels import CLASSES  # noqa: F401 (label 0, label 1; imported from here by the data modules)
 
-CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 SPLITS = ("train", "val", "test")
 
 

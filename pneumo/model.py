@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,3 +57,19 @@ def keras_parameter_count(model: nn.Module) -> int:
         buffer.numel() for name, buffer in model.named_buffers() if name.endswith(("running_mean", "running_var"))
     )
     return trainable_parameter_count(model) + running
+
+
+def predict_proba(model: TinyNet | dict[str, torch.Tensor], X: np.ndarray) -> np.ndarray:
+    """PNEUMONIA probabilities (n,) of a model or a state_dict, computed in eval mode."""
+    if isinstance(model, dict):
+        state_dict = model
+        model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
+        model.load_state_dict(state_dict)
+    X = np.asarray(X, dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(X)).numpy()
+    finally:
+        model.train(was_training)

@@ -21,8 +21,9 @@ from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
 from pneumo import storage  # noqa: E402
+from pneumo.evaluate import format_metric  # noqa: E402
+from pneumo.labels import CLASSES  # noqa: E402
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 SPLIT_COLORS = {"val": "tab:blue", "test": "tab:orange"}
 DPI = 100
 
@@ -55,7 +56,7 @@ def roc_curves(predictions: Predictions, threshold: float) -> bytes:
             continue
         fpr, tpr, _ = skm.roc_curve(y, p)
         color = SPLIT_COLORS.get(split)
-        ax.plot(fpr, tpr, color=color, label=f"{split} (AUC {skm.roc_auc_score(y, p):.3f}, n={len(y)})")
+        ax.plot(fpr, tpr, color=color, label=f"{split} (AUC {format_metric(skm.roc_auc_score(y, p))}, n={len(y)})")
         pred = p >= threshold
         ax.plot(pred[y == 0].mean(), pred[y == 1].mean(), "o", color=color, markeredgecolor="black")
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
@@ -74,7 +75,7 @@ def pr_curves(predictions: Predictions, threshold: float) -> bytes:
         precision, recall, _ = skm.precision_recall_curve(y, p)
         color = SPLIT_COLORS.get(split)
         ax.plot(recall, precision, color=color,
-                label=f"{split} (AP {skm.average_precision_score(y, p):.3f}, prevalence {y.mean():.2f})")
+                label=f"{split} (AP {format_metric(skm.average_precision_score(y, p))}, prevalence {y.mean():.2f})")
         pred = (p >= threshold).astype(int)
         ax.plot(skm.recall_score(y, pred, zero_division=0), skm.precision_score(y, pred, zero_division=0),
                 "o", color=color, markeredgecolor="black")
@@ -95,7 +96,7 @@ def confusion_matrices(predictions: Predictions, threshold: float) -> bytes:
             for j in range(2):
                 ax.text(j, i, f"{cm[i, j]}\n{100 * rates[i, j]:.1f}%", ha="center", va="center",
                         color="white" if rates[i, j] > 0.5 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES,
                xlabel="prediction", ylabel="truth", title=f"{split} (n={len(y)}, threshold {threshold:g})")
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9, wspace=0.45)
     return _png(fig)
@@ -108,7 +109,7 @@ def score_histograms(predictions: Predictions, threshold: float) -> bytes:
     for ax, (split, (y, p)) in zip(axes[0], predictions.items()):
         for label, color in ((0, "tab:green"), (1, "tab:red")):
             # One filled polygon per histogram: 40 bar patches each are several times slower to draw.
-            ax.hist(p[y == label], bins=bins, histtype="stepfilled", alpha=0.5, color=color, label=f"{CLASS_NAMES[label]} ({(y == label).sum()})")
+            ax.hist(p[y == label], bins=bins, histtype="stepfilled", alpha=0.5, color=color, label=f"{CLASSES[label]} ({(y == label).sum()})")
         ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
         ax.set(xlabel="predicted PNEUMONIA probability", ylabel="images", title=f"{split}: scores by true class")
         ax.legend(loc="upper center")
@@ -125,7 +126,7 @@ def reliability(predictions: Predictions, n_bins: int = 10) -> bytes:
             continue
         observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
         brier = skm.brier_score_loss(y, p)
-        ax.plot(predicted, observed, "o-", color=SPLIT_COLORS.get(split), label=f"{split} (Brier {brier:.3f})")
+        ax.plot(predicted, observed, "o-", color=SPLIT_COLORS.get(split), label=f"{split} (Brier {format_metric(brier)})")
     ax.set(xlabel="mean predicted probability", ylabel="fraction PNEUMONIA", xlim=(0, 1), ylim=(0, 1),
            title=f"Reliability ({n_bins} equal-width bins)")
     ax.legend(loc="upper left")
@@ -172,7 +173,7 @@ def shift_suite(shift: dict[str, dict[str, Any]], stress: Optional[dict[str, Any
             ax.barh(y + offset, values, height=0.4, color=color, label=label)
             if clean.get(metric) is not None:
                 ax.axvline(clean[metric], color=color, ls="--", lw=1)
-        reference = ", ".join(f"{label} {clean[m]:.3f}" for m, label, _ in bars if clean.get(m) is not None)
+        reference = ", ".join(f"{label} {format_metric(clean[m])}" for m, label, _ in bars if clean.get(m) is not None)
         ax.set(xlim=(0, 1), ylim=(len(names) - 0.5, -0.5), xlabel="score",
                title=f"{split}: clean (dashed) {reference}" if reference else split)
         ax.set_yticks(y, names)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,12 +28,11 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
-from pneumo.manifest import CLASSES
-from pneumo.model import TinyNet
+from pneumo.labels import CLASSES, LABELS
+from pneumo.model import TinyNet, predict_proba
 from pneumo.transform import ImageRejected, _with_height, decode_gray, featurize, pool_features, render
 
-SCHEMA_VERSION = 2  # the oldest card schema prediction can use
-DEFAULT_LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
+OLDEST_CARD_SCHEMA = 2  # the oldest registry.CARD_SCHEMA_VERSION prediction can use
 
 # Out-of-distribution warnings. The image is still scored; the warning says why to doubt it.
 # Either side under this fraction of the card's resize target: upsampled far beyond training.
@@ -105,13 +103,13 @@ def check_card(card: dict[str, Any], where: str = "card") -> None:
     if missing:
         raise CardError(
             f"{where} cannot be used for prediction: its card lacks {', '.join(missing)} "
-            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {SCHEMA_VERSION}). "
+            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {OLDEST_CARD_SCHEMA}). "
             "Train and register a new version with this pneumo (pneumo run --retrain)."
         )
-    if card["schema_version"] < SCHEMA_VERSION:
+    if card["schema_version"] < OLDEST_CARD_SCHEMA:
         raise CardError(
             f"{where} has an older card (schema_version {card['schema_version']}; prediction needs "
-            f"{SCHEMA_VERSION}). Train and register a new version with this pneumo (pneumo run --retrain)."
+            f"{OLDEST_CARD_SCHEMA}). Train and register a new version with this pneumo (pneumo run --retrain)."
         )
     if not 0.0 < threshold < 1.0:
         raise CardError(f"{where}: card threshold {threshold!r} is not between 0 and 1")
@@ -121,16 +119,10 @@ def resolve_version(registry: str, model_name: str, alias: Optional[str], versio
     """The version to load, or ModelNotFound saying what the registry does hold."""
     if not storage.is_s3(registry) and not Path(registry).is_dir():
         raise ModelNotFound(f"registry {registry} does not exist (train a model first: pneumo run --source ...)")
-    versions = reg.list_versions(registry, model_name)
-    held = f"versions: {', '.join(versions)}" if versions else f"it holds no version of {model_name!r}"
-    if version is not None:
-        if version not in versions:
-            raise ModelNotFound(f"no version {version!r} of {model_name} in {registry}; {held}")
-        return version
-    found = reg.get_alias(registry, model_name, alias or reg.CHAMPION)
-    if found is None:
-        raise ModelNotFound(f"no alias {alias!r} for {model_name} in {registry}; {held}")
-    return found
+    try:
+        return reg.resolve(registry, model_name, version if version is not None else alias or reg.CHAMPION)
+    except reg.VersionNotFound as error:
+        raise ModelNotFound(str(error)) from None
 
 
 class Predictor:
@@ -150,7 +142,7 @@ class Predictor:
         self.card = card
         self.model_name, self.version = model_name, version
         self.threshold = float(card["threshold"])
-        self.labels = {int(k): v for k, v in (card.get("labels") or DEFAULT_LABELS).items()}
+        self.labels = {int(k): v for k, v in (card.get("labels") or LABELS).items()}
         config = transform_config(card, where)
         if max_pixels is not None and max_pixels < config.max_pixels:
             config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
@@ -182,11 +174,13 @@ class Predictor:
         version = resolve_version(registry, model_name, alias, version)
         card = reg.load_card(registry, model_name, version)
         check_card(card, f"{model_name} {version}")
-        weights = storage.read_bytes(storage.join(registry, model_name, version, "model.pt"))
-        expected = ((card.get("files") or {}).get("model.pt") or {}).get("sha256")
-        if expected and hashlib.sha256(weights).hexdigest() != expected:
-            raise CardError(f"{model_name} {version}: model.pt does not match the sha256 in its card; refusing to load it")
-        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        try:
+            state_dict = reg.load_state_dict(registry, model_name, version)
+        except reg.CorruptModel as error:
+            raise CardError(
+                f"{model_name} {version}: model.pt does not match the sha256, size or shape in its card; "
+                f"refusing to load it ({error})"
+            ) from None
         return cls(state_dict, card, model_name=model_name, version=version, max_pixels=max_pixels)
 
     @property
@@ -223,9 +217,8 @@ class Predictor:
         return features, self._warnings(data, spread)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """PNEUMONIA probabilities of rows of features (the network in eval mode)."""
-        with torch.inference_mode():
-            return self.network(torch.from_numpy(np.asarray(features, dtype=np.float32))).numpy()
+        """PNEUMONIA probabilities of rows of features: the same scoring as evaluation (model.predict_proba)."""
+        return predict_proba(self.network, features)
 
     def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""

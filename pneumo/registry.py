@@ -11,7 +11,9 @@ Layout::
 does. Both files of a version are written create-if-absent, so a version number is
 claimed by exactly one writer and a version is never overwritten, even when several
 runs register at the same time. The card records the sha256 of every file of its version,
-checked on every load. ``champion`` moves by compare-and-swap (``promote``).
+checked on every load. ``champion`` moves by compare-and-swap (``swap_alias``); which
+version deserves it is decided in pneumo.promotion, not here: the registry stores, it does
+not score.
 """
 
 from __future__ import annotations
@@ -19,29 +21,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import re
-from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 import pneumo
 from pneumo import export, storage
+from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
 from pneumo.model import TinyNet, keras_parameter_count
-from pneumo.names import CHAMPION_METRICS, ChampionMetric, validate_model_name  # noqa: F401 (re-exported)
+from pneumo.names import validate_model_name
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 # A version folder under a model: ".../v0003/<file>", with either separator.
 _VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
-SCHEMA_VERSION = 2
-LABELS = {"0": "NORMAL", "1": "PNEUMONIA"}
-CONFUSION_MATRIX_LAYOUT = "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction"
-
-log = logging.getLogger(__name__)
+CARD_SCHEMA_VERSION = 2  # the layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION)
+CHAMPION = "champion"  # the alias pneumo.promotion moves
 
 
 class CorruptModel(ValueError):
@@ -50,6 +48,10 @@ class CorruptModel(ValueError):
 
 class BrokenAlias(FileNotFoundError):
     """An alias names a version that does not exist."""
+
+
+class VersionNotFound(FileNotFoundError):
+    """No such version or alias; the message names the versions the registry does hold."""
 
 
 def _version_name(number: int) -> str:
@@ -146,10 +148,16 @@ def _alias_uri(registry: str, model_name: str, alias: str) -> str:
     return storage.join(_model_root(registry, model_name), "aliases", f"{alias}.json")
 
 
-def _alias_pointer(registry: str, model_name: str, alias: str, version: str) -> bytes:
+def require_aliasable(registry: str, model_name: str, version: str) -> str:
+    """``version`` if an alias may point at it: ValueError for a malformed name, FileNotFoundError if not committed."""
     version = _check_version(version)
     if not storage.exists(_card_uri(registry, model_name, version)):
         raise FileNotFoundError(f"cannot alias {model_name} {version} in {registry}: that version does not exist")
+    return version
+
+
+def _alias_pointer(registry: str, model_name: str, alias: str, version: str) -> bytes:
+    version = require_aliasable(registry, model_name, version)
     pointer = {
         "model_name": model_name,
         "alias": alias,
@@ -165,6 +173,16 @@ def set_alias(registry: str, model_name: str, alias: str, version: str) -> None:
     Unconditional: use ``promote`` for ``champion``, which must not overwrite a concurrent move.
     """
     storage.write_bytes(_alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version))
+
+
+def swap_alias(registry: str, model_name: str, alias: str, version: str, token: str | None) -> None:
+    """Point ``alias`` at ``version`` only if it still holds ``token`` (from ``read_alias``).
+
+    Raises storage.Conflict when another writer moved the alias since it was read.
+    """
+    storage.compare_and_swap(
+        _alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version), token
+    )
 
 
 def read_alias(registry: str, model_name: str, alias: str) -> tuple[str | None, str | None]:
@@ -186,11 +204,16 @@ def get_alias(registry: str, model_name: str, alias: str) -> str | None:
         version = storage.read_json(_alias_uri(registry, model_name, alias))["version"]
     except FileNotFoundError:
         return None
-    if not (isinstance(version, str) and _VERSION.match(version)) or not storage.exists(
-        _card_uri(registry, model_name, version)
-    ):
+    if not version_exists(registry, model_name, version):
         raise BrokenAlias(f"{broken_alias_message(model_name, alias, str(version))} (in {registry})")
     return version
+
+
+def version_exists(registry: str, model_name: str, version: Any) -> bool:
+    """Whether ``version`` is a well-formed version name with a committed card."""
+    return bool(isinstance(version, str) and _VERSION.match(version)) and storage.exists(
+        _card_uri(registry, model_name, version)
+    )
 
 
 def describe_alias(registry: str, model_name: str, alias: str) -> str:
@@ -202,13 +225,24 @@ def describe_alias(registry: str, model_name: str, alias: str) -> str:
 
 
 def resolve(registry: str, model_name: str, version_or_alias: str) -> str:
-    """A version name from either a version ("v0003") or an alias ("champion")."""
+    """The committed version named by a version ("v0003") or an alias ("champion").
+
+    The one place a version or alias is looked up (loading, prediction, the CLI). Raises
+    VersionNotFound naming the versions the registry holds, BrokenAlias when the alias
+    names a missing version.
+    """
     if isinstance(version_or_alias, str) and _VERSION.match(version_or_alias):
-        return version_or_alias
-    version = get_alias(registry, model_name, version_or_alias)
-    if version is None:
-        raise FileNotFoundError(f"{model_name} in {registry} has no version or alias named {version_or_alias!r}")
-    return version
+        if version_exists(registry, model_name, version_or_alias):
+            return version_or_alias
+        missing = f"no version {version_or_alias!r}"
+    else:
+        version = get_alias(registry, model_name, version_or_alias)
+        if version is not None:
+            return version
+        missing = f"no alias {version_or_alias!r}"
+    versions = list_versions(registry, model_name)
+    held = f"versions: {', '.join(versions)}" if versions else f"it holds no version of {model_name!r}"
+    raise VersionNotFound(f"{missing} of {model_name} in {registry}; {held}")
 
 
 def _card_uri(registry: str, model_name: str, version: str) -> str:
@@ -308,6 +342,15 @@ def read_promotion(registry: str, model_name: str, version: str) -> dict[str, An
         return None
 
 
+def write_promotion(registry: str, model_name: str, version: str, outcome: dict[str, Any]) -> None:
+    """Keep how the champion promotion of ``version`` ended; the first outcome written stays."""
+    uri = storage.join(_model_root(registry, model_name), _check_version(version), "promotion.json")
+    try:
+        storage.write_json(uri, outcome, if_absent=True)
+    except storage.AlreadyExists:  # a retried or repeated promotion
+        pass
+
+
 def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
     folder = storage.join(_model_root(registry, model_name), version)
     card = load_card(registry, model_name, version)
@@ -321,14 +364,6 @@ def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
         champion_comparison=card.get("champion_comparison"),
         promotion=read_promotion(registry, model_name, version),
     )
-
-
-def code_version() -> str:
-    """The package version plus a digest of the library source that produced a model."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(pneumo.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return f"{pneumo.__version__}+{digest.hexdigest()[:12]}"
 
 
 def build_card(
@@ -347,14 +382,14 @@ def build_card(
 
     ``extra`` adds top-level keys (threshold, labels, plots, ...: ``Evaluation.card_fields``).
 
-    ``champion_comparison`` is the output of ``compare``: how the new model fared against
+    ``champion_comparison`` is the output of ``promotion.compare``: how the new model fared against
     the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
     are. ``threshold`` is the one of ``config["train"]``, used for every metric.
     """
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": CARD_SCHEMA_VERSION,
         "labels": LABELS,
         "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
         "threshold": config.get("train", {}).get("threshold"),
@@ -363,211 +398,10 @@ def build_card(
         "training": training,
         "config": config,
         "data": {"manifest_digest": manifest_digest, "shards_digest": shards_digest, "counts": counts},
-        "code_version": code_version(),
+        "code_version": pneumo.code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "champion_comparison": champion_comparison,
         **extra,
     }
 
 
-# --- Champion / challenger --------------------------------------------------------------
-
-CHAMPION = "champion"
-
-
-def validate_champion_metric(metric: str) -> str:
-    if metric not in CHAMPION_METRICS:
-        raise ValueError(f"invalid champion metric {metric!r}: choose one of {', '.join(CHAMPION_METRICS)}")
-    return metric
-
-
-def champion_val_metrics(
-    registry: str, model_name: str, version: str, index_uri: Optional[str]
-) -> tuple[dict[str, Any], str]:
-    """The champion's validation metrics, and where they come from.
-
-    When the champion was trained on features of the same transform, it is scored again
-    on this run's val split, so that both models are judged on the same images: new data
-    also brings new val patients, and val figures from two different val sets do not
-    compare. Otherwise (or without ``index_uri``) its features are not comparable and its
-    card's figures are used. Its model file is verified either way (CorruptModel).
-    """
-    from pneumo import evaluate, shard_files, train
-
-    card = load_card(registry, model_name, version)
-    state_dict = load_state_dict(registry, model_name, version)  # a corrupt champion is never compared
-    if index_uri is None:
-        return card["metrics"]["val"], "champion's card"
-    if card.get("config", {}).get("transform") != shard_files.index_config(index_uri)["transform"]:
-        return card["metrics"]["val"], "champion's card (trained on a different transform)"
-    val = shard_files.load_split(index_uri, "val")
-    threshold = card["config"]["train"]["threshold"]
-    probs = train.predict_proba(state_dict, val.features)
-    return evaluate.metrics(val.labels, probs, threshold), "re-scored on this run's val split"
-
-
-def compare(
-    metric: str,
-    challenger_val: dict[str, Any],
-    champion_version: str | None,
-    champion_val: dict[str, Any] | None,
-    basis: str | None = None,
-    notes: tuple[str, ...] | list[str] = (),
-) -> dict[str, Any]:
-    """The champion/challenger decision, as recorded in the challenger's card.
-
-    The first model becomes champion. After that the challenger is promoted only when its
-    validation ``metric`` is strictly greater than the champion's: a tie keeps the
-    champion. A metric that could not be computed (ROC AUC of a one-class val split)
-    loses to any number and never wins against a champion. ``notes`` say what was skipped
-    on the way (a missing, broken or corrupt champion) and are kept with the decision.
-    """
-    validate_champion_metric(metric)
-    challenger = challenger_val.get(metric)
-    champion = None if champion_val is None else champion_val.get(metric)
-    if champion_version is None and notes:  # the alias was broken or every other version corrupt
-        promoted, reason = True, "no intact champion or version to compare with (see notes): the new model becomes champion"
-    elif champion_version is None:
-        promoted, reason = True, "no champion yet: the first model becomes champion"
-    elif challenger is None:
-        promoted, reason = False, f"challenger has no val {metric}"
-    elif champion is None:
-        promoted, reason = True, f"champion {champion_version} has no val {metric}"
-    elif challenger > champion:
-        promoted, reason = True, f"val {metric} {challenger:.4f} > {champion:.4f}"
-    else:
-        promoted, reason = False, f"val {metric} {challenger:.4f} does not beat {champion:.4f}"
-    return {
-        "metric": metric,
-        "split": "val",
-        "challenger_value": challenger,
-        "champion_version": champion_version,
-        "champion_value": champion,
-        "basis": basis,
-        "promoted": promoted,
-        "reason": reason,
-        "notes": list(notes),
-    }
-
-
-# version -> (its val metrics, where they come from); raises CorruptModel for a damaged model
-ChampionVal = Callable[[str], tuple[dict[str, Any], str]]
-
-
-def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
-    value = (val or {}).get(metric)
-    return float("-inf") if value is None else float(value)
-
-
-def champion_to_beat(
-    registry: str, model_name: str, challenger: Optional[str], metric: str, champion_val: ChampionVal
-) -> tuple[Optional[str], Optional[str], Optional[str], Optional[dict[str, Any]], Optional[str], list[str]]:
-    """(alias target, alias token, version to compare with, its val metrics, their basis, notes).
-
-    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
-    intact registered version by val ``metric`` stands in for it, so that a lost alias
-    never lets a worse model through as "the first model".
-    """
-    target, token = read_alias(registry, model_name, CHAMPION)
-    notes: list[str] = []
-    if target is not None and target == challenger:  # already champion: nothing to compare
-        return target, token, None, None, None, notes
-    if target is not None:
-        try:
-            if not (isinstance(target, str) and _VERSION.match(target)) or not storage.exists(
-                _card_uri(registry, model_name, target)
-            ):
-                raise BrokenAlias(broken_alias_message(model_name, CHAMPION, str(target)))
-            val, basis = champion_val(target)
-            return target, token, target, val, basis, notes
-        except BrokenAlias as error:
-            notes.append(f"{error}: ignored")
-        except CorruptModel as error:
-            notes.append(f"champion {target} skipped for comparison: {error}")
-    best = None
-    for version in list_versions(registry, model_name):
-        if version in (challenger, target):
-            continue
-        try:
-            val, basis = champion_val(version)
-        except CorruptModel as error:
-            notes.append(f"{version} skipped for comparison: {error}")
-            continue
-        if best is None or _metric_key(val, metric) > _metric_key(best[1], metric):
-            best = (version, val, basis)
-    if target is None and best is not None:
-        notes.insert(0, f"alias {CHAMPION} of {model_name} is missing although versions exist")
-    if best is None:
-        return target, token, None, None, None, notes
-    return target, token, best[0], best[1], f"{best[2]}; best registered version by val {metric}, standing in for the champion", notes
-
-
-def promote(
-    registry: str,
-    model_name: str,
-    version: str,
-    challenger_val: dict[str, Any],
-    metric: str,
-    *,
-    champion_val: Optional[ChampionVal] = None,
-    force: bool = False,
-    logger: Any = None,
-    max_attempts: int = 50,
-) -> dict[str, Any]:
-    """Make ``version`` champion if its val ``metric`` beats the champion's; return the outcome.
-
-    A compare-and-swap in a loop: the champion alias is read with its token, the challenger
-    is compared with it, and the alias is replaced only if it still holds that token. If
-    another run moved it meanwhile, the challenger is compared again with the new champion.
-    ``champion_val(version)`` gives a version's val metrics and their basis (default: its
-    card); it must raise CorruptModel for a damaged model, which is then skipped with a
-    warning. ``force`` promotes without comparing (a promotion by hand), still atomically.
-
-    The outcome is ``compare``'s dict plus ``is_champion``, ``attempts``, ``conflicts`` and
-    ``notes``; it is also kept as the version's promotion.json.
-    """
-    logger = logger or log
-    validate_champion_metric(metric)
-    uri = _alias_uri(registry, model_name, CHAMPION)
-    pointer = _alias_pointer(registry, model_name, CHAMPION, version)
-    champion_val = champion_val or (lambda v: champion_val_metrics(registry, model_name, v, None))
-    scores: dict[str, tuple[dict[str, Any], str]] = {}
-
-    def scored(v: str) -> tuple[dict[str, Any], str]:  # each version once, however many attempts
-        if v not in scores:
-            scores[v] = champion_val(v)
-        return scores[v]
-
-    conflicts: list[str] = []
-    for attempt in range(1, max_attempts + 1):
-        target, token, champion, champion_vals, basis, notes = champion_to_beat(
-            registry, model_name, version, metric, scored
-        )
-        for note in notes:
-            logger.warning(note)
-        comparison = compare(metric, challenger_val, champion, champion_vals, basis, notes)
-        if target == version:
-            comparison.update(promoted=True, reason=f"{version} is already champion")
-        elif force:
-            comparison.update(promoted=True, reason="promoted by hand")
-        if comparison["promoted"] and target != version:
-            try:
-                storage.compare_and_swap(uri, pointer, token)
-            except storage.Conflict:
-                conflicts.append(f"the champion moved away from {target or 'unset'} before {version} could replace it")
-                logger.info("%s %s: %s; comparing again", model_name, version, conflicts[-1])
-                continue
-        if conflicts and not comparison["promoted"]:
-            comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
-        outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
-                   "conflicts": conflicts,
-                   "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        promotion_uri = storage.join(_model_root(registry, model_name), version, "promotion.json")
-        try:
-            storage.write_json(promotion_uri, outcome, if_absent=True)
-        except storage.AlreadyExists:  # a retried or repeated promotion: the first outcome stays
-            pass
-        return outcome
-    raise RuntimeError(
-        f"could not promote {model_name} {version} in {registry}: the champion moved {max_attempts} times in a row"
-    )

@@ -4,7 +4,7 @@ A shard is written by one process into a local temporary file, then uploaded in 
 atomic step, so readers never see half a shard. The same inputs give the same bytes (no
 timestamps), which lets a retry find its finished output and return it unchanged.
 
-Shard contract (SCHEMA_VERSION 3):
+Shard contract (SHARD_SCHEMA_VERSION 3):
     datasets  features float32 (n, n_features), labels uint8 (n,),
               relpaths and patient_ids UTF-8 strings (n,),
               renditions uint8 (n,): 0 for an image as it is, 1..K for its augmented renditions,
@@ -42,7 +42,7 @@ from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEn
 from pneumo.splits import records_by_split
 from pneumo.transform import ImageRejected, decode_gray, featurize
 
-SCHEMA_VERSION = 3
+SHARD_SCHEMA_VERSION = 3  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
 INDEX_NAME = "index.json"
 
 
@@ -171,7 +171,7 @@ def _spec_attrs(spec: ShardSpec) -> dict:
         "transform": spec.transform.model_dump_json(),
         "split_config": spec.split_config.model_dump_json(),
         "manifest_digest": spec.manifest_digest,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SHARD_SCHEMA_VERSION,
         "split": spec.split,
         "number": spec.number,
         "start": spec.start,
@@ -403,7 +403,7 @@ def write_index(
             counts[result.split][class_name] += count
         quarantine.extend(q.model_dump() for q in result.quarantine)
     index = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SHARD_SCHEMA_VERSION,
         "manifest_digest": manifest_digest,
         "transform": transform.model_dump(mode="json"),
         "split_config": split_config.model_dump(mode="json"),

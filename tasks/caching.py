@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -13,23 +11,11 @@ from prefect.context import TaskRunContext
 
 import pneumo
 
-PACKAGE = Path(pneumo.__file__).parent
-
-
-def source_digest(package: Path) -> str:
-    """sha256 over the name and bytes of every .py file under ``package``."""
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        name = path.relative_to(package).as_posix()
-        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
 
 @functools.cache
 def library_digest() -> str:
     """The digest of the installed pneumo package, read once per process."""
-    return source_digest(PACKAGE)
+    return pneumo.source_digest()
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Iterable
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate
+from pneumo.labels import CONFUSION_MATRIX_LAYOUT
 from pneumo.manifest import QuarantineEntry, SkippedEntry
 
 
@@ -52,20 +53,17 @@ def _shift_table(shift: dict) -> str:
     header = ["shift", *[f"{split} {label}" for split in splits for _, label in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
 
-    def fmt(value) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
     names = ["clean", *shift[splits[0]]["per_shift"]]
     for name in names:
         cells = []
         for split in splits:
             row = (shift[split].get("clean") if name == "clean" else shift[split]["per_shift"].get(name)) or {}
-            cells += [fmt(row.get(metric)) for metric, _ in metrics]
+            cells += [evaluate.format_metric(row.get(metric)) for metric, _ in metrics]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     cells = []
     for split in splits:
         worst = shift[split].get("worst") or {}
-        cells += ["n/a" if not worst.get(m) else f"**{worst[m][0]:.3f}** ({worst[m][1]})" for m, _ in metrics]
+        cells += ["n/a" if not worst.get(m) else f"**{evaluate.format_metric(worst[m][0])}** ({worst[m][1]})" for m, _ in metrics]
     lines.append("| " + " | ".join(["**worst**", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -79,13 +77,12 @@ def model_report_artifacts(
     The UI runs in a browser that cannot read the registry (a local path or a private S3
     key), so each PNG is embedded in the markdown as a ``data:image/png;base64`` URI.
     """
-    layout = evaluate.CONFUSION_MATRIX_LAYOUT
     markdown = (
         f"# {model_name} {version}\n\n"
         f"Threshold **{threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
         "Percent, with 95% bootstrap intervals resampled by patient.\n\n"
         f"{evaluate.ci_markdown_table({s: metrics[s] for s in ('val', 'stress_val', 'test') if s in metrics})}\n"
-        f"Confusion matrices {layout}. stress_val: every val image under random strong jitters "
+        f"Confusion matrices {CONFUSION_MATRIX_LAYOUT}. stress_val: every val image under random strong jitters "
         "(pneumo.shift.stress_features), an evaluation set never trained on.\n\n"
     )
     if metrics.get("shift"):

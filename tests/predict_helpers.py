@@ -59,10 +59,10 @@ def register_two(root: str, model_name: str = "tinynet") -> dict[str, dict[str, 
 
 def expected_probability(weights: dict[str, torch.Tensor], path: str | Path) -> float:
     """The training side: featurize with the card's transform, then the network in eval mode."""
-    from pneumo import train
+    from pneumo import model
     from pneumo.transform import featurize
 
-    return float(train.predict_proba(weights, featurize(path, TRANSFORM)[None, :])[0])
+    return float(model.predict_proba(weights, featurize(path, TRANSFORM)[None, :])[0])
 
 
 def image_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:

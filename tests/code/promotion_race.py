@@ -57,7 +57,9 @@ def _promote(reg: str, version: str, api: str) -> tuple[bool, str, str | None]:
         comparison = registry.compare("roc_auc", val, current, champion_val)
         told = registry.promote_if_better(reg, MODEL, version, comparison)
         return told, comparison["reason"], comparison["champion_version"]
-    outcome = registry.promote(reg, MODEL, version, val, "roc_auc")
+    from pneumo import promotion  # not in the old code
+
+    outcome = promotion.promote(reg, MODEL, version, val, "roc_auc")
     return outcome["is_champion"], outcome["reason"], outcome["champion_version"]
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from prefect import Task
 
+import pneumo
 import tasks
 from pneumo import pool as pneumo_pool
 from pneumo.config import SplitConfig, TransformConfig
@@ -42,8 +43,8 @@ def key(task: Task, **inputs) -> str:
 
 def test_the_library_digest_covers_every_module_of_pneumo(tmp_path):
     copy = tmp_path / "pneumo"
-    shutil.copytree(caching.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    base = caching.source_digest(copy)
+    shutil.copytree(pneumo.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = pneumo.source_digest(copy)
     assert base == caching.library_digest()  # the key is of the package the tasks run
 
     modules = sorted(copy.glob("*.py"))
@@ -51,11 +52,11 @@ def test_the_library_digest_covers_every_module_of_pneumo(tmp_path):
     for path in modules:
         original = path.read_bytes()
         path.write_bytes(original + b"\n# changed\n")
-        assert caching.source_digest(copy) != base, f"a change to pneumo/{path.name} keeps every cache key"
+        assert pneumo.source_digest(copy) != base, f"a change to pneumo/{path.name} keeps every cache key"
         path.write_bytes(original)
-    assert caching.source_digest(copy) == base
+    assert pneumo.source_digest(copy) == base
     (copy / "added.py").write_text("X = 1\n")
-    assert caching.source_digest(copy) != base, "a new pneumo module keeps every cache key"
+    assert pneumo.source_digest(copy) != base, "a new pneumo module keeps every cache key"
 
 
 def test_every_cached_task_key_changes_with_the_library_source(monkeypatch):

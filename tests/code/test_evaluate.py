@@ -68,7 +68,7 @@ def test_rows_and_markdown_have_one_line_per_split():
 
 
 def test_comparison_markdown_shows_both_models_and_the_decision():
-    from pneumo.registry import compare
+    from pneumo.promotion import compare
 
     challenger = metrics([0, 1, 1, 0], [0.2, 0.9, 0.8, 0.3])
     champion = metrics([0, 1, 1, 0], [0.6, 0.9, 0.4, 0.3])
@@ -231,7 +231,7 @@ def test_evaluate_model_scores_every_shift_with_the_clean_reference(monkeypatch)
     import torch
 
     from pneumo.model import TinyNet
-    from pneumo.train import predict_proba
+    from pneumo.model import predict_proba
 
     received = {}
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from pneumo import export, registry, train
+from pneumo import export, model, registry
 from tests.predict_helpers import card, state_dict
 
 
@@ -26,7 +26,7 @@ def test_registration_writes_model_onnx_that_matches_torch(tmp_path):
     rows = np.random.default_rng(0).random((300, 140), dtype=np.float32)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_probs = session.run(None, {export.INPUT_NAME: rows})[0]
-    torch_probs = train.predict_proba(weights, rows)
+    torch_probs = model.predict_proba(weights, rows)
     assert onnx_probs.shape == torch_probs.shape == (300,)
     np.testing.assert_allclose(onnx_probs, torch_probs, rtol=0, atol=1e-5)
 

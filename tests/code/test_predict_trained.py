@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumo import registry, train
+from pneumo import model, registry, train
 from pneumo.config import TrainConfig
 from pneumo.transform import featurize
 from tests.code.test_cli import pneumo
@@ -29,7 +29,7 @@ def test_pneumo_predict_matches_training_scores(shared_data, tmp_path):
     registry.set_alias(root, "tinynet", "champion", version)
 
     chosen = [0, 60]  # a NORMAL and a PNEUMONIA image, scored inside training below
-    inside = train.predict_proba(result.state_dict, X[chosen])
+    inside = model.predict_proba(result.state_dict, X[chosen])
     out = pneumo("predict", *(str(files[i]) for i in chosen), "--registry", root, "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]

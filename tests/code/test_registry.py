@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo import registry, storage
-from pneumo.model import TinyNet
-from pneumo.train import predict_proba
+from pneumo import promotion, registry, storage
+from pneumo.model import TinyNet, predict_proba
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
@@ -202,7 +201,7 @@ def _val(roc_auc, accuracy=0.8):
 )
 def test_compare_promotes_only_a_strictly_better_challenger(challenger, champion_version, champion, promoted):
     champion_val = None if champion_version is None else _val(champion)
-    comparison = registry.compare("roc_auc", _val(challenger), champion_version, champion_val, basis="test")
+    comparison = promotion.compare("roc_auc", _val(challenger), champion_version, champion_val, basis="test")
     assert comparison["promoted"] is promoted
     assert comparison["metric"] == "roc_auc" and comparison["split"] == "val"
     assert comparison["challenger_value"] == challenger
@@ -214,8 +213,8 @@ def test_compare_promotes_only_a_strictly_better_challenger(challenger, champion
 
 def test_compare_uses_the_configured_metric():
     challenger, champion = _val(0.95, accuracy=0.70), _val(0.90, accuracy=0.80)
-    assert registry.compare("roc_auc", challenger, "v0001", champion)["promoted"] is True
-    by_accuracy = registry.compare("accuracy", challenger, "v0001", champion)
+    assert promotion.compare("roc_auc", challenger, "v0001", champion)["promoted"] is True
+    by_accuracy = promotion.compare("accuracy", challenger, "v0001", champion)
     assert by_accuracy["promoted"] is False
     assert (by_accuracy["challenger_value"], by_accuracy["champion_value"]) == (0.70, 0.80)
 
@@ -223,7 +222,7 @@ def test_compare_uses_the_configured_metric():
 @pytest.mark.parametrize("metric", ["loss", "n", "confusion_matrix", "", "ROC_AUC"])
 def test_unknown_champion_metrics_are_refused(metric):
     with pytest.raises(ValueError, match="invalid champion metric"):
-        registry.compare(metric, _val(0.9), None, None)
+        promotion.compare(metric, _val(0.9), None, None)
 
 
 def _versions(reg, model, *aucs):
@@ -234,20 +233,20 @@ def _versions(reg, model, *aucs):
 def test_promotion_follows_the_comparison_and_is_idempotent(tmp_path):
     reg = str(tmp_path)
     (v1,) = _versions(reg, "m", 0.80)
-    first = registry.promote(reg, "m", v1, _val(0.80), "roc_auc")
+    first = promotion.promote(reg, "m", v1, _val(0.80), "roc_auc")
     assert first["is_champion"] is True and first["champion_version"] is None
     assert registry.get_alias(reg, "m", "champion") == v1
-    again = registry.promote(reg, "m", v1, _val(0.80), "roc_auc")  # a retry changes nothing
+    again = promotion.promote(reg, "m", v1, _val(0.80), "roc_auc")  # a retry changes nothing
     assert again["is_champion"] is True and again["reason"] == "v0001 is already champion"
     assert registry.read_promotion(reg, "m", v1) == first  # the first outcome is kept
 
     v2, v3 = _versions(reg, "m", 0.79, 0.85)
-    worse = registry.promote(reg, "m", v2, _val(0.79), "roc_auc")
+    worse = promotion.promote(reg, "m", v2, _val(0.79), "roc_auc")
     assert worse["is_champion"] is False and worse["champion_version"] == v1 and "does not beat" in worse["reason"]
     assert registry.get_alias(reg, "m", "champion") == v1
     assert registry.model_ref(reg, "m", v2).promotion == worse
 
-    better = registry.promote(reg, "m", v3, _val(0.85), "roc_auc")
+    better = promotion.promote(reg, "m", v3, _val(0.85), "roc_auc")
     assert better["is_champion"] is True and better["champion_version"] == v1
     assert registry.get_alias(reg, "m", "champion") == v3
 
@@ -256,7 +255,7 @@ def test_a_promotion_by_hand_moves_the_champion_without_comparing(tmp_path):
     reg = str(tmp_path)
     v1, v2 = _versions(reg, "m", 0.90, 0.10)
     registry.set_alias(reg, "m", "champion", v1)
-    outcome = registry.promote(reg, "m", v2, _val(0.10), "roc_auc", force=True)
+    outcome = promotion.promote(reg, "m", v2, _val(0.10), "roc_auc", force=True)
     assert outcome["is_champion"] is True and outcome["reason"] == "promoted by hand"
     assert registry.get_alias(reg, "m", "champion") == v2
 
@@ -265,7 +264,7 @@ def test_a_missing_alias_compares_with_the_best_registered_version(tmp_path, cap
     """Issue 12 item 7: with versions present, a lost champion.json does not promote "the first model"."""
     reg = str(tmp_path)
     v1, v2, v3 = _versions(reg, "m", 0.95, 0.70, 0.728)
-    outcome = registry.promote(reg, "m", v3, _val(0.728), "roc_auc")
+    outcome = promotion.promote(reg, "m", v3, _val(0.728), "roc_auc")
     assert outcome["is_champion"] is False
     assert outcome["champion_version"] == v1 and outcome["champion_value"] == 0.95
     assert "best registered version" in outcome["basis"]
@@ -274,7 +273,7 @@ def test_a_missing_alias_compares_with_the_best_registered_version(tmp_path, cap
     assert registry.get_alias(reg, "m", "champion") is None
 
     v4 = _versions(reg, "m", 0.97)[0]
-    assert registry.promote(reg, "m", v4, _val(0.97), "roc_auc")["is_champion"] is True
+    assert promotion.promote(reg, "m", v4, _val(0.97), "roc_auc")["is_champion"] is True
 
 
 def test_a_broken_alias_is_named_as_such(tmp_path):
@@ -292,11 +291,11 @@ def test_a_broken_alias_is_named_as_such(tmp_path):
     with pytest.raises(FileNotFoundError, match=message):
         registry.load_card(reg, "m", "champion")
     # A promotion says so, compares with the best intact version, and repairs the alias.
-    outcome = registry.promote(reg, "m", v2, _val(0.80), "roc_auc")
+    outcome = promotion.promote(reg, "m", v2, _val(0.80), "roc_auc")
     assert any(message in note for note in outcome["notes"])
     assert outcome["is_champion"] is False and outcome["champion_version"] == v1
     v3 = _versions(reg, "m", 0.99)[0]
-    assert registry.promote(reg, "m", v3, _val(0.99), "roc_auc")["is_champion"] is True
+    assert promotion.promote(reg, "m", v3, _val(0.99), "roc_auc")["is_champion"] is True
     assert registry.get_alias(reg, "m", "champion") == v3
 
 
@@ -363,7 +362,7 @@ def test_a_corrupt_champion_is_skipped_for_the_best_intact_version(tmp_path):
     v1, v2, v3 = _versions(reg, "m", 0.80, 0.99, 0.90)
     registry.set_alias(reg, "m", "champion", v2)
     _model_pt(tmp_path, v2).write_bytes(b"not a model")
-    outcome = registry.promote(reg, "m", v3, _val(0.90), "roc_auc")
+    outcome = promotion.promote(reg, "m", v3, _val(0.90), "roc_auc")
     assert any(note.startswith("champion v0002 skipped for comparison: m v0002") for note in outcome["notes"])
     assert outcome["champion_version"] == v1 and outcome["is_champion"] is True
     assert registry.get_alias(reg, "m", "champion") == v3
@@ -404,7 +403,7 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
     card = {"metrics": stale, "config": {"train": {"threshold": 0.5}, "transform": transform.model_dump(mode="json")}}
     version = registry.register(reg, "m", _weights(4), card)
 
-    metrics, basis = registry.champion_val_metrics(reg, "m", version, index_uri)
+    metrics, basis = promotion.champion_val_metrics(reg, "m", version, index_uri)
     expected = evaluate.metrics(labels, predict_proba(_weights(4), features), 0.5)
     assert metrics == expected and metrics["roc_auc"] != 0.999
     assert basis.startswith("re-scored")
@@ -412,11 +411,33 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
     # A champion made from another transform cannot read these features: its card decides.
     other = {**card, "config": {**card["config"], "transform": TransformConfig(size=(100, 100)).model_dump(mode="json")}}
     version = registry.register(reg, "m", _weights(5), other)
-    metrics, basis = registry.champion_val_metrics(reg, "m", version, index_uri)
+    metrics, basis = promotion.champion_val_metrics(reg, "m", version, index_uri)
     assert metrics == stale["val"] and "card" in basis
 
 
 def test_model_ref_carries_the_cards_comparison(tmp_path):
-    comparison = registry.compare("roc_auc", _val(0.8), None, None)
+    comparison = promotion.compare("roc_auc", _val(0.8), None, None)
     version = registry.register(str(tmp_path), "m", _weights(0), {"metrics": {}, "champion_comparison": comparison})
     assert registry.model_ref(str(tmp_path), "m", version).champion_comparison == comparison
+
+
+def _pneumo_imports(module) -> set[str]:
+    """The pneumo modules ``module`` imports, at the top or inside a function."""
+    import ast
+    import inspect
+
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module == "pneumo":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumo."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_the_registry_stores_and_imports_nothing_that_trains_or_scores():
+    from pneumo import evaluate, train
+
+    assert not _pneumo_imports(registry) & {"evaluate", "train", "shard_files", "shards", "promotion", "plots", "register"}
+    # Scoring lives with the model: evaluation and training do not import each other.
+    assert "train" not in _pneumo_imports(evaluate) and "evaluate" not in _pneumo_imports(train)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pneumo import storage
 from pneumo.download import UnsafeArchive, find_dataset_root, parse_source
 from pneumo.quarantine import TooMuchBadData
-from tasks import download, quarantine, retry, shards, sizes, train
+from tasks import download, quarantine, register, retry, shards, sizes
 from tasks.retry import is_retryable, retry_condition, retry_delays, retry_options
 
 
@@ -116,7 +116,7 @@ def test_delays_are_capped_each_and_in_total():
 def test_every_task_uses_the_one_policy():
     tasks = [
         download.download_dataset, sizes.size_percentiles, shards.write_shard, shards.write_index,
-        quarantine.report_quarantine, train.train_evaluate_register,
+        quarantine.report_quarantine, register.train_evaluate_register,
     ]
     for each in tasks:
         assert each.retry_condition_fn is retry_condition, each.name
@@ -127,7 +127,7 @@ def test_every_task_uses_the_one_policy():
     assert run_task.retry_condition_fn is retry_condition
     assert max(run_task.retry_delay_seconds) <= 300
     # No task module sets its own numbers.
-    for module in (download, sizes, shards, quarantine, train):
+    for module in (download, sizes, shards, quarantine, register):
         assert "retry_delay_seconds=" not in inspect.getsource(module), module.__name__
 
 

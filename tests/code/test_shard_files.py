@@ -16,7 +16,7 @@ from pneumo import storage
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.manifest import ImageRecord, Manifest, save_manifest
 from pneumo.shard_files import (
-    SCHEMA_VERSION,
+    SHARD_SCHEMA_VERSION,
     CorruptShard,
     index_digest,
     index_uri,
@@ -112,7 +112,7 @@ def test_shard_holds_the_contract_and_quarantines_bad_images(dataset):
         assert h5py.check_string_dtype(f["patient_ids"].dtype).encoding == "utf-8"
         assert TransformConfig.model_validate_json(f.attrs["transform"]) == TRANSFORM
         assert f.attrs["manifest_digest"] == spec.manifest_digest
-        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        assert f.attrs["schema_version"] == SHARD_SCHEMA_VERSION
         assert f.attrs["split"] == "train"
 
     data = read_shard(spec.uri, expected_sha256=result.sha256)
@@ -190,7 +190,7 @@ def test_index_lists_shards_counts_and_quarantine(dataset):
 
     assert [s["name"] for s in index["shards"]] == [Path(r.uri).name for r in results]
     assert [s["sha256"] for s in index["shards"]] == [r.sha256 for r in results]
-    assert index["manifest_digest"] == manifest.digest() and index["schema_version"] == SCHEMA_VERSION
+    assert index["manifest_digest"] == manifest.digest() and index["schema_version"] == SHARD_SCHEMA_VERSION
     assert [q["relpath"] for q in index["quarantine"]] == [BAD]
     by_split = records_by_split(manifest, SPLIT_CONFIG)
     for split, records in by_split.items():

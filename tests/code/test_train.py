@@ -5,7 +5,8 @@ from sklearn.metrics import roc_auc_score
 
 from pneumo.config import TrainConfig
 from pneumo.model import TinyNet
-from pneumo.train import _batches, _class_weights, downsample, hinge_loss, predict_proba, train
+from pneumo.model import predict_proba
+from pneumo.train import _batches, _class_weights, downsample, hinge_loss, train
 
 
 def _separable(n: int, seed: int, positive_share: float = 0.7):

@@ -1,11 +1,11 @@
-"""Task 4: train TinyNet on the shards, evaluate it, and register a new model version."""
+"""Task 4: train TinyNet on the shards, evaluate it, and register a new model version (pneumo.register)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, release, shard_files
+from pneumo import evaluate, register, registry, shard_files
 from pneumo.config import TrainConfig
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
@@ -34,15 +34,15 @@ def train_evaluate_register(
 
     def progress(epoch: dict) -> None:
         auc = epoch["val_auc"]
-        stage.advance(1, f"val AUC {auc:.3f}" if isinstance(auc, float) else None)
+        stage.advance(1, f"val AUC {evaluate.format_metric(auc)}" if isinstance(auc, float) else None)
         if epoch["epoch"] % 50 == 0:
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s",
-                epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], epoch["val_auc"],
+                epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], evaluate.format_metric(auc, 4),
             )
 
     try:
-        result = release.train_and_register(
+        result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
             progress=progress, logger=logger, recipe=recipe,
         )
@@ -51,9 +51,11 @@ def train_evaluate_register(
     ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
         m = metrics[split]
+        shown = {key: evaluate.format_metric(m[key], 4) for key in evaluate.CI_METRICS}
         logger.info(
-            "%s (n=%d): accuracy %.4f, precision %.4f, recall %.4f, specificity %.4f, F1 %.4f, ROC AUC %s",
-            split, m["n"], m["accuracy"], m["precision"], m["recall"], m["specificity"], m["f1"], m["roc_auc"],
+            "%s (n=%d): accuracy %s, precision %s, recall %s, specificity %s, F1 %s, ROC AUC %s",
+            split, m["n"], shown["accuracy"], shown["precision"], shown["recall"], shown["specificity"], shown["f1"],
+            shown["roc_auc"],
         )
     splits = {split: metrics[split] for split in ("val", "test")}  # metrics also holds "shift"
     create_table_artifact(key="model-metrics", table=evaluate.rows(splits), description=f"{model_name} {ref.version}")

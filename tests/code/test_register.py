@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from pneumo import registry, release, shard_files, storage
+from pneumo import register, registry, shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 
 
@@ -43,7 +43,7 @@ CONFIG = TrainConfig(epochs=3, patience=3, threshold=0.4)
 def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
-    result = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
+    result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert result.ref.version == "v0001" and result.is_champion
     assert result.promotion["reason"] == "no champion yet: the first model becomes champion"
     card = registry.load_card(reg, "tinynet", "v0001")
@@ -66,14 +66,14 @@ def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     """Issue 12 item 8: the champion is named, skipped with a warning, and training goes on."""
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
-    release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
     model_pt = tmp_path / "reg" / "tinynet" / "v0001" / "model.pt"
     data = bytearray(model_pt.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped byte in the tensor data
     model_pt.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING):
-        result = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+        result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
     assert result.ref.version == "v0002"
     assert "champion v0001 skipped for comparison: tinynet v0001" in caplog.text
     assert "is corrupt: expected sha256" in caplog.text
@@ -84,11 +84,11 @@ def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     assert registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]["notes"] == result.promotion["notes"]
 
     # The next run compares with v0002, re-scored on this run's val split.
-    third = release.train_and_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    third = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
     assert third.comparison["champion_version"] == "v0002"
     assert third.comparison["basis"] == "re-scored on this run's val split"
 
 
 def test_a_bad_champion_metric_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="invalid champion metric"):
-        release.train_and_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss")
+        register.train_evaluate_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss")

@@ -1,7 +1,9 @@
-"""Train, evaluate, register and promote: the last stage of the pipeline as one library call.
+"""Stage 4, register a new version: train it, score it, register it with its card, put it up for champion.
 
-No Prefect here: ``tasks/train.py`` adds retries, caching and artifacts around
-``train_and_register``, and anyone can call it directly to retrain and register.
+Named for what the stage leaves behind, a registered version (as stage 2 leaves size
+percentiles and stage 3 shards); pneumo.registry is the store it writes to. No Prefect here:
+``tasks/register.py`` adds retries, caching and artifacts around ``train_evaluate_register``,
+and anyone can call it directly to retrain and register.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, registry, shard_files, train
+from pneumo import evaluate, plots, promotion, registry, shard_files, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-class ReleaseResult(BaseModel):
-    """What one release produced: the new version, its scores, and how the champion fared."""
+class Registered(BaseModel):
+    """What one run of the stage produced: the new version, its scores, and how the champion fared."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -27,7 +29,7 @@ class ReleaseResult(BaseModel):
     training: dict[str, Any]
     comparison: dict[str, Any]  # the decision recorded in the card, before registration
     champion_val: Optional[dict[str, Any]] = None  # the val metrics the challenger was compared with
-    promotion: dict[str, Any]  # how the promotion ended (registry.promote)
+    promotion: dict[str, Any]  # how the promotion ended (promotion.promote)
     evaluation: evaluate.Evaluation  # CIs, shift suite, history and predictions of val and test
     pictures: dict[str, bytes]  # PNG name -> bytes, also written beside the card
 
@@ -36,7 +38,7 @@ class ReleaseResult(BaseModel):
         return bool(self.promotion["is_champion"])
 
 
-def train_and_register(
+def train_evaluate_register(
     index_uri: str,
     manifest_digest: str,
     config: TrainConfig,
@@ -48,33 +50,42 @@ def train_and_register(
     logger: Any = None,
     recipe: str = "seed",
     card_extra: Optional[dict[str, Any]] = None,
-) -> ReleaseResult:
+) -> Registered:
     """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
     point ``latest`` at it, and make it ``champion`` if it beats the champion on val
-    ``champion_metric`` (compare-and-swap, see ``registry.promote``).
+    ``champion_metric`` (compare-and-swap, see ``promotion.promote``).
+
+    Val and test are loaded and scored once: the card's metrics and the promotion's challenger
+    figures are the same numbers.
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
     ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
     ``card_extra`` keys are added to the card as they are.
     """
     logger = logger or log
-    registry.validate_champion_metric(champion_metric)
+    promotion.validate_champion_metric(champion_metric)
     registry.validate_model_name(model_name)
     index = shard_files.index_ref(index_uri)
 
-    fitted = train.fit_from_index(index_uri, config, progress=progress)
-    outcome = fitted.result
+    data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
+    for split, part in data.items():
+        if len(part.labels) == 0:
+            raise ValueError(f"the {split} split of {index_uri} is empty; the dataset is too small to carve it by patient")
+    outcome = train.train(
+        data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config, progress=progress
+    )
     logger.info(
         "trained on %d rows in %.1fs: best epoch %d of %d%s",
         outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
         " (stopped early)" if outcome.stopped_early else "",
     )
 
-    # CIs by patient, the shift suite, the per-epoch history and pictures of val and test.
+    # The one scoring pass: metrics with CIs by patient, the shift suite, the per-epoch history.
     evaluation = evaluate.evaluate_model(
-        fitted.state_dict, {split: shard_files.load_split(index_uri, split) for split in ("val", "test")},
+        outcome.state_dict, {split: data[split] for split in ("val", "test")},
         config.threshold, outcome.history, best_epoch=outcome.best_epoch,
     )
+    val = evaluation.metrics["val"]  # what the card records and what the promotion compares
     pictures = plots.render_evaluation(evaluation)
 
     scores: dict[str, tuple[dict[str, Any], str]] = {}
@@ -82,21 +93,21 @@ def train_and_register(
     def champion_val(version: str) -> tuple[dict[str, Any], str]:
         # Scored once per version: the comparison below and the promotion reuse it.
         if version not in scores:
-            scores[version] = registry.champion_val_metrics(registry_uri, model_name, version, index_uri)
+            scores[version] = promotion.champion_val_metrics(registry_uri, model_name, version, index_uri)
         return scores[version]
 
     # Compare before registering: the immutable card records the decision as it stood then.
-    _, _, champion, champion_vals, basis, notes = registry.champion_to_beat(
+    _, _, champion, champion_vals, basis, notes = promotion.champion_to_beat(
         registry_uri, model_name, None, champion_metric, champion_val
     )
     # The notes (alias missing, broken or corrupt) are logged as warnings by promote() below.
-    comparison = registry.compare(champion_metric, fitted.metrics["val"], champion, champion_vals, basis, notes)
+    comparison = promotion.compare(champion_metric, val, champion, champion_vals, basis, notes)
     training = {
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
         "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,
     }
     card = registry.build_card(
-        state_dict=fitted.state_dict,
+        state_dict=outcome.state_dict,
         metrics=evaluation.metrics,
         training=training,
         config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
@@ -107,26 +118,26 @@ def train_and_register(
         **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
     # The pictures are written with the version, before its card: a card never lists missing files.
-    version = registry.register(registry_uri, model_name, fitted.state_dict, card, extra_files=pictures)
+    version = registry.register(registry_uri, model_name, outcome.state_dict, card, extra_files=pictures)
     registry.set_alias(registry_uri, model_name, "latest", version)
-    promotion = registry.promote(
-        registry_uri, model_name, version, fitted.metrics["val"], champion_metric,
+    decision = promotion.promote(
+        registry_uri, model_name, version, val, champion_metric,
         champion_val=champion_val, logger=logger,
     )
-    if promotion["is_champion"]:
-        logger.info("champion: %s %s (%s)", model_name, version, promotion["reason"])
+    if decision["is_champion"]:
+        logger.info("champion: %s %s (%s)", model_name, version, decision["reason"])
     else:
         logger.info(
             "champion stays %s: %s %s not promoted (%s)",
-            promotion["champion_version"], model_name, version, promotion["reason"],
+            decision["champion_version"], model_name, version, decision["reason"],
         )
-    return ReleaseResult(
+    return Registered(
         ref=registry.model_ref(registry_uri, model_name, version),
         metrics=evaluation.metrics,
         training=training,
         comparison=comparison,
-        champion_val=scores[promotion["champion_version"]][0] if promotion["champion_version"] in scores else None,
-        promotion=promotion,
+        champion_val=scores[decision["champion_version"]][0] if decision["champion_version"] in scores else None,
+        promotion=decision,
         evaluation=evaluation,
         pictures=pictures,
     )

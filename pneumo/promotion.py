@@ -1,0 +1,207 @@
+"""Which version is champion: the rule, the re-scoring of the champion, and the compare-and-swap.
+
+The registry (pneumo.registry) stores versions and aliases; this module decides. A challenger
+becomes champion when its validation metric (one of CHAMPION_METRICS, higher is better) is
+strictly greater than the champion's, both scored on the same val images when they can be.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+from pneumo import registry, shard_files, storage
+from pneumo.evaluate import format_metric, metrics
+from pneumo.model import predict_proba
+from pneumo.names import CHAMPION_METRICS
+from pneumo.registry import CHAMPION, BrokenAlias, CorruptModel
+
+log = logging.getLogger(__name__)
+
+# version -> (its val metrics, where they come from); raises CorruptModel for a damaged model
+ChampionVal = Callable[[str], tuple[dict[str, Any], str]]
+
+
+def validate_champion_metric(metric: str) -> str:
+    if metric not in CHAMPION_METRICS:
+        raise ValueError(f"invalid champion metric {metric!r}: choose one of {', '.join(CHAMPION_METRICS)}")
+    return metric
+
+
+def champion_val_metrics(
+    registry_uri: str, model_name: str, version: str, index_uri: Optional[str]
+) -> tuple[dict[str, Any], str]:
+    """The champion's validation metrics, and where they come from.
+
+    When the champion was trained on features of the same transform, it is scored again
+    on this run's val split, so that both models are judged on the same images: new data
+    also brings new val patients, and val figures from two different val sets do not
+    compare. Otherwise (or without ``index_uri``) its features are not comparable and its
+    card's figures are used. Its model file is verified either way (CorruptModel).
+    """
+    card = registry.load_card(registry_uri, model_name, version)
+    state_dict = registry.load_state_dict(registry_uri, model_name, version)  # a corrupt champion is never compared
+    if index_uri is None:
+        return card["metrics"]["val"], "champion's card"
+    if card.get("config", {}).get("transform") != shard_files.index_config(index_uri)["transform"]:
+        return card["metrics"]["val"], "champion's card (trained on a different transform)"
+    val = shard_files.load_split(index_uri, "val")
+    threshold = card["config"]["train"]["threshold"]
+    return metrics(val.labels, predict_proba(state_dict, val.features), threshold), "re-scored on this run's val split"
+
+
+def compare(
+    metric: str,
+    challenger_val: dict[str, Any],
+    champion_version: str | None,
+    champion_val: dict[str, Any] | None,
+    basis: str | None = None,
+    notes: tuple[str, ...] | list[str] = (),
+) -> dict[str, Any]:
+    """The champion/challenger decision, as recorded in the challenger's card.
+
+    The first model becomes champion. After that the challenger is promoted only when its
+    validation ``metric`` is strictly greater than the champion's: a tie keeps the
+    champion. A metric that could not be computed (ROC AUC of a one-class val split)
+    loses to any number and never wins against a champion. ``notes`` say what was skipped
+    on the way (a missing, broken or corrupt champion) and are kept with the decision.
+    """
+    validate_champion_metric(metric)
+    challenger = challenger_val.get(metric)
+    champion = None if champion_val is None else champion_val.get(metric)
+    if champion_version is None and notes:  # the alias was broken or every other version corrupt
+        promoted, reason = True, "no intact champion or version to compare with (see notes): the new model becomes champion"
+    elif champion_version is None:
+        promoted, reason = True, "no champion yet: the first model becomes champion"
+    elif challenger is None:
+        promoted, reason = False, f"challenger has no val {metric}"
+    elif champion is None:
+        promoted, reason = True, f"champion {champion_version} has no val {metric}"
+    elif challenger > champion:
+        promoted, reason = True, f"val {metric} {format_metric(challenger, 4)} > {format_metric(champion, 4)}"
+    else:
+        promoted, reason = False, f"val {metric} {format_metric(challenger, 4)} does not beat {format_metric(champion, 4)}"
+    return {
+        "metric": metric,
+        "split": "val",
+        "challenger_value": challenger,
+        "champion_version": champion_version,
+        "champion_value": champion,
+        "basis": basis,
+        "promoted": promoted,
+        "reason": reason,
+        "notes": list(notes),
+    }
+
+
+def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
+    value = (val or {}).get(metric)
+    return float("-inf") if value is None else float(value)
+
+
+def champion_to_beat(
+    registry_uri: str, model_name: str, challenger: Optional[str], metric: str, champion_val: ChampionVal
+) -> tuple[Optional[str], Optional[str], Optional[str], Optional[dict[str, Any]], Optional[str], list[str]]:
+    """(alias target, alias token, version to compare with, its val metrics, their basis, notes).
+
+    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
+    intact registered version by val ``metric`` stands in for it, so that a lost alias
+    never lets a worse model through as "the first model".
+    """
+    target, token = registry.read_alias(registry_uri, model_name, CHAMPION)
+    notes: list[str] = []
+    if target is not None and target == challenger:  # already champion: nothing to compare
+        return target, token, None, None, None, notes
+    if target is not None:
+        try:
+            if not registry.version_exists(registry_uri, model_name, target):
+                raise BrokenAlias(registry.broken_alias_message(model_name, CHAMPION, str(target)))
+            val, basis = champion_val(target)
+            return target, token, target, val, basis, notes
+        except BrokenAlias as error:
+            notes.append(f"{error}: ignored")
+        except CorruptModel as error:
+            notes.append(f"champion {target} skipped for comparison: {error}")
+    best = None
+    for version in registry.list_versions(registry_uri, model_name):
+        if version in (challenger, target):
+            continue
+        try:
+            val, basis = champion_val(version)
+        except CorruptModel as error:
+            notes.append(f"{version} skipped for comparison: {error}")
+            continue
+        if best is None or _metric_key(val, metric) > _metric_key(best[1], metric):
+            best = (version, val, basis)
+    if target is None and best is not None:
+        notes.insert(0, f"alias {CHAMPION} of {model_name} is missing although versions exist")
+    if best is None:
+        return target, token, None, None, None, notes
+    return target, token, best[0], best[1], f"{best[2]}; best registered version by val {metric}, standing in for the champion", notes
+
+
+def promote(
+    registry_uri: str,
+    model_name: str,
+    version: str,
+    challenger_val: dict[str, Any],
+    metric: str,
+    *,
+    champion_val: Optional[ChampionVal] = None,
+    force: bool = False,
+    logger: Any = None,
+    max_attempts: int = 50,
+) -> dict[str, Any]:
+    """Make ``version`` champion if its val ``metric`` beats the champion's; return the outcome.
+
+    A compare-and-swap in a loop: the champion alias is read with its token, the challenger
+    is compared with it, and the alias is replaced only if it still holds that token. If
+    another run moved it meanwhile, the challenger is compared again with the new champion.
+    ``champion_val(version)`` gives a version's val metrics and their basis (default: its
+    card); it must raise CorruptModel for a damaged model, which is then skipped with a
+    warning. ``force`` promotes without comparing (a promotion by hand), still atomically.
+
+    The outcome is ``compare``'s dict plus ``is_champion``, ``attempts``, ``conflicts`` and
+    ``notes``; it is also kept as the version's promotion.json.
+    """
+    logger = logger or log
+    validate_champion_metric(metric)
+    registry.require_aliasable(registry_uri, model_name, version)  # before any comparison
+    champion_val = champion_val or (lambda v: champion_val_metrics(registry_uri, model_name, v, None))
+    scores: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def scored(v: str) -> tuple[dict[str, Any], str]:  # each version once, however many attempts
+        if v not in scores:
+            scores[v] = champion_val(v)
+        return scores[v]
+
+    conflicts: list[str] = []
+    for attempt in range(1, max_attempts + 1):
+        target, token, champion, champion_vals, basis, notes = champion_to_beat(
+            registry_uri, model_name, version, metric, scored
+        )
+        for note in notes:
+            logger.warning(note)
+        comparison = compare(metric, challenger_val, champion, champion_vals, basis, notes)
+        if target == version:
+            comparison.update(promoted=True, reason=f"{version} is already champion")
+        elif force:
+            comparison.update(promoted=True, reason="promoted by hand")
+        if comparison["promoted"] and target != version:
+            try:
+                registry.swap_alias(registry_uri, model_name, CHAMPION, version, token)
+            except storage.Conflict:
+                conflicts.append(f"the champion moved away from {target or 'unset'} before {version} could replace it")
+                logger.info("%s %s: %s; comparing again", model_name, version, conflicts[-1])
+                continue
+        if conflicts and not comparison["promoted"]:
+            comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
+        outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
+                   "conflicts": conflicts,
+                   "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        registry.write_promotion(registry_uri, model_name, version, outcome)
+        return outcome
+    raise RuntimeError(
+        f"could not promote {model_name} {version} in {registry_uri}: the champion moved {max_attempts} times in a row"
+    )
