@@ -115,6 +115,11 @@ class TransformConfig(_Config):
     def n_features(self) -> int:
         return self.grid[0] * self.grid[1] * len(self.pooling)
 
+    def row_settings(self) -> dict:
+        """The settings that decide an image's own row, what prediction computes: all but the train
+        renditions and the shift suite. Models with equal row settings read each other's val rows."""
+        return self.model_dump(mode="json", exclude={"augment", "renditions", "augment_seed", "shift_suite", "shift_seed"})
+
 
 class SplitConfig(_Config):
     """How validation and test sets are carved from train, always by patient."""

@@ -94,9 +94,10 @@ def comparison_markdown(
     champion_val: Optional[dict[str, Any]],
     is_champion: bool,
 ) -> str:
-    """Champion against challenger on every val metric, the deciding one in bold, then the decision."""
+    """Champion against challenger on every val metric (and the stress-val AUC), the deciding one in bold,
+    then the decision."""
     metric = comparison["metric"]
-    names = [m for m in COLUMNS if m != "n"]
+    names = [m for m in COLUMNS if m != "n"] + ["stress_roc_auc"]
     header = ["role", "version", *[f"**{m}**" if m == metric else m for m in names]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [("challenger", version, challenger_val)]
@@ -110,7 +111,8 @@ def comparison_markdown(
     return (
         f"# {model_name}: champion against challenger\n\n"
         + "\n".join(lines)
-        + f"\n\n{outcome} Rule: val {metric}, strictly greater wins; {comparison['reason']}.{basis}\n"
+        + f"\n\n{outcome} Rule: {comparison.get('decided_by', 'val ' + metric)}, strictly greater wins; "
+        f"{comparison['reason']}.{basis}\n"
     )
 
 
