@@ -156,7 +156,7 @@ def fidelity(pool: ProcessPoolExecutor, data: Path, train_config: TrainConfig | 
 
 def renditions_rows(path: str, config: TransformConfig, renditions: int) -> np.ndarray:
     """What write_shard computes for one train image: one decode, then the original and K renditions."""
-    from pneumo.transform import decode_gray
+    from pneumo.images import decode_gray
 
     gray = decode_gray(path, config)
     return augment.rendition_features(gray, config, "0" * 64, renditions)

@@ -24,8 +24,8 @@ class Rendition:
     """One set of changes; the defaults change nothing."""
 
     zoom: float = 1.0  # > 1 magnifies
-    shift_x: float = 0.0  # fraction of the width, + moves the picture right
-    shift_y: float = 0.0  # fraction of the height, + moves it down
+    translate_x: float = 0.0  # fraction of the width, + moves the picture right
+    translate_y: float = 0.0  # fraction of the height, + moves it down
     rotation: float = 0.0  # degrees
     gamma: float = 1.0  # x ** gamma
     contrast: float = 1.0  # about the canvas mean
@@ -35,9 +35,9 @@ class Rendition:
 
     @property
     def warp(self) -> tuple[float, float, float, float, float]:
-        """(zoom_x, zoom_y, shift_x, shift_y, rotation) for ``transform.Resampler.canvas``."""
+        """(zoom_x, zoom_y, translate_x, translate_y, rotation) for ``transform.Resampler.canvas``."""
         stretch = float(np.exp(self.aspect))
-        return (self.zoom * stretch, self.zoom / stretch, self.shift_x, self.shift_y, self.rotation)
+        return (self.zoom * stretch, self.zoom / stretch, self.translate_x, self.translate_y, self.rotation)
 
 
 def rendition_rng(seed: int, sha256: str) -> np.random.Generator:
@@ -68,8 +68,8 @@ def draw(config: AugmentConfig, rng: np.random.Generator, count: int = 1) -> lis
         renditions.append(
             Rendition(
                 zoom=float(zoom[i]),
-                shift_x=float(u[i, 1] * config.shift),
-                shift_y=float(u[i, 2] * config.shift),
+                translate_x=float(u[i, 1] * config.shift),  # AugmentConfig.shift: the largest translation
+                translate_y=float(u[i, 2] * config.shift),
                 rotation=float(u[i, 3] * config.rotation),
                 gamma=float(np.exp(u[i, 4] * config.gamma)),
                 contrast=float(np.exp(u[i, 5] * config.contrast)),

@@ -24,7 +24,7 @@ class AugmentConfig(_Config):
     """Ranges of the random renditions of train images (pneumo.augment); the defaults change nothing.
 
     Each rendition draws every parameter uniformly from its range: zoom in [zoom[0], zoom[1]]
-    (> 1 magnifies), shift up to +-``shift`` of the width and height, rotation up to
+    (> 1 magnifies), translation up to +-``shift`` of the width and height, rotation up to
     +-``rotation`` degrees, gamma e^u with u in +-``gamma``, contrast about the image mean
     e^u with u in +-``contrast``, brightness +-``brightness`` on the [0, 1] scale.
     ``aspect`` stretches one axis against the other (zoom_x = zoom e^u, zoom_y = zoom e^-u,
@@ -33,7 +33,13 @@ class AugmentConfig(_Config):
     """
 
     zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
-    shift: float = Field(0.0, ge=0.0, le=0.25, description="Largest shift, as a fraction of width and height")
+    shift: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.25,
+        description="Largest translation, as a fraction of width and height. The name 'shift' stays because cards "
+        "store it; the code says translate_x/translate_y (pneumo.augment), as a 'shift' is the shift suite's distribution shift",
+    )
     rotation: float = Field(0.0, ge=0.0, le=30.0, description="Largest rotation in degrees")
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
     contrast: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")

@@ -26,7 +26,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pneumo import storage
-from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry
+from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry, is_junk, junk_reason
 
 ACCEPTED_FORMS = (
     "kaggle:OWNER/DATASET (optionally pinned as kaggle:OWNER/DATASET/versions/N), "
@@ -401,11 +401,6 @@ def safe_extract_zip(
 # --------------------------------------------------------------------------- layout
 
 
-def _is_junk(name: str) -> bool:
-    """OS metadata: macOS AppleDouble ``._*`` and ``__MACOSX``, ``.DS_Store``, other dotfiles."""
-    return name.startswith(".") or name == "__MACOSX" or name in {"Thumbs.db", "desktop.ini"}
-
-
 def _is_dataset_root(folder: Path) -> bool:
     train = folder / "train"
     return train.is_dir() and any((train / name).is_dir() for name in CLASSES)
@@ -433,7 +428,7 @@ def find_dataset_root(path: str | Path, *, max_depth: int = 6) -> Path:
             child
             for folder in level
             for child in sorted(folder.iterdir())
-            if child.is_dir() and not child.is_symlink() and not _is_junk(child.name)
+            if child.is_dir() and not child.is_symlink() and not is_junk(child.name)
         ]
         if not level:
             break
@@ -468,19 +463,6 @@ def _sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _junk_reason(name: str) -> str | None:
-    """Why a file or folder of OS metadata is skipped, or None when it is not such junk."""
-    if name == "__MACOSX":
-        return "OS metadata: macOS archive folder (__MACOSX)"
-    if name.startswith("._"):
-        return "OS metadata: macOS AppleDouble file (._*)"
-    if name == ".DS_Store":
-        return "OS metadata: macOS folder settings (.DS_Store)"
-    if name in {"Thumbs.db", "desktop.ini"}:
-        return f"OS metadata: Windows folder settings ({name})"
-    return None
 
 
 def shown_name(name: str) -> str:
@@ -534,7 +516,7 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(split_dir.iterdir()):
-            if junk := _junk_reason(class_dir.name):
+            if junk := junk_reason(class_dir.name):
                 skip(class_dir, junk)
                 continue
             if not class_dir.is_dir():
@@ -542,13 +524,13 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                 continue
             known = class_dir.name in CLASSES
             for folder, dirnames, filenames in os.walk(class_dir):
-                for name in [d for d in dirnames if _junk_reason(d)]:
-                    skip(Path(folder, name), _junk_reason(name))
-                dirnames[:] = sorted(d for d in dirnames if not _junk_reason(d))
+                for name in [d for d in dirnames if junk_reason(d)]:
+                    skip(Path(folder, name), junk_reason(name))
+                dirnames[:] = sorted(d for d in dirnames if not junk_reason(d))
                 for name in sorted(filenames):
                     path = Path(folder, name)
                     relpath = path.relative_to(root).as_posix()
-                    if junk := _junk_reason(name):
+                    if junk := junk_reason(name):
                         skip(path, junk)
                     elif not _is_utf8(relpath):
                         refuse(path, "file name is not valid UTF-8")

@@ -13,6 +13,32 @@ from pneumo.labels import CLASSES  # noqa: F401 (label 0, label 1; imported from
 
 SPLITS = ("train", "val", "test")
 
+# Files and folders that operating systems and archivers leave beside the data, and why each
+# is skipped. macOS AppleDouble files ("._" + the name of a real file) are matched by prefix.
+OS_METADATA = {
+    "__MACOSX": "OS metadata: macOS archive folder (__MACOSX)",
+    ".DS_Store": "OS metadata: macOS folder settings (.DS_Store)",
+    "Thumbs.db": "OS metadata: Windows folder settings (Thumbs.db)",
+    "desktop.ini": "OS metadata: Windows folder settings (desktop.ini)",
+}
+APPLEDOUBLE_REASON = "OS metadata: macOS AppleDouble file (._*)"
+
+
+def junk_reason(name: str) -> str | None:
+    """Why a file or folder named ``name`` is OS metadata and skipped, or None when it is not."""
+    if name.startswith("._"):
+        return APPLEDOUBLE_REASON
+    return OS_METADATA.get(name)
+
+
+def is_junk(name: str) -> bool:
+    """OS metadata or any other hidden name (a leading '.'): never data when searching or listing inputs.
+
+    The manifest is stricter with hidden files in a class folder: it quarantines them with
+    their reason (they are often copies set aside on purpose), and skips only OS metadata.
+    """
+    return name.startswith(".") or junk_reason(name) is not None
+
 
 class ImageRecord(BaseModel):
     model_config = ConfigDict(frozen=True)

@@ -28,9 +28,11 @@ from pydantic import ValidationError
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
+from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
 from pneumo.labels import CLASSES, LABELS
+from pneumo.manifest import is_junk
 from pneumo.model import TinyNet, predict_proba
-from pneumo.transform import ImageRejected, _with_height, decode_gray, featurize, pool_features, render
+from pneumo.transform import featurize, pool_features, render
 
 OLDEST_CARD_SCHEMA = 2  # the oldest registry.CARD_SCHEMA_VERSION prediction can use
 
@@ -247,8 +249,8 @@ class Predictor:
         """Why the image looks unlike the training X-rays: a header read, the picture's spread
         (of its features, or of the resampled crop), and for colour images a tiny decode."""
         out = []
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = _oriented_size(image)
+        with open_image(io.BytesIO(data)) as image:
+            width, height = oriented_size(image)
             target_h, target_w = self.config.size
             if width < TINY_FRACTION * target_w or height < TINY_FRACTION * target_h:
                 out.append(f"tiny: {width}x{height} pixels, the model's images were resized to {target_w}x{target_h}")
@@ -283,15 +285,6 @@ def _os_error(error: OSError) -> str:
     return f"cannot read ({error.strerror or error})"
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block: the transform ignores it too
-        orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def _colour_levels(image: Image.Image, data: bytes) -> float:
     """Mean (max - min) over the RGB channels of a small decode of the image (orientation does not matter).
 
@@ -300,9 +293,9 @@ def _colour_levels(image: Image.Image, data: bytes) -> float:
     scale and left in YCbCr.
     """
     if image.format == "JPEG" and image.mode in ("RGB", "YCbCr"):
-        cut = _with_height(io.BytesIO(data), max(16, int(image.size[1] * COLOUR_ROWS)))
-        if cut is not None:
-            image = Image.open(cut)
+        top = open_top_rows(io.BytesIO(data), max(16, int(image.size[1] * COLOUR_ROWS)))
+        if top is not None:
+            image = top
         image.draft("YCbCr", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
     else:
         image.thumbnail((128, 128))
@@ -319,10 +312,6 @@ class InputImage:
     label: Optional[int] = None  # 0 / 1 when a parent folder is named NORMAL / PNEUMONIA
 
 
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
-
-
 def list_inputs(root: str | Path) -> list[InputImage]:
     """Every file under ``root`` (OS junk skipped), sorted; labelled by a NORMAL/PNEUMONIA parent folder.
 
@@ -335,9 +324,9 @@ def list_inputs(root: str | Path) -> list[InputImage]:
         raise FileNotFoundError(f"{root} does not exist")
     found = []
     for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_junk(d))
         for name in sorted(filenames):
-            if _is_junk(name):
+            if is_junk(name):
                 continue
             path = Path(folder, name)
             relpath = path.relative_to(root)

@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict
 
 from pneumo import augment, shift, storage
 from pneumo.config import SplitConfig, TransformConfig
+from pneumo.images import ImageRejected, decode_gray
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry
 from pneumo.splits import records_by_split
-from pneumo.transform import ImageRejected, decode_gray, featurize
+from pneumo.transform import featurize
 
 SHARD_SCHEMA_VERSION = 3  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
 INDEX_NAME = "index.json"

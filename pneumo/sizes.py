@@ -16,13 +16,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
-from pneumo.formats import FormatNotAllowed, open_image
+from pneumo.images import FormatNotAllowed, open_image, oriented_size
 from pneumo.manifest import CLASSES, Manifest, QuarantineEntry
 
 DEFAULT_PERCENTILES = (25, 50, 75, 90, 99)
-EXIF_ORIENTATION = 0x0112
-# EXIF orientations 5 to 8 turn the picture by 90 degrees: the displayed width is the stored height.
-_SWAPS_AXES = {5, 6, 7, 8}
 
 
 class SizeStats(BaseModel):
@@ -38,31 +35,9 @@ def percentile_key(percentile: float) -> str:
     return f"p{float(percentile):g}"
 
 
-def header_orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1 to 8) stored in the header, 1 when there is none.
-
-    Reads only EXIF bytes the header parser already kept in ``image.info`` (JPEG APP1, a
-    PNG eXIf chunk placed before the pixels). ``Image.getexif()`` is avoided on purpose:
-    for PNG it decodes the whole image to look for an eXIf chunk after the pixel data.
-    """
-    raw = image.info.get("exif")
-    if not raw:
-        return 1
-    exif = Image.Exif()
-    try:
-        exif.load(raw)
-    except Exception:  # a broken EXIF block is not a broken image; the transform decides
-        return 1
-    orientation = exif.get(EXIF_ORIENTATION, 1)
-    return orientation if isinstance(orientation, int) else 1
-
-
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image as displayed, i.e. after its EXIF rotation."""
-    width, height = image.size
-    if header_orientation(image) in _SWAPS_AXES:
-        return height, width
-    return width, height
+def with_default_percentiles(percentile: float) -> tuple[float, ...]:
+    """DEFAULT_PERCENTILES plus the one the target size is read at, sorted, each once."""
+    return tuple(sorted({*DEFAULT_PERCENTILES, percentile}))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -71,7 +46,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         # Sizes are only read here; refusing big images is the transform's job.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with open_image(path) as image:  # the transform's allow-list: JPEG, PNG, BMP
-            return oriented_size(image)
+            return oriented_size(image)  # from the header alone (see pneumo.images)
 
 
 def _unreadable_reason(error: Exception) -> str:

@@ -10,7 +10,7 @@ Two methods give the same features up to resampling detail:
 - ``fast`` lets libjpeg decode JPEGs at 1/2 to 1/8 scale (``Image.draft``) and estimates
   exact's cell maxima from the decoded pixels. Decoding dominates the cost, and most of it
   is entropy decoding, which no decoder can skip; a reduced-scale decode skips most of the
-  inverse DCT, and a frame header shortened to end just below the crop (``_with_height``)
+  inverse DCT, and a frame header shortened to end just below the crop (``images.open_top_rows``)
   skips the bottom margin's rows altogether. Each cell covers the same part of the picture
   as in exact; its maximum is taken over the decoded samples inside it and the values
   interpolated on its borders (``_cell_maxima``). Pooling decoded samples, not a resampled
@@ -23,30 +23,39 @@ Two methods give the same features up to resampling detail:
   For JPEGs it takes libjpeg's luma (0.299 R + 0.587 G + 0.114 B) instead of the channel
   mean; the two are equal for gray X-rays.
 
-A third method, ``resample`` (the robust recipe's), decodes at a reduced scale, resamples
-the crop to a canvas of ``cell_pixels`` per cell side (``Resampler``) and pools it with max
-and/or mean, each part z-scored per image if asked (``pool_features``). ``config.size`` does
-not matter to it: the cells cover the same parts of the film at any size. The same decoded
-picture serves its augmented renditions (pneumo.augment) and the shift suite (pneumo.shift).
+A third method, ``resample`` (the robust recipe's), decodes at a reduced scale
+(``images.decode_reduced``), resamples the crop to a canvas of ``cell_pixels`` per cell
+side (``Resampler``) and pools it with max and/or mean, each part z-scored per image if
+asked (``pool_features``). ``config.size`` does not matter to it: the cells cover the same
+parts of the film at any size. The same decoded picture serves its augmented renditions
+(pneumo.augment) and the shift suite (pneumo.shift).
+
+Opening and decoding files (the format allow-list, the refusals and their reasons, the
+orientation, gray conversion, reduced JPEG decodes) is pneumo.images's job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import math
-import os
-import warnings
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from pneumo.config import TransformConfig
-from pneumo.formats import FormatNotAllowed, open_image
-from pneumo.sizes import header_orientation, oriented_size
+from pneumo.images import (
+    JPEG_FORMATS,
+    binary_source,
+    decode_errors,
+    decode_reduced,
+    header_orientation,
+    open_checked,
+    open_top_rows,
+    oriented_size,
+    to_gray,
+)
 
 # fast: decode JPEGs at the smallest DCT scale that keeps this many pixels per pool cell.
 # Measured on 5,840 X-rays, per-image r against exact with the FLAT_SPREAD fallback: 12 or
@@ -61,50 +70,25 @@ FLAT_SPREAD = 10.5 / 255
 # Images with fewer pixels than this per cell are upsampled first, as the exact recipe does.
 MIN_PIXELS_PER_CELL = 4
 
-_JPEG_FORMATS = {"JPEG", "MPO"}
-
-
-class ImageRejected(ValueError):
-    """The file cannot be used as an image; the message is the reason, for the quarantine."""
-
 
 def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | None = None) -> np.ndarray:
     """The image's features: float32 array of rows * cols values in [0, 1].
 
     ``source`` is a path, the file's bytes, or a binary file object (read from its start;
-    the caller closes it). Raises ImageRejected for files that are not images, are in a
-    format outside ``formats.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
+    the caller closes it). Raises ``images.ImageRejected`` for files that are not images, are in a
+    format outside ``images.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
     ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
     config = config or TransformConfig()
     _check_geometry(config)
-    with _binary(source) as handle:
-        if not handle.read(1):
-            raise ImageRejected("empty file (0 bytes)")
-        handle.seek(0)
-        image = _open(handle, config)
-        with image:
-            with _decode_errors(image):
+    with binary_source(source) as handle:
+        with open_checked(handle, config.max_pixels) as image:
+            with decode_errors(image):
                 if config.method == "exact":
                     return _featurize_exact(image, config)
                 if config.method == "resample":
                     return pool_features(render(decode_reduced(image, config), config), config)
                 return _featurize_fast(image, config, handle)
-
-
-@contextlib.contextmanager
-def _binary(source: str | Path | bytes | BinaryIO) -> Iterator[BinaryIO]:
-    """A seekable binary handle on ``source``; only a file opened here is closed here."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        yield io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as handle:
-            yield handle
-    elif source.seekable():
-        source.seek(0)  # read from the start, whatever the caller read before
-        yield source
-    else:  # a pipe or socket: the decoder seeks, so read it whole
-        yield io.BytesIO(source.read())
 
 
 def max_pool(gray: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -142,76 +126,10 @@ def _check_geometry(config: TransformConfig) -> None:
         )
 
 
-def _open(handle, config: TransformConfig) -> Image.Image:
-    """Open from the header only, refusing oversized images before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():
-            # PIL's own bomb guard: its warning (above Image.MAX_IMAGE_PIXELS, ~89 MP by
-            # default) counts as a refusal too, so the limit is the lower of the two.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = open_image(handle)  # JPEG, PNG or BMP only: no other parser sees the bytes
-    except FormatNotAllowed as error:
-        raise ImageRejected(str(error)) from None
-    except UnidentifiedImageError:
-        raise ImageRejected("not an image (cannot identify image file)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageRejected(f"too large ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        if isinstance(error, EOFError) or "truncated" in str(error).lower():
-            raise ImageRejected("truncated header") from None
-        raise ImageRejected(f"unreadable header ({type(error).__name__}: {error})") from None
-    width, height = image.size
-    if width * height > config.max_pixels:
-        image.close()
-        raise ImageRejected(f"too large: {width}x{height} pixels exceeds max_pixels={config.max_pixels}")
-    if width < 1 or height < 1:
-        image.close()
-        raise ImageRejected(f"empty image: {width}x{height} pixels")
-    return image
-
-
-@contextlib.contextmanager
-def _decode_errors(image: Image.Image) -> Iterator[None]:
-    """Decoding problems of ``image`` as ImageRejected, with the reason for the quarantine."""
-    try:
-        yield
-    except ImageRejected:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageRejected(f"too large ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageRejected(_decode_failure(image, error)) from None
-
-
-def _decode_failure(image: Image.Image, error: Exception) -> str:
-    kind = image.format or "image"
-    if isinstance(error, EOFError) or "truncated" in str(error).lower():
-        return f"truncated {kind}"
-    return f"corrupt {kind} ({type(error).__name__}: {error})"
-
-
-def _gray(image: Image.Image) -> np.ndarray:
-    """One float32 gray layer in [0, 1]: the mean of the colour channels, alpha dropped."""
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit scans; PIL opens 16-bit PNGs as I;16 or I. Larger values cannot be 16-bit.
-        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-    if mode == "F":
-        raise ImageRejected("unsupported mode F (floating-point pixels have no known range)")
-    if mode in ("L", "LA", "La", "1"):
-        layer = image.getchannel(0) if mode != "1" else image.convert("L")
-        return np.asarray(layer, dtype=np.float32) / 255.0
-    if mode not in ("RGB", "RGBA", "RGBa", "RGBX"):
-        # P, PA, CMYK, YCbCr, LAB, HSV...: PIL knows how to turn each into RGB (or RGBA).
-        image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    rgb = np.asarray(image, dtype=np.float32)[..., :3]
-    return rgb.mean(axis=2) / 255.0
-
-
 def _featurize_exact(image: Image.Image, config: TransformConfig) -> np.ndarray:
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
-    gray = Image.fromarray(_gray(image))  # float32 -> mode F
+    gray = Image.fromarray(to_gray(image))  # float32 -> mode F
     height, width = config.size
     # The seed resized with skimage (bilinear, anti-aliased); PIL's bilinear also widens
     # its filter when shrinking, so it anti-aliases the same way.
@@ -230,7 +148,7 @@ def _featurize_fast(image: Image.Image, config: TransformConfig, handle) -> np.n
     scale = 1  # source pixels per decoded pixel
     cut = None
 
-    if image.format in _JPEG_FORMATS:
+    if image.format in JPEG_FORMATS:
         # Smallest decode that leaves DECODE_PIXELS_PER_CELL pixels per cell inside the crop;
         # libjpeg offers 1/2, 1/4 and 1/8, and Image.draft picks the same one.
         need_w = math.ceil(cols * DECODE_PIXELS_PER_CELL / (fractions[2] - fractions[0]))
@@ -242,17 +160,17 @@ def _featurize_fast(image: Image.Image, config: TransformConfig, handle) -> np.n
             # decoded top to bottom, so the top margin cannot be skipped).
             # (2 rows of margin: _cell_maxima interpolates one sample past the last row.)
             keep = min(shown_h, math.ceil(fractions[3] * shown_h) + 2 * scale)
-            cut = _with_height(handle, keep) if keep < shown_h else None
+            cut = open_top_rows(handle, keep) if keep < shown_h else None
             if cut is not None:
-                image = Image.open(cut)  # the header was checked by _open; only the height differs
+                image = cut
         stored_w, stored_h = image.size
         image.draft("L", (stored_w // scale, stored_h // scale))
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # after draft: rotating the small decode is cheap
     # 8-bit gray (every JPEG here) is pooled as bytes: max commutes with scaling to [0, 1].
-    pixels = np.asarray(image) if image.mode == "L" else _gray(image)
+    pixels = np.asarray(image) if image.mode == "L" else to_gray(image)
     if cut is not None:
-        image.close()  # the in-memory copy; featurize closes the file it opened
+        cut.close()  # the shortened copy; featurize closes the image it opened
 
     w, h = shown_w / scale, shown_h / scale  # the decoded picture, even if its bottom was cut
     box = (fractions[0] * w, fractions[1] * h, fractions[2] * w, fractions[3] * h)
@@ -281,77 +199,18 @@ def _featurize_flat(handle, config: TransformConfig) -> np.ndarray:
     resize covers only the crop, which gives exact's resized pixels up to float rounding.
     """
     handle.seek(0)
-    with _open(handle, config) as image:
-        if image.format in _JPEG_FORMATS:
+    with open_checked(handle, config.max_pixels) as image:
+        if image.format in JPEG_FORMATS:
             image.draft("L", image.size)  # full scale, one channel
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-        gray = Image.fromarray(_gray(image))  # float32 -> mode F
+        gray = Image.fromarray(to_gray(image))  # float32 -> mode F
     height, width = config.size
     left, top, right, bottom = crop_box(height, width, config.crop_fraction)
     w, h = gray.size
     box = (left * w / width, top * h / height, right * w / width, bottom * h / height)
     region = np.asarray(gray.resize((right - left, bottom - top), Image.Resampling.BILINEAR, box=box))
     return max_pool(region, config.grid).ravel().astype(np.float32)
-
-
-def _with_height(handle, rows: int) -> _Patched | None:
-    """The baseline JPEG in ``handle`` read with its frame header saying ``rows`` rows, or None.
-
-    Only the height field changes: libjpeg stops after ``rows`` rows and skips the rest of
-    the entropy-coded data without decoding it. None for anything else (progressive,
-    lossless, a header that does not parse), and for a file that does not end with the end
-    marker: a truncated file must still fail to decode, as it does when decoded whole.
-    """
-    handle.seek(-2, io.SEEK_END)
-    if handle.read(2) != b"\xff\xd9":
-        return None
-    at = 2
-    while True:
-        handle.seek(at)
-        head = handle.read(9)
-        if len(head) < 9 or head[0] != 0xFF:
-            return None
-        marker = head[1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-        elif marker in (0xC0, 0xC1):  # SOF0/SOF1: baseline and extended sequential Huffman
-            if int.from_bytes(head[5:7], "big") <= rows:
-                return None
-            handle.seek(0)
-            return _Patched(handle, at + 5, rows.to_bytes(2, "big"))
-        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
-            return None  # another frame type, or scan data before any frame header
-        else:
-            at += 2 + int.from_bytes(head[2:4], "big")
-
-
-class _Patched:
-    """A file read through with the bytes at ``at`` replaced by ``patch``.
-
-    Cheaper than a patched copy of the file: a fresh ~200 KB buffer per image costs more
-    in page faults than the rest of the overhead together.
-    """
-
-    def __init__(self, handle, at: int, patch: bytes):
-        self._handle, self._at, self._patch = handle, at, patch
-        self._position = handle.tell()
-
-    def read(self, size: int = -1) -> bytes:
-        start = self._position
-        data = self._handle.read(size)
-        self._position += len(data)
-        if start < self._at + len(self._patch) and self._position > self._at:
-            low, high = max(self._at - start, 0), min(self._at + len(self._patch) - start, len(data))
-            data = data[:low] + self._patch[start + low - self._at : start + high - self._at] + data[high:]
-        return data
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._position = self._handle.seek(offset, whence)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
 
 
 def _cell_maxima(pixels: np.ndarray, source_size: tuple[int, int], scale: int, config: TransformConfig) -> np.ndarray:
@@ -412,45 +271,15 @@ def _border_values(a: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.nda
 
 # --- The "resample" method: decode small, resample the crop to a canvas, pool it ------------
 #
-# One decode per image serves the original, its augmented renditions (pneumo.augment) and
-# the acquisition shifts (pneumo.shift): each is a resampling of the decoded picture onto a
+# One decode per image (images.decode_gray) serves the original, its augmented renditions
+# (pneumo.augment) and the acquisition shifts (pneumo.shift): each is a resampling of the decoded picture onto a
 # canvas of cell_pixels x cell_pixels per cell, which costs a fraction of the decode.
-
-
-def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) -> np.ndarray:
-    """The picture at the resample method's reduced scale (``decode_reduced``), refusing bad files.
-
-    ``source`` is taken as by ``featurize``. Raises ImageRejected as ``featurize`` does.
-    """
-    with _binary(source) as handle:
-        if not handle.read(1):
-            raise ImageRejected("empty file (0 bytes)")
-        handle.seek(0)
-        with _open(handle, config) as image:
-            with _decode_errors(image):
-                return decode_reduced(image, config)
-
-
-def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
-    """float32 gray in [0, 1], upright, decoded at the smallest JPEG scale (libjpeg's 1/2 to 1/8,
-    via Image.draft) that still leaves the crop ``cell_pixels`` samples per cell side."""
-    if image.format in _JPEG_FORMATS:
-        rows, cols = config.grid
-        kept = 1.0 - 2.0 * config.crop_fraction
-        need_w = math.ceil(cols * config.cell_pixels / kept)
-        need_h = math.ceil(rows * config.cell_pixels / kept)
-        if oriented_size(image) != image.size:  # a 90-degree EXIF rotation swaps the stored axes
-            need_w, need_h = need_h, need_w
-        image.draft("L", (need_w, need_h))
-    image.load()
-    ImageOps.exif_transpose(image, in_place=True)
-    return _gray(image)
 
 
 def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, ...] | None = None) -> np.ndarray:
     """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
 
-    ``warp`` = (zoom_x, zoom_y, shift_x, shift_y, rotation_degrees) moves the picture before the
+    ``warp`` = (zoom_x, zoom_y, translate_x, translate_y, rotation_degrees) moves the picture before the
     crop; see Resampler, which renders one picture many ways for the cost of one set-up.
     """
     return Resampler(gray, config).canvas(warp)
@@ -459,16 +288,16 @@ def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, ...] | 
 class Resampler:
     """One decoded picture, ready to be resampled onto the recipe's canvas, plainly or warped.
 
-    A warp (zoom_x, zoom_y, shift_x, shift_y, rotation) zooms each of the film's axes about
-    the centre (> 1 magnifies; unequal zooms change the aspect ratio), shifts by fractions of
-    width and height and rotates about the centre, all before the crop. Pixels from outside the picture
+    A warp (zoom_x, zoom_y, translate_x, translate_y, rotation) zooms each of the film's axes
+    about the centre (> 1 magnifies; unequal zooms change the aspect ratio), translates by
+    fractions of width and height and rotates about the centre, all before the crop. Pixels from outside the picture
     repeat its edge, as a film that extends past the detector would look, rather than
     adding black corners. The set-up (a box-filter shrink and the edge padding) is done
     once per picture, so each further rendering costs one small affine resampling.
     """
 
     # Edge padding prepared up front, as a fraction of the larger side: enough for zooms
-    # down to 0.8, shifts of 10 % and rotations of 10 degrees; larger warps pad again.
+    # down to 0.8, translations of 10 % and rotations of 10 degrees; larger warps pad again.
     MARGIN = 0.25
 
     def __init__(self, gray: np.ndarray, config: TransformConfig):
@@ -486,15 +315,15 @@ class Resampler:
             picture = Image.fromarray(self.gray)  # mode F
             return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
-        zoom_x, zoom_y, shift_x, shift_y, degrees = warp
+        zoom_x, zoom_y, translate_x, translate_y, degrees = warp
         picture, margin, width, height = self._prepared()
         cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         centre_x, centre_y = width / 2, height / 2
-        # Output (u, v) -> crop position (x, y) -> picture position: undo the shift, the rotation
-        # and the zoom of each of the film's axes (the film is zoomed, then rotated, then shifted).
+        # Output (u, v) -> crop position (x, y) -> picture position: undo the translation, the rotation
+        # and the zoom of each of the film's axes (the film is zoomed, then rotated, then translated).
         step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
-        x0 = c * width - centre_x - shift_x * width
-        y0 = c * height - centre_y - shift_y * height
+        x0 = c * width - centre_x - translate_x * width
+        y0 = c * height - centre_y - translate_y * height
         a, b, d, e = cos * step_x / zoom_x, sin * step_y / zoom_x, -sin * step_x / zoom_y, cos * step_y / zoom_y
         cx = centre_x + (cos * x0 + sin * y0) / zoom_x
         cy = centre_y + (-sin * x0 + cos * y0) / zoom_y

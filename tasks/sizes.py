@@ -11,8 +11,6 @@ from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
 from tasks.retry import retry_options
 
-BASE_PERCENTILES = (25, 50, 75, 90, 99)
-
 
 @task(
     name="size-percentiles",
@@ -22,7 +20,7 @@ BASE_PERCENTILES = (25, 50, 75, 90, 99)
 def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> sizes.SizesRef:
     """Write width/height percentiles (overall and per class) and resolve the target size."""
     logger = get_run_logger()
-    wanted = tuple(sorted({*BASE_PERCENTILES, percentile}))
+    wanted = sizes.with_default_percentiles(percentile)
 
     progress = progress_logger(logger, "image headers read")
     stats = sizes.size_percentiles(load_manifest(manifest.uri, manifest.root), percentiles=wanted, progress=progress)

@@ -12,9 +12,10 @@ from PIL import Image
 
 from pneumo import augment
 from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
+from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
-from pneumo.transform import Resampler, decode_gray, featurize
+from pneumo.transform import Resampler, featurize
 
 AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06)
 TRANSFORM = TransformConfig(
@@ -128,7 +129,7 @@ def test_identity_rendition_changes_nothing_and_photometric_stays_in_range():
 
 def test_draws_stay_inside_the_configured_ranges():
     for r in augment.draw(AUGMENT, augment.rendition_rng(0, "ab" * 32), 200):
-        assert 0.9 <= r.zoom <= 1.12 and abs(r.shift_x) <= 0.05 and abs(r.shift_y) <= 0.05 and abs(r.rotation) <= 5
+        assert 0.9 <= r.zoom <= 1.12 and abs(r.translate_x) <= 0.05 and abs(r.translate_y) <= 0.05 and abs(r.rotation) <= 5
         assert np.exp(-0.35) <= r.gamma <= np.exp(0.35) and np.exp(-0.2) <= r.contrast <= np.exp(0.2)
         assert abs(r.brightness) <= 0.06
 
@@ -185,7 +186,7 @@ def test_recipes_without_aspect_or_blur_draw_what_they_drew_before():
     u = augment.rendition_rng(3, "cd" * 32).uniform(-1.0, 1.0, size=(4, 7))
     for i, r in enumerate(augment.draw(AUGMENT, rng, 4)):
         assert r.zoom == float(np.exp(np.log(0.9) + (u[i, 0] + 1) / 2 * (np.log(1.12) - np.log(0.9))))
-        assert (r.shift_x, r.rotation, r.brightness) == (u[i, 1] * 0.05, u[i, 3] * 5.0, u[i, 6] * 0.06)
+        assert (r.translate_x, r.rotation, r.brightness) == (u[i, 1] * 0.05, u[i, 3] * 5.0, u[i, 6] * 0.06)
         assert r.aspect == 0.0 and r.blur == 0.0 and r.warp[0] == r.warp[1] == r.zoom
 
 

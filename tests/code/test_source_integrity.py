@@ -18,11 +18,11 @@ from PIL import EpsImagePlugin, Image
 from pneumo import sizes
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.download import build_manifest, source_fingerprint
-from pneumo.formats import FormatNotAllowed, open_image, sniff_format
+from pneumo.images import FormatNotAllowed, ImageRejected, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest
 from pneumo.quarantine import build_report
 from pneumo.shard_files import index_uri, plan_shards, read_index, write_index, write_shard
-from pneumo.transform import ImageRejected, featurize
+from pneumo.transform import featurize
 
 TRANSFORM = TransformConfig(size=(100, 130))
 SPLIT = SplitConfig(min_val_images=0)

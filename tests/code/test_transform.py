@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from pneumo.config import TransformConfig
-from pneumo.transform import ImageRejected, crop_box, featurize, max_pool
+from pneumo.images import ImageRejected
+from pneumo.transform import crop_box, featurize, max_pool
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest_xray_224" / "train"
 METHODS = ["fast", "exact"]
@@ -44,7 +45,7 @@ MODES = {
     "P": (lambda g: g.convert("P"), "png"),  # 256 gray levels fit the palette exactly
     "I;16": (lambda g: Image.fromarray((np.asarray(g, np.uint16) * 257)), "png"),
     # CMYK and 32-bit "I" images come only in TIFF among Pillow's writers, and TIFF is refused
-    # (pneumo.formats); CMYK is read as JPEG below, 16-bit gray as PNG above.
+    # (pneumo.images); CMYK is read as JPEG below, 16-bit gray as PNG above.
     "1": (lambda g: g.convert("1"), "png"),
     "bmp": (lambda g: g.convert("RGB"), "bmp"),
     "jpeg-L": (lambda g: g, "jpeg"),
@@ -248,19 +249,19 @@ def test_a_flat_film_takes_the_exact_recipe(tmp_path):
 
 
 def test_a_shortened_frame_header_decodes_the_same_top_rows(tmp_path):
-    from pneumo.transform import _with_height
+    from pneumo.images import open_top_rows
 
     picture = _gray8(_xray_like(1300, 1000))
     path = _save(tmp_path / "baseline.jpeg", picture, quality=90)
     with Image.open(path) as image:
         whole = np.asarray(image)
     with open(path, "rb") as handle:
-        cut = _with_height(handle, 900)
+        cut = open_top_rows(handle, 900)
         assert cut is not None
-        with Image.open(cut) as image:
+        with cut as image:
             assert image.size == (1300, 900)
             np.testing.assert_array_equal(np.asarray(image), whole[:900])
     # Progressive files keep their full header: their scans cover the whole frame.
     picture.save(tmp_path / "progressive.jpeg", quality=90, progressive=True)
     with open(tmp_path / "progressive.jpeg", "rb") as handle:
-        assert _with_height(handle, 900) is None
+        assert open_top_rows(handle, 900) is None
