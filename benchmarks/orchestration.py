@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # synthesize.py
 
 from prefect import flow  # noqa: E402
 
-from flows.full import prefect_api, shard_stage  # noqa: E402
+from flows.full import shard_stage  # noqa: E402
+from flows.runtime import prefect_api  # noqa: E402
 from pneumo import pool, shards, shard_files  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402

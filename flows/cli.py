@@ -50,9 +50,9 @@ def run(ctx: typer.Context) -> None:
     checked = settings.load(list(ctx.args), prog="pneumo run")
     if checked is None:  # --print-config
         raise typer.Exit(0)
-    from flows import full  # Prefect is imported here only
+    from flows import full, runtime  # Prefect is imported here only
 
-    raise typer.Exit(full.run(checked))
+    runtime.exit_process(full.run(checked))
 
 
 def _load_predictor(registry: str, model_name: str, alias: Optional[str], version: Optional[str], **kwargs):

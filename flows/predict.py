@@ -10,26 +10,24 @@ scored only. Deployed as ``pneumo-predict/batch`` (infra/prefect.yaml).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows import runtime  # first: it sets Prefect's environment defaults
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, Literal, Optional  # noqa: E402
-
-from prefect import flow, get_run_logger, unmapped  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from flows.full import _absolute, _checked, _with_run_options, prefect_api, task_runner  # noqa: E402
-from pneumo import download, evaluate, pool, predict, storage  # noqa: E402
-from pneumo.manifest import QuarantineEntry  # noqa: E402
-from tasks.predict import score_chunk, write_predictions  # noqa: E402
-from tasks.reporting import quarantine_artifact  # noqa: E402
+from pneumo import download, evaluate, pool, predict, storage, workdir as layout
+from pneumo.evaluate import format_metric
+from pneumo.manifest import QuarantineEntry
+from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
+from tasks.predict import score_chunk, write_predictions
+from tasks.reporting import quarantine_artifact
 
 FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
 
@@ -53,22 +51,21 @@ def predict_batch(
     cache hit. Files that are not usable images are quarantined with their reason.
     """
     logger = get_run_logger()
-    workdir = _absolute(workdir)
-    registry = _absolute(registry) if registry else storage.join(workdir, "registry")
+    workdir = layout.absolute(workdir)
+    registry = layout.absolute(registry) if registry else layout.registry(workdir)
     version = predict.resolve_version(registry, model_name, alias, version)
     model = predict.Predictor.from_registry(registry, model_name, version=version)  # refuses unusable cards now
     logger.info("scoring with %s %s (threshold %g)", model_name, version, model.threshold)
 
     fingerprint = download.source_fingerprint(input)
-    cache_dir = Path(workdir, "downloads") if not storage.is_s3(workdir) else Path.home() / ".cache/pneumo/downloads"
-    root = download.fetch(input, cache_dir, progress=logger.info)
+    root = download.fetch(input, layout.downloads(workdir), progress=logger.info)
     images = predict.list_inputs(root)
     if not images:
         raise ValueError(f"no files found in {input}")
     chunks = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
     logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), runner)
 
-    scorer = _with_run_options(score_chunk, workdir, retries)
+    scorer = with_run_options(score_chunk, workdir, retries)
     score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if runner == "processes" else None
     try:
         with task_runner("threads", workers) as chunk_runner:
@@ -82,14 +79,14 @@ def predict_batch(
         if score_pool:
             score_pool.close()
 
-    uri = storage.join(workdir, "predictions", model_name, version, f"{fingerprint[:16]}.csv")
-    _checked(_with_run_options(write_predictions, workdir, retries), lambda u: [u], "predictions", rows, uri)
+    uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}.csv")
+    rerun_if_outputs_missing(with_run_options(write_predictions, workdir, retries), rows, uri, outputs=lambda u: [u])
 
     scored = [row for row in rows if row["error"] is None]
     bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
     quarantine_uri = None
     if bad:
-        quarantine_uri = storage.join(workdir, "predictions", model_name, version, f"{fingerprint[:16]}-quarantine.json")
+        quarantine_uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}-quarantine.json")
         storage.write_json(quarantine_uri, [entry.model_dump() for entry in bad])
         quarantine_artifact(bad, key="predict-quarantine")
         logger.warning("%d file(s) quarantined (not scored); reasons in %s", len(bad), quarantine_uri)
@@ -161,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     if args.runner == "processes":
         pool.warm_up()
-    with prefect_api():
+    with runtime.prefect_api():
         try:
             summary = predict_batch(
                 input=args.input, registry=args.registry, workdir=args.workdir, model_name=args.model_name,
@@ -178,9 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     if summary["metrics"]:
         m = summary["metrics"]
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-        print(f"  labelled n={m['n']}: accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  "
-              f"specificity {m['specificity']:.3f}  F1 {m['f1']:.3f}  AUC {auc}")
+        shown = {k: format_metric(m[k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
+        print(f"  labelled n={m['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "
+              f"specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}")
     return 0
 
 

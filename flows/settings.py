@@ -1,7 +1,7 @@
 """The settings of `pneumo run` (= `python flows/full.py`), each declared once, and their checks.
 
 The command-line options are generated from pydantic models: ``RunSettings`` (the flow's own
-parameters, which ``flows.full.full`` takes its defaults from) and the config models
+parameters, which ``flows.full.full`` takes its defaults and checks from) and the config models
 (TrainConfig, TransformConfig with its AugmentConfig, SplitConfig). A value comes, by
 rising priority, from the model's default, the recipe (pneumo.recipes), ``--config FILE``
 (TOML, or YAML when PyYAML is installed), then the command line.
@@ -37,7 +37,7 @@ class UsageError(Exception):
 
 
 class RunSettings(BaseModel):
-    """The flow's own parameters (flows.full.full takes its defaults from here)."""
+    """The flow's own parameters: flows.full.full takes its defaults from here and validates its values here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,9 +78,9 @@ class RunSettings(BaseModel):
     )
     runner: Runner = Field(
         "processes",
-        description="where the shard tasks transform images: 'processes' hands each task's pixel work to a local pool "
-        "of worker processes, 'threads' works in the tasks' threads (h5py's lock limits it), 'dask' runs the tasks on "
-        "Dask workers",
+        description="where the shard tasks transform images: 'processes' runs the tasks on threads that hand their "
+        "pixel work to a local pool of worker processes, 'threads' does the pixel work in those threads (h5py's lock "
+        "limits it), 'dask' runs the tasks on Dask workers",
     )
     workers: Optional[int] = Field(None, ge=1, description="parallel shard tasks, and processes or Dask workers (default: CPU count)")
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
@@ -219,6 +219,10 @@ class Settings(typing.NamedTuple):
     split: SplitConfig
     verbose: bool = False
 
+    def flow_parameters(self) -> dict[str, Any]:
+        """The keyword arguments of the flow (flows.full.full): every run setting, and the configs."""
+        return {**dict(self.run), "transform": self.transform, "train": self.train, "split": self.split}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.run.model_dump(mode="json"),
@@ -295,6 +299,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def overridden(base: BaseModel, values: dict[str, Any]) -> BaseModel:
+    """``base`` with ``values`` (nested tables merged field by field) in place of its own, validated."""
+    return type(base)(**_merge(base.model_dump(), values))
+
+
+def apply_recipe(
+    recipe: str, transform: Optional[TransformConfig] = None, train: Optional[TrainConfig] = None
+) -> tuple[TransformConfig, TrainConfig]:
+    """The recipe's configs with the fields set explicitly in ``transform`` and ``train`` replaced.
+
+    Only explicitly given fields count (pydantic's ``exclude_unset``), so the flow's
+    ``--param train='{"epochs": 50}'`` changes the epochs of the recipe, not the rest of it.
+    """
+    base = RECIPES[recipe]
+
+    def given(config: Optional[BaseModel]) -> dict[str, Any]:
+        return {} if config is None else config.model_dump(exclude_unset=True)
+
+    return overridden(base.transform, given(transform)), overridden(base.train, given(train))  # type: ignore[return-value]
+
+
 def _flag_of(section: str, loc: tuple) -> str:
     path = (section, *[str(part) for part in loc if not isinstance(part, int)])
     for option in OPTIONS:
@@ -324,7 +349,7 @@ def resolve(given: dict[tuple[str, ...], Any], verbose: bool = False) -> Setting
     bases = {"transform": recipe.transform, "train": recipe.train, "split": SplitConfig()}
     for section, base in bases.items():
         try:
-            sections[section] = type(base)(**_merge(base.model_dump(), _nested(given, section)))
+            sections[section] = overridden(base, _nested(given, section))
         except ValidationError as error:
             raise UsageError(_validation_line(section, error, given)) from None
     return Settings(run, sections["transform"], sections["train"], sections["split"], verbose)  # type: ignore[arg-type]

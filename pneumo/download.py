@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pneumo import storage
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry, is_junk, junk_reason
+from pneumo.workdir import DOWNLOADS
 
 ACCEPTED_FORMS = (
     "kaggle:OWNER/DATASET (optionally pinned as kaggle:OWNER/DATASET/versions/N), "
@@ -187,7 +188,7 @@ def sweep_workdir(workdir: str | Path, started: float) -> list[Path]:
     Published dataset folders under ``downloads/`` hold the user's files as they came and
     are not searched: a dataset may hold dot-files of its own.
     """
-    downloads = Path(workdir, "downloads")
+    downloads = Path(workdir, DOWNLOADS)
 
     def published(folder: Path) -> bool:
         parts = folder.relative_to(downloads).parts if folder.is_relative_to(downloads) else ()

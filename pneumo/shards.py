@@ -1,9 +1,9 @@
 """Stage 3 as plain functions: plan the shards, write them, verify them, rebuild the broken ones, index them.
 
-No Prefect here. The flow (flows/full.py ``shard_stage``) maps the ``write-shard`` task,
-whose body is ``write_one``, over its task runner for retries, caching and logging, and
-calls the other steps as they are; ``run`` does the whole stage in this process or in a
-local process pool, for benchmarks, tests and anyone without Prefect.
+No Prefect here. ``run`` is the whole stage: in this process or a local process pool for
+benchmarks, tests and anyone without Prefect, or, from the flow (flows/full.py
+``shard_stage``), with the ``write-shard`` task (whose body is ``write_one``) mapped over
+the flow's task runner for retries, caching and logging.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from pneumo import shard_files, storage
+from pneumo import shard_files, storage, workdir as layout
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.manifest import load_manifest
 from pneumo.pool import ProcessPool
@@ -40,7 +40,7 @@ def plan(
     carries its shard's records, so a shard task's inputs stay small.
     """
     manifest = load_manifest(manifest_uri, root)
-    shards_root = storage.join(workdir, "shards")
+    shards_root = layout.shards(workdir)
     digest = manifest.digest()
     return ShardPlan(
         specs=shard_files.plan_shards(manifest, split, transform, shard_size, shards_root),
@@ -122,6 +122,10 @@ def write_index(
     return shard_files.index_ref(index_uri)
 
 
+# Writes shards, results in spec order; ``rebuild`` is True for shards found broken (compute them afresh).
+WriteShards = Callable[[list[shard_files.ShardSpec], bool], list[shard_files.ShardResult]]
+
+
 def run(
     manifest_uri: str,
     root: str,
@@ -131,15 +135,29 @@ def run(
     workdir: str,
     workers: Optional[int] = None,
     on_done: Optional[Callable[[int, int], None]] = None,
+    *,
+    write: Optional[WriteShards] = None,
+    index: Callable[..., shard_files.IndexRef] = write_index,
+    on_broken: Optional[Callable[[shard_files.ShardSpec, str], None]] = None,
 ) -> shard_files.IndexRef:
-    """The whole stage without Prefect: plan, write (``workers`` processes; None: this process), verify, index."""
+    """The whole stage: plan, write, rebuild the shards found broken, index.
+
+    By default the shards are written here (``workers`` processes; None: this process).
+    The flow passes ``write``, its Prefect map of the write-shard task, and ``index``, its
+    index task (same arguments as ``write_index``); ``on_broken(spec, problem)`` hears of
+    each shard set aside for rebuilding.
+    """
     shard_plan = plan(manifest_uri, root, split, transform, shard_size, workdir)
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ProcessPool(workers)) if workers else None
-        results = write_all(shard_plan.specs, pool, on_done)
+        if write is None:
+            pool = stack.enter_context(ProcessPool(workers)) if workers else None
+            write = lambda specs, rebuild: write_all(specs, pool, on_done)  # noqa: E731
+        results = write(shard_plan.specs, False)
+        # A cached or earlier result remembers a shard, not its file: one deleted or changed since is rebuilt.
         broken = set_aside_broken(shard_plan.specs, results)
+        for spec, problem in broken:
+            if on_broken:
+                on_broken(spec, problem)
         if broken:
-            results = with_rebuilt(results, write_all([spec for spec, _ in broken], pool))
-    return write_index(
-        results, shard_plan.index_uri, shard_plan.manifest_digest, shard_plan.transform, shard_plan.split
-    )
+            results = with_rebuilt(results, write([spec for spec, _ in broken], True))
+    return index(results, shard_plan.index_uri, shard_plan.manifest_digest, shard_plan.transform, shard_plan.split)

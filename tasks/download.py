@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 
-from pneumo import download, storage
+from pneumo import download, workdir as layout
 from pneumo.manifest import ManifestRef, save_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
@@ -25,12 +23,11 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     source, passed in so that the cache key changes exactly when the source does.
     """
     logger = get_run_logger()
-    cache_dir = Path(workdir, "downloads") if not storage.is_s3(workdir) else Path.home() / ".cache/pneumo/downloads"
-    root = download.find_dataset_root(download.fetch(source, cache_dir, progress=logger.info))
+    root = download.find_dataset_root(download.fetch(source, layout.downloads(workdir), progress=logger.info))
     logger.info("dataset root: %s", root)
 
     manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"))
-    uri = save_manifest(manifest, storage.join(workdir, "manifests"))
+    uri = save_manifest(manifest, layout.manifests(workdir))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(
         "manifest %s: %d images, %d quarantined, %d OS metadata files skipped, counts %s",

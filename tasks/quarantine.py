@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from pneumo import quarantine, shard_files, storage
+from pneumo import quarantine, shard_files, storage, workdir as layout
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import quarantine_artifact
@@ -20,7 +20,7 @@ def report_quarantine(manifest: ManifestRef, index: shard_files.IndexRef, workdi
     """Write the quarantine report (JSON and artifact); fail if too much input was bad."""
     logger = get_run_logger()
     report = quarantine.build_report(load_manifest(manifest.uri), shard_files.read_index(index.uri))
-    uri = storage.join(workdir, "reports", f"quarantine-{index.digest[:16]}.json")
+    uri = storage.join(layout.reports(workdir), f"quarantine-{index.digest[:16]}.json")
     storage.write_bytes(uri, report.model_dump_json(indent=2).encode())
     logger.info(
         "%d input files: %d in shards, %d quarantined (%.2f%%) %s, %d skipped %s; report %s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from pneumo import sizes, storage
+from pneumo import sizes, storage, workdir as layout
 from pneumo.manifest import ManifestRef, load_manifest
 from tasks.caching import cache_policy
 from tasks.reporting import progress_logger
@@ -24,7 +24,7 @@ def size_percentiles(manifest: ManifestRef, workdir: str, percentile: float) -> 
 
     progress = progress_logger(logger, "image headers read")
     stats = sizes.size_percentiles(load_manifest(manifest.uri, manifest.root), percentiles=wanted, progress=progress)
-    uri = storage.join(workdir, "stats", f"sizes-{manifest.digest[:16]}.json")
+    uri = storage.join(layout.stats(workdir), f"sizes-{manifest.digest[:16]}.json")
     storage.write_bytes(uri, stats.model_dump_json(indent=2).encode())
     height, width = sizes.target_size(stats, percentile)
     logger.info("p%g size: %d x %d (height x width) from %d headers", percentile, height, width, stats.n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,10 @@ import pytest
 
 from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_for_port
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
+# ../shared beside the clone; PNEUMO_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(
+    os.environ.get("PNEUMO_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
+)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from pneumo.config import SplitConfig, TransformConfig
 from pneumo.download import parse_patient_id
+from pneumo.manifest import ImageRecord, Manifest, save_manifest
 
 
 def free_port() -> int:
@@ -79,3 +88,132 @@ def use_s3_endpoint(env, endpoint: str, key_id: str = "testing-key-id", secret: 
     bucket = f"pneumo-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket)
     return bucket
+
+
+# --------------------------------------------------------------------------- the `pneumo` command
+
+
+def pneumo_command(*args: str) -> list[str]:
+    """The installed console script beside this interpreter (make setup installs it)."""
+    script = Path(sys.executable).parent / "pneumo"
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "flows.cli", *args]
+
+
+def run_pneumo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(pneumo_command(*args), capture_output=True, text=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- cached tasks
+
+
+def cached_tasks() -> list:
+    """Every task in tasks/ (all of them are cached across runs)."""
+    import importlib
+    import pkgutil
+
+    import tasks
+    from prefect import Task
+
+    found = {}
+    for module in pkgutil.iter_modules(tasks.__path__):
+        for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
+            if isinstance(value, Task):
+                found[value.name] = value
+    return list(found.values())
+
+
+def cache_key(task, **inputs) -> str:
+    """The cache key ``task`` would use for ``inputs``."""
+    from types import SimpleNamespace
+
+    # TASK_SOURCE reads only ``task_ctx.task``; the rest of a run context is not needed for a key.
+    return task.cache_policy.compute_key(task_ctx=SimpleNamespace(task=task), inputs=inputs, flow_parameters={})
+
+
+# --------------------------------------------------------------------------- a tiny Kaggle download
+
+
+# One small copy of the Kaggle layout: (split, class, file name).
+KAGGLE_IMAGES = [
+    ("train", "NORMAL", "IM-0115-0001.jpeg"),
+    ("train", "NORMAL", "NORMAL2-IM-1427-0001.jpeg"),
+    ("train", "PNEUMONIA", "person1000_bacteria_2931.jpeg"),
+    ("train", "PNEUMONIA", "person1000_virus_1681.jpeg"),
+    ("train", "PNEUMONIA", "person1_bacteria_1.jpeg"),
+    ("val", "NORMAL", "NORMAL2-IM-1431-0001.jpeg"),
+    ("val", "PNEUMONIA", "person1946_bacteria_4874.jpeg"),
+    ("test", "NORMAL", "IM-0001-0001.jpeg"),
+    ("test", "PNEUMONIA", "person100_bacteria_475.jpeg"),
+]
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_kaggle_tree(root: Path) -> Path:
+    """Write KAGGLE_IMAGES under root in the Kaggle layout; return root."""
+    for seed, (split, label, name) in enumerate(KAGGLE_IMAGES):
+        path = root / split / label / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(seed))
+    return root
+
+
+def write_kaggle_zip(path: Path) -> Path:
+    """A zip shaped like the real Kaggle archive: chest_xray/, a nested duplicate, __MACOSX junk."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("chest_xray/", "")
+        for seed, (split, label, name) in enumerate(KAGGLE_IMAGES):
+            data = jpeg_bytes(seed)
+            archive.writestr(f"chest_xray/{split}/{label}/{name}", data)
+            archive.writestr(f"chest_xray/chest_xray/{split}/{label}/{name}", data)
+            archive.writestr(f"__MACOSX/chest_xray/{split}/{label}/._{name}", b"\x00\x05\x16\x07AppleDouble")
+            archive.writestr(f"chest_xray/__MACOSX/chest_xray/{split}/{label}/._{name}", b"\x00\x05\x16\x07")
+        archive.writestr("chest_xray/.DS_Store", b"junk")
+        archive.writestr("chest_xray/train/.DS_Store", b"junk")
+    return path
+
+
+def all_paths(folder: Path) -> set[str]:
+    """Every file and folder under ``folder``, relative, with forward slashes."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+# --------------------------------------------------------------------------- a tiny shard dataset
+
+SHARD_TRANSFORM = TransformConfig(size=(100, 130))  # small target: the shard tests are about storage, not images
+SHARD_SPLIT_CONFIG = SplitConfig(min_val_images=100)
+NOT_A_JPEG = "train/PNEUMONIA/person3_bacteria_1.jpeg"
+
+
+def write_shard_dataset(folder: Path) -> tuple[Manifest, str, str]:
+    """24 images of 12 patients (``NOT_A_JPEG`` is not an image) and their saved manifest, under ``folder``.
+
+    Returns the manifest, its URI and the folder for the shards.
+    """
+    root = folder / "data"
+    records = []
+    for patient in range(12):
+        label = patient % 2
+        for image in range(2):
+            split = "test" if patient >= 10 else "train"
+            name = f"IM-{patient:04d}-{image:04d}.jpeg" if label == 0 else f"person{patient}_bacteria_{image}.jpeg"
+            relpath = f"{split}/{['NORMAL', 'PNEUMONIA'][label]}/{name}"
+            path = root / relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            noise = np.random.default_rng(patient * 10 + image).integers(0, 256, (60, 80), dtype=np.uint8)
+            Image.fromarray(noise).save(path, quality=90)
+            data = path.read_bytes()
+            records.append(
+                ImageRecord(relpath=relpath, split=split, label=label, patient_id=str(patient), bytes=len(data),
+                            sha256=hashlib.sha256(data).hexdigest())
+            )
+    bad = b"<html>not an image</html>"
+    (root / NOT_A_JPEG).write_bytes(bad)  # listed in the manifest with its own hash, refused by the transform
+    hashed = {"bytes": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    records = [r.model_copy(update=hashed) if r.relpath == NOT_A_JPEG else r for r in records]
+    manifest = Manifest(root=str(root), records=records)
+    return manifest, save_manifest(manifest, str(folder / "manifests")), str(folder / "shards")

@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
-import pkgutil
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from prefect import Task
 
 import pneumo
-import tasks
 from pneumo import pool as pneumo_pool
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.shard_files import ShardSpec
 from tasks import caching
+from tests.helpers import cache_key, cached_tasks
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cached_tasks() -> list[Task]:
-    """Every task in tasks/ (all of them are cached across runs)."""
-    found = {}
-    for module in pkgutil.iter_modules(tasks.__path__):
-        for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
-            if isinstance(value, Task):
-                found[value.name] = value
-    return list(found.values())
-
-
-def key(task: Task, **inputs) -> str:
-    # TASK_SOURCE reads only ``task_ctx.task``; the rest of a run context is not needed for a key.
-    return task.cache_policy.compute_key(task_ctx=SimpleNamespace(task=task), inputs=inputs, flow_parameters={})
 
 
 def test_the_library_digest_covers_every_module_of_pneumo(tmp_path):
@@ -62,9 +43,9 @@ def test_the_library_digest_covers_every_module_of_pneumo(tmp_path):
 def test_every_cached_task_key_changes_with_the_library_source(monkeypatch):
     found = cached_tasks()
     assert {"download", "write-shard", "write-shard-index", "train-evaluate-register"} <= {t.name for t in found}
-    before = {task.name: key(task, x=1) for task in found}
+    before = {task.name: cache_key(task, x=1) for task in found}
     monkeypatch.setattr(caching, "library_digest", lambda: "0" * 64)
-    after = {task.name: key(task, x=1) for task in found}
+    after = {task.name: cache_key(task, x=1) for task in found}
     assert [name for name in before if before[name] == after[name]] == []
 
 
@@ -73,8 +54,8 @@ KEYS_SCRIPT = """
 import json, sys
 import pneumo
 assert pneumo.__file__.startswith(sys.argv[1]), pneumo.__file__
-from tests.code.test_caching import cached_tasks, key
-print(json.dumps({task.name: key(task, x=1) for task in cached_tasks()}))
+from tests.helpers import cache_key, cached_tasks
+print(json.dumps({task.name: cache_key(task, x=1) for task in cached_tasks()}))
 """
 
 
@@ -120,5 +101,6 @@ def test_where_the_pixels_are_computed_is_not_in_the_key():
     with pneumo_pool.ProcessPool(1) as process_pool:
         for task in with_pool:
             first = next(iter(inspect.signature(task.fn).parameters))
-            assert key(task, **{first: spec, "pool": None}) == key(task, **{first: spec, "pool": process_pool}), task.name
-            assert key(task, **{first: spec, "pool": None}) != key(task, **{first: other, "pool": None}), task.name
+            alone = cache_key(task, **{first: spec, "pool": None})
+            assert alone == cache_key(task, **{first: spec, "pool": process_pool}), task.name
+            assert alone != cache_key(task, **{first: other, "pool": None}), task.name

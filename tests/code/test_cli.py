@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from pneumo import registry
+from tests.helpers import run_pneumo
 from tests.predict_helpers import card, expected_probability, register_two, state_dict, xray_pair
 
 # each test starts the `pneumo` command (and torch) in a new process: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
-
-
-def pneumo_command(*args: str) -> list[str]:
-    """The installed console script beside this interpreter (make setup installs it)."""
-    script = Path(sys.executable).parent / "pneumo"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "flows.cli", *args]
-
-
-def pneumo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(pneumo_command(*args), capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -35,13 +25,13 @@ def two_versions(tmp_path):
 def test_predict_prints_a_table_and_json_lines(two_versions, shared_data):
     root, weights = two_versions
     normal, pneumonia = xray_pair(shared_data)
-    table = pneumo("predict", str(normal), str(pneumonia), "--registry", root)
+    table = run_pneumo("predict", str(normal), str(pneumonia), "--registry", root)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["image", "label", "probability", "warnings"] and len(lines) == 3
     assert "tinynet v0001 (threshold 0.5): 2 scored, 0 failed" in table.stderr
 
-    out = pneumo("predict", str(normal), str(pneumonia), "--registry", root, "--version", "v0002", "--json")
+    out = run_pneumo("predict", str(normal), str(pneumonia), "--registry", root, "--version", "v0002", "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     for row, path in zip(rows, (normal, pneumonia)):
@@ -57,7 +47,7 @@ def test_a_non_image_fails_its_own_line_and_the_exit_code(two_versions, shared_d
     for path in (normal, pneumonia):
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "notes.txt").write_text("hello")
-    result = pneumo("predict", str(folder), "--registry", root, "--json")
+    result = run_pneumo("predict", str(folder), "--registry", root, "--json")
     assert result.returncode == 1
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert sum(r["probability"] is not None for r in rows) == 2
@@ -72,39 +62,39 @@ def test_missing_model_and_older_card_exit_2_with_one_line(two_versions, tmp_pat
         (["--registry", str(tmp_path / "none")], "does not exist"),
         (["--registry", root, "--version", "v0042"], "no version 'v0042'"),
     ):
-        result = pneumo("predict", str(normal), *args)
+        result = run_pneumo("predict", str(normal), *args)
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
     weights = state_dict(5)
     old = card(weights)
     del old["schema_version"], old["threshold"]
     registry.register(root, "tinynet", weights, old)
-    result = pneumo("predict", str(normal), "--registry", root, "--version", "v0003")
+    result = run_pneumo("predict", str(normal), "--registry", root, "--version", "v0003")
     assert result.returncode == 2 and "lacks schema_version, threshold" in result.stderr
 
 
 def test_models_list_show_and_promote(two_versions):
     root, _ = two_versions
-    listed = pneumo("models", "list", "--registry", root)
+    listed = run_pneumo("models", "list", "--registry", root)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert set(rows) == {"v0001", "v0002"}
     assert rows["v0001"].endswith("champion") and rows["v0002"].endswith("latest") and "0.900" in rows["v0001"]
 
-    shown = pneumo("models", "show", "v0002", "--registry", root)
+    shown = run_pneumo("models", "show", "v0002", "--registry", root)
     assert shown.returncode == 0 and "tinynet v0002" in shown.stdout and "threshold   0.3" in shown.stdout
-    assert json.loads(pneumo("models", "show", "--registry", root, "--json").stdout)["version"] == "v0001"
+    assert json.loads(run_pneumo("models", "show", "--registry", root, "--json").stdout)["version"] == "v0001"
 
-    promoted = pneumo("models", "promote", "v0002", "--registry", root)
+    promoted = run_pneumo("models", "promote", "v0002", "--registry", root)
     assert promoted.returncode == 0 and "v0001 -> v0002" in promoted.stdout
     assert registry.get_alias(root, "tinynet", "champion") == "v0002"
-    missing = pneumo("models", "promote", "v0009", "--registry", root)
+    missing = run_pneumo("models", "promote", "v0009", "--registry", root)
     assert missing.returncode == 2 and "no version 'v0009'" in missing.stderr
 
 
 def test_help_and_run_passthrough():
-    top = pneumo("--help")
+    top = run_pneumo("--help")
     assert top.returncode == 0 and all(name in top.stdout for name in ("run", "predict", "serve", "models"))
-    run_help = pneumo("run", "--help")  # flows/full.py's own options
+    run_help = run_pneumo("run", "--help")  # flows/full.py's own options
     assert run_help.returncode == 0 and "--source" in run_help.stdout and "--retrain" in run_help.stdout
 
 

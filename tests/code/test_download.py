@@ -10,14 +10,12 @@ import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from PIL import Image
 
 from pneumo import download
-from tests.helpers import free_port
+from tests.helpers import KAGGLE_IMAGES, all_paths, free_port, jpeg_bytes, write_kaggle_tree, write_kaggle_zip
 from pneumo.download import (
     SourceUnavailable,
     UnsafeArchive,
@@ -28,54 +26,6 @@ from pneumo.download import (
     parse_source,
     source_fingerprint,
 )
-
-# One small copy of the Kaggle layout: (split, class, file name).
-IMAGES = [
-    ("train", "NORMAL", "IM-0115-0001.jpeg"),
-    ("train", "NORMAL", "NORMAL2-IM-1427-0001.jpeg"),
-    ("train", "PNEUMONIA", "person1000_bacteria_2931.jpeg"),
-    ("train", "PNEUMONIA", "person1000_virus_1681.jpeg"),
-    ("train", "PNEUMONIA", "person1_bacteria_1.jpeg"),
-    ("val", "NORMAL", "NORMAL2-IM-1431-0001.jpeg"),
-    ("val", "PNEUMONIA", "person1946_bacteria_4874.jpeg"),
-    ("test", "NORMAL", "IM-0001-0001.jpeg"),
-    ("test", "PNEUMONIA", "person100_bacteria_475.jpeg"),
-]
-
-
-def jpeg_bytes(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 6), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def write_tree(root: Path) -> Path:
-    """Write IMAGES under root in the Kaggle layout; return root."""
-    for seed, (split, label, name) in enumerate(IMAGES):
-        path = root / split / label / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg_bytes(seed))
-    return root
-
-
-def write_kaggle_zip(path: Path) -> Path:
-    """A zip shaped like the real Kaggle archive: chest_xray/, a nested duplicate, __MACOSX junk."""
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("chest_xray/", "")
-        for seed, (split, label, name) in enumerate(IMAGES):
-            data = jpeg_bytes(seed)
-            archive.writestr(f"chest_xray/{split}/{label}/{name}", data)
-            archive.writestr(f"chest_xray/chest_xray/{split}/{label}/{name}", data)
-            archive.writestr(f"__MACOSX/chest_xray/{split}/{label}/._{name}", b"\x00\x05\x16\x07AppleDouble")
-            archive.writestr(f"chest_xray/__MACOSX/chest_xray/{split}/{label}/._{name}", b"\x00\x05\x16\x07")
-        archive.writestr("chest_xray/.DS_Store", b"junk")
-        archive.writestr("chest_xray/train/.DS_Store", b"junk")
-    return path
-
-
-def all_paths(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
-
 
 # --------------------------------------------------------------------------- sources
 
@@ -120,7 +70,7 @@ def test_parse_source_rejects_a_file_that_is_not_a_zip(tmp_path):
 
 
 def test_folder_fingerprint_stays_when_nothing_changes_and_moves_when_a_file_does(tmp_path):
-    root = write_tree(tmp_path / "data")
+    root = write_kaggle_tree(tmp_path / "data")
     first = source_fingerprint(str(root))
     assert source_fingerprint(str(root)) == first
 
@@ -153,7 +103,7 @@ def test_kaggle_shaped_zip_gives_one_copy_and_no_junk(tmp_path):
     assert root.name == "chest_xray" and root.parent.name != "chest_xray"  # not the nested duplicate
 
     manifest = build_manifest(root)
-    assert sorted(r.relpath for r in manifest.records) == sorted(f"{s}/{c}/{n}" for s, c, n in IMAGES)
+    assert sorted(r.relpath for r in manifest.records) == sorted(f"{s}/{c}/{n}" for s, c, n in KAGGLE_IMAGES)
     assert manifest.quarantine == []
     assert manifest.counts() == {
         "train": {"NORMAL": 2, "PNEUMONIA": 3},
@@ -181,7 +131,7 @@ def test_fetch_zip_twice_reuses_the_extraction(tmp_path):
 
 
 def test_fetch_folder_returns_it_resolved(tmp_path):
-    root = write_tree(tmp_path / "data")
+    root = write_kaggle_tree(tmp_path / "data")
     assert fetch(str(tmp_path / "data" / ".." / "data"), tmp_path / "cache") == root.resolve()
     assert not (tmp_path / "cache").exists()
 
@@ -203,15 +153,15 @@ def test_find_dataset_root_accepts_the_root_itself(tmp_path):
 
 
 def test_find_dataset_root_ignores_macosx_and_prefers_the_shallowest_copy(tmp_path):
-    write_tree(tmp_path / "x" / "__MACOSX")  # same depth as the real copy: only its name rules it out
-    write_tree(tmp_path / "x" / "chest_xray" / "chest_xray")
-    write_tree(tmp_path / "x" / "chest_xray")
+    write_kaggle_tree(tmp_path / "x" / "__MACOSX")  # same depth as the real copy: only its name rules it out
+    write_kaggle_tree(tmp_path / "x" / "chest_xray" / "chest_xray")
+    write_kaggle_tree(tmp_path / "x" / "chest_xray")
     assert find_dataset_root(tmp_path / "x") == (tmp_path / "x" / "chest_xray").resolve()
 
 
 def test_find_dataset_root_refuses_two_copies_at_the_same_depth(tmp_path):
-    write_tree(tmp_path / "a" / "chest_xray")
-    write_tree(tmp_path / "b" / "chest_xray")
+    write_kaggle_tree(tmp_path / "a" / "chest_xray")
+    write_kaggle_tree(tmp_path / "b" / "chest_xray")
     with pytest.raises(ValueError, match="several dataset copies"):
         find_dataset_root(tmp_path)
 
@@ -243,13 +193,13 @@ def test_parse_patient_id(filename, patient):
 
 
 def test_manifest_records_every_image_with_hash_label_and_patient(tmp_path):
-    root = write_tree(tmp_path / "data")
+    root = write_kaggle_tree(tmp_path / "data")
     seen: list[tuple[int, int]] = []
     manifest = build_manifest(root, progress=lambda done, total: seen.append((done, total)))
 
     assert manifest.root == str(root.resolve())
     assert [r.relpath for r in manifest.records] == sorted(
-        [f"{s}/{c}/{n}" for s, c, n in IMAGES], key=lambda p: (("train", "val", "test").index(p.split("/")[0]), p)
+        [f"{s}/{c}/{n}" for s, c, n in KAGGLE_IMAGES], key=lambda p: (("train", "val", "test").index(p.split("/")[0]), p)
     )
     for record in manifest.records:
         data = (root / record.relpath).read_bytes()
@@ -258,12 +208,12 @@ def test_manifest_records_every_image_with_hash_label_and_patient(tmp_path):
         assert record.label == (record.relpath.split("/")[1] == "PNEUMONIA")
         assert record.split == record.relpath.split("/")[0]
         assert record.patient_id == parse_patient_id(record.relpath)
-    assert seen[-1] == (len(IMAGES), len(IMAGES))
+    assert seen[-1] == (len(KAGGLE_IMAGES), len(KAGGLE_IMAGES))
     assert build_manifest(root).digest() == manifest.digest()  # deterministic
 
 
 def test_manifest_quarantines_bad_files_and_skips_os_junk(tmp_path):
-    root = write_tree(tmp_path / "data")
+    root = write_kaggle_tree(tmp_path / "data")
     normal = root / "train" / "NORMAL"
     (normal / "IM-0500-0001.jpeg").write_bytes(b"")
     (normal / "notes.txt").write_text("not an image")
@@ -312,9 +262,9 @@ def test_s3_zip_and_prefix_are_fetched_and_fingerprinted(tmp_path, s3_bucket):
     storage.upload_file(zip_path, f"s3://{s3_bucket}/archives/chest_xray.zip")
     zip_source = f"s3://{s3_bucket}/archives/chest_xray.zip"
     root = find_dataset_root(fetch(zip_source, tmp_path / "cache"))
-    assert len(build_manifest(root).records) == len(IMAGES)
+    assert len(build_manifest(root).records) == len(KAGGLE_IMAGES)
 
-    tree = write_tree(tmp_path / "tree")
+    tree = write_kaggle_tree(tmp_path / "tree")
     for path in sorted(p for p in tree.rglob("*") if p.is_file()):
         storage.upload_file(path, f"s3://{s3_bucket}/data/{path.relative_to(tree).as_posix()}")
     prefix = f"s3://{s3_bucket}/data"
@@ -422,7 +372,7 @@ def test_kaggle_fetch_downloads_through_kagglehub_and_reuses_it(fake_kaggle, tmp
     local = fetch("kaggle:owner/xrays", cache)
     assert local == cache / "kaggle" / "owner" / "xrays" / "versions" / str(VERSION)
     manifest = build_manifest(find_dataset_root(local))
-    assert sorted(r.relpath for r in manifest.records) == sorted(f"{s}/{c}/{n}" for s, c, n in IMAGES)
+    assert sorted(r.relpath for r in manifest.records) == sorted(f"{s}/{c}/{n}" for s, c, n in KAGGLE_IMAGES)
     called = [name for name, _, _ in fake_kaggle.calls]
     assert called == ["GetDataset", "DownloadDataset", "storage.googleapis.test/bundle/archive.zip"]
 

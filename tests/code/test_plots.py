@@ -83,6 +83,7 @@ def test_no_shift_chart_without_shift_results():
 def test_single_class_split_still_draws():
     y = np.ones(30, dtype=int)
     out = plots.render_all({"val": (y, np.linspace(0, 1, 30))}, 0.5, [])
+    assert set(out) == ALL - {"learning_curves.png", "shift_suite.png"}  # every picture, not none
     for data in out.values():
         assert_valid_png(data)
 

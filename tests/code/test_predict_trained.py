@@ -10,7 +10,7 @@ import pytest
 from pneumo import model, registry, train
 from pneumo.config import TrainConfig
 from pneumo.transform import featurize
-from tests.code.test_cli import pneumo
+from tests.helpers import run_pneumo
 from tests.predict_helpers import TRANSFORM, card
 
 
@@ -30,7 +30,7 @@ def test_pneumo_predict_matches_training_scores(shared_data, tmp_path):
 
     chosen = [0, 60]  # a NORMAL and a PNEUMONIA image, scored inside training below
     inside = model.predict_proba(result.state_dict, X[chosen])
-    out = pneumo("predict", *(str(files[i]) for i in chosen), "--registry", root, "--json")
+    out = run_pneumo("predict", *(str(files[i]) for i in chosen), "--registry", root, "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [row["probability"] for row in rows] == pytest.approx(inside.tolist(), abs=1e-6)

@@ -80,16 +80,16 @@ def test_resample_features_are_finite_and_normalized_per_part(shared_data):
 
 
 def test_explicit_options_override_the_recipe_and_nothing_else():
-    from flows.full import with_recipe
+    from flows.settings import apply_recipe
 
-    transform, train = with_recipe("robust", None, TrainConfig(epochs=3))
+    transform, train = apply_recipe("robust", None, TrainConfig(epochs=3))
     assert train.epochs == 3
     assert train.model_dump(exclude={"epochs"}) == RECIPES["robust"].train.model_dump(exclude={"epochs"})
     assert transform == RECIPES["robust"].transform
     # The seed recipe given complete configs is exactly those configs.
-    transform, train = with_recipe("seed", TransformConfig(method="exact"), TrainConfig(seed=4))
+    transform, train = apply_recipe("seed", TransformConfig(method="exact"), TrainConfig(seed=4))
     assert transform == TransformConfig(method="exact") and train == TrainConfig(seed=4)
-    transform, _ = with_recipe("robust", TransformConfig(renditions=0, method="resample"), None)
+    transform, _ = apply_recipe("robust", TransformConfig(renditions=0, method="resample"), None)
     assert transform.renditions == 0 and transform.pooling == ("max", "mean")
 
 

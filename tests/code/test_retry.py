@@ -121,9 +121,9 @@ def test_every_task_uses_the_one_policy():
     for each in tasks:
         assert each.retry_condition_fn is retry_condition, each.name
         assert each.retries == retry.DEFAULT_RETRIES, each.name
-    from flows.full import _with_run_options
+    from tasks.options import with_run_options
 
-    run_task = _with_run_options(shards.write_shard, "/tmp/pneumo-workdir", 20)
+    run_task = with_run_options(shards.write_shard, "/tmp/pneumo-workdir", 20)
     assert run_task.retry_condition_fn is retry_condition
     assert max(run_task.retry_delay_seconds) <= 300
     # No task module sets its own numbers.
@@ -137,7 +137,7 @@ def test_a_source_one_level_too_deep_fails_on_the_first_try(prefect_server, tmp_
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.full import _with_run_options
+    from tasks.options import with_run_options
 
     source = tmp_path / "chest_xray" / "train"  # one level too deep: NORMAL/ and PNEUMONIA/ directly inside
     for name in ("NORMAL", "PNEUMONIA"):
@@ -147,7 +147,7 @@ def test_a_source_one_level_too_deep_fails_on_the_first_try(prefect_server, tmp_
 
     @flow
     def stage():
-        return _with_run_options(download.download_dataset, workdir, 3)(str(source), "fingerprint", workdir)
+        return with_run_options(download.download_dataset, workdir, 3)(str(source), "fingerprint", workdir)
 
     state = stage(return_state=True)
     assert state.is_failed()

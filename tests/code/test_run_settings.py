@@ -13,7 +13,7 @@ import pytest
 from flows import settings
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES
-from tests.code.test_cli import pneumo_command
+from tests.helpers import pneumo_command
 
 REPO = Path(__file__).resolve().parents[2]
 

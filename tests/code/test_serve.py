@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from pneumo import registry
-from tests.helpers import free_port, wait_for_port
+from tests.helpers import free_port, pneumo_command, wait_for_port
 from tests.predict_helpers import expected_probability, image_bytes, register_two, xray_pair
-from tests.code.test_cli import pneumo_command
 
 import numpy as np
 

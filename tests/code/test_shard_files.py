@@ -10,11 +10,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from pneumo import storage
-from pneumo.config import SplitConfig, TransformConfig
-from pneumo.manifest import ImageRecord, Manifest, save_manifest
+from pneumo.config import TransformConfig
 from pneumo.shard_files import (
     SHARD_SCHEMA_VERSION,
     CorruptShard,
@@ -28,58 +26,23 @@ from pneumo.shard_files import (
     write_shard,
 )
 from pneumo.splits import records_by_split
+from tests.helpers import NOT_A_JPEG, SHARD_SPLIT_CONFIG, SHARD_TRANSFORM
 
-TRANSFORM = TransformConfig(size=(100, 130))  # small target: the tests are about storage, not images
-SPLIT_CONFIG = SplitConfig(min_val_images=100)
-BAD = "train/PNEUMONIA/person3_bacteria_1.jpeg"
-
-
-def _write_image(path: Path, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(path, quality=90)
-    return path.read_bytes()
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    """A manifest of 24 images of 12 patients (one image is not a JPEG), saved to disk."""
-    root = tmp_path / "data"
-    records = []
-    for patient in range(12):
-        label = patient % 2
-        for image in range(2):
-            split = "test" if patient >= 10 else "train"
-            name = f"IM-{patient:04d}-{image:04d}.jpeg" if label == 0 else f"person{patient}_bacteria_{image}.jpeg"
-            relpath = f"{split}/{['NORMAL', 'PNEUMONIA'][label]}/{name}"
-            data = _write_image(root / relpath, seed=patient * 10 + image)
-            records.append(
-                ImageRecord(relpath=relpath, split=split, label=label, patient_id=str(patient), bytes=len(data),
-                            sha256=hashlib.sha256(data).hexdigest())
-            )
-    bad = b"<html>not an image</html>"
-    (root / BAD).write_bytes(bad)  # listed in the manifest with its own hash, refused by the transform
-    hashed = {"bytes": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
-    records = [r.model_copy(update=hashed) if r.relpath == BAD else r for r in records]
-    manifest = Manifest(root=str(root), records=records)
-    return manifest, save_manifest(manifest, str(tmp_path / "manifests")), str(tmp_path / "shards")
-
-
-def _plan(dataset, shard_size=5):
-    manifest, manifest_uri, out_dir = dataset
-    return plan_shards(manifest, SPLIT_CONFIG, TRANSFORM, shard_size, out_dir)
+def _plan(shard_dataset, shard_size=5):
+    manifest, manifest_uri, out_dir = shard_dataset
+    return plan_shards(manifest, SHARD_SPLIT_CONFIG, SHARD_TRANSFORM, shard_size, out_dir)
 
 
 def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_plan_covers_every_record_once_in_bounded_shards(dataset):
-    manifest = dataset[0]
-    specs = _plan(dataset)
+def test_plan_covers_every_record_once_in_bounded_shards(shard_dataset):
+    manifest = shard_dataset[0]
+    specs = _plan(shard_dataset)
 
-    assert specs == _plan(dataset)  # deterministic
-    by_split = records_by_split(manifest, SPLIT_CONFIG)
+    assert specs == _plan(shard_dataset)  # deterministic
+    by_split = records_by_split(manifest, SHARD_SPLIT_CONFIG)
     for split, records in by_split.items():
         mine = [s for s in specs if s.split == split]
         assert [s.number for s in mine] == list(range(len(mine)))
@@ -89,18 +52,18 @@ def test_plan_covers_every_record_once_in_bounded_shards(dataset):
     assert len({Path(s.uri).parent for s in specs}) == 1
     assert Path(specs[0].uri).parent.name.startswith(manifest.digest()[:16])
     # Another shard size must not reuse the same file names for other images.
-    assert Path(_plan(dataset, shard_size=4)[0].uri).parent != Path(specs[0].uri).parent
+    assert Path(_plan(shard_dataset, shard_size=4)[0].uri).parent != Path(specs[0].uri).parent
 
 
-def test_shard_holds_the_contract_and_quarantines_bad_images(dataset):
-    spec = next(s for s in _plan(dataset, shard_size=100) if s.split == "train")
-    records = records_by_split(dataset[0], SPLIT_CONFIG)["train"]
+def test_shard_holds_the_contract_and_quarantines_bad_images(shard_dataset):
+    spec = next(s for s in _plan(shard_dataset, shard_size=100) if s.split == "train")
+    records = records_by_split(shard_dataset[0], SHARD_SPLIT_CONFIG)["train"]
     result = write_shard(spec)
 
-    assert [q.relpath for q in result.quarantine] == [BAD]
+    assert [q.relpath for q in result.quarantine] == [NOT_A_JPEG]
     assert result.quarantine[0].stage == "transform"
     assert result.quarantine[0].reason == "not an image (cannot identify image file)"
-    kept = [r for r in records if r.relpath != BAD]
+    kept = [r for r in records if r.relpath != NOT_A_JPEG]
     assert result.count == len(kept)
     assert result.class_counts == {"NORMAL": sum(r.label == 0 for r in kept), "PNEUMONIA": sum(r.label == 1 for r in kept)}
     assert result.sha256 == _sha256(spec.uri)
@@ -110,7 +73,7 @@ def test_shard_holds_the_contract_and_quarantines_bad_images(dataset):
         assert f["labels"].dtype == np.uint8
         assert h5py.check_string_dtype(f["relpaths"].dtype).encoding == "utf-8"
         assert h5py.check_string_dtype(f["patient_ids"].dtype).encoding == "utf-8"
-        assert TransformConfig.model_validate_json(f.attrs["transform"]) == TRANSFORM
+        assert TransformConfig.model_validate_json(f.attrs["transform"]) == SHARD_TRANSFORM
         assert f.attrs["manifest_digest"] == spec.manifest_digest
         assert f.attrs["schema_version"] == SHARD_SCHEMA_VERSION
         assert f.attrs["split"] == "train"
@@ -122,8 +85,8 @@ def test_shard_holds_the_contract_and_quarantines_bad_images(dataset):
     assert 0.0 <= data.features.min() and data.features.max() <= 1.0
 
 
-def test_same_inputs_give_the_same_bytes(dataset, tmp_path):
-    spec = _plan(dataset)[0]
+def test_same_inputs_give_the_same_bytes(shard_dataset, tmp_path):
+    spec = _plan(shard_dataset)[0]
     first = write_shard(spec)
     time.sleep(1.1)  # HDF5 creation times have one-second resolution: a timestamped file would now differ
     elsewhere = spec.model_copy(update={"uri": str(tmp_path / "copy" / "train-0000.h5")})
@@ -131,24 +94,24 @@ def test_same_inputs_give_the_same_bytes(dataset, tmp_path):
     assert first.sha256 == second.sha256 == _sha256(spec.uri) == _sha256(elsewhere.uri)
 
 
-def test_finished_shard_is_returned_without_recomputing(dataset):
-    spec = next(s for s in _plan(dataset, shard_size=100) if s.split == "train")
+def test_finished_shard_is_returned_without_recomputing(shard_dataset):
+    spec = next(s for s in _plan(shard_dataset, shard_size=100) if s.split == "train")
     first = write_shard(spec)
-    Path(dataset[0].root).rename(Path(dataset[0].root).with_name("moved"))  # recomputing would now fail
+    Path(shard_dataset[0].root).rename(Path(shard_dataset[0].root).with_name("moved"))  # recomputing would now fail
 
     assert write_shard(spec) == first  # quarantine included: it is stored in the shard
 
 
-def test_a_stale_or_foreign_file_at_the_target_is_replaced(dataset):
-    spec = _plan(dataset)[0]
+def test_a_stale_or_foreign_file_at_the_target_is_replaced(shard_dataset):
+    spec = _plan(shard_dataset)[0]
     Path(spec.uri).parent.mkdir(parents=True)
     Path(spec.uri).write_bytes(b"left over from a crash")
     result = write_shard(spec)
     assert read_shard(spec.uri, result.sha256).features.shape[0] == result.count
 
 
-def test_target_appears_only_when_complete(dataset):
-    spec = _plan(dataset)[0]
+def test_target_appears_only_when_complete(shard_dataset):
+    spec = _plan(shard_dataset)[0]
     folder = Path(spec.uri).parent
     seen = []
 
@@ -160,10 +123,10 @@ def test_target_appears_only_when_complete(dataset):
     assert sorted(os.listdir(folder)) == [Path(spec.uri).name]  # no temporary file left beside it
 
 
-def test_a_failed_write_leaves_nothing_behind(dataset):
-    spec = _plan(dataset)[0]
-    manifest = dataset[0]
-    victim = records_by_split(manifest, SPLIT_CONFIG)[spec.split][spec.stop - 1]
+def test_a_failed_write_leaves_nothing_behind(shard_dataset):
+    spec = _plan(shard_dataset)[0]
+    manifest = shard_dataset[0]
+    victim = records_by_split(manifest, SHARD_SPLIT_CONFIG)[spec.split][spec.stop - 1]
     (Path(manifest.root) / victim.relpath).unlink()  # a missing file is an error, not a bad image
 
     with pytest.raises(FileNotFoundError):
@@ -172,29 +135,29 @@ def test_a_failed_write_leaves_nothing_behind(dataset):
     assert not Path(spec.uri).parent.exists() or os.listdir(Path(spec.uri).parent) == []
 
 
-def test_a_shard_task_needs_its_spec_only_not_the_manifest(dataset):
-    manifest, manifest_uri, out_dir = dataset
-    spec = _plan(dataset)[0]
+def test_a_shard_task_needs_its_spec_only_not_the_manifest(shard_dataset):
+    manifest, manifest_uri, out_dir = shard_dataset
+    spec = _plan(shard_dataset)[0]
     Path(manifest_uri).unlink()  # memory bounded by the shard: the manifest is never read
     result = write_shard(spec)
     assert result.count == len(spec.records) == spec.stop - spec.start
 
 
-def test_index_lists_shards_counts_and_quarantine(dataset):
-    manifest, _, out_dir = dataset
-    results = [write_shard(spec) for spec in _plan(dataset)]
-    uri = index_uri(out_dir, manifest.digest(), TRANSFORM, SPLIT_CONFIG, 5)
+def test_index_lists_shards_counts_and_quarantine(shard_dataset):
+    manifest, _, out_dir = shard_dataset
+    results = [write_shard(spec) for spec in _plan(shard_dataset)]
+    uri = index_uri(out_dir, manifest.digest(), SHARD_TRANSFORM, SHARD_SPLIT_CONFIG, 5)
 
-    assert write_index(results[::-1], uri, manifest_digest=manifest.digest(), transform=TRANSFORM, split_config=SPLIT_CONFIG) == uri
+    assert write_index(results[::-1], uri, manifest_digest=manifest.digest(), transform=SHARD_TRANSFORM, split_config=SHARD_SPLIT_CONFIG) == uri
     index = read_index(uri)
 
     assert [s["name"] for s in index["shards"]] == [Path(r.uri).name for r in results]
     assert [s["sha256"] for s in index["shards"]] == [r.sha256 for r in results]
     assert index["manifest_digest"] == manifest.digest() and index["schema_version"] == SHARD_SCHEMA_VERSION
-    assert [q["relpath"] for q in index["quarantine"]] == [BAD]
-    by_split = records_by_split(manifest, SPLIT_CONFIG)
+    assert [q["relpath"] for q in index["quarantine"]] == [NOT_A_JPEG]
+    by_split = records_by_split(manifest, SHARD_SPLIT_CONFIG)
     for split, records in by_split.items():
-        kept = [r for r in records if r.relpath != BAD]
+        kept = [r for r in records if r.relpath != NOT_A_JPEG]
         assert index["counts"][split] == {"NORMAL": sum(r.label == 0 for r in kept), "PNEUMONIA": sum(r.label == 1 for r in kept)}
 
         data = load_split(uri, split)
@@ -205,12 +168,12 @@ def test_index_lists_shards_counts_and_quarantine(dataset):
             np.testing.assert_array_equal(data.features, np.concatenate([p.features for p in parts]))
 
     digest = index_digest(uri)
-    write_index(results, uri, manifest_digest=manifest.digest(), transform=TRANSFORM, split_config=SPLIT_CONFIG)
+    write_index(results, uri, manifest_digest=manifest.digest(), transform=SHARD_TRANSFORM, split_config=SHARD_SPLIT_CONFIG)
     assert index_digest(uri) == digest  # rewriting the same index changes nothing
 
 
-def test_a_flipped_byte_is_detected(dataset):
-    spec = _plan(dataset)[0]
+def test_a_flipped_byte_is_detected(shard_dataset):
+    spec = _plan(shard_dataset)[0]
     result = write_shard(spec)
     data = bytearray(Path(spec.uri).read_bytes())
     data[len(data) // 2] ^= 0x01

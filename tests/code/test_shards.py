@@ -6,14 +6,14 @@ from pathlib import Path
 
 from pneumo import shards, storage
 from pneumo.shard_files import read_index
-from tests.code.test_shard_files import SPLIT_CONFIG, TRANSFORM, dataset  # noqa: F401 (the fixture)
+from tests.helpers import SHARD_SPLIT_CONFIG, SHARD_TRANSFORM
 
 SHARD_SIZE = 5
 
 
-def test_a_process_pool_writes_the_very_shards_this_process_writes(dataset, tmp_path):  # noqa: F811
-    manifest, manifest_uri, _ = dataset
-    args = (manifest_uri, manifest.root, SPLIT_CONFIG, TRANSFORM, SHARD_SIZE)
+def test_a_process_pool_writes_the_very_shards_this_process_writes(shard_dataset, tmp_path):
+    manifest, manifest_uri, _ = shard_dataset
+    args = (manifest_uri, manifest.root, SHARD_SPLIT_CONFIG, SHARD_TRANSFORM, SHARD_SIZE)
     progress = []
     here = shards.run(*args, str(tmp_path / "here"))
     pooled = shards.run(*args, str(tmp_path / "pooled"), workers=2, on_done=lambda *p: progress.append(p))
@@ -28,9 +28,9 @@ def test_a_process_pool_writes_the_very_shards_this_process_writes(dataset, tmp_
     assert pooled.n_quarantined == here.n_quarantined == 1  # the one file that is not a JPEG
 
 
-def test_a_shard_changed_or_deleted_after_writing_is_set_aside_and_rebuilt(dataset, tmp_path):  # noqa: F811
-    manifest, manifest_uri, _ = dataset
-    plan = shards.plan(manifest_uri, manifest.root, SPLIT_CONFIG, TRANSFORM, SHARD_SIZE, str(tmp_path))
+def test_a_shard_changed_or_deleted_after_writing_is_set_aside_and_rebuilt(shard_dataset, tmp_path):
+    manifest, manifest_uri, _ = shard_dataset
+    plan = shards.plan(manifest_uri, manifest.root, SHARD_SPLIT_CONFIG, SHARD_TRANSFORM, SHARD_SIZE, str(tmp_path))
     results = shards.write_all(plan.specs)
     assert [r.uri for r in results] == [s.uri for s in plan.specs]
     assert shards.set_aside_broken(plan.specs, results) == []

@@ -10,7 +10,7 @@ import pytest
 
 from flows.full import full
 from pneumo.download import UnsafeArchive, safe_extract_zip
-from tests.code.test_download import all_paths, write_kaggle_zip
+from tests.helpers import all_paths, write_kaggle_zip
 
 
 def zip_with(path: Path, *entries: tuple[zipfile.ZipInfo | str, bytes]) -> Path:

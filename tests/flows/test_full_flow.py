@@ -143,7 +143,7 @@ def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path
             raise OSError("injected transient read error")
         return real(root, record)
 
-    monkeypatch.setattr(shards, "_read_verified", flaky)
+    monkeypatch.setattr(shard_files, "_read_verified", flaky)
     summary, states = run(subset_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]
