@@ -1,17 +1,25 @@
-"""How good is each named recipe, and how well does it hold up under acquisition shifts?
+"""How good is each named recipe, and how well does it hold up when films look different?
 
 For each recipe of pneumo.recipes: build its shards once (the library's plan_shards and
 write_shard, in a process pool), then train TinyNet with several seeds on the same carved,
-patient-grouped split and report mean +- sd over the seeds of
+patient-grouped split and report mean +- sd over the seeds of, all on the carved val split:
 
-- carved-val ROC AUC, accuracy, specificity (the split early stopping watched),
-- the shift suite's worst case (pneumo.shift) over val and test together: ROC AUC and
-  specificity, each the minimum over the shifts,
+- clean val ROC AUC, accuracy, specificity (the split early stopping watched, if any),
+- the stress val (pneumo.shift.stress_features: every val image under 10 random strong
+  jitters, the same for every recipe): ROC AUC and specificity,
+- the stretch shifts (the film's width or height x0.82 / x1.22): ROC AUC and specificity,
+- the shift suite's worst case (pneumo.shift): ROC AUC and specificity, each the minimum
+  over the shifts, on val and (as before issue 16) on val and test together, which halves
+  the noise of either,
+- the threshold the recipe's rule chose (0.5, or Youden's J on the stress val), which every
+  specificity above uses,
 - the training time (TinyNet on the train rows, renditions included, one thread): wall
   seconds, and CPU seconds, which on a shared, busy machine estimate the idle wall time.
 
-The carved splits come from the same period as train; the shift suite is the proxy for
-films of another period. Prints a markdown table for the README, then the figures as JSON.
+The carved val comes from the same period as train: its clean figures reward shortcuts of
+that period. The stress val, the stretches and the shift suite are proxies for films of
+another period, made from the same val images. Prints a markdown table for the README,
+then the figures as JSON.
 
     python benchmarks/quality.py --help
 """
@@ -30,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo import evaluate, shard_files, shift
-from pneumo.config import SplitConfig
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
 from pneumo.sizes import size_percentiles, target_size
@@ -42,9 +50,8 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray_224"
 SHARD_SIZE = 1000
 
 
-def build_shards(manifest, recipe: str, size: tuple[int, int], out_dir: str, workers: int) -> tuple[str, float]:
-    """The recipe's shards (reused when already written); their index URI and the seconds it took."""
-    transform = RECIPES[recipe].transform.model_copy(update={"size": size})
+def build_shards(manifest, transform, out_dir: str, workers: int) -> tuple[str, float]:
+    """The shards of ``transform`` (reused when already written); their index URI and the seconds it took."""
     split = SplitConfig()
     specs = shard_files.plan_shards(manifest, split, transform, SHARD_SIZE, out_dir)
     started = time.perf_counter()
@@ -56,47 +63,71 @@ def build_shards(manifest, recipe: str, size: tuple[int, int], out_dir: str, wor
     return index_uri, seconds
 
 
-def run_seed(data: dict[str, shard_files.ShardData], recipe: str, seed: int, epochs: int | None) -> dict:
-    """Train one seed; its carved-val metrics, the shift suite's worst case and the training time."""
-    update = {"seed": seed} if epochs is None else {"seed": seed, "epochs": epochs}
-    config = RECIPES[recipe].train.model_copy(update=update)
+def run_seed(data: dict[str, shard_files.ShardData], config, seed: int) -> dict:
+    """Train one seed; its figures on clean val, the stress val, the stretches and the shift suite."""
+    config = config.model_copy(update={"seed": seed})
+    val = data["val"]
     cpu = time.process_time()
-    result = train(data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config)
+    result = train(data["train"].features, data["train"].labels, val.features, val.labels, config)
     cpu = time.process_time() - cpu  # TinyNet trains on one thread: its CPU time is what an idle machine's wall time would be
-    val = evaluate.metrics(data["val"].labels, predict_proba(result.state_dict, data["val"].features), config.threshold)
-    test = evaluate.metrics(data["test"].labels, predict_proba(result.state_dict, data["test"].features), config.threshold)
-    # The shift suite over val and test together: twice the rows, half the noise of either.
-    labels = np.concatenate([data["val"].labels, data["test"].labels])
-    probs = {"clean": predict_proba(result.state_dict, np.concatenate([data["val"].features, data["test"].features]))}
-    for name in shift.NAMES:
-        rows = np.concatenate([data["val"].shift[name], data["test"].shift[name]])
-        probs[name] = predict_proba(result.state_dict, rows)
-    shifted = shift.shift_metrics(labels, probs, config.threshold)
-    return {
+    stress_labels, stress_probs, _ = evaluate.stress_predictions(result.state_dict, val)
+    threshold = evaluate.decision_threshold(result.state_dict, val, config.threshold_rule, config.threshold)
+    clean_probs = predict_proba(result.state_dict, val.features)
+    clean = evaluate.metrics(val.labels, clean_probs, threshold)
+    stressed = evaluate.metrics(stress_labels, stress_probs, threshold)
+    probs = {"clean": clean_probs, **{name: predict_proba(result.state_dict, val.shift[name]) for name in shift.NAMES}}
+    shifted = shift.shift_metrics(val.labels, probs, threshold)
+    test = data["test"]
+    both = {name: np.concatenate([probs[name], predict_proba(result.state_dict, test.shift[name])]) for name in shift.NAMES}
+    both["clean"] = np.concatenate([clean_probs, predict_proba(result.state_dict, test.features)])
+    pooled = shift.shift_metrics(np.concatenate([val.labels, test.labels]), both, threshold)
+    figures = {
         "seed": seed,
-        "val_auc": val["roc_auc"],
-        "val_accuracy": val["accuracy"],
-        "val_specificity": val["specificity"],
-        "test_auc": test["roc_auc"],
+        "threshold": threshold,
+        "val_auc": clean["roc_auc"],
+        "val_accuracy": clean["accuracy"],
+        "val_specificity": clean["specificity"],
+        "val_sensitivity": clean["recall"],
+        "stress_auc": stressed["roc_auc"],
+        "stress_specificity": stressed["specificity"],
+        "stress_sensitivity": stressed["recall"],
+    }
+    for name in STRETCHES:
+        figures[f"{name}_auc"] = shifted["per_shift"][name]["roc_auc"]
+        figures[f"{name}_specificity"] = shifted["per_shift"][name]["specificity"]
+    figures.update({
         "shift_worst_auc": shifted["worst"]["roc_auc"][0],
         "shift_worst_auc_shift": shifted["worst"]["roc_auc"][1],
         "shift_worst_specificity": shifted["worst"]["specificity"][0],
         "shift_worst_specificity_shift": shifted["worst"]["specificity"][1],
-        "shift_clean_specificity": shifted["clean"]["specificity"],
+        "valtest_worst_auc": pooled["worst"]["roc_auc"][0],
+        "valtest_worst_auc_shift": pooled["worst"]["roc_auc"][1],
+        "valtest_worst_specificity": pooled["worst"]["specificity"][0],
+        "valtest_worst_specificity_shift": pooled["worst"]["specificity"][1],
         "train_seconds": result.seconds,
         "train_cpu_seconds": cpu,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "n_train_rows": result.n_train,
-    }
+    })
+    return figures
 
 
+STRETCHES = ("stretch_x0.82", "stretch_x1.22", "stretch_y0.82", "stretch_y1.22")
 COLUMNS = [
     ("val_auc", "val AUC", 3),
-    ("val_accuracy", "val accuracy", 3),
-    ("val_specificity", "val specificity", 3),
-    ("shift_worst_auc", "shift worst AUC", 3),
-    ("shift_worst_specificity", "shift worst specificity", 3),
+    ("val_specificity", "val spec", 3),
+    ("stress_auc", "stress AUC", 3),
+    ("stress_specificity", "stress spec", 3),
+    ("stretch_x0.82_auc", "width x0.82 AUC", 3),
+    ("stretch_x0.82_specificity", "width x0.82 spec", 3),
+    ("stretch_x1.22_auc", "width x1.22 AUC", 3),
+    ("stretch_x1.22_specificity", "width x1.22 spec", 3),
+    ("shift_worst_auc", "worst-shift AUC", 3),
+    ("shift_worst_specificity", "worst-shift spec", 3),
+    ("valtest_worst_auc", "worst-shift AUC, val+test", 3),
+    ("valtest_worst_specificity", "worst-shift spec, val+test", 3),
+    ("threshold", "threshold", 2),
     ("train_seconds", "train s", 1),
     ("train_cpu_seconds", "train CPU s", 1),
 ]
@@ -120,11 +151,15 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _value(text: str):
+    return json.loads(text) if text[:1] in "[{0123456789-" or text in ("true", "false") else text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/quality.py",
         description="Train every named recipe with several seeds on the same carved split of the real data; "
-        "print mean +- sd of val AUC, accuracy, specificity, the shift suite's worst-case AUC and specificity, "
+        "print mean +- sd of clean-val, stress-val, stretch and worst-shift AUC and specificity, the threshold "
         "and the training time, as a markdown table, then the figures as JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -133,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--seeds", type=int, default=5, help="training seeds 0..N-1 per recipe")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's maximum epochs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="PART.FIELD=VALUE",
+                        help="override a recipe setting for an experiment, e.g. transform.renditions=6 "
+                        "train.swa_start=0 transform.augment.aspect=0.15 (JSON values)")
+    parser.add_argument("--label", default=None, help="name of the rows in the table (default: the recipe's name)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes writing shards")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
     parser.add_argument("--table-from", type=Path, nargs="+", default=None,
@@ -149,25 +188,46 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     manifest = build_manifest(args.source)
     size = target_size(size_percentiles(manifest), 75.0)
-    report = {"source": str(args.source), "images": len(manifest.records), "cpu_count": os.cpu_count(), "recipes": {}}
-    for recipe in args.recipes:
-        index_uri, shard_seconds = build_shards(manifest, recipe, size, str(args.workdir / "shards"), args.workers)
+    report = {"source": str(args.source), "images": len(manifest.records), "cpu_count": os.cpu_count(),
+              "load_before": os.getloadavg(), "recipes": {}}
+    for name in args.recipes:
+        chosen = RECIPES[name]
+        parts = {"transform": chosen.transform.model_dump(), "train": chosen.train.model_dump()}
+        parts["transform"]["size"] = size
+        if args.epochs is not None:
+            parts["train"]["epochs"] = args.epochs
+        for assignment in args.set:
+            key, _, text = assignment.partition("=")
+            *path, field = key.split(".")
+            target = parts
+            for step in path:
+                target = target[step]
+            if field not in target:
+                parser.error(f"--set {assignment}: no setting {key}")
+            target[field] = _value(text)
+        transform, config = TransformConfig(**parts["transform"]), TrainConfig(**parts["train"])
+        index_uri, shard_seconds = build_shards(manifest, transform, str(args.workdir / "shards"), args.workers)
         data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
+        label = args.label or name
         runs = []
         for seed in range(args.seeds):
-            runs.append(run_seed(data, recipe, seed, args.epochs))
-            print(f"{recipe} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                       for k, v in runs[-1].items() if k != "seed"), flush=True)
-        report["recipes"][recipe] = {
+            runs.append(run_seed(data, config, seed))
+            print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in runs[-1].items() if k != "seed"), flush=True)
+        report["recipes"][label] = {
+            "recipe": name,
+            "overrides": args.set,
             "shard_seconds": shard_seconds,
             "rows": {split: len(part.labels) for split, part in data.items()},
+            "stress_rows": int(data["val"].stress.shape[0] * data["val"].stress.shape[1]),
             "seeds": runs,
         }
     report["seconds"] = time.perf_counter() - started
+    report["load_after"] = os.getloadavg()
 
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\n{report['images']} images of {args.source}, {args.seeds} seeds per recipe, {os.cpu_count()} cores "
-          f"(`{command.strip()}`):\n")
+    print(f"\n{report['images']} images of {args.source}, {args.seeds} seeds per recipe, {os.cpu_count()} cores, "
+          f"load {report['load_before'][0]:.1f} -> {report['load_after'][0]:.1f} (`{command.strip()}`):\n")
     print(table(report))
     print(json.dumps(report))
     if args.json:

@@ -7,8 +7,8 @@
 (c) floor: Pillow decoding the same files with draft at 1/8 scale and nothing else.
 
 Each is timed on one process and on all cores (a process pool). A fourth section times the
-default recipe's train-image work with K augmented renditions against K = 0 (the issue's
-bound: K = 6 at most 2x). Fidelity compares (b) with
+default recipe's train-image work with K augmented renditions against K = 0 (bound: at most
+2.5x, issue 16; the default recipe's K is chosen with it). Fidelity compares (b) with
 the exact full-resolution recipe (method "exact"): per-image Pearson r over the whole data
 set, and the validation AUC of TinyNet trained on either set of features over the same
 patient-grouped split. Inputs are realistic full-size JPEGs made by benchmarks/synthesize.py.
@@ -209,7 +209,7 @@ def summary(report: dict) -> str:
     if rendered:
         lines.append(
             f"  renditions ({rendered['recipe']} recipe, 1 process): K=0 {rendered['k0_images_per_s']:.0f} im/s, "
-            f"K={rendered['k']} {rendered['k_images_per_s']:.0f} im/s: cost x{rendered['cost_ratio']:.2f} (target <= 2)"
+            f"K={rendered['k']} {rendered['k_images_per_s']:.0f} im/s: cost x{rendered['cost_ratio']:.2f} (target <= 2.5)"
         )
     lines.append(f"  peak RSS: main {report['peak_rss_mb']['main']:.0f} MB, largest worker {report['peak_rss_mb']['largest_worker']:.0f} MB")
     f = report.get("fidelity")
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="full: per-image r over all of --data plus TinyNet val AUC on fast vs exact features")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="max training epochs for the AUC check")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
-    parser.add_argument("--renditions", type=int, default=6, help="K for the renditions section (0 skips it)")
+    parser.add_argument("--renditions", type=int, default=RECIPES[DEFAULT_RECIPE].transform.renditions,
+                        help="K for the renditions section (0 skips it); default: the default recipe's K")
     parser.add_argument("--only-renditions", action="store_true", help="time only the renditions section")
     args = parser.parse_args(argv)
 
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         r = report["renditions"]
         print(
             f"renditions on {len(paths)} JPEGs ({r['recipe']} recipe, 1 process): K=0 {r['k0_images_per_s']:.0f} im/s, "
-            f"K={r['k']} {r['k_images_per_s']:.0f} im/s: cost x{r['cost_ratio']:.2f} (target <= 2)"
+            f"K={r['k']} {r['k_images_per_s']:.0f} im/s: cost x{r['cost_ratio']:.2f} (target <= 2.5)"
         )
         print(json.dumps(report))
         return 0

@@ -233,13 +233,13 @@ def models_show(
         f"{model_name} {card.get('version')}  (card schema {card.get('schema_version', 1)})",
         f"  created     {card.get('created_at')}",
         f"  recipe      {card.get('recipe', '-')}",
-        f"  threshold   {card.get('threshold', config.get('train', {}).get('threshold'))}",
+        f"  threshold   {card.get('threshold', config.get('train', {}).get('threshold'))} ({card.get('threshold_rule', 'fixed')})",
         f"  transform   {json.dumps(config.get('transform'))}",
         f"  train       {json.dumps(config.get('train'))}",
         f"  data        {json.dumps(card.get('data', {}).get('counts'))}",
         f"  export      {json.dumps(card.get('export'))}",
     ]
-    for split in ("val", "test"):
+    for split in [s for s in ("val", "stress_val", "test") if s in card.get("metrics", {}) or s != "stress_val"]:
         m = card.get("metrics", {}).get(split) or {}
         ci = m.get("ci95") or {}
         shown = "  ".join(

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pneumo import download, storage
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
-from pneumo.names import ChampionMetric, validate_model_name
+from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric, validate_model_name
 
 Runner = Literal["threads", "processes", "dask"]
 
@@ -54,11 +54,17 @@ class RunSettings(BaseModel):
     recipe: RecipeName = Field(
         DEFAULT_RECIPE,
         description="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape "
-        "features, augmented renditions and class-weighted BCE; the other options override its values",
+        "features, augmented renditions and class-weighted BCE, 'robust2' (the default) trains it on renditions that "
+        "also change the aspect ratio and blur, averages its weights and chooses its threshold on the stress val; "
+        "the other options override its values",
     )
     percentile: float = Field(75.0, gt=0, lt=100, description="image-size percentile that sets the resize target")
     shard_size: int = Field(1000, ge=1, description="images per HDF5 shard")
-    champion_metric: ChampionMetric = Field("roc_auc", description="val metric a new version must beat (strictly) to become champion")
+    champion_metric: ChampionMetric = Field(
+        DEFAULT_CHAMPION_METRIC,
+        description="metric a new version must beat (strictly) to become champion: stress_roc_auc is the ROC AUC on the "
+        "stress val (val under random strong jitters, on which the champion is re-scored too); the others are clean val's",
+    )
     retrain: bool = Field(False, description="train and register a new version even when nothing changed")
     retries: int = Field(
         3, ge=0, le=20,

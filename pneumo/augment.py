@@ -3,8 +3,8 @@
 Rendition n of an image is drawn from ``AugmentConfig``'s ranges as the n-th draw of a
 generator seeded by (the run's ``augment_seed``, the image's sha256), so it depends on
 (image, n, seed) only: not on the shard, the order of images, K, or the process. It is applied to the decoded
-picture the transform already holds: geometry through one affine resampling (``transform.Resampler``)
-resampling, then the photometric changes on the canvas.
+picture the transform already holds: geometry through one affine resampling (``transform.Resampler``),
+then blur and the photometric changes on the canvas.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from scipy.ndimage import gaussian_filter
 
 from pneumo.config import AugmentConfig, TransformConfig
 from pneumo.transform import Resampler, pool_features
@@ -28,10 +30,14 @@ class Rendition:
     gamma: float = 1.0  # x ** gamma
     contrast: float = 1.0  # about the canvas mean
     brightness: float = 0.0  # added on the [0, 1] scale
+    aspect: float = 0.0  # log of the aspect change: zoom_x = zoom e^aspect, zoom_y = zoom e^-aspect
+    blur: float = 0.0  # Gaussian sigma as a fraction of the film's short side; 0 = sharp
 
     @property
-    def warp(self) -> tuple[float, float, float, float]:
-        return (self.zoom, self.translate_x, self.translate_y, self.rotation)
+    def warp(self) -> tuple[float, float, float, float, float]:
+        """(zoom_x, zoom_y, translate_x, translate_y, rotation) for ``transform.Resampler.canvas``."""
+        stretch = float(np.exp(self.aspect))
+        return (self.zoom * stretch, self.zoom / stretch, self.translate_x, self.translate_y, self.rotation)
 
 
 def rendition_rng(seed: int, sha256: str) -> np.random.Generator:
@@ -42,25 +48,53 @@ def rendition_rng(seed: int, sha256: str) -> np.random.Generator:
 def draw(config: AugmentConfig, rng: np.random.Generator, count: int = 1) -> list[Rendition]:
     """``count`` renditions, every parameter uniform in its range (log-uniform for zoom, gamma, contrast).
 
-    Each rendition takes the next 7 numbers of ``rng``: rendition n of an image is the same
-    whatever the number of renditions asked for.
+    Each rendition takes the next 7 numbers of ``rng``, or 10 when ``config`` asks for aspect
+    changes or blur (aspect, whether to blur, sigma): rendition n of an image is the same
+    whatever the number of renditions asked for, and recipes without aspect or blur draw
+    exactly what they drew before those settings existed (their models stay reproducible).
     """
-    u = rng.uniform(-1.0, 1.0, size=(count, 7))
+    extended = bool(config.aspect or config.blur)
+    u = rng.uniform(-1.0, 1.0, size=(count, 10 if extended else 7))
     low, high = np.log(config.zoom)
     # Zoom log-uniform: 0.9 and 1.12 are about equally far from 1 in that scale.
     zoom = np.exp(low + (u[:, 0] + 1) / 2 * (high - low))
-    return [
-        Rendition(
-            zoom=float(zoom[i]),
-            translate_x=float(u[i, 1] * config.shift),  # AugmentConfig.shift: the largest translation
-            translate_y=float(u[i, 2] * config.shift),
-            rotation=float(u[i, 3] * config.rotation),
-            gamma=float(np.exp(u[i, 4] * config.gamma)),
-            contrast=float(np.exp(u[i, 5] * config.contrast)),
-            brightness=float(u[i, 6] * config.brightness),
+    renditions = []
+    for i in range(count):
+        aspect = blur = 0.0
+        if extended:
+            aspect = float(u[i, 7] * config.aspect)
+            if (u[i, 8] + 1) / 2 < config.blur:
+                blur = float(config.blur_sigma[0] + (u[i, 9] + 1) / 2 * (config.blur_sigma[1] - config.blur_sigma[0]))
+        renditions.append(
+            Rendition(
+                zoom=float(zoom[i]),
+                translate_x=float(u[i, 1] * config.shift),  # AugmentConfig.shift: the largest translation
+                translate_y=float(u[i, 2] * config.shift),
+                rotation=float(u[i, 3] * config.rotation),
+                gamma=float(np.exp(u[i, 4] * config.gamma)),
+                contrast=float(np.exp(u[i, 5] * config.contrast)),
+                brightness=float(u[i, 6] * config.brightness),
+                aspect=aspect,
+                blur=blur,
+            )
         )
-        for i in range(count)
-    ]
+    return renditions
+
+
+def blurred(canvas: np.ndarray, picture: Resampler, rendition: Rendition) -> np.ndarray:
+    """The canvas as if the film had been blurred with sigma ``rendition.blur`` x its short side.
+
+    Blurring the small canvas instead of the decoded film costs next to nothing; the sigma is
+    converted to canvas pixels per axis (the canvas squeezes the film to the grid's shape and
+    the warp zooms it).
+    """
+    if not rendition.blur:
+        return canvas
+    height, width = picture.gray.shape
+    (out_w, out_h), kept = picture.out, 1 - 2 * picture.crop
+    zoom_x, zoom_y = rendition.warp[:2]
+    sigma = rendition.blur * min(height, width)
+    return gaussian_filter(canvas, (sigma * zoom_y * out_h / (kept * height), sigma * zoom_x * out_w / (kept * width)), mode="nearest")
 
 
 def photometric(canvas: np.ndarray, rendition: Rendition) -> np.ndarray:
@@ -92,7 +126,7 @@ def features(picture: np.ndarray | Resampler, config: TransformConfig, rendition
     """The features of a decoded picture (its gray array, or a Resampler of it) under ``rendition``."""
     if not isinstance(picture, Resampler):
         picture = Resampler(picture, config)
-    return pool_features(photometric(picture.canvas(rendition.warp), rendition), config)
+    return pool_features(photometric(blurred(picture.canvas(rendition.warp), picture, rendition), rendition), config)
 
 
 def rendition_features(gray: np.ndarray, config: TransformConfig, sha256: str, renditions: int) -> np.ndarray:
@@ -106,5 +140,11 @@ def rendition_features(gray: np.ndarray, config: TransformConfig, sha256: str, r
     if not renditions:
         return original[None]
     drawn = draw(config.augment, rendition_rng(config.augment_seed, sha256), renditions)
-    canvases = np.stack([picture.canvas(r.warp) for r in drawn])
-    return np.concatenate([original[None], pool_features(_photometric_batch(canvases, drawn), config)])
+    return np.concatenate([original[None], rendered_features(picture, drawn, config)])
+
+
+def rendered_features(picture: Resampler, renditions: list[Rendition], config: TransformConfig) -> np.ndarray:
+    """(len(renditions), n_features): the picture under each rendition, resampled one by one, then
+    changed and pooled together."""
+    canvases = np.stack([blurred(picture.canvas(r.warp), picture, r) for r in renditions])
+    return pool_features(_photometric_batch(canvases, renditions), config)

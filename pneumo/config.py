@@ -27,6 +27,9 @@ class AugmentConfig(_Config):
     (> 1 magnifies), translation up to +-``shift`` of the width and height, rotation up to
     +-``rotation`` degrees, gamma e^u with u in +-``gamma``, contrast about the image mean
     e^u with u in +-``contrast``, brightness +-``brightness`` on the [0, 1] scale.
+    ``aspect`` stretches one axis against the other (zoom_x = zoom e^u, zoom_y = zoom e^-u,
+    u in +-``aspect``), so that the chest's width stops being a clue; ``blur`` is the share of
+    renditions blurred, with sigma in ``blur_sigma`` (fractions of the film's short side).
     """
 
     zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
@@ -41,12 +44,24 @@ class AugmentConfig(_Config):
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
     contrast: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")
     brightness: float = Field(0.0, ge=0.0, le=0.5, description="Largest brightness offset on the [0, 1] scale")
+    aspect: float = Field(0.0, ge=0.0, le=0.5, description="Largest |log| of the aspect change: zoom_x = zoom e^u, zoom_y = zoom e^-u")
+    blur: float = Field(0.0, ge=0.0, le=1.0, description="Share of renditions blurred (Gaussian)")
+    blur_sigma: tuple[float, float] = Field(
+        (0.005, 0.015), description="Blur sigma range, as fractions of the film's short side"
+    )
 
     @field_validator("zoom")
     @classmethod
     def _zoom_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0.5 <= value[0] <= value[1] <= 2.0:
             raise ValueError(f"zoom must be (low, high) with 0.5 <= low <= high <= 2, got {value}")
+        return value
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _blur_sigma_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] <= value[1] <= 0.1:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high <= 0.1, got {value}")
         return value
 
 
@@ -106,6 +121,11 @@ class TransformConfig(_Config):
     def n_features(self) -> int:
         return self.grid[0] * self.grid[1] * len(self.pooling)
 
+    def row_settings(self) -> dict:
+        """The settings that decide an image's own row, what prediction computes: all but the train
+        renditions and the shift suite. Models with equal row settings read each other's val rows."""
+        return self.model_dump(mode="json", exclude={"augment", "renditions", "augment_seed", "shift_suite", "shift_seed"})
+
 
 class SplitConfig(_Config):
     """How validation and test sets are carved from train, always by patient."""
@@ -138,4 +158,12 @@ class TrainConfig(_Config):
     patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")
+    threshold_rule: Literal["fixed", "stress_youden"] = Field(
+        "fixed", description="'fixed': use threshold; 'stress_youden': the threshold that maximizes Youden's J "
+        "(sensitivity + specificity - 1) on the stress val"
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")
+    swa_start: int = Field(
+        0, ge=0, description="Average the weights of every epoch from this one on (SWA; from the last epoch if the "
+        "budget is shorter) and train all epochs; 0 = off: keep the best validation-loss epoch"
+    )

@@ -99,9 +99,10 @@ def comparison_markdown(
     champion_val: Optional[dict[str, Any]],
     is_champion: bool,
 ) -> str:
-    """Champion against challenger on every val metric, the deciding one in bold, then the decision."""
+    """Champion against challenger on every val metric (and the stress-val AUC), the deciding one in bold,
+    then the decision."""
     metric = comparison["metric"]
-    names = [m for m in COLUMNS if m != "n"]
+    names = [m for m in COLUMNS if m != "n"] + ["stress_roc_auc"]
     header = ["role", "version", *[f"**{m}**" if m == metric else m for m in names]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [("challenger", version, challenger_val)]
@@ -115,13 +116,28 @@ def comparison_markdown(
     return (
         f"# {model_name}: champion against challenger\n\n"
         + "\n".join(lines)
-        + f"\n\n{outcome} Rule: val {metric}, strictly greater wins; {comparison['reason']}.{basis}\n"
+        + f"\n\n{outcome} Rule: {comparison.get('decided_by', 'val ' + metric)}, strictly greater wins; "
+        f"{comparison['reason']}.{basis}\n"
     )
 
 
 # --- Confidence intervals -----------------------------------------------------------------
 
 CI_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def youden_threshold(y_true, y_prob) -> float:
+    """The threshold that maximizes Youden's J = sensitivity + specificity - 1 (ties: the first, highest).
+
+    Chosen on the stress val, where no class mix or exposure is taken for granted: it weighs a
+    missed pneumonia and a false alarm alike, as balanced training does.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    if len(np.unique(y_true)) != 2:
+        raise ValueError("Youden's threshold needs NORMAL and PNEUMONIA rows")
+    fpr, tpr, thresholds = skm.roc_curve(y_true, np.asarray(y_prob, dtype=float).ravel())
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))  # roc_curve's first threshold is +inf
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -237,14 +253,16 @@ class Evaluation:
 
     threshold: float
     predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, probabilities)
-    metrics: dict[str, dict[str, Any]]  # "val", "test": metrics_with_ci; "shift" when the shards have it
+    metrics: dict[str, dict[str, Any]]  # "val", "test": metrics_with_ci; "shift" and "stress_val" when the shards have them
     history: list[dict[str, Any]]  # per epoch: epoch, train_loss, val_loss, val_auc
     best_epoch: Optional[int] = None
+    threshold_rule: str = "fixed"  # how the threshold was chosen (TrainConfig.threshold_rule)
 
     def card_fields(self, plots: list[str] = ()) -> dict[str, Any]:
         """Top-level card keys besides ``metrics`` (pass ``self.metrics``) and ``training.history``."""
         return {
             "threshold": self.threshold,
+            "threshold_rule": self.threshold_rule,
             "labels": dict(LABELS),
             "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
             "plots": list(plots),
@@ -258,11 +276,13 @@ def evaluate_model(
     history: list[dict[str, Any]] = (),
     *,
     best_epoch: Optional[int] = None,
+    threshold_rule: str = "fixed",
     n_boot: int = 1000,
     seed: int = 0,
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
-    and the shift suite when the splits carry shifted features (``ShardData.shift``)."""
+    the shift suite when the splits carry shifted features (``ShardData.shift``), and the stress
+    val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``)."""
     from pneumo.model import predict_proba
 
     predictions, scored = {}, {}
@@ -284,7 +304,33 @@ def evaluate_model(
             shift[split] = shift_metrics(predictions[split][0], {"clean": predictions[split][1], **probs}, threshold)
     if shift:
         scored["shift"] = shift
-    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch)
+    if "val" in splits and getattr(splits["val"], "stress", None) is not None:
+        labels, probs, patients = stress_predictions(state_dict, splits["val"])
+        scored["stress_val"] = {
+            **metrics_with_ci(labels, probs, patients, threshold, n_boot=n_boot, seed=seed),
+            "jitters_per_image": int(splits["val"].stress.shape[1]),
+        }
+    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule)
+
+
+def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``):
+    each image's jitters carry its label and patient, so the CIs resample patients as for clean val."""
+    n, jitters, n_features = val.stress.shape
+    probs = predict_proba(state_dict, val.stress.reshape(n * jitters, n_features))
+    return np.repeat(np.asarray(val.labels).astype(int), jitters), probs, np.repeat(np.asarray(val.patient_ids), jitters)
+
+
+def decision_threshold(state_dict, val, rule: str, fixed: float) -> float:
+    """The threshold a model is used at: ``fixed``, or Youden's J on the stress val of ``val``."""
+    if rule == "fixed":
+        return float(fixed)
+    if rule != "stress_youden":
+        raise ValueError(f"unknown threshold rule {rule!r}")
+    if getattr(val, "stress", None) is None:
+        raise ValueError("threshold rule 'stress_youden' needs the stress val in the val shards: turn the shift suite on")
+    labels, probs, _ = stress_predictions(state_dict, val)
+    return youden_threshold(labels, probs)
 
 
 def ci_markdown_table(metrics_by_split: dict[str, dict[str, Any]]) -> str:

@@ -8,8 +8,16 @@ from typing import Literal, get_args
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Validation metrics a champion can be chosen on; for each of them, higher is better.
-ChampionMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "specificity"]
+# "stress_roc_auc" is the ROC AUC on the stress val (val under random strong jitters, pneumo.shift):
+# the default, since clean val rewards shortcuts of the training period (issue 16).
+ChampionMetric = Literal["stress_roc_auc", "roc_auc", "accuracy", "f1", "precision", "recall", "specificity"]
 CHAMPION_METRICS: tuple[str, ...] = get_args(ChampionMetric)
+DEFAULT_CHAMPION_METRIC: ChampionMetric = "stress_roc_auc"
+
+
+def metric_label(metric: str) -> str:
+    """How a champion metric is named in decisions: "stress-val roc_auc", "val accuracy"."""
+    return f"stress-val {metric.removeprefix('stress_')}" if metric.startswith("stress_") else f"val {metric}"
 
 
 def validate_model_name(name: str, what: str = "model name") -> str:

@@ -151,21 +151,23 @@ def learning_curves(history: list[dict[str, Any]], best_epoch: Optional[int] = N
     return _png(fig)
 
 
-def shift_suite(shift: dict[str, dict[str, Any]]) -> bytes:
+def shift_suite(shift: dict[str, dict[str, Any]], stress: Optional[dict[str, Any]] = None) -> bytes:
     """AUC and specificity per acquisition shift, one panel per split; the clean scores as dashed lines.
 
     ``shift`` is ``{split: pneumo.shift.shift_metrics(...)}``: each has ``per_shift``
-    ({name: {"roc_auc", "specificity", ...}}) and ``clean``. Horizontal bars, so twenty
-    shift names stay readable.
+    ({name: {"roc_auc", "specificity", ...}}) and ``clean``. Horizontal bars, so two dozen
+    shift names stay readable. ``stress`` (the stress val's metrics) is the val panel's first bar.
     """
     splits = sorted(shift, key=lambda s: (s != "val", s))  # val first, also when read from a sorted card
-    names = list(shift[splits[0]]["per_shift"])
+    names = ([STRESS_BAR] if stress else []) + list(shift[splits[0]]["per_shift"])
     bars = (("roc_auc", "ROC AUC", "tab:blue"), ("specificity", "specificity", "tab:red"))
     height = 1.5 + 0.3 * len(names)  # inches: margins + one row per shift
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), height), squeeze=False, sharey=True)
     y = np.arange(len(names))
     for ax, split in zip(axes[0], splits):
         per_shift, clean = shift[split]["per_shift"], shift[split].get("clean") or {}
+        if stress and split == "val":
+            per_shift = {STRESS_BAR: stress, **per_shift}
         for offset, (metric, label, color) in zip((-0.2, 0.2), bars):
             values = [np.nan if per_shift.get(n, {}).get(metric) is None else per_shift[n][metric] for n in names]
             ax.barh(y + offset, values, height=0.4, color=color, label=label)
@@ -180,6 +182,9 @@ def shift_suite(shift: dict[str, dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
+STRESS_BAR = "stress val"  # short: the y labels have a fixed margin
+
+
 def render_all(
     predictions: Predictions,
     threshold: float,
@@ -187,6 +192,7 @@ def render_all(
     *,
     best_epoch: Optional[int] = None,
     shift: Optional[dict[str, dict[str, Any]]] = None,
+    stress: Optional[dict[str, Any]] = None,
 ) -> dict[str, bytes]:
     """Every picture of a version, {file name: PNG bytes}; the shift chart only with shift results."""
     pngs = {
@@ -199,7 +205,7 @@ def render_all(
     if history:
         pngs["learning_curves.png"] = learning_curves(history, best_epoch)
     if shift:
-        pngs["shift_suite.png"] = shift_suite(shift)
+        pngs["shift_suite.png"] = shift_suite(shift, stress)
     return pngs
 
 
@@ -211,6 +217,7 @@ def render_evaluation(evaluation) -> dict[str, bytes]:
         evaluation.history,
         best_epoch=evaluation.best_epoch,
         shift=evaluation.metrics.get("shift"),
+        stress=evaluation.metrics.get("stress_val"),
     )
 
 

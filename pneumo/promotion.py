@@ -14,7 +14,9 @@ from typing import Any, Callable, Optional
 from pneumo import registry, shard_files, storage
 from pneumo.evaluate import format_metric, metrics
 from pneumo.model import predict_proba
-from pneumo.names import CHAMPION_METRICS
+from pneumo.config import TransformConfig
+from pneumo.evaluate import stress_predictions
+from pneumo.names import CHAMPION_METRICS, metric_label
 from pneumo.registry import CHAMPION, BrokenAlias, CorruptModel
 
 log = logging.getLogger(__name__)
@@ -29,26 +31,48 @@ def validate_champion_metric(metric: str) -> str:
     return metric
 
 
+def comparable(scores: dict[str, Any]) -> dict[str, Any]:
+    """The figures a champion metric is read from: the val metrics, plus ``stress_roc_auc``
+    when ``scores`` (a card's or an evaluation's ``metrics``) has the stress val."""
+    stress = scores.get("stress_val") or {}
+    return {**scores["val"], **({"stress_roc_auc": stress["roc_auc"]} if "roc_auc" in stress else {})}
+
+
+def _same_rows(card: dict[str, Any], index_uri: str) -> bool:
+    """Whether the card's model reads val rows computed as this run's: same settings for an image's own
+    row (train renditions and the shift suite may differ, as between robust and robust2)."""
+    try:
+        theirs = TransformConfig(**card["config"]["transform"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return theirs.row_settings() == TransformConfig(**shard_files.index_config(index_uri)["transform"]).row_settings()
+
+
 def champion_val_metrics(
     registry_uri: str, model_name: str, version: str, index_uri: Optional[str]
 ) -> tuple[dict[str, Any], str]:
-    """The champion's validation metrics, and where they come from.
+    """The champion's validation metrics (``comparable``), and where they come from.
 
-    When the champion was trained on features of the same transform, it is scored again
-    on this run's val split, so that both models are judged on the same images: new data
-    also brings new val patients, and val figures from two different val sets do not
+    When the champion reads val rows computed as this run's, it is scored again on this
+    run's val split and stress val, so that both models are judged on the same images: new
+    data also brings new val patients, and figures from two different val sets do not
     compare. Otherwise (or without ``index_uri``) its features are not comparable and its
     card's figures are used. Its model file is verified either way (CorruptModel).
     """
     card = registry.load_card(registry_uri, model_name, version)
     state_dict = registry.load_state_dict(registry_uri, model_name, version)  # a corrupt champion is never compared
     if index_uri is None:
-        return card["metrics"]["val"], "champion's card"
-    if card.get("config", {}).get("transform") != shard_files.index_config(index_uri)["transform"]:
-        return card["metrics"]["val"], "champion's card (trained on a different transform)"
+        return comparable(card["metrics"]), "champion's card"
+    if not _same_rows(card, index_uri):
+        return comparable(card["metrics"]), "champion's card (trained on features computed differently)"
     val = shard_files.load_split(index_uri, "val")
-    threshold = card["config"]["train"]["threshold"]
-    return metrics(val.labels, predict_proba(state_dict, val.features), threshold), "re-scored on this run's val split"
+    threshold = card.get("threshold", card["config"]["train"]["threshold"])
+    scores = metrics(val.labels, predict_proba(state_dict, val.features), threshold)
+    if val.stress is None:
+        return scores, "re-scored on this run's val split"
+    labels, probs, _ = stress_predictions(state_dict, val)
+    stress = metrics(labels, probs, threshold)
+    return {**scores, "stress_roc_auc": stress["roc_auc"]}, "re-scored on this run's val split and stress val"
 
 
 def compare(
@@ -75,16 +99,17 @@ def compare(
     elif champion_version is None:
         promoted, reason = True, "no champion yet: the first model becomes champion"
     elif challenger is None:
-        promoted, reason = False, f"challenger has no val {metric}"
+        promoted, reason = False, f"challenger has no {metric_label(metric)}"
     elif champion is None:
-        promoted, reason = True, f"champion {champion_version} has no val {metric}"
+        promoted, reason = True, f"champion {champion_version} has no {metric_label(metric)}"
     elif challenger > champion:
-        promoted, reason = True, f"val {metric} {format_metric(challenger, 4)} > {format_metric(champion, 4)}"
+        promoted, reason = True, f"{metric_label(metric)} {format_metric(challenger, 4)} > {format_metric(champion, 4)}"
     else:
-        promoted, reason = False, f"val {metric} {format_metric(challenger, 4)} does not beat {format_metric(champion, 4)}"
+        promoted, reason = False, f"{metric_label(metric)} {format_metric(challenger, 4)} does not beat {format_metric(champion, 4)}"
     return {
         "metric": metric,
-        "split": "val",
+        "split": "stress val" if metric.startswith("stress_") else "val",
+        "decided_by": metric_label(metric),
         "challenger_value": challenger,
         "champion_version": champion_version,
         "champion_value": champion,

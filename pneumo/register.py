@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pneumo import evaluate, plots, promotion, registry, report, shard_files, train
 from pneumo.config import TrainConfig
+from pneumo.names import DEFAULT_CHAMPION_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def train_evaluate_register(
     config: TrainConfig,
     registry_uri: str,
     model_name: str,
-    champion_metric: str = "roc_auc",
+    champion_metric: str = DEFAULT_CHAMPION_METRIC,
     *,
     progress: Optional[Callable[[dict], None]] = None,
     logger: Any = None,
@@ -52,8 +53,11 @@ def train_evaluate_register(
     card_extra: Optional[dict[str, Any]] = None,
 ) -> Registered:
     """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
-    point ``latest`` at it, and make it ``champion`` if it beats the champion on val
-    ``champion_metric`` (compare-and-swap, see ``promotion.promote``).
+    point ``latest`` at it, and make it ``champion`` if it beats the champion on
+    ``champion_metric`` (compare-and-swap, see ``promotion.promote``): by default the ROC AUC
+    on the stress val, on which the champion is re-scored too.
+
+    The decision threshold follows ``config.threshold_rule``: fixed, or chosen on the stress val.
 
     Val and test are loaded and scored once: the card's metrics and the promotion's challenger
     figures are the same numbers.
@@ -66,6 +70,15 @@ def train_evaluate_register(
     promotion.validate_champion_metric(champion_metric)
     registry.validate_model_name(model_name)
     index = shard_files.index_ref(index_uri)
+    needs_stress = [what for what, needed in (
+        (f"champion metric {champion_metric}", champion_metric.startswith("stress_")),
+        (f"threshold rule {config.threshold_rule}", config.threshold_rule.startswith("stress_")),
+    ) if needed]
+    if needs_stress and not shard_files.index_config(index_uri)["transform"].get("shift_suite"):
+        raise ValueError(
+            f"{' and '.join(needs_stress)} need the stress val, which the shift suite stores: turn it on "
+            "(--shift-suite), or choose --champion-metric roc_auc and --threshold-rule fixed"
+        )
 
     data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
     for split, part in data.items():
@@ -80,12 +93,16 @@ def train_evaluate_register(
         " (stopped early)" if outcome.stopped_early else "",
     )
 
-    # The one scoring pass: metrics with CIs by patient, the shift suite, the per-epoch history.
+    # The threshold first (it may be chosen on the stress val), then the one scoring pass:
+    # metrics with CIs by patient, the stress val, the shift suite, the per-epoch history.
+    threshold = evaluate.decision_threshold(outcome.state_dict, data["val"], config.threshold_rule, config.threshold)
     evaluation = evaluate.evaluate_model(
         outcome.state_dict, {split: data[split] for split in ("val", "test")},
-        config.threshold, outcome.history, best_epoch=outcome.best_epoch,
+        threshold, outcome.history, best_epoch=outcome.best_epoch, threshold_rule=config.threshold_rule,
     )
-    val = evaluation.metrics["val"]  # what the card records and what the promotion compares
+    if config.threshold_rule != "fixed":
+        logger.info("threshold %.4f (%s)", threshold, config.threshold_rule)
+    val = promotion.comparable(evaluation.metrics)  # what the card records and what the promotion compares
     pictures = plots.render_evaluation(evaluation)
 
     scores: dict[str, tuple[dict[str, Any], str]] = {}
@@ -105,6 +122,7 @@ def train_evaluate_register(
     training = {
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
         "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,
+        **({"averaged_from": outcome.averaged_from} if outcome.averaged_from else {}),
     }
     card = registry.build_card(
         state_dict=outcome.state_dict,

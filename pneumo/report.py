@@ -113,7 +113,7 @@ def _with_ci(value: Any, interval: Any) -> str:
 def _metrics_table(card: dict[str, Any]) -> str:
     metrics = card.get("metrics") or {}
     rows = []
-    for split in ("val", "test"):
+    for split in ("val", "stress_val", "test"):  # stress_val: val under random strong jitters (pneumo.shift)
         m = metrics.get(split)
         if not m:
             continue
@@ -150,6 +150,11 @@ def _confusion_matrices(card: dict[str, Any]) -> str:
 def _threshold(card: dict[str, Any]) -> str:
     threshold = card.get("threshold", (card.get("config", {}).get("train") or {}).get("threshold"))
     how = card.get("threshold_choice")  # a recipe that tunes its threshold says how in the card
+    if not how and card.get("threshold_rule") == "stress_youden":
+        how = (
+            "chosen on the stress val (val under random strong jitters), where it maximizes Youden's J "
+            "(sensitivity + specificity - 1); every metric in this report and every prediction uses it"
+        )
     if not how:
         how = (
             "fixed by the training config (config.train.threshold), not tuned on val or test; "
@@ -170,7 +175,7 @@ def _champion(card: dict[str, Any]) -> str:
     )
     rows = [
         ["decision", f"{verdict}: {escape(str(comparison.get('reason')))}"],
-        ["rule", escape(f"val {comparison.get('metric')}, strictly greater wins")],
+        ["rule", escape(f"{comparison.get('decided_by') or 'val ' + str(comparison.get('metric'))}, strictly greater wins")],
         ["this version", escape(format_metric(comparison.get("challenger_value"), 4))],
         ["champion", escape(f"{comparison.get('champion_version') or 'none'}: {format_metric(comparison.get('champion_value'), 4)}")],
         ["champion figures", escape(str(comparison.get("basis") or "-"))],

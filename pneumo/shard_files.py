@@ -4,18 +4,21 @@ A shard is written by one process into a local temporary file, then uploaded in 
 atomic step, so readers never see half a shard. The same inputs give the same bytes (no
 timestamps), which lets a retry find its finished output and return it unchanged.
 
-Shard contract (SHARD_SCHEMA_VERSION 2):
+Shard contract (SHARD_SCHEMA_VERSION 3):
     datasets  features float32 (n, n_features), labels uint8 (n,),
               relpaths and patient_ids UTF-8 strings (n,),
               renditions uint8 (n,): 0 for an image as it is, 1..K for its augmented renditions,
               which follow their original (train only: val and test rows are all 0);
-              val and test, with the shift suite on: shift_features float32 (n_shifts, n, n_features)
+              val and test, with the shift suite on: shift_features float32 (n_shifts, n, n_features);
+              val, with the shift suite on: stress_features float32 (n, n_jitters, n_features),
+              the stress val (pneumo.shift.stress_features: each image under random strong jitters)
     attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
               manifest_digest, schema_version, split, number, start, stop,
               quarantine_json (the images of this shard that were refused, with reasons),
               shift_names (JSON list, with shift_features)
 
-Version 2 added renditions and the shift suite; the seed recipe's features are unchanged.
+Version 2 added renditions and the shift suite, version 3 the stress val; the seed recipe's
+features are unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEn
 from pneumo.splits import records_by_split
 from pneumo.transform import featurize
 
-SHARD_SCHEMA_VERSION = 2  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
+SHARD_SCHEMA_VERSION = 3  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
 INDEX_NAME = "index.json"
 
 
@@ -88,6 +91,7 @@ class ShardData:
     patient_ids: list[str]
     renditions: np.ndarray | None = None  # uint8 (n,): 0 = the image itself, 1..K = its renditions
     shift: dict[str, np.ndarray] = field(default_factory=dict)  # val/test: shift name -> (n, n_features)
+    stress: np.ndarray | None = None  # val: (n, n_jitters, n_features), the stress val; never trained on
 
     def __post_init__(self) -> None:
         if self.renditions is None:
@@ -106,6 +110,7 @@ class ShardData:
             patient_ids=[self.patient_ids[i] for i in where],
             renditions=self.renditions[keep],
             shift={name: rows[keep] for name, rows in self.shift.items()},
+            stress=None if self.stress is None else self.stress[keep],
         )
 
 
@@ -216,7 +221,8 @@ def _result(
 
 
 def _write_h5(
-    path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None
+    path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None,
+    stressed=None,
 ) -> None:
     """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
     if renditions is None:
@@ -232,6 +238,8 @@ def _write_h5(
         if shifted is not None:
             f.create_dataset("shift_features", data=shifted, dtype=np.float32, track_times=False)
             f.attrs["shift_names"] = json.dumps(list(shift.NAMES))
+        if stressed is not None:
+            f.create_dataset("stress_features", data=stressed, dtype=np.float32, track_times=False)
         for key, value in _spec_attrs(spec).items():
             f.attrs[key] = value
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
@@ -280,15 +288,17 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
             return found
 
     records, root = spec.records, Path(spec.root)
-    features, kept, quarantine, shifted = [], [], [], []
+    features, kept, quarantine, shifted, stressed = [], [], [], [], []
     for done, record in enumerate(records, start=1):
         try:
             with _read_verified(root, record) as data:
-                rows, shift_rows = _featurize_record(data, record, spec)
+                rows, shift_rows, stress_rows = _featurize_record(data, record, spec)
             features.append(rows)
             kept.append((record, len(rows)))
             if shift_rows is not None:
                 shifted.append(shift_rows)
+            if stress_rows is not None:
+                stressed.append(stress_rows)
         except ImageRejected as error:
             quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
         if progress:
@@ -305,9 +315,12 @@ def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None 
     if _with_shifts(spec):
         # (n_shifts, n, n_features): one slice per shift, like the clean features.
         shift_matrix = np.stack(shifted, axis=1) if shifted else np.zeros((len(shift.NAMES), 0, n_features), np.float32)
+    stress_matrix = None
+    if _with_stress(spec):
+        stress_matrix = np.stack(stressed) if stressed else np.zeros((0, shift.STRESS_RENDITIONS, n_features), np.float32)
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
-        _write_h5(local, spec, matrix, labels, relpaths, patient_ids, quarantine, renditions, shift_matrix)
+        _write_h5(local, spec, matrix, labels, relpaths, patient_ids, quarantine, renditions, shift_matrix, stress_matrix)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
     return _result(spec, labels, renditions, sha256, quarantine)
@@ -317,8 +330,15 @@ def _with_shifts(spec: ShardSpec) -> bool:
     return spec.transform.shift_suite and spec.split != "train"
 
 
-def _featurize_record(data: BinaryIO, record: ImageRecord, spec: ShardSpec) -> tuple[np.ndarray, np.ndarray | None]:
-    """One image's rows (itself, then its renditions when it is a train image) and its shift-suite rows.
+def _with_stress(spec: ShardSpec) -> bool:
+    return spec.transform.shift_suite and spec.split == "val"
+
+
+def _featurize_record(
+    data: BinaryIO, record: ImageRecord, spec: ShardSpec
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One image's rows (itself, then its renditions when it is a train image), its shift-suite
+    rows (val and test) and its stress rows (val).
 
     ``data`` is the file's verified bytes (``_read_verified``); each decode reads it from its start.
 
@@ -327,13 +347,18 @@ def _featurize_record(data: BinaryIO, record: ImageRecord, spec: ShardSpec) -> t
     """
     config = spec.transform
     renditions = config.renditions if spec.split == "train" else 0
-    shifts = _with_shifts(spec)
+    shifts, stress = _with_shifts(spec), _with_stress(spec)
     if config.method != "resample" or not (renditions or shifts):
         rows = featurize(data, config)[None]
-        return rows, shift.shift_features(decode_gray(data, config), config, record.sha256) if shifts else None
-    gray = decode_gray(data, config)
-    rows = augment.rendition_features(gray, config, record.sha256, renditions)
-    return rows, shift.shift_features(gray, config, record.sha256) if shifts else None
+        gray = decode_gray(data, config) if shifts else None
+    else:
+        gray = decode_gray(data, config)
+        rows = augment.rendition_features(gray, config, record.sha256, renditions)
+    return (
+        rows,
+        shift.shift_features(gray, config, record.sha256) if shifts else None,
+        shift.stress_features(gray, config, record.sha256) if stress else None,
+    )
 
 
 def shard_problem(uri: str, expected_sha256: str) -> str | None:
@@ -452,6 +477,7 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     patient_ids=[s.decode() for s in f["patient_ids"][:]],
                     renditions=f["renditions"][:] if "renditions" in f else None,  # schema 1: no renditions
                     shift=shifted,
+                    stress=f["stress_features"][:] if "stress_features" in f else None,
                 )
         except (OSError, KeyError) as error:
             raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
@@ -470,7 +496,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     features = np.empty((total, n_features), np.float32)
     labels = np.empty(total, np.uint8)
     renditions = np.empty(total, np.uint8)
-    relpaths, patient_ids, shifted = [], [], {}
+    relpaths, patient_ids, shifted, stressed = [], [], {}, []
     at = 0
     for entry in entries:
         # An index names shards in its own folder; anything else is tampering.
@@ -491,10 +517,16 @@ def load_split(index_uri: str, split: str) -> ShardData:
         patient_ids.extend(shard.patient_ids)
         for name, rows in shard.shift.items():
             shifted.setdefault(name, []).append(rows)
+        if shard.stress is not None:
+            stressed.append(shard.stress)
         at += n
     shifted = {name: np.concatenate(parts) for name, parts in shifted.items()}
     if shifted and any(len(rows) != total for rows in shifted.values()):
         raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the shift suite")
+    stress = np.concatenate(stressed) if stressed else None
+    if stress is not None and len(stress) != total:
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the stress val")
     return ShardData(
-        features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted
+        features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted,
+        stress=stress,
     )

@@ -4,13 +4,21 @@ A fixed list of acquisition shifts, each applied to the decoded picture and feat
 the run's own recipe: the strong ends of the train augmentations (zoom 0.9 / 1.12, translations
 of 5 %, rotations of 5 degrees, gamma e^+-0.35, contrast e^+-0.2, brightness +-0.06), plus blur,
 JPEG re-compression at quality 30, black bars (letterbox and pillarbox), half resolution and
-sensor noise. The random parts (bar widths, noise) come from a generator seeded by
+sensor noise; and stretches of one axis (x0.82 and x1.22 of the width or the height: the
+chest's apparent width goes with the label inside the training period, a shortcut that
+films of another period do not share). The random parts (bar widths, noise) come from a generator seeded by
 (``shift_seed``, the image's sha256, the shift's position), so the suite is the same for
 every run of a recipe. Its features are stored in the val and test shards
 (``shift_features``), which makes scoring a model under shift as cheap as scoring it clean.
 
 A model that is better on clean val but worse under these shifts is not better: the
 held-back films of another period differ from train in exactly such ways.
+
+The stress val (``stress_features``) asks the same question with random draws instead of
+fixed ends: every val or test image under ``STRESS_RENDITIONS`` random strong jitters
+(``STRESS``: the widest renditions' ranges, aspect and blur included), from a generator
+seeded by (``shift_seed``, the image's sha256) alone, so every recipe and every run is
+scored on the same jitters. It is an evaluation set: nothing trains on it.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from pneumo import augment
 from pneumo.augment import Rendition, photometric
-from pneumo.config import TransformConfig
+from pneumo.config import AugmentConfig, TransformConfig
 from pneumo.transform import Resampler, pool_features
 
 PixelOp = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -67,6 +76,12 @@ def _noise(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(gray + rng.normal(0.0, 0.03, size=gray.shape).astype(np.float32), 0.0, 1.0)
 
 
+def stretch(axis: str, factor: float) -> Rendition:
+    """The film stretched by ``factor`` along one axis ("x": its width, "y": its height), the other kept."""
+    log = float(np.log(factor)) / 2 * (1 if axis == "x" else -1)
+    return Rendition(zoom=float(np.sqrt(factor)), aspect=log)
+
+
 @dataclass(frozen=True)
 class Shift:
     name: str
@@ -96,6 +111,10 @@ SHIFTS: tuple[Shift, ...] = (
     Shift("pillarbox", pixels=_bars(1)),
     Shift("lowres_x0.5", pixels=_lowres),
     Shift("noise_0.03", pixels=_noise),
+    Shift("stretch_x0.82", stretch("x", 0.82)),
+    Shift("stretch_x1.22", stretch("x", 1.22)),
+    Shift("stretch_y0.82", stretch("y", 0.82)),
+    Shift("stretch_y1.22", stretch("y", 1.22)),
 )
 NAMES: tuple[str, ...] = tuple(shift.name for shift in SHIFTS)
 
@@ -111,6 +130,20 @@ def shift_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np
             picture = Resampler(shift.pixels(gray, rng), config)
         canvases.append(photometric(picture.canvas(shift.rendition.warp), shift.rendition))
     return pool_features(np.stack(canvases), config)  # pooled together: one pass instead of 20
+
+
+# The stress val's jitters: the ends of the default recipe's renditions, drawn at random.
+STRESS = AugmentConfig(
+    zoom=(0.85, 1.2), shift=0.08, rotation=8.0, gamma=0.5, contrast=0.3, brightness=0.08, aspect=0.2, blur=0.3
+)
+STRESS_RENDITIONS = 10
+STRESS_STREAM = 1_000  # keeps the stress draws apart from the shift suite's per-shift generators
+
+
+def stress_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np.ndarray:
+    """(STRESS_RENDITIONS, n_features): the decoded picture ``gray`` under the stress val's jitters."""
+    rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), STRESS_STREAM])
+    return augment.rendered_features(Resampler(gray, config), augment.draw(STRESS, rng, STRESS_RENDITIONS), config)
 
 
 def _scores(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float | None]:

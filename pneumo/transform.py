@@ -276,10 +276,10 @@ def _border_values(a: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.nda
 # canvas of cell_pixels x cell_pixels per cell, which costs a fraction of the decode.
 
 
-def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, ...] | None = None) -> np.ndarray:
     """The crop of ``gray`` resampled to a (rows * cell_pixels, cols * cell_pixels) float32 canvas.
 
-    ``warp`` = (zoom, translate_x, translate_y, rotation_degrees) moves the picture before the
+    ``warp`` = (zoom_x, zoom_y, translate_x, translate_y, rotation_degrees) moves the picture before the
     crop; see Resampler, which renders one picture many ways for the cost of one set-up.
     """
     return Resampler(gray, config).canvas(warp)
@@ -288,8 +288,9 @@ def render(gray: np.ndarray, config: TransformConfig, warp: tuple[float, float, 
 class Resampler:
     """One decoded picture, ready to be resampled onto the recipe's canvas, plainly or warped.
 
-    A warp zooms about the centre (> 1 magnifies), translates by fractions of width and height
-    and rotates about the centre, all before the crop. Pixels from outside the picture
+    A warp (zoom_x, zoom_y, translate_x, translate_y, rotation) zooms each of the film's axes
+    about the centre (> 1 magnifies; unequal zooms change the aspect ratio), translates by
+    fractions of width and height and rotates about the centre, all before the crop. Pixels from outside the picture
     repeat its edge, as a film that extends past the detector would look, rather than
     adding black corners. The set-up (a box-filter shrink and the edge padding) is done
     once per picture, so each further rendering costs one small affine resampling.
@@ -306,25 +307,26 @@ class Resampler:
         self.crop = config.crop_fraction
         self._padded: tuple[Image.Image, int, int, int] | None = None  # picture, margin, width, height
 
-    def canvas(self, warp: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    def canvas(self, warp: tuple[float, float, float, float, float] | None = None) -> np.ndarray:
         c, (out_w, out_h) = self.crop, self.out
-        if warp is None or tuple(warp) == (1.0, 0.0, 0.0, 0.0):
+        if warp is None or tuple(warp) == (1.0, 1.0, 0.0, 0.0, 0.0):
             height, width = self.gray.shape
             box = (c * width, c * height, (1 - c) * width, (1 - c) * height)
             picture = Image.fromarray(self.gray)  # mode F
             return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
-        zoom, translate_x, translate_y, degrees = warp
+        zoom_x, zoom_y, translate_x, translate_y, degrees = warp
         picture, margin, width, height = self._prepared()
         cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         centre_x, centre_y = width / 2, height / 2
-        # Output (u, v) -> crop position (x, y) -> picture position: undo the translation, the zoom and the rotation.
+        # Output (u, v) -> crop position (x, y) -> picture position: undo the translation, the rotation
+        # and the zoom of each of the film's axes (the film is zoomed, then rotated, then translated).
         step_x, step_y = (1 - 2 * c) * width / out_w, (1 - 2 * c) * height / out_h
         x0 = c * width - centre_x - translate_x * width
         y0 = c * height - centre_y - translate_y * height
-        a, b, d, e = cos * step_x / zoom, sin * step_y / zoom, -sin * step_x / zoom, cos * step_y / zoom
-        cx = centre_x + (cos * x0 + sin * y0) / zoom
-        cy = centre_y + (-sin * x0 + cos * y0) / zoom
+        a, b, d, e = cos * step_x / zoom_x, sin * step_y / zoom_x, -sin * step_x / zoom_y, cos * step_y / zoom_y
+        cx = centre_x + (cos * x0 + sin * y0) / zoom_x
+        cy = centre_y + (-sin * x0 + cos * y0) / zoom_y
         xs = (cx, cx + a * out_w, cx + b * out_h, cx + a * out_w + b * out_h)
         ys = (cy, cy + d * out_w, cy + e * out_h, cy + d * out_w + e * out_h)
         need = math.ceil(max(-min(xs), max(xs) - width, -min(ys), max(ys) - height, 0)) + 2

@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, registry, shard_files
+from pneumo import evaluate, promotion, registry, shard_files
 from pneumo.config import TrainConfig
+from pneumo.names import DEFAULT_CHAMPION_METRIC, metric_label
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
 from tasks.reporting import model_report_artifacts
@@ -24,7 +25,7 @@ def train_evaluate_register(
     config: TrainConfig,
     registry_uri: str,
     model_name: str,
-    champion_metric: str = "roc_auc",
+    champion_metric: str = DEFAULT_CHAMPION_METRIC,
     recipe: str = "seed",
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
@@ -53,7 +54,7 @@ def train_evaluate_register(
     finally:
         stage_progress.close_stage(stage)
     ref, metrics = result.ref, result.metrics
-    for split in ("val", "test"):
+    for split in [s for s in ("val", "stress_val", "test") if s in metrics]:
         m = metrics[split]
         shown = {key: evaluate.format_metric(m[key], 4) for key in evaluate.CI_METRICS}
         logger.info(
@@ -67,9 +68,10 @@ def train_evaluate_register(
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(
-            model_name, ref.version, metrics["val"], result.promotion, result.champion_val, result.is_champion
+            model_name, ref.version, promotion.comparable(metrics), result.promotion, result.champion_val,
+            result.is_champion,
         ),
-        description=f"{model_name} {ref.version} against the champion on val {champion_metric}",
+        description=f"{model_name} {ref.version} against the champion on {metric_label(champion_metric)}",
     )
     logger.info("registered %s %s at %s", model_name, ref.version, ref.card_uri)
     return ref

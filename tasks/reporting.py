@@ -81,8 +81,9 @@ def model_report_artifacts(
         f"# {model_name} {version}\n\n"
         f"Threshold **{threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
         "Percent, with 95% bootstrap intervals resampled by patient.\n\n"
-        f"{evaluate.ci_markdown_table({s: metrics[s] for s in ('val', 'test') if s in metrics})}\n"
-        f"Confusion matrices {CONFUSION_MATRIX_LAYOUT}.\n\n"
+        f"{evaluate.ci_markdown_table({s: metrics[s] for s in ('val', 'stress_val', 'test') if s in metrics})}\n"
+        f"Confusion matrices {CONFUSION_MATRIX_LAYOUT}. stress_val: every val image under random strong jitters "
+        "(pneumo.shift.stress_features), an evaluation set never trained on.\n\n"
     )
     if metrics.get("shift"):
         markdown += "## Shift suite\n\n" + _shift_table(metrics["shift"]) + "\n"

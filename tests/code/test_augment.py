@@ -15,7 +15,7 @@ from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
-from pneumo.transform import featurize
+from pneumo.transform import Resampler, featurize
 
 AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06)
 TRANSFORM = TransformConfig(
@@ -150,3 +150,61 @@ def test_originals_keeps_one_row_per_image(manifest, tmp_path):
     assert originals.relpaths == train.relpaths[:: TRANSFORM.renditions + 1]
     np.testing.assert_array_equal(originals.features, train.features[train.renditions == 0])
     assert originals.renditions.tolist() == [0] * len(originals.relpaths)
+
+
+WIDE = AugmentConfig(zoom=(0.85, 1.2), shift=0.08, rotation=8.0, gamma=0.5, contrast=0.3, brightness=0.08, aspect=0.2, blur=0.3)
+
+
+def _bar_columns(canvas: np.ndarray) -> int:
+    """How many canvas columns the bright vertical bar of ``_bar_film`` covers."""
+    return int((canvas.max(axis=0) > 0.5).sum())
+
+
+def _bar_film() -> np.ndarray:
+    film = np.zeros((200, 200), np.float32)
+    film[20:180, 80:120] = 1.0  # 40 px wide, 160 px tall, centred
+    return film
+
+
+def test_aspect_stretches_one_axis_against_the_other():
+    picture = Resampler(_bar_film(), TRANSFORM)
+    plain = picture.canvas()
+    for aspect in (0.2, -0.2):
+        rendition = augment.Rendition(aspect=aspect)
+        zoom_x, zoom_y = rendition.warp[:2]
+        assert zoom_x * zoom_y == pytest.approx(1.0) and zoom_x / zoom_y == pytest.approx(np.exp(2 * aspect))
+        canvas = picture.canvas(rendition.warp)
+        rows_plain, rows_now = (plain.max(axis=1) > 0.5).sum(), (canvas.max(axis=1) > 0.5).sum()
+        # Wider (aspect > 0) or narrower bar, and the other way round along the height.
+        assert (_bar_columns(canvas) > _bar_columns(plain)) == (aspect > 0)
+        assert (rows_now < rows_plain) == (aspect > 0)
+
+
+def test_recipes_without_aspect_or_blur_draw_what_they_drew_before():
+    """The draw of the old layout (7 numbers per rendition), written out: the old robust recipe's renditions are unchanged."""
+    rng = augment.rendition_rng(3, "cd" * 32)
+    u = augment.rendition_rng(3, "cd" * 32).uniform(-1.0, 1.0, size=(4, 7))
+    for i, r in enumerate(augment.draw(AUGMENT, rng, 4)):
+        assert r.zoom == float(np.exp(np.log(0.9) + (u[i, 0] + 1) / 2 * (np.log(1.12) - np.log(0.9))))
+        assert (r.translate_x, r.rotation, r.brightness) == (u[i, 1] * 0.05, u[i, 3] * 5.0, u[i, 6] * 0.06)
+        assert r.aspect == 0.0 and r.blur == 0.0 and r.warp[0] == r.warp[1] == r.zoom
+
+
+def test_wide_draws_stay_in_range_blur_about_their_share_and_do_not_depend_on_the_count():
+    drawn = augment.draw(WIDE, augment.rendition_rng(0, "ef" * 32), 1000)
+    assert all(abs(r.aspect) <= 0.2 and 0.85 <= r.zoom <= 1.2 and abs(r.rotation) <= 8 for r in drawn)
+    blurred = [r.blur for r in drawn if r.blur]
+    assert 0.25 < len(blurred) / len(drawn) < 0.35
+    assert min(blurred) >= 0.005 and max(blurred) <= 0.015
+    assert max(abs(r.aspect) for r in drawn) > 0.19
+    assert augment.draw(WIDE, augment.rendition_rng(0, "ef" * 32), 5) == drawn[:5]
+
+
+def test_blur_softens_the_canvas_and_sharp_renditions_are_untouched():
+    picture = Resampler(_bar_film(), TRANSFORM)
+    canvas = picture.canvas()
+    assert augment.blurred(canvas, picture, augment.Rendition()) is canvas
+    soft = augment.blurred(canvas, picture, augment.Rendition(blur=0.015))
+    edge = np.abs(np.diff(canvas, axis=1)).max()
+    assert np.abs(np.diff(soft, axis=1)).max() < 0.8 * edge
+    assert soft.mean() == pytest.approx(canvas.mean(), abs=0.01)  # blur moves light, it does not add any

@@ -258,3 +258,77 @@ def test_evaluate_model_scores_every_shift_with_the_clean_reference(monkeypatch)
     np.testing.assert_allclose(received["clean"], predict_proba(state_dict, val.features), rtol=1e-6)
     for name, X in shifted.items():
         np.testing.assert_allclose(received[name], predict_proba(state_dict, X), rtol=1e-6, atol=1e-7)
+
+
+def test_youden_threshold_maximizes_sensitivity_plus_specificity():
+    from pneumo.evaluate import youden_threshold
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.6).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    t = youden_threshold(y, p)
+
+    def j(threshold):
+        m = metrics(y, p, threshold)
+        return m["recall"] + m["specificity"] - 1
+
+    assert 0 < t < 1 and j(t) >= max(j(c) for c in np.linspace(0.01, 0.99, 99)) - 1e-12
+    with pytest.raises(ValueError, match="NORMAL and PNEUMONIA"):
+        youden_threshold(np.ones(5), np.linspace(0, 1, 5))
+
+
+class _Val:
+    """The parts of a val ShardData that the stress val uses."""
+
+    def __init__(self, labels, patient_ids, stress):
+        self.labels, self.patient_ids, self.stress = np.asarray(labels), list(patient_ids), stress
+
+
+def _stress_case():
+    import torch
+
+    from pneumo.model import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet(n_features=6).eval()
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 1] * 20)
+    stress = rng.normal(0, 1, (40, 4, 6)).astype(np.float32) + labels[:, None, None] * 0.8
+    return model.state_dict(), _Val(labels, [f"p{i // 2}" for i in range(40)], stress)
+
+
+def test_the_stress_val_repeats_each_images_label_and_patient_for_its_jitters():
+    from pneumo.evaluate import stress_predictions
+
+    state_dict, val = _stress_case()
+    labels, probs, patients = stress_predictions(state_dict, val)
+    assert len(labels) == len(probs) == len(patients) == 160
+    assert labels[:4].tolist() == [0] * 4 and labels[4:8].tolist() == [1] * 4 and patients[:8].tolist() == ["p0"] * 8
+
+
+def test_the_decision_threshold_follows_the_rule():
+    from pneumo.evaluate import decision_threshold, stress_predictions, youden_threshold
+
+    state_dict, val = _stress_case()
+    assert decision_threshold(state_dict, val, "fixed", 0.5) == 0.5
+    labels, probs, _ = stress_predictions(state_dict, val)
+    assert decision_threshold(state_dict, val, "stress_youden", 0.5) == youden_threshold(labels, probs)
+    val.stress = None
+    with pytest.raises(ValueError, match="stress val"):
+        decision_threshold(state_dict, val, "stress_youden", 0.5)
+
+
+def test_evaluate_model_scores_the_stress_val_with_patient_cis():
+    from pneumo.evaluate import evaluate_model, stress_predictions
+
+    state_dict, val = _stress_case()
+    val.features, val.shift = val.stress[:, 0], {}
+    out = evaluate_model(state_dict, {"val": val}, 0.4, threshold_rule="stress_youden", n_boot=200)
+    stress = out.metrics["stress_val"]
+    labels, probs, _ = stress_predictions(state_dict, val)
+    assert stress["n"] == 160 and stress["jitters_per_image"] == 4 and stress["threshold"] == 0.4
+    assert stress["roc_auc"] == metrics(labels, probs)["roc_auc"]
+    assert stress["ci95"]["roc_auc"][0] <= stress["roc_auc"] <= stress["ci95"]["roc_auc"][1]
+    assert out.card_fields()["threshold_rule"] == "stress_youden"
+    val.stress = None
+    assert "stress_val" not in evaluate_model(state_dict, {"val": val}, 0.4, n_boot=50).metrics

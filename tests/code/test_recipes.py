@@ -34,6 +34,23 @@ def test_the_seed_recipe_is_the_seed():
         recipe("nope")
 
 
+def test_robust_keeps_what_its_cards_say_and_robust2_is_the_default():
+    """Cards name their recipe: "robust" must keep building last month's model, the new version has its own name."""
+    old, old_train = recipe("robust")
+    assert old.augment.model_dump() == {
+        "zoom": (0.9, 1.12), "shift": 0.05, "rotation": 5.0, "gamma": 0.35, "contrast": 0.2, "brightness": 0.06,
+        "aspect": 0.0, "blur": 0.0, "blur_sigma": (0.005, 0.015),
+    }
+    assert old.renditions == 6 and (old_train.epochs, old_train.patience, old_train.swa_start) == (40, 10, 0)
+    assert old_train.threshold_rule == "fixed" and old_train.threshold == 0.5
+    new, new_train = recipe("robust2")
+    assert DEFAULT_RECIPE == "robust2"
+    assert new.row_settings() == old.row_settings()  # the same features at prediction: only training differs
+    assert (new.augment.aspect, new.augment.blur, new.augment.zoom, new.renditions) == (0.2, 0.3, (0.85, 1.2), 12)
+    assert (new_train.epochs, new_train.swa_start, new_train.threshold_rule) == (30, 11, "stress_youden")
+    assert recipe("seed")[1].threshold_rule == "fixed"
+
+
 def test_seed_features_of_real_images_are_unchanged(shared_data):
     """The seed recipe's features, recorded with the code before recipes existed (tests/code/fixtures)."""
     recorded = json.loads(FIXTURE.read_text())

@@ -38,19 +38,32 @@ def test_every_field_of_every_model_is_an_option_with_its_default():
         assert f"--{name.replace('_', '-')}" in text, name
     assert "--transform {fast,exact,resample}" in text and "--augment-rotation" in text
     epochs = settings.default_text(settings.BY_FLAG["--epochs"])
-    assert epochs == f"default: {RECIPES[DEFAULT_RECIPE].train.epochs} (recipe seed: {RECIPES['seed'].train.epochs})"
+    assert epochs == (
+        f"default: {RECIPES[DEFAULT_RECIPE].train.epochs} "
+        f"(recipe seed: {RECIPES['seed'].train.epochs}, robust: {RECIPES['robust'].train.epochs})"
+    )
 
 
 def test_recipe_then_config_file_then_command_line(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('epochs = 7\nshard-size = 50\n[train]\npatience = 3\n[transform.augment]\nrotation = 2.5\n')
     chosen = settings.parse(["--config", str(config), "--epochs", "9"], "pneumo run")
-    robust = RECIPES["robust"]
+    robust = RECIPES[DEFAULT_RECIPE]
     assert chosen.train.epochs == 9 and chosen.train.patience == 3  # command line, then file
     assert chosen.train.lr == robust.train.lr and chosen.run.shard_size == 50  # recipe, file
     assert chosen.transform.augment.rotation == 2.5 and chosen.transform.augment.zoom == robust.transform.augment.zoom
     seed = settings.parse(["--recipe", "seed", "--config", str(config)], "pneumo run")
     assert seed.train.epochs == 7 and seed.train.lr == RECIPES["seed"].train.lr
+
+
+def test_the_aspect_jitter_weight_averaging_and_threshold_rule_are_options():
+    chosen = settings.parse(
+        ["--augment-aspect", "0.15", "--augment-blur", "0", "--swa-start", "5", "--threshold-rule", "fixed"], "pneumo run"
+    )
+    assert chosen.transform.augment.aspect == 0.15 and chosen.transform.augment.blur == 0.0
+    assert chosen.train.swa_start == 5 and chosen.train.threshold_rule == "fixed"
+    assert chosen.transform.augment.zoom == RECIPES[DEFAULT_RECIPE].transform.augment.zoom  # the rest: the recipe's
+    assert settings.parse([], "pneumo run").run.champion_metric == "stress_roc_auc"
 
 
 def test_yaml_config_and_unknown_keys(tmp_path):

@@ -67,7 +67,7 @@ def test_shift_metrics_per_shift_worst_and_clean():
         shift.shift_metrics(labels, {"blur": perfect[:3]}, 0.5)
 
 
-def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
+def test_val_and_test_shards_store_the_suite_val_the_stress_val_and_train_shards_neither(tmp_path):
     root = tmp_path / "data"
     records = []
     for patient in range(12):
@@ -93,6 +93,11 @@ def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
             else:
                 assert f["shift_features"].shape == (len(shift.NAMES), len(spec.records), 140)
                 assert json.loads(f.attrs["shift_names"]) == list(shift.NAMES)
+            # The stress val is val's alone: test stays the untouched held-out check, train never sees it.
+            if spec.split == "val":
+                assert f["stress_features"].shape == (len(spec.records), shift.STRESS_RENDITIONS, 140)
+            else:
+                assert "stress_features" not in f
     for name in ("val", "test"):
         data = load_split(uri, name)
         assert list(data.shift) == list(shift.NAMES)
@@ -100,4 +105,32 @@ def test_val_and_test_shards_store_the_suite_and_train_shards_do_not(tmp_path):
         first = by_relpath[data.relpaths[0]]
         expected = shift.shift_features(decode_gray(Path(root) / first.relpath, transform), transform, first.sha256)
         np.testing.assert_array_equal(np.stack([data.shift[n][0] for n in shift.NAMES]), expected)
-    assert load_split(uri, "train").shift == {}
+        if name == "val":
+            gray = decode_gray(Path(root) / first.relpath, transform)
+            np.testing.assert_array_equal(data.stress[0], shift.stress_features(gray, transform, first.sha256))
+            assert data.stress.shape == (len(data.labels), shift.STRESS_RENDITIONS, 140)
+        else:
+            assert data.stress is None
+    assert load_split(uri, "train").shift == {} and load_split(uri, "train").stress is None
+
+
+def test_stretches_change_one_axis_only():
+    x, y = shift.stretch("x", 0.82).warp[:2], shift.stretch("y", 1.22).warp[:2]
+    assert x == pytest.approx((0.82, 1.0)) and y == pytest.approx((1.0, 1.22))
+    assert {"stretch_x0.82", "stretch_x1.22", "stretch_y0.82", "stretch_y1.22"} <= set(shift.NAMES)
+
+
+@pytest.mark.parametrize("config", [ROBUST, SEED], ids=["robust", "seed"])
+def test_the_stress_val_is_seeded_per_image_and_the_same_for_every_recipe_setting_but_the_seed(gray, config):
+    first = shift.stress_features(gray, config, SHA)
+    assert first.shape == (shift.STRESS_RENDITIONS, config.n_features) and np.isfinite(first).all()
+    np.testing.assert_array_equal(shift.stress_features(gray, config, SHA), first)
+    # Ten different jitters, none of them the clean film.
+    clean = augment.features(gray, config, augment.Rendition())
+    assert len({row.tobytes() for row in first}) == shift.STRESS_RENDITIONS
+    assert not any(np.allclose(row, clean, atol=1e-4) for row in first)
+    # The jitters do not follow the recipe's own renditions or their seed, only the shift seed.
+    others = config.model_copy(update={"augment_seed": 5, "renditions": 0})
+    np.testing.assert_array_equal(shift.stress_features(gray, others, SHA), first)
+    assert not np.array_equal(shift.stress_features(gray, config.model_copy(update={"shift_seed": 1}), SHA), first)
+    assert not np.array_equal(shift.stress_features(gray, config, hashlib.sha256(b"another").hexdigest()), first)

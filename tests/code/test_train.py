@@ -143,3 +143,26 @@ def test_predict_proba_leaves_a_model_in_its_mode():
     prob = predict_proba(model, X)
     assert prob.shape == (100,) and model.training
     assert np.array_equal(prob, predict_proba(model.state_dict(), X))
+
+
+def test_weight_averaging_runs_the_budget_averages_and_re_estimates_batchnorm_on_train():
+    X, y = _separable(400, seed=1)
+    vX, vy = _separable(100, seed=2)
+    vy = 1 - vy  # a validation loss that only gets worse: early stopping would stop at once
+    config = TrainConfig(epochs=12, patience=2, swa_start=5, loss="bce", balance="class_weights", **FAST)
+    result = train(X, y, vX, vy, config)
+    assert len(result.history) == 12 and not result.stopped_early
+    assert (result.averaged_from, result.best_epoch) == (5, 12)
+    model = TinyNet()
+    model.load_state_dict(result.state_dict)
+    # BatchNorm's statistics are those of every training row under the averaged weights.
+    with torch.no_grad():
+        first = model.act1(model.hidden1(torch.from_numpy(X)))
+    torch.testing.assert_close(model.norm1.running_mean, first.mean(axis=0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.norm1.running_var, first.var(axis=0), rtol=1e-4, atol=1e-5)
+    # Not the last epoch's weights: the last epoch alone (swa_start = epochs) gives other ones.
+    last = train(X, y, vX, vy, config.model_copy(update={"swa_start": 12}))
+    assert last.averaged_from == 12
+    assert not torch.allclose(last.state_dict["hidden1.weight"], result.state_dict["hidden1.weight"])
+    # A budget shorter than swa_start averages its last epoch instead of failing.
+    assert train(X, y, vX, vy, config.model_copy(update={"epochs": 3})).averaged_from == 3

@@ -88,7 +88,9 @@ def test_a_forced_retrain_registers_a_version_that_must_beat_the_champion(s3_run
     # Same data, same seed: the same model, so a tie, and a tie keeps the champion.
     comparison = registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]
     assert comparison["champion_version"] == "v0001" and comparison["basis"].startswith("re-scored")
-    assert comparison["challenger_value"] == comparison["champion_value"] == first["metrics"]["val"]["roc_auc"]
+    # Decided on the stress val (the default champion metric), the champion re-scored on it.
+    assert comparison["metric"] == "stress_roc_auc"
+    assert comparison["challenger_value"] == comparison["champion_value"] == first["metrics"]["stress_val"]["roc_auc"]
     assert comparison["promoted"] is False
     assert registry.get_alias(reg, "tinynet", "champion") == "v0001"
     assert registry.get_alias(reg, "tinynet", "latest") == "v0002"

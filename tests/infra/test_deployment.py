@@ -143,8 +143,8 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
     first_card, second_card = found["cards"]["v0001"], found["cards"]["v0002"]
     assert first_card["champion_comparison"]["promoted"] is True  # the first model becomes champion
     comparison = second_card["champion_comparison"]
-    assert comparison["champion_version"] == "v0001" and comparison["metric"] == "roc_auc"
-    # The rule itself: v0002 is champion exactly when its val AUC is strictly greater.
+    assert comparison["champion_version"] == "v0001" and comparison["metric"] == "stress_roc_auc"
+    # The rule itself: v0002 is champion exactly when its stress-val AUC is strictly greater.
     beats = comparison["challenger_value"] > comparison["champion_value"]
     assert comparison["promoted"] is beats
     assert found["champion"] == ("v0002" if beats else "v0001")

@@ -3,9 +3,10 @@
 How it is trained (the library's own stages, no Prefect): about 1,500 films of whole patients
 (750 per class, chosen by a hash of the patient id) copied from the shared train split; the
 manifest; the shard stage (``pneumo.shards.run``) with the default recipe's transform
-(``robust``, 6 augmented renditions per train film) and the default patient-grouped split
-(val 10 %, test 15 % of the patients); then ``pneumo.train.train`` with the recipe's training
-config cut to 15 epochs (patience 5) to keep the fixture short. The films scored by the tests
+(``robust2``: 12 augmented renditions per train film, aspect jitter included) and the default
+patient-grouped split (val 10 %, test 15 % of the patients); then ``pneumo.train.train`` with
+the recipe's training config cut to 15 epochs (patience 5; the weights of epochs 11-15
+averaged) to keep the fixture short; the threshold is 0.5. The films scored by the tests
 are the carved val and test films: patients the model never trained on.
 """
 

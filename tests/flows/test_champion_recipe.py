@@ -1,0 +1,48 @@
+"""A default run takes the champion from a champion of the old recipe, decided on the stress val (issue 16)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.full import full
+from pneumo import registry
+from pneumo.recipes import DEFAULT_RECIPE
+
+
+def _run(source: Path, workdir: Path, **options) -> dict:
+    state = full(source=str(source), workdir=str(workdir), shard_size=150, runner="threads", workers=2,
+                 return_state=True, **options)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def test_a_default_run_becomes_champion_over_an_old_robust_champion_on_the_stress_val(subset_source, tmp_path):
+    workdir = tmp_path / "workdir"
+    old = _run(subset_source, workdir, recipe="robust")
+    old_card = json.loads(Path(old["card"]).read_text())
+    assert old_card["recipe"] == "robust" and old_card["threshold"] == 0.5 and old_card["threshold_rule"] == "fixed"
+    assert registry.get_alias(str(workdir / "registry"), "tinynet", "champion") == old["version"] == "v0001"
+
+    new = _run(subset_source, workdir)  # every default: recipe, champion metric
+    card = json.loads(Path(new["card"]).read_text())
+    comparison = card["champion_comparison"]
+    assert card["recipe"] == DEFAULT_RECIPE == "robust2"
+    assert comparison["metric"] == "stress_roc_auc" and comparison["decided_by"] == "stress-val roc_auc"
+    assert comparison["champion_version"] == "v0001" and comparison["promoted"], comparison
+    # The old champion was scored again on this run's stress val: the same images and jitters as its own
+    # card's stress val (robust and robust2 compute val rows alike), so the same AUC.
+    assert comparison["basis"] == "re-scored on this run's val split and stress val"
+    assert comparison["champion_value"] == pytest.approx(old_card["metrics"]["stress_val"]["roc_auc"], abs=1e-12)
+    assert comparison["challenger_value"] == card["metrics"]["stress_val"]["roc_auc"] > comparison["champion_value"]
+    assert registry.get_alias(str(workdir / "registry"), "tinynet", "champion") == new["version"] == "v0002"
+
+    # The card says how the threshold was chosen, shows the stress val with its CIs, and the stretches.
+    assert card["threshold_rule"] == "stress_youden" and 0 < card["threshold"] < 1
+    stress = card["metrics"]["stress_val"]
+    assert stress["n"] == stress["jitters_per_image"] * card["metrics"]["val"]["n"]
+    assert stress["ci95"]["roc_auc"][0] <= stress["roc_auc"] <= stress["ci95"]["roc_auc"][1]
+    assert {"stretch_x0.82", "stretch_x1.22", "stretch_y0.82", "stretch_y1.22"} <= set(card["metrics"]["shift"]["val"]["per_shift"])
+    assert card["training"]["averaged_from"] == 11 and card["training"]["epochs_run"] == 30
