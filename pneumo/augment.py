@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scipy.ndimage import gaussian_filter
-
 from pneumo.config import AugmentConfig, TransformConfig
 from pneumo.transform import Resampler, pool_features
 
@@ -90,6 +88,8 @@ def blurred(canvas: np.ndarray, picture: Resampler, rendition: Rendition) -> np.
     """
     if not rendition.blur:
         return canvas
+    from scipy.ndimage import gaussian_filter  # here: a cached run imports no scipy
+
     height, width = picture.gray.shape
     (out_w, out_h), kept = picture.out, 1 - 2 * picture.crop
     zoom_x, zoom_y = rendition.warp[:2]

@@ -135,6 +135,8 @@ def youden_threshold(y_true, y_prob) -> float:
     y_true = np.asarray(y_true).astype(int).ravel()
     if len(np.unique(y_true)) != 2:
         raise ValueError("Youden's threshold needs NORMAL and PNEUMONIA rows")
+    from sklearn import metrics as skm  # here: a cached run imports no scikit-learn
+
     fpr, tpr, thresholds = skm.roc_curve(y_true, np.asarray(y_prob, dtype=float).ravel())
     best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))  # roc_curve's first threshold is +inf
@@ -316,6 +318,8 @@ def evaluate_model(
 def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``):
     each image's jitters carry its label and patient, so the CIs resample patients as for clean val."""
+    from pneumo.model import predict_proba
+
     n, jitters, n_features = val.stress.shape
     probs = predict_proba(state_dict, val.stress.reshape(n * jitters, n_features))
     return np.repeat(np.asarray(val.labels).astype(int), jitters), probs, np.repeat(np.asarray(val.patient_ids), jitters)

@@ -118,7 +118,6 @@ def register(
 
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
-    import torch
 
     buffer = io.BytesIO()
     torch.save(dict(state_dict), buffer)
@@ -285,7 +284,6 @@ def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> in
         # Every part counts: the robust recipe pools max and mean, 2 x 70 features.
         grid = transform.get("grid", (0, 0))
         return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
-    import torch
 
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
     return int(weight.shape[1]) if hasattr(weight, "shape") and len(weight.shape) == 2 else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate, promotion, registry, shard_files
+from pneumo import evaluate, registry, shard_files
 from pneumo.config import TrainConfig
 from pneumo.names import DEFAULT_CHAMPION_METRIC, metric_label
 from tasks import progress as stage_progress
@@ -31,7 +31,7 @@ def train_evaluate_register(
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
     # cached run (this task's cache hit) never needs.
-    from pneumo import register
+    from pneumo import promotion, register
 
     logger = get_run_logger()
 

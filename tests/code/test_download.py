@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import threading
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from pneumo import download
-from tests.helpers import KAGGLE_IMAGES, all_paths, free_port, jpeg_bytes, write_kaggle_tree, write_kaggle_zip
+from tests.helpers import KAGGLE_IMAGES, free_port, jpeg_bytes, write_kaggle_tree, write_kaggle_zip
 from pneumo.download import (
     SourceUnavailable,
     UnsafeArchive,

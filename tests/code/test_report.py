@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pneumo import plots, registry, report, storage
 from pneumo.model import TinyNet
