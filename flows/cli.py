@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows import settings
+
 DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
 
 app = typer.Typer(
@@ -38,21 +40,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-def run(ctx: typer.Context) -> None:
-    """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
-    from flows import settings
-
-    # Checked before Prefect is even imported: a bad value is refused in about a second.
-    checked = settings.load(list(ctx.args), prog="pneumo run")
-    if checked is None:  # --print-config
-        raise typer.Exit(0)
+def _start_run(checked: settings.Settings) -> None:
     from flows import full, runtime  # Prefect is imported here only
 
     runtime.exit_process(full.run(checked))
+
+
+# The options are generated from the settings models (flows/settings.py), as for `python flows/full.py`.
+app.command("run")(settings.run_command(_start_run))
 
 
 def _load_predictor(registry: str, model_name: str, alias: Optional[str], version: Optional[str], **kwargs):
@@ -68,11 +63,12 @@ def _load_predictor(registry: str, model_name: str, alias: Optional[str], versio
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images (read recursively).", show_default=False)],
     registry: RegistryOption = DEFAULT_REGISTRY,
     model_name: ModelNameOption = "tinynet",
-    alias: Annotated[Optional[str], typer.Option(help="Alias to load [default: champion].", show_default=False)] = None,
-    version: Annotated[Optional[str], typer.Option(help="Version to load, e.g. v0003, instead of an alias.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias to load (unless --version is given).")] = "champion",
+    version: Annotated[Optional[str], typer.Option(help="Version to load, e.g. v0003, instead of an alias.", show_default="none")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
     """Score X-rays: label, PNEUMONIA probability and warnings, one line per image.
@@ -89,7 +85,8 @@ def predict(
             paths.append(str(item))  # a missing file is reported per input
     if not paths:
         _fail("no files found in " + ", ".join(map(str, inputs)))
-    predictor = _load_predictor(registry, model_name, alias, version)
+    alias_given = ctx.get_parameter_source("alias").name == "COMMANDLINE"  # an enum of Typer's own click
+    predictor = _load_predictor(registry, model_name, alias if alias_given or not version else None, version)
     results = predictor.predict(paths)
     failed = [p for p in results if not p.ok]
     if as_json:
@@ -224,8 +221,7 @@ def models_promote(
 ) -> None:
     """Point an alias (champion by default) at a version by hand.
 
-    ``champion`` moves by the same compare-and-swap as the pipeline's promotion, so a run
-    promoting at the same moment is never silently overwritten.
+    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
     """
     from pneumo import promotion
     from pneumo import registry as reg
