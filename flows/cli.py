@@ -206,6 +206,7 @@ def models_show(
         m = card.get("metrics", {}).get(split) or {}
         shown = "  ".join(f"{k} {_metric(card, split, k)}" for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
         lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
+    lines += [f"  warning     {warning}" for warning in card.get("warnings") or []]
     comparison = card.get("champion_comparison") or {}
     if comparison:
         lines.append(f"  champion    {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")

@@ -504,6 +504,14 @@ def _bucket_reachable(flag: str, uri: str) -> None:
         raise UsageError(f"{flag} {uri}: {text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
 
 
+def _refuse_missing_classes(source: str, missing: list[str]) -> None:
+    if missing:
+        raise UsageError(
+            f"--source {source}: no images in {', '.join(missing)}; every split needs both classes "
+            "(train/NORMAL and train/PNEUMONIA, and the same in val/ and test/ when the source has them)"
+        )
+
+
 def _check_source(source: str) -> None:
     from pneumo import download
 
@@ -520,14 +528,19 @@ def _check_source(source: str) -> None:
                 f"pass the folder above it: --source {folder.parent}"
             )
         try:
-            download.find_dataset_root(folder)
+            root = download.find_dataset_root(folder)
         except ValueError as error:
             raise UsageError(f"--source: {error}") from None
+        _refuse_missing_classes(source, download.missing_class_folders(root))
     elif parsed.kind == "zip":
         import zipfile
 
         if not zipfile.is_zipfile(parsed.location):
             raise UsageError(f"--source {source}: not a readable zip archive; give the dataset's .zip or its unpacked folder")
+        with zipfile.ZipFile(parsed.location) as archive:
+            _refuse_missing_classes(source, download.missing_class_folders_in_zip(archive.namelist()))
+    elif parsed.kind == "kaggle" and not download.kaggle_credentials_found():
+        raise UsageError(f"--source {source}: no Kaggle credentials found: {download.KAGGLE_CREDENTIALS_HINT}")
     elif parsed.kind in ("s3_zip", "s3_prefix"):
         _bucket_reachable("--source", parsed.location)
 

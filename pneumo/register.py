@@ -86,6 +86,9 @@ def train_evaluate_register(
         config.threshold, outcome.history, best_epoch=outcome.best_epoch,
     )
     val = evaluation.metrics["val"]  # what the card records and what the promotion compares
+    warnings = evaluate.small_split_warnings(evaluation.metrics)
+    for warning in warnings:
+        logger.warning("%s", warning)
     pictures = plots.render_evaluation(evaluation)
 
     scores: dict[str, tuple[dict[str, Any], str]] = {}
@@ -115,7 +118,7 @@ def train_evaluate_register(
         shards_digest=index.digest,
         counts=index.counts,
         champion_comparison=comparison,
-        **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
+        **{"recipe": recipe, "warnings": warnings, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
     # The pictures are written with the version, before its card: a card never lists missing files.
     version = registry.register(registry_uri, model_name, outcome.state_dict, card, extra_files=pictures)
