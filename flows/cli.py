@@ -4,8 +4,9 @@
     pneumo predict IMAGE_OR_FOLDER...             score images with the champion
     pneumo serve                                  HTTP endpoint that follows the champion
     pneumo models list | show V | promote V       what the registry holds
+    pneumo runs [show last|ID]                    what the recent runs did (Prefect API)
 
-Only ``run`` imports Prefect: the other commands start in about a second.
+Only ``run`` and ``runs`` import Prefect: the other commands start in about a second.
 """
 
 from __future__ import annotations
@@ -240,6 +241,43 @@ def models_promote(
     except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+runs_app = typer.Typer(help="Recent runs of the pneumo flows, with what each did (from the Prefect API at PREFECT_API_URL).")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="How many runs to list, newest first.", min=1)] = 10,
+) -> None:
+    """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
+    if ctx.invoked_subcommand:
+        return
+    from flows import runs
+
+    try:
+        found = runs.recent(limit)
+    except runs.RunsError as error:
+        _fail(str(error))
+    if not found:
+        _fail(f"no runs of {', '.join(runs.FLOWS)} on {runs.api_url()} yet", code=1)
+    typer.echo("\n".join(runs.list_lines(found)))
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last",
+) -> None:
+    """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
+    from flows import runs
+
+    try:
+        flow, flow_run, artifacts = runs.find(run)
+    except runs.RunsError as error:
+        _fail(str(error))
+    typer.echo("\n".join(runs.show_lines(flow, flow_run, artifacts)))
 
 
 def main() -> None:

@@ -72,3 +72,17 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         f"  quarantine   {summary['quarantine_report']}",
     ]
     print("\n".join(lines))
+
+
+def label_counts(predicted: dict[str, int]) -> str:
+    """``{'NORMAL': 1478, 'PNEUMONIA': 20}`` as a person reads it: ``NORMAL 1478, PNEUMONIA 20``."""
+    return ", ".join(f"{label} {count}" for label, count in predicted.items())
+
+
+def predict_outcome(summary: dict[str, Any]) -> str:
+    """One line for the batch flow's final state: what was scored, with which version, and the labels."""
+    line = (f"scored {summary['scored']} of {summary['files']} files with {summary['model']} "
+            f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
+    if summary.get("metrics"):
+        line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
+    return line
