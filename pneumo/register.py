@@ -38,6 +38,9 @@ class Registered(BaseModel):
         return bool(self.promotion["is_champion"])
 
 
+STEPS_AFTER_TRAINING = ("scoring val and test", "drawing the pictures", "registering")
+
+
 def train_evaluate_register(
     index_uri: str,
     manifest_digest: str,
@@ -50,6 +53,7 @@ def train_evaluate_register(
     logger: Any = None,
     recipe: str = "seed",
     card_extra: Optional[dict[str, Any]] = None,
+    on_step: Optional[Callable[[str], None]] = None,
 ) -> Registered:
     """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
     point ``latest`` at it, and make it ``champion`` if it beats the champion on val
@@ -60,8 +64,10 @@ def train_evaluate_register(
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
     ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
-    ``card_extra`` keys are added to the card as they are.
+    ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
+    each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
     """
+    step = on_step or (lambda name: None)
     logger = logger or log
     promotion.validate_champion_metric(champion_metric)
     registry.validate_model_name(model_name)
@@ -81,6 +87,7 @@ def train_evaluate_register(
     )
 
     # The one scoring pass: metrics with CIs by patient, the shift suite, the per-epoch history.
+    step(STEPS_AFTER_TRAINING[0])
     evaluation = evaluate.evaluate_model(
         outcome.state_dict, {split: data[split] for split in ("val", "test")},
         config.threshold, outcome.history, best_epoch=outcome.best_epoch,
@@ -89,7 +96,9 @@ def train_evaluate_register(
     warnings = evaluate.small_split_warnings(evaluation.metrics)
     for warning in warnings:
         logger.warning("%s", warning)
+    step(STEPS_AFTER_TRAINING[1])
     pictures = plots.render_evaluation(evaluation)
+    step(STEPS_AFTER_TRAINING[2])
 
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 

@@ -41,13 +41,26 @@ def train_evaluate_register(
                 epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], evaluate.format_metric(auc, 4),
             )
 
+    stages = [stage]  # the open ones
+
+    def on_step(name: str) -> None:
+        # Evaluation is its own step: the training bar ends at the epochs run, then this one moves.
+        if stages[-1] is stage:
+            stages.append(stage_progress.open_stage(
+                "evaluation-progress", "evaluation", len(register.STEPS_AFTER_TRAINING), "steps"))
+            stage_progress.close_stage(stages.pop(0))
+            stages[0].advance(0, name)
+        else:
+            stages[0].advance(1, name)
+
     try:
         result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-            progress=progress, logger=logger, recipe=recipe,
+            progress=progress, logger=logger, recipe=recipe, on_step=on_step,
         )
     finally:
-        stage_progress.close_stage(stage)
+        for open_stage in stages:
+            stage_progress.close_stage(open_stage)
     ref, metrics = result.ref, result.metrics
     for split in ("val", "test"):
         m = metrics[split]
