@@ -162,6 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     if args.runner == "processes":
         pool.warm_up()
+    runtime.without_prefect_notices()
     with runtime.prefect_api():
         try:
             summary = predict_batch(

@@ -209,6 +209,16 @@ def is_failure_record(record: logging.LogRecord) -> bool:
     )
 
 
+# Prefect's notices about its temporary server ("Starting temporary server on ... See https://www.prefect.io/docs/...",
+# "Stopping temporary server ..."): every run printed them, the second after the run's summary.
+PREFECT_NOTICES = ("Starting temporary server", "Stopping temporary server")
+
+
+def without_prefect_notices() -> None:
+    """Keep Prefect's server notices off the terminal, so the run's summary is the last thing printed."""
+    logging.getLogger("prefect").addFilter(lambda record: not str(record.msg).startswith(PREFECT_NOTICES))
+
+
 def terminal_without_tracebacks() -> None:
     """Tracebacks and repeated failure lines go to the Prefect log only, not to the terminal."""
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -252,6 +262,7 @@ def run_flow(call: Callable[[], Any], on_success: Callable[[Any, float], None], 
     global API_GONE
     from pneumo import pool
 
+    without_prefect_notices()
     if not verbose:
         terminal_without_tracebacks()
     started = time.perf_counter()
