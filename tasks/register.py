@@ -58,6 +58,8 @@ def train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
             progress=progress, logger=logger, recipe=recipe, on_step=on_step,
         )
+        if stages[0] is not stage:
+            stages[0].advance(1)  # the last step (registering) is done too
     finally:
         for open_stage in stages:
             stage_progress.close_stage(open_stage)

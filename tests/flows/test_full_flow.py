@@ -213,4 +213,6 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     assert f"registered tinynet {result['version']}" in artifacts["run-summary"].data
     assert "| val |" in artifacts["run-summary"].data and "| test |" in artifacts["run-summary"].data
     assert artifacts["training-progress"].data == 100.0
+    # Evaluation is a step of its own, after the training bar ended at the epochs run.
+    assert artifacts["evaluation-progress"].data == 100.0 and "evaluation: 3/3 steps" in artifacts["evaluation-progress"].description
     assert "epochs" in artifacts["training-progress"].description and "val AUC" in artifacts["training-progress"].description

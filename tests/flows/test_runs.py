@@ -45,3 +45,22 @@ def test_runs_without_an_api_says_how_to_get_one():
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     out = subprocess.run(pneumo_command("runs"), env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "PREFECT_API_URL is not set" in out.stderr and "make stack-up" in out.stderr
+
+
+def test_a_cli_run_prints_no_prefect_banner_and_ends_on_its_summary(shared_data, tmp_path):
+    from tests.helpers import copy_patient_subset
+
+    source = copy_patient_subset(shared_data, tmp_path / "subset", per_class=40)
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}  # a temporary server
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    out = subprocess.run(
+        [*pneumo_command("run"), "--source", str(source), "--workdir", str(tmp_path / "work"), "--epochs", "3",
+         "--patience", "3", "--runner", "threads", "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "prefect.io/docs" not in out.stdout and "temporary server" not in out.stdout
+    lines = out.stdout.rstrip().splitlines()
+    assert lines[-1].startswith("  quarantine   "), lines[-12:]  # the summary's last line ends the output
+    assert any(line.startswith("pneumo: registered tinynet v0001") for line in lines[-16:])
+    assert sum("the val split has only" in line for line in lines) == 2  # logged, and in the summary
