@@ -49,15 +49,17 @@ def metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, Any]:
     }
 
 
-def rows(metrics_by_split: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per split (metrics to 4 digits, confusion matrix spelled out as tn/fp/fn/tp), for a table artifact."""
+def rows(metrics_by_split: dict[str, dict[str, Any]], digits: Optional[int] = None) -> list[dict[str, Any]]:
+    """One flat row per split (confusion matrix spelled out as tn/fp/fn/tp), for a table artifact.
+
+    With ``digits`` the metrics are text of that many decimals: a float column shows 16 and is cut in the UI.
+    """
     out = []
     for split, m in metrics_by_split.items():
         if "confusion_matrix" not in m:
             continue  # "shift": per-shift metrics, reported in their own table
         (tn, fp), (fn, tp) = m["confusion_matrix"]
-        # Four digits as text: a float column shows 16 and is cut in the UI.
-        shown = {k: m[k] if k == "n" else format_metric(m[k], 4) for k in COLUMNS}
+        shown = {k: m[k] if k == "n" or digits is None else format_metric(m[k], digits) for k in COLUMNS}
         out.append({"split": split, **shown, "tn": tn, "fp": fp, "fn": fn, "tp": tp})
     return out
 

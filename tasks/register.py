@@ -73,7 +73,7 @@ def train_evaluate_register(
             shown["roc_auc"],
         )
     splits = {split: metrics[split] for split in ("val", "test")}  # metrics also holds "shift"
-    create_table_artifact(key="model-metrics", table=evaluate.rows(splits), description=f"{model_name} {ref.version}")
+    create_table_artifact(key="model-metrics", table=evaluate.rows(splits, digits=4), description=f"{model_name} {ref.version}")
     model_report_artifacts(model_name, ref.version, metrics, result.evaluation.threshold, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",

@@ -81,7 +81,7 @@ def test_report_artifacts_carry_the_ci_table_and_every_picture():
 
 def test_the_metrics_table_shows_four_digits():
     evaluation = _evaluation()
-    rows = evaluate.rows({split: evaluation.metrics[split] for split in ("val", "test")})
+    rows = evaluate.rows({split: evaluation.metrics[split] for split in ("val", "test")}, digits=4)
     for row, split in zip(rows, ("val", "test")):
         assert row["roc_auc"] == f"{evaluation.metrics[split]['roc_auc']:.4f}" and len(row["roc_auc"]) == 6
         assert row["n"] == evaluation.metrics[split]["n"] and isinstance(row["tp"], int)
