@@ -36,7 +36,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         m = summary["metrics"].get(split) or {}
         lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
     lines += [f"\n**Warning:** {warning}" for warning in small_split_warnings(summary["metrics"])]
-    lines += ["", f"- card: `{summary['card']}`", f"- registry: `{summary['registry']}`",
+    lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
               f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
     return "\n".join(lines) + "\n"
 
@@ -66,6 +66,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     lines += [
         f"  champion     {summary['champion']}",
         f"  card         {summary['card']}",
+        f"  report       {summary.get('report') or 'none (registered before reports were written)'}",
         f"  shards       {summary['shards_index']}",
         f"  manifest     {summary['manifest']}",
         f"  size stats   {summary['size_stats']}",
