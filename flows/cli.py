@@ -4,9 +4,10 @@
     pneumo predict IMAGE_OR_FOLDER...             score images with the champion
     pneumo serve                                  HTTP endpoint that follows the champion
     pneumo models list | show V | promote V       what the registry holds
+    pneumo runs [show last|ID]                    what the recent runs did (Prefect API)
     pneumo gc [--yes]                             what the workdir can lose, and removing it
 
-Only ``run`` imports Prefect: the other commands start in about a second.
+Only ``run`` and ``runs`` import Prefect: the other commands start in about a second.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows import settings
 from flows.server_cli import server_app
 
 DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
@@ -44,24 +46,17 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-def run(ctx: typer.Context) -> None:
-    """Train, evaluate and register a model (the options of `python flows/full.py`; see `pneumo run --help`)."""
+def _start_run(checked: settings.Settings) -> None:
     from flows import runtime
 
     runtime.stop_on_interrupt()  # Ctrl-C: stop, say what is cached, exit 130 (flows/runtime.py)
-    from flows import settings
-
-    # Checked before Prefect is even imported: a bad value is refused in about a second.
-    checked = settings.load(list(ctx.args), prog="pneumo run")
-    if checked is None:  # --print-config
-        raise typer.Exit(0)
     from flows import full  # Prefect is imported here only
 
     runtime.exit_process(full.run(checked))
+
+
+# The options are generated from the settings models (flows/settings.py), as for `python flows/full.py`.
+app.command("run")(settings.run_command(_start_run))
 
 
 def _load_predictor(registry: str, model_name: str, alias: Optional[str], version: Optional[str], **kwargs):
@@ -77,11 +72,12 @@ def _load_predictor(registry: str, model_name: str, alias: Optional[str], versio
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images (read recursively).", show_default=False)],
     registry: RegistryOption = DEFAULT_REGISTRY,
     model_name: ModelNameOption = "tinynet",
-    alias: Annotated[Optional[str], typer.Option(help="Alias to load [default: champion].", show_default=False)] = None,
-    version: Annotated[Optional[str], typer.Option(help="Version to load, e.g. v0003, instead of an alias.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias to load (unless --version is given).")] = "champion",
+    version: Annotated[Optional[str], typer.Option(help="Version to load, e.g. v0003, instead of an alias.", show_default="none")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
     """Score X-rays: label, PNEUMONIA probability and warnings, one line per image.
@@ -98,7 +94,8 @@ def predict(
             paths.append(str(item))  # a missing file is reported per input
     if not paths:
         _fail("no files found in " + ", ".join(map(str, inputs)))
-    predictor = _load_predictor(registry, model_name, alias, version)
+    alias_given = ctx.get_parameter_source("alias").name == "COMMANDLINE"  # an enum of Typer's own click
+    predictor = _load_predictor(registry, model_name, alias if alias_given or not version else None, version)
     results = predictor.predict(paths)
     failed = [p for p in results if not p.ok]
     if as_json:
@@ -254,6 +251,7 @@ def models_show(
         worst = shift[split].get("worst") or {}
         shown = "  ".join(f"{k} {worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity") if worst.get(k))
         lines.append(f"  {'worst shift':<11} {split}: {shown or '-'}")
+    lines += [f"  warning     {warning}" for warning in card.get("warnings") or []]
     comparison = card.get("champion_comparison") or {}
     if comparison:
         lines.append(f"  champion    {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
@@ -275,8 +273,7 @@ def models_promote(
 ) -> None:
     """Point an alias (champion by default) at a version by hand.
 
-    ``champion`` moves by the same compare-and-swap as the pipeline's promotion, so a run
-    promoting at the same moment is never silently overwritten.
+    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
     """
     from pneumo import promotion
     from pneumo import registry as reg
@@ -294,6 +291,43 @@ def models_promote(
     except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+runs_app = typer.Typer(help="Recent runs of the pneumo flows, with what each did (from the Prefect API at PREFECT_API_URL).")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="How many runs to list, newest first.", min=1)] = 10,
+) -> None:
+    """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
+    if ctx.invoked_subcommand:
+        return
+    from flows import runs
+
+    try:
+        found = runs.recent(limit)
+    except runs.RunsError as error:
+        _fail(str(error))
+    if not found:
+        _fail(f"no runs of {', '.join(runs.FLOWS)} on {runs.api_url()} yet", code=1)
+    typer.echo("\n".join(runs.list_lines(found)))
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last",
+) -> None:
+    """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
+    from flows import runs
+
+    try:
+        flow, flow_run, artifacts = runs.find(run)
+    except runs.RunsError as error:
+        _fail(str(error))
+    typer.echo("\n".join(runs.show_lines(flow, flow_run, artifacts)))
 
 
 @app.command()

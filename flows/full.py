@@ -7,19 +7,19 @@ Run it locally with ``python flows/full.py --help`` (or ``pneumo run``); deploy 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # `python flows/full.py`: the settings are checked before Prefect and torch are imported
-    # (seconds on a busy machine), so a bad value is refused at once with exit 2, as by `pneumo run`.
+    # `python flows/full.py`: the command of `pneumo run` (flows/settings.py), whose settings are checked
+    # before Prefect and torch are imported, so a bad value is refused at once with exit 2.
     from flows import runtime
 
     runtime.stop_on_interrupt()  # first: a Ctrl-C while the modules load is one line, no traceback, too
     from flows import settings
 
-    CHECKED = settings.load(None, "python flows/full.py")
-    if CHECKED is not None:  # None: --print-config printed them
+    def start(checked: settings.Settings) -> None:
         from flows import full  # this file again, as the module flows.full
 
-        runtime.exit_process(full.run(CHECKED))
-    raise SystemExit(0)
+        runtime.exit_process(full.run(checked))
+
+    settings.run_app(start)(prog_name="python flows/full.py")
 
 import os
 import time

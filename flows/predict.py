@@ -20,8 +20,10 @@ from typing import Annotated, Any, Literal, Optional
 from flows import runtime  # first: it sets Prefect's environment defaults
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
 from pydantic import Field
 
+from flows.summary import label_counts, predict_outcome
 from pneumo import download, evaluate, pool, predict, storage, workdir as layout
 from pneumo.evaluate import format_metric
 from pneumo.manifest import QuarantineEntry
@@ -128,7 +130,9 @@ def predict_batch(
         description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
     )
     create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
-    return summary
+    outcome = predict_outcome(summary)
+    logger.info("run summary: %s", outcome)
+    return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
 
 
 def _link(uri: str) -> str:
@@ -158,6 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     if args.runner == "processes":
         pool.warm_up()
+    runtime.without_prefect_notices()
     with runtime.prefect_api():
         try:
             summary = predict_batch(
@@ -171,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
         f"({summary['quarantined']} quarantined) in {time.perf_counter() - started:.0f} s\n"
-        f"  predicted    {summary['predicted']}\n  predictions  {summary['predictions']}"
+        f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}"
     )
     if summary["metrics"]:
         m = summary["metrics"]

@@ -386,6 +386,16 @@ def is_own_hook_record(record: logging.LogRecord) -> bool:
     return remember_flow_run.__name__ in str(record.msg) and "hook" in str(record.msg).lower()
 
 
+# Prefect's notices about its temporary server ("Starting temporary server on ... See https://www.prefect.io/docs/...",
+# "Stopping temporary server ..."): every run printed them, the second after the run's summary.
+PREFECT_NOTICES = ("Starting temporary server", "Stopping temporary server")
+
+
+def without_prefect_notices() -> None:
+    """Keep Prefect's server notices off the terminal, so the run's summary is the last thing printed."""
+    logging.getLogger("prefect").addFilter(lambda record: not str(record.msg).startswith(PREFECT_NOTICES))
+
+
 def terminal_without_tracebacks() -> None:
     """Tracebacks and repeated failure lines go to the Prefect log only, not to the terminal."""
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -440,6 +450,7 @@ def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, f
     global API_GONE
     stop_on_interrupt()
     RunProgress.stages = tuple(stages)
+    without_prefect_notices()
     if not verbose:
         terminal_without_tracebacks()
     started = time.perf_counter()

@@ -13,7 +13,8 @@ pool starts. No Prefect import here: a refusal must not wait for it.
 
 from __future__ import annotations
 
-import argparse
+import enum
+import inspect
 import json
 import re
 import sys
@@ -21,11 +22,10 @@ import types
 import typing
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pneumo import download, storage
 from pneumo.config import KAGGLE_DEFAULT_SOURCE, SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
 from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric, validate_model_name
@@ -44,47 +44,45 @@ class RunSettings(BaseModel):
 
     source: str = Field(
         KAGGLE_DEFAULT_SOURCE,
-        description="kaggle:OWNER/DATASET (needs KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json), a folder in the "
-        "Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, s3://bucket/archive.zip or an "
-        "s3://bucket/prefix in that layout",
+        description="A folder in the Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, "
+        "s3://bucket/archive.zip, s3://bucket/prefix, or kaggle:OWNER/DATASET (needs Kaggle credentials)",
     )
-    workdir: str = Field("./pneumo-data", description="root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
-    registry: Optional[str] = Field(None, description="model registry root (default: WORKDIR/registry)")
-    model_name: str = Field("tinynet", description="name the model is registered under")
+    workdir: str = Field("./pneumo-data", description="Root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
+    registry: Optional[str] = Field(None, description="Model registry root, a folder or s3:// prefix")
+    model_name: str = Field("tinynet", description="Name the model is registered under")
     recipe: RecipeName = Field(
         DEFAULT_RECIPE,
-        description="transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape "
+        description="Transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape "
         "features, augmented renditions and class-weighted BCE, 'robust2' (the default) trains it on renditions that "
         "also change the aspect ratio and blur, averages its weights and chooses its threshold on the stress val; "
-        "the other options override its values",
+        "the options below override its values",
     )
-    percentile: float = Field(75.0, gt=0, lt=100, description="image-size percentile that sets the resize target")
-    shard_size: int = Field(1000, ge=1, description="images per HDF5 shard")
+    percentile: float = Field(75.0, gt=0, lt=100, description="Image-size percentile that sets the resize target")
+    shard_size: int = Field(1000, ge=1, description="Images per HDF5 shard")
     champion_metric: ChampionMetric = Field(
         DEFAULT_CHAMPION_METRIC,
-        description="metric a new version must beat (strictly) to become champion: stress_roc_auc is the ROC AUC on the "
+        description="Metric a new version must beat (strictly) to become champion: stress_roc_auc is the ROC AUC on the "
         "stress val (val under random strong jitters, on which the champion is re-scored too); the others are clean val's",
     )
-    retrain: bool = Field(False, description="train and register a new version even when nothing changed")
+    retrain: bool = Field(False, description="Train and register a new version even when data, config and code are unchanged")
     retries: int = Field(
         3, ge=0, le=20,
-        description="retries per task for errors a retry can fix (network, S3 throttling or 5xx, a dead worker), with "
-        "exponential backoff of at most 5 minutes per delay and 30 minutes in all; other errors fail at once",
+        description="Retries per task for errors a retry can fix (network, S3 throttling, a dead worker), with "
+        "exponential backoff; other errors fail at once",
     )
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail the run when more than this fraction of the input files is quarantined")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail the run when more than this fraction of the input files is quarantined")
     verify_source: bool = Field(
         False,
-        description="fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every "
-        "byte; sees a same-size rewrite whose mtime was set back)",
+        description="Fingerprint a local source by the sha256 of every file instead of sizes and mtimes "
+        "(reads every byte)",
     )
     runner: Runner = Field(
         "processes",
-        description="where the shard tasks transform images: 'processes' runs the tasks on threads that hand their "
-        "pixel work to a local pool of worker processes, 'threads' does the pixel work in those threads (h5py's lock "
-        "limits it), 'dask' runs the tasks on Dask workers",
+        description="Where the shard tasks transform images: 'processes' hands the pixel work to a local pool of "
+        "worker processes, 'threads' does it in the tasks' threads, 'dask' runs the tasks on Dask workers",
     )
-    workers: Optional[int] = Field(None, ge=1, description="parallel shard tasks, and processes or Dask workers (default: CPU count)")
-    dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
+    workers: Optional[int] = Field(None, ge=1, description="Parallel shard tasks, and processes or Dask workers")
+    dask_address: Optional[str] = Field(None, description="Scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with --runner dask)")
 
 
 RUN_DEFAULTS = RunSettings()
@@ -130,30 +128,12 @@ OPTIONS = _options()
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
 
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(args) == 1:
             return args[0]
     return annotation
-
-
-def _argparse_kwargs(annotation: Any) -> dict[str, Any]:
-    """How argparse reads a value of this type; pydantic then validates it."""
-    annotation = _unwrap_optional(annotation)
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return {"choices": list(typing.get_args(annotation))}
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"nargs": "+", **_argparse_kwargs(args[0])}
-        return {"nargs": len(args), **_argparse_kwargs(args[0])}
-    if annotation in (int, float, str):
-        return {"type": annotation}
-    raise TypeError(f"no command-line form for {annotation!r}")
 
 
 def _value_at(config: BaseModel, path: tuple[str, ...]) -> Any:
@@ -164,51 +144,199 @@ def _value_at(config: BaseModel, path: tuple[str, ...]) -> Any:
 
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
-        return " ".join(map(str, value))
+        return ", ".join(map(str, value))
     return "none" if value is None else str(value)
+
+
+# Defaults that are not a value: what an unset option means.
+UNSET_MEANS = {
+    ("run", "registry"): "WORKDIR/registry",
+    ("run", "workers"): "CPU count",
+    ("run", "dask_address"): "none: a local cluster",
+}
+
+
+def default_of(option: Option) -> Any:
+    """The value an option takes when it is not given: the default recipe's (or the model's) value."""
+    section, rest = option.path[0], option.path[1:]
+    if section == "run":
+        return _value_at(RUN_DEFAULTS, rest)
+    if section == "split":
+        return _value_at(SplitConfig(), rest)
+    return _value_at(getattr(RECIPES[DEFAULT_RECIPE], section), rest)
+
+
+def recipe_note(option: Option) -> str:
+    """'(recipe seed: 1000)' when another recipe has another default for this option."""
+    section, rest = option.path[0], option.path[1:]
+    if section not in ("train", "transform"):
+        return ""
+    default = _shown(default_of(option))
+    others = [f"{name}: {_shown(_value_at(getattr(recipe, section), rest))}" for name, recipe in RECIPES.items()
+              if name != DEFAULT_RECIPE and _shown(_value_at(getattr(recipe, section), rest)) != default]
+    return f" (recipe {', '.join(others)})" if others else ""
 
 
 def default_text(option: Option) -> str:
     """The default as --help shows it: the default recipe's value, and the other recipes' when different."""
-    section, rest = option.path[0], option.path[1:]
-    if section == "run":
-        return f"default: {_shown(_value_at(RUN_DEFAULTS, rest))}"
-    if section == "split":
-        return f"default: {_shown(_value_at(SplitConfig(), rest))}"
-    values = {name: _shown(_value_at(getattr(recipe, section), rest)) for name, recipe in RECIPES.items()}
-    text = f"default: {values[DEFAULT_RECIPE]}"
-    others = [f"{name}: {value}" for name, value in values.items() if name != DEFAULT_RECIPE and value != values[DEFAULT_RECIPE]]
-    return text + (f" (recipe {', '.join(others)})" if others else "")
+    shown = UNSET_MEANS.get(option.path) or _shown(default_of(option))
+    return f"default: {shown}{recipe_note(option)}"
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Run the pneumo pipeline: download the chest X-ray dataset, compute image-size percentiles, transform the "
-            "images into HDF5 shards, then train, evaluate and register a 2,541-parameter TinyNet. Works without a "
-            "Prefect server (Prefect starts a temporary local one). Every option can also be given in --config FILE; "
-            "the command line wins."
-        ),
-        argument_default=argparse.SUPPRESS,  # only what was given counts: the recipe supplies the rest
-    )
-    parser.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings: top-level keys named as the "
-                        "options (epochs, shard_size, ...) or tables [run], [train], [transform], [split]")
-    parser.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on the terminal too (they always go to the Prefect log)")
-    groups = {
-        "run": parser.add_argument_group("pipeline"),
-        "train": parser.add_argument_group("training (TrainConfig)"),
-        "transform": parser.add_argument_group("transform (TransformConfig)"),
-        "split": parser.add_argument_group("splits (SplitConfig)"),
-    }
+# --------------------------------------------------------------------------- the command line (Typer)
+
+# --help's panels, one per settings model.
+PANELS = {"run": "Pipeline (RunSettings)", "train": "Training (TrainConfig)",
+          "transform": "Transform (TransformConfig, AugmentConfig)", "split": "Splits (SplitConfig)"}
+_CHOICES: dict[tuple[str, ...], type[enum.Enum]] = {}
+METAVARS = {("transform", "grid"): "ROWS COLS", ("transform", "augment", "zoom"): "LOW HIGH", ("transform", "pooling"): "<max|mean>"}
+
+
+def _choice(values: tuple[str, ...]) -> type[enum.Enum]:
+    """Typer reads choices from an Enum; one per set of Literal values."""
+    if values not in _CHOICES:
+        _CHOICES[values] = enum.Enum("Choice", {value: value for value in values}, type=str)
+    return _CHOICES[values]
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type Typer parses a value as; pydantic then validates it."""
+    annotation = unwrap_optional(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return _choice(typing.get_args(annotation))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:  # any length: the option is repeated
+            return list[_cli_type(args[0])]  # type: ignore[misc]
+        return tuple[tuple(_cli_type(arg) for arg in args)]  # type: ignore[misc]
+    if annotation in (bool, int, float, str):
+        return annotation
+    raise TypeError(f"no command-line form for {annotation!r}")
+
+
+def _cli_default(option: Option) -> Any:
+    value = default_of(option)
+    cli_type = _cli_type(option.annotation)
+    if value is None:
+        return None
+    if isinstance(cli_type, type) and issubclass(cli_type, enum.Enum):
+        return cli_type(value)
+    if typing.get_origin(cli_type) is list:
+        item = typing.get_args(cli_type)[0]
+        return [item(v) if isinstance(item, type) and issubclass(item, enum.Enum) else v for v in value]
+    return value
+
+
+def flag_of(option: Option) -> str:
+    """The option as typed: its flag, or for a setting that is on by default, the flag that turns it off."""
+    if unwrap_optional(option.annotation) is bool and default_of(option):
+        return f"--no-{option.flag[2:]}"
+    return option.flag
+
+
+def parameter_name(option: Option) -> str:
+    return flag_of(option)[2:].replace("-", "_")
+
+
+def command_parameters() -> list[inspect.Parameter]:
+    """The parameters of `pneumo run` (= `python flows/full.py`), one per setting, for Typer to read.
+
+    Each shows the default recipe's value as its default; only values given on the command
+    line count (click's parameter source), so the recipe and --config supply the rest.
+    """
+    import typer
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter("config", keyword, default=None, annotation=Annotated[Optional[Path], typer.Option(
+            "--config", metavar="FILE", show_default="none", dir_okay=False,
+            help="TOML (or YAML) file of settings: top-level keys named as the options (epochs, shard_size, ...) "
+                 "or tables run, train, transform, split; the command line wins")]),
+        inspect.Parameter("print_config", keyword, default=False, annotation=Annotated[bool, typer.Option(
+            "--print-config", help="Print the effective settings as JSON and exit")]),
+        inspect.Parameter("verbose", keyword, default=False, annotation=Annotated[bool, typer.Option(
+            "--verbose", help="Show tracebacks on the terminal too (they always go to the Prefect log)")]),
+    ]
     for option in OPTIONS:
-        help_text = f"{option.description} [{default_text(option)}]".replace("%", "%%").lstrip()
-        kwargs = _argparse_kwargs(option.annotation)
-        if "choices" not in kwargs and "action" not in kwargs:
-            kwargs["metavar"] = option.flag[2:].upper().replace("-", "_")
-        groups[option.path[0]].add_argument(option.flag, dest=option.flag, help=help_text, **kwargs)
-    return parser
+        cli_type = _cli_type(option.annotation)
+        help_text = option.description.rstrip(".")
+        metavar = METAVARS.get(option.path)
+        if isinstance(cli_type, type) and issubclass(cli_type, enum.Enum):
+            choices = [choice.value for choice in cli_type]
+            if len("|".join(choices)) > 16:  # a short metavar keeps --help's columns narrow
+                metavar = option.path[-1].split("_")[-1].upper()
+                if not all(f"'{choice}'" in help_text for choice in choices):
+                    help_text += f" (one of {', '.join(choices)})"
+        default = _cli_default(option)
+        if cli_type is bool:  # a flag that turns the default over: --retrain, --no-shift-suite
+            if default_of(option):
+                help_text = f"Turn off what is on by default: {help_text[0].lower()}{help_text[1:]}"
+            info = typer.Option(flag_of(option), help=f"{help_text}{recipe_note(option)}", rich_help_panel=PANELS[option.path[0]])
+            parameters.append(inspect.Parameter(parameter_name(option), keyword, default=False, annotation=Annotated[bool, info]))
+            continue
+        unset = UNSET_MEANS.get(option.path)
+        info = typer.Option(option.flag, help=f"{help_text[0].upper()}{help_text[1:]}{recipe_note(option)}",
+                            rich_help_panel=PANELS[option.path[0]], show_default=unset if unset else True, metavar=metavar)
+        parameters.append(inspect.Parameter(parameter_name(option), keyword, default=default,
+                                            annotation=Annotated[Optional[cli_type], info]))
+    return parameters
+
+
+RUN_HELP = (
+    "Run the pneumo pipeline: download the chest X-ray dataset, compute image-size percentiles, transform the images "
+    "into HDF5 shards, then train, evaluate and register a 2,541-parameter TinyNet. Every option can also be given "
+    "in --config FILE; the command line wins."
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+def run_command(start: Callable[[Settings], None]) -> Callable[..., None]:
+    """The function of `pneumo run` and `python flows/full.py`: check the settings, then ``start`` the run."""
+
+    def run(ctx: Any, **values: Any) -> None:
+        checked = load(ctx, values, prog=ctx.command_path)  # exits 2 on a bad value
+        if checked is not None:  # None: --print-config printed them
+            start(checked)
+
+    run.__signature__ = inspect.Signature(command_parameters())  # type: ignore[attr-defined]
+    run.__annotations__ = {}  # Typer reads the signature's annotations, not these strings
+    run.__doc__ = RUN_HELP
+    return run
+
+
+def run_app(start: Callable[[Settings], None]) -> Any:
+    """`python flows/full.py`: the run command as a Typer app of its own."""
+    import typer
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(run_command(start))
+    return app
+
+
+def from_command(ctx: Any, values: dict[str, Any]) -> Optional[Settings]:
+    """Settings from the command's values (only those given on the command line) and --config;
+    None after --print-config printed them. Raises UsageError."""
+    given = _read_config_file(str(values["config"])) if values.get("config") else {}
+    for option in OPTIONS:
+        name = parameter_name(option)
+        source = ctx.get_parameter_source(name)  # an enum of Typer's own click
+        if source is not None and source.name == "COMMANDLINE":
+            flag = unwrap_optional(option.annotation) is bool
+            given[option.path] = (not default_of(option)) if flag else _plain(values[name])
+    settings = resolve(given, verbose=bool(values.get("verbose")))
+    if values.get("print_config"):
+        print(json.dumps(settings.to_dict(), indent=2))
+        return None
+    return settings
 
 
 class Settings(typing.NamedTuple):
@@ -390,18 +518,6 @@ def resolve(given: dict[tuple[str, ...], Any], verbose: bool = False) -> Setting
     return Settings(run, sections["transform"], sections["train"], sections["split"], verbose)  # type: ignore[arg-type]
 
 
-def parse(argv: Optional[list[str]], prog: str) -> Optional[Settings]:
-    """Settings from the command line and --config; None after --print-config printed them."""
-    args = vars(build_parser(prog).parse_args(argv))
-    given = _read_config_file(args["config"]) if "config" in args else {}
-    given.update({BY_FLAG[flag].path: value for flag, value in args.items() if flag in BY_FLAG})
-    settings = resolve(given, verbose=bool(args.get("verbose")))
-    if args.get("print_config"):
-        print(json.dumps(settings.to_dict(), indent=2))
-        return None
-    return settings
-
-
 # --------------------------------------------------------------------------- checks before any service starts
 
 
@@ -418,6 +534,8 @@ def _local_writable(flag: str, folder: str) -> None:
 
 def _bucket_reachable(flag: str, uri: str) -> None:
     """One cheap call (HeadBucket) that proves the endpoint answers, the bucket exists and the credentials work."""
+    from pneumo import storage
+
     bucket, _ = storage.split_s3(uri)
     try:
         with storage.s3_errors(uri, "HeadBucket"):
@@ -427,7 +545,17 @@ def _bucket_reachable(flag: str, uri: str) -> None:
         raise UsageError(f"{flag} {uri}: {text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
 
 
+def _refuse_missing_classes(source: str, missing: list[str]) -> None:
+    if missing:
+        raise UsageError(
+            f"--source {source}: no images in {', '.join(missing)}; every split needs both classes "
+            "(train/NORMAL and train/PNEUMONIA, and the same in val/ and test/ when the source has them)"
+        )
+
+
 def _check_source(source: str) -> None:
+    from pneumo import download
+
     try:
         parsed = download.parse_source(source)
     except ValueError as error:
@@ -441,20 +569,27 @@ def _check_source(source: str) -> None:
                 f"pass the folder above it: --source {folder.parent}"
             )
         try:
-            download.find_dataset_root(folder)
+            root = download.find_dataset_root(folder)
         except ValueError as error:
             raise UsageError(f"--source: {error}") from None
+        _refuse_missing_classes(source, download.missing_class_folders(root))
     elif parsed.kind == "zip":
         import zipfile
 
         if not zipfile.is_zipfile(parsed.location):
             raise UsageError(f"--source {source}: not a readable zip archive; give the dataset's .zip or its unpacked folder")
+        with zipfile.ZipFile(parsed.location) as archive:
+            _refuse_missing_classes(source, download.missing_class_folders_in_zip(archive.namelist()))
+    elif parsed.kind == "kaggle" and not download.kaggle_credentials_found():
+        raise UsageError(f"--source {source}: no Kaggle credentials found: {download.KAGGLE_CREDENTIALS_HINT}")
     elif parsed.kind in ("s3_zip", "s3_prefix"):
         _bucket_reachable("--source", parsed.location)
 
 
 def check(settings: Settings) -> None:
     """Refuse, as UsageError, what the run would only discover later; contacts each S3 bucket once."""
+    from pneumo import storage
+
     run = settings.run
     try:
         validate_model_name(run.model_name)
@@ -476,10 +611,10 @@ def check(settings: Settings) -> None:
             _local_writable(flag, uri)
 
 
-def load(argv: Optional[list[str]], prog: str) -> Optional[Settings]:
-    """Parse and check; a bad value prints one line to stderr and exits with code 2."""
+def load(ctx: Any, values: dict[str, Any], prog: str) -> Optional[Settings]:
+    """Resolve and check the command's values; a bad value prints one line to stderr and exits with code 2."""
     try:
-        settings = parse(argv, prog)
+        settings = from_command(ctx, values)
         if settings is not None:
             check(settings)
     except UsageError as error:

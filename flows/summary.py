@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pneumo.evaluate import format_metric
+from pneumo.evaluate import format_metric, small_split_warnings
 
 SPLITS = ("val", "test")
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -35,6 +35,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for split in SPLITS:
         m = summary["metrics"].get(split) or {}
         lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
+    lines += [f"\n**Warning:** {warning}" for warning in small_split_warnings(summary["metrics"])]
     lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
               f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
     return "\n".join(lines) + "\n"
@@ -61,6 +62,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
             f"  {split:<5} n={m['n']:<5} accuracy {shown['accuracy']}  precision {shown['precision']}  "
             f"recall {shown['recall']}  specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}"
         )
+    lines += [f"  warning      {warning}" for warning in small_split_warnings(summary["metrics"])]
     lines += [
         f"  champion     {summary['champion']}",
         f"  card         {summary['card']}",
@@ -71,3 +73,17 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         f"  quarantine   {summary['quarantine_report']}",
     ]
     print("\n".join(lines))
+
+
+def label_counts(predicted: dict[str, int]) -> str:
+    """``{'NORMAL': 1478, 'PNEUMONIA': 20}`` as a person reads it: ``NORMAL 1478, PNEUMONIA 20``."""
+    return ", ".join(f"{label} {count}" for label, count in predicted.items())
+
+
+def predict_outcome(summary: dict[str, Any]) -> str:
+    """One line for the batch flow's final state: what was scored, with which version, and the labels."""
+    line = (f"scored {summary['scored']} of {summary['files']} files with {summary['model']} "
+            f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
+    if summary.get("metrics"):
+        line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
+    return line

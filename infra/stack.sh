@@ -99,7 +99,10 @@ start_worker() {  # the pool (created if missing, never overwritten) and one wor
   : "${PREFECT_API_URL:?set PREFECT_API_URL to your Prefect server, e.g. https://prefect.example.com/api}"
   export PNEUMO_HOME="${PNEUMO_HOME:-$ROOT}"
   if ! "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1; then
-    "$BIN/prefect" work-pool create "$POOL" --type process >&2
+    # Prefect's own "To start a worker ... run: prefect worker start" hint is wrong here: the next line starts one.
+    local out
+    out=$("$BIN/prefect" work-pool create "$POOL" --type process 2>&1) || { echo "$out" >&2; exit 1; }
+    log "created work pool $POOL (type process)"
   fi
   start worker "$BIN/prefect" worker start --pool "$POOL" --type process --name "pneumo-$(hostname)-$$"
 }
@@ -125,7 +128,8 @@ except e.ClientError as error:
         raise"
     start_worker
     log "up: Prefect UI http://127.0.0.1:$PREFECT_PORT, S3 http://127.0.0.1:$S3_PORT (bucket $BUCKET), pool $POOL"
-    log "next: source $STATE/env && make deploy"
+    log "next, as in the README: make deploy DEPLOY_SOURCE=/path/to/chest_xray; source $STATE/env;" \
+      "prefect deployment run 'pneumo-full/on-demand' --watch; pneumo runs"
     ;;
   worker)
     start_worker

@@ -37,8 +37,8 @@ class AugmentConfig(_Config):
         0.0,
         ge=0.0,
         le=0.25,
-        description="Largest translation, as a fraction of width and height. The name 'shift' stays because cards "
-        "store it; the code says translate_x/translate_y (pneumo.augment), as a 'shift' is the shift suite's distribution shift",
+        # The name 'shift' stays because cards store it; pneumo.augment says translate_x/translate_y.
+        description="Largest translation, as a fraction of width and height",
     )
     rotation: float = Field(0.0, ge=0.0, le=30.0, description="Largest rotation in degrees")
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
@@ -72,15 +72,14 @@ class TransformConfig(_Config):
         (1000, 1300), description="(height, width) every image is resized to; the pipeline sets it from the size percentile"
     )
     crop_fraction: float = Field(0.10, ge=0.0, lt=0.5, description="Fraction cut from each border after resizing")
-    grid: tuple[int, int] = Field((10, 14), description="(rows, cols) of the max-pool grid; features = rows * cols")
+    grid: tuple[int, int] = Field((10, 14), description="Rows and columns of the pooling grid; features = rows * cols per pooling part")
     method: Literal["fast", "exact", "resample"] = Field(
         "fast",
-        description="'exact' decodes full resolution; 'fast' decodes at a reduced DCT scale first and pools the decoded "
-        "samples (max pooling only); 'resample' decodes at a reduced scale, resamples the crop to cell_pixels per cell "
-        "and pools that: the path that supports mean pooling, normalization and augmented renditions",
+        description="'exact' decodes full resolution; 'fast' decodes at a reduced JPEG scale (max pooling only); "
+        "'resample' resamples the crop to cell_pixels per cell: needed for mean pooling, normalization and renditions",
     )
     pooling: tuple[Literal["max", "mean"], ...] = Field(
-        ("max",), description="Pooling parts, concatenated in this order; features = rows * cols * len(pooling)"
+        ("max",), description="Pooling parts, concatenated in this order (repeat the option: --pooling max --pooling mean); features = rows * cols * parts"
     )
     normalize: Literal["none", "zscore"] = Field("none", description="'zscore': each pooling part scaled to mean 0, sd 1 per image")
     cell_pixels: int = Field(16, ge=2, le=64, description="'resample': pixels per cell side of the resampled crop")
@@ -149,11 +148,11 @@ class TrainConfig(_Config):
     """TinyNet training: the seed's optimizer, loss and batch size, with early stopping."""
 
     epochs: int = Field(1000, ge=1, description="Maximum number of epochs")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-5, gt=0.0, description="Adam learning rate")
-    loss: Literal["hinge", "bce"] = Field("hinge", description="Keras-style hinge on the sigmoid output, or binary cross-entropy")
+    batch_size: int = Field(32, ge=1, description="Training rows per optimizer step")
+    lr: float = Field(5e-5, gt=0.0, description="Learning rate of the optimizer: AdamW, or the seed's plain Adam when --weight-decay is 0")
+    loss: Literal["hinge", "bce"] = Field("hinge", description="'hinge': the seed's Keras-style hinge on the sigmoid output; 'bce': binary cross-entropy")
     balance: Literal["downsample", "class_weights", "none"] = Field(
-        "downsample", description="How the class imbalance of train is handled"
+        "downsample", description="Class imbalance of train: 'downsample' the majority class, 'class_weights' in the loss, or 'none'"
     )
     patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")

@@ -423,6 +423,66 @@ def _is_dataset_root(folder: Path) -> bool:
     return train.is_dir() and any((train / name).is_dir() for name in CLASSES)
 
 
+def _has_image(folder: Path) -> bool:
+    """At least one file the manifest would take (stops at the first)."""
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as entries:
+        return any(
+            entry.is_file() and not junk_reason(entry.name) and not entry.name.startswith(".")
+            and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            for entry in entries
+        )
+
+
+def missing_class_folders(root: str | Path) -> list[str]:
+    """The class folders (``train/PNEUMONIA``) that a split of the dataset at ``root`` lacks or holds no image in.
+
+    Training, evaluation and the carving of val and test need both classes in train, and a
+    val or test split the source brings needs both too; checked before any stage starts.
+    """
+    root = Path(root)
+    missing = []
+    for split in SPLITS:
+        if split != "train" and not (root / split).is_dir():
+            continue  # carved from train
+        missing += [f"{split}/{name}" for name in CLASSES if not _has_image(root / split / name)]
+    return missing
+
+
+def missing_class_folders_in_zip(names: list[str]) -> list[str]:
+    """missing_class_folders for the member names of a .zip (its shallowest dataset copy)."""
+    found: dict[tuple[str, ...], set[tuple[str, str]]] = {}  # dataset root inside the zip -> (split, class) with images
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if len(parts) < 3 or any(junk_reason(part) for part in parts):
+            continue
+        split, label, file = parts[-3:]
+        if split in SPLITS and label in CLASSES:
+            with_images = found.setdefault(parts[:-3], set())
+            if not file.startswith(".") and PurePosixPath(file).suffix.lower() in IMAGE_EXTENSIONS:
+                with_images.add((split, label))
+    with_images = found[min(found, key=len)] if found else set()
+    splits = {"train"} | {split for split, _ in with_images}
+    return [f"{split}/{name}" for split in SPLITS if split in splits for name in CLASSES if (split, name) not in with_images]
+
+
+def kaggle_credentials_found() -> bool:
+    """Whether kagglehub finds credentials (environment or ~/.kaggle/kaggle.json), without any network call."""
+    from kagglehub.config import get_kaggle_credentials
+
+    try:
+        return get_kaggle_credentials() is not None
+    except ValueError:  # a malformed kaggle.json
+        return False
+
+
+KAGGLE_CREDENTIALS_HINT = (
+    "create an API token at https://www.kaggle.com/settings and set KAGGLE_USERNAME and KAGGLE_KEY, or save it as "
+    "~/.kaggle/kaggle.json; or work offline with --source /path/to/chest_xray (a folder in the Kaggle layout) or a .zip of it"
+)
+
+
 def find_dataset_root(path: str | Path, *, max_depth: int = 6) -> Path:
     """The shallowest folder under ``path`` that has ``train/NORMAL`` or ``train/PNEUMONIA``.
 

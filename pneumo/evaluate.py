@@ -54,20 +54,40 @@ def metrics(y_true, y_prob, threshold: float = 0.5) -> dict[str, Any]:
     }
 
 
-def rows(metrics_by_split: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per split (confusion matrix spelled out as tn/fp/fn/tp), for a table artifact."""
+def rows(metrics_by_split: dict[str, dict[str, Any]], digits: Optional[int] = None) -> list[dict[str, Any]]:
+    """One flat row per split (confusion matrix spelled out as tn/fp/fn/tp), for a table artifact.
+
+    With ``digits`` the metrics are text of that many decimals: a float column shows 16 and is cut in the UI.
+    """
     out = []
     for split, m in metrics_by_split.items():
         if "confusion_matrix" not in m:
             continue  # "shift": per-shift metrics, reported in their own table
         (tn, fp), (fn, tp) = m["confusion_matrix"]
-        out.append({"split": split, **{k: m[k] for k in COLUMNS}, "tn": tn, "fp": fp, "fn": fn, "tp": tp})
+        shown = {k: m[k] if k == "n" or digits is None else format_metric(m[k], digits) for k in COLUMNS}
+        out.append({"split": split, **shown, "tn": tn, "fp": fp, "fn": fn, "tp": tp})
     return out
 
 
 def format_metric(value: Optional[float], digits: int = 3) -> str:
     """A metric as a person reads it: ``digits`` decimals, ``n/a`` when it is undefined."""
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+SMALL_SPLIT = 100  # fewer val or test images than this: AUC and accuracy swing by several points per image
+
+
+def small_split_warnings(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """One warning per val or test split under SMALL_SPLIT images: its figures are too uncertain to trust."""
+    warnings = []
+    for split in ("val", "test"):
+        n = (metrics.get(split) or {}).get("n")
+        if n is not None and n < SMALL_SPLIT:
+            warnings.append(
+                f"the {split} split has only {n} images (under {SMALL_SPLIT}): its metrics are too uncertain "
+                "to trust (see their CIs); use a larger source"
+            )
+    return warnings
 
 
 def _cell(value: Any) -> str:

@@ -39,6 +39,9 @@ class Registered(BaseModel):
         return bool(self.promotion["is_champion"])
 
 
+STEPS_AFTER_TRAINING = ("scoring val and test", "drawing the pictures", "registering")
+
+
 def train_evaluate_register(
     index_uri: str,
     manifest_digest: str,
@@ -51,6 +54,7 @@ def train_evaluate_register(
     logger: Any = None,
     recipe: str = "seed",
     card_extra: Optional[dict[str, Any]] = None,
+    on_step: Optional[Callable[[str], None]] = None,
 ) -> Registered:
     """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
     point ``latest`` at it, and make it ``champion`` if it beats the champion on
@@ -64,8 +68,10 @@ def train_evaluate_register(
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
     ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
-    ``card_extra`` keys are added to the card as they are.
+    ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
+    each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
     """
+    step = on_step or (lambda name: None)
     logger = logger or log
     promotion.validate_champion_metric(champion_metric)
     registry.validate_model_name(model_name)
@@ -95,6 +101,7 @@ def train_evaluate_register(
 
     # The threshold first (it may be chosen on the stress val), then the one scoring pass:
     # metrics with CIs by patient, the stress val, the shift suite, the per-epoch history.
+    step(STEPS_AFTER_TRAINING[0])
     threshold = evaluate.decision_threshold(outcome.state_dict, data["val"], config.threshold_rule, config.threshold)
     evaluation = evaluate.evaluate_model(
         outcome.state_dict, {split: data[split] for split in ("val", "test")},
@@ -103,7 +110,12 @@ def train_evaluate_register(
     if config.threshold_rule != "fixed":
         logger.info("threshold %.4f (%s)", threshold, config.threshold_rule)
     val = promotion.comparable(evaluation.metrics)  # what the card records and what the promotion compares
+    warnings = evaluate.small_split_warnings(evaluation.metrics)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    step(STEPS_AFTER_TRAINING[1])
     pictures = plots.render_evaluation(evaluation)
+    step(STEPS_AFTER_TRAINING[2])
 
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 
@@ -133,7 +145,7 @@ def train_evaluate_register(
         shards_digest=index.digest,
         counts=index.counts,
         champion_comparison=comparison,
-        **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
+        **{"recipe": recipe, "warnings": warnings, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
     # The pictures and the report are written with the version, before its card: a card never lists missing files.
     version = registry.register(

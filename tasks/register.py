@@ -46,13 +46,28 @@ def train_evaluate_register(
                 epoch["epoch"], config.epochs, epoch["train_loss"], epoch["val_loss"], evaluate.format_metric(auc, 4),
             )
 
+    stages = [stage]  # the open ones
+
+    def on_step(name: str) -> None:
+        # Evaluation is its own step: the training bar ends at the epochs run, then this one moves.
+        if stages[-1] is stage:
+            stages.append(stage_progress.open_stage(
+                "evaluation-progress", "evaluation", len(register.STEPS_AFTER_TRAINING), "steps"))
+            stage_progress.close_stage(stages.pop(0))
+            stages[0].advance(0, name)
+        else:
+            stages[0].advance(1, name)
+
     try:
         result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-            progress=progress, logger=logger, recipe=recipe,
+            progress=progress, logger=logger, recipe=recipe, on_step=on_step,
         )
+        if stages[0] is not stage:
+            stages[0].advance(1)  # the last step (registering) is done too
     finally:
-        stage_progress.close_stage(stage)
+        for open_stage in stages:
+            stage_progress.close_stage(open_stage)
     ref, metrics = result.ref, result.metrics
     for split in [s for s in ("val", "stress_val", "test") if s in metrics]:
         m = metrics[split]
@@ -63,7 +78,7 @@ def train_evaluate_register(
             shown["roc_auc"],
         )
     splits = {split: metrics[split] for split in ("val", "test")}  # metrics also holds "shift"
-    create_table_artifact(key="model-metrics", table=evaluate.rows(splits), description=f"{model_name} {ref.version}")
+    create_table_artifact(key="model-metrics", table=evaluate.rows(splits, digits=4), description=f"{model_name} {ref.version}")
     model_report_artifacts(model_name, ref.version, metrics, result.evaluation.threshold, result.pictures, ref.card_uri)
     create_markdown_artifact(
         key="champion-challenger",

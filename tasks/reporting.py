@@ -8,7 +8,7 @@ from typing import Iterable
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate
-from pneumo.labels import CONFUSION_MATRIX_LAYOUT
+from pneumo.labels import CLASSES, CONFUSION_MATRIX_LAYOUT
 from pneumo.manifest import QuarantineEntry, SkippedEntry
 
 
@@ -68,6 +68,21 @@ def _shift_table(shift: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def confusion_markdown(metrics: dict) -> str:
+    """One table per split: rows are the truth, columns the prediction, at the version's threshold."""
+    tables = []
+    for split in ("val", "test"):
+        if "confusion_matrix" not in (metrics.get(split) or {}):
+            continue
+        (tn, fp), (fn, tp) = metrics[split]["confusion_matrix"]
+        tables.append(
+            f"**{split}** (n={tn + fp + fn + tp})\n\n"
+            f"| truth \\ predicted | {CLASSES[0]} | {CLASSES[1]} |\n|---|---:|---:|\n"
+            f"| {CLASSES[0]} | {tn} (tn) | {fp} (fp) |\n| {CLASSES[1]} | {fn} (fn) | {tp} (tp) |\n"
+        )
+    return "\n".join(tables) + f"\nLayout of the card's `confusion_matrix`: {CONFUSION_MATRIX_LAYOUT}.\n"
+
+
 def model_report_artifacts(
     model_name: str, version: str, metrics: dict, threshold: float, pngs: dict[str, bytes], card_uri: str
 ) -> None:
@@ -82,8 +97,9 @@ def model_report_artifacts(
         f"Threshold **{threshold:g}** (a PNEUMONIA probability at or above it predicts PNEUMONIA). "
         "Percent, with 95% bootstrap intervals resampled by patient.\n\n"
         f"{evaluate.ci_markdown_table({s: metrics[s] for s in ('val', 'stress_val', 'test') if s in metrics})}\n"
-        f"Confusion matrices {CONFUSION_MATRIX_LAYOUT}. stress_val: every val image under random strong jitters "
-        "(pneumo.shift.stress_features), an evaluation set never trained on.\n\n"
+        "stress_val: every val image under random strong jitters (pneumo.shift.stress_features), an evaluation "
+        "set never trained on.\n\n"
+        f"## Confusion matrices\n\n{confusion_markdown(metrics)}\n"
     )
     if metrics.get("shift"):
         markdown += "## Shift suite\n\n" + _shift_table(metrics["shift"]) + "\n"

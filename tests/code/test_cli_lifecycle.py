@@ -39,7 +39,9 @@ def _running(process: psutil.Process) -> bool:
 def test_the_temporary_prefect_server_dies_with_a_killed_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
+    for name in ("NORMAL", "PNEUMONIA"):  # passes the checks before the server starts; fails later, if ever reached
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        (tmp_path / "data" / "train" / name / "IM-0001-0001.jpeg").write_bytes(b"x")
     cli = subprocess.Popen(
         [sys.executable, "flows/full.py", "--source", str(tmp_path / "data"), "--workdir", str(tmp_path / "work")],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

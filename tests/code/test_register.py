@@ -60,6 +60,18 @@ def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     assert card["metrics"]["val"]["n"] == 120 and card["data"]["manifest_digest"] == "d" * 64
     assert registry.get_alias(reg, "tinynet", "latest") == "v0001"
     assert registry.get_alias(reg, "tinynet", "champion") == "v0001"
+    assert card["warnings"] == []  # 120 val and test images: enough
+
+
+def test_a_small_val_or_test_split_is_warned_in_the_log_and_the_card(tmp_path, caplog):
+    index_uri = _index(tmp_path, n=40)
+    reg = str(tmp_path / "reg")
+    with caplog.at_level(logging.WARNING):
+        register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    card = registry.load_card(reg, "tinynet", "v0001")
+    assert [w.split(":")[0] for w in card["warnings"]] == [
+        "the val split has only 40 images (under 100)", "the test split has only 40 images (under 100)"]
+    assert [r.getMessage() for r in caplog.records if "only 40 images" in r.getMessage()] == card["warnings"]
 
 
 def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,21 @@ from tests.helpers import pneumo_command
 REPO = Path(__file__).resolve().parents[2]
 
 
+def parse(argv: list[str]):
+    """The settings `pneumo run ARGV` would run with (None after --print-config), parsed by the real command."""
+    import typer
+
+    ctx = typer.main.get_command(settings.run_app(print)).make_context("pneumo run", list(argv))
+    return settings.from_command(ctx, ctx.params)
+
+
+def help_text(*command: str) -> str:
+    out = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_the_flow_takes_its_defaults_from_run_settings():
     import inspect
 
@@ -29,30 +45,69 @@ def test_the_flow_takes_its_defaults_from_run_settings():
     assert set(parameters) - set(settings.RunSettings.model_fields) == {"transform", "split", "train"}
 
 
-def test_every_field_of_every_model_is_an_option_with_its_default():
-    text = settings.build_parser("pneumo run").format_help()
+def test_every_field_of_every_model_is_an_option_with_a_description_and_its_default():
+    text = help_text(*pneumo_command("run"))
+    flow_file = help_text(sys.executable, "flows/full.py").replace("python flows/full.py", "pneumo run")
+    assert text.split() == flow_file.split()  # one command, two names
+    rows: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():  # "│ --epochs   <int>   Maximum number of epochs ... [default: 40]   │", wrapped
+        words = line.strip("│ ╭╰─").split()
+        if words and words[0].startswith("--"):
+            flag = words[0]
+        elif not words or not line.startswith("│"):
+            flag = None
+        if flag:
+            rows[flag] = " ".join([rows.get(flag, ""), *words])
+    for option in settings.OPTIONS:
+        row = rows[settings.flag_of(option)]
+        assert option.description and option.description.rstrip(".")[1:20] in row, option.flag
+        if settings.unwrap_optional(option.annotation) is not bool:  # a flag turns its default over: --retrain
+            assert "[default: " in row, option.flag
     for model in (settings.RunSettings, TrainConfig, SplitConfig):
         for name in model.model_fields:
-            assert f"--{name.replace('_', '-')}" in text, name
+            assert any(flag.endswith(name.replace("_", "-")) for flag in rows), name
     for name in set(TransformConfig.model_fields) - {"size", "method", "augment"}:
-        assert f"--{name.replace('_', '-')}" in text, name
-    assert "--transform {fast,exact,resample}" in text and "--augment-rotation" in text
-    epochs = settings.default_text(settings.BY_FLAG["--epochs"])
-    assert epochs == (
-        f"default: {RECIPES[DEFAULT_RECIPE].train.epochs} "
-        f"(recipe seed: {RECIPES['seed'].train.epochs}, robust: {RECIPES['robust'].train.epochs})"
-    )
+        assert any(flag.endswith(name.replace("_", "-")) for flag in rows), name
+    assert "--transform METHOD" in rows["--transform"] and "<hinge|bce>" in rows["--loss"]
+    robust, seed = RECIPES[DEFAULT_RECIPE].train, RECIPES["seed"].train
+    assert f"(recipe seed: {seed.epochs}) [default: {robust.epochs}]" in rows["--epochs"]
+    assert "AdamW" in rows["--lr"] and "[default: (WORKDIR/registry)]" in rows["--registry"]
+
+
+def test_a_misspelt_option_gets_a_suggestion_and_no_prefix_is_taken():
+    for typed, suggested in (("--sorce", "--source"), ("--epoch", "--epochs")):
+        for command in (pneumo_command("run"), [sys.executable, "flows/full.py"]):
+            out = subprocess.run([*command, typed, "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and out.stdout == "", out
+            assert f"No such option: {typed}" in out.stderr and suggested in out.stderr, out.stderr
+    assert parse(["--epochs", "5"]).train.epochs == 5
+
+
+def test_flags_turn_the_default_over():
+    chosen = parse(["--retrain", "--no-shift-suite", "--pooling", "mean", "--pooling", "max", "--augment-zoom", "0.8", "1.2"])
+    assert chosen.run.retrain and not chosen.transform.shift_suite
+    assert chosen.transform.pooling == ("mean", "max") and chosen.transform.augment.zoom == (0.8, 1.2)
+    untouched = parse([])
+    assert not untouched.run.retrain and untouched.transform == RECIPES[DEFAULT_RECIPE].transform
+
+
+def test_predict_and_promote_help_read_cleanly():
+    predict = help_text(*pneumo_command("predict"))
+    assert "Alias to load (unless --version is given)." in predict and "[default: champion]" in predict
+    promote = help_text(*pneumo_command("models", "promote"))
+    assert "``" not in promote and "The champion alias moves" in promote
 
 
 def test_recipe_then_config_file_then_command_line(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('epochs = 7\nshard-size = 50\n[train]\npatience = 3\n[transform.augment]\nrotation = 2.5\n')
-    chosen = settings.parse(["--config", str(config), "--epochs", "9"], "pneumo run")
+    chosen = parse(["--config", str(config), "--epochs", "9"])
     robust = RECIPES[DEFAULT_RECIPE]
     assert chosen.train.epochs == 9 and chosen.train.patience == 3  # command line, then file
     assert chosen.train.lr == robust.train.lr and chosen.run.shard_size == 50  # recipe, file
     assert chosen.transform.augment.rotation == 2.5 and chosen.transform.augment.zoom == robust.transform.augment.zoom
-    seed = settings.parse(["--recipe", "seed", "--config", str(config)], "pneumo run")
+    seed = parse(["--recipe", "seed", "--config", str(config)])
     assert seed.train.epochs == 7 and seed.train.lr == RECIPES["seed"].train.lr
 
 
@@ -70,11 +125,11 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     pytest.importorskip("yaml")
     config = tmp_path / "run.yaml"
     config.write_text("recipe: seed\ntrain:\n  epochs: 11\n")
-    chosen = settings.parse(["--config", str(config)], "pneumo run")
+    chosen = parse(["--config", str(config)])
     assert chosen.run.recipe == "seed" and chosen.train.epochs == 11
     config.write_text("epoch: 11\n")
     with pytest.raises(settings.UsageError, match="unknown setting 'epoch'"):
-        settings.parse(["--config", str(config)], "pneumo run")
+        parse(["--config", str(config)])
 
 
 def test_print_config_is_the_same_from_both_commands():
@@ -123,7 +178,7 @@ def test_bad_values_are_refused_at_once_in_one_line(shared_data, tmp_path):
 def test_an_unreachable_bucket_is_refused_by_the_check(s3_bucket, shared_data):
     missing = "s3://no-such-bucket-pneumo/data"
     with pytest.raises(settings.UsageError, match="--workdir s3://no-such-bucket-pneumo/data: .*check the bucket"):
-        settings.check(settings.parse(["--source", str(shared_data), "--workdir", missing], "pneumo run"))
-    settings.check(settings.parse(["--source", str(shared_data), "--workdir", f"s3://{s3_bucket}/w"], "pneumo run"))
+        settings.check(parse(["--source", str(shared_data), "--workdir", missing]))
+    settings.check(parse(["--source", str(shared_data), "--workdir", f"s3://{s3_bucket}/w"]))
     with pytest.raises(settings.UsageError, match="--source s3://no-such-bucket-pneumo/data"):
-        settings.check(settings.parse(["--source", missing], "pneumo run"))
+        settings.check(parse(["--source", missing]))

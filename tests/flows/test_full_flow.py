@@ -183,6 +183,18 @@ def _artifacts(flow_run_id) -> dict:
     return {artifact.key: artifact for artifact in sorted(found, key=lambda a: a.created)}
 
 
+def _pneumo_runs(*args: str):
+    import os
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.helpers import pneumo_command
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.run(pneumo_command("runs", *args), env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subset_source):
     from pneumo.config import TrainConfig
 
@@ -195,6 +207,10 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     artifacts = _artifacts(cached.state_details.flow_run_id)
     assert artifacts["run-summary"].data.startswith("# nothing new registered (cache hit")
     assert artifacts["transform-progress"].data == 100.0  # cached shards: the stage still ends at 100 %
+    shown = _pneumo_runs("show", str(cached.state_details.flow_run_id))  # where the user looks
+    assert shown.returncode == 0, shown.stderr
+    assert "message    nothing new registered (cache hit;" in shown.stdout and "run-summary:" in shown.stdout
+    assert "| val |" in shown.stdout and f"- card: `{summary['card']}`" in shown.stdout
 
     trained = full(train=TrainConfig(**QUICK), retrain=True, **common)
     result = trained.result()
@@ -205,4 +221,6 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     assert f"registered tinynet {result['version']}" in artifacts["run-summary"].data
     assert "| val |" in artifacts["run-summary"].data and "| test |" in artifacts["run-summary"].data
     assert artifacts["training-progress"].data == 100.0
+    # Evaluation is a step of its own, after the training bar ended at the epochs run.
+    assert artifacts["evaluation-progress"].data == 100.0 and "evaluation: 3/3 steps" in artifacts["evaluation-progress"].description
     assert "epochs" in artifacts["training-progress"].description and "val AUC" in artifacts["training-progress"].description

@@ -47,6 +47,13 @@ def artifact_keys(flow_run_id) -> set[str]:
     return {artifact.key for artifact in found}
 
 
+def summary_state_message(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.message
+
+
 def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_path):
     registry_root = str(tmp_path / "registry")
     weights = register_two(registry_root)
@@ -67,6 +74,11 @@ def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_pa
     assert summary["metrics"]["n"] == 30 and summary["metrics"]["threshold"] == 0.5
     assert set(states["score-chunk"]) == {"Completed"} and len(states["score-chunk"]) == 4
     assert {"predict-counts", "predictions", "predictions-file", "predict-metrics", "predict-quarantine"} <= artifact_keys(run_id)
+
+    assert summary_state_message(run_id) == (
+        f"scored 30 of 31 files with tinynet v0001 (1 quarantined): NORMAL {summary['predicted']['NORMAL']}, "
+        f"PNEUMONIA {summary['predicted']['PNEUMONIA']}; labelled AUC {summary['metrics']['roc_auc']:.3f}"
+    )
 
     again, again_states, _ = run(input=str(labelled_input), registry=registry_root, workdir=str(workdir), runner="processes")
     assert set(again_states["score-chunk"]) == {"Cached"} and set(again_states["write-predictions"]) == {"Cached"}

@@ -64,6 +64,11 @@ def test_report_artifacts_carry_the_ci_table_and_every_picture():
     low, high = evaluation.metrics["test"]["ci95"]["accuracy"]
     assert f"({100 * low:.1f}-{100 * high:.1f})" in card
     assert "Threshold **0.5**" in card and "[[tn, fp], [fn, tp]]" in card
+    for split in ("val", "test"):  # the matrices themselves, not only their layout
+        (tn, fp), (fn, tp) = evaluation.metrics[split]["confusion_matrix"]
+        assert f"**{split}** (n={tn + fp + fn + tp})" in card
+        assert f"| NORMAL | {tn} (tn) | {fp} (fp) |" in card and f"| PNEUMONIA | {fn} (fn) | {tp} (tp) |" in card
+
     assert "| shift | val ROC AUC | val specificity | test ROC AUC | test specificity |" in card
     assert "| blur | 0.810 | 0.420 | 0.810 | 0.420 |" in card
     assert "| **worst** | **0.810** (blur) | **0.420** (blur) |" in card
@@ -72,3 +77,11 @@ def test_report_artifacts_carry_the_ci_table_and_every_picture():
     assert {name for name, _ in embedded} == set(pngs) and len(pngs) == 7
     for name, data in embedded:
         assert base64.b64decode(data) == pngs[name]
+
+
+def test_the_metrics_table_shows_four_digits():
+    evaluation = _evaluation()
+    rows = evaluate.rows({split: evaluation.metrics[split] for split in ("val", "test")}, digits=4)
+    for row, split in zip(rows, ("val", "test")):
+        assert row["roc_auc"] == f"{evaluation.metrics[split]['roc_auc']:.4f}" and len(row["roc_auc"]) == 6
+        assert row["n"] == evaluation.metrics[split]["n"] and isinstance(row["tp"], int)

@@ -67,7 +67,11 @@ def stack(tmp_path_factory):
         env.pop(name, None)
     pids: dict[str, int] = {}
     try:
-        subprocess.run([str(STACK), "up"], env=env, check=True, timeout=300, capture_output=True, text=True)
+        up = subprocess.run([str(STACK), "up"], env=env, check=True, timeout=300, capture_output=True, text=True)
+        # It started a worker: no "To start a worker" hint; the closing hint follows the README's order.
+        assert "To start a worker" not in up.stdout + up.stderr and "created work pool pneumo" in up.stderr
+        hint = up.stderr.strip().splitlines()[-1]
+        assert hint.index("make deploy") < hint.index("source ") < hint.index("deployment run") < hint.index("pneumo runs")
         pids = {name: int((state / f"{name}.pid").read_text()) for name in ("s3", "server", "worker")}
         env.update(read_env_file(state / "env"))  # PREFECT_API_URL, PREFECT_HOME, AWS_* of the stack
         env["PNEUMO_WORKDIR"] = f"s3://{bucket}/work"
@@ -101,19 +105,20 @@ def two_runs(stack, small_source):
     env = {**stack, "PNEUMO_SOURCE": str(small_source)}
     subprocess.run([str(STACK), "deploy"], env=env, check=True, timeout=300, capture_output=True, text=True)
     first = run_deployment(env, "on-demand", *QUICK)
-    second = run_deployment(env, "scheduled-retrain", *QUICK)
-    return env, first, second
+    unchanged = run_deployment(env, "scheduled-retrain", *QUICK)  # nothing changed: a cache hit
+    second = run_deployment(env, "on-demand", *QUICK, "--param", "retrain=true")  # asked explicitly
+    return env, first, unchanged, second
 
 
 def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
-    env, _, _ = two_runs
+    env, _, _, _ = two_runs
     listed = prefect(env, "deployment", "ls").stdout
     assert "pneumo-full/on-demand" in listed and "pneumo-full/scheduled-retrain" in listed
     scheduled = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/scheduled-retrain", "-o", "json").stdout)
     [schedule] = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
     assert schedule["active"] is True
-    assert scheduled["parameters"]["retrain"] is True and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
+    assert "retrain" not in scheduled["parameters"] and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
     assert scheduled["work_pool_name"] == "pneumo"
     on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
     assert on_demand["schedules"] == [] and "retrain" not in on_demand["parameters"]
@@ -122,10 +127,17 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
 
 
 def test_runs_complete_and_the_champion_rule_holds(two_runs):
-    env, first, second = two_runs
-    assert first["state"]["type"] == "COMPLETED" and second["state"]["type"] == "COMPLETED"
-    # The outcome is in the final state's message, which `--watch` and the UI show (retrain=True registers).
+    env, first, unchanged, second = two_runs
+    assert all(run["state"]["type"] == "COMPLETED" for run in (first, unchanged, second))
+    # The outcome is in the final state's message, which `pneumo runs` and the UI show.
     assert all(run["state"]["message"].startswith("registered tinynet v") for run in (first, second))
+    assert unchanged["state"]["message"].startswith("nothing new registered (cache hit; tinynet v0001 unchanged")
+    listed = subprocess.run([sys.executable, "-m", "flows.cli", "runs"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    for run in (first, unchanged, second):  # where the README's Deploy section sends the user
+        line = next(line for line in listed.stdout.splitlines() if run["id"] in line)
+        assert "pneumo-full" in line and " ".join(run["state"]["message"].split()) in line
     # Read the registry on the stack's S3 endpoint, in a process with the stack's settings.
     check = subprocess.run(
         [sys.executable, "-c", (
@@ -139,7 +151,7 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
     )
     assert check.returncode == 0, check.stderr
     found = json.loads(check.stdout)
-    assert found["versions"] == ["v0001", "v0002"]  # the scheduled run retrained although nothing changed
+    assert found["versions"] == ["v0001", "v0002"]  # the unchanged scheduled run registered nothing
     first_card, second_card = found["cards"]["v0001"], found["cards"]["v0002"]
     assert first_card["champion_comparison"]["promoted"] is True  # the first model becomes champion
     comparison = second_card["champion_comparison"]
@@ -153,7 +165,7 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
 
 
 def test_the_worker_credentials_stay_out_of_logs_and_the_prefect_database(two_runs):
-    env, _, _ = two_runs
+    env, _, _, _ = two_runs
     secret = env["AWS_SECRET_ACCESS_KEY"].encode()
     state = Path(env["PNEUMO_STACK_DIR"])
     files = [*state.glob("*.log"), *(state / "prefect-home").rglob("*.db")]

@@ -1,0 +1,134 @@
+"""`pneumo runs`: what the pneumo flows did, read from the Prefect API at PREFECT_API_URL.
+
+The runs of `pneumo run`, the deployments and the batch flow all end in a state whose message
+says what happened ("registered tinynet v0003; ..." or "nothing new registered (cache hit; ...)"),
+and the full flow leaves a run-summary artifact; this module lists the one and prints the other.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
+SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
+
+
+class RunsError(Exception):
+    """No API to ask, or no such run: one line for the user."""
+
+
+def api_url() -> str:
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise RunsError(
+            "PREFECT_API_URL is not set: runs are kept by a Prefect server. Start one (make stack-up) and export "
+            "the PREFECT_API_URL it prints, then run pneumo through it"
+        )
+    return url
+
+
+def run_url(flow_run_id: Any) -> Optional[str]:
+    ui = PREFECT_UI_URL.value()
+    return f"{ui}/runs/flow-run/{flow_run_id}" if ui else None
+
+
+def _flows(client) -> dict[Any, str]:
+    found = client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))))
+    return {flow.id: flow.name for flow in found}
+
+
+def recent(limit: int = 10) -> list[tuple[str, Any]]:
+    """The latest runs of the pneumo flows, newest first, as (flow name, FlowRun)."""
+    api_url()
+    with get_client(sync_client=True) as client:
+        flows = _flows(client)
+        if not flows:
+            return []
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=limit,
+        )
+    return [(flows.get(run.flow_id, "?"), run) for run in runs]
+
+
+def find(which: str) -> tuple[str, Any, list[Any]]:
+    """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
+    api_url()
+    if which == "last":
+        latest = recent(limit=1)
+        if not latest:
+            raise RunsError(f"no runs of {', '.join(FLOWS)} on {api_url()} yet")
+        which = str(latest[0][1].id)
+    with get_client(sync_client=True) as client:
+        try:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[which])), limit=1)
+        except Exception as error:  # a malformed id is refused by the API's validation
+            raise RunsError(f"no flow run {which!r} on {api_url()} ({type(error).__name__}); `pneumo runs` lists them") from None
+        if not runs:
+            raise RunsError(f"no flow run {which!r} on {api_url()}; `pneumo runs` lists them")
+        run = runs[0]
+        flows = _flows(client)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    return flows.get(run.flow_id, "?"), run, sorted(artifacts, key=lambda artifact: artifact.created)
+
+
+def _when(moment: Optional[datetime]) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _state(run: Any) -> str:
+    return run.state.name if run.state else "-"
+
+
+def list_lines(runs: list[tuple[str, Any]]) -> list[str]:
+    """A table: start, flow, state, run name and id, then the state message (what the run did)."""
+    lines = [f"{'started':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  message"]
+    for flow, run in runs:
+        message = " ".join((run.state.message or "").split()) if run.state else ""
+        lines.append(f"{_when(run.start_time or run.expected_start_time):<19}  {flow:<14}  {_state(run):<9}  {str(run.id):<36}  {message}")
+    return lines
+
+
+def show_lines(flow: str, run: Any, artifacts: list[Any]) -> list[str]:
+    """One run: its state and message, duration, link, and the summary artifact (version, metrics, files)."""
+    seconds = run.total_run_time.total_seconds() if run.total_run_time else None
+    lines = [
+        f"{flow} run {run.name} ({run.id})",
+        f"  state      {_state(run)}" + (f" after {seconds:.0f} s" if seconds is not None else ""),
+        f"  started    {_when(run.start_time)}",
+        f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
+    ]
+    url = run_url(run.id)
+    if url:
+        lines.append(f"  UI         {url}")
+    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
+    summary = next((by_key[key] for key in SUMMARY_KEYS if key in by_key), None)
+    if summary is not None:
+        lines += ["", f"{summary.key}:", _as_text(summary.data)]
+    others = [key for key in by_key if summary is None or key != summary.key]
+    if others:
+        lines += ["", "artifacts: " + ", ".join(others)]
+    return lines
+
+
+def _as_text(data: Any) -> str:
+    """An artifact's data as terminal text: markdown as it is, a table's rows one per line."""
+    if isinstance(data, str) and data.lstrip().startswith("["):
+        import json
+
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return data
+    if isinstance(data, list):
+        return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
+    return str(data).rstrip()
