@@ -322,6 +322,15 @@ def run_app(start: Callable[[Settings], None]) -> Any:
     return app
 
 
+def parse(argv: list[str], prog: str = "pneumo run") -> Optional[Settings]:
+    """The settings the run command would take from ``argv`` (None after --print-config), parsed by
+    the command itself; for scripts and tests. Raises UsageError for a bad value."""
+    import typer
+
+    ctx = typer.main.get_command(run_app(print)).make_context(prog, list(argv))
+    return from_command(ctx, ctx.params)
+
+
 def from_command(ctx: Any, values: dict[str, Any]) -> Optional[Settings]:
     """Settings from the command's values (only those given on the command line) and --config;
     None after --print-config printed them. Raises UsageError."""

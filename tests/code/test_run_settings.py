@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def parse(argv: list[str]):
     """The settings `pneumo run ARGV` would run with (None after --print-config), parsed by the real command."""
-    import typer
-
-    ctx = typer.main.get_command(settings.run_app(print)).make_context("pneumo run", list(argv))
-    return settings.from_command(ctx, ctx.params)
+    return settings.parse(argv)
 
 
 def help_text(*command: str) -> str:
@@ -70,8 +67,8 @@ def test_every_field_of_every_model_is_an_option_with_a_description_and_its_defa
     for name in set(TransformConfig.model_fields) - {"size", "method", "augment"}:
         assert any(flag.endswith(name.replace("_", "-")) for flag in rows), name
     assert "--transform METHOD" in rows["--transform"] and "<hinge|bce>" in rows["--loss"]
-    robust, seed = RECIPES[DEFAULT_RECIPE].train, RECIPES["seed"].train
-    assert f"(recipe seed: {seed.epochs}) [default: {robust.epochs}]" in rows["--epochs"]
+    default, robust, seed = RECIPES[DEFAULT_RECIPE].train, RECIPES["robust"].train, RECIPES["seed"].train
+    assert f"(recipe seed: {seed.epochs}, robust: {robust.epochs}) [default: {default.epochs}]" in rows["--epochs"]
     assert "AdamW" in rows["--lr"] and "[default: (WORKDIR/registry)]" in rows["--registry"]
 
 
