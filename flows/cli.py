@@ -293,7 +293,7 @@ def models_promote(
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
 
 
-runs_app = typer.Typer(help="Recent runs of the pneumo flows, with what each did (from the Prefect API at PREFECT_API_URL).")
+runs_app = typer.Typer(help="Recent runs of the pneumo flows, with what each did (from PREFECT_API_URL, or else the local server).")
 app.add_typer(runs_app, name="runs")
 
 
@@ -308,12 +308,14 @@ def runs_list(
     from flows import runs
 
     try:
-        found = runs.recent(limit)
+        with runs.prefect_api():
+            found = runs.recent(limit)
+            if not found:
+                _fail(f"no runs of {', '.join(runs.FLOWS)} on {runs.api_url()} yet", code=1)
+            lines = runs.list_lines(found)
     except runs.RunsError as error:
         _fail(str(error))
-    if not found:
-        _fail(f"no runs of {', '.join(runs.FLOWS)} on {runs.api_url()} yet", code=1)
-    typer.echo("\n".join(runs.list_lines(found)))
+    typer.echo("\n".join(lines))
 
 
 @runs_app.command("show")
@@ -324,10 +326,12 @@ def runs_show(
     from flows import runs
 
     try:
-        flow, flow_run, artifacts = runs.find(run)
+        with runs.prefect_api():
+            flow, flow_run, artifacts = runs.find(run)
+            lines = runs.show_lines(flow, flow_run, artifacts)
     except runs.RunsError as error:
         _fail(str(error))
-    typer.echo("\n".join(runs.show_lines(flow, flow_run, artifacts)))
+    typer.echo("\n".join(lines))
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`pneumo runs`: what the pneumo flows did, read from the Prefect API at PREFECT_API_URL.
+"""`pneumo runs`: what the pneumo flows did, read from the Prefect API at PREFECT_API_URL, or else
+from the project's local server (flows/prefect_server.py).
 
 The runs of `pneumo run`, the deployments and the batch flow all end in a state whose message
 says what happened ("registered tinynet v0003; ..." or "nothing new registered (cache hit; ...)"),
@@ -7,6 +8,7 @@ and the full flow leaves a run-summary artifact; this module lists the one and p
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any, Optional
 
@@ -23,6 +25,26 @@ SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a 
 
 class RunsError(Exception):
     """No API to ask, or no such run: one line for the user."""
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """PREFECT_API_URL when it is set, else the local server that `pneumo run` starts, when it is up."""
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.settings import temporary_settings
+
+    from flows import prefect_server
+
+    local = prefect_server.running()
+    if local is None:
+        raise RunsError(
+            "no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
+            "(`pneumo server start`, or any `pneumo run`, starts it)"
+        )
+    with temporary_settings({PREFECT_API_URL: local.api_url, PREFECT_UI_URL: local.url}):
+        yield
 
 
 def api_url() -> str:
