@@ -141,6 +141,10 @@ class Predictor:
     ):
         where = f"{model_name} {version}"
         check_card(card, where)
+        try:
+            reg.check_card_content(card, where)  # labels, threshold, transform: no request may fail on them
+        except reg.CorruptCard as error:
+            raise CardError(str(error)) from None
         self.card = card
         self.model_name, self.version = model_name, version
         self.threshold = float(card["threshold"])
@@ -174,7 +178,10 @@ class Predictor:
         loaded with ``weights_only=True``.
         """
         version = resolve_version(registry, model_name, alias, version)
-        card = reg.load_card(registry, model_name, version)
+        try:
+            card = reg.load_card(registry, model_name, version)  # links, JSON, digest, schema
+        except reg.CorruptCard as error:
+            raise CardError(f"refusing to load {model_name} {version}: {error}") from None
         check_card(card, f"{model_name} {version}")
         try:
             state_dict = reg.load_state_dict(registry, model_name, version)

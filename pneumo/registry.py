@@ -55,9 +55,9 @@ log = logging.getLogger(__name__)
 _VERSION = re.compile(r"^v(\d{4,})$")
 VERSION_FILES = ("model.pt", "card.json")  # the files that claim a version number
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
-# The layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION). 3: the card
-# carries its own digest (``integrity``); prediction reads cards from 2 on.
-CARD_SCHEMA_VERSION = 3
+# The layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION). ``integrity``
+# was added without a new number (older readers ignore it); loading requires it all the same.
+CARD_SCHEMA_VERSION = 2
 CHAMPION = "champion"  # the alias pneumo.promotion moves
 INTEGRITY = "integrity"  # the one card field its digest does not cover: it holds the digest
 KEY_ENV = "PNEUMO_REGISTRY_KEY"  # an HMAC key kept outside the registry; never logged
