@@ -140,11 +140,11 @@ class Predictor:
         max_pixels: Optional[int] = None,
     ):
         where = f"{model_name} {version}"
-        check_card(card, where)
         try:
             reg.check_card_content(card, where)  # labels, threshold, transform: no request may fail on them
         except reg.CorruptCard as error:
             raise CardError(str(error)) from None
+        check_card(card, where)
         self.card = card
         self.model_name, self.version = model_name, version
         self.threshold = float(card["threshold"])
