@@ -329,3 +329,58 @@ def test_concurrent_promotions_keep_one_history_entry_per_move(tmp_path):
     assert registry.get_alias(root, "m", "champion") == "v0006" == moves[-1]["to"]
     assert [m["from"] for m in moves[1:]] == [m["to"] for m in moves[:-1]]  # an unbroken chain
     assert len(moves) == sum(o["is_champion"] and o["reason"] != f"{o.get('champion_version')} is already champion" for o in outcomes)
+
+
+# --- the commands (a new process each: slow) ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_models_commands_skip_and_name_bad_versions(tmp_path, shared_data):
+    """Item 5 (and 6) through `pneumo models list/show/promote` and `pneumo predict --version`."""
+    from tests.helpers import run_pneumo
+    from tests.predict_helpers import xray_pair
+
+    root = _registry_of_two(tmp_path / "registry")
+    _break_versions(root)  # v0003 truncated card, v0004 without model.pt
+    shutil.copytree(pathlib.Path(root, "tinynet", "v0002"), pathlib.Path(root, "tinynet", "archive", "v0002"))
+    elsewhere = _registry_of_two(tmp_path / "elsewhere")
+    pathlib.Path(root, "tinynet", "v0005").symlink_to(pathlib.Path(elsewhere, "tinynet", "v0001"))
+
+    listed = run_pneumo("models", "list", "--registry", root)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["v0001", "v0002"]
+    skipped = {line.split()[3].rstrip(":"): line for line in listed.stderr.splitlines() if line.startswith("pneumo: skipped")}
+    assert set(skipped) == {"v0003", "v0004", "v0005"}
+    assert "v0003/card.json is not a readable card" in skipped["v0003"]
+    assert "v0004/model.pt is missing" in skipped["v0004"]
+    assert "v0005 is a symbolic link" in skipped["v0005"]
+
+    shown = run_pneumo("models", "show", "v0003", "--registry", root)
+    assert shown.returncode == 2 and "v0003/card.json is not a readable card" in shown.stderr and "Traceback" not in shown.stderr
+    normal, _ = xray_pair(shared_data)
+    predicted = run_pneumo("predict", str(normal), "--registry", root, "--version", "v0003")
+    assert predicted.returncode == 2 and "v0003/card.json" in predicted.stderr and "Traceback" not in predicted.stderr
+    promoted = run_pneumo("models", "promote", "v0005", "--registry", root)
+    assert promoted.returncode == 2 and "is a symbolic link" in promoted.stderr
+    assert registry.get_alias(root, "tinynet", "champion") == "v0001"
+
+
+@pytest.mark.slow
+def test_models_show_champion_tells_the_truth_after_a_promotion_by_hand(tmp_path):
+    """Item 7: it printed the card's registration-time "not promoted" for the new champion."""
+    from pneumo import promotion
+    from tests.helpers import run_pneumo
+
+    root = str(tmp_path / "registry")
+    registry.register(root, "m", _weights(0), {"metrics": {"val": {"roc_auc": 0.9}}})
+    promotion.promote(root, "m", "v0001", {"roc_auc": 0.9}, "roc_auc")
+    comparison = promotion.compare("roc_auc", {"roc_auc": 0.9}, "v0001", {"roc_auc": 0.9})
+    registry.register(root, "m", _weights(1), {"metrics": {"val": {"roc_auc": 0.9}}, "champion_comparison": comparison})
+
+    promoted = run_pneumo("models", "promote", "v0002", "--registry", root, "--model-name", "m", "--reason", "reader study")
+    assert promoted.returncode == 0, promoted.stderr
+    shown = run_pneumo("models", "show", "champion", "--registry", root, "--model-name", "m")
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
+    assert "not promoted: val roc_auc 0.9000 does not beat 0.9000" in lines["registered"]
+    assert re.search(r"champion +since \S+, by hand by \S+@\S+: promoted by hand: reader study$", lines["champion"])
