@@ -384,3 +384,17 @@ def test_models_show_champion_tells_the_truth_after_a_promotion_by_hand(tmp_path
     lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
     assert "not promoted: val roc_auc 0.9000 does not beat 0.9000" in lines["registered"]
     assert re.search(r"champion +since \S+, by hand by \S+@\S+: promoted by hand: reader study$", lines["champion"])
+
+
+def test_an_extracted_download_folder_honours_the_umask(tmp_path, umask):
+    """Item 17: mkdtemp's 0700 folder is renamed into place as the dataset folder."""
+    import zipfile
+
+    from pneumo import download
+
+    umask(0o022)
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("chest_xray/train/NORMAL/a.jpeg", b"not read here")
+    folder = download.fetch(str(archive), tmp_path / "cache")
+    assert oct(stat.S_IMODE(folder.stat().st_mode)) == oct(0o755)
