@@ -377,13 +377,20 @@ def test_models_show_champion_tells_the_truth_after_a_promotion_by_hand(tmp_path
     comparison = promotion.compare("roc_auc", {"roc_auc": 0.9}, "v0001", {"roc_auc": 0.9})
     registry.register(root, "m", _weights(1), {"metrics": {"val": {"roc_auc": 0.9}}, "champion_comparison": comparison})
 
-    promoted = run_pneumo("models", "promote", "v0002", "--registry", root, "--model-name", "m", "--reason", "reader study")
+    def show_champion() -> dict[str, str]:
+        shown = run_pneumo("models", "show", "champion", "--registry", root, "--model-name", "m")
+        assert shown.returncode == 0, shown.stderr
+        return {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
+
+    promoted = run_pneumo("models", "promote", "v0002", "--registry", root, "--model-name", "m")
     assert promoted.returncode == 0, promoted.stderr
-    shown = run_pneumo("models", "show", "champion", "--registry", root, "--model-name", "m")
-    assert shown.returncode == 0, shown.stderr
-    lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
-    assert "not promoted: val roc_auc 0.9000 does not beat 0.9000" in lines["registered"]
-    assert re.search(r"champion +since \S+, by hand by \S+@\S+: promoted by hand: reader study$", lines["champion"])
+    lines = show_champion()
+    assert "not promoted: val roc_auc 0.9000 does not beat 0.9000" in lines["registered"]  # as registered, and said so
+    assert re.search(r"champion +since \S+, by hand by \S+@\S+: promoted by hand$", lines["champion"])
+
+    back = run_pneumo("models", "promote", "v0001", "--registry", root, "--model-name", "m", "--reason", "rollback")
+    assert back.returncode == 0, back.stderr
+    assert re.search(r"champion +since \S+, by hand by \S+: promoted by hand: rollback$", show_champion()["champion"])
 
 
 def test_an_extracted_download_folder_honours_the_umask(tmp_path, umask):
