@@ -561,14 +561,12 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise CorruptModel(f"{where} is missing (its card lists it)") from None
-    expected = card.get("files", {}).get("model.pt")
-    if expected is not None:
-        actual = file_entry(data)
-        if actual != {k: expected.get(k) for k in actual}:
-            raise CorruptModel(
-                f"{where} is corrupt: expected sha256 {expected.get('sha256')} ({expected.get('bytes')} bytes), "
-                f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
-            )
+    expected, actual = card["files"]["model.pt"], file_entry(data)  # the schema requires the entry
+    if actual != expected:
+        raise CorruptModel(
+            f"{where} is corrupt: expected sha256 {expected['sha256']} ({expected['bytes']} bytes), "
+            f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
+        )
     try:
         state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle weights_only refuses, ...
