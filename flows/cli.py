@@ -4,6 +4,7 @@
     pneumo predict IMAGE_OR_FOLDER...             score images with the champion
     pneumo serve                                  HTTP endpoint that follows the champion
     pneumo models list | show V | promote V       what the registry holds
+    pneumo gc [--yes]                             what the workdir can lose, and removing it
 
 Only ``run`` imports Prefect: the other commands start in about a second.
 """
@@ -11,12 +12,14 @@ Only ``run`` imports Prefect: the other commands start in about a second.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
+DEFAULT_REGISTRY = "./pneumo-data/registry"
+SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM  # {workdir}/registry of `pneumo run`'s default workdir
 
 app = typer.Typer(
     help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
@@ -106,7 +109,7 @@ def predict(
     for p in failed:
         typer.echo(f"pneumo: cannot score {p.input}: {p.error}", err=True)
     typer.echo(
-        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}): "
+        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}, {predictor.runtime}): "
         f"{len(results) - len(failed)} scored, {len(failed)} failed",
         err=True,
     )
@@ -133,8 +136,20 @@ def serve(
     api = serving.create_app(
         registry, model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels, predictor=predictor
     )
-    typer.echo(f"pneumo: serving {model_name} {predictor.version} ({alias}) on http://{host}:{port}", err=True)
-    uvicorn.run(api, host=host, port=port, log_level="warning")
+    request_log = logging.getLogger("pneumo.serve")  # one line per request (pneumo.serve's middleware)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
+    typer.echo(
+        f"pneumo: serving {model_name} {predictor.version} ({alias}, {predictor.runtime}) on http://{host}:{port}; "
+        f"API docs at http://{host}:{port}/docs",
+        err=True,
+    )
+    # A stalled upload must not hold the process after SIGTERM: requests still running
+    # half a second after it are cancelled.
+    uvicorn.run(api, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
 
 
 def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
@@ -215,8 +230,19 @@ def models_show(
     ]
     for split in ("val", "test"):
         m = card.get("metrics", {}).get(split) or {}
-        shown = "  ".join(f"{k} {_metric(card, split, k)}" for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
+        ci = m.get("ci95") or {}
+        shown = "  ".join(
+            f"{k} {_metric(card, split, k)}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+            for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+        )
         lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
+    if any((card.get("metrics", {}).get(split) or {}).get("ci95") for split in ("val", "test")):
+        lines.append("              [95% bootstrap interval, resampled by patient]")
+    shift = card.get("metrics", {}).get("shift") or {}
+    for split in (s for s in ("val", "test") if s in shift):
+        worst = shift[split].get("worst") or {}
+        shown = "  ".join(f"{k} {worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity") if worst.get(k))
+        lines.append(f"  {'worst shift':<11} {split}: {shown or '-'}")
     comparison = card.get("champion_comparison") or {}
     if comparison:
         lines.append(f"  registered  {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
@@ -226,6 +252,12 @@ def models_show(
         last = moves[-1] if moves else {}
         since = f"since {last.get('at')}, {last.get('how')} by {last.get('by')}: {last.get('reason') or '-'}" if last else "(no recorded move)"
         lines.append(f"  {alias:<11} {since}")
+    if "report.html" in (card.get("files") or {}):
+        from pneumo import storage
+
+        lines.append(f"  report      {storage.join(registry, model_name, card['version'], 'report.html')}")
+    else:
+        lines.append("  report      none (registered before reports were written)")
     typer.echo("\n".join(lines))
 
 
@@ -258,6 +290,46 @@ def models_promote(
     except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+@app.command()
+def gc(
+    workdir: Annotated[str, typer.Option(help="The workdir to clean: a folder or an s3:// prefix.")] = "./pneumo-data",
+    registry: Annotated[
+        Optional[str], typer.Option(help="Model registry whose versions' inputs are kept \\[default: WORKDIR/registry].", show_default=False)
+    ] = None,
+    keep_recent: Annotated[str, typer.Option(help="Keep what was modified, or used by a run that ended, this recently: 30m, 24h, 7d, 0.")] = "24h",
+    only_aliased: Annotated[bool, typer.Option("--only-aliased", help="Keep the inputs of aliased versions only (champion, latest, ...), not of every version.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Remove what is listed as removable; without it nothing is removed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The plan as JSON.")] = False,
+) -> None:
+    """List what no registered version, alias or recent run needs (shards, manifests, stats, reports,
+    downloads, predictions), with sizes; remove it with --yes.
+
+    Never touched: the registry, Prefect's results, and anything at all while a run is running in the workdir.
+    """
+    from pneumo import cleanup
+
+    try:
+        plan = cleanup.plan(workdir, registry, keep_recent=cleanup.parse_duration(keep_recent), only_aliased=only_aliased)
+    except ValueError as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(cleanup.to_json(plan))
+    else:
+        typer.echo(f"pneumo gc: {plan.workdir}")
+        typer.echo("\n".join(cleanup.describe(plan)))
+    if plan.running:
+        typer.echo(f"pneumo: {len(plan.running)} run(s) in progress in this workdir: nothing can be removed now", err=True)
+    if not yes:
+        if plan.removable:
+            typer.echo("nothing removed: add --yes to remove the items marked remove", err=True)
+        return
+    try:
+        freed = cleanup.remove(plan)
+    except cleanup.RunInProgress as error:
+        _fail(str(error), code=1)
+    typer.echo(f"removed {len(plan.removable)} item(s), {cleanup.human_bytes(freed)} freed", err=True)
 
 
 def main() -> None:

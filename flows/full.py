@@ -26,11 +26,13 @@ from flows import runtime  # first: it sets Prefect's environment defaults
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
+from prefect.runtime import flow_run as this_flow_run
 from prefect.states import Completed
 
 from flows.settings import RUN_DEFAULTS, RunSettings, Runner, Settings, apply_recipe
 from flows.summary import outcome_line, print_summary, summary_markdown
-from pneumo import download, pool, shards, shard_files, workdir as layout
+from pneumo import cleanup, download, pool, shards, shard_files, storage, workdir as layout
+from pneumo.report import REPORT_NAME
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.recipes import RecipeName
 from pneumo.names import ChampionMetric, validate_model_name
@@ -44,7 +46,13 @@ from tasks.sizes import size_percentiles
 from tasks.register import train_evaluate_register
 
 
-@flow(name="pneumo-full")
+def end_run_record(flow: Any, flow_run: Any, state: Any) -> None:
+    """A failed, crashed or cancelled run's record says so: `pneumo gc` stops waiting for it."""
+    workdir = layout.absolute(flow_run.parameters.get("workdir", RUN_DEFAULTS.workdir))
+    cleanup.finish_run(workdir, str(flow_run.id), state.type.value.lower())
+
+
+@flow(name="pneumo-full", on_failure=[end_run_record], on_crashed=[end_run_record], on_cancellation=[end_run_record])
 def full(
     # Names, types and defaults are RunSettings' (flows/settings.py), which also checks the values in
     # the body. Prefect reads this signature from the source for a deployment's parameters, so it is
@@ -92,6 +100,9 @@ def full(
     if removed:
         logger.info("removed %d temporary file(s)/folder(s) left by killed runs: %s",
                     len(removed), ", ".join(str(path) for path in removed))
+    # While this record says "running", `pneumo gc` removes nothing from the workdir.
+    run_id = str(this_flow_run.id)
+    cleanup.start_run(workdir, run_id)
     if runner == "processes":
         pool.warm_up()  # the transform's workers get ready while stages 1 and 2 run
 
@@ -133,17 +144,20 @@ def full(
     if champion.startswith("broken"):
         logger.warning("champion alias %s", champion)
 
+    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
     # 5. The summary, where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
     summary = {
         "model": f"{model_name} {model.version}", "version": model.version, "registered": registered,
         "champion": f"{model_name} {champion}", "champion_comparison": model.champion_comparison,
-        "card": model.card_uri, "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
+        "card": model.card_uri, "report": report if storage.exists(report) else None,
+        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
         "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
         "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
     }
     outcome = outcome_line(summary)
     logger.info("run summary: %s", outcome)
     create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome)
+    cleanup.finish_run(workdir, run_id, "finished", manifest_digest=manifest.digest, shards_digest=index.digest)
     return Completed(message=outcome, data=summary)
 
 

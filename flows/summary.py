@@ -35,7 +35,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for split in SPLITS:
         m = summary["metrics"].get(split) or {}
         lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
-    lines += ["", f"- card: `{summary['card']}`", f"- registry: `{summary['registry']}`",
+    lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
               f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
     return "\n".join(lines) + "\n"
 
@@ -64,6 +64,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     lines += [
         f"  champion     {summary['champion']}",
         f"  card         {summary['card']}",
+        f"  report       {summary.get('report') or 'none (registered before reports were written)'}",
         f"  shards       {summary['shards_index']}",
         f"  manifest     {summary['manifest']}",
         f"  size stats   {summary['size_stats']}",

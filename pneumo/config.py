@@ -118,6 +118,11 @@ class SplitConfig(_Config):
         100, ge=0, description="A source val split smaller than this is folded into train and val is carved instead"
     )
     salt: str = Field("pneumo-v1", description="Salt of the patient hash that assigns carved splits")
+    near_duplicate_bits: int = Field(
+        112, ge=0, le=512,
+        description="Images whose 1024-bit fingerprints differ in at most this many bits are one film and share a split "
+        "(re-encoded/resized copies: <= 74 bits; distinct films: >= 153 on the shared data)",
+    )
 
 
 class TrainConfig(_Config):

@@ -25,7 +25,7 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import storage
+from pneumo import duplicates, storage
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry, is_junk, junk_reason
 from pneumo.workdir import DOWNLOADS
 
@@ -467,6 +467,12 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _hash_image(path: Path) -> tuple[str, int, str | None]:
+    """sha256, size and perceptual fingerprint of one image (the fingerprint reads a reduced decode)."""
+    sha256, size = _sha256_file(path)
+    return sha256, size, duplicates.fingerprint(path)
+
+
 def shown_name(name: str) -> str:
     """``name`` as valid UTF-8: bytes of a file name that are not UTF-8 are shown escaped.
 
@@ -555,11 +561,11 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                     else:
                         images.append((relpath, split, CLASSES.index(class_dir.name), path))
 
-    # hashlib releases the GIL on large buffers, so threads hash files in parallel.
+    # hashlib and Pillow's decoder release the GIL, so threads hash files in parallel.
     records: list[ImageRecord] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for done, ((relpath, split, label, _), (sha256, size)) in enumerate(
-            zip(images, pool.map(_sha256_file, [image[3] for image in images])), start=1
+        for done, ((relpath, split, label, _), (sha256, size, fingerprint)) in enumerate(
+            zip(images, pool.map(_hash_image, [image[3] for image in images])), start=1
         ):
             records.append(
                 ImageRecord(
@@ -569,6 +575,7 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
                     patient_id=parse_patient_id(relpath),
                     bytes=size,
                     sha256=sha256,
+                    fingerprint=fingerprint,
                 )
             )
             if progress and (done % 500 == 0 or done == len(images)):

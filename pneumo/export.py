@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from pneumo.onnx_model import INPUT_NAME, OUTPUT_NAME  # noqa: F401 (the graph's names, re-exported)
 
-from pneumo.model import TinyNet
+if TYPE_CHECKING:
+    import torch
 
-INPUT_NAME = "features"
-OUTPUT_NAME = "probability"
 OPSET = 17
 
 
@@ -33,6 +32,9 @@ def onnx_bytes(state_dict: dict[str, torch.Tensor]) -> tuple[Optional[bytes], st
         import onnx
     except ImportError:
         return None, "skipped: the onnx package is not installed (pip install 'pneumo[onnx]')"
+    import torch  # here, not above: pneumo.registry imports this module on paths that must not load torch
+
+    from pneumo.model import TinyNet
     try:
         model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
         model.load_state_dict(state_dict)

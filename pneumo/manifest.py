@@ -49,6 +49,10 @@ class ImageRecord(BaseModel):
     patient_id: str
     bytes: int
     sha256: str
+    # Perceptual hash of the picture (pneumo.duplicates): finds re-encoded or resized copies.
+    # None when the image could not be decoded (the transform quarantines it) or in manifests
+    # written before fingerprints, whose digest stays what it was.
+    fingerprint: str | None = None
 
 
 class QuarantineEntry(BaseModel):
@@ -81,7 +85,7 @@ class Manifest(BaseModel):
     def digest(self) -> str:
         """The dataset version: a sha256 over everything in the file, independent of where root is."""
         payload = {
-            "records": [r.model_dump() for r in sorted(self.records, key=lambda r: r.relpath)],
+            "records": [r.model_dump(exclude_none=True) for r in sorted(self.records, key=lambda r: r.relpath)],
             "quarantine": [q.model_dump() for q in sorted(self.quarantine, key=lambda q: q.relpath)],
         }
         if self.skipped:  # only when present: folders without OS junk keep their earlier digest

@@ -18,10 +18,9 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -31,8 +30,12 @@ from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
-from pneumo.model import TinyNet, predict_proba
+from pneumo import onnx_model
+from pneumo.onnx_model import OnnxModel
 from pneumo.transform import featurize, pool_features, render
+
+if TYPE_CHECKING:
+    import torch
 
 OLDEST_CARD_SCHEMA = 2  # the oldest registry.CARD_SCHEMA_VERSION prediction can use
 
@@ -127,17 +130,32 @@ def resolve_version(registry: str, model_name: str, alias: Optional[str], versio
         raise ModelNotFound(str(error)) from None
 
 
+def torch_network(state_dict: dict[str, torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+    """The version's network on torch (imported here: seconds), rows of features in, probabilities out."""
+    from pneumo.model import TinyNet, predict_proba
+
+    network = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
+    network.load_state_dict(state_dict)
+    network.eval()
+    return lambda features: predict_proba(network, features)  # the same scoring as evaluation
+
+
 class Predictor:
-    """One registered version, ready to score images."""
+    """One registered version, ready to score images.
+
+    The network runs on onnxruntime when the version has model.onnx (``onnx``), which
+    spares the seconds of importing torch; otherwise on torch from ``state_dict``.
+    """
 
     def __init__(
         self,
-        state_dict: dict[str, torch.Tensor],
+        state_dict: Optional[dict[str, torch.Tensor]],
         card: dict[str, Any],
         *,
         model_name: str,
         version: str,
         max_pixels: Optional[int] = None,
+        onnx: Optional[OnnxModel] = None,
     ):
         where = f"{model_name} {version}"
         try:
@@ -153,14 +171,17 @@ class Predictor:
         if max_pixels is not None and max_pixels < config.max_pixels:
             config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
         self.config = config
-        n_features = state_dict["hidden1.weight"].shape[1]
+        if onnx is not None:
+            n_features, self.runtime, self.network = onnx.n_features, "onnxruntime", onnx
+        else:
+            n_features, self.runtime = state_dict["hidden1.weight"].shape[1], "torch"
         if n_features != config.n_features:
             raise CardError(
-                f"{where}: model.pt takes {n_features} features but the card's transform gives {config.n_features}"
+                f"{where}: {'model.onnx' if onnx else 'model.pt'} takes {n_features} features "
+                f"but the card's transform gives {config.n_features}"
             )
-        self.network = TinyNet(n_features=n_features)
-        self.network.load_state_dict(state_dict)
-        self.network.eval()
+        if onnx is None:
+            self.network = torch_network(state_dict)
 
     @classmethod
     def from_registry(
@@ -171,12 +192,17 @@ class Predictor:
         version: Optional[str] = None,
         *,
         max_pixels: Optional[int] = None,
+        runtime: str = "auto",
     ) -> Predictor:
         """Load ``version`` (or the version ``alias`` points at) from a local or s3:// registry.
 
-        model.pt is checked against the card's sha256 (when the card records one) and
-        loaded with ``weights_only=True``.
+        ``runtime`` "auto" uses model.onnx on onnxruntime when the version has one and
+        onnxruntime is installed, else model.pt on torch; "torch" always uses model.pt.
+        Either file is checked against the card's sha256 (when the card records one);
+        model.pt is loaded with ``weights_only=True``.
         """
+        if runtime not in ("auto", "torch"):
+            raise ValueError(f"invalid runtime {runtime!r}: choose auto or torch")
         version = resolve_version(registry, model_name, alias, version)
         try:
             card = reg.load_card(registry, model_name, version)  # links, JSON, digest, schema
@@ -184,10 +210,17 @@ class Predictor:
             raise CardError(f"refusing to load {model_name} {version}: {error}") from None
         check_card(card, f"{model_name} {version}")
         try:
+            onnx = None
+            if runtime == "auto" and onnx_model.ONNX_NAME in (card.get("files") or {}) and onnx_model.available():
+                onnx = OnnxModel(reg.read_verified(registry, model_name, version, onnx_model.ONNX_NAME, card))
+            if onnx is not None:
+                # model.pt is checked too: a version whose files differ from its card is refused, whichever runs.
+                reg.read_verified(registry, model_name, version, "model.pt", card)
+                return cls(None, card, model_name=model_name, version=version, max_pixels=max_pixels, onnx=onnx)
             state_dict = reg.load_state_dict(registry, model_name, version)
         except reg.CorruptModel as error:
             raise CardError(
-                f"{model_name} {version}: model.pt does not match the sha256, size or shape in its card; "
+                f"{model_name} {version}: a file does not match the sha256, size or shape in its card; "
                 f"refusing to load it ({error})"
             ) from None
         return cls(state_dict, card, model_name=model_name, version=version, max_pixels=max_pixels)
@@ -226,8 +259,8 @@ class Predictor:
         return features, self._warnings(data, spread)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """PNEUMONIA probabilities of rows of features: the same scoring as evaluation (model.predict_proba)."""
-        return predict_proba(self.network, features)
+        """PNEUMONIA probabilities of rows of features: model.onnx on onnxruntime, or model.predict_proba."""
+        return self.network(features)
 
     def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""

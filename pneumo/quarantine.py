@@ -7,7 +7,9 @@ from collections import Counter
 
 from pydantic import BaseModel
 
+from pneumo.config import SplitConfig
 from pneumo.manifest import Manifest, QuarantineEntry, SkippedEntry
+from pneumo.splits import DuplicateReport, split_with_report
 
 
 class TooMuchBadData(ValueError):
@@ -25,6 +27,8 @@ class QuarantineReport(BaseModel):
     n_skipped: int = 0  # OS metadata (.DS_Store, ._*, __MACOSX/, Thumbs.db) left out on purpose
     skipped_by_reason: dict[str, int] = {}
     skipped: list[SkippedEntry] = []
+    # The same film under two names: what was joined into one split, and pairs still apart.
+    duplicates: DuplicateReport | None = None
 
 
 def _reason_kind(reason: str) -> str:
@@ -55,6 +59,7 @@ def build_report(manifest: Manifest, index: dict) -> QuarantineReport:
         n_skipped=n_skipped,
         skipped_by_reason=dict(Counter(e.reason for e in manifest.skipped).most_common()),
         skipped=sorted(manifest.skipped, key=lambda e: e.relpath),
+        duplicates=split_with_report(manifest, SplitConfig(**index["split_config"]))[1],
     )
 
 

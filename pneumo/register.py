@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, promotion, registry, shard_files, train
+from pneumo import evaluate, plots, promotion, registry, report, shard_files, train
 from pneumo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,11 @@ def train_evaluate_register(
         champion_comparison=comparison,
         **{"recipe": recipe, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
     )
-    # The pictures are written with the version, before its card: a card never lists missing files.
-    version = registry.register(registry_uri, model_name, outcome.state_dict, card, extra_files=pictures)
+    # The pictures and the report are written with the version, before its card: a card never lists missing files.
+    version = registry.register(
+        registry_uri, model_name, outcome.state_dict, card, extra_files=pictures,
+        render_files=lambda full_card: {report.REPORT_NAME: report.render(full_card, pictures).encode()},
+    )
     registry.set_alias(registry_uri, model_name, "latest", version)
     decision = promotion.promote(
         registry_uri, model_name, version, val, champion_metric,

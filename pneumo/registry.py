@@ -38,19 +38,22 @@ import re
 import socket
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 import pneumo
 from pneumo import export, storage
 from pneumo.config import TransformConfig
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
-from pneumo.model import TinyNet, keras_parameter_count
 from pneumo.names import validate_model_name
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: reading cards and aliases
+    import torch  # (pneumo predict with model.onnx) must not pay seconds for it
+
+    from pneumo.model import TinyNet
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 VERSION_FILES = ("model.pt", "card.json")  # the files that claim a version number
@@ -251,6 +254,7 @@ def register(
     state_dict: dict[str, torch.Tensor],
     card: dict[str, Any],
     extra_files: Optional[dict[str, bytes]] = None,
+    render_files: Optional[Callable[[dict[str, Any]], dict[str, bytes]]] = None,
 ) -> str:
     """Store a new version and return its name, e.g. "v0003".
 
@@ -258,10 +262,14 @@ def register(
     writer got there first, the next number is tried. Numbers left by a crashed run (a
     model.pt without a card) are skipped, never reused. ``extra_files`` (e.g.
     ``{"model.onnx": data}``) are written beside model.pt, before the card; the card's
-    ``files`` records the sha256 and size of each.
+    ``files`` records the sha256 and size of each. ``render_files(card)`` makes files from
+    the card as it will be written (its version and ``files`` known, e.g. ``report.html``);
+    they are written last before the card and listed in its ``files`` too.
     """
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
+    import torch
+
     buffer = io.BytesIO()
     torch.save(dict(state_dict), buffer)
     weights = buffer.getvalue()
@@ -297,7 +305,14 @@ def register(
             storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
             for name, data in extra_files.items():
                 storage.write_bytes(storage.join(folder, name), data, if_absent=True)
-            sealed = seal_card({**full_card, "version": version}, registry_key())
+            final_card = {**full_card, "version": version}
+            rendered = render_files(final_card) if render_files else {}
+            if set(rendered) & set(final_card["files"]) or set(rendered) & {"card.json", "promotion.json"}:
+                raise ValueError(f"rendered files {sorted(rendered)} would replace files of the version")
+            for name, data in rendered.items():
+                storage.write_bytes(storage.join(folder, name), data, if_absent=True)
+            final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
+            sealed = seal_card(final_card, registry_key())  # last: the digest covers every file entry
             storage.write_json(storage.join(folder, "card.json"), sealed, if_absent=True)
             return version
         except storage.AlreadyExists:
@@ -509,16 +524,8 @@ def verify_version(registry: str, model_name: str, version: str) -> dict[str, An
     """The card of a version whose every listed file is present, unlinked and has the recorded
     sha256 and size (model.pt's shapes are checked by ``load_state_dict``); CorruptModel otherwise."""
     card = load_card(registry, model_name, version)
-    for name, expected in card["files"].items():
-        uri = storage.join(_model_root(registry, model_name), version, name)
-        _refuse_links(registry, model_name, version, name)
-        try:
-            actual = file_entry(storage.read_bytes(uri))
-        except FileNotFoundError:
-            raise CorruptModel(f"{model_name} {version}: {uri} is missing (its card lists it)") from None
-        if actual != expected:
-            raise CorruptModel(f"{model_name} {version}: {uri} is corrupt: expected sha256 {expected['sha256']} "
-                               f"({expected['bytes']} bytes), found sha256 {actual['sha256']} ({actual['bytes']} bytes)")
+    for name in card["files"]:
+        read_verified(registry, model_name, version, name, card)
     return card
 
 
@@ -529,11 +536,15 @@ def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> in
         grid = transform.get("grid", (0, 0))
         return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
-    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    return int(weight.shape[1]) if hasattr(weight, "shape") and len(weight.shape) == 2 else None
 
 
 def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None:
     """What is wrong with ``state_dict`` as the weights of a TinyNet(n_features), or None."""
+    import torch
+
+    from pneumo.model import TinyNet
+
     if not isinstance(state_dict, dict) or n_features is None:
         return "not a TinyNet state_dict"
     expected = {k: tuple(v.shape) for k, v in TinyNet(n_features=n_features).state_dict().items()}
@@ -546,6 +557,30 @@ def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None
     return f"not the weights of a TinyNet with {n_features} features: " + "; ".join(p for p in parts if p)
 
 
+def read_verified(
+    registry: str, model_name: str, version: str, name: str, card: Optional[dict[str, Any]] = None
+) -> bytes:
+    """A file of a committed version (model.pt, model.onnx, ...), checked against the sha256 and
+    size its card records; CorruptModel when they differ. Needs no torch."""
+    card = card if card is not None else load_card(registry, model_name, version)
+    uri = storage.join(_model_root(registry, model_name), _check_version(version), name)
+    _refuse_links(registry, model_name, version, name)
+    expected = card["files"].get(name)
+    if expected is None:
+        raise CorruptModel(f"{model_name} {version}: {uri} is not listed in its card: nothing to check it against")
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CorruptModel(f"{model_name} {version}: {uri} is missing (its card lists it)") from None
+    actual = file_entry(data)
+    if actual != expected:
+        raise CorruptModel(
+            f"{model_name} {version}: {uri} is corrupt: expected sha256 {expected['sha256']} "
+            f"({expected['bytes']} bytes), found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
+        )
+    return data
+
+
 def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, torch.Tensor]:
     """The weights of a committed version (``version`` may be an alias), loaded with weights_only.
 
@@ -554,19 +589,10 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
     """
     version = resolve(registry, model_name, version)
     card = load_card(registry, model_name, version)  # refuses uncommitted versions
-    uri = storage.join(_model_root(registry, model_name), version, "model.pt")
-    _refuse_links(registry, model_name, version, "model.pt")
-    where = f"{model_name} {version}: {uri}"
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise CorruptModel(f"{where} is missing (its card lists it)") from None
-    expected, actual = card["files"]["model.pt"], file_entry(data)  # the schema requires the entry
-    if actual != expected:
-        raise CorruptModel(
-            f"{where} is corrupt: expected sha256 {expected['sha256']} ({expected['bytes']} bytes), "
-            f"found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
-        )
+    data = read_verified(registry, model_name, version, "model.pt", card)
+    where = f"{model_name} {version}: {storage.join(_model_root(registry, model_name), version, 'model.pt')}"
+    import torch
+
     try:
         state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle weights_only refuses, ...
@@ -579,6 +605,8 @@ def load_state_dict(registry: str, model_name: str, version: str) -> dict[str, t
 
 def load_model(registry: str, model_name: str, version: str) -> TinyNet:
     """A TinyNet with the version's weights, in eval mode, ready for predict_proba."""
+    from pneumo.model import TinyNet
+
     state_dict = load_state_dict(registry, model_name, version)
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
@@ -652,6 +680,8 @@ def build_card(
     the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
     are. ``threshold`` is the one of ``config["train"]``, used for every metric.
     """
+    from pneumo.model import TinyNet, keras_parameter_count
+
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
     return {

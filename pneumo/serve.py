@@ -9,6 +9,8 @@
 Every ``poll_seconds`` a background thread reads where the alias points; when it has moved,
 the new version is loaded beside the old one and swapped in with one assignment, so a
 request never sees a half-loaded model and none fails during the switch.
+Every request is logged on the ``pneumo.serve`` logger (INFO), one line: method, path,
+status, milliseconds and the model version that answered.
 Uploads are bounded: bodies over ``max_bytes`` per image are refused with 413 before they
 are read whole, images over ``max_pixels`` with 413 after a header read; a body that is not
 an image is a 422, an unsupported content type a 415. Never a 500 for a bad upload.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -148,6 +151,22 @@ def create_app(
     app = FastAPI(title="pneumo", summary="Pneumonia classifier for chest X-rays", lifespan=lifespan)
     app.state.holder = holder
 
+    @app.middleware("http")
+    async def log_request(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500  # what the client gets when the handler raises
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            # The version that scored (set by the predict handlers), else the one being served.
+            version = getattr(request.state, "version", None) or holder.current.version
+            logger.info(
+                "%s %s %d %.1f ms %s %s", request.method, request.url.path, status,
+                1000 * (time.perf_counter() - started), model_name, version,
+            )
+
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, error: UploadError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=error.status)
@@ -167,7 +186,9 @@ def create_app(
         files = await _files(request, max_bytes, 2)  # 2: so that a second file gets the message below
         if len(files) != 1:
             raise UploadError(422, f"POST /predict takes one image, got {len(files)}; use /predict/batch")
-        (result,) = await run_in_threadpool(holder.current.predict, files)
+        current = holder.current
+        request.state.version = current.version
+        (result,) = await run_in_threadpool(current.predict, files)
         if not result.ok:
             return JSONResponse({"detail": f"{result.input}: {result.error}", **result.to_dict()}, status_code=_status(result))
         return JSONResponse(result.to_dict())
@@ -177,6 +198,7 @@ def create_app(
         """Per-image results in upload order; an image that cannot be scored has its ``error``."""
         files = await _files(request, max_bytes * 5, MAX_BATCH_FILES)
         current = holder.current  # one model for the whole batch
+        request.state.version = current.version
         scored = iter(await run_in_threadpool(current.predict, [f for f in files if len(f[1]) <= max_bytes]))
         results = [
             next(scored) if len(data) <= max_bytes

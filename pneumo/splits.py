@@ -1,16 +1,55 @@
-"""Final train/val/test assignment, always by patient.
+"""Final train/val/test assignment, by patient and by content.
 
-A patient's images never sit on two sides. Carved sets are chosen by a salted hash of
-the patient id, not by a random draw: the same patient lands in the same set on every
-run and in every dataset version, so adding data never moves a test patient into train.
+A film never sits on two sides. Images are grouped first: one patient's images (the id
+parsed from the file name), byte-identical files (same sha256) and near copies (perceptual
+fingerprints within ``SplitConfig.near_duplicate_bits``, pneumo/duplicates.py) all tie
+images together, and a group of tied images moves as one. So a copy renamed
+``Copy of IM-0119-0001.jpeg`` (its own "patient") or re-saved smaller goes where its
+original goes.
+
+Carved sets are chosen by a salted hash of the patient id, not by a random draw: the same
+patient lands in the same set on every run and in every dataset version. A group takes
+the smallest hash of its patients, so a patient carved into test stays in test when a copy
+joins it. A source's own test and val splits are kept as the source made them (their
+patient numbers are not the train split's), but a copy of one of their films found in
+the carved pool joins it there: test first, then val.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 
+from pydantic import BaseModel
+
+from pneumo import duplicates
 from pneumo.config import SplitConfig
 from pneumo.manifest import ImageRecord, Manifest
+
+HELD = ("test", "val")  # source splits that keep their images, most held out first
+
+
+class Tie(BaseModel):
+    """Two images of one film that the patient ids alone would have kept apart."""
+
+    a: str  # relpath
+    b: str
+    kind: str  # "same bytes" (sha256) or "near copy" (fingerprint distance)
+    distance: int  # fingerprint bits (0 for the same bytes)
+    splits: tuple[str, str]  # final splits of a and b
+
+
+class DuplicateReport(BaseModel):
+    """What grouping by content did to the splits; part of the quarantine/data report."""
+
+    near_duplicate_bits: int
+    exact_groups: int  # sha256 values held by two or more files
+    exact_files: int  # files in those groups
+    near_pairs: int  # pairs of different bytes within near_duplicate_bits
+    joined: list[Tie]  # ties that put two patients' images (or a source split's) in one group
+    # Pairs that still sit on two sides: near pairs above the threshold (within 1.5x, for a
+    # person to look at), or copies between a source's own test and val splits, which are kept.
+    across_splits: list[Tie]
 
 
 def _patient_unit(patient_id: str, salt: str) -> float:
@@ -19,35 +58,92 @@ def _patient_unit(patient_id: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _held_split(record: ImageRecord, has_test: bool, has_val: bool) -> str | None:
+    """The source split a record keeps, or None when it is carved."""
+    if record.split == "test" and has_test:
+        return "test"
+    if record.split == "val" and has_val:
+        return "val"
+    return None
+
+
+def split_with_report(manifest: Manifest, config: SplitConfig | None = None) -> tuple[dict[str, str], DuplicateReport]:
+    """Map every record's relpath to its final split, and report the content ties."""
+    config = config or SplitConfig()
+    records = sorted(manifest.records, key=lambda r: r.relpath)
+    by_split = defaultdict(int)
+    for record in records:
+        by_split[record.split] += 1
+    has_test = by_split["test"] > 0
+    has_val = by_split["val"] >= config.min_val_images
+    held = [_held_split(r, has_test, has_val) for r in records]
+
+    groups = duplicates.Groups(len(records))
+    first_of_patient: dict[tuple[str, str], int] = {}
+    for i, record in enumerate(records):
+        # Patient numbers tie images within one source split (or within the carved pool) only.
+        key = (held[i] or "carved", record.patient_id)
+        groups.join(first_of_patient.setdefault(key, i), i)
+
+    ties: list[tuple[int, int, str, int]] = []
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_sha[record.sha256].append(i)
+    same_bytes = [members for members in by_sha.values() if len(members) > 1]
+    for members in same_bytes:
+        ties += [(members[0], other, "same bytes", 0) for other in members[1:]]
+    review_bits = config.near_duplicate_bits + config.near_duplicate_bits // 2
+    near = [
+        (i, j, d) for i, j, d in duplicates.near_pairs([r.fingerprint for r in records], review_bits)
+        if records[i].sha256 != records[j].sha256
+    ]
+    ties += [(i, j, "near copy", d) for i, j, d in near if d <= config.near_duplicate_bits]
+    joined = [(i, j, kind, d) for i, j, kind, d in ties if groups.join(i, j)]
+
+    members_of: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(records)):
+        members_of[groups.find(i)].append(i)
+    out: dict[str, str] = {}
+    for members in members_of.values():
+        held_here = {held[i] for i in members} - {None}
+        carved_to = next((split for split in HELD if split in held_here), None)
+        if carved_to is None:
+            unit = min(_patient_unit(records[i].patient_id, config.salt) for i in members if held[i] is None)
+            if not has_test and unit < config.test_fraction:
+                carved_to = "test"
+            elif not has_val and unit >= 1.0 - config.val_fraction:
+                carved_to = "val"
+            else:
+                carved_to = "train"
+        for i in members:
+            out[records[i].relpath] = held[i] or carved_to
+
+    def tie(i: int, j: int, kind: str, d: int) -> Tie:
+        a, b = records[i].relpath, records[j].relpath
+        return Tie(a=a, b=b, kind=kind, distance=d, splits=(out[a], out[b]))
+
+    across = [(i, j, kind, d) for i, j, kind, d in ties if out[records[i].relpath] != out[records[j].relpath]]
+    across += [(i, j, "near copy", d) for i, j, d in near if d > config.near_duplicate_bits
+               and out[records[i].relpath] != out[records[j].relpath]]
+    report = DuplicateReport(
+        near_duplicate_bits=config.near_duplicate_bits,
+        exact_groups=len(same_bytes),
+        exact_files=sum(len(m) for m in same_bytes),
+        near_pairs=sum(1 for *_, d in near if d <= config.near_duplicate_bits),
+        joined=[tie(*t) for t in joined],
+        across_splits=sorted((tie(*t) for t in across), key=lambda t: (t.distance, t.a)),
+    )
+    return out, report
+
+
 def assign_splits(manifest: Manifest, config: SplitConfig | None = None) -> dict[str, str]:
     """Map every record's relpath to its final split.
 
     The source's test split is kept when it has images; otherwise test is carved from
     train. A source val split smaller than ``min_val_images`` is folded into train and
-    val is carved by patient. A source's own splits are kept as the source made them.
+    val is carved. Carving moves whole groups of tied images (see the module docstring).
     """
-    config = config or SplitConfig()
-    by_split = {"train": 0, "val": 0, "test": 0}
-    for record in manifest.records:
-        by_split[record.split] += 1
-    has_test = by_split["test"] > 0
-    has_val = by_split["val"] >= config.min_val_images
-
-    out: dict[str, str] = {}
-    for record in manifest.records:
-        if record.split == "test":
-            out[record.relpath] = "test"
-        elif record.split == "val" and has_val:
-            out[record.relpath] = "val"
-        else:
-            u = _patient_unit(record.patient_id, config.salt)
-            if not has_test and u < config.test_fraction:
-                out[record.relpath] = "test"
-            elif not has_val and u >= 1.0 - config.val_fraction:
-                out[record.relpath] = "val"
-            else:
-                out[record.relpath] = "train"
-    return out
+    return split_with_report(manifest, config)[0]
 
 
 def records_by_split(manifest: Manifest, config: SplitConfig | None = None) -> dict[str, list[ImageRecord]]:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -439,6 +440,37 @@ def links_under(prefix: str) -> list[str]:
     for folder, dirnames, filenames in os.walk(prefix):  # os.walk does not descend into linked folders
         found.extend(str(Path(folder, name)) for name in [*dirnames, *filenames] if Path(folder, name).is_symlink())
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file or object: its URI, size in bytes and last modification (Unix time)."""
+
+    uri: str
+    bytes: int
+    modified: float
+
+
+def list_entries(prefix: str) -> list[Entry]:
+    """``list_uris`` with each file's size and modification time (one listing on S3)."""
+    if not is_s3(prefix):
+        found = []
+        for uri in list_uris(prefix):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                stat = Path(uri).stat()
+                found.append(Entry(uri, stat.st_size, stat.st_mtime))
+        return found
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/" if key else ""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    found = []
+    with s3_errors(prefix, "ListObjectsV2"):
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            found.extend(
+                Entry(f"{S3_PREFIX}{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
+                for obj in page.get("Contents", [])
+            )
+    return sorted(found, key=lambda entry: entry.uri)
 
 
 def delete(uri: str) -> None:

@@ -8,6 +8,7 @@
     registry/         the model registry (unless --registry puts it elsewhere)
     prefect-results/  Prefect's task results and cache records
     predictions/      batch scoring: predictions/{model}/{version}/...
+    runs/             one record per run of the full flow (pneumo/cleanup.py: what `pneumo gc` keeps)
 
 No Prefect here: the tasks, flows and library steps all ask this module.
 """
@@ -59,6 +60,10 @@ def registry(workdir: str) -> str:
 
 def prefect_results(workdir: str) -> str:
     return storage.join(workdir, "prefect-results")
+
+
+def runs(workdir: str) -> str:
+    return storage.join(workdir, "runs")
 
 
 def predictions(workdir: str, model_name: str, version: str) -> str:

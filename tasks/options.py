@@ -1,20 +1,20 @@
 """How the flows run their tasks: the run's retries, where results persist, a check of cached outputs, the task runner.
 
-Task results (and cache records) persist under ``{workdir}/prefect-results``: a folder, or
-an S3Bucket block for an S3 workdir. This is the one module that decides how.
+Task results (and cache records) persist under ``{workdir}/prefect-results`` (a folder or
+an S3 prefix), each record signed: tasks/result_storage.py. This is the one module that
+decides where.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pneumo import storage, workdir as layout
+from tasks.result_storage import signed_storage_block
 from tasks.retry import retry_options
 
 def with_run_options(task: Any, workdir: str, retries: int, *, refresh: bool = False) -> Any:
@@ -61,27 +61,9 @@ def task_runner(runner: str, workers: Optional[int] = None, dask_address: Option
     )
 
 
-def result_storage(workdir: str) -> Any:
-    """Where a task's results persist: ``{workdir}/prefect-results``, as a folder or a saved S3 block's slug."""
-    if storage.is_s3(workdir):
-        return s3_result_storage(workdir)
-    return Path(layout.prefect_results(workdir))
+def result_storage(workdir: str) -> str:
+    """Where a task's results persist: ``{workdir}/prefect-results``, every record signed (tasks/result_storage.py).
 
-
-def s3_result_storage(workdir: str) -> str:
-    """Save an S3Bucket block for ``{workdir}/prefect-results`` and return its slug.
-
-    Task subprocesses (process pool, Dask, a worker's flow run) resolve result storage by
-    name from the Prefect API, so the block must be saved there: an unsaved block object
-    cannot be handed to ``task.with_options``. The block holds the bucket and prefix only.
-    Its credentials are left empty on purpose, so boto3's default chain (environment,
-    ``AWS_PROFILE``, instance role) and ``AWS_ENDPOINT_URL`` decide in each process, as they
-    do for the shards, and no secret is ever stored on the Prefect server.
+    A record planted in the workdir is refused and recomputed, never unpickled.
     """
-    from prefect_aws import AwsCredentials, S3Bucket
-
-    bucket, prefix = storage.split_s3(layout.prefect_results(workdir))
-    # Named after the location, so runs on the same workdir share one block and its cache.
-    name = "pneumo-results-" + hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
-    S3Bucket(bucket_name=bucket, bucket_folder=prefix, credentials=AwsCredentials()).save(name, overwrite=True)
-    return f"s3-bucket/{name}"
+    return signed_storage_block(layout.prefect_results(workdir))

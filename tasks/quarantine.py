@@ -27,6 +27,15 @@ def report_quarantine(manifest: ManifestRef, index: shard_files.IndexRef, workdi
         report.n_inputs, report.n_in_shards, report.n_quarantined, 100 * report.bad_fraction, report.by_reason,
         report.n_skipped, report.skipped_by_reason, uri,
     )
+    duplicates = report.duplicates
+    logger.info(
+        "duplicates: %d groups of identical files (%d files), %d near-copy pairs within %d bits; "
+        "%d ties joined images the file names kept apart; %d pairs still on two sides of a split",
+        duplicates.exact_groups, duplicates.exact_files, duplicates.near_pairs, duplicates.near_duplicate_bits,
+        len(duplicates.joined), len(duplicates.across_splits),
+    )
+    for tie in duplicates.across_splits[:20]:
+        logger.warning("near copies on two sides (%s/%s, %d bits): %s and %s", *tie.splits, tie.distance, tie.a, tie.b)
     quarantine_artifact(report.entries, key="quarantine-report", skipped=report.skipped)
     quarantine.check_bad_fraction(report, max_bad_fraction)
     return uri

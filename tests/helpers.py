@@ -55,23 +55,35 @@ def copy_patient_subset(shared: Path, target: Path, per_class: int) -> Path:
     return target
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """State names of every task run of a flow run and its subflows, by task name."""
+def task_states(flow_run_id, expected: tuple[str, ...] = (), wait: float = 30.0) -> dict[str, list[str]]:
+    """State names of every task run of a flow run and its subflows, by task name.
+
+    Prefect 3 reports task runs to the API through events, which arrive a moment after the
+    flow returns (seconds on a loaded machine): wait until every ``expected`` task name is
+    there and every task run has reached a final state.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-    with get_client(sync_client=True) as client:
-        run_ids = [flow_run_id]
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        run_ids += [child.id for child in children]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
-    states: dict[str, list[str]] = {}
-    for run in task_runs:
-        # Task run names are "<task name>-<3 hex>".
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
-    return states
+    deadline = time.monotonic() + wait
+    while True:
+        with get_client(sync_client=True) as client:
+            run_ids = [flow_run_id]
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
+            run_ids += [child.id for child in children]
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
+        states: dict[str, list[str]] = {}
+        for run in task_runs:
+            # Task run names are "<task name>-<3 hex>".
+            states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+        settled = all(run.state is not None and run.state.is_final() for run in task_runs)
+        if (settled and set(expected) <= set(states)) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def use_s3_endpoint(env, endpoint: str, key_id: str = "testing-key-id", secret: str = "testing-secret") -> str:

@@ -52,7 +52,7 @@ def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     assert card["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
     assert card["threshold"] == 0.4 == card["config"]["train"]["threshold"]
     # model.pt, model.onnx and the pictures, each with the sha256 of the bytes beside the card
-    assert {"model.pt", "model.onnx", "roc.png", "learning_curves.png"} <= set(card["files"])
+    assert {"model.pt", "model.onnx", "roc.png", "learning_curves.png", "report.html"} <= set(card["files"])
     assert set(card["plots"]) <= set(card["files"])
     for name, entry in card["files"].items():
         data = storage.read_bytes(storage.join(reg, "tinynet", "v0001", name))

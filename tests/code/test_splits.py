@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 
 from pneumo.config import SplitConfig
@@ -13,7 +14,7 @@ def make_manifest(records: list[tuple[str, str, int, str]]) -> Manifest:
     return Manifest(
         root="/data",
         records=[
-            ImageRecord(relpath=relpath, split=split, label=label, patient_id=patient, bytes=1, sha256="0" * 64)
+            ImageRecord(relpath=relpath, split=split, label=label, patient_id=patient, bytes=1, sha256=hashlib.sha256(relpath.encode()).hexdigest())
             for relpath, split, label, patient in records
         ],
     )

@@ -32,7 +32,7 @@ def run(source: Path, workdir: Path, runner: str = "threads", **train):
         return_state=True,
     )
     assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
+    return state.result(), task_states(state.state_details.flow_run_id, expected=TASKS)
 
 
 def sha256(path: str) -> str:
@@ -64,6 +64,14 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
     assert card["code_version"] and card["created_at"] and card["config"]["train"]["epochs"] == QUICK["epochs"]
     alias = json.loads((workdir / "registry" / "tinynet" / "aliases" / "latest.json").read_text())
     assert alias["version"] == "v0001"
+    # The report beside the card, and the run's record for `pneumo gc`: finished, with what it used.
+    assert summary["report"] == str(card_path.parent / "report.html")
+    assert "report.html" in card["files"] and "tinynet v0001" in (card_path.parent / "report.html").read_text()
+    records = [json.loads(path.read_text()) for path in (workdir / "runs").glob("*.json")]
+    assert ("finished", card["data"]["manifest_digest"], card["data"]["shards_digest"]) in [
+        (record["state"], record.get("manifest_digest"), record.get("shards_digest")) for record in records
+    ]
+    assert "running" not in [record["state"] for record in records]
     # The weights load safely and predict.
     state_dict = torch.load(card_path.parent / "model.pt", weights_only=True)
     model = TinyNet()

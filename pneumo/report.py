@@ -1,0 +1,237 @@
+"""The report beside every model: one HTML page, read from disk in any browser.
+
+``report.html`` is written into each registered version next to ``card.json``: the metrics
+with their confidence intervals, the confusion matrices, the pictures, the shift table, the
+threshold and how it was chosen, the config, the data and code digests and the champion
+decision. It is built from the card and the pictures only, so it shows exactly what the
+card records. Self-contained: the pictures are inline (``data:`` URIs), there is no script,
+stylesheet or font to fetch, so it opens from a folder, an e-mail or an S3 download.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from html import escape
+from typing import Any
+
+from pneumo.evaluate import CI_METRICS, format_metric
+
+REPORT_NAME = "report.html"
+
+# Pictures in reading order, with what each shows; any other PNG follows in name order.
+PICTURES = {
+    "roc.png": "ROC curves, val and test, with the operating point at the threshold",
+    "precision_recall.png": "Precision against recall, with the operating point at the threshold",
+    "confusion_matrix.png": "Confusion matrices at the threshold",
+    "score_histogram.png": "PNEUMONIA probabilities by true class",
+    "reliability.png": "Reliability: predicted probability against observed frequency (Brier score)",
+    "learning_curves.png": "Learning curves: train and val loss, val AUC, best epoch",
+    "shift_suite.png": "Val and test under the acquisition shifts",
+}
+SHIFT_METRICS = ("roc_auc", "specificity", "sensitivity", "accuracy")
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.6em 0; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } th { background: #f3f3f3; }
+.ci { color: #666; font-size: 0.85em; } .worst { background: #fde2e2; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 520px; }
+figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { font-size: 0.85em; color: #555; }
+pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+.promoted { color: #17692b; font-weight: bold; } .kept { color: #8a5a00; font-weight: bold; }
+"""
+
+
+def render(card: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """The report of the version ``card`` describes (a full card: ``register`` adds version and files)."""
+    name, version = card.get("model_name", "model"), card.get("version", "?")
+    title = f"{name} {version}"
+    sections = [
+        f"<h1>{escape(title)}</h1>",
+        _summary(card),
+        "<h2>Metrics</h2>",
+        _metrics_table(card),
+        "<h2>Confusion matrices</h2>",
+        _confusion_matrices(card),
+        "<h2>Threshold</h2>",
+        _threshold(card),
+        "<h2>Champion decision</h2>",
+        _champion(card),
+        "<h2>Shift suite</h2>",
+        _shift_tables(card),
+        "<h2>Pictures</h2>",
+        _pictures(pictures),
+        "<h2>Data and code</h2>",
+        _provenance(card),
+        "<h2>Config</h2>",
+        f"<pre>{escape(json.dumps(card.get('config', {}), indent=2, sort_keys=True))}</pre>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{escape(title)} report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None, numeric: bool = True) -> str:
+    """An HTML table; cells are already escaped HTML, ``classes`` (one per row) mark rows.
+    ``numeric``: every column after the first is right-aligned figures."""
+    head = f"<thead><tr>{''.join(f'<th>{cell}</th>' for cell in header)}</tr></thead>" if any(header) else ""
+    body = []
+    for at, row in enumerate(rows):
+        cls = f' class="{classes[at]}"' if classes and classes[at] else ""
+        cells = "".join(f"<td>{cell}</td>" if i == 0 or not numeric else f'<td class="num">{cell}</td>' for i, cell in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
+
+
+def _summary(card: dict[str, Any]) -> str:
+    training = card.get("training") or {}
+    rows = [
+        ["created", escape(str(card.get("created_at", "-")))],
+        ["recipe", escape(str(card.get("recipe") or (card.get("config") or {}).get("recipe") or "-"))],
+        ["parameters", escape(f"{card['n_parameters']:,}" if isinstance(card.get("n_parameters"), int) else "-")],
+        ["training", escape(
+            f"best epoch {training.get('best_epoch', '-')} of {training.get('epochs_run', '-')}"
+            f"{' (stopped early)' if training.get('stopped_early') else ''}, {training.get('n_train', '-')} rows, "
+            f"{training.get('seconds', '-')} s"
+        )],
+    ]
+    return _table(["", ""], rows, numeric=False)
+
+
+def _with_ci(value: Any, interval: Any) -> str:
+    shown = escape(format_metric(value))
+    if isinstance(interval, list) and len(interval) == 2 and None not in interval:
+        shown += f' <span class="ci">[{format_metric(interval[0])}, {format_metric(interval[1])}]</span>'
+    return shown
+
+
+def _metrics_table(card: dict[str, Any]) -> str:
+    metrics = card.get("metrics") or {}
+    rows = []
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if not m:
+            continue
+        ci = m.get("ci95") or {}
+        rows.append([split, escape(str(m.get("n", "-"))), *(_with_ci(m.get(k), ci.get(k)) for k in CI_METRICS)])
+    if not rows:
+        return "<p>No metrics recorded.</p>"
+    note = (
+        "<p>In brackets: 95% bootstrap interval, resampling patients (all of a patient's images together). "
+        "Two versions whose intervals overlap are not known to differ.</p>"
+    )
+    return _table(["split", "n", *CI_METRICS], rows) + note
+
+
+def _confusion_matrices(card: dict[str, Any]) -> str:
+    labels = card.get("labels") or {"0": "NORMAL", "1": "PNEUMONIA"}
+    negative, positive = escape(labels.get("0", "0")), escape(labels.get("1", "1"))
+    parts = []
+    for split in ("val", "test"):
+        matrix = ((card.get("metrics") or {}).get(split) or {}).get("confusion_matrix")
+        if not matrix:
+            continue
+        (tn, fp), (fn, tp) = matrix
+        parts.append(
+            f"<h3>{split}</h3>"
+            + _table(
+                ["truth \\ predicted", negative, positive],
+                [[negative, str(tn), str(fp)], [positive, str(fn), str(tp)]],
+            )
+        )
+    return "".join(parts) or "<p>No confusion matrix recorded.</p>"
+
+
+def _threshold(card: dict[str, Any]) -> str:
+    threshold = card.get("threshold", (card.get("config", {}).get("train") or {}).get("threshold"))
+    how = card.get("threshold_choice")  # a recipe that tunes its threshold says how in the card
+    if not how:
+        how = (
+            "fixed by the training config (config.train.threshold), not tuned on val or test; "
+            "every metric in this report and every prediction uses it"
+        )
+    if isinstance(how, dict):
+        how = "; ".join(f"{k}: {v}" for k, v in how.items())
+    return f"<p>PNEUMONIA when the probability is at least <b>{escape(str(threshold))}</b>: {escape(str(how))}.</p>"
+
+
+def _champion(card: dict[str, Any]) -> str:
+    comparison = card.get("champion_comparison")
+    if not comparison:
+        return "<p>No champion comparison recorded.</p>"
+    promoted = comparison.get("promoted")
+    verdict = (
+        '<span class="promoted">promoted to champion</span>' if promoted else '<span class="kept">not promoted</span>'
+    )
+    rows = [
+        ["decision", f"{verdict}: {escape(str(comparison.get('reason')))}"],
+        ["rule", escape(f"val {comparison.get('metric')}, strictly greater wins")],
+        ["this version", escape(format_metric(comparison.get("challenger_value"), 4))],
+        ["champion", escape(f"{comparison.get('champion_version') or 'none'}: {format_metric(comparison.get('champion_value'), 4)}")],
+        ["champion figures", escape(str(comparison.get("basis") or "-"))],
+    ]
+    rows += [["note", escape(str(note))] for note in comparison.get("notes") or []]
+    return _table(["", ""], rows, numeric=False) + (
+        "<p>As decided at registration; <code>promotion.json</code> beside the card says how the "
+        "promotion ended if another run moved the champion meanwhile.</p>"
+    )
+
+
+def _shift_tables(card: dict[str, Any]) -> str:
+    shift = (card.get("metrics") or {}).get("shift") or {}
+    parts = []
+    for split, suite in shift.items():
+        per_shift = suite.get("per_shift") or {}
+        if not per_shift:
+            continue
+        worst = suite.get("worst") or {}
+        worst_names = {entry[1] for entry in worst.values() if entry}
+        clean = suite.get("clean")
+        rows, classes = [], []
+        if clean:
+            rows.append(["clean", *(escape(format_metric(clean.get(m))) for m in SHIFT_METRICS)])
+            classes.append("")
+        for name, scores in per_shift.items():
+            rows.append([escape(name), *(escape(format_metric(scores.get(m))) for m in SHIFT_METRICS)])
+            classes.append("worst" if name in worst_names else "")
+        worst_row = [
+            "<b>worst</b>",
+            *(escape(f"{format_metric(worst[m][0])} ({worst[m][1]})") if worst.get(m) else "n/a" for m in SHIFT_METRICS),
+        ]
+        rows.append(worst_row)
+        classes.append("")
+        parts.append(f"<h3>{escape(split)}</h3>" + _table(["shift", *SHIFT_METRICS], rows, classes))
+    if not parts:
+        return "<p>No shift suite recorded (the shards carry no shifted features).</p>"
+    return "".join(parts) + "<p>Highlighted rows hold the worst value of at least one metric.</p>"
+
+
+def _pictures(pictures: dict[str, bytes]) -> str:
+    names = [n for n in PICTURES if n in pictures] + sorted(n for n in pictures if n not in PICTURES)
+    figures = []
+    for name in names:
+        data = base64.b64encode(pictures[name]).decode("ascii")
+        caption = escape(PICTURES.get(name, name))
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{escape(name)}" data-name="{escape(name)}">'
+            f"<figcaption>{escape(name)}: {caption}</figcaption></figure>"
+        )
+    return "\n".join(figures) or "<p>No pictures.</p>"
+
+
+def _provenance(card: dict[str, Any]) -> str:
+    data = card.get("data") or {}
+    rows = [
+        ["manifest digest (dataset version)", f"<code>{escape(str(data.get('manifest_digest', '-')))}</code>"],
+        ["shard index digest", f"<code>{escape(str(data.get('shards_digest', '-')))}</code>"],
+        ["code version", f"<code>{escape(str(card.get('code_version', '-')))}</code>"],
+        ["counts", f"<code>{escape(json.dumps(data.get('counts')))}</code>"],
+    ]
+    for name, entry in sorted((card.get("files") or {}).items()):
+        rows.append([escape(name), f"<code>sha256 {escape(str(entry.get('sha256')))}</code>, {entry.get('bytes')} bytes"])
+    return _table(["", ""], rows, numeric=False)

@@ -1,0 +1,87 @@
+"""Where Prefect persists task results for a workdir: ``{workdir}/prefect-results``, every record signed.
+
+Prefect reads a cached record on every cache hit and lets the record itself choose how it is
+decoded (pickle, or JSON that can build any importable class), so a record planted in the
+workdir ran its code in the next run. This storage block signs what Prefect writes and
+checks it before Prefect parses anything (pneumo/signatures.py holds the key, outside the
+workdir). A record that fails the check is refused with a warning; Prefect then treats the
+cache as empty (``ResultStore.exists`` is False) and the task runs again, overwriting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from typing import Any
+
+from prefect.exceptions import MissingContextError
+from prefect.filesystems import WritableFileSystem
+from prefect.logging import get_run_logger
+from pydantic import Field
+
+from pneumo import signatures, storage
+
+# Prefect names records by their cache key (a hex digest); anything else is refused
+# rather than joined onto the folder.
+RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("pneumo.results")
+
+
+class SignedResultStorage(WritableFileSystem):
+    """Prefect result storage under ``root`` (a local folder or an ``s3://`` URI), signed with an HMAC.
+
+    S3 goes through pneumo.storage (boto3 with the standard AWS settings), so no credential
+    is stored in the block on the Prefect server.
+    """
+
+    _block_type_name = "Pneumo Signed Result Storage"
+    _block_type_slug = "pneumo-signed-result-storage"
+
+    root: str = Field(description="Folder or s3:// URI the records are written under.")
+
+    def _uri(self, path: str) -> str:
+        if not RECORD_NAME.match(path) or path in (".", ".."):
+            raise ValueError(f"refusing result record name {path!r}: not a plain file name")
+        return storage.join(self.root, path)
+
+    # Prefect calls these with ``_sync=True`` (its async-dispatch flag); they are sync anyway.
+    def read_path(self, path: str, _sync: Any = None) -> bytes:
+        uri = self._uri(path)
+        data = storage.read_bytes(uri)
+        try:
+            return signatures.verify(path, data, signatures.load_key())
+        except signatures.SignatureError as error:
+            _logger().warning("refused cached result %s (%s); its task runs again and rewrites it", uri, error)
+            raise
+
+    def write_path(self, path: str, content: bytes, _sync: Any = None) -> str:
+        uri = self._uri(path)
+        storage.write_bytes(uri, signatures.sign(path, content, signatures.load_key()))
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        return await asyncio.to_thread(self.read_path, path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return await asyncio.to_thread(self.write_path, path, content)
+
+
+def signed_storage_block(root: str) -> str:
+    """Save the signed result storage block for the folder or S3 prefix ``root`` and return its slug.
+
+    Task subprocesses (Dask, a worker's flow run) resolve result storage by name from the
+    Prefect API, and Prefect refuses an unsaved block, so the block is saved there. It
+    holds the location only: no credential, no key.
+    """
+    # Named after the location, so runs on the same workdir share one block and its cache.
+    name = "pneumo-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
+    SignedResultStorage(root=root).save(name, overwrite=True)
+    return f"{SignedResultStorage.get_block_type_slug()}/{name}"
