@@ -176,7 +176,11 @@ def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
     for uri in storage.list_uris(storage.join(registry, model_name, "aliases")):
         name = uri.replace("\\", "/").rsplit("/", 1)[-1]
         if name.endswith(".json"):
-            target = storage.read_json(uri).get("version")
+            try:
+                target = storage.read_json(uri).get("version")
+            except (ValueError, AttributeError) as error:  # a damaged pointer: named, the listing goes on
+                typer.echo(f"pneumo: alias {uri} is unreadable: {error}", err=True)
+                continue
             by_version.setdefault(target, []).append(name[: -len(".json")])
     return by_version
 
@@ -200,7 +204,11 @@ def models_list(registry: RegistryOption = DEFAULT_REGISTRY, model_name: ModelNa
     aliases = _aliases(registry, model_name)
     typer.echo(f"{'version':<8} {'created':<25} {'val AUC':>7} {'val acc':>7} {'test AUC':>8} {'test acc':>8}  aliases")
     for version in versions:
-        card = reg.load_card(registry, model_name, version)
+        try:
+            card = reg.verify_version(registry, model_name, version)
+        except (reg.CorruptModel, FileNotFoundError) as error:  # skipped and named; the listing goes on
+            typer.echo(f"pneumo: skipped {model_name} {version}: {error}", err=True)
+            continue
         typer.echo(
             f"{version:<8} {card.get('created_at', '-'):<25} {_metric(card, 'val', 'roc_auc'):>7} "
             f"{_metric(card, 'val', 'accuracy'):>7} {_metric(card, 'test', 'roc_auc'):>8} "
@@ -254,7 +262,13 @@ def models_show(
     lines += [f"  warning     {warning}" for warning in card.get("warnings") or []]
     comparison = card.get("champion_comparison") or {}
     if comparison:
-        lines.append(f"  champion    {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
+        lines.append(f"  registered  {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
+    # What the aliases say now: the last move of each alias that points at this version.
+    for alias in sorted(_aliases(registry, model_name).get(card.get("version"), [])):
+        moves = [m for m in reg.alias_history(registry, model_name, alias) if m.get("to") == card.get("version")]
+        last = moves[-1] if moves else {}
+        since = f"since {last.get('at')}, {last.get('how')} by {last.get('by')}: {last.get('reason') or '-'}" if last else "(no recorded move)"
+        lines.append(f"  {alias:<11} {since}")
     if "report.html" in (card.get("files") or {}):
         from pneumo import storage
 
@@ -270,6 +284,7 @@ def models_promote(
     alias: Annotated[str, typer.Option(help="The alias to move.")] = "champion",
     registry: RegistryOption = DEFAULT_REGISTRY,
     model_name: ModelNameOption = "tinynet",
+    reason: Annotated[str, typer.Option(help="Why, kept in the alias history.")] = "",
 ) -> None:
     """Point an alias (champion by default) at a version by hand.
 
@@ -285,9 +300,9 @@ def models_promote(
             before = f"(broken: {error})"
         if alias == reg.CHAMPION:
             card = reg.load_card(registry, model_name, version)
-            promotion.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True)
+            promotion.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True, reason=reason)
         else:
-            reg.set_alias(registry, model_name, alias, version)
+            reg.set_alias(registry, model_name, alias, version, how="by hand", reason=reason)
     except (FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error))
     typer.echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")

@@ -172,6 +172,7 @@ def _publish_dir(target: Path, fill: Callable[[Path], None], say: Callable[[str]
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=storage.temp_prefix(), suffix=".partial"))
     try:
         fill(tmp)
+        storage.honour_umask(tmp, 0o777)  # mkdtemp made it 0700
         try:
             os.rename(tmp, target)
         except OSError:

@@ -158,6 +158,10 @@ class Predictor:
         onnx: Optional[OnnxModel] = None,
     ):
         where = f"{model_name} {version}"
+        try:
+            reg.check_card_content(card, where)  # labels, threshold, transform: no request may fail on them
+        except reg.CorruptCard as error:
+            raise CardError(str(error)) from None
         check_card(card, where)
         self.card = card
         self.model_name, self.version = model_name, version
@@ -200,7 +204,10 @@ class Predictor:
         if runtime not in ("auto", "torch"):
             raise ValueError(f"invalid runtime {runtime!r}: choose auto or torch")
         version = resolve_version(registry, model_name, alias, version)
-        card = reg.load_card(registry, model_name, version)
+        try:
+            card = reg.load_card(registry, model_name, version)  # links, JSON, digest, schema
+        except reg.CorruptCard as error:
+            raise CardError(f"refusing to load {model_name} {version}: {error}") from None
         check_card(card, f"{model_name} {version}")
         try:
             onnx = None

@@ -175,6 +175,7 @@ def promote(
     *,
     champion_val: Optional[ChampionVal] = None,
     force: bool = False,
+    reason: str = "",
     logger: Any = None,
     max_attempts: int = 50,
 ) -> dict[str, Any]:
@@ -185,7 +186,8 @@ def promote(
     another run moved it meanwhile, the challenger is compared again with the new champion.
     ``champion_val(version)`` gives a version's val metrics and their basis (default: its
     card); it must raise CorruptModel for a damaged model, which is then skipped with a
-    warning. ``force`` promotes without comparing (a promotion by hand), still atomically.
+    warning. ``force`` promotes without comparing (a promotion by hand, for ``reason``), still
+    atomically. Every move is kept in the alias history: automatic or by hand, and why.
 
     The outcome is ``compare``'s dict plus ``is_champion``, ``attempts``, ``conflicts`` and
     ``notes``; it is also kept as the version's promotion.json.
@@ -212,10 +214,13 @@ def promote(
         if target == version:
             comparison.update(promoted=True, reason=f"{version} is already champion")
         elif force:
-            comparison.update(promoted=True, reason="promoted by hand")
+            comparison.update(promoted=True, reason=f"promoted by hand: {reason}" if reason else "promoted by hand")
         if comparison["promoted"] and target != version:
             try:
-                registry.swap_alias(registry_uri, model_name, CHAMPION, version, token)
+                registry.swap_alias(
+                    registry_uri, model_name, CHAMPION, version, token, previous=target,
+                    how="by hand" if force else "automatic", reason=comparison["reason"],
+                )
             except storage.Conflict:
                 conflicts.append(f"the champion moved away from {target or 'unset'} before {version} could replace it")
                 logger.info("%s %s: %s; comparing again", model_name, version, conflicts[-1])

@@ -6,31 +6,49 @@ Layout::
     {registry}/{model_name}/v0001/card.json    metrics, config, provenance
     {registry}/{model_name}/v0001/promotion.json   how its champion promotion ended
     {registry}/{model_name}/aliases/champion.json   {"version": "v0001", ...}
+    {registry}/{model_name}/alias-history/champion/{time}-{version}-{id}.json   one alias move each
 
+Only a folder named ``v`` and at least four digits directly under the model is a version.
 ``card.json`` is written last, create-if-absent: a version exists if and only if its card
 does. Both files of a version are written create-if-absent, so a version number is
 claimed by exactly one writer and a version is never overwritten, even when several
-runs register at the same time. The card records the sha256 of every file of its version,
-checked on every load. ``champion`` moves by compare-and-swap (``swap_alias``); which
-version deserves it is decided in pneumo.promotion, not here: the registry stores, it does
+runs register at the same time.
+
+Nothing read back is trusted. The card records the sha256 of every file of its version and
+its own digest (``integrity.card_sha256``, over every other field of the card, whatever
+fields a later pneumo adds); with ``PNEUMO_REGISTRY_KEY`` set, also an HMAC of the same bytes
+under that key, which lives outside the registry. Every load refuses links, checks the JSON,
+the digest (and the HMAC when the key is set) and the card's schema, and raises CorruptCard
+(a CorruptModel) naming the file. ``champion`` moves by compare-and-swap (``swap_alias``);
+every alias move is also kept as an object of its own (who, when, how, why). Which version
+deserves ``champion`` is decided in pneumo.promotion, not here: the registry stores, it does
 not score.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
+import hmac
 import io
 import json
+import logging
+import os
 import re
+import socket
+import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 import pneumo
 from pneumo import storage
+from pneumo.config import TransformConfig
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
 from pneumo.names import validate_model_name
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: reading cards and aliases
     import torch  # (pneumo predict with model.onnx) must not pay seconds for it
@@ -38,17 +56,25 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: readin
     from pneumo.model import TinyNet
 
 _VERSION = re.compile(r"^v(\d{4,})$")
-# A version folder under a model: ".../v0003/<file>", with either separator.
-_VERSION_FILE = re.compile(r"[/\\](v\d{4,})[/\\](model\.pt|card\.json)$")
+VERSION_FILES = ("model.pt", "card.json")  # the files that claim a version number
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
-CARD_SCHEMA_VERSION = 2  # the layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION)
+# The layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION). ``integrity``
+# was added without a new number (older readers ignore it); loading requires it all the same.
+CARD_SCHEMA_VERSION = 2
 CHAMPION = "champion"  # the alias pneumo.promotion moves
 # torch and the model are imported inside the functions that load or save weights: listing
 # versions and reading cards and aliases (every run's summary) then costs no torch import.
+INTEGRITY = "integrity"  # the one card field its digest does not cover: it holds the digest
+KEY_ENV = "PNEUMO_REGISTRY_KEY"  # an HMAC key kept outside the registry; never logged
 
 
 class CorruptModel(ValueError):
-    """A version's model file does not match its card (hash, size or TinyNet shape) or cannot be read."""
+    """A version that cannot be trusted: its model file does not match its card (hash, size or
+    TinyNet shape) or cannot be read, or its card is unreadable, edited, invalid or a link."""
+
+
+class CorruptCard(CorruptModel):
+    """A card.json (or its version folder) that fails the checks on load; the message names the file."""
 
 
 class BrokenAlias(FileNotFoundError):
@@ -57,6 +83,124 @@ class BrokenAlias(FileNotFoundError):
 
 class VersionNotFound(FileNotFoundError):
     """No such version or alias; the message names the versions the registry does hold."""
+
+
+# --- The card's schema ------------------------------------------------------------------------
+# Every field prediction or the commands read is typed; fields this pneumo does not know (a
+# later one's additions) are allowed, and the digest covers them all the same.
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class CardConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    transform: Optional[TransformConfig] = None
+
+
+class CardContent(BaseModel):
+    """What a card may hold; a field that is present must be valid (labels, threshold, transform...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: Optional[StrictInt] = Field(None, ge=1)
+    threshold: Optional[float] = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False, strict=True)
+    labels: Optional[dict[Literal["0", "1"], str]] = None
+    config: Optional[CardConfig] = None
+    metrics: Optional[dict[str, Optional[dict[str, Any]]]] = None
+    files: Optional[dict[str, FileEntry]] = None
+
+    @field_validator("labels")
+    @classmethod
+    def _both_labels(cls, labels: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        if labels is None:
+            return labels
+        if set(labels) != {"0", "1"}:
+            raise ValueError(f"needs a name for each of the labels 0 and 1, got {sorted(labels)}")
+        if not all(name.strip() for name in labels.values()) or labels["0"] == labels["1"]:
+            raise ValueError(f"the two label names must be distinct and not blank, got {labels}")
+        return labels
+
+
+class Card(CardContent):
+    """A registered card: what ``register`` adds is required."""
+
+    model_name: str
+    version: str = Field(pattern=_VERSION.pattern)
+    created_at: str
+    files: dict[str, FileEntry]
+
+    @field_validator("files")
+    @classmethod
+    def _weights_listed(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        if "model.pt" not in files:
+            raise ValueError("does not list model.pt")
+        return files
+
+
+def _schema_problems(error: ValidationError) -> str:
+    return "; ".join(f"field {'.'.join(str(p) for p in e['loc']) or 'card'}: {e['msg']}" for e in error.errors())
+
+
+def check_card_content(card: Any, where: str = "card") -> None:
+    """Refuse (CorruptCard) a card whose fields would fail prediction: labels, threshold, transform, ..."""
+    if not isinstance(card, dict):
+        raise CorruptCard(f"{where}: a card must be a JSON object, got {type(card).__name__}")
+    try:
+        CardContent.model_validate(card)
+    except ValidationError as error:
+        raise CorruptCard(f"{where} does not fit the card schema: {_schema_problems(error)}") from None
+
+
+# --- The card's digest ------------------------------------------------------------------------
+
+
+def canonical_card(card: dict[str, Any]) -> bytes:
+    """The bytes the digest covers: every field but ``integrity``, as sorted, compact JSON."""
+    return json.dumps({k: v for k, v in card.items() if k != INTEGRITY}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def registry_key() -> Optional[bytes]:
+    """The HMAC key from PNEUMO_REGISTRY_KEY, or None; kept outside the registry on purpose."""
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def seal_card(card: dict[str, Any], key: Optional[bytes] = None) -> dict[str, Any]:
+    """The card with its ``integrity`` record: the sha256 of ``canonical_card``, and its HMAC under ``key``."""
+    body = canonical_card(card)
+    integrity = {"card_sha256": hashlib.sha256(body).hexdigest()}
+    if key:
+        integrity["hmac_sha256"] = hmac.new(key, body, hashlib.sha256).hexdigest()
+    return {**card, INTEGRITY: integrity}
+
+
+def check_seal(card: dict[str, Any], where: str, key: Optional[bytes] = None) -> None:
+    """Refuse (CorruptCard) a card edited since it was sealed, or unsigned/forged when ``key`` is set."""
+    integrity = card.get(INTEGRITY)
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("card_sha256"), str):
+        raise CorruptCard(
+            f"{where} has no integrity record (a card of an older pneumo, or one stripped of it): "
+            "it cannot be verified; register a new version (pneumo run --retrain)"
+        )
+    body = canonical_card(card)
+    actual = hashlib.sha256(body).hexdigest()
+    if not hmac.compare_digest(actual, integrity["card_sha256"]):
+        raise CorruptCard(
+            f"{where} was edited after registration: its fields digest to sha256 {actual}, "
+            f"the card recorded {integrity['card_sha256']}"
+        )
+    if key:
+        signature = integrity.get("hmac_sha256")
+        if not isinstance(signature, str):
+            raise CorruptCard(f"{where} is not signed with the registry key ({KEY_ENV} is set, the card has no hmac_sha256)")
+        if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).hexdigest(), signature):
+            raise CorruptCard(f"{where} has a wrong HMAC for the registry key ({KEY_ENV}): rewritten or forged")
 
 
 def _version_name(number: int) -> str:
@@ -73,19 +217,31 @@ def _model_root(registry: str, model_name: str) -> str:
     return storage.join(registry, validate_model_name(model_name))
 
 
+def _relative_parts(root: str, uri: str) -> list[str]:
+    return uri[len(root):].replace("\\", "/").strip("/").split("/")
+
+
 def _version_files(registry: str, model_name: str) -> list[tuple[str, str]]:
-    """(version, file name) of every model.pt and card.json under the model."""
+    """(version, file name) of every {model}/vNNNN/model.pt and card.json, and ("vNNNN", "link")
+    for every linked vNNNN folder. Only that exact layout: a version moved aside
+    (``archive/v0002/``) is none, and a linked version is seen, so that it is refused by name."""
+    root = _model_root(registry, model_name)
     found = []
-    for uri in storage.list_uris(_model_root(registry, model_name)):
-        match = _VERSION_FILE.search(uri)
-        if match:
-            found.append((match.group(1), match.group(2)))
+    for uri in storage.list_uris(root):
+        parts = _relative_parts(root, uri)
+        if len(parts) == 2 and _VERSION.match(parts[0]) and parts[1] in VERSION_FILES:
+            found.append((parts[0], parts[1]))
+    for uri in storage.links_under(root):
+        parts = _relative_parts(root, uri)
+        if len(parts) == 1 and _VERSION.match(parts[0]):
+            found.append((parts[0], "link"))
     return found
 
 
 def list_versions(registry: str, model_name: str) -> list[str]:
-    """Committed versions (those with a card), oldest first."""
-    versions = {version for version, name in _version_files(registry, model_name) if name == "card.json"}
+    """Committed versions (those with a card, and linked version folders, which every load
+    refuses by name), oldest first. Reads no card: ``verify_version`` checks one."""
+    versions = {version for version, name in _version_files(registry, model_name) if name != "model.pt"}
     return sorted(versions, key=lambda v: int(v[1:]))
 
 
@@ -136,13 +292,20 @@ def register(
             extra_files["model.onnx"] = onnx_model
     files = {"model.pt": file_entry(weights), **{name: file_entry(data) for name, data in extra_files.items()}}
     full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **files}, "model_name": model_name}
-    json.dumps(full_card)  # a card that cannot be written must fail before a number is claimed
+    full_card.pop(INTEGRITY, None)  # sealed below, once the version is known
+    # A card that cannot be written, or would fail on load, fails before a number is claimed;
+    # the round trip makes the sealed fields exactly those a reader will parse back.
+    full_card = json.loads(json.dumps(full_card))
+    check_card_content(full_card, f"the card of a new {model_name} version")
 
     numbers = [int(v[1:]) for v, _ in _version_files(registry, model_name)]
     number = max(numbers, default=0) + 1
     for _ in range(MAX_ATTEMPTS):
         version = _version_name(number)
         folder = storage.join(_model_root(registry, model_name), version)
+        if storage.is_link(folder):  # never write through a link, out of the registry
+            number += 1
+            continue
         try:
             storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
             for name, data in extra_files.items():
@@ -154,7 +317,8 @@ def register(
             for name, data in rendered.items():
                 storage.write_bytes(storage.join(folder, name), data, if_absent=True)
             final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
-            storage.write_json(storage.join(folder, "card.json"), final_card, if_absent=True)
+            sealed = seal_card(final_card, registry_key())  # last: the digest covers every file entry
+            storage.write_json(storage.join(folder, "card.json"), sealed, if_absent=True)
             return version
         except storage.AlreadyExists:
             number += 1
@@ -169,10 +333,12 @@ def _alias_uri(registry: str, model_name: str, alias: str) -> str:
 
 
 def require_aliasable(registry: str, model_name: str, version: str) -> str:
-    """``version`` if an alias may point at it: ValueError for a malformed name, FileNotFoundError if not committed."""
+    """``version`` if an alias may point at it: ValueError for a malformed name, FileNotFoundError
+    if not committed, CorruptCard if its card fails the load checks (edited, invalid, a link)."""
     version = _check_version(version)
     if not storage.exists(_card_uri(registry, model_name, version)):
         raise FileNotFoundError(f"cannot alias {model_name} {version} in {registry}: that version does not exist")
+    load_card(registry, model_name, version)
     return version
 
 
@@ -187,22 +353,78 @@ def _alias_pointer(registry: str, model_name: str, alias: str, version: str) -> 
     return json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def set_alias(registry: str, model_name: str, alias: str, version: str) -> None:
-    """Point ``alias`` (e.g. "latest") at an existing version, replacing its old target.
+AliasMove = Literal["automatic", "by hand"]
+
+
+def set_alias(
+    registry: str, model_name: str, alias: str, version: str, *, how: AliasMove = "automatic", reason: str = ""
+) -> None:
+    """Point ``alias`` (e.g. "latest") at an existing version, replacing its old target; the
+    move is kept in the alias history.
 
     Unconditional: use ``promote`` for ``champion``, which must not overwrite a concurrent move.
     """
+    previous, _ = read_alias(registry, model_name, alias)
     storage.write_bytes(_alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version))
+    record_alias_move(registry, model_name, alias, previous, version, how=how, reason=reason)
 
 
-def swap_alias(registry: str, model_name: str, alias: str, version: str, token: str | None) -> None:
-    """Point ``alias`` at ``version`` only if it still holds ``token`` (from ``read_alias``).
+def swap_alias(
+    registry: str, model_name: str, alias: str, version: str, token: str | None,
+    *, previous: str | None = None, how: AliasMove = "automatic", reason: str = "",
+) -> None:
+    """Point ``alias`` at ``version`` only if it still holds ``token`` (from ``read_alias``, with
+    ``previous``, the version it named); the move is kept in the alias history.
 
     Raises storage.Conflict when another writer moved the alias since it was read.
     """
     storage.compare_and_swap(
         _alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version), token
     )
+    record_alias_move(registry, model_name, alias, previous, version, how=how, reason=reason)
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def record_alias_move(
+    registry: str, model_name: str, alias: str, previous: str | None, version: str, *, how: AliasMove, reason: str
+) -> None:
+    """Keep one alias move as an object of its own: created once, never rewritten, so that
+    concurrent movers never lose each other's entries (on S3 too). Written after the move:
+    a failure to write it is logged and does not undo the move."""
+    at = datetime.now(timezone.utc)
+    entry = {"alias": alias, "from": previous, "to": version, "at": at.isoformat(timespec="microseconds"),
+             "by": _who(), "how": how, "reason": reason}
+    name = f"{at.strftime('%Y%m%dT%H%M%S%fZ')}-{version}-{uuid.uuid4().hex[:8]}.json"
+    uri = storage.join(_model_root(registry, model_name), "alias-history", validate_model_name(alias, what="alias"), name)
+    try:
+        storage.write_json(uri, entry, if_absent=True)
+    except (OSError, storage.S3Error) as error:
+        log.warning("%s %s moved to %s, but its history entry %s could not be written: %s", model_name, alias, version, uri, error)
+
+
+def alias_history(registry: str, model_name: str, alias: str) -> list[dict[str, Any]]:
+    """The moves of ``alias``, oldest first; an unreadable entry is kept as {"error": ...} naming its file."""
+    root = storage.join(_model_root(registry, model_name), "alias-history", validate_model_name(alias, what="alias"))
+    moves = []
+    for uri in storage.list_uris(root):
+        if storage.is_link(uri):
+            moves.append({"error": f"{uri} is a symbolic link: refused"})
+            continue
+        try:
+            entry = storage.read_json(uri)
+            if not isinstance(entry, dict):
+                raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+            moves.append(entry)
+        except ValueError as error:
+            moves.append({"error": f"{uri} is unreadable: {error}"})
+    return moves
 
 
 def read_alias(registry: str, model_name: str, alias: str) -> tuple[str | None, str | None]:
@@ -269,13 +491,47 @@ def _card_uri(registry: str, model_name: str, version: str) -> str:
     return storage.join(_model_root(registry, model_name), _check_version(version), "card.json")
 
 
+def _refuse_links(registry: str, model_name: str, version: str, file_name: str) -> None:
+    """Links in the registry are refused like links in a source: by name."""
+    root = _model_root(registry, model_name)
+    for uri in (root, storage.join(root, version), storage.join(root, version, file_name)):
+        if storage.is_link(uri):
+            raise CorruptCard(f"{model_name} {version}: {uri} is a symbolic link (to {os.readlink(uri)}): refused")
+
+
 def load_card(registry: str, model_name: str, version: str) -> dict[str, Any]:
-    """The card of a version; ``version`` may also be an alias."""
-    uri = _card_uri(registry, model_name, resolve(registry, model_name, version))
+    """The card of a version (``version`` may also be an alias), verified: not a link, valid
+    JSON, its digest (and HMAC, with PNEUMO_REGISTRY_KEY set) intact, its schema met.
+    Raises CorruptCard naming the file otherwise."""
+    version = resolve(registry, model_name, version)
+    uri = _card_uri(registry, model_name, version)
+    _refuse_links(registry, model_name, version, "card.json")
+    where = f"{model_name} {version}: {uri}"
     try:
-        return storage.read_json(uri)
+        card = json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         raise FileNotFoundError(f"no version {version!r} of {model_name} in {registry} ({uri} is missing)") from None
+    except (ValueError, UnicodeDecodeError) as error:  # truncated or not JSON
+        raise CorruptCard(f"{where} is not a readable card: {type(error).__name__}: {error}") from None
+    if not isinstance(card, dict):
+        raise CorruptCard(f"{where} is not a card: a JSON {type(card).__name__}, not an object")
+    check_seal(card, where, registry_key())
+    try:
+        Card.model_validate(card)
+    except ValidationError as error:
+        raise CorruptCard(f"{where} does not fit the card schema: {_schema_problems(error)}") from None
+    if card["version"] != version or card["model_name"] != model_name:  # a card copied from another version
+        raise CorruptCard(f"{where} is the card of {card['model_name']} {card['version']}, not of {model_name} {version}")
+    return card
+
+
+def verify_version(registry: str, model_name: str, version: str) -> dict[str, Any]:
+    """The card of a version whose every listed file is present, unlinked and has the recorded
+    sha256 and size (model.pt's shapes are checked by ``load_state_dict``); CorruptModel otherwise."""
+    card = load_card(registry, model_name, version)
+    for name in card["files"]:
+        read_verified(registry, model_name, version, name, card)
+    return card
 
 
 def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> int | None:
@@ -314,15 +570,20 @@ def read_verified(
     size its card records; CorruptModel when they differ. Needs no torch."""
     card = card if card is not None else load_card(registry, model_name, version)
     uri = storage.join(_model_root(registry, model_name), _check_version(version), name)
-    data = storage.read_bytes(uri)
-    expected = card.get("files", {}).get(name)
-    if expected is not None:
-        actual = file_entry(data)
-        if actual != {k: expected.get(k) for k in actual}:
-            raise CorruptModel(
-                f"{model_name} {version}: {uri} is corrupt: expected sha256 {expected.get('sha256')} "
-                f"({expected.get('bytes')} bytes), found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
-            )
+    _refuse_links(registry, model_name, version, name)
+    expected = card["files"].get(name)
+    if expected is None:
+        raise CorruptModel(f"{model_name} {version}: {uri} is not listed in its card: nothing to check it against")
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CorruptModel(f"{model_name} {version}: {uri} is missing (its card lists it)") from None
+    actual = file_entry(data)
+    if actual != expected:
+        raise CorruptModel(
+            f"{model_name} {version}: {uri} is corrupt: expected sha256 {expected['sha256']} "
+            f"({expected['bytes']} bytes), found sha256 {actual['sha256']} ({actual['bytes']} bytes)"
+        )
     return data
 
 

@@ -298,6 +298,28 @@ def sweep_temporaries(root: str | Path, started: float, prune: Callable[[Path], 
     return removed
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (threads may be writing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, base: int = 0o666) -> None:
+    """Give a temporary the mode a plain ``open()`` (0o666) or ``mkdir`` (0o777) would have.
+
+    mkstemp and mkdtemp create 0600 / 0700 whatever the umask; renamed into place, that mode
+    would lock a serving account or a group out of the registry. Call before the rename.
+    """
+    os.chmod(path, base & ~current_umask())
+
+
 def _atomic_local_write(path: Path, fill, if_absent: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(), suffix=".tmp")
@@ -306,6 +328,7 @@ def _atomic_local_write(path: Path, fill, if_absent: bool) -> None:
             fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        honour_umask(tmp)
         if if_absent:
             # link() fails if the target exists: an atomic create-if-absent.
             try:
@@ -366,6 +389,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
     try:
         with s3_errors(uri, "download"):
             s3_client().download_file(bucket, key, tmp)
+        honour_umask(tmp)
         os.replace(tmp, local_path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -401,6 +425,21 @@ def list_uris(prefix: str) -> list[str]:
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
             uris.extend(f"{S3_PREFIX}{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
     return sorted(uris)
+
+
+def is_link(uri: str) -> bool:
+    """Whether a local path is a symbolic link (S3 has none)."""
+    return not is_s3(uri) and Path(uri).is_symlink()
+
+
+def links_under(prefix: str) -> list[str]:
+    """Every symbolic link (to a file or a folder) under a local ``prefix``, not followed; [] on S3."""
+    if is_s3(prefix) or not Path(prefix).is_dir():
+        return []
+    found = []
+    for folder, dirnames, filenames in os.walk(prefix):  # os.walk does not descend into linked folders
+        found.extend(str(Path(folder, name)) for name in [*dirnames, *filenames] if Path(folder, name).is_symlink())
+    return sorted(found)
 
 
 @dataclass(frozen=True)

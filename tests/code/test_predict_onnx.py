@@ -72,7 +72,7 @@ def test_pneumo_predict_does_not_import_torch_when_the_version_has_model_onnx(tm
     card_file = tmp_path / "registry" / "tinynet" / "v0001" / "card.json"
     saved = registry.load_card(root, "tinynet", "v0001")
     del saved["files"]["model.onnx"]
-    card_file.write_text(json.dumps(saved))
+    card_file.write_text(json.dumps(registry.seal_card(saved)))  # a card edit must be resealed to load
     without = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert without.returncode == 0, without.stderr[-2000:]
     assert "torch" in _imported_modules(without.stderr) and "(threshold 0.5, torch)" in without.stderr

@@ -18,12 +18,12 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
 def test_versions_increment_and_cards_are_filled_in(tmp_path):
     reg = str(tmp_path)
     assert registry.list_versions(reg, "tinynet") == []
-    assert registry.register(reg, "tinynet", _weights(0), {"metrics": {"auc": 0.9}}) == "v0001"
-    assert registry.register(reg, "tinynet", _weights(1), {"metrics": {"auc": 0.8}}) == "v0002"
+    assert registry.register(reg, "tinynet", _weights(0), {"metrics": {"val": {"auc": 0.9}}}) == "v0001"
+    assert registry.register(reg, "tinynet", _weights(1), {"metrics": {"val": {"auc": 0.8}}}) == "v0002"
     assert registry.list_versions(reg, "tinynet") == ["v0001", "v0002"]
     card = registry.load_card(reg, "tinynet", "v0002")
     assert card["version"] == "v0002" and card["model_name"] == "tinynet"
-    assert card["metrics"] == {"auc": 0.8}
+    assert card["metrics"] == {"val": {"auc": 0.8}}
     assert (tmp_path / "tinynet" / "v0001" / "model.pt").is_file()
 
 
@@ -330,17 +330,21 @@ def test_a_flipped_byte_in_model_pt_is_refused_by_name(tmp_path):
 
 
 def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
-    """Issue 12 item 8: a valid state_dict of a different shape, even with a card that has no hashes."""
+    """Issue 12 item 8: a valid state_dict of a different shape, even with a card that records its hash."""
+    import io
+
     from pneumo.config import TransformConfig
 
     reg = str(tmp_path)
     card = {"config": {"transform": TransformConfig().model_dump(mode="json")}}  # 10 x 14 = 140 features
     version = registry.register(reg, "m", _weights(0), card)
+    buffer = io.BytesIO()
+    torch.save(TinyNet(n_features=99).state_dict(), buffer)
+    _model_pt(tmp_path, version).write_bytes(buffer.getvalue())
     card_path = tmp_path / "m" / version / "card.json"
-    legacy = json.loads(card_path.read_text())
-    del legacy["files"]  # a schema-1 card: only the shape check can tell
-    card_path.write_text(json.dumps(legacy))
-    torch.save(TinyNet(n_features=99).state_dict(), _model_pt(tmp_path, version))
+    rewritten = json.loads(card_path.read_text())
+    rewritten["files"]["model.pt"] = registry.file_entry(buffer.getvalue())  # hash and card digest recomputed:
+    card_path.write_text(json.dumps(registry.seal_card(rewritten)))  # only the shape check can tell
     with pytest.raises(registry.CorruptModel, match=r"m v0001: .* not the weights of a TinyNet with 140 features"):
         registry.load_state_dict(reg, "m", version)
 
