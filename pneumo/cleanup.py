@@ -111,7 +111,7 @@ def finish_run(workdir: str, run_id: str, state: str, **used: Any) -> None:
         try:
             record = storage.read_json(uri)
         except FileNotFoundError:
-            record = {"run_id": run_id}
+            return  # the run failed before it started its record (a bad parameter): no workdir to write into
         record.update(used, state=state, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         storage.write_json(uri, record)
 
