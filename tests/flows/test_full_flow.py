@@ -13,6 +13,7 @@ from flows.full import full
 from pneumo import shard_files
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES
 from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
@@ -82,9 +83,13 @@ def test_first_run_card_has_cis_history_threshold_and_pictures_beside_it(first_r
     workdir, _, _ = first_run
     folder = workdir / "registry" / "tinynet" / "v0001"
     card = json.loads((folder / "card.json").read_text())
-    assert card["threshold"] == 0.5 and card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    # The default recipe chooses its threshold on the stress val; every reported metric uses it.
+    assert card["config"]["train"]["threshold_rule"] == RECIPES[DEFAULT_RECIPE].train.threshold_rule == "stress_youden"
+    assert 0 < card["threshold"] < 1
     for split in ("val", "test"):
         metrics = card["metrics"][split]
+        assert metrics["threshold"] == card["threshold"]
         low, high = metrics["ci95"]["accuracy"]
         assert low <= metrics["accuracy"] <= high
     assert [h["epoch"] for h in card["training"]["history"]] == list(range(1, card["training"]["epochs_run"] + 1))
