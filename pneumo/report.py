@@ -162,7 +162,8 @@ def _threshold(card: dict[str, Any]) -> str:
         )
     if isinstance(how, dict):
         how = "; ".join(f"{k}: {v}" for k, v in how.items())
-    return f"<p>PNEUMONIA when the probability is at least <b>{escape(str(threshold))}</b>: {escape(str(how))}.</p>"
+    shown = format_metric(threshold, 4) if isinstance(threshold, (int, float)) else str(threshold)
+    return f"<p>PNEUMONIA when the probability is at least <b>{escape(shown)}</b>: {escape(str(how))}.</p>"
 
 
 def _champion(card: dict[str, Any]) -> str:
