@@ -133,22 +133,13 @@ def _used(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record[key] for key in ("manifest_digest", "shards_digest") if key in record}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
 
 def is_live(record: dict[str, Any], now: float) -> bool:
     """A running record whose process still runs (same host) or that is not stale (another host)."""
     if record.get("state") != "running":
         return False
     if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        return _pid_alive(record["pid"])
+        return storage.pid_alive(record["pid"])
     try:
         started = datetime.fromisoformat(record["started_at"]).timestamp()
     except (KeyError, TypeError, ValueError):

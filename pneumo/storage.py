@@ -255,7 +255,8 @@ def temp_prefix() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid is alive on this machine (this process included)."""
     if pid == os.getpid():
         return True
     try:
@@ -285,7 +286,7 @@ def sweep_temporaries(root: str | Path, started: float, prune: Callable[[Path], 
                 continue
             path = here / name
             try:
-                if path.lstat().st_mtime >= started or (owned and _pid_alive(int(owned.group(1)))):
+                if path.lstat().st_mtime >= started or (owned and pid_alive(int(owned.group(1)))):
                     continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
