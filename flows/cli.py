@@ -21,6 +21,7 @@ import typer
 
 from flows import settings
 from flows.server_cli import server_app
+from pneumo.evaluate import format_metric
 
 DEFAULT_REGISTRY = "./pneumo-data/registry"  # {workdir}/registry of `pneumo run`'s default workdir
 SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM
@@ -112,7 +113,7 @@ def predict(
     for p in failed:
         typer.echo(f"pneumo: cannot score {p.input}: {p.error}", err=True)
     typer.echo(
-        f"{model_name} {predictor.version} (threshold {predictor.threshold:g}, {predictor.runtime}): "
+        f"{model_name} {predictor.version} (threshold {predictor.threshold:.4g}, {predictor.runtime}): "
         f"{len(results) - len(failed)} scored, {len(failed)} failed",
         err=True,
     )
@@ -187,7 +188,7 @@ def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
 
 def _metric(card: dict, split: str, name: str) -> str:
     value = (card.get("metrics", {}).get(split) or {}).get(name)
-    return "-" if value is None else f"{value:.3f}"
+    return "-" if value is None else format_metric(value)
 
 
 @models_app.command("list")
@@ -238,7 +239,7 @@ def models_show(
         f"{model_name} {card.get('version')}  (card schema {card.get('schema_version', 1)})",
         f"  created     {card.get('created_at')}",
         f"  recipe      {card.get('recipe', '-')}",
-        f"  threshold   {card.get('threshold', config.get('train', {}).get('threshold'))} ({card.get('threshold_rule', 'fixed')})",
+        f"  threshold   {format_metric(card.get('threshold', config.get('train', {}).get('threshold')), 4)} ({card.get('threshold_rule', 'fixed')})",
         f"  transform   {json.dumps(config.get('transform'))}",
         f"  train       {json.dumps(config.get('train'))}",
         f"  data        {json.dumps(card.get('data', {}).get('counts'))}",
