@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo import evaluate, shard_files, shift
+from pneumo import code_version, evaluate, shard_files, shift
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--set {assignment}: no setting {key}")
             target[field] = _value(text)
         transform, config = TransformConfig(**parts["transform"]), TrainConfig(**parts["train"])
-        index_uri, shard_seconds = build_shards(manifest, transform, str(args.workdir / "shards"), args.workers)
+        # Shards are reused only if written by this very code: their names know the settings, not the code.
+        shard_dir = args.workdir / "shards" / code_version()
+        index_uri, shard_seconds = build_shards(manifest, transform, str(shard_dir), args.workers)
         data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
         label = args.label or name
         runs = []

@@ -53,8 +53,9 @@ class RunSettings(BaseModel):
     recipe: RecipeName = Field(
         DEFAULT_RECIPE,
         description="Transform and training preset: 'seed' is the faithful port of the seed, 'robust' adds shape "
-        "features, augmented renditions and class-weighted BCE, 'robust2' (the default) trains it on renditions that "
-        "also change the aspect ratio and blur, averages its weights and chooses its threshold on the stress val; "
+        "features, augmented renditions and class-weighted BCE, 'robust2' trains it on renditions that "
+        "also change the aspect ratio and blur, averages its weights and chooses its threshold on the stress val, "
+        "'robust3' (the default) does the same on films whose flat border bars are cut; "
         "the options below override its values",
     )
     percentile: float = Field(75.0, gt=0, lt=100, description="Image-size percentile that sets the resize target")

@@ -83,6 +83,9 @@ class TransformConfig(_Config):
     )
     normalize: Literal["none", "zscore"] = Field("none", description="'zscore': each pooling part scaled to mean 0, sd 1 per image")
     cell_pixels: int = Field(16, ge=2, le=64, description="'resample': pixels per cell side of the resampled crop")
+    trim_padding: bool = Field(
+        False, description="'resample': cut flat bands (a scanner's or viewer's padding) off the picture's borders before the crop"
+    )
     augment: AugmentConfig = Field(AugmentConfig(), description="Ranges of the train renditions")
     renditions: int = Field(0, ge=0, le=32, description="Augmented renditions stored per train image beside the original; 0 = off")
     augment_seed: int = Field(0, ge=0, description="Seeds the renditions, with each image's sha256 and the rendition number")
@@ -109,10 +112,11 @@ class TransformConfig(_Config):
     @model_validator(mode="after")
     def _method_supports(self) -> "TransformConfig":
         # 'fast' and 'exact' are the seed's max-pool recipe; everything else needs the resampled crop.
-        if self.method != "resample" and (self.pooling != ("max",) or self.normalize != "none" or self.renditions):
+        resample_only = self.pooling != ("max",) or self.normalize != "none" or self.renditions or self.trim_padding
+        if self.method != "resample" and resample_only:
             raise ValueError(
                 f"method {self.method!r} computes the seed's max-pool features only; "
-                "use method='resample' for mean pooling, normalization or renditions"
+                "use method='resample' for mean pooling, normalization, renditions or trimmed padding"
             )
         return self
 

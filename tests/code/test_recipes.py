@@ -34,7 +34,7 @@ def test_the_seed_recipe_is_the_seed():
         recipe("nope")
 
 
-def test_robust_keeps_what_its_cards_say_and_robust2_is_the_default():
+def test_robust_and_robust2_keep_what_their_cards_say_and_robust3_is_the_default():
     """Cards name their recipe: "robust" must keep building last month's model, the new version has its own name."""
     old, old_train = recipe("robust")
     assert old.augment.model_dump() == {
@@ -44,10 +44,13 @@ def test_robust_keeps_what_its_cards_say_and_robust2_is_the_default():
     assert old.renditions == 6 and (old_train.epochs, old_train.patience, old_train.swa_start) == (40, 10, 0)
     assert old_train.threshold_rule == "fixed" and old_train.threshold == 0.5
     new, new_train = recipe("robust2")
-    assert DEFAULT_RECIPE == "robust2"
     assert new.row_settings() == old.row_settings()  # the same features at prediction: only training differs
     assert (new.augment.aspect, new.augment.blur, new.augment.zoom, new.renditions) == (0.2, 0.3, (0.85, 1.2), 12)
     assert (new_train.epochs, new_train.swa_start, new_train.threshold_rule) == (30, 11, "stress_youden")
+    assert not old.trim_padding and not new.trim_padding
+    assert DEFAULT_RECIPE == "robust3"
+    trimmed, trimmed_train = recipe("robust3")
+    assert trimmed == new.model_copy(update={"trim_padding": True}) and trimmed_train == new_train
     assert recipe("seed")[1].threshold_rule == "fixed"
 
 
@@ -62,7 +65,7 @@ def test_seed_features_of_real_images_are_unchanged(shared_data):
 
 
 def test_methods_that_only_max_pool_refuse_other_features():
-    for update in ({"pooling": ("max", "mean")}, {"normalize": "zscore"}, {"renditions": 2}):
+    for update in ({"pooling": ("max", "mean")}, {"normalize": "zscore"}, {"renditions": 2}, {"trim_padding": True}):
         with pytest.raises(ValueError, match="resample"):
             TransformConfig(**update)
     with pytest.raises(ValueError, match="pooling"):

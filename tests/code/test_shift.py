@@ -134,3 +134,50 @@ def test_the_stress_val_is_seeded_per_image_and_the_same_for_every_recipe_settin
     np.testing.assert_array_equal(shift.stress_features(gray, others, SHA), first)
     assert not np.array_equal(shift.stress_features(gray, config.model_copy(update={"shift_seed": 1}), SHA), first)
     assert not np.array_equal(shift.stress_features(gray, config, hashlib.sha256(b"another").hexdigest()), first)
+
+
+TRIMMED = ROBUST.model_copy(update={"trim_padding": True})
+
+
+@pytest.mark.parametrize("name", ["letterbox", "pillarbox"])
+def test_trimmed_padding_makes_bars_no_clue(gray, name):
+    """With trim_padding, a film padded with flat bars gives the features of the film itself."""
+    clean = augment.features(gray, TRIMMED, augment.Rendition())
+    np.testing.assert_array_equal(augment.features(gray, ROBUST, augment.Rendition()), clean)  # nothing to trim here
+    rows = dict(zip(shift.NAMES, shift.shift_features(gray, TRIMMED, SHA)))
+    np.testing.assert_array_equal(rows[name], clean)
+    untrimmed = dict(zip(shift.NAMES, shift.shift_features(gray, ROBUST, SHA)))
+    assert not np.allclose(untrimmed[name], clean, atol=0.05)  # without it, the bars show
+
+
+def test_padding_is_flat_alike_bands_at_the_borders_only(gray):
+    from pneumo.transform import PADDING_MOST, padding, trim_padding
+
+    assert padding(gray) == (0, 0, 0, 0)
+    framed = np.pad(gray, ((5, 0), (0, 9)), constant_values=1.0)
+    framed = np.pad(framed, ((0, 3), (2, 0)), constant_values=0.0)
+    assert padding(framed) == (5, 3, 2, 9)
+    np.testing.assert_array_equal(trim_padding(framed), gray)
+    # Bars added around a film's own flat band: both go, as the film's band alone would.
+    two = np.vstack([np.zeros((4, 224), np.float32), np.full((4, 224), 0.5, np.float32), gray])
+    assert padding(two) == (8, 0, 0, 0)
+    # A band that is not flat (a gradient, as the dark air above the shoulders) stays.
+    ramp = np.vstack([np.tile(np.linspace(0, 0.2, 224, dtype=np.float32), (6, 1)), gray])
+    assert padding(ramp) == (0, 0, 0, 0)
+    # At most PADDING_MOST of a side; a picture flat all over is left whole.
+    wide = np.pad(gray, ((300, 0), (0, 0)))
+    assert padding(wide)[0] == int(PADDING_MOST * wide.shape[0])
+    assert padding(np.full((50, 60), 0.4, np.float32)) == (0, 0, 0, 0)
+
+
+def test_trimmed_padding_on_real_films_cuts_what_the_scanner_added(shared_data):
+    """A real film: its own flat bands are cut; letterboxed, the same film is cut back to them."""
+    from pneumo.transform import padding
+
+    films = sorted((shared_data / "train" / "NORMAL").glob("*.jpeg"))[:60]
+    grays = [decode_gray(path.read_bytes(), TRIMMED) for path in films]
+    assert any(any(padding(g)) for g in grays) and not all(any(padding(g)) for g in grays)
+    for g in grays[:10]:
+        bars = shift._bars(0)(g, np.random.default_rng(0))
+        clean = augment.features(g, TRIMMED, augment.Rendition())
+        np.testing.assert_array_equal(augment.features(bars, TRIMMED, augment.Rendition()), clean)
