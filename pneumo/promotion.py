@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from pneumo import registry, shard_files, storage
 from pneumo.evaluate import format_metric, metrics
 from pneumo.model import predict_proba
-from pneumo.config import TransformConfig
+from pneumo.config import SplitConfig, TransformConfig
 from pneumo.evaluate import stress_predictions
 from pneumo.names import CHAMPION_METRICS, metric_label
 from pneumo.registry import CHAMPION, BrokenAlias, CorruptModel
@@ -38,14 +38,28 @@ def comparable(scores: dict[str, Any]) -> dict[str, Any]:
     return {**scores["val"], **({"stress_roc_auc": stress["roc_auc"]} if "roc_auc" in stress else {})}
 
 
-def _same_rows(card: dict[str, Any], index_uri: str) -> bool:
-    """Whether the card's model reads val rows computed as this run's: same settings for an image's own
-    row (train renditions and the shift suite may differ, as between robust and robust2)."""
+def _same_rows(card: dict[str, Any], index: dict[str, Any]) -> bool:
+    """Whether the card's model reads val rows computed as this run's (``index``, the shards' index):
+    same settings for an image's own row (train renditions and the shift suite may differ, as
+    between robust and robust2)."""
     try:
         theirs = TransformConfig(**card["config"]["transform"])
     except (KeyError, TypeError, ValueError):
         return False
-    return theirs.row_settings() == TransformConfig(**shard_files.index_config(index_uri)["transform"]).row_settings()
+    return theirs.row_settings() == TransformConfig(**index["transform"]).row_settings()
+
+
+def _same_val_images(card: dict[str, Any], index: dict[str, Any]) -> bool:
+    """Whether the card's figures come from this run's val images and stress jitters: the same
+    data (manifest digest), split and shift seed."""
+    try:
+        return (
+            card["data"]["manifest_digest"] == index["manifest_digest"]
+            and SplitConfig(**card["config"]["split"]) == SplitConfig(**index["split_config"])
+            and card["config"]["transform"].get("shift_seed", 0) == index["transform"].get("shift_seed", 0)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def champion_val_metrics(
@@ -57,14 +71,18 @@ def champion_val_metrics(
     run's val split and stress val, so that both models are judged on the same images: new
     data also brings new val patients, and figures from two different val sets do not
     compare. Otherwise (or without ``index_uri``) its features are not comparable and its
-    card's figures are used. Its model file is verified either way (CorruptModel).
+    card's figures are used; the basis says whether they come from the same val images (same
+    data, split and stress jitters: a recipe change on unchanged data). Its model file is
+    verified either way (CorruptModel).
     """
     card = registry.load_card(registry_uri, model_name, version)
     state_dict = registry.load_state_dict(registry_uri, model_name, version)  # a corrupt champion is never compared
     if index_uri is None:
         return comparable(card["metrics"]), "champion's card"
-    if not _same_rows(card, index_uri):
-        return comparable(card["metrics"]), "champion's card (trained on features computed differently)"
+    index = shard_files.read_index(index_uri)
+    if not _same_rows(card, index):
+        where = "the same val images and stress jitters" if _same_val_images(card, index) else "other val images"
+        return comparable(card["metrics"]), f"champion's card ({where}, features computed differently)"
     val = shard_files.load_split(index_uri, "val")
     threshold = card.get("threshold", card["config"]["train"]["threshold"])
     scores = metrics(val.labels, predict_proba(state_dict, val.features), threshold)

@@ -13,6 +13,8 @@ every run of a recipe. Its features are stored in the val and test shards
 
 A model that is better on clean val but worse under these shifts is not better: the
 held-back films of another period differ from train in exactly such ways.
+A recipe that trims padding (``trim_padding``) cuts the letterbox and pillarbox bars before
+featurizing: for it those two shifts leave the film's own features, by construction.
 
 The stress val (``stress_features``) asks the same question with random draws instead of
 fixed ends: every val or test image under ``STRESS_RENDITIONS`` random strong jitters

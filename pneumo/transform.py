@@ -27,7 +27,8 @@ A third method, ``resample`` (the robust recipe's), decodes at a reduced scale
 (``images.decode_reduced``), resamples the crop to a canvas of ``cell_pixels`` per cell
 side (``Resampler``) and pools it with max and/or mean, each part z-scored per image if
 asked (``pool_features``). ``config.size`` does not matter to it: the cells cover the same
-parts of the film at any size. The same decoded picture serves its augmented renditions
+parts of the film at any size. With ``trim_padding`` the flat bars at the picture's borders
+(``padding``) are cut first. The same decoded picture serves its augmented renditions
 (pneumo.augment) and the shift suite (pneumo.shift).
 
 Opening and decoding files (the format allow-list, the refusals and their reasons, the

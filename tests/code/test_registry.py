@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pneumo import promotion, registry, storage
+from pneumo.config import SplitConfig
 from pneumo.model import TinyNet, predict_proba
 
 
@@ -416,7 +417,14 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
     other = {**card, "config": {**card["config"], "transform": TransformConfig(size=(100, 100)).model_dump(mode="json")}}
     version = registry.register(reg, "m", _weights(5), other)
     metrics, basis = promotion.champion_val_metrics(reg, "m", version, index_uri)
-    assert metrics == stale["val"] and "card" in basis
+    assert metrics == stale["val"] and basis == "champion's card (other val images, features computed differently)"
+
+    # ...and says when those figures come from this run's val images: same data, split and stress jitters.
+    same_data = {**other, "data": {"manifest_digest": "0" * 64}, "config": {**other["config"], "split": SplitConfig().model_dump(mode="json")}}
+    version = registry.register(reg, "m", _weights(6), same_data)
+    metrics, basis = promotion.champion_val_metrics(reg, "m", version, index_uri)
+    assert metrics == stale["val"]
+    assert basis == "champion's card (the same val images and stress jitters, features computed differently)"
 
 
 def test_model_ref_carries_the_cards_comparison(tmp_path):

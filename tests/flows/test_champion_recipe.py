@@ -29,12 +29,12 @@ def test_a_default_run_becomes_champion_over_an_old_robust_champion_on_the_stres
     new = _run(subset_source, workdir)  # every default: recipe, champion metric
     card = json.loads(Path(new["card"]).read_text())
     comparison = card["champion_comparison"]
-    assert card["recipe"] == DEFAULT_RECIPE == "robust2"
+    assert card["recipe"] == DEFAULT_RECIPE == "robust3"
     assert comparison["metric"] == "stress_roc_auc" and comparison["decided_by"] == "stress-val roc_auc"
     assert comparison["champion_version"] == "v0001" and comparison["promoted"], comparison
-    # The old champion was scored again on this run's stress val: the same images and jitters as its own
-    # card's stress val (robust and robust2 compute val rows alike), so the same AUC.
-    assert comparison["basis"] == "re-scored on this run's val split and stress val"
+    # robust3 cuts flat border bars, robust does not: the old champion cannot read this run's rows, so its
+    # card decides, and its card's stress val is this run's (same data, split and jitters).
+    assert comparison["basis"] == "champion's card (the same val images and stress jitters, features computed differently)"
     assert comparison["champion_value"] == pytest.approx(old_card["metrics"]["stress_val"]["roc_auc"], abs=1e-12)
     assert comparison["challenger_value"] == card["metrics"]["stress_val"]["roc_auc"] > comparison["champion_value"]
     assert registry.get_alias(str(workdir / "registry"), "tinynet", "champion") == new["version"] == "v0002"

@@ -3,7 +3,8 @@
 How it is trained (the library's own stages, no Prefect): about 1,500 films of whole patients
 (750 per class, chosen by a hash of the patient id) copied from the shared train split; the
 manifest; the shard stage (``pneumo.shards.run``) with the default recipe's transform
-(``robust2``: 12 augmented renditions per train film, aspect jitter included) and the default
+(``robust3``: flat border bars cut, 12 augmented renditions per train film, aspect jitter
+included) and the default
 patient-grouped split (val 10 %, test 15 % of the patients); then ``pneumo.train.train`` with
 the recipe's training config cut to 15 epochs (patience 5; the weights of epochs 11-15
 averaged) to keep the fixture short; the threshold is 0.5. The films scored by the tests
