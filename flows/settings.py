@@ -229,9 +229,15 @@ def _cli_default(option: Option) -> Any:
     return value
 
 
+def both_ways(option: Option) -> bool:
+    """Whether a yes/no setting takes both flags (--trim-padding/--no-trim-padding): recipes differ on it."""
+    return unwrap_optional(option.annotation) is bool and bool(recipe_note(option))
+
+
 def flag_of(option: Option) -> str:
-    """The option as typed: its flag, or for a setting that is on by default, the flag that turns it off."""
-    if unwrap_optional(option.annotation) is bool and default_of(option):
+    """The option as typed: its flag, or for a setting that is on by default, the flag that turns it off
+    (a setting on which recipes differ has both)."""
+    if unwrap_optional(option.annotation) is bool and default_of(option) and not both_ways(option):
         return f"--no-{option.flag[2:]}"
     return option.flag
 
@@ -271,6 +277,14 @@ def command_parameters() -> list[inspect.Parameter]:
                 if not all(f"'{choice}'" in help_text for choice in choices):
                     help_text += f" (one of {', '.join(choices)})"
         default = _cli_default(option)
+        if cli_type is bool and both_ways(option):  # --trim-padding, and --no-trim-padding (hidden: --help's columns stay narrow)
+            shown = "on" if default_of(option) else "off"
+            info = typer.Option(option.flag, rich_help_panel=PANELS[option.path[0]], help=(
+                f"{help_text[0].upper()}{help_text[1:]}{recipe_note(option)}; --no-{option.flag[2:]} turns it off \\[default: {shown}]"))
+            parameters.append(inspect.Parameter(parameter_name(option), keyword, default=False, annotation=Annotated[bool, info]))
+            info = typer.Option(f"--no-{option.flag[2:]}", hidden=True)
+            parameters.append(inspect.Parameter(f"no_{parameter_name(option)}", keyword, default=False, annotation=Annotated[bool, info]))
+            continue
         if cli_type is bool:  # a flag that turns the default over: --retrain, --no-shift-suite
             if default_of(option):
                 help_text = f"Turn off what is on by default: {help_text[0].lower()}{help_text[1:]}"
@@ -332,14 +346,26 @@ def parse(argv: list[str], prog: str = "pneumo run") -> Optional[Settings]:
     return from_command(ctx, ctx.params)
 
 
+def _typed(ctx: Any, name: str) -> bool:
+    """Whether the parameter ``name`` was given on the command line (click's parameter source)."""
+    source = ctx.get_parameter_source(name)  # an enum of Typer's own click
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def from_command(ctx: Any, values: dict[str, Any]) -> Optional[Settings]:
     """Settings from the command's values (only those given on the command line) and --config;
     None after --print-config printed them. Raises UsageError."""
     given = _read_config_file(str(values["config"])) if values.get("config") else {}
     for option in OPTIONS:
         name = parameter_name(option)
-        source = ctx.get_parameter_source(name)  # an enum of Typer's own click
-        if source is not None and source.name == "COMMANDLINE":
+        if both_ways(option):  # --trim-padding or --no-trim-padding
+            typed = [value for value, flag in ((True, name), (False, f"no_{name}")) if _typed(ctx, flag)]
+            if len(typed) > 1:
+                raise UsageError(f"{option.flag} and --no-{option.flag[2:]} contradict each other: give one")
+            if typed:
+                given[option.path] = typed[0]
+            continue
+        if _typed(ctx, name):
             flag = unwrap_optional(option.annotation) is bool
             given[option.path] = (not default_of(option)) if flag else _plain(values[name])
     settings = resolve(given, verbose=bool(values.get("verbose")))

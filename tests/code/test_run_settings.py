@@ -89,6 +89,17 @@ def test_flags_turn_the_default_over():
     assert not untouched.run.retrain and untouched.transform == RECIPES[DEFAULT_RECIPE].transform
 
 
+def test_a_setting_the_recipes_differ_on_takes_both_flags():
+    assert parse([]).transform.trim_padding is RECIPES[DEFAULT_RECIPE].transform.trim_padding is True
+    assert parse(["--recipe", "robust2", "--trim-padding"]).transform.trim_padding is True
+    assert parse(["--recipe", "robust2"]).transform.trim_padding is False
+    assert parse(["--no-trim-padding"]).transform.trim_padding is False
+    with pytest.raises(settings.UsageError, match="contradict"):
+        parse(["--trim-padding", "--no-trim-padding"])
+    with pytest.raises(settings.UsageError, match="trimmed padding"):  # the seed's fast method cannot
+        parse(["--recipe", "seed", "--trim-padding"])
+
+
 def test_predict_and_promote_help_read_cleanly():
     predict = help_text(*pneumo_command("predict"))
     assert "Alias to load (unless --version is given)." in predict and "[default: champion]" in predict
