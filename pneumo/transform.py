@@ -307,12 +307,8 @@ def padding(gray: np.ndarray) -> tuple[int, int, int, int]:
     cut = [0, 0, 0, 0]
     while True:
         inside = gray[cut[0] : height - cut[1], cut[2] : width - cut[3]]
-        more = [
-            _flat_band(lines[order], most[side] - cut[side])
-            for side, (lines, order) in enumerate(
-                (lines, order) for lines in (inside, inside.T) for order in (slice(None), slice(None, None, -1))
-            )
-        ]
+        sides = (inside, inside[::-1], inside.T, inside.T[::-1])  # top, bottom, left, right: border line first
+        more = [_flat_band(lines, most[side] - cut[side]) for side, lines in enumerate(sides)]
         if not any(more):
             return tuple(cut)
         cut = [c + m for c, m in zip(cut, more)]
