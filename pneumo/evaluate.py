@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
 
 # scikit-learn and the model (torch) are imported where they are used: a run that trains and
 # scores nothing (a cached re-run, the CLI's summary) then starts without them (seconds).
@@ -281,14 +280,9 @@ class Evaluation:
     threshold_rule: str = "fixed"  # how the threshold was chosen (TrainConfig.threshold_rule)
 
     def card_fields(self, plots: list[str] = ()) -> dict[str, Any]:
-        """Top-level card keys besides ``metrics`` (pass ``self.metrics``) and ``training.history``."""
-        return {
-            "threshold": self.threshold,
-            "threshold_rule": self.threshold_rule,
-            "labels": dict(LABELS),
-            "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
-            "plots": list(plots),
-        }
+        """The card fields the evaluation alone writes: the threshold it scored with, its rule, the pictures.
+        ``metrics`` (pass ``self.metrics``) and ``training.history`` are placed by the caller; labels by the registry."""
+        return {"threshold": self.threshold, "threshold_rule": self.threshold_rule, "plots": list(plots)}
 
 
 def evaluate_model(

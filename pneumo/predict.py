@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image
-from pydantic import ValidationError
 
 from pneumo import registry as reg
 from pneumo import storage
@@ -81,43 +80,31 @@ class Prediction:
         return asdict(self)
 
 
-def transform_config(card: dict[str, Any], where: str = "card") -> TransformConfig:
-    """The card's full transform config, with anything that only augments training switched off."""
-    data = dict(card["config"]["transform"])
-    if "renditions" in TransformConfig.model_fields:  # extra augmented copies: training only
-        data["renditions"] = 0
-    try:
-        return TransformConfig(**data)
-    except ValidationError as error:
-        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
-        raise CardError(
-            f"{where}: config.transform does not fit this pneumo's TransformConfig (field(s) {fields}): {error}"
-        ) from None
+def transform_config(card: reg.CardContent) -> TransformConfig:
+    """The card's full transform config, with anything that only augments training switched off.
+    (A transform that does not fit this pneumo's TransformConfig was refused when the card was read.)"""
+    return card.config.transform.model_copy(update={"renditions": 0})  # extra augmented copies: training only
 
 
-def check_card(card: dict[str, Any], where: str = "card") -> None:
-    """Refuse a card that lacks what prediction needs, naming each missing field."""
-    missing = []
-    if not isinstance(card.get("schema_version"), int):
-        missing.append("schema_version")
-    threshold = card.get("threshold")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-        missing.append("threshold")
-    if not isinstance((card.get("config") or {}).get("transform"), dict):
-        missing.append("config.transform")
+def check_card(card: reg.CardContent, where: str = "card") -> None:
+    """Refuse a card that lacks what prediction needs, naming each missing field.
+    (Their values were checked when the card was read: a threshold between 0 and 1, ...)"""
+    missing = [name for name, value in (
+        ("schema_version", card.schema_version),
+        ("threshold", card.threshold),
+        ("config.transform", card.config.transform if card.config else None),
+    ) if value is None]
     if missing:
         raise CardError(
             f"{where} cannot be used for prediction: its card lacks {', '.join(missing)} "
-            f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {OLDEST_CARD_SCHEMA}). "
+            f"(an older card, schema_version {card.schema_version or 1}; prediction needs {OLDEST_CARD_SCHEMA}). "
             "Train and register a new version with this pneumo (pneumo run --retrain)."
         )
-    if card["schema_version"] < OLDEST_CARD_SCHEMA:
+    if card.schema_version < OLDEST_CARD_SCHEMA:
         raise CardError(
-            f"{where} has an older card (schema_version {card['schema_version']}; prediction needs "
+            f"{where} has an older card (schema_version {card.schema_version}; prediction needs "
             f"{OLDEST_CARD_SCHEMA}). Train and register a new version with this pneumo (pneumo run --retrain)."
         )
-    if not 0.0 < threshold < 1.0:
-        raise CardError(f"{where}: card threshold {threshold!r} is not between 0 and 1")
 
 
 def resolve_version(registry: str, model_name: str, alias: Optional[str], version: Optional[str]) -> str:
@@ -150,7 +137,7 @@ class Predictor:
     def __init__(
         self,
         state_dict: Optional[dict[str, torch.Tensor]],
-        card: dict[str, Any],
+        card: reg.CardContent | dict[str, Any],
         *,
         model_name: str,
         version: str,
@@ -158,16 +145,17 @@ class Predictor:
         onnx: Optional[OnnxModel] = None,
     ):
         where = f"{model_name} {version}"
-        try:
-            reg.check_card_content(card, where)  # labels, threshold, transform: no request may fail on them
-        except reg.CorruptCard as error:
-            raise CardError(str(error)) from None
+        if not isinstance(card, reg.CardContent):  # a card built by hand: the checks of a loaded one
+            try:
+                card = reg.check_card_content(card, where)  # labels, threshold, transform: no request may fail on them
+            except reg.CorruptCard as error:
+                raise CardError(str(error)) from None
         check_card(card, where)
         self.card = card
         self.model_name, self.version = model_name, version
-        self.threshold = float(card["threshold"])
-        self.labels = {int(k): v for k, v in (card.get("labels") or LABELS).items()}
-        config = transform_config(card, where)
+        self.threshold = float(card.threshold)
+        self.labels = {int(k): v for k, v in (card.labels or LABELS).items()}
+        config = transform_config(card)
         if max_pixels is not None and max_pixels < config.max_pixels:
             config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
         self.config = config
@@ -211,7 +199,7 @@ class Predictor:
         check_card(card, f"{model_name} {version}")
         try:
             onnx = None
-            if runtime == "auto" and onnx_model.ONNX_NAME in (card.get("files") or {}) and onnx_model.available():
+            if runtime == "auto" and onnx_model.ONNX_NAME in card.files and onnx_model.available():
                 onnx = OnnxModel(reg.read_verified(registry, model_name, version, onnx_model.ONNX_NAME, card))
             if onnx is not None:
                 # model.pt is checked too: a version whose files differ from its card is refused, whichever runs.
@@ -236,12 +224,12 @@ class Predictor:
             **self.model,
             "threshold": self.threshold,
             "labels": {str(k): v for k, v in self.labels.items()},
-            "recipe": card.get("recipe"),
-            "created_at": card.get("created_at"),
-            "schema_version": card.get("schema_version"),
+            "recipe": card.recipe,
+            "created_at": card.created_at,
+            "schema_version": card.schema_version,
             "transform": self.config.model_dump(mode="json"),
             "metrics": {
-                split: {k: v for k, v in (card.get("metrics", {}).get(split) or {}).items() if not isinstance(v, (dict, list))}
+                split: {k: v for k, v in (card.metrics.get(split) or {}).items() if not isinstance(v, (dict, list))}
                 for split in ("val", "test")
             },
         }

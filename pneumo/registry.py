@@ -27,6 +27,7 @@ not score.
 
 from __future__ import annotations
 
+import copy
 import getpass
 import hashlib
 import hmac
@@ -38,9 +39,9 @@ import re
 import socket
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator
 
 import pneumo
 from pneumo import storage
@@ -86,8 +87,9 @@ class VersionNotFound(FileNotFoundError):
 
 
 # --- The card's schema ------------------------------------------------------------------------
-# Every field prediction or the commands read is typed; fields this pneumo does not know (a
-# later one's additions) are allowed, and the digest covers them all the same.
+# Every field a reader uses is typed; fields this pneumo does not know (a later one's additions)
+# are allowed, and the digest covers them all the same. The JSON on disk is what is sealed: a
+# parsed card keeps it (``as_json``), so that reading a card never changes its bytes.
 
 
 class FileEntry(BaseModel):
@@ -98,22 +100,81 @@ class FileEntry(BaseModel):
 
 
 class CardConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """What the version was made with; train and split stay as recorded (their defaults move)."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    recipe: Optional[str] = None
     transform: Optional[TransformConfig] = None
+    train: Optional[dict[str, Any]] = None
+    split: Optional[dict[str, Any]] = None
+
+
+class CardTraining(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    best_epoch: Optional[int] = None
+    epochs_run: Optional[int] = None
+    stopped_early: Optional[bool] = None
+    n_train: Optional[int] = None
+    seconds: Optional[float] = None
+    history: list[dict[str, Any]] = []
+    averaged_from: Optional[int] = None
+
+
+class CardData(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    manifest_digest: Optional[str] = None
+    shards_digest: Optional[str] = None
+    counts: Optional[dict[str, dict[str, int]]] = None
+
+
+class ChampionComparison(BaseModel):
+    """The champion/challenger decision as it stood at registration (``promotion.Decision``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    metric: Optional[str] = None
+    split: Optional[str] = None
+    decided_by: Optional[str] = None
+    challenger_value: Optional[float] = None
+    champion_version: Optional[str] = None
+    champion_value: Optional[float] = None
+    basis: Optional[str] = None
+    promoted: Optional[bool] = None
+    reason: Optional[str] = None
+    notes: list[str] = []
 
 
 class CardContent(BaseModel):
     """What a card may hold; a field that is present must be valid (labels, threshold, transform...)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     schema_version: Optional[StrictInt] = Field(None, ge=1)
+    model_name: Optional[str] = None
+    version: Optional[str] = Field(None, pattern=_VERSION.pattern)
+    created_at: Optional[str] = None
+    recipe: Optional[str] = None
     threshold: Optional[float] = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False, strict=True)
+    threshold_rule: Optional[str] = None
+    threshold_choice: Any = None  # older recipes said in words (or a dict) how the threshold was chosen
     labels: Optional[dict[Literal["0", "1"], str]] = None
+    confusion_matrix_layout: Optional[str] = None
+    n_parameters: Optional[int] = None
     config: Optional[CardConfig] = None
-    metrics: Optional[dict[str, Optional[dict[str, Any]]]] = None
+    metrics: dict[str, Optional[dict[str, Any]]] = {}
+    training: Optional[CardTraining] = None
+    data: Optional[CardData] = None
+    code_version: Optional[str] = None
     files: Optional[dict[str, FileEntry]] = None
+    export: Optional[dict[str, Any]] = None
+    warnings: list[str] = []
+    plots: list[str] = []
+    champion_comparison: Optional[ChampionComparison] = None
+
+    _json: Optional[dict[str, Any]] = PrivateAttr(None)
 
     @field_validator("labels")
     @classmethod
@@ -125,6 +186,29 @@ class CardContent(BaseModel):
         if not all(name.strip() for name in labels.values()) or labels["0"] == labels["1"]:
             raise ValueError(f"the two label names must be distinct and not blank, got {labels}")
         return labels
+
+    @classmethod
+    def from_json(cls, card: Any, where: str = "card") -> Self:
+        """The card parsed from its JSON object; CorruptCard naming each field that does not fit."""
+        if not isinstance(card, dict):
+            raise CorruptCard(f"{where}: a card must be a JSON object, got {type(card).__name__}")
+        try:
+            parsed = cls.model_validate(card)
+        except ValidationError as error:
+            raise CorruptCard(f"{where} does not fit the card schema: {_schema_problems(error)}") from None
+        parsed._json = card
+        return parsed
+
+    def as_json(self) -> dict[str, Any]:
+        """The card as written (a copy): what its digest covers and ``models show --json`` prints."""
+        return copy.deepcopy(self._json) if self._json is not None else self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def decision_threshold(self) -> Optional[float]:
+        """The threshold every metric and prediction used; cards before ``threshold`` kept it in config.train."""
+        if self.threshold is not None:
+            return self.threshold
+        return ((self.config.train if self.config else None) or {}).get("threshold")
 
 
 class Card(CardContent):
@@ -147,14 +231,9 @@ def _schema_problems(error: ValidationError) -> str:
     return "; ".join(f"field {'.'.join(str(p) for p in e['loc']) or 'card'}: {e['msg']}" for e in error.errors())
 
 
-def check_card_content(card: Any, where: str = "card") -> None:
-    """Refuse (CorruptCard) a card whose fields would fail prediction: labels, threshold, transform, ..."""
-    if not isinstance(card, dict):
-        raise CorruptCard(f"{where}: a card must be a JSON object, got {type(card).__name__}")
-    try:
-        CardContent.model_validate(card)
-    except ValidationError as error:
-        raise CorruptCard(f"{where} does not fit the card schema: {_schema_problems(error)}") from None
+def check_card_content(card: Any, where: str = "card") -> CardContent:
+    """The card's content, parsed; CorruptCard for fields that would fail prediction: labels, threshold, transform, ..."""
+    return CardContent.from_json(card, where)
 
 
 # --- The card's digest ------------------------------------------------------------------------
@@ -250,13 +329,68 @@ def file_entry(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+def _weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(dict(state_dict), buffer)
+    return buffer.getvalue()
+
+
+def _files_to_write(card: dict[str, Any], state_dict: dict[str, torch.Tensor], extra_files: Optional[dict[str, bytes]]) -> dict[str, bytes]:
+    """model.pt, the extra files and model.onnx (or why not, in ``card["export"]``): every file before the card."""
+    from pneumo import export
+
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if name in ("model.pt", "card.json", "promotion.json"):
+            raise ValueError(f"extra file {name!r} would replace a file the registry writes itself")
+        validate_model_name(name, what="file name")
+    if "model.onnx" not in extra_files:
+        onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
+        if onnx_model is not None:
+            extra_files["model.onnx"] = onnx_model
+    return {"model.pt": _weights_bytes(state_dict), **extra_files}
+
+
+def _unsealed_card(card: dict[str, Any], model_name: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """The card as it will be written, without its version: files listed, checked, JSON round-tripped."""
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    listed = {name: file_entry(data) for name, data in files.items()}
+    full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **listed}, "model_name": model_name}
+    full_card.pop(INTEGRITY, None)  # sealed once the version is known
+    # A card that cannot be written, or would fail on load, fails before a number is claimed;
+    # the round trip makes the sealed fields exactly those a reader will parse back.
+    full_card = json.loads(json.dumps(full_card))
+    check_card_content(full_card, f"the card of a new {model_name} version")
+    return full_card
+
+
+def _write_version(
+    folder: str, version: str, files: dict[str, bytes], card: dict[str, Any],
+    render_files: Optional[Callable[[Card], dict[str, bytes]]],
+) -> None:
+    """Every file of ``version``, create-if-absent, the sealed card last; AlreadyExists if the number is taken."""
+    for name, data in files.items():  # model.pt first: it claims the number
+        storage.write_bytes(storage.join(folder, name), data, if_absent=True)
+    final_card = {**card, "version": version}
+    rendered = render_files(Card.from_json(final_card)) if render_files else {}
+    if set(rendered) & set(final_card["files"]) or set(rendered) & {"card.json", "promotion.json"}:
+        raise ValueError(f"rendered files {sorted(rendered)} would replace files of the version")
+    for name, data in rendered.items():
+        storage.write_bytes(storage.join(folder, name), data, if_absent=True)
+    final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
+    sealed = seal_card(final_card, registry_key())  # last: the digest covers every file entry
+    storage.write_json(storage.join(folder, "card.json"), sealed, if_absent=True)
+
+
 def register(
     registry: str,
     model_name: str,
     state_dict: dict[str, torch.Tensor],
     card: dict[str, Any],
     extra_files: Optional[dict[str, bytes]] = None,
-    render_files: Optional[Callable[[dict[str, Any]], dict[str, bytes]]] = None,
+    render_files: Optional[Callable[[Card], dict[str, bytes]]] = None,
 ) -> str:
     """Store a new version and return its name, e.g. "v0003".
 
@@ -268,60 +402,24 @@ def register(
     the card as it will be written (its version and ``files`` known, e.g. ``report.html``);
     they are written last before the card and listed in its ``files`` too.
     """
-    import torch
-
-    from pneumo import export
-
     if not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
-
-    buffer = io.BytesIO()
-    torch.save(dict(state_dict), buffer)
-    weights = buffer.getvalue()
-    extra_files = dict(extra_files or {})
-    for name in extra_files:
-        if name in ("model.pt", "card.json", "promotion.json"):
-            raise ValueError(f"extra file {name!r} would replace a file the registry writes itself")
-        validate_model_name(name, what="file name")
-
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     card = dict(card)
-    if "model.onnx" not in extra_files:
-        onnx_model = export.add_onnx(card, state_dict)  # model.onnx beside model.pt, or why not
-        if onnx_model is not None:
-            extra_files["model.onnx"] = onnx_model
-    files = {"model.pt": file_entry(weights), **{name: file_entry(data) for name, data in extra_files.items()}}
-    full_card = {"created_at": created, **card, "files": {**card.get("files", {}), **files}, "model_name": model_name}
-    full_card.pop(INTEGRITY, None)  # sealed below, once the version is known
-    # A card that cannot be written, or would fail on load, fails before a number is claimed;
-    # the round trip makes the sealed fields exactly those a reader will parse back.
-    full_card = json.loads(json.dumps(full_card))
-    check_card_content(full_card, f"the card of a new {model_name} version")
-
+    files = _files_to_write(card, state_dict, extra_files)
+    full_card = _unsealed_card(card, model_name, files)
     numbers = [int(v[1:]) for v, _ in _version_files(registry, model_name)]
     number = max(numbers, default=0) + 1
     for _ in range(MAX_ATTEMPTS):
         version = _version_name(number)
         folder = storage.join(_model_root(registry, model_name), version)
+        number += 1
         if storage.is_link(folder):  # never write through a link, out of the registry
-            number += 1
             continue
         try:
-            storage.write_bytes(storage.join(folder, "model.pt"), weights, if_absent=True)
-            for name, data in extra_files.items():
-                storage.write_bytes(storage.join(folder, name), data, if_absent=True)
-            final_card = {**full_card, "version": version}
-            rendered = render_files(final_card) if render_files else {}
-            if set(rendered) & set(final_card["files"]) or set(rendered) & {"card.json", "promotion.json"}:
-                raise ValueError(f"rendered files {sorted(rendered)} would replace files of the version")
-            for name, data in rendered.items():
-                storage.write_bytes(storage.join(folder, name), data, if_absent=True)
-            final_card["files"] = {**final_card["files"], **{name: file_entry(data) for name, data in rendered.items()}}
-            sealed = seal_card(final_card, registry_key())  # last: the digest covers every file entry
-            storage.write_json(storage.join(folder, "card.json"), sealed, if_absent=True)
+            _write_version(folder, version, files, full_card, render_files)
             return version
         except storage.AlreadyExists:
-            number += 1
+            continue
     raise RuntimeError(
         f"could not register {model_name!r} in {registry}: {MAX_ATTEMPTS} version numbers in a row were taken"
     )
@@ -499,7 +597,7 @@ def _refuse_links(registry: str, model_name: str, version: str, file_name: str) 
             raise CorruptCard(f"{model_name} {version}: {uri} is a symbolic link (to {os.readlink(uri)}): refused")
 
 
-def load_card(registry: str, model_name: str, version: str) -> dict[str, Any]:
+def load_card(registry: str, model_name: str, version: str) -> Card:
     """The card of a version (``version`` may also be an alias), verified: not a link, valid
     JSON, its digest (and HMAC, with PNEUMO_REGISTRY_KEY set) intact, its schema met.
     Raises CorruptCard naming the file otherwise."""
@@ -508,38 +606,34 @@ def load_card(registry: str, model_name: str, version: str) -> dict[str, Any]:
     _refuse_links(registry, model_name, version, "card.json")
     where = f"{model_name} {version}: {uri}"
     try:
-        card = json.loads(storage.read_bytes(uri))
+        data = json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         raise FileNotFoundError(f"no version {version!r} of {model_name} in {registry} ({uri} is missing)") from None
     except (ValueError, UnicodeDecodeError) as error:  # truncated or not JSON
         raise CorruptCard(f"{where} is not a readable card: {type(error).__name__}: {error}") from None
-    if not isinstance(card, dict):
-        raise CorruptCard(f"{where} is not a card: a JSON {type(card).__name__}, not an object")
-    check_seal(card, where, registry_key())
-    try:
-        Card.model_validate(card)
-    except ValidationError as error:
-        raise CorruptCard(f"{where} does not fit the card schema: {_schema_problems(error)}") from None
-    if card["version"] != version or card["model_name"] != model_name:  # a card copied from another version
-        raise CorruptCard(f"{where} is the card of {card['model_name']} {card['version']}, not of {model_name} {version}")
+    if not isinstance(data, dict):
+        raise CorruptCard(f"{where} is not a card: a JSON {type(data).__name__}, not an object")
+    check_seal(data, where, registry_key())  # over the bytes as written, before anything is parsed
+    card = Card.from_json(data, where)
+    if card.version != version or card.model_name != model_name:  # a card copied from another version
+        raise CorruptCard(f"{where} is the card of {card.model_name} {card.version}, not of {model_name} {version}")
     return card
 
 
-def verify_version(registry: str, model_name: str, version: str) -> dict[str, Any]:
+def verify_version(registry: str, model_name: str, version: str) -> Card:
     """The card of a version whose every listed file is present, unlinked and has the recorded
     sha256 and size (model.pt's shapes are checked by ``load_state_dict``); CorruptModel otherwise."""
     card = load_card(registry, model_name, version)
-    for name in card["files"]:
+    for name in card.files:
         read_verified(registry, model_name, version, name, card)
     return card
 
 
-def _expected_n_features(card: dict[str, Any], state_dict: dict[str, Any]) -> int | None:
-    transform = card.get("config", {}).get("transform")
+def _expected_n_features(card: Card, state_dict: dict[str, Any]) -> int | None:
+    transform = card.config.transform if card.config else None
     if transform:
         # Every part counts: the robust recipe pools max and mean, 2 x 70 features.
-        grid = transform.get("grid", (0, 0))
-        return int(grid[0]) * int(grid[1]) * len(transform.get("pooling", ("max",)))
+        return transform.grid[0] * transform.grid[1] * len(transform.pooling)
 
     weight = state_dict.get("hidden1.weight")  # cards without a transform: trust the first layer's width
     return int(weight.shape[1]) if hasattr(weight, "shape") and len(weight.shape) == 2 else None
@@ -564,21 +658,21 @@ def _check_tinynet_shapes(state_dict: Any, n_features: int | None) -> str | None
 
 
 def read_verified(
-    registry: str, model_name: str, version: str, name: str, card: Optional[dict[str, Any]] = None
+    registry: str, model_name: str, version: str, name: str, card: Optional[Card] = None
 ) -> bytes:
     """A file of a committed version (model.pt, model.onnx, ...), checked against the sha256 and
     size its card records; CorruptModel when they differ. Needs no torch."""
     card = card if card is not None else load_card(registry, model_name, version)
     uri = storage.join(_model_root(registry, model_name), _check_version(version), name)
     _refuse_links(registry, model_name, version, name)
-    expected = card["files"].get(name)
-    if expected is None:
+    listed = card.files.get(name)
+    if listed is None:
         raise CorruptModel(f"{model_name} {version}: {uri} is not listed in its card: nothing to check it against")
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise CorruptModel(f"{model_name} {version}: {uri} is missing (its card lists it)") from None
-    actual = file_entry(data)
+    actual, expected = file_entry(data), listed.model_dump()
     if actual != expected:
         raise CorruptModel(
             f"{model_name} {version}: {uri} is corrupt: expected sha256 {expected['sha256']} "
@@ -660,8 +754,8 @@ def model_ref(registry: str, model_name: str, version: str) -> ModelRef:
         version=version,
         card_uri=storage.join(folder, "card.json"),
         model_uri=storage.join(folder, "model.pt"),
-        metrics=card["metrics"],
-        champion_comparison=card.get("champion_comparison"),
+        metrics=card.metrics,
+        champion_comparison=card.as_json().get("champion_comparison"),
         promotion=read_promotion(registry, model_name, version),
     )
 
@@ -680,21 +774,20 @@ def build_card(
 ) -> dict[str, Any]:
     """The card of a new version; ``register`` adds ``model_name``, ``version`` and ``files``.
 
-    ``extra`` adds top-level keys (threshold, labels, plots, ...: ``Evaluation.card_fields``).
-
-    ``champion_comparison`` is the output of ``promotion.compare``: how the new model fared against
-    the champion when it was registered. ``extra`` keys (e.g. ``recipe``) are added as they
-    are. ``threshold`` is the one of ``config["train"]``, used for every metric.
+    ``champion_comparison`` is how the new model fared against the champion when it was
+    registered (``promotion.Decision.to_json``). ``extra`` adds the fields other writers own,
+    as they are: the evaluation's (threshold, threshold_rule, plots: ``Evaluation.card_fields``),
+    the recipe, warnings... A field written here is never written by ``extra`` too (ValueError):
+    each field of a card has one writer.
     """
     from pneumo.model import TinyNet, keras_parameter_count
 
     model = TinyNet(n_features=state_dict["hidden1.weight"].shape[1])
     model.load_state_dict(state_dict)
-    return {
+    card = {
         "schema_version": CARD_SCHEMA_VERSION,
         "labels": LABELS,
         "confusion_matrix_layout": CONFUSION_MATRIX_LAYOUT,
-        "threshold": config.get("train", {}).get("threshold"),
         "n_parameters": keras_parameter_count(model),
         "metrics": metrics,
         "training": training,
@@ -703,7 +796,8 @@ def build_card(
         "code_version": pneumo.code_version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "champion_comparison": champion_comparison,
-        **extra,
     }
-
-
+    twice = sorted(card.keys() & extra.keys())
+    if twice:
+        raise ValueError(f"card field(s) {', '.join(twice)} would be written twice: build_card writes them")
+    return {**card, **extra}

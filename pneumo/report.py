@@ -16,6 +16,8 @@ from html import escape
 from typing import Any
 
 from pneumo.evaluate import CI_METRICS, format_metric
+from pneumo.labels import LABELS
+from pneumo.registry import CardContent, CardData, CardTraining
 
 REPORT_NAME = "report.html"
 
@@ -44,9 +46,9 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; 
 """
 
 
-def render(card: dict[str, Any], pictures: dict[str, bytes]) -> str:
+def render(card: CardContent, pictures: dict[str, bytes]) -> str:
     """The report of the version ``card`` describes (a full card: ``register`` adds version and files)."""
-    name, version = card.get("model_name", "model"), card.get("version", "?")
+    name, version = card.model_name or "model", card.version or "?"
     title = f"{name} {version}"
     sections = [
         f"<h1>{escape(title)}</h1>",
@@ -66,7 +68,7 @@ def render(card: dict[str, Any], pictures: dict[str, bytes]) -> str:
         "<h2>Data and code</h2>",
         _provenance(card),
         "<h2>Config</h2>",
-        f"<pre>{escape(json.dumps(card.get('config', {}), indent=2, sort_keys=True))}</pre>",
+        f"<pre>{escape(json.dumps(card.as_json().get('config', {}), indent=2, sort_keys=True))}</pre>",
     ]
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -88,16 +90,17 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
     return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
-def _summary(card: dict[str, Any]) -> str:
-    training = card.get("training") or {}
+def _summary(card: CardContent) -> str:
+    training = card.training or CardTraining()
+    shown = {key: "-" if value is None else value for key, value in training}
+    recipe = card.recipe or (card.config.recipe if card.config else None)
     rows = [
-        ["created", escape(str(card.get("created_at", "-")))],
-        ["recipe", escape(str(card.get("recipe") or (card.get("config") or {}).get("recipe") or "-"))],
-        ["parameters", escape(f"{card['n_parameters']:,}" if isinstance(card.get("n_parameters"), int) else "-")],
+        ["created", escape(card.created_at or "-")],
+        ["recipe", escape(recipe or "-")],
+        ["parameters", escape("-" if card.n_parameters is None else f"{card.n_parameters:,}")],
         ["training", escape(
-            f"best epoch {training.get('best_epoch', '-')} of {training.get('epochs_run', '-')}"
-            f"{' (stopped early)' if training.get('stopped_early') else ''}, {training.get('n_train', '-')} rows, "
-            f"{training.get('seconds', '-')} s"
+            f"best epoch {shown['best_epoch']} of {shown['epochs_run']}"
+            f"{' (stopped early)' if training.stopped_early else ''}, {shown['n_train']} rows, {shown['seconds']} s"
         )],
     ]
     return _table(["", ""], rows, numeric=False)
@@ -110,8 +113,8 @@ def _with_ci(value: Any, interval: Any) -> str:
     return shown
 
 
-def _metrics_table(card: dict[str, Any]) -> str:
-    metrics = card.get("metrics") or {}
+def _metrics_table(card: CardContent) -> str:
+    metrics = card.metrics
     rows = []
     for split in ("val", "stress_val", "test"):  # stress_val: val under random strong jitters (pneumo.shift)
         m = metrics.get(split)
@@ -128,12 +131,12 @@ def _metrics_table(card: dict[str, Any]) -> str:
     return _table(["split", "n", *CI_METRICS], rows) + note
 
 
-def _confusion_matrices(card: dict[str, Any]) -> str:
-    labels = card.get("labels") or {"0": "NORMAL", "1": "PNEUMONIA"}
-    negative, positive = escape(labels.get("0", "0")), escape(labels.get("1", "1"))
+def _confusion_matrices(card: CardContent) -> str:
+    labels = card.labels or LABELS
+    negative, positive = escape(labels["0"]), escape(labels["1"])
     parts = []
     for split in ("val", "test"):
-        matrix = ((card.get("metrics") or {}).get(split) or {}).get("confusion_matrix")
+        matrix = (card.metrics.get(split) or {}).get("confusion_matrix")
         if not matrix:
             continue
         (tn, fp), (fn, tp) = matrix
@@ -147,10 +150,10 @@ def _confusion_matrices(card: dict[str, Any]) -> str:
     return "".join(parts) or "<p>No confusion matrix recorded.</p>"
 
 
-def _threshold(card: dict[str, Any]) -> str:
-    threshold = card.get("threshold", (card.get("config", {}).get("train") or {}).get("threshold"))
-    how = card.get("threshold_choice")  # a recipe that tunes its threshold says how in the card
-    if not how and card.get("threshold_rule") == "stress_youden":
+def _threshold(card: CardContent) -> str:
+    threshold = card.decision_threshold
+    how = card.threshold_choice  # a recipe that tunes its threshold says how in the card
+    if not how and card.threshold_rule == "stress_youden":
         how = (
             "chosen on the stress val (val under random strong jitters), where it maximizes Youden's J "
             "(sensitivity + specificity - 1); every metric in this report and every prediction uses it"
@@ -166,30 +169,29 @@ def _threshold(card: dict[str, Any]) -> str:
     return f"<p>PNEUMONIA when the probability is at least <b>{escape(shown)}</b>: {escape(str(how))}.</p>"
 
 
-def _champion(card: dict[str, Any]) -> str:
-    comparison = card.get("champion_comparison")
-    if not comparison:
+def _champion(card: CardContent) -> str:
+    comparison = card.champion_comparison
+    if comparison is None:
         return "<p>No champion comparison recorded.</p>"
-    promoted = comparison.get("promoted")
     verdict = (
-        '<span class="promoted">promoted to champion</span>' if promoted else '<span class="kept">not promoted</span>'
+        '<span class="promoted">promoted to champion</span>' if comparison.promoted else '<span class="kept">not promoted</span>'
     )
     rows = [
-        ["decision", f"{verdict}: {escape(str(comparison.get('reason')))}"],
-        ["rule", escape(f"{comparison.get('decided_by') or 'val ' + str(comparison.get('metric'))}, strictly greater wins")],
-        ["this version", escape(format_metric(comparison.get("challenger_value"), 4))],
-        ["champion", escape(f"{comparison.get('champion_version') or 'none'}: {format_metric(comparison.get('champion_value'), 4)}")],
-        ["champion figures", escape(str(comparison.get("basis") or "-"))],
+        ["decision", f"{verdict}: {escape(str(comparison.reason))}"],
+        ["rule", escape(f"{comparison.decided_by or 'val ' + str(comparison.metric)}, strictly greater wins")],
+        ["this version", escape(format_metric(comparison.challenger_value, 4))],
+        ["champion", escape(f"{comparison.champion_version or 'none'}: {format_metric(comparison.champion_value, 4)}")],
+        ["champion figures", escape(comparison.basis or "-")],
     ]
-    rows += [["note", escape(str(note))] for note in comparison.get("notes") or []]
+    rows += [["note", escape(note)] for note in comparison.notes]
     return _table(["", ""], rows, numeric=False) + (
         "<p>As decided at registration; <code>promotion.json</code> beside the card says how the "
         "promotion ended if another run moved the champion meanwhile.</p>"
     )
 
 
-def _shift_tables(card: dict[str, Any]) -> str:
-    shift = (card.get("metrics") or {}).get("shift") or {}
+def _shift_tables(card: CardContent) -> str:
+    shift = card.metrics.get("shift") or {}
     parts = []
     for split, suite in shift.items():
         per_shift = suite.get("per_shift") or {}
@@ -230,14 +232,14 @@ def _pictures(pictures: dict[str, bytes]) -> str:
     return "\n".join(figures) or "<p>No pictures.</p>"
 
 
-def _provenance(card: dict[str, Any]) -> str:
-    data = card.get("data") or {}
+def _provenance(card: CardContent) -> str:
+    data = card.data or CardData()
     rows = [
-        ["manifest digest (dataset version)", f"<code>{escape(str(data.get('manifest_digest', '-')))}</code>"],
-        ["shard index digest", f"<code>{escape(str(data.get('shards_digest', '-')))}</code>"],
-        ["code version", f"<code>{escape(str(card.get('code_version', '-')))}</code>"],
-        ["counts", f"<code>{escape(json.dumps(data.get('counts')))}</code>"],
+        ["manifest digest (dataset version)", f"<code>{escape(data.manifest_digest or '-')}</code>"],
+        ["shard index digest", f"<code>{escape(data.shards_digest or '-')}</code>"],
+        ["code version", f"<code>{escape(card.code_version or '-')}</code>"],
+        ["counts", f"<code>{escape(json.dumps(data.counts))}</code>"],
     ]
-    for name, entry in sorted((card.get("files") or {}).items()):
-        rows.append([escape(name), f"<code>sha256 {escape(str(entry.get('sha256')))}</code>, {entry.get('bytes')} bytes"])
+    for name, entry in sorted((card.files or {}).items()):
+        rows.append([escape(name), f"<code>sha256 {escape(entry.sha256)}</code>, {entry.bytes} bytes"])
     return _table(["", ""], rows, numeric=False)

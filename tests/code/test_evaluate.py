@@ -73,13 +73,41 @@ def test_rows_and_markdown_have_one_line_per_split():
     assert rows({**by_split, "shift": {"val": {"clean": {}}}}) == table
 
 
+def _card_of(state_dict, evaluation, fields: dict) -> dict:
+    from pneumo import registry
+
+    return registry.build_card(
+        state_dict=state_dict, metrics=evaluation.metrics, training={}, config={}, manifest_digest="d" * 64,
+        shards_digest="s" * 64, counts={}, **fields,
+    )
+
+
+def test_threshold_labels_and_layout_have_one_writer_each():
+    """The evaluation writes the threshold it scored with; the registry the labels and the matrix layout."""
+    import torch
+
+    from pneumo.model import TinyNet
+
+    torch.manual_seed(0)
+    state_dict = TinyNet(n_features=140).state_dict()
+    rng = np.random.default_rng(0)
+    splits = {s: Split(rng.random((40, 140), dtype=np.float32), rng.integers(0, 2, 40), list(range(40))) for s in ("val", "test")}
+    evaluation = evaluate_model(state_dict, splits, 0.3, n_boot=20)
+    from_evaluation = set(evaluation.card_fields())
+    from_registry = set(_card_of(state_dict, evaluation, {}))
+    for field in ("threshold", "labels", "confusion_matrix_layout"):
+        assert (field in from_evaluation) != (field in from_registry), field
+    with pytest.raises(ValueError, match="labels would be written twice"):
+        _card_of(state_dict, evaluation, {"labels": {"0": "A", "1": "B"}})
+
+
 def test_comparison_markdown_shows_both_models_and_the_decision():
     from pneumo.promotion import compare
 
     challenger = metrics([0, 1, 1, 0], [0.2, 0.9, 0.8, 0.3])
     champion = metrics([0, 1, 1, 0], [0.6, 0.9, 0.4, 0.3])
     comparison = compare("roc_auc", challenger, "v0001", champion)
-    text = comparison_markdown("tinynet", "v0002", challenger, comparison, champion, is_champion=True)
+    text = comparison_markdown("tinynet", "v0002", challenger, comparison.to_json(), champion, is_champion=True)
     assert "| champion | v0001 |" in text and "| challenger | v0002 |" in text
     assert "**roc_auc**" in text and "v0002 is now champion" in text
     assert f"{champion['roc_auc']:.4f}" in text and f"{challenger['roc_auc']:.4f}" in text
@@ -219,8 +247,10 @@ def test_evaluate_model_records_ci_threshold_labels_and_no_shift_without_shift_d
     evaluation = evaluate_model(state_dict, splits, 0.4, history, best_epoch=1, n_boot=100)
     fields = evaluation.card_fields(plots=["roc.png"])
     assert fields["threshold"] == 0.4 and fields["plots"] == ["roc.png"]
-    assert fields["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
-    assert fields["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
+    card = _card_of(state_dict, evaluation, fields)  # the labels are the registry's to write
+    assert card["threshold"] == 0.4 and card["plots"] == ["roc.png"]
+    assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert card["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
     assert set(evaluation.metrics) == {"val", "test"}  # no shift data, no shift section
     assert evaluation.metrics["val"]["threshold"] == 0.4
     assert set(evaluation.metrics["val"]["ci95"]) == set(CI_METRICS)

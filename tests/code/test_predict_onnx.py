@@ -70,7 +70,7 @@ def test_pneumo_predict_does_not_import_torch_when_the_version_has_model_onnx(tm
     # The same command on a version without model.onnx does import torch: the check can fail.
     (tmp_path / "registry" / "tinynet" / "v0001" / "model.onnx").unlink()
     card_file = tmp_path / "registry" / "tinynet" / "v0001" / "card.json"
-    saved = registry.load_card(root, "tinynet", "v0001")
+    saved = registry.load_card(root, "tinynet", "v0001").as_json()
     del saved["files"]["model.onnx"]
     card_file.write_text(json.dumps(registry.seal_card(saved)))  # a card edit must be resealed to load
     without = subprocess.run(command, capture_output=True, text=True, timeout=120)

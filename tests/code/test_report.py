@@ -77,24 +77,24 @@ def test_the_report_is_registered_beside_the_card_with_its_sha256(registered):
     root, version, pictures = registered
     card = registry.load_card(root, "tinynet", version)
     data = storage.read_bytes(storage.join(root, "tinynet", version, report.REPORT_NAME))
-    assert card["files"][report.REPORT_NAME] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert card.files[report.REPORT_NAME].model_dump() == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     html = data.decode()
     # the version number, known only once register claimed it, and the sha256 of model.pt
-    assert f"tinynet {version}" in html and card["files"]["model.pt"]["sha256"] in html
+    assert f"tinynet {version}" in html and card.files["model.pt"].sha256 in html
 
 
 def test_the_report_holds_numbers_pictures_and_decisions_and_nothing_to_fetch(registered):
     root, version, pictures = registered
     card = registry.load_card(root, "tinynet", version)
     html = storage.read_bytes(storage.join(root, "tinynet", version, report.REPORT_NAME)).decode()
-    val = card["metrics"]["val"]
+    val = card.metrics["val"]
     low, high = val["ci95"]["roc_auc"]
     assert f"{val['roc_auc']:.3f}" in html and f"[{low:.3f}, {high:.3f}]" in html
-    (tn, fp), (fn, tp) = card["metrics"]["test"]["confusion_matrix"]
+    (tn, fp), (fn, tp) = card.metrics["test"]["confusion_matrix"]
     assert re.search(rf"<td>PNEUMONIA</td><td class=\"num\">{fn}</td><td class=\"num\">{tp}</td>", html)
-    worst = card["metrics"]["shift"]["val"]["worst"]["specificity"]
+    worst = card.metrics["shift"]["val"]["worst"]["specificity"]
     assert f"{worst[0]:.3f} ({worst[1]})" in html
-    assert "a1" * 32 in html and "b2" * 32 in html and card["code_version"] in html
+    assert "a1" * 32 in html and "b2" * 32 in html and card.code_version in html
     assert "not promoted" in html and "v0007" in html and "0.9500" in html
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # escaped, never run
     assert "config.train.threshold" in html
@@ -142,7 +142,7 @@ def test_chromium_opens_the_report_from_disk_and_decodes_every_picture(registere
         width, height = map(int, size.split("x"))
         assert width > 100 and height > 100, f"{name} decoded as {size}"
     card = registry.load_card(root, "tinynet", version)
-    assert f"{card['metrics']['test']['accuracy']:.3f}" in dom
+    assert f"{card.metrics['test']['accuracy']:.3f}" in dom
     # A screenshot of the real report, opened from disk as a user would.
     shot = SHOT_DIR / "pneumo-report.png"
     subprocess.run(
@@ -162,9 +162,9 @@ def test_models_show_prints_cis_the_worst_shift_the_threshold_and_the_report(reg
     card = registry.load_card(root, "tinynet", version)
     shown = CliRunner().invoke(app, ["models", "show", version, "--registry", root])
     assert shown.exit_code == 0, shown.output
-    low, high = card["metrics"]["test"]["ci95"]["roc_auc"]
-    assert f"roc_auc {card['metrics']['test']['roc_auc']:.3f} [{low:.3f}, {high:.3f}]" in shown.output
-    value, name = card["metrics"]["shift"]["val"]["worst"]["specificity"]
+    low, high = card.metrics["test"]["ci95"]["roc_auc"]
+    assert f"roc_auc {card.metrics['test']['roc_auc']:.3f} [{low:.3f}, {high:.3f}]" in shown.output
+    value, name = card.metrics["shift"]["val"]["worst"]["specificity"]
     assert "worst shift val: " in shown.output and f"specificity {value:.3f} ({name})" in shown.output
     assert "threshold   0.5" in shown.output
     assert f"report      {storage.join(root, 'tinynet', version, 'report.html')}" in shown.output

@@ -86,12 +86,12 @@ def test_a_forced_retrain_registers_a_version_that_must_beat_the_champion(s3_run
     reg = f"{workdir}/registry"
     assert registry.list_versions(reg, "tinynet") == ["v0001", "v0002"]
     # Same data, same seed: the same model, so a tie, and a tie keeps the champion.
-    comparison = registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]
-    assert comparison["champion_version"] == "v0001" and comparison["basis"].startswith("re-scored")
+    comparison = registry.load_card(reg, "tinynet", "v0002").champion_comparison
+    assert comparison.champion_version == "v0001" and comparison.basis.startswith("re-scored")
     # Decided on the stress val (the default champion metric), the champion re-scored on it.
-    assert comparison["metric"] == "stress_roc_auc"
-    assert comparison["challenger_value"] == comparison["champion_value"] == first["metrics"]["stress_val"]["roc_auc"]
-    assert comparison["promoted"] is False
+    assert comparison.metric == "stress_roc_auc"
+    assert comparison.challenger_value == comparison.champion_value == first["metrics"]["stress_val"]["roc_auc"]
+    assert comparison.promoted is False
     assert registry.get_alias(reg, "tinynet", "champion") == "v0001"
     assert registry.get_alias(reg, "tinynet", "latest") == "v0002"
     assert third["champion"] == "tinynet v0001"

@@ -145,7 +145,7 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
             "reg = sys.argv[1]\n"
             "print(json.dumps({'versions': r.list_versions(reg, 'tinynet'),"
             " 'champion': r.get_alias(reg, 'tinynet', 'champion'),"
-            " 'cards': {v: r.load_card(reg, 'tinynet', v) for v in r.list_versions(reg, 'tinynet')}}))"
+            " 'cards': {v: r.load_card(reg, 'tinynet', v).as_json() for v in r.list_versions(reg, 'tinynet')}}))"
         ), env["PNEUMO_WORKDIR"] + "/registry"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
