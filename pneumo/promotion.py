@@ -7,7 +7,10 @@ strictly greater than the champion's, both scored on the same val images when th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
@@ -17,7 +20,7 @@ from pneumo.model import predict_proba
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.evaluate import stress_predictions
 from pneumo.names import CHAMPION_METRICS, metric_label
-from pneumo.registry import CHAMPION, BrokenAlias, CorruptModel
+from pneumo.registry import CHAMPION, BrokenAlias, Card, CorruptModel
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +41,28 @@ def comparable(scores: dict[str, Any]) -> dict[str, Any]:
     return {**scores["val"], **({"stress_roc_auc": stress["roc_auc"]} if "roc_auc" in stress else {})}
 
 
-def _same_rows(card: dict[str, Any], index: dict[str, Any]) -> bool:
+def _same_rows(card: Card, index: dict[str, Any]) -> bool:
     """Whether the card's model reads val rows computed as this run's (``index``, the shards' index):
     same settings for an image's own row (train renditions and the shift suite may differ, as
     between robust and robust2)."""
-    try:
-        theirs = TransformConfig(**card["config"]["transform"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return theirs.row_settings() == TransformConfig(**index["transform"]).row_settings()
+    theirs = card.config.transform if card.config else None
+    return theirs is not None and theirs.row_settings() == TransformConfig(**index["transform"]).row_settings()
 
 
-def _same_val_images(card: dict[str, Any], index: dict[str, Any]) -> bool:
+def _same_val_images(card: Card, index: dict[str, Any]) -> bool:
     """Whether the card's figures come from this run's val images and stress jitters: the same
     data (manifest digest), split and shift seed."""
-    try:
-        return (
-            card["data"]["manifest_digest"] == index["manifest_digest"]
-            and SplitConfig(**card["config"]["split"]) == SplitConfig(**index["split_config"])
-            and card["config"]["transform"].get("shift_seed", 0) == index["transform"].get("shift_seed", 0)
-        )
-    except (KeyError, TypeError, ValueError):
+    config = card.config
+    if card.data is None or config is None or config.transform is None or config.split is None:
         return False
+    try:
+        same_split = SplitConfig(**config.split) == SplitConfig(**index["split_config"])
+    except (TypeError, ValueError):
+        return False
+    return (
+        card.data.manifest_digest == index["manifest_digest"] and same_split
+        and config.transform.shift_seed == index["transform"].get("shift_seed", 0)
+    )
 
 
 def champion_val_metrics(
@@ -78,19 +81,69 @@ def champion_val_metrics(
     card = registry.load_card(registry_uri, model_name, version)
     state_dict = registry.load_state_dict(registry_uri, model_name, version)  # a corrupt champion is never compared
     if index_uri is None:
-        return comparable(card["metrics"]), "champion's card"
+        return comparable(card.metrics), "champion's card"
     index = shard_files.read_index(index_uri)
     if not _same_rows(card, index):
         where = "the same val images and stress jitters" if _same_val_images(card, index) else "other val images"
-        return comparable(card["metrics"]), f"champion's card ({where}, features computed differently)"
+        return comparable(card.metrics), f"champion's card ({where}, features computed differently)"
     val = shard_files.load_split(index_uri, "val")
-    threshold = card.get("threshold", card["config"]["train"]["threshold"])
+    threshold = card.decision_threshold
     scores = metrics(val.labels, predict_proba(state_dict, val.features), threshold)
     if val.stress is None:
         return scores, "re-scored on this run's val split"
     labels, probs, _ = stress_predictions(state_dict, val)
     stress = metrics(labels, probs, threshold)
     return {**scores, "stress_roc_auc": stress["roc_auc"]}, "re-scored on this run's val split and stress val"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The champion/challenger decision, as the challenger's card records it (``champion_comparison``)."""
+
+    metric: str
+    split: str  # "val" or "stress val"
+    decided_by: str  # the metric as people read it
+    challenger_value: Optional[float]
+    champion_version: Optional[str]
+    champion_value: Optional[float]
+    basis: Optional[str]  # where the champion's figures come from
+    promoted: bool
+    reason: str
+    notes: tuple[str, ...] = ()  # what was skipped on the way: a missing, broken or corrupt champion
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class Promotion(Decision):
+    """How a promotion ended: the decision as it stood when the alias moved (or did not), kept as promotion.json."""
+
+    attempts: int = 1
+    conflicts: tuple[str, ...] = ()  # the champion moved under us: compared again
+    decided_at: str = ""
+
+    @property
+    def is_champion(self) -> bool:
+        return self.promoted
+
+    def to_json(self) -> dict[str, Any]:
+        """As promotion.json holds it: the decision's fields, then how it ended."""
+        data = super().to_json()
+        ended = {key: data.pop(key) for key in ("attempts", "conflicts", "decided_at")}
+        return {**data, "is_champion": self.promoted, **ended, "conflicts": list(self.conflicts)}
+
+
+@dataclass(frozen=True)
+class Rival:
+    """The version a challenger must beat, and the champion alias as read (to swap it)."""
+
+    alias_target: Optional[str]  # the version the alias names, intact or not
+    token: Optional[str]  # the alias's compare-and-swap token
+    version: Optional[str] = None  # what to compare with: the champion, or the best intact version
+    val: Optional[dict[str, Any]] = None  # its val metrics
+    basis: Optional[str] = None
+    notes: tuple[str, ...] = ()
 
 
 def compare(
@@ -100,7 +153,7 @@ def compare(
     champion_val: dict[str, Any] | None,
     basis: str | None = None,
     notes: tuple[str, ...] | list[str] = (),
-) -> dict[str, Any]:
+) -> Decision:
     """The champion/challenger decision, as recorded in the challenger's card.
 
     The first model becomes champion. After that the challenger is promoted only when its
@@ -124,18 +177,11 @@ def compare(
         promoted, reason = True, f"{metric_label(metric)} {format_metric(challenger, 4)} > {format_metric(champion, 4)}"
     else:
         promoted, reason = False, f"{metric_label(metric)} {format_metric(challenger, 4)} does not beat {format_metric(champion, 4)}"
-    return {
-        "metric": metric,
-        "split": "stress val" if metric.startswith("stress_") else "val",
-        "decided_by": metric_label(metric),
-        "challenger_value": challenger,
-        "champion_version": champion_version,
-        "champion_value": champion,
-        "basis": basis,
-        "promoted": promoted,
-        "reason": reason,
-        "notes": list(notes),
-    }
+    return Decision(
+        metric=metric, split="stress val" if metric.startswith("stress_") else "val", decided_by=metric_label(metric),
+        challenger_value=challenger, champion_version=champion_version, champion_value=champion, basis=basis,
+        promoted=promoted, reason=reason, notes=tuple(notes),
+    )
 
 
 def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
@@ -143,32 +189,14 @@ def _metric_key(val: Optional[dict[str, Any]], metric: str) -> float:
     return float("-inf") if value is None else float(value)
 
 
-def champion_to_beat(
-    registry_uri: str, model_name: str, challenger: Optional[str], metric: str, champion_val: ChampionVal
-) -> tuple[Optional[str], Optional[str], Optional[str], Optional[dict[str, Any]], Optional[str], list[str]]:
-    """(alias target, alias token, version to compare with, its val metrics, their basis, notes).
-
-    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
-    intact registered version by val ``metric`` stands in for it, so that a lost alias
-    never lets a worse model through as "the first model".
-    """
-    target, token = registry.read_alias(registry_uri, model_name, CHAMPION)
-    notes: list[str] = []
-    if target is not None and target == challenger:  # already champion: nothing to compare
-        return target, token, None, None, None, notes
-    if target is not None:
-        try:
-            if not registry.version_exists(registry_uri, model_name, target):
-                raise BrokenAlias(registry.broken_alias_message(model_name, CHAMPION, str(target)))
-            val, basis = champion_val(target)
-            return target, token, target, val, basis, notes
-        except BrokenAlias as error:
-            notes.append(f"{error}: ignored")
-        except CorruptModel as error:
-            notes.append(f"champion {target} skipped for comparison: {error}")
+def _best_standing_in(
+    registry_uri: str, model_name: str, skip: tuple[Optional[str], ...], metric: str, champion_val: ChampionVal,
+    notes: list[str],
+) -> Optional[tuple[str, dict[str, Any], str]]:
+    """(version, val metrics, basis) of the best intact version by val ``metric``, other than ``skip``."""
     best = None
     for version in registry.list_versions(registry_uri, model_name):
-        if version in (challenger, target):
+        if version in skip:
             continue
         try:
             val, basis = champion_val(version)
@@ -177,11 +205,48 @@ def champion_to_beat(
             continue
         if best is None or _metric_key(val, metric) > _metric_key(best[1], metric):
             best = (version, val, basis)
+    return best
+
+
+def champion_to_beat(
+    registry_uri: str, model_name: str, challenger: Optional[str], metric: str, champion_val: ChampionVal
+) -> Rival:
+    """The version to compare ``challenger`` with, and the champion alias as read.
+
+    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
+    intact registered version by val ``metric`` stands in for it, so that a lost alias
+    never lets a worse model through as "the first model".
+    """
+    target, token = registry.read_alias(registry_uri, model_name, CHAMPION)
+    notes: list[str] = []
+    if target is not None and target == challenger:  # already champion: nothing to compare
+        return Rival(target, token)
+    if target is not None:
+        try:
+            if not registry.version_exists(registry_uri, model_name, target):
+                raise BrokenAlias(registry.broken_alias_message(model_name, CHAMPION, str(target)))
+            val, basis = champion_val(target)
+            return Rival(target, token, target, val, basis)
+        except BrokenAlias as error:
+            notes.append(f"{error}: ignored")
+        except CorruptModel as error:
+            notes.append(f"champion {target} skipped for comparison: {error}")
+    best = _best_standing_in(registry_uri, model_name, (challenger, target), metric, champion_val, notes)
     if target is None and best is not None:
         notes.insert(0, f"alias {CHAMPION} of {model_name} is missing although versions exist")
     if best is None:
-        return target, token, None, None, None, notes
-    return target, token, best[0], best[1], f"{best[2]}; best registered version by val {metric}, standing in for the champion", notes
+        return Rival(target, token, notes=tuple(notes))
+    version, val, basis = best
+    return Rival(target, token, version, val, f"{basis}; best registered version by val {metric}, standing in for the champion", tuple(notes))
+
+
+def _decide(rival: Rival, version: str, challenger_val: dict[str, Any], metric: str, force: bool, reason: str) -> Decision:
+    decision = compare(metric, challenger_val, rival.version, rival.val, rival.basis, rival.notes)
+    if rival.alias_target == version:
+        return dataclasses.replace(decision, promoted=True, reason=f"{version} is already champion")
+    if force:
+        return dataclasses.replace(decision, promoted=True, reason=f"promoted by hand: {reason}" if reason else "promoted by hand")
+    return decision
 
 
 def promote(
@@ -196,8 +261,8 @@ def promote(
     reason: str = "",
     logger: Any = None,
     max_attempts: int = 50,
-) -> dict[str, Any]:
-    """Make ``version`` champion if its val ``metric`` beats the champion's; return the outcome.
+) -> Promotion:
+    """Make ``version`` champion if its val ``metric`` beats the champion's; return how it ended.
 
     A compare-and-swap in a loop: the champion alias is read with its token, the challenger
     is compared with it, and the alias is replaced only if it still holds that token. If
@@ -206,49 +271,34 @@ def promote(
     card); it must raise CorruptModel for a damaged model, which is then skipped with a
     warning. ``force`` promotes without comparing (a promotion by hand, for ``reason``), still
     atomically. Every move is kept in the alias history: automatic or by hand, and why.
-
-    The outcome is ``compare``'s dict plus ``is_champion``, ``attempts``, ``conflicts`` and
-    ``notes``; it is also kept as the version's promotion.json.
+    The outcome is also kept as the version's promotion.json.
     """
     logger = logger or log
     validate_champion_metric(metric)
     registry.require_aliasable(registry_uri, model_name, version)  # before any comparison
-    champion_val = champion_val or (lambda v: champion_val_metrics(registry_uri, model_name, v, None))
-    scores: dict[str, tuple[dict[str, Any], str]] = {}
-
-    def scored(v: str) -> tuple[dict[str, Any], str]:  # each version once, however many attempts
-        if v not in scores:
-            scores[v] = champion_val(v)
-        return scores[v]
-
+    # Each version scored once, however many attempts (a corrupt one raises each time: not kept).
+    scored = functools.cache(champion_val or (lambda v: champion_val_metrics(registry_uri, model_name, v, None)))
     conflicts: list[str] = []
     for attempt in range(1, max_attempts + 1):
-        target, token, champion, champion_vals, basis, notes = champion_to_beat(
-            registry_uri, model_name, version, metric, scored
-        )
-        for note in notes:
+        rival = champion_to_beat(registry_uri, model_name, version, metric, scored)
+        for note in rival.notes:
             logger.warning(note)
-        comparison = compare(metric, challenger_val, champion, champion_vals, basis, notes)
-        if target == version:
-            comparison.update(promoted=True, reason=f"{version} is already champion")
-        elif force:
-            comparison.update(promoted=True, reason=f"promoted by hand: {reason}" if reason else "promoted by hand")
-        if comparison["promoted"] and target != version:
+        decision = _decide(rival, version, challenger_val, metric, force, reason)
+        if decision.promoted and rival.alias_target != version:
             try:
                 registry.swap_alias(
-                    registry_uri, model_name, CHAMPION, version, token, previous=target,
-                    how="by hand" if force else "automatic", reason=comparison["reason"],
+                    registry_uri, model_name, CHAMPION, version, rival.token, previous=rival.alias_target,
+                    how="by hand" if force else "automatic", reason=decision.reason,
                 )
             except storage.Conflict:
-                conflicts.append(f"the champion moved away from {target or 'unset'} before {version} could replace it")
+                conflicts.append(f"the champion moved away from {rival.alias_target or 'unset'} before {version} could replace it")
                 logger.info("%s %s: %s; comparing again", model_name, version, conflicts[-1])
                 continue
-        if conflicts and not comparison["promoted"]:
-            comparison["reason"] = f"{champion} became champion meanwhile; {comparison['reason']}"
-        outcome = {**comparison, "is_champion": comparison["promoted"], "attempts": attempt,
-                   "conflicts": conflicts,
-                   "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        registry.write_promotion(registry_uri, model_name, version, outcome)
+        if conflicts and not decision.promoted:
+            decision = dataclasses.replace(decision, reason=f"{rival.version} became champion meanwhile; {decision.reason}")
+        outcome = Promotion(**vars(decision), attempts=attempt, conflicts=tuple(conflicts),
+                            decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        registry.write_promotion(registry_uri, model_name, version, outcome.to_json())
         return outcome
     raise RuntimeError(
         f"could not promote {model_name} {version} in {registry_uri}: the champion moved {max_attempts} times in a row"

@@ -60,7 +60,7 @@ def _promote(reg: str, version: str, api: str) -> tuple[bool, str, str | None]:
     from pneumo import promotion  # not in the old code
 
     outcome = promotion.promote(reg, MODEL, version, val, "roc_auc")
-    return outcome["is_champion"], outcome["reason"], outcome["champion_version"]
+    return outcome.is_champion, outcome.reason, outcome.champion_version
 
 
 def _worker(root: str, trials: int, version: str, api: str, barrier, results) -> None:

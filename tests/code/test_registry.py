@@ -23,8 +23,9 @@ def test_versions_increment_and_cards_are_filled_in(tmp_path):
     assert registry.register(reg, "tinynet", _weights(1), {"metrics": {"val": {"auc": 0.8}}}) == "v0002"
     assert registry.list_versions(reg, "tinynet") == ["v0001", "v0002"]
     card = registry.load_card(reg, "tinynet", "v0002")
-    assert card["version"] == "v0002" and card["model_name"] == "tinynet"
-    assert card["metrics"] == {"val": {"auc": 0.8}}
+    assert isinstance(card, registry.Card)
+    assert card.version == "v0002" and card.model_name == "tinynet"
+    assert card.metrics == {"val": {"auc": 0.8}}
     assert (tmp_path / "tinynet" / "v0001" / "model.pt").is_file()
 
 
@@ -75,7 +76,7 @@ def _assert_ten_distinct_intact_versions(reg: str) -> None:
     assert len(versions) == 10
     tags = []
     for version in versions:
-        tag = registry.load_card(reg, "racy", version)["tag"]
+        tag = registry.load_card(reg, "racy", version).tag
         # The weights under each card are the ones registered with it: nothing overwritten.
         assert torch.all(registry.load_state_dict(reg, "racy", version)["hidden1.weight"] == tag)
         tags.append(tag)
@@ -147,7 +148,7 @@ def test_aliases_point_at_versions(tmp_path):
     v2 = registry.register(reg, "m", _weights(1), {"n": 2})
     registry.set_alias(reg, "m", "champion", v1)
     assert registry.get_alias(reg, "m", "champion") == "v0001"
-    assert registry.load_card(reg, "m", "champion")["n"] == 1
+    assert registry.load_card(reg, "m", "champion").n == 1
     registry.set_alias(reg, "m", "champion", v2)
     assert registry.get_alias(reg, "m", "champion") == "v0002"
     assert torch.equal(registry.load_state_dict(reg, "m", "champion")["hidden1.weight"], _weights(1)["hidden1.weight"])
@@ -203,21 +204,21 @@ def _val(roc_auc, accuracy=0.8):
 def test_compare_promotes_only_a_strictly_better_challenger(challenger, champion_version, champion, promoted):
     champion_val = None if champion_version is None else _val(champion)
     comparison = promotion.compare("roc_auc", _val(challenger), champion_version, champion_val, basis="test")
-    assert comparison["promoted"] is promoted
-    assert comparison["metric"] == "roc_auc" and comparison["split"] == "val"
-    assert comparison["challenger_value"] == challenger
-    assert comparison["champion_version"] == champion_version
-    assert comparison["champion_value"] == (None if champion_version is None else champion)
-    assert comparison["reason"]
-    json.dumps(comparison)  # goes into the card as is
+    assert comparison.promoted is promoted
+    assert comparison.metric == "roc_auc" and comparison.split == "val"
+    assert comparison.challenger_value == challenger
+    assert comparison.champion_version == champion_version
+    assert comparison.champion_value == (None if champion_version is None else champion)
+    assert comparison.reason
+    json.dumps(comparison.to_json())  # goes into the card as is
 
 
 def test_compare_uses_the_configured_metric():
     challenger, champion = _val(0.95, accuracy=0.70), _val(0.90, accuracy=0.80)
-    assert promotion.compare("roc_auc", challenger, "v0001", champion)["promoted"] is True
+    assert promotion.compare("roc_auc", challenger, "v0001", champion).promoted is True
     by_accuracy = promotion.compare("accuracy", challenger, "v0001", champion)
-    assert by_accuracy["promoted"] is False
-    assert (by_accuracy["challenger_value"], by_accuracy["champion_value"]) == (0.70, 0.80)
+    assert by_accuracy.promoted is False
+    assert (by_accuracy.challenger_value, by_accuracy.champion_value) == (0.70, 0.80)
 
 
 @pytest.mark.parametrize("metric", ["loss", "n", "confusion_matrix", "", "ROC_AUC"])
@@ -235,20 +236,20 @@ def test_promotion_follows_the_comparison_and_is_idempotent(tmp_path):
     reg = str(tmp_path)
     (v1,) = _versions(reg, "m", 0.80)
     first = promotion.promote(reg, "m", v1, _val(0.80), "roc_auc")
-    assert first["is_champion"] is True and first["champion_version"] is None
+    assert first.is_champion is True and first.champion_version is None
     assert registry.get_alias(reg, "m", "champion") == v1
     again = promotion.promote(reg, "m", v1, _val(0.80), "roc_auc")  # a retry changes nothing
-    assert again["is_champion"] is True and again["reason"] == "v0001 is already champion"
-    assert registry.read_promotion(reg, "m", v1) == first  # the first outcome is kept
+    assert again.is_champion is True and again.reason == "v0001 is already champion"
+    assert registry.read_promotion(reg, "m", v1) == first.to_json()  # the first outcome is kept
 
     v2, v3 = _versions(reg, "m", 0.79, 0.85)
     worse = promotion.promote(reg, "m", v2, _val(0.79), "roc_auc")
-    assert worse["is_champion"] is False and worse["champion_version"] == v1 and "does not beat" in worse["reason"]
+    assert worse.is_champion is False and worse.champion_version == v1 and "does not beat" in worse.reason
     assert registry.get_alias(reg, "m", "champion") == v1
-    assert registry.model_ref(reg, "m", v2).promotion == worse
+    assert registry.model_ref(reg, "m", v2).promotion == worse.to_json()
 
     better = promotion.promote(reg, "m", v3, _val(0.85), "roc_auc")
-    assert better["is_champion"] is True and better["champion_version"] == v1
+    assert better.is_champion is True and better.champion_version == v1
     assert registry.get_alias(reg, "m", "champion") == v3
 
 
@@ -257,7 +258,7 @@ def test_a_promotion_by_hand_moves_the_champion_without_comparing(tmp_path):
     v1, v2 = _versions(reg, "m", 0.90, 0.10)
     registry.set_alias(reg, "m", "champion", v1)
     outcome = promotion.promote(reg, "m", v2, _val(0.10), "roc_auc", force=True)
-    assert outcome["is_champion"] is True and outcome["reason"] == "promoted by hand"
+    assert outcome.is_champion is True and outcome.reason == "promoted by hand"
     assert registry.get_alias(reg, "m", "champion") == v2
 
 
@@ -266,15 +267,15 @@ def test_a_missing_alias_compares_with_the_best_registered_version(tmp_path, cap
     reg = str(tmp_path)
     v1, v2, v3 = _versions(reg, "m", 0.95, 0.70, 0.728)
     outcome = promotion.promote(reg, "m", v3, _val(0.728), "roc_auc")
-    assert outcome["is_champion"] is False
-    assert outcome["champion_version"] == v1 and outcome["champion_value"] == 0.95
-    assert "best registered version" in outcome["basis"]
-    assert any("alias champion of m is missing" in note for note in outcome["notes"])
+    assert outcome.is_champion is False
+    assert outcome.champion_version == v1 and outcome.champion_value == 0.95
+    assert "best registered version" in outcome.basis
+    assert any("alias champion of m is missing" in note for note in outcome.notes)
     assert "alias champion of m is missing" in caplog.text
     assert registry.get_alias(reg, "m", "champion") is None
 
     v4 = _versions(reg, "m", 0.97)[0]
-    assert promotion.promote(reg, "m", v4, _val(0.97), "roc_auc")["is_champion"] is True
+    assert promotion.promote(reg, "m", v4, _val(0.97), "roc_auc").is_champion is True
 
 
 def test_a_broken_alias_is_named_as_such(tmp_path):
@@ -293,10 +294,10 @@ def test_a_broken_alias_is_named_as_such(tmp_path):
         registry.load_card(reg, "m", "champion")
     # A promotion says so, compares with the best intact version, and repairs the alias.
     outcome = promotion.promote(reg, "m", v2, _val(0.80), "roc_auc")
-    assert any(message in note for note in outcome["notes"])
-    assert outcome["is_champion"] is False and outcome["champion_version"] == v1
+    assert any(message in note for note in outcome.notes)
+    assert outcome.is_champion is False and outcome.champion_version == v1
     v3 = _versions(reg, "m", 0.99)[0]
-    assert promotion.promote(reg, "m", v3, _val(0.99), "roc_auc")["is_champion"] is True
+    assert promotion.promote(reg, "m", v3, _val(0.99), "roc_auc").is_champion is True
     assert registry.get_alias(reg, "m", "champion") == v3
 
 
@@ -311,8 +312,8 @@ def test_cards_record_the_sha256_of_each_file(tmp_path):
     version = registry.register(reg, "m", _weights(0), {}, extra_files={"model.onnx": b"onnx bytes"})
     card = registry.load_card(reg, "m", version)
     weights = _model_pt(tmp_path, version).read_bytes()
-    assert card["files"]["model.pt"] == {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
-    assert card["files"]["model.onnx"] == registry.file_entry(b"onnx bytes")
+    assert card.files["model.pt"].model_dump() == {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
+    assert card.files["model.onnx"].model_dump() == registry.file_entry(b"onnx bytes")
     assert (tmp_path / "m" / version / "model.onnx").read_bytes() == b"onnx bytes"
 
 
@@ -368,8 +369,8 @@ def test_a_corrupt_champion_is_skipped_for_the_best_intact_version(tmp_path):
     registry.set_alias(reg, "m", "champion", v2)
     _model_pt(tmp_path, v2).write_bytes(b"not a model")
     outcome = promotion.promote(reg, "m", v3, _val(0.90), "roc_auc")
-    assert any(note.startswith("champion v0002 skipped for comparison: m v0002") for note in outcome["notes"])
-    assert outcome["champion_version"] == v1 and outcome["is_champion"] is True
+    assert any(note.startswith("champion v0002 skipped for comparison: m v0002") for note in outcome.notes)
+    assert outcome.champion_version == v1 and outcome.is_champion is True
     assert registry.get_alias(reg, "m", "champion") == v3
 
 
@@ -429,8 +430,8 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
 
 def test_model_ref_carries_the_cards_comparison(tmp_path):
     comparison = promotion.compare("roc_auc", _val(0.8), None, None)
-    version = registry.register(str(tmp_path), "m", _weights(0), {"metrics": {}, "champion_comparison": comparison})
-    assert registry.model_ref(str(tmp_path), "m", version).champion_comparison == comparison
+    version = registry.register(str(tmp_path), "m", _weights(0), {"metrics": {}, "champion_comparison": comparison.to_json()})
+    assert registry.model_ref(str(tmp_path), "m", version).champion_comparison == comparison.to_json()
 
 
 def _pneumo_imports(module) -> set[str]:

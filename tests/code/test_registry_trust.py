@@ -105,7 +105,7 @@ def test_a_card_edited_after_registration_is_refused_like_a_corrupt_model(tmp_pa
     assert Predictor.from_registry(root, version="v0002").version == "v0002"  # the intact one still serves
     # Promotion handles it like a corrupt model.pt: skipped with its reason, never compared.
     outcome = promotion.promote(root, "tinynet", "v0002", {"roc_auc": 0.5}, "roc_auc")
-    assert outcome["is_champion"] and any("v0001" in note and "edited after registration" in note for note in outcome["notes"])
+    assert outcome.is_champion and any("v0001" in note and "edited after registration" in note for note in outcome.notes)
 
 
 def test_the_registry_key_refuses_a_recomputed_digest(tmp_path, monkeypatch):
@@ -116,7 +116,7 @@ def test_the_registry_key_refuses_a_recomputed_digest(tmp_path, monkeypatch):
     path = _card_path(root, "v0001")
     card = json.loads(path.read_text())
     assert set(card["integrity"]) == {"card_sha256", "hmac_sha256"}
-    assert registry.load_card(root, "tinynet", "v0001")["threshold"] == 0.5
+    assert registry.load_card(root, "tinynet", "v0001").threshold == 0.5
     _edit(card, "threshold")
     path.write_text(json.dumps(registry.seal_card(card)))  # digest recomputed, no key
     with pytest.raises(registry.CorruptCard, match="not signed with the registry key"):
@@ -126,7 +126,7 @@ def test_the_registry_key_refuses_a_recomputed_digest(tmp_path, monkeypatch):
         registry.load_card(root, "tinynet", "v0001")
     # The documented limit: without the key, a writer who recomputes the digest is not detected.
     monkeypatch.delenv(registry.KEY_ENV)
-    assert registry.load_card(root, "tinynet", "v0001")["threshold"] == 0.001
+    assert registry.load_card(root, "tinynet", "v0001").threshold == 0.001
 
 
 def test_a_card_without_its_integrity_record_is_refused(tmp_path):
@@ -234,8 +234,8 @@ def test_a_bad_version_is_skipped_named_and_the_rest_goes_on(tmp_path):
     pathlib.Path(root, "tinynet", "aliases", "champion.json").unlink()
     registry.register(root, "tinynet", _weights(5), {"metrics": {"val": {"roc_auc": 0.95}}})
     outcome = promotion.promote(root, "tinynet", "v0005", {"roc_auc": 0.95}, "roc_auc")
-    assert outcome["champion_version"] in ("v0001", "v0002") and outcome["is_champion"]
-    notes = " | ".join(outcome["notes"])
+    assert outcome.champion_version in ("v0001", "v0002") and outcome.is_champion
+    notes = " | ".join(outcome.notes)
     assert re.search(r"v0003 skipped .*v0003[/\\]card\.json", notes) and re.search(r"v0004 skipped .*v0004[/\\]model\.pt", notes)
     assert registry.get_alias(root, "tinynet", "champion") == "v0005"
 
@@ -292,10 +292,10 @@ def test_every_alias_move_is_kept_with_who_when_and_why(any_root):
     from pneumo import promotion
 
     registry.register(any_root, "m", _weights(0), {"metrics": {"val": {"roc_auc": 0.9}}})
-    assert promotion.promote(any_root, "m", "v0001", {"roc_auc": 0.9}, "roc_auc")["is_champion"]
+    assert promotion.promote(any_root, "m", "v0001", {"roc_auc": 0.9}, "roc_auc").is_champion
     registry.register(any_root, "m", _weights(1), {"metrics": {"val": {"roc_auc": 0.9}}})
     registry.set_alias(any_root, "m", "latest", "v0002")
-    assert not promotion.promote(any_root, "m", "v0002", {"roc_auc": 0.9}, "roc_auc")["is_champion"]  # a tie
+    assert not promotion.promote(any_root, "m", "v0002", {"roc_auc": 0.9}, "roc_auc").is_champion  # a tie
     promotion.promote(any_root, "m", "v0002", {"roc_auc": 0.9}, "roc_auc", force=True, reason="reader study")
 
     moves = registry.alias_history(any_root, "m", "champion")
@@ -328,7 +328,7 @@ def test_concurrent_promotions_keep_one_history_entry_per_move(tmp_path):
     moves = registry.alias_history(root, "m", "champion")
     assert registry.get_alias(root, "m", "champion") == "v0006" == moves[-1]["to"]
     assert [m["from"] for m in moves[1:]] == [m["to"] for m in moves[:-1]]  # an unbroken chain
-    assert len(moves) == sum(o["is_champion"] and o["reason"] != f"{o.get('champion_version')} is already champion" for o in outcomes)
+    assert len(moves) == sum(o.is_champion and o.reason != f"{o.champion_version} is already champion" for o in outcomes)
 
 
 # --- the commands (a new process each: slow) ---------------------------------------------------
@@ -375,7 +375,7 @@ def test_models_show_champion_tells_the_truth_after_a_promotion_by_hand(tmp_path
     registry.register(root, "m", _weights(0), {"metrics": {"val": {"roc_auc": 0.9}}})
     promotion.promote(root, "m", "v0001", {"roc_auc": 0.9}, "roc_auc")
     comparison = promotion.compare("roc_auc", {"roc_auc": 0.9}, "v0001", {"roc_auc": 0.9})
-    registry.register(root, "m", _weights(1), {"metrics": {"val": {"roc_auc": 0.9}}, "champion_comparison": comparison})
+    registry.register(root, "m", _weights(1), {"metrics": {"val": {"roc_auc": 0.9}}, "champion_comparison": comparison.to_json()})
 
     def show_champion() -> dict[str, str]:
         shown = run_pneumo("models", "show", "champion", "--registry", root, "--model-name", "m")
