@@ -9,6 +9,7 @@ and anyone can call it directly to retrain and register.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
@@ -28,54 +29,42 @@ class Registered(BaseModel):
     ref: registry.ModelRef
     metrics: dict[str, dict[str, Any]]  # "val" and "test"
     training: dict[str, Any]
-    comparison: dict[str, Any]  # the decision recorded in the card, before registration
+    comparison: promotion.Decision  # the decision recorded in the card, before registration
     champion_val: Optional[dict[str, Any]] = None  # the val metrics the challenger was compared with
-    promotion: dict[str, Any]  # how the promotion ended (promotion.promote)
+    promotion: promotion.Promotion  # how the promotion ended
     evaluation: evaluate.Evaluation  # CIs, shift suite, history and predictions of val and test
     pictures: dict[str, bytes]  # PNG name -> bytes, also written beside the card
 
     @property
     def is_champion(self) -> bool:
-        return bool(self.promotion["is_champion"])
+        return self.promotion.is_champion
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A trained model scored on val and test, with its pictures: everything of the card but the registry's part."""
+
+    trained: train.TrainResult
+    evaluation: evaluate.Evaluation
+    warnings: list[str]  # splits too small to trust
+    pictures: dict[str, bytes]
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The card's ``training``: how the run went, epoch by epoch."""
+        trained = self.trained
+        return {
+            "best_epoch": trained.best_epoch, "epochs_run": len(trained.history), "stopped_early": trained.stopped_early,
+            "n_train": trained.n_train, "seconds": round(trained.seconds, 2), "history": self.evaluation.history,
+            **({"averaged_from": trained.averaged_from} if trained.averaged_from else {}),
+        }
 
 
 STEPS_AFTER_TRAINING = ("scoring val and test", "drawing the pictures", "registering")
 
 
-def train_evaluate_register(
-    index_uri: str,
-    manifest_digest: str,
-    config: TrainConfig,
-    registry_uri: str,
-    model_name: str,
-    champion_metric: str = DEFAULT_CHAMPION_METRIC,
-    *,
-    progress: Optional[Callable[[dict], None]] = None,
-    logger: Any = None,
-    recipe: str = "seed",
-    card_extra: Optional[dict[str, Any]] = None,
-    on_step: Optional[Callable[[str], None]] = None,
-) -> Registered:
-    """Train TinyNet on the shards of ``index_uri``, score val and test, register a new version,
-    point ``latest`` at it, and make it ``champion`` if it beats the champion on
-    ``champion_metric`` (compare-and-swap, see ``promotion.promote``): by default the ROC AUC
-    on the stress val, on which the champion is re-scored too.
-
-    The decision threshold follows ``config.threshold_rule``: fixed, or chosen on the stress val.
-
-    Val and test are loaded and scored once: the card's metrics and the promotion's challenger
-    figures are the same numbers.
-
-    ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
-    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
-    ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
-    each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
-    """
-    step = on_step or (lambda name: None)
-    logger = logger or log
-    promotion.validate_champion_metric(champion_metric)
-    registry.validate_model_name(model_name)
-    index = shard_files.index_ref(index_uri)
+def check_stress_val(index_uri: str, config: TrainConfig, champion_metric: str) -> None:
+    """ValueError, before any training, when the champion metric or the threshold rule needs a stress val the shards lack."""
     needs_stress = [what for what, needed in (
         (f"champion metric {champion_metric}", champion_metric.startswith("stress_")),
         (f"threshold rule {config.threshold_rule}", config.threshold_rule.startswith("stress_")),
@@ -86,37 +75,123 @@ def train_evaluate_register(
             "(--shift-suite), or choose --champion-metric roc_auc and --threshold-rule fixed"
         )
 
+
+def train_and_score(
+    index_uri: str,
+    config: TrainConfig,
+    *,
+    progress: Optional[Callable[[dict], None]] = None,
+    logger: Any = None,
+    on_step: Optional[Callable[[str], None]] = None,
+) -> Scored:
+    """Train TinyNet on the shards of ``index_uri``, choose the threshold (``config.threshold_rule``:
+    fixed, or on the stress val), score val and test once, and draw the pictures."""
+    step, logger = on_step or (lambda name: None), logger or log
     data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
     for split, part in data.items():
         if len(part.labels) == 0:
             raise ValueError(f"the {split} split of {index_uri} is empty; the dataset is too small to carve it by patient")
-    outcome = train.train(
+    trained = train.train(
         data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config, progress=progress
     )
     logger.info(
         "trained on %d rows in %.1fs: best epoch %d of %d%s",
-        outcome.n_train, outcome.seconds, outcome.best_epoch, len(outcome.history),
-        " (stopped early)" if outcome.stopped_early else "",
+        trained.n_train, trained.seconds, trained.best_epoch, len(trained.history),
+        " (stopped early)" if trained.stopped_early else "",
     )
-
     # The threshold first (it may be chosen on the stress val), then the one scoring pass:
     # metrics with CIs by patient, the stress val, the shift suite, the per-epoch history.
     step(STEPS_AFTER_TRAINING[0])
-    threshold = evaluate.decision_threshold(outcome.state_dict, data["val"], config.threshold_rule, config.threshold)
+    threshold = evaluate.decision_threshold(trained.state_dict, data["val"], config.threshold_rule, config.threshold)
     evaluation = evaluate.evaluate_model(
-        outcome.state_dict, {split: data[split] for split in ("val", "test")},
-        threshold, outcome.history, best_epoch=outcome.best_epoch, threshold_rule=config.threshold_rule,
+        trained.state_dict, {split: data[split] for split in ("val", "test")},
+        threshold, trained.history, best_epoch=trained.best_epoch, threshold_rule=config.threshold_rule,
     )
     if config.threshold_rule != "fixed":
         logger.info("threshold %.4f (%s)", threshold, config.threshold_rule)
-    val = promotion.comparable(evaluation.metrics)  # what the card records and what the promotion compares
     warnings = evaluate.small_split_warnings(evaluation.metrics)
     for warning in warnings:
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
-    pictures = plots.render_evaluation(evaluation)
-    step(STEPS_AFTER_TRAINING[2])
+    return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation))
 
+
+def new_card(
+    scored: Scored, index_uri: str, manifest_digest: str, config: TrainConfig, recipe: str,
+    comparison: promotion.Decision, card_extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The card of the new version, before registration: ``registry.register`` adds its name, version and files."""
+    index = shard_files.index_ref(index_uri)
+    return registry.build_card(
+        state_dict=scored.trained.state_dict,
+        metrics=scored.evaluation.metrics,
+        training=scored.training,
+        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
+        manifest_digest=manifest_digest,
+        shards_digest=index.digest,
+        counts=index.counts,
+        champion_comparison=comparison.to_json(),
+        recipe=recipe,
+        warnings=scored.warnings,
+        **scored.evaluation.card_fields(plots=sorted(scored.pictures)),
+        **(card_extra or {}),
+    )
+
+
+def register_and_promote(
+    registry_uri: str, model_name: str, scored: Scored, card: dict[str, Any], champion_metric: str,
+    champion_val: promotion.ChampionVal, logger: Any = None,
+) -> tuple[str, promotion.Promotion]:
+    """Register the version with its pictures and report, point ``latest`` at it, and put it up for champion."""
+    logger = logger or log
+    pictures = scored.pictures
+    # The pictures and the report are written with the version, before its card: a card never lists missing files.
+    version = registry.register(
+        registry_uri, model_name, scored.trained.state_dict, card, extra_files=pictures,
+        render_files=lambda full_card: {report.REPORT_NAME: report.render(full_card, pictures).encode()},
+    )
+    registry.set_alias(registry_uri, model_name, "latest", version)
+    outcome = promotion.promote(
+        registry_uri, model_name, version, promotion.comparable(scored.evaluation.metrics), champion_metric,
+        champion_val=champion_val, logger=logger,
+    )
+    if outcome.is_champion:
+        logger.info("champion: %s %s (%s)", model_name, version, outcome.reason)
+    else:
+        logger.info("champion stays %s: %s %s not promoted (%s)", outcome.champion_version, model_name, version, outcome.reason)
+    return version, outcome
+
+
+def train_evaluate_register(
+    index_uri: str,
+    manifest_digest: str,
+    config: TrainConfig,
+    registry_uri: str,
+    model_name: str,
+    champion_metric: str = DEFAULT_CHAMPION_METRIC,
+    *,
+    recipe: str,
+    progress: Optional[Callable[[dict], None]] = None,
+    logger: Any = None,
+    card_extra: Optional[dict[str, Any]] = None,
+    on_step: Optional[Callable[[str], None]] = None,
+) -> Registered:
+    """Train and score (``train_and_score``), compare with the champion, build the card
+    (``new_card``), register the version and make it ``champion`` if it beats the champion on
+    ``champion_metric`` (``register_and_promote``): by default the ROC AUC on the stress val,
+    on which the champion is re-scored too. Val and test are scored once: the card's metrics
+    and the promotion's challenger figures are the same numbers.
+
+    ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
+    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
+    ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
+    each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
+    """
+    promotion.validate_champion_metric(champion_metric)
+    registry.validate_model_name(model_name)
+    check_stress_val(index_uri, config, champion_metric)
+    scored = train_and_score(index_uri, config, progress=progress, logger=logger, on_step=on_step)
+    (on_step or (lambda name: None))(STEPS_AFTER_TRAINING[2])
     scores: dict[str, tuple[dict[str, Any], str]] = {}
 
     def champion_val(version: str) -> tuple[dict[str, Any], str]:
@@ -126,51 +201,19 @@ def train_evaluate_register(
         return scores[version]
 
     # Compare before registering: the immutable card records the decision as it stood then.
-    _, _, champion, champion_vals, basis, notes = promotion.champion_to_beat(
-        registry_uri, model_name, None, champion_metric, champion_val
-    )
-    # The notes (alias missing, broken or corrupt) are logged as warnings by promote() below.
-    comparison = promotion.compare(champion_metric, val, champion, champion_vals, basis, notes)
-    training = {
-        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history), "stopped_early": outcome.stopped_early,
-        "n_train": outcome.n_train, "seconds": round(outcome.seconds, 2), "history": evaluation.history,
-        **({"averaged_from": outcome.averaged_from} if outcome.averaged_from else {}),
-    }
-    card = registry.build_card(
-        state_dict=outcome.state_dict,
-        metrics=evaluation.metrics,
-        training=training,
-        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
-        manifest_digest=manifest_digest,
-        shards_digest=index.digest,
-        counts=index.counts,
-        champion_comparison=comparison,
-        **{"recipe": recipe, "warnings": warnings, **evaluation.card_fields(plots=sorted(pictures)), **(card_extra or {})},
-    )
-    # The pictures and the report are written with the version, before its card: a card never lists missing files.
-    version = registry.register(
-        registry_uri, model_name, outcome.state_dict, card, extra_files=pictures,
-        render_files=lambda full_card: {report.REPORT_NAME: report.render(full_card, pictures).encode()},
-    )
-    registry.set_alias(registry_uri, model_name, "latest", version)
-    decision = promotion.promote(
-        registry_uri, model_name, version, val, champion_metric,
-        champion_val=champion_val, logger=logger,
-    )
-    if decision["is_champion"]:
-        logger.info("champion: %s %s (%s)", model_name, version, decision["reason"])
-    else:
-        logger.info(
-            "champion stays %s: %s %s not promoted (%s)",
-            decision["champion_version"], model_name, version, decision["reason"],
-        )
+    # The notes (alias missing, broken or corrupt) are logged as warnings by promote().
+    rival = promotion.champion_to_beat(registry_uri, model_name, None, champion_metric, champion_val)
+    val = promotion.comparable(scored.evaluation.metrics)
+    comparison = promotion.compare(champion_metric, val, rival.version, rival.val, rival.basis, rival.notes)
+    card = new_card(scored, index_uri, manifest_digest, config, recipe, comparison, card_extra)
+    version, outcome = register_and_promote(registry_uri, model_name, scored, card, champion_metric, champion_val, logger)
     return Registered(
         ref=registry.model_ref(registry_uri, model_name, version),
-        metrics=evaluation.metrics,
-        training=training,
+        metrics=scored.evaluation.metrics,
+        training=scored.training,
         comparison=comparison,
-        champion_val=scores[decision["champion_version"]][0] if decision["champion_version"] in scores else None,
-        promotion=decision,
-        evaluation=evaluation,
-        pictures=pictures,
+        champion_val=scores[outcome.champion_version][0] if outcome.champion_version in scores else None,
+        promotion=outcome,
+        evaluation=scored.evaluation,
+        pictures=scored.pictures,
     )

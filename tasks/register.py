@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, registry, shard_files
 from pneumo.config import TrainConfig
-from pneumo.names import DEFAULT_CHAMPION_METRIC, metric_label
+from pneumo.names import metric_label
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
 from tasks.reporting import model_report_artifacts
 from tasks.retry import retry_options
 
+if TYPE_CHECKING:  # imported where it runs: training pulls in torch (seconds)
+    from pneumo.register import Registered
 
-@task(
-    name="train-evaluate-register",
-    **retry_options(),
-    cache_policy=cache_policy(),
-)
-def train_evaluate_register(
-    index: shard_files.IndexRef,
-    manifest_digest: str,
-    config: TrainConfig,
-    registry_uri: str,
-    model_name: str,
-    champion_metric: str = DEFAULT_CHAMPION_METRIC,
-    recipe: str = "seed",
-) -> registry.ModelRef:
-    """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
-    # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
-    # cached run (this task's cache hit) never needs.
-    from pneumo import promotion, register
 
-    logger = get_run_logger()
-
+@contextlib.contextmanager
+def _progress(config: TrainConfig, steps: tuple[str, ...], logger: Any) -> Iterator[tuple[Callable, Callable]]:
+    """(progress, on_step) for pneumo.register: a training bar over the epochs, then an evaluation bar over ``steps``."""
     stage = stage_progress.open_stage("training-progress", "training", config.epochs, "epochs")
 
     def progress(epoch: dict) -> None:
@@ -51,23 +39,25 @@ def train_evaluate_register(
     def on_step(name: str) -> None:
         # Evaluation is its own step: the training bar ends at the epochs run, then this one moves.
         if stages[-1] is stage:
-            stages.append(stage_progress.open_stage(
-                "evaluation-progress", "evaluation", len(register.STEPS_AFTER_TRAINING), "steps"))
+            stages.append(stage_progress.open_stage("evaluation-progress", "evaluation", len(steps), "steps"))
             stage_progress.close_stage(stages.pop(0))
             stages[0].advance(0, name)
         else:
             stages[0].advance(1, name)
 
     try:
-        result = register.train_evaluate_register(
-            index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-            progress=progress, logger=logger, recipe=recipe, on_step=on_step,
-        )
+        yield progress, on_step
         if stages[0] is not stage:
             stages[0].advance(1)  # the last step (registering) is done too
     finally:
         for open_stage in stages:
             stage_progress.close_stage(open_stage)
+
+
+def _report(result: Registered, model_name: str, champion_metric: str, logger: Any) -> None:
+    """The new version's metrics in the log, and its metrics, pictures and champion decision as artifacts."""
+    from pneumo import promotion
+
     ref, metrics = result.ref, result.metrics
     for split in [s for s in ("val", "stress_val", "test") if s in metrics]:
         m = metrics[split]
@@ -83,10 +73,39 @@ def train_evaluate_register(
     create_markdown_artifact(
         key="champion-challenger",
         markdown=evaluate.comparison_markdown(
-            model_name, ref.version, promotion.comparable(metrics), result.promotion, result.champion_val,
+            model_name, ref.version, promotion.comparable(metrics), result.promotion.to_json(), result.champion_val,
             result.is_champion,
         ),
         description=f"{model_name} {ref.version} against the champion on {metric_label(champion_metric)}",
     )
-    logger.info("registered %s %s at %s", model_name, ref.version, ref.card_uri)
-    return ref
+
+
+@task(
+    name="train-evaluate-register",
+    **retry_options(),
+    cache_policy=cache_policy(),
+)
+def train_evaluate_register(
+    index: shard_files.IndexRef,
+    manifest_digest: str,
+    config: TrainConfig,
+    registry_uri: str,
+    model_name: str,
+    champion_metric: str,
+    recipe: str,
+) -> registry.ModelRef:
+    """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it.
+    ``recipe`` names the preset ``config`` came from: the card records it."""
+    # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
+    # cached run (this task's cache hit) never needs.
+    from pneumo import register
+
+    logger = get_run_logger()
+    with _progress(config, register.STEPS_AFTER_TRAINING, logger) as (progress, on_step):
+        result = register.train_evaluate_register(
+            index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
+            recipe=recipe, progress=progress, logger=logger, on_step=on_step,
+        )
+    _report(result, model_name, champion_metric, logger)
+    logger.info("registered %s %s at %s", model_name, result.ref.version, result.ref.card_uri)
+    return result.ref

@@ -45,62 +45,62 @@ def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     reg = str(tmp_path / "reg")
     result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert result.ref.version == "v0001" and result.is_champion
-    assert result.promotion["reason"] == "no champion yet: the first model becomes champion"
+    assert result.promotion.reason == "no champion yet: the first model becomes champion"
     card = registry.load_card(reg, "tinynet", "v0001")
-    assert card["schema_version"] == 2 and card["recipe"] == "seed"
-    assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
-    assert card["confusion_matrix_layout"].startswith("[[tn, fp], [fn, tp]]")
-    assert card["threshold"] == 0.4 == card["config"]["train"]["threshold"]
+    assert card.schema_version == 2 and card.recipe == "seed" == card.config.recipe
+    assert card.labels == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert card.confusion_matrix_layout.startswith("[[tn, fp], [fn, tp]]")
+    assert card.threshold == 0.4 == card.config.train["threshold"]
     # model.pt, model.onnx and the pictures, each with the sha256 of the bytes beside the card
-    assert {"model.pt", "model.onnx", "roc.png", "learning_curves.png", "report.html"} <= set(card["files"])
-    assert set(card["plots"]) <= set(card["files"])
-    for name, entry in card["files"].items():
+    assert {"model.pt", "model.onnx", "roc.png", "learning_curves.png", "report.html"} <= set(card.files)
+    assert set(card.plots) <= set(card.files)
+    for name, entry in card.files.items():
         data = storage.read_bytes(storage.join(reg, "tinynet", "v0001", name))
-        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert card["metrics"]["val"]["n"] == 120 and card["data"]["manifest_digest"] == "d" * 64
+        assert entry.model_dump() == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert card.metrics["val"]["n"] == 120 and card.data.manifest_digest == "d" * 64
     assert registry.get_alias(reg, "tinynet", "latest") == "v0001"
     assert registry.get_alias(reg, "tinynet", "champion") == "v0001"
-    assert card["warnings"] == []  # 120 val and test images: enough
+    assert card.warnings == []  # 120 val and test images: enough
 
 
 def test_a_small_val_or_test_split_is_warned_in_the_log_and_the_card(tmp_path, caplog):
     index_uri = _index(tmp_path, n=40)
     reg = str(tmp_path / "reg")
     with caplog.at_level(logging.WARNING):
-        register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+        register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     card = registry.load_card(reg, "tinynet", "v0001")
-    assert [w.split(":")[0] for w in card["warnings"]] == [
+    assert [w.split(":")[0] for w in card.warnings] == [
         "the val split has only 40 images (under 100)", "the test split has only 40 images (under 100)"]
-    assert [r.getMessage() for r in caplog.records if "only 40 images" in r.getMessage()] == card["warnings"]
+    assert [r.getMessage() for r in caplog.records if "only 40 images" in r.getMessage()] == card.warnings
 
 
 def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     """Issue 12 item 8: the champion is named, skipped with a warning, and training goes on."""
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
-    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     model_pt = tmp_path / "reg" / "tinynet" / "v0001" / "model.pt"
     data = bytearray(model_pt.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped byte in the tensor data
     model_pt.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING):
-        result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+        result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert result.ref.version == "v0002"
     assert "champion v0001 skipped for comparison: tinynet v0001" in caplog.text
     assert "is corrupt: expected sha256" in caplog.text
     # No intact version is left to compare with: the new one takes over.
     assert result.is_champion and registry.get_alias(reg, "tinynet", "champion") == "v0002"
-    assert any("v0001" in note for note in result.promotion["notes"])
-    assert result.promotion["reason"].startswith("no intact champion or version to compare with")
-    assert registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]["notes"] == result.promotion["notes"]
+    assert any("v0001" in note for note in result.promotion.notes)
+    assert result.promotion.reason.startswith("no intact champion or version to compare with")
+    assert registry.load_card(reg, "tinynet", "v0002").champion_comparison.notes == list(result.promotion.notes)
 
     # The next run compares with v0002, re-scored on this run's val split.
-    third = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
-    assert third.comparison["champion_version"] == "v0002"
-    assert third.comparison["basis"] == "re-scored on this run's val split"
+    third = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
+    assert third.comparison.champion_version == "v0002"
+    assert third.comparison.basis == "re-scored on this run's val split"
 
 
 def test_a_bad_champion_metric_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="invalid champion metric"):
-        register.train_evaluate_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss")
+        register.train_evaluate_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss", recipe="seed")
