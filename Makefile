@@ -1,8 +1,10 @@
 # One entry point for setting up, running and testing pneumo.
 PYTHON  ?= python3
 VENV    ?= .venv
-# The CPU wheel: a bare `torch` can pull a multi-GB CUDA build. Override for GPUs,
-# e.g. make setup TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126'
+# Pins the version only. On PyPI (Linux x86_64) this is the CUDA build with its nvidia-*
+# libraries (several GB); pip finds a CPU wheel only where its config points at one.
+# CPU build: make setup TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
+# A GPU build: make setup TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126'
 TORCH   ?= torch==2.13.0
 SOURCE  ?= kaggle:paultimothymooney/chest-xray-pneumonia
 WORKDIR ?= ./pneumo-data
