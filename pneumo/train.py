@@ -158,10 +158,7 @@ def train(
             if progress is not None:
                 progress(entry)
             if averaged is not None:  # a fixed budget: no early stopping, no best epoch
-                if epoch >= min(config.swa_start, config.epochs):
-                    averaged.update_parameters(model)
-                    result.averaged_from = result.averaged_from or epoch
-                    result.best_epoch = epoch
+                _average(averaged, model, epoch, config, result)
             elif best.stop_after(epoch, val_loss, model, result):
                 result.stopped_early = epoch < config.epochs
                 break
@@ -232,6 +229,16 @@ def _validate(
     val_y = vy.numpy()
     val_auc = float(roc_auc_score(val_y, val_prob.numpy())) if len(np.unique(val_y)) == 2 else None
     return val_loss, val_auc
+
+
+def _average(
+    averaged: torch.optim.swa_utils.AveragedModel, model: TinyNet, epoch: int, config: TrainConfig, result: TrainResult
+) -> None:
+    """Add this epoch's weights to the average from ``swa_start`` on (the last epoch at least)."""
+    if epoch >= min(config.swa_start, config.epochs):
+        averaged.update_parameters(model)
+        result.averaged_from = result.averaged_from or epoch
+        result.best_epoch = epoch
 
 
 class _BestEpoch:
