@@ -1,7 +1,7 @@
 """Prefect's overhead on the transform stage: the flow's shard stage against a bare process pool.
 
 For each shard size, the same shard specs are written three times into fresh folders: once by
-``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shard_files.write_shard (no Prefect),
+``concurrent.futures.ProcessPoolExecutor`` calling pneumo.shards.write_shard (no Prefect),
 once by the library's whole stage, ``pneumo.shards.run`` with a process pool (planning,
 verifying, the index; no Prefect), and once by the flow's ``shard_stage`` with ``--runner
 processes``, timed inside a flow run as the pipeline runs it (the library's steps plus one
@@ -42,7 +42,7 @@ import synthesize  # noqa: E402
 
 def plan(manifest, shard_size: int, out: Path) -> list[shard_files.ShardSpec]:
     shutil.rmtree(out, ignore_errors=True)
-    return shard_files.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
+    return shards.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
 
 
 @flow(name="pneumo-orchestration-benchmark")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 specs = plan(manifest, shard_size, args.workdir / "bare")
                 started = time.perf_counter()
                 with ProcessPoolExecutor(max_workers=args.workers) as executor:
-                    list(executor.map(shard_files.write_shard, specs))
+                    list(executor.map(shards.write_shard, specs))
                 bare = min(bare, time.perf_counter() - started)
 
                 started = time.perf_counter()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo import code_version, evaluate, shard_files, shift
+from pneumo import code_version, evaluate, shard_files, shards, shift
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
@@ -53,10 +53,10 @@ SHARD_SIZE = 1000
 def build_shards(manifest, transform, out_dir: str, workers: int) -> tuple[str, float]:
     """The shards of ``transform`` (reused when already written); their index URI and the seconds it took."""
     split = SplitConfig()
-    specs = shard_files.plan_shards(manifest, split, transform, SHARD_SIZE, out_dir)
+    specs = shards.plan_shards(manifest, split, transform, SHARD_SIZE, out_dir)
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(shard_files.write_shard, specs))
+        results = list(pool.map(shards.write_shard, specs))
     seconds = time.perf_counter() - started
     index_uri = shard_files.index_uri(out_dir, manifest.digest(), transform, split, SHARD_SIZE)
     shard_files.write_index(results, index_uri, manifest_digest=manifest.digest(), transform=transform, split_config=split)

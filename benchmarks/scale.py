@@ -2,9 +2,9 @@
 
 For each N it makes a Kaggle-layout folder of N images (hard links to a pool of copies of
 the shared 224 x 224 images, each named as its own patient), builds the manifest and plans
-the shards (pneumo.shard_files.plan_shards, as the flow does), saving each shard's spec to a
+the shards (pneumo.shards.plan_shards, as the flow does), saving each shard's spec to a
 file. A fresh process then plays one transform worker: it receives the specs one at a
-time, as a pool worker receives its tasks, runs pneumo.shard_files.write_shard on each, and
+time, as a pool worker receives its tasks, runs pneumo.shards.write_shard on each, and
 reports its peak RSS. Small images keep the default run short; the transform's
 per-image memory is transient, so image size moves the baseline, not the trend.
 
@@ -49,14 +49,14 @@ def peak_rss_mb() -> float:
 
 def child(spec_dir: str) -> None:
     """The measured process: one worker writing every shard, one spec at a time. Prints JSON."""
-    from pneumo import shard_files
+    from pneumo import shard_files, shards
 
     baseline = peak_rss_mb()
     started = time.perf_counter()
     images = n_shards = 0
     for path in sorted(Path(spec_dir).glob("*.json")):
         spec = shard_files.ShardSpec.model_validate_json(path.read_text())
-        result = shard_files.write_shard(spec)
+        result = shards.write_shard(spec)
         images += result.count + len(result.quarantine)
         n_shards += 1
     print(json.dumps({
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
 
-    from pneumo import shard_files
+    from pneumo import shards
     from pneumo.config import SplitConfig, TransformConfig
     from pneumo.download import build_manifest
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_dir = args.workdir / f"specs-n{n}"
         shutil.rmtree(spec_dir, ignore_errors=True)
         spec_dir.mkdir(parents=True)
-        specs = shard_files.plan_shards(build_manifest(folder), SplitConfig(), TransformConfig(), args.shard_size, str(out))
+        specs = shards.plan_shards(build_manifest(folder), SplitConfig(), TransformConfig(), args.shard_size, str(out))
         for i, spec in enumerate(specs):
             (spec_dir / f"{i:05d}.json").write_text(spec.model_dump_json())
         done = subprocess.run([sys.executable, __file__, "--child", str(spec_dir)], check=True, capture_output=True, text=True)

@@ -173,7 +173,7 @@ def shard_stage(
     manifest_uri: str, split: SplitConfig, transform: TransformConfig, shard_size: int, workdir: str, retries: int,
     runner: Runner = "processes", workers: Optional[int] = None, dask_address: Optional[str] = None, *, root: str,
 ) -> shard_files.IndexRef:
-    """Stage 3 in a flow run: pneumo.shards.run with one write-shard task per shard on ``runner``, then the index task.
+    """Stage 3 in a flow run: the plan, one write-shard task per shard on ``runner``, then the index task.
 
     ``root`` is the folder this run's images are in (its ManifestRef.root). With ``processes``
     each shard task hands its pixel work to a pool of local processes forked from a warm
@@ -187,7 +187,7 @@ def shard_stage(
     try:
         with task_runner(runner, workers, dask_address) as shard_runner:
 
-            def write(specs: list[shard_files.ShardSpec], rebuild: bool) -> list[shard_files.ShardResult]:
+            def write(specs: list[shard_files.ShardSpec], rebuild: bool = False) -> list[shard_files.ShardResult]:
                 logger.info("transform: %d shard(s) of up to %d images on the %s runner", len(specs), shard_size, runner)
                 shard_task = with_run_options(write_shard, workdir, retries, refresh=rebuild)
                 futures = shard_runner.map(shard_task, {"spec": specs, "pool": unmapped(transform_pool)})
@@ -198,19 +198,21 @@ def shard_stage(
                     logger.info("shards: %d/%d done", done, len(specs))
                 return [by_uri[spec.uri] for spec in specs]
 
-            def index(*args: Any) -> shard_files.IndexRef:
-                task = with_run_options(write_index, workdir, retries)
-                ref = rerun_if_outputs_missing(task, *args, outputs=lambda ref: [ref.uri])
-                runtime.finished_stage(write_index.name)
-                return ref
-
-            return shards.run(
-                manifest_uri, root, split, transform, shard_size, workdir, write=write, index=index,
-                on_broken=lambda spec, problem: logger.warning("shard %s: %s; rebuilding it", spec.uri, problem),
-            )
+            plan = shards.plan(manifest_uri, root, split, transform, shard_size, workdir)
+            results = write(plan.specs)
+            # A cached result remembers a shard, not its file: one deleted or changed since is rebuilt.
+            broken = shards.set_aside_broken(plan.specs, results)
+            for spec, problem in broken:
+                logger.warning("shard %s: %s; rebuilding it", spec.uri, problem)
+            if broken:
+                results = shards.with_rebuilt(results, write([spec for spec, _ in broken], rebuild=True))
     finally:
         if transform_pool:
             transform_pool.close()
+    index = rerun_if_outputs_missing(with_run_options(write_index, workdir, retries), plan, results,
+                                     outputs=lambda ref: [ref.uri])
+    runtime.finished_stage(write_index.name)
+    return index
 
 
 def run(settings: Settings) -> int:

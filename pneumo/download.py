@@ -359,34 +359,7 @@ def safe_extract_zip(
             members = archive.infolist()
             if len(members) > max_members:
                 raise UnsafeArchive(f"{zip_path} has {len(members)} entries, more than the limit of {max_members}")
-            declared = 0
-            seen: dict[PurePosixPath, str] = {}  # each entry's path -> its name in the archive
-            for info in members:
-                path = _checked_member_path(info.filename, zip_path)
-                if path in seen:  # extracted, the second would silently replace the first
-                    raise UnsafeArchive(f"entry {info.filename!r} appears twice in {zip_path}; remove one copy")
-                seen[path] = info.filename
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise UnsafeArchive(f"unsafe entry {info.filename!r} in {zip_path}: symbolic link")
-                declared += info.file_size
-                if declared > max_total_bytes:
-                    raise UnsafeArchive(
-                        f"{zip_path} expands to more than {max_total_bytes} bytes (at entry {info.filename!r})"
-                    )
-                ratio = info.file_size / max(info.compress_size, 1)
-                if info.file_size >= _CHUNK and ratio > max_ratio:
-                    raise UnsafeArchive(
-                        f"entry {info.filename!r} in {zip_path} has compression ratio {ratio:.0f} "
-                        f"(limit {max_ratio}): likely a zip bomb"
-                    )
-            files = {path for path, name in seen.items() if not name.endswith("/")}
-            for path, name in seen.items():
-                for parent in path.parents:
-                    if parent in files:  # a file and, at once, the folder of another entry
-                        raise UnsafeArchive(
-                            f"entry {name!r} in {zip_path} needs a folder {parent.as_posix()!r}, "
-                            f"but the archive also holds a file {seen[parent]!r} by that name"
-                        )
+            _check_no_file_is_a_folder(_checked_members(members, zip_path, max_total_bytes, max_ratio), zip_path)
             written = 0
             real_target = os.path.realpath(target)
             for info in members:
@@ -394,26 +367,67 @@ def safe_extract_zip(
                 # Guards against symlinks already sitting in target_dir, which names alone can't see.
                 if os.path.commonpath([real_target, os.path.realpath(destination)]) != real_target:
                     raise UnsafeArchive(f"entry {info.filename!r} in {zip_path} resolves outside {target}")
-                try:
-                    if info.is_dir():
-                        destination.mkdir(parents=True, exist_ok=True)
-                        continue
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.open(info) as source, open(destination, "wb") as sink:
-                        member_written = 0
-                        while chunk := source.read(_CHUNK):
-                            member_written += len(chunk)
-                            written += len(chunk)
-                            if member_written > info.file_size or written > max_total_bytes:
-                                raise UnsafeArchive(
-                                    f"entry {info.filename!r} in {zip_path} expands beyond its declared size"
-                                )
-                            sink.write(chunk)
-                except OSError as error:  # named by its entry: the temporary folder means nothing to the user
-                    raise OSError(error.errno, f"cannot extract entry {info.filename!r} from {zip_path}: "
-                                  f"{error.strerror or error}") from None
+                written += _extract_member(archive, info, destination, zip_path, max_total_bytes - written)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise UnsafeArchive(f"archive is truncated or corrupt: {zip_path}: {error}") from error
+
+
+def _checked_members(
+    members: list[zipfile.ZipInfo], zip_path: str | Path, max_total_bytes: int, max_ratio: int
+) -> dict[PurePosixPath, str]:
+    """Each entry's path -> its name in the archive, once every entry's name, kind and sizes are checked."""
+    declared = 0
+    seen: dict[PurePosixPath, str] = {}
+    for info in members:
+        path = _checked_member_path(info.filename, zip_path)
+        if path in seen:  # extracted, the second would silently replace the first
+            raise UnsafeArchive(f"entry {info.filename!r} appears twice in {zip_path}; remove one copy")
+        seen[path] = info.filename
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UnsafeArchive(f"unsafe entry {info.filename!r} in {zip_path}: symbolic link")
+        declared += info.file_size
+        if declared > max_total_bytes:
+            raise UnsafeArchive(f"{zip_path} expands to more than {max_total_bytes} bytes (at entry {info.filename!r})")
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size >= _CHUNK and ratio > max_ratio:
+            raise UnsafeArchive(
+                f"entry {info.filename!r} in {zip_path} has compression ratio {ratio:.0f} "
+                f"(limit {max_ratio}): likely a zip bomb"
+            )
+    return seen
+
+
+def _check_no_file_is_a_folder(seen: dict[PurePosixPath, str], zip_path: str | Path) -> None:
+    files = {path for path, name in seen.items() if not name.endswith("/")}
+    for path, name in seen.items():
+        for parent in path.parents:
+            if parent in files:  # a file and, at once, the folder of another entry
+                raise UnsafeArchive(
+                    f"entry {name!r} in {zip_path} needs a folder {parent.as_posix()!r}, "
+                    f"but the archive also holds a file {seen[parent]!r} by that name"
+                )
+
+
+def _extract_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, destination: Path, zip_path: str | Path, budget: int
+) -> int:
+    """Write one entry at ``destination``, at most its declared size and ``budget`` bytes; return the bytes written."""
+    written = 0
+    try:
+        if info.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            return 0
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(info) as source, open(destination, "wb") as sink:
+            while chunk := source.read(_CHUNK):
+                written += len(chunk)
+                if written > info.file_size or written > budget:
+                    raise UnsafeArchive(f"entry {info.filename!r} in {zip_path} expands beyond its declared size")
+                sink.write(chunk)
+    except OSError as error:  # named by its entry: the temporary folder means nothing to the user
+        raise OSError(error.errno, f"cannot extract entry {info.filename!r} from {zip_path}: "
+                      f"{error.strerror or error}") from None
+    return written
 
 
 # --------------------------------------------------------------------------- layout
@@ -576,80 +590,106 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
     metadata (``.DS_Store``, ``._*``, ``__MACOSX/``, ``Thumbs.db``), a SkippedEntry.
     """
     root = Path(root)
-    resolved_root = root.resolve()
     if not _is_dataset_root(root):
         raise ValueError(f"{root} has no train/NORMAL or train/PNEUMONIA folder; use find_dataset_root first")
-    quarantine: list[QuarantineEntry] = []
-    skipped: list[SkippedEntry] = []
-    images: list[tuple[str, str, int, Path]] = []  # relpath, split, label, path
+    listing = _Listing(root)
+    for split in SPLITS:
+        listing.add_split(split)
+    return Manifest(
+        root=str(listing.resolved_root),
+        records=_hash_records(listing.images, progress),
+        quarantine=listing.quarantine,
+        skipped=listing.skipped,
+    )
 
-    def refuse(path: Path, reason: str) -> None:
-        relpath = shown_name(path.relative_to(root).as_posix())
-        quarantine.append(QuarantineEntry(relpath=relpath, stage="manifest", reason=shown_name(reason)))
 
-    def skip(path: Path, reason: str) -> None:
+class _Listing:
+    """What a walk of the dataset found: the images to hash, the files refused with why, the junk skipped."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.resolved_root = root.resolve()
+        self.images: list[tuple[str, str, int, Path]] = []  # relpath, split, label, path
+        self.quarantine: list[QuarantineEntry] = []
+        self.skipped: list[SkippedEntry] = []
+
+    def refuse(self, path: Path, reason: str) -> None:
+        relpath = shown_name(path.relative_to(self.root).as_posix())
+        self.quarantine.append(QuarantineEntry(relpath=relpath, stage="manifest", reason=shown_name(reason)))
+
+    def skip(self, path: Path, reason: str) -> None:
         """Skip a junk file, or every file of a junk folder (each is counted)."""
         files = [path]
         if path.is_dir() and not path.is_symlink():
             files = [Path(folder, name) for folder, _, names in sorted(os.walk(path)) for name in sorted(names)]
         for file in files:
-            skipped.append(SkippedEntry(relpath=shown_name(file.relative_to(root).as_posix()), reason=reason))
+            self.skipped.append(SkippedEntry(relpath=shown_name(file.relative_to(self.root).as_posix()), reason=reason))
 
-    def outside(path: Path) -> bool:
+    def outside(self, path: Path) -> bool:
         """A symlink (file or folder) that leads out of the dataset."""
-        return path.is_symlink() and not path.resolve().is_relative_to(resolved_root)
+        return path.is_symlink() and not path.resolve().is_relative_to(self.resolved_root)
 
-    for split in SPLITS:
-        split_dir = root / split
+    def add_split(self, split: str) -> None:
+        split_dir = self.root / split
         if not split_dir.is_dir():
-            continue
-        if outside(split_dir):
-            refuse(split_dir, "symlinked folder points outside the dataset (not read)")
-            continue
+            return
+        if self.outside(split_dir):
+            self.refuse(split_dir, "symlinked folder points outside the dataset (not read)")
+            return
         for class_dir in sorted(split_dir.iterdir()):
             if junk := junk_reason(class_dir.name):
-                skip(class_dir, junk)
-                continue
-            if not class_dir.is_dir():
-                refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
-                continue
-            if outside(class_dir):  # the same rule as for a file: its files are never read
-                refuse(class_dir, "symlinked folder points outside the dataset (not read)")
-                continue
-            known = class_dir.name in CLASSES
-            for folder, dirnames, filenames in os.walk(class_dir):
-                for name in [d for d in dirnames if junk_reason(d)]:
-                    skip(Path(folder, name), junk_reason(name))
-                for name in [d for d in dirnames if Path(folder, d).is_symlink() and not junk_reason(d)]:
-                    # os.walk does not follow it: say so rather than lose its files without a word
-                    refuse(Path(folder, name), "symlinked folder inside a class folder (not followed)")
-                dirnames[:] = sorted(d for d in dirnames if not junk_reason(d))
-                for name in sorted(filenames):
-                    path = Path(folder, name)
-                    relpath = path.relative_to(root).as_posix()
-                    if junk := junk_reason(name):
-                        skip(path, junk)
-                    elif not _is_utf8(relpath):
-                        refuse(path, "file name is not valid UTF-8")
-                    elif name.startswith("."):
-                        # Hidden files are often partial copies or files set aside on purpose;
-                        # the user decides by renaming it.
-                        refuse(path, "hidden file (name starts with '.'): rename it to use it")
-                    elif not known:
-                        refuse(path, f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)")
-                    elif Path(folder) != class_dir:
-                        refuse(path, f"inside a subfolder of class folder '{class_dir.name}'")
-                    elif outside(path):
-                        refuse(path, "symlink points outside the dataset")
-                    elif not path.is_file():
-                        refuse(path, "not a regular file (broken symlink, device or pipe)")
-                    elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                        refuse(path, f"not an image file (extension '{path.suffix or '(none)'}')")
-                    elif path.stat().st_size == 0:
-                        refuse(path, "empty file (0 bytes)")
-                    else:
-                        images.append((relpath, split, CLASSES.index(class_dir.name), path))
+                self.skip(class_dir, junk)
+            elif not class_dir.is_dir():
+                self.refuse(class_dir, "file outside any class folder (expected NORMAL or PNEUMONIA)")
+            elif self.outside(class_dir):  # the same rule as for a file: its files are never read
+                self.refuse(class_dir, "symlinked folder points outside the dataset (not read)")
+            else:
+                self.add_class_folder(split, class_dir)
 
+    def add_class_folder(self, split: str, class_dir: Path) -> None:
+        for folder, dirnames, filenames in os.walk(class_dir):
+            for name in [d for d in dirnames if junk_reason(d)]:
+                self.skip(Path(folder, name), junk_reason(name))
+            for name in [d for d in dirnames if Path(folder, d).is_symlink() and not junk_reason(d)]:
+                # os.walk does not follow it: say so rather than lose its files without a word
+                self.refuse(Path(folder, name), "symlinked folder inside a class folder (not followed)")
+            dirnames[:] = sorted(d for d in dirnames if not junk_reason(d))
+            for name in sorted(filenames):
+                path = Path(folder, name)
+                relpath = path.relative_to(self.root).as_posix()
+                if junk := junk_reason(name):
+                    self.skip(path, junk)
+                elif problem := self.problem(path, relpath, class_dir):
+                    self.refuse(path, problem)
+                else:
+                    self.images.append((relpath, split, CLASSES.index(class_dir.name), path))
+
+    def problem(self, path: Path, relpath: str, class_dir: Path) -> str | None:
+        """Why a file of a class folder is not taken as an image, or None."""
+        if not _is_utf8(relpath):
+            return "file name is not valid UTF-8"
+        if path.name.startswith("."):
+            # Hidden files are often partial copies or files set aside on purpose; the user decides by renaming it.
+            return "hidden file (name starts with '.'): rename it to use it"
+        if class_dir.name not in CLASSES:
+            return f"unknown class folder '{class_dir.name}' (expected NORMAL or PNEUMONIA)"
+        if path.parent != class_dir:
+            return f"inside a subfolder of class folder '{class_dir.name}'"
+        if self.outside(path):
+            return "symlink points outside the dataset"
+        if not path.is_file():
+            return "not a regular file (broken symlink, device or pipe)"
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return f"not an image file (extension '{path.suffix or '(none)'}')"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        return None
+
+
+def _hash_records(
+    images: list[tuple[str, str, int, Path]], progress: Callable[[int, int], None] | None
+) -> list[ImageRecord]:
+    """The records of ``images``, hashed and fingerprinted; ``progress(done, total)`` every 500 images."""
     # hashlib and Pillow's decoder release the GIL, so threads hash files in parallel.
     records: list[ImageRecord] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
@@ -669,4 +709,4 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
             )
             if progress and (done % 500 == 0 or done == len(images)):
                 progress(done, len(images))
-    return Manifest(root=str(resolved_root), records=records, quarantine=quarantine, skipped=skipped)
+    return records

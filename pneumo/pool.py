@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 # What the workers compute with, imported once in the forkserver: the shard writer, and the
 # blur of the shift suite (scipy.ndimage, imported lazily by pneumo.shift so the parent does not pay for it).
-WORKER_MODULES = ("pneumo.shard_files", "scipy.ndimage")
+WORKER_MODULES = ("pneumo.shards", "scipy.ndimage")
 
 
 def preload() -> list[str]:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -246,20 +246,6 @@ def create_app(
     holder = ModelHolder(registry, model_name, alias, max_pixels=max_pixels, predictor=predictor)
     budget = DecodeBudget(decode_memory or default_decode_memory())
 
-    def score(current: Predictor, files: list[tuple[str, bytes]]) -> list[Prediction]:
-        """One image at a time, each within the decode budget (runs in the thread pool)."""
-        results = []
-        for name, data in files:
-            cost = decode_cost(data)
-            if cost > budget.total:
-                results.append(Prediction(name, None, None, current.threshold, current.model, error=(
-                    f"too large to decode: needs about {cost // 2**20} MB, over the server's decode "
-                    f"memory of {budget.total // 2**20} MB")))
-                continue
-            with budget.hold(cost):
-                results += current.predict([(name, data)])
-        return results
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         holder.start(poll_seconds)
@@ -268,8 +254,16 @@ def create_app(
 
     app = FastAPI(title="pneumo", summary="Pneumonia classifier for chest X-rays", lifespan=lifespan)
     app.state.holder = holder
+    app.middleware("http")(_request_log(holder))
+    app.add_exception_handler(UploadError, _upload_error)
+    app.include_router(_model_routes(holder, poll_seconds))
+    app.include_router(_predict_routes(holder, budget, max_bytes, body_seconds))
+    return app
 
-    @app.middleware("http")
+
+def _request_log(holder: ModelHolder):
+    """The middleware that logs every request in one line, with the model version that answered."""
+
     async def log_request(request: Request, call_next):
         started = time.perf_counter()
         status = 500  # what the client gets when the handler raises
@@ -282,46 +276,60 @@ def create_app(
             version = getattr(request.state, "version", None) or holder.current.version
             logger.info(
                 "%s %s %d %.1f ms %s %s", request.method, request.url.path, status,
-                1000 * (time.perf_counter() - started), model_name, version,
+                1000 * (time.perf_counter() - started), holder.model_name, version,
             )
 
-    @app.exception_handler(UploadError)
-    async def upload_error(request: Request, error: UploadError) -> JSONResponse:
-        # After a 408 the rest of the body may still be on its way: close the connection.
-        headers = {"connection": "close"} if error.status == 408 else None
-        return JSONResponse({"detail": str(error)}, status_code=error.status, headers=headers)
+    return log_request
 
-    @app.get("/health")
+
+async def _upload_error(request: Request, error: UploadError) -> JSONResponse:
+    # After a 408 the rest of the body may still be on its way: close the connection.
+    headers = {"connection": "close"} if error.status == 408 else None
+    return JSONResponse({"detail": str(error)}, status_code=error.status, headers=headers)
+
+
+def _model_routes(holder: ModelHolder, poll_seconds: float) -> APIRouter:
+    """GET /health and GET /model."""
+    router = APIRouter()
+
+    @router.get("/health")
     def health(strict: bool = False) -> JSONResponse:
         """200 while a model is served; "degraded" (and 503 with ?strict=true) while the alias cannot be followed."""
         current, problem = holder.current, holder.last_error
-        body = {"status": "degraded" if problem else "ok", "problem": problem, "model": model_name,
-                "version": current.version, "alias": alias, "alias_error": problem}
+        body = {"status": "degraded" if problem else "ok", "problem": problem, "model": holder.model_name,
+                "version": current.version, "alias": holder.alias, "alias_error": problem}
         return JSONResponse(body, status_code=503 if problem and strict else 200)
 
-    @app.get("/model")
+    @router.get("/model")
     def model() -> dict[str, Any]:
-        return {**holder.current.summary(), "alias": alias, "registry": registry, "poll_seconds": poll_seconds}
+        return {**holder.current.summary(), "alias": holder.alias, "registry": holder.registry, "poll_seconds": poll_seconds}
 
-    @app.post("/predict")
+    return router
+
+
+def _predict_routes(holder: ModelHolder, budget: DecodeBudget, max_bytes: int, body_seconds: float) -> APIRouter:
+    """POST /predict and POST /predict/batch."""
+    router = APIRouter()
+
+    @router.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         files = await _files(request, max_bytes, 2, body_seconds)  # 2: so that a second file gets the message below
         if len(files) != 1:
             raise UploadError(422, f"POST /predict takes one image, got {len(files)}; use /predict/batch")
         current = holder.current
         request.state.version = current.version
-        (result,) = await run_in_threadpool(score, current, files)
+        (result,) = await run_in_threadpool(_score, current, files, budget)
         if not result.ok:
             return JSONResponse({"detail": f"{result.input}: {result.error}", **result.to_dict()}, status_code=_status(result))
         return JSONResponse(result.to_dict())
 
-    @app.post("/predict/batch")
+    @router.post("/predict/batch")
     async def predict_batch(request: Request) -> JSONResponse:
         """Per-image results in upload order; an image that cannot be scored has its ``error``."""
         files = await _files(request, max_bytes * 5, MAX_BATCH_FILES, body_seconds)
         current = holder.current  # one model for the whole batch
         request.state.version = current.version
-        scored = iter(await run_in_threadpool(score, current, [f for f in files if len(f[1]) <= max_bytes]))
+        scored = iter(await run_in_threadpool(_score, current, [f for f in files if len(f[1]) <= max_bytes], budget))
         results = [
             next(scored) if len(data) <= max_bytes
             else Prediction(name, None, None, current.threshold, current.model,
@@ -330,4 +338,19 @@ def create_app(
         ]
         return JSONResponse([r.to_dict() for r in results])
 
-    return app
+    return router
+
+
+def _score(current: Predictor, files: list[tuple[str, bytes]], budget: DecodeBudget) -> list[Prediction]:
+    """One image at a time, each within the decode budget (runs in the thread pool)."""
+    results = []
+    for name, data in files:
+        cost = decode_cost(data)
+        if cost > budget.total:
+            results.append(Prediction(name, None, None, current.threshold, current.model, error=(
+                f"too large to decode: needs about {cost // 2**20} MB, over the server's decode "
+                f"memory of {budget.total // 2**20} MB")))
+            continue
+        with budget.hold(cost):
+            results += current.predict([(name, data)])
+    return results

@@ -1,4 +1,6 @@
-"""Stage 3 storage: features in HDF5 shards of a bounded number of images, and their index.
+"""Stage 3 storage, the file format: features in HDF5 shards of a bounded number of images, and their index.
+
+The rows come from pneumo.features; planning and writing the stage is pneumo.shards's.
 
 A shard is written by one process into a local temporary file, then uploaded in one
 atomic step, so readers never see half a shard. The same inputs give the same bytes (no
@@ -24,24 +26,20 @@ features are unchanged.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Literal
+from typing import Literal
 
 import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import augment, shift, storage
+from pneumo import shift, storage
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.images import ImageRejected, decode_gray
-from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry
-from pneumo.splits import records_by_split
-from pneumo.transform import featurize
+from pneumo.manifest import CLASSES, SPLITS, ImageRecord, QuarantineEntry
 
 SHARD_SCHEMA_VERSION = 3  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
 INDEX_NAME = "index.json"
@@ -127,45 +125,6 @@ def index_uri(out_dir: str, manifest_digest: str, transform: TransformConfig, sp
     return storage.join(shard_dir(out_dir, manifest_digest, transform, split_config, shard_size), INDEX_NAME)
 
 
-def plan_shards(
-    manifest: Manifest,
-    split_config: SplitConfig,
-    transform: TransformConfig,
-    shard_size: int,
-    out_dir: str,
-) -> list[ShardSpec]:
-    """One spec per ``shard_size`` images of each split, in split then relpath order.
-
-    The specs read the images from ``manifest.root``: the folder the manifest was built
-    from, or the one given to ``load_manifest`` (the run's ManifestRef.root).
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be a positive number of images, got {shard_size}")
-    root = manifest.images_root()
-    digest = manifest.digest()
-    folder = shard_dir(out_dir, digest, transform, split_config, shard_size)
-    by_split = records_by_split(manifest, split_config)
-    specs = []
-    for split in SPLITS:
-        for number, start in enumerate(range(0, len(by_split[split]), shard_size)):
-            stop = min(start + shard_size, len(by_split[split]))
-            specs.append(
-                ShardSpec(
-                    root=root,
-                    manifest_digest=digest,
-                    split_config=split_config,
-                    transform=transform,
-                    split=split,
-                    number=number,
-                    start=start,
-                    stop=stop,
-                    records=tuple(by_split[split][start:stop]),
-                    uri=storage.join(folder, f"{split}-{number:04d}.h5"),
-                )
-            )
-    return specs
-
-
 def _spec_attrs(spec: ShardSpec) -> dict:
     """The attributes that identify a shard's contents (not where it or its manifest live)."""
     return {
@@ -245,120 +204,28 @@ def _write_h5(
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
 
 
-# Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
-_IN_MEMORY_BYTES = 64 << 20
+def finished_result(spec: ShardSpec) -> ShardResult | None:
+    """The result of the complete shard of ``spec`` already at ``spec.uri``, or None: a retry returns it unchanged."""
+    if not storage.exists(spec.uri):
+        return None
+    with storage.local_copy(spec.uri) as existing:
+        return _result_from_file(spec, existing)
 
 
-def _read_verified(root: Path, record: ImageRecord) -> BinaryIO:
-    """A private copy of the file's bytes, read once and hashed as they are read.
+def write_file(spec: ShardSpec, data: ShardData, quarantine: list[QuarantineEntry]) -> ShardResult:
+    """Store ``data`` as the shard of ``spec``: written to a local temporary file, then uploaded to ``spec.uri`` at once.
 
-    featurize reads this copy, so the pixels are those of the bytes checked here. Raises
-    ImageRejected when they are not the bytes the manifest hashed (the file was rewritten
-    after the manifest was made); reading stops as soon as the file is longer than the
-    manifest says. A missing file raises FileNotFoundError (a wrong root, not a bad image).
+    ``data.shift`` holds every shift of shift.NAMES or none; ``quarantine`` lists the
+    images of the spec that were refused.
     """
-    copy = io.BytesIO() if record.bytes <= _IN_MEMORY_BYTES else tempfile.TemporaryFile()
-    digest, size = hashlib.sha256(), 0
-    with open(root / record.relpath, "rb") as handle:
-        while size <= record.bytes and (block := handle.read(1 << 20)):
-            digest.update(block)
-            copy.write(block)
-            size += len(block)
-    if size > record.bytes:
-        copy.close()
-        raise ImageRejected(f"changed during the run (longer than the manifest's {record.bytes} bytes)")
-    if digest.hexdigest() != record.sha256:
-        copy.close()
-        raise ImageRejected(f"changed during the run (sha256 {digest.hexdigest()[:16]}… != manifest {record.sha256[:16]}…)")
-    copy.seek(0)
-    return copy
-
-
-def write_shard(spec: ShardSpec, *, progress: Callable[[int, int], None] | None = None) -> ShardResult:
-    """Featurize the spec's images into one HDF5 shard at ``spec.uri``; return what it holds.
-
-    Images the transform refuses are left out and listed in the result's quarantine. An
-    existing complete shard for the same spec is returned as it is (a safe retry).
-    ``progress(done, total)`` is called after every image.
-    """
-    if storage.exists(spec.uri):
-        with storage.local_copy(spec.uri) as existing:
-            found = _result_from_file(spec, existing)
-        if found is not None:
-            return found
-
-    records, root = spec.records, Path(spec.root)
-    features, kept, quarantine, shifted, stressed = [], [], [], [], []
-    for done, record in enumerate(records, start=1):
-        try:
-            with _read_verified(root, record) as data:
-                rows, shift_rows, stress_rows = _featurize_record(data, record, spec)
-            features.append(rows)
-            kept.append((record, len(rows)))
-            if shift_rows is not None:
-                shifted.append(shift_rows)
-            if stress_rows is not None:
-                stressed.append(stress_rows)
-        except ImageRejected as error:
-            quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
-        if progress:
-            progress(done, len(records))
-
-    n_features = spec.transform.n_features
-    matrix = np.concatenate(features) if features else np.zeros((0, n_features), np.float32)
-    # Each image's rows: the image itself (0), then its renditions 1..K, all with its label and patient.
-    labels = np.array([r.label for r, n in kept for _ in range(n)], dtype=np.uint8)
-    renditions = np.array([i for _, n in kept for i in range(n)], dtype=np.uint8)
-    relpaths = [r.relpath for r, n in kept for _ in range(n)]
-    patient_ids = [r.patient_id for r, n in kept for _ in range(n)]
-    shift_matrix = None
-    if _with_shifts(spec):
-        # (n_shifts, n, n_features): one slice per shift, like the clean features.
-        shift_matrix = np.stack(shifted, axis=1) if shifted else np.zeros((len(shift.NAMES), 0, n_features), np.float32)
-    stress_matrix = None
-    if _with_stress(spec):
-        stress_matrix = np.stack(stressed) if stressed else np.zeros((0, shift.STRESS_RENDITIONS, n_features), np.float32)
+    shifted = np.stack([data.shift[name] for name in shift.NAMES]) if data.shift else None
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
-        _write_h5(local, spec, matrix, labels, relpaths, patient_ids, quarantine, renditions, shift_matrix, stress_matrix)
+        _write_h5(local, spec, data.features, data.labels, data.relpaths, data.patient_ids, quarantine, data.renditions,
+                  shifted, data.stress)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
-    return _result(spec, labels, renditions, sha256, quarantine)
-
-
-def _with_shifts(spec: ShardSpec) -> bool:
-    return spec.transform.shift_suite and spec.split != "train"
-
-
-def _with_stress(spec: ShardSpec) -> bool:
-    return spec.transform.shift_suite and spec.split == "val"
-
-
-def _featurize_record(
-    data: BinaryIO, record: ImageRecord, spec: ShardSpec
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One image's rows (itself, then its renditions when it is a train image), its shift-suite
-    rows (val and test) and its stress rows (val).
-
-    ``data`` is the file's verified bytes (``_read_verified``); each decode reads it from its start.
-
-    The 'resample' method decodes once for all of them; the seed's methods compute the image's
-    own row as always and decode again only for the shift suite (val and test).
-    """
-    config = spec.transform
-    renditions = config.renditions if spec.split == "train" else 0
-    shifts, stress = _with_shifts(spec), _with_stress(spec)
-    if config.method != "resample" or not (renditions or shifts):
-        rows = featurize(data, config)[None]
-        gray = decode_gray(data, config) if shifts else None
-    else:
-        gray = decode_gray(data, config)
-        rows = augment.rendition_features(gray, config, record.sha256, renditions)
-    return (
-        rows,
-        shift.shift_features(gray, config, record.sha256) if shifts else None,
-        shift.stress_features(gray, config, record.sha256) if stress else None,
-    )
+    return _result(spec, data.labels, data.renditions, sha256, quarantine)
 
 
 def shard_problem(uri: str, expected_sha256: str) -> str | None:

@@ -84,39 +84,11 @@ def split_with_report(manifest: Manifest, config: SplitConfig | None = None) -> 
         # Patient numbers tie images within one source split (or within the carved pool) only.
         key = (held[i] or "carved", record.patient_id)
         groups.join(first_of_patient.setdefault(key, i), i)
-
-    ties: list[tuple[int, int, str, int]] = []
-    by_sha: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_sha[record.sha256].append(i)
-    same_bytes = [members for members in by_sha.values() if len(members) > 1]
-    for members in same_bytes:
-        ties += [(members[0], other, "same bytes", 0) for other in members[1:]]
-    review_bits = config.near_duplicate_bits + config.near_duplicate_bits // 2
-    near = [
-        (i, j, d) for i, j, d in duplicates.near_pairs([r.fingerprint for r in records], review_bits)
-        if records[i].sha256 != records[j].sha256
-    ]
+    same_bytes, near = _same_bytes(records), _near_pairs(records, config)
+    ties = [(members[0], other, "same bytes", 0) for members in same_bytes for other in members[1:]]
     ties += [(i, j, "near copy", d) for i, j, d in near if d <= config.near_duplicate_bits]
     joined = [(i, j, kind, d) for i, j, kind, d in ties if groups.join(i, j)]
-
-    members_of: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(records)):
-        members_of[groups.find(i)].append(i)
-    out: dict[str, str] = {}
-    for members in members_of.values():
-        held_here = {held[i] for i in members} - {None}
-        carved_to = next((split for split in HELD if split in held_here), None)
-        if carved_to is None:
-            unit = min(_patient_unit(records[i].patient_id, config.salt) for i in members if held[i] is None)
-            if not has_test and unit < config.test_fraction:
-                carved_to = "test"
-            elif not has_val and unit >= 1.0 - config.val_fraction:
-                carved_to = "val"
-            else:
-                carved_to = "train"
-        for i in members:
-            out[records[i].relpath] = held[i] or carved_to
+    out = _assign(records, held, groups, has_test, has_val, config)
 
     def tie(i: int, j: int, kind: str, d: int) -> Tie:
         a, b = records[i].relpath, records[j].relpath
@@ -134,6 +106,48 @@ def split_with_report(manifest: Manifest, config: SplitConfig | None = None) -> 
         across_splits=sorted((tie(*t) for t in across), key=lambda t: (t.distance, t.a)),
     )
     return out, report
+
+
+def _same_bytes(records: list[ImageRecord]) -> list[list[int]]:
+    """The positions of the records of each sha256 held by two or more files."""
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_sha[record.sha256].append(i)
+    return [members for members in by_sha.values() if len(members) > 1]
+
+
+def _near_pairs(records: list[ImageRecord], config: SplitConfig) -> list[tuple[int, int, int]]:
+    """Pairs of different bytes whose fingerprints differ by at most 1.5x the tie threshold (the rest a person may review)."""
+    review_bits = config.near_duplicate_bits + config.near_duplicate_bits // 2
+    return [
+        (i, j, d) for i, j, d in duplicates.near_pairs([r.fingerprint for r in records], review_bits)
+        if records[i].sha256 != records[j].sha256
+    ]
+
+
+def _assign(
+    records: list[ImageRecord], held: list[str | None], groups: duplicates.Groups, has_test: bool, has_val: bool,
+    config: SplitConfig,
+) -> dict[str, str]:
+    """Each record's final split: its held source split, else its group's (held, or carved by patient hash)."""
+    members_of: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(records)):
+        members_of[groups.find(i)].append(i)
+    out: dict[str, str] = {}
+    for members in members_of.values():
+        held_here = {held[i] for i in members} - {None}
+        carved_to = next((split for split in HELD if split in held_here), None)
+        if carved_to is None:
+            unit = min(_patient_unit(records[i].patient_id, config.salt) for i in members if held[i] is None)
+            if not has_test and unit < config.test_fraction:
+                carved_to = "test"
+            elif not has_val and unit >= 1.0 - config.val_fraction:
+                carved_to = "val"
+            else:
+                carved_to = "train"
+        for i in members:
+            out[records[i].relpath] = held[i] or carved_to
+    return out
 
 
 def assign_splits(manifest: Manifest, config: SplitConfig | None = None) -> dict[str, str]:

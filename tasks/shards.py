@@ -7,9 +7,10 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from pneumo import shards, shard_files
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo import shard_files, shards
 from pneumo.pool import ProcessPool
+from pneumo.shard_files import IndexRef, ShardResult, ShardSpec
+from pneumo.shards import ShardPlan
 from tasks import progress
 from tasks.caching import cache_policy
 from tasks.retry import retry_options
@@ -21,7 +22,7 @@ from tasks.retry import retry_options
     # Where the pixels are computed does not change the shard.
     cache_policy=cache_policy(ignore=("pool",)),
 )
-def write_shard(spec: shard_files.ShardSpec, pool: Optional[ProcessPool] = None) -> shard_files.ShardResult:
+def write_shard(spec: ShardSpec, pool: Optional[ProcessPool] = None) -> ShardResult:
     """Featurize one shard's images and write the shard atomically, in ``pool`` if given."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -41,15 +42,11 @@ def write_shard(spec: shard_files.ShardSpec, pool: Optional[ProcessPool] = None)
     **retry_options(),
     cache_policy=cache_policy(),
 )
-def write_index(
-    results: list[shard_files.ShardResult],
-    index_uri: str,
-    manifest_digest: str,
-    transform: TransformConfig,
-    split_config: SplitConfig,
-) -> shard_files.IndexRef:
-    """Write index.json over every shard."""
+def write_index(plan: ShardPlan, results: list[ShardResult]) -> IndexRef:
+    """Write index.json over every shard of ``plan``."""
     logger = get_run_logger()
-    ref = shards.write_index(results, index_uri, manifest_digest, transform, split_config)
-    logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
+    shard_files.write_index(results, plan.index_uri, manifest_digest=plan.manifest_digest, transform=plan.transform,
+                            split_config=plan.split)
+    ref = shard_files.index_ref(plan.index_uri)
+    logger.info("index %s: %d shards, counts %s", plan.index_uri, len(results), ref.counts)
     return ref

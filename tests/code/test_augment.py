@@ -14,7 +14,8 @@ from pneumo import augment
 from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
-from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
+from pneumo.shard_files import index_uri, load_split, write_index
+from pneumo.shards import plan_shards, write_shard
 from pneumo.transform import Resampler, featurize
 
 AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06)

@@ -19,12 +19,11 @@ from pneumo.shard_files import (
     index_digest,
     index_uri,
     load_split,
-    plan_shards,
     read_index,
     read_shard,
     write_index,
-    write_shard,
 )
+from pneumo.shards import plan_shards, write_shard
 from pneumo.splits import records_by_split
 from tests.helpers import NOT_A_JPEG, SHARD_SPLIT_CONFIG, SHARD_TRANSFORM
 

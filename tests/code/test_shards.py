@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pneumo import shards, storage
+from pneumo import shard_files, shards, storage
 from pneumo.shard_files import read_index
 from tests.helpers import SHARD_SPLIT_CONFIG, SHARD_TRANSFORM
 
@@ -49,5 +49,7 @@ def test_a_shard_changed_or_deleted_after_writing_is_set_aside_and_rebuilt(shard
     rebuilt = shards.with_rebuilt(results, shards.write_all([spec for spec, _ in broken]))
     assert rebuilt == results  # deterministic: the rebuilt shards are the very bytes first written
     assert shards.set_aside_broken(plan.specs, rebuilt) == []
-    index = shards.write_index(rebuilt, plan.index_uri, plan.manifest_digest, plan.transform, plan.split)
+    shard_files.write_index(rebuilt, plan.index_uri, manifest_digest=plan.manifest_digest, transform=plan.transform,
+                            split_config=plan.split)
+    index = shard_files.index_ref(plan.index_uri)
     assert index.n_shards == len(plan.specs) and index.uri == plan.index_uri

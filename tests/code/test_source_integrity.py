@@ -21,7 +21,8 @@ from pneumo.download import build_manifest, source_fingerprint
 from pneumo.images import FormatNotAllowed, ImageRejected, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest
 from pneumo.quarantine import build_report
-from pneumo.shard_files import index_uri, plan_shards, read_index, write_index, write_shard
+from pneumo.shard_files import index_uri, read_index, write_index
+from pneumo.shards import plan_shards, write_shard
 from pneumo.transform import featurize
 
 TRANSFORM = TransformConfig(size=(100, 130))

@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
 from flows.full import full
-from pneumo import shard_files, storage
+from pneumo import shard_files, shards, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
@@ -153,7 +153,7 @@ def test_transient_s3_errors_are_retried_by_botocore(flaky_s3, fault, tmp_path):
 def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_source, tmp_path):
     bucket, proxy = flaky_s3
     manifest = build_manifest(subset_source)
-    spec = shard_files.plan_shards(
+    spec = shards.plan_shards(
         manifest, SplitConfig(), TransformConfig(size=(224, 224)), 50, f"s3://{bucket}/shards"
     )[0]
     # More consecutive 503s than botocore's 3 attempts: the task fails once, then Prefect retries it.

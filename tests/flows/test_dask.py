@@ -8,7 +8,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from prefect import flow
 
 from flows.full import shard_stage
-from pneumo import shard_files
+from pneumo import shard_files, shards
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
@@ -20,7 +20,7 @@ def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) 
     manifest = build_manifest(source)
     manifest_uri = save_manifest(manifest, str(workdir / "manifests"))
     transform, split = TransformConfig(), SplitConfig()
-    n_shards = len(shard_files.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
+    n_shards = len(shards.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
 
     @flow
     def stage():

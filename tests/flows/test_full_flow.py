@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flows.full import full
-from pneumo import shard_files
+from pneumo import features, shard_files
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES
@@ -146,7 +146,7 @@ def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
 
 def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
-    real = shard_files._read_verified
+    real = features.read_verified
     failed = []
 
     def flaky(root, record):
@@ -156,7 +156,7 @@ def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path
             raise OSError("injected transient read error")
         return real(root, record)
 
-    monkeypatch.setattr(shard_files, "_read_verified", flaky)
+    monkeypatch.setattr(features, "read_verified", flaky)
     summary, states = run(subset_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]

@@ -1,0 +1,141 @@
+"""Stage 3, one shard's images: each file read once and checked against the manifest, then featurized.
+
+A train image gives its own row and, under a recipe with augmentation, its renditions'
+(pneumo.augment); with the shift suite on, a val or test image also gives its rows under
+each acquisition shift, and a val image its stress rows (pneumo.shift). The transform of one
+image is pneumo.transform's; storing the rows is pneumo.shard_files's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+
+from pneumo import augment, shift
+from pneumo.config import TransformConfig
+from pneumo.images import ImageRejected, decode_gray
+from pneumo.manifest import ImageRecord, QuarantineEntry
+from pneumo.shard_files import ShardData
+from pneumo.transform import featurize
+
+# Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
+IN_MEMORY_BYTES = 64 << 20
+
+
+def with_shifts(config: TransformConfig, split: str) -> bool:
+    """Whether the images of ``split`` get shift-suite rows (val and test, with the suite on)."""
+    return config.shift_suite and split != "train"
+
+
+def with_stress(config: TransformConfig, split: str) -> bool:
+    """Whether the images of ``split`` get stress rows (val, with the suite on)."""
+    return config.shift_suite and split == "val"
+
+
+def read_verified(root: Path, record: ImageRecord) -> BinaryIO:
+    """A private copy of the file's bytes, read once and hashed as they are read.
+
+    featurize reads this copy, so the pixels are those of the bytes checked here. Raises
+    ImageRejected when they are not the bytes the manifest hashed (the file was rewritten
+    after the manifest was made); reading stops as soon as the file is longer than the
+    manifest says. A missing file raises FileNotFoundError (a wrong root, not a bad image).
+    """
+    copy = io.BytesIO() if record.bytes <= IN_MEMORY_BYTES else tempfile.TemporaryFile()
+    digest, size = hashlib.sha256(), 0
+    with open(root / record.relpath, "rb") as handle:
+        while size <= record.bytes and (block := handle.read(1 << 20)):
+            digest.update(block)
+            copy.write(block)
+            size += len(block)
+    if size > record.bytes:
+        copy.close()
+        raise ImageRejected(f"changed during the run (longer than the manifest's {record.bytes} bytes)")
+    if digest.hexdigest() != record.sha256:
+        copy.close()
+        raise ImageRejected(f"changed during the run (sha256 {digest.hexdigest()[:16]}… != manifest {record.sha256[:16]}…)")
+    copy.seek(0)
+    return copy
+
+
+def featurize_record(
+    data: BinaryIO, record: ImageRecord, config: TransformConfig, split: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One image's rows (itself, then its renditions when it is a train image), its shift-suite
+    rows (val and test) and its stress rows (val).
+
+    ``data`` is the file's verified bytes (``read_verified``); each decode reads it from its start.
+
+    The 'resample' method decodes once for all of them; the seed's methods compute the image's
+    own row as always and decode again only for the shift suite (val and test).
+    """
+    renditions = config.renditions if split == "train" else 0
+    shifts, stress = with_shifts(config, split), with_stress(config, split)
+    if config.method != "resample" or not (renditions or shifts):
+        rows = featurize(data, config)[None]
+        gray = decode_gray(data, config) if shifts else None
+    else:
+        gray = decode_gray(data, config)
+        rows = augment.rendition_features(gray, config, record.sha256, renditions)
+    return (
+        rows,
+        shift.shift_features(gray, config, record.sha256) if shifts else None,
+        shift.stress_features(gray, config, record.sha256) if stress else None,
+    )
+
+
+def featurize_records(
+    records: Sequence[ImageRecord],
+    root: Path,
+    config: TransformConfig,
+    split: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ShardData, list[QuarantineEntry]]:
+    """The rows of ``records`` (files under ``root``), and the images the transform refused, with why.
+
+    ``progress(done, total)`` is called after every image.
+    """
+    features, kept, quarantine, shifted, stressed = [], [], [], [], []
+    for done, record in enumerate(records, start=1):
+        try:
+            with read_verified(root, record) as data:
+                rows, shift_rows, stress_rows = featurize_record(data, record, config, split)
+            features.append(rows)
+            kept.append((record, len(rows)))
+            if shift_rows is not None:
+                shifted.append(shift_rows)
+            if stress_rows is not None:
+                stressed.append(stress_rows)
+        except ImageRejected as error:
+            quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
+        if progress:
+            progress(done, len(records))
+    return _rows(kept, features, shifted, stressed, config, split), quarantine
+
+
+def _rows(
+    kept: list[tuple[ImageRecord, int]], features: list, shifted: list, stressed: list, config: TransformConfig, split: str
+) -> ShardData:
+    """The kept images' rows as one table: each image, then its renditions 1..K, with its label and patient."""
+    n_features = config.n_features
+    shift_rows = {}
+    if with_shifts(config, split):
+        # (n_shifts, n, n_features): one slice per shift, like the clean features.
+        stacked = np.stack(shifted, axis=1) if shifted else np.zeros((len(shift.NAMES), 0, n_features), np.float32)
+        shift_rows = dict(zip(shift.NAMES, stacked))
+    stress = None
+    if with_stress(config, split):
+        stress = np.stack(stressed) if stressed else np.zeros((0, shift.STRESS_RENDITIONS, n_features), np.float32)
+    return ShardData(
+        features=np.concatenate(features) if features else np.zeros((0, n_features), np.float32),
+        labels=np.array([r.label for r, n in kept for _ in range(n)], dtype=np.uint8),
+        relpaths=[r.relpath for r, n in kept for _ in range(n)],
+        patient_ids=[r.patient_id for r, n in kept for _ in range(n)],
+        renditions=np.array([i for _, n in kept for i in range(n)], dtype=np.uint8),
+        shift=shift_rows,
+        stress=stress,
+    )
