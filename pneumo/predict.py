@@ -87,7 +87,7 @@ def transform_config(card: dict[str, Any], where: str = "card") -> TransformConf
     if "renditions" in TransformConfig.model_fields:  # extra augmented copies: training only
         data["renditions"] = 0
     try:
-        return TransformConfig(**data)
+        return TransformConfig.stored(data)
     except ValidationError as error:
         fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
         raise CardError(

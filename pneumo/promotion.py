@@ -43,10 +43,10 @@ def _same_rows(card: dict[str, Any], index: dict[str, Any]) -> bool:
     same settings for an image's own row (train renditions and the shift suite may differ, as
     between robust and robust2)."""
     try:
-        theirs = TransformConfig(**card["config"]["transform"])
+        theirs = TransformConfig.stored(card["config"]["transform"])
     except (KeyError, TypeError, ValueError):
         return False
-    return theirs.row_settings() == TransformConfig(**index["transform"]).row_settings()
+    return theirs.row_settings() == TransformConfig.stored(index["transform"]).row_settings()
 
 
 def _same_val_images(card: dict[str, Any], index: dict[str, Any]) -> bool:

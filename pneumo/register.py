@@ -52,7 +52,8 @@ def train_evaluate_register(
     *,
     progress: Optional[Callable[[dict], None]] = None,
     logger: Any = None,
-    recipe: str = "seed",
+    recipe: str,
+    run: Optional[dict[str, Any]] = None,
     card_extra: Optional[dict[str, Any]] = None,
     on_step: Optional[Callable[[str], None]] = None,
 ) -> Registered:
@@ -67,7 +68,8 @@ def train_evaluate_register(
     figures are the same numbers.
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
-    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
+    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes); ``run``, the
+    run's own settings (RunOptions), is stored in the card's config beside the sections;
     ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
     each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
     """
@@ -140,7 +142,8 @@ def train_evaluate_register(
         state_dict=outcome.state_dict,
         metrics=evaluation.metrics,
         training=training,
-        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
+        config={"recipe": recipe, **({"run": run} if run else {}), "train": config.model_dump(mode="json"),
+                **shard_files.index_config(index_uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,

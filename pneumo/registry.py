@@ -102,6 +102,11 @@ class CardConfig(BaseModel):
 
     transform: Optional[TransformConfig] = None
 
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _stored(cls, value: Any) -> Any:
+        return TransformConfig.stored(value) if isinstance(value, dict) else value
+
 
 class CardContent(BaseModel):
     """What a card may hold; a field that is present must be valid (labels, threshold, transform...)."""

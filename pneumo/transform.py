@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pneumo.config import TransformConfig
+from pneumo.recipes import recipe
 from pneumo.images import (
     JPEG_FORMATS,
     binary_source,
@@ -85,7 +86,7 @@ def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | N
     format outside ``images.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
     ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
-    config = config or TransformConfig()
+    config = config or recipe("seed").transform
     _check_geometry(config)
     with binary_source(source) as handle:
         with open_checked(handle, config.max_pixels) as image:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, registry, shard_files
 from pneumo.config import TrainConfig
-from pneumo.names import DEFAULT_CHAMPION_METRIC, metric_label
+from pneumo.names import metric_label
 from tasks import progress as stage_progress
 from tasks.caching import cache_policy
 from tasks.reporting import model_report_artifacts
@@ -17,7 +19,8 @@ from tasks.retry import retry_options
 @task(
     name="train-evaluate-register",
     **retry_options(),
-    cache_policy=cache_policy(),
+    # The run's own settings go on the card; a change of --workers or --retries alone trains nothing.
+    cache_policy=cache_policy(ignore=("run",)),
 )
 def train_evaluate_register(
     index: shard_files.IndexRef,
@@ -25,8 +28,9 @@ def train_evaluate_register(
     config: TrainConfig,
     registry_uri: str,
     model_name: str,
-    champion_metric: str = DEFAULT_CHAMPION_METRIC,
-    recipe: str = "seed",
+    champion_metric: str,
+    recipe: str,
+    run: Optional[dict[str, Any]] = None,
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it."""
     # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
@@ -61,7 +65,7 @@ def train_evaluate_register(
     try:
         result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-            progress=progress, logger=logger, recipe=recipe, on_step=on_step,
+            progress=progress, logger=logger, recipe=recipe, run=run, on_step=on_step,
         )
         if stages[0] is not stage:
             stages[0].advance(1)  # the last step (registering) is done too

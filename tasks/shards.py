@@ -8,7 +8,6 @@ from typing import Optional
 from prefect import get_run_logger, task
 
 from pneumo import shards, shard_files
-from pneumo.config import SplitConfig, TransformConfig
 from pneumo.pool import ProcessPool
 from tasks import progress
 from tasks.caching import cache_policy
@@ -41,15 +40,8 @@ def write_shard(spec: shard_files.ShardSpec, pool: Optional[ProcessPool] = None)
     **retry_options(),
     cache_policy=cache_policy(),
 )
-def write_index(
-    results: list[shard_files.ShardResult],
-    index_uri: str,
-    manifest_digest: str,
-    transform: TransformConfig,
-    split_config: SplitConfig,
-) -> shard_files.IndexRef:
-    """Write index.json over every shard."""
-    logger = get_run_logger()
-    ref = shards.write_index(results, index_uri, manifest_digest, transform, split_config)
-    logger.info("index %s: %d shards, counts %s", index_uri, len(results), ref.counts)
+def write_index(plan: shards.ShardPlan, results: list[shard_files.ShardResult]) -> shard_files.IndexRef:
+    """Write index.json over every shard of ``plan``."""
+    ref = shards.write_index(results, plan.index_uri, plan.manifest_digest, plan.transform, plan.split)
+    get_run_logger().info("index %s: %d shards, counts %s", plan.index_uri, len(results), ref.counts)
     return ref

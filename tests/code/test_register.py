@@ -67,7 +67,7 @@ def test_a_small_val_or_test_split_is_warned_in_the_log_and_the_card(tmp_path, c
     index_uri = _index(tmp_path, n=40)
     reg = str(tmp_path / "reg")
     with caplog.at_level(logging.WARNING):
-        register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+        register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     card = registry.load_card(reg, "tinynet", "v0001")
     assert [w.split(":")[0] for w in card["warnings"]] == [
         "the val split has only 40 images (under 100)", "the test split has only 40 images (under 100)"]
@@ -78,14 +78,14 @@ def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     """Issue 12 item 8: the champion is named, skipped with a warning, and training goes on."""
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
-    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     model_pt = tmp_path / "reg" / "tinynet" / "v0001" / "model.pt"
     data = bytearray(model_pt.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped byte in the tensor data
     model_pt.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING):
-        result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+        result = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert result.ref.version == "v0002"
     assert "champion v0001 skipped for comparison: tinynet v0001" in caplog.text
     assert "is corrupt: expected sha256" in caplog.text
@@ -96,11 +96,11 @@ def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     assert registry.load_card(reg, "tinynet", "v0002")["champion_comparison"]["notes"] == result.promotion["notes"]
 
     # The next run compares with v0002, re-scored on this run's val split.
-    third = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet")
+    third = register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
     assert third.comparison["champion_version"] == "v0002"
     assert third.comparison["basis"] == "re-scored on this run's val split"
 
 
 def test_a_bad_champion_metric_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="invalid champion metric"):
-        register.train_evaluate_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss")
+        register.train_evaluate_register(str(tmp_path / "index.json"), "d" * 64, CONFIG, str(tmp_path), "m", "loss", recipe="seed")
