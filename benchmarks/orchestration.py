@@ -35,6 +35,7 @@ from flows.full import shard_stage  # noqa: E402
 from flows.runtime import prefect_api  # noqa: E402
 from pneumo import pool, shards, shard_files  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
+from pneumo.recipes import seed_transform
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
 import synthesize  # noqa: E402
@@ -42,14 +43,14 @@ import synthesize  # noqa: E402
 
 def plan(manifest, shard_size: int, out: Path) -> list[shard_files.ShardSpec]:
     shutil.rmtree(out, ignore_errors=True)
-    return shard_files.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
+    return shard_files.plan_shards(manifest, SplitConfig(), seed_transform(), shard_size, str(out))
 
 
 @flow(name="pneumo-orchestration-benchmark")
 def timed_shard_stage(manifest_uri: str, root: str, shard_size: int, workdir: str, workers: int) -> float:
     """Seconds the shard stage takes inside a flow run, as in the pipeline."""
     started = time.perf_counter()
-    shard_stage(manifest_uri, SplitConfig(), TransformConfig(), shard_size, workdir, 0, "processes", workers, root=root)
+    shard_stage(manifest_uri, SplitConfig(), seed_transform(), shard_size, workdir, 0, "processes", workers, root=root)
     return time.perf_counter() - started
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 bare = min(bare, time.perf_counter() - started)
 
                 started = time.perf_counter()
-                shards.run(manifest_uri, manifest.root, SplitConfig(), TransformConfig(), shard_size,
+                shards.run(manifest_uri, manifest.root, SplitConfig(), seed_transform(), shard_size,
                              str(args.workdir / f"library-{time.time_ns()}"), workers=args.workers)
                 library = min(library, time.perf_counter() - started)
 

@@ -31,6 +31,7 @@ import synthesize  # noqa: E402
 
 from pneumo import registry, sizes  # noqa: E402
 from pneumo.config import TrainConfig, TransformConfig  # noqa: E402
+from pneumo.recipes import seed_train
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.model import TinyNet  # noqa: E402
 from pneumo.predict import Predictor, list_inputs  # noqa: E402
@@ -56,7 +57,7 @@ def register_model(root: str, transform: TransformConfig) -> None:
         "recipe": "seed",
         "threshold": 0.5,
         "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
-        "config": {"transform": transform.model_dump(mode="json"), "train": TrainConfig().model_dump(mode="json")},
+        "config": {"transform": transform.model_dump(mode="json"), "train": seed_train().model_dump(mode="json")},
         "files": {"model.pt": {"sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": len(buffer.getvalue())}},
         "metrics": {},
     }

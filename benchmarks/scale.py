@@ -13,6 +13,7 @@ per-image memory is transient, so image size moves the baseline, not the trend.
 
 from __future__ import annotations
 
+from pneumo.recipes import seed_transform
 import argparse
 import json
 import os
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_dir = args.workdir / f"specs-n{n}"
         shutil.rmtree(spec_dir, ignore_errors=True)
         spec_dir.mkdir(parents=True)
-        specs = shard_files.plan_shards(build_manifest(folder), SplitConfig(), TransformConfig(), args.shard_size, str(out))
+        specs = shard_files.plan_shards(build_manifest(folder), SplitConfig(), seed_transform(), args.shard_size, str(out))
         for i, spec in enumerate(specs):
             (spec_dir / f"{i:05d}.json").write_text(spec.model_dump_json())
         done = subprocess.run([sys.executable, __file__, "--child", str(spec_dir)], check=True, capture_output=True, text=True)

@@ -11,6 +11,7 @@ registered in a temporary folder (registration writes model.onnx, as the pipelin
 
 from __future__ import annotations
 
+from pneumo.recipes import seed_train
 import argparse
 import os
 import statistics
@@ -34,7 +35,7 @@ def temporary_registry() -> str:
     transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})
     card = {
         "schema_version": 2, "recipe": "robust", "threshold": 0.5, "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
-        "config": {"transform": transform.model_dump(mode="json"), "train": TrainConfig().model_dump(mode="json")},
+        "config": {"transform": transform.model_dump(mode="json"), "train": seed_train().model_dump(mode="json")},
         "metrics": {},
     }
     version = registry.register(root, "tinynet", TinyNet(transform.n_features).state_dict(), card)

@@ -81,3 +81,13 @@ def recipe(name: str) -> Recipe:
     """The named recipe's transform and training configs; a clear error for an unknown name."""
     resolved = config(name)
     return Recipe(resolved.transform, resolved.train)
+
+
+def seed_transform(**changes: Any) -> TransformConfig:
+    """The seed's transform with ``changes``: what library tests and benchmarks compare against."""
+    return config("seed", transform=changes).transform
+
+
+def seed_train(**changes: Any) -> TrainConfig:
+    """The seed's training config with ``changes``."""
+    return config("seed", train=changes).train

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pneumo.config import SplitConfig, TransformConfig
+from pneumo.recipes import seed_transform
 from pneumo.download import parse_patient_id
 from pneumo.manifest import ImageRecord, Manifest, save_manifest
 
@@ -196,7 +197,7 @@ def all_paths(folder: Path) -> set[str]:
 
 # --------------------------------------------------------------------------- a tiny shard dataset
 
-SHARD_TRANSFORM = TransformConfig(size=(100, 130))  # small target: the shard tests are about storage, not images
+SHARD_TRANSFORM = seed_transform(size=(100, 130))  # small target: the shard tests are about storage, not images
 SHARD_SPLIT_CONFIG = SplitConfig(min_val_images=100)
 NOT_A_JPEG = "train/PNEUMONIA/person3_bacteria_1.jpeg"
 

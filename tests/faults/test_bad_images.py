@@ -11,12 +11,13 @@ import pytest
 from flows.full import full
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
+from pneumo.recipes import seed_train
 from pneumo.download import shown_name
 from pneumo.quarantine import TooMuchBadData
 from pneumo.transform import featurize
 from tests.faults.bad_files import add_bad, add_junk, add_odd_but_valid, link_or_copy_tree
 
-QUICK = TrainConfig(epochs=3, patience=3)
+QUICK = seed_train(epochs=3, patience=3)
 
 
 def all_files(root: Path) -> set[str]:
@@ -71,7 +72,7 @@ def test_os_junk_is_skipped_and_reported_with_its_reason(mixed_run):
 
 def test_odd_formats_give_the_features_of_the_upright_gray_image(mixed_run, tmp_path):
     root, odd, _, _, summary = mixed_run
-    config = TransformConfig(**shard_files.read_index(summary["shards_index"])["transform"])
+    config = TransformConfig.stored(shard_files.read_index(summary["shards_index"])["transform"])
     features = {}
     for split in ("train", "val", "test"):
         part = shard_files.load_split(summary["shards_index"], split).originals()

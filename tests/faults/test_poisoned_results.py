@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from flows.full import full
 from pneumo import storage
 from pneumo.config import TrainConfig
+from pneumo.recipes import seed_train
 from tests.helpers import task_states, use_s3_endpoint
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
@@ -65,7 +66,7 @@ def plant_everywhere(results: str, markers: Path) -> list[str]:
 
 def run(source, workdir: str, *, check: bool = True, **options):
     state = full(
-        source=str(source), workdir=workdir, shard_size=150, train=TrainConfig(epochs=3, patience=3),
+        source=str(source), workdir=workdir, shard_size=150, train=seed_train(epochs=3, patience=3),
         return_state=True, **options,
     )
     assert state.is_completed() or not check, state.message

@@ -13,7 +13,7 @@ from flows.full import full
 from pneumo import shard_files
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES
+from pneumo.recipes import DEFAULT_RECIPE, recipe, seed_train
 from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
@@ -27,7 +27,7 @@ def run(source: Path, workdir: Path, runner: str = "threads", **train):
         source=str(source),
         workdir=str(workdir),
         shard_size=150,
-        train=TrainConfig(**{**QUICK, **train}),
+        train=seed_train(**{**QUICK, **train}),
         runner=runner,
         workers=2,
         return_state=True,
@@ -85,7 +85,7 @@ def test_first_run_card_has_cis_history_threshold_and_pictures_beside_it(first_r
     card = json.loads((folder / "card.json").read_text())
     assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
     # The default recipe chooses its threshold on the stress val; every reported metric uses it.
-    assert card["config"]["train"]["threshold_rule"] == RECIPES[DEFAULT_RECIPE].train.threshold_rule == "stress_youden"
+    assert card["config"]["train"]["threshold_rule"] == recipe(DEFAULT_RECIPE).train.threshold_rule == "stress_youden"
     assert 0 < card["threshold"] < 1
     for split in ("val", "test"):
         metrics = card["metrics"][split]
@@ -206,7 +206,7 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     workdir, summary, _ = first_run
     common = dict(source=str(subset_source), workdir=str(workdir), shard_size=150, runner="threads", workers=2,
                   return_state=True)
-    cached = full(train=TrainConfig(**QUICK), **common)
+    cached = full(train=seed_train(**QUICK), **common)
     assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
     assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]
     artifacts = _artifacts(cached.state_details.flow_run_id)
@@ -217,7 +217,7 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     assert "message    nothing new registered (cache hit;" in shown.stdout and "run-summary:" in shown.stdout
     assert "| val |" in shown.stdout and f"- card: `{summary['card']}`" in shown.stdout
 
-    trained = full(train=TrainConfig(**QUICK), retrain=True, **common)
+    trained = full(train=seed_train(**QUICK), retrain=True, **common)
     result = trained.result()
     assert result["registered"] is True and result["version"] != summary["version"]
     assert trained.message.startswith(f"registered tinynet {result['version']}; champion ")

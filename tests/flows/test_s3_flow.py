@@ -13,6 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from flows.full import full
 from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
+from pneumo.recipes import seed_train
 from tests.helpers import task_states, use_s3_endpoint
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
@@ -23,7 +24,7 @@ SECRET = "pneumo-secret-" + uuid.uuid4().hex
 
 def run(source, workdir, **options):
     state = full(
-        source=str(source), workdir=workdir, shard_size=150, train=TrainConfig(epochs=8, patience=8),
+        source=str(source), workdir=workdir, shard_size=150, train=seed_train(epochs=8, patience=8),
         runner="processes", workers=2, return_state=True, **options,
     )
     assert state.is_completed(), state.message
