@@ -77,7 +77,7 @@ def test_methods_that_only_max_pool_refuse_other_features():
 
 def test_resample_features_are_finite_and_normalized_per_part(shared_data):
     path = next((shared_data / "train" / "NORMAL").glob("*.jpeg"))
-    transform = RECIPES["robust"].transform.model_copy(update={"size": (224, 224)})
+    transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})
     features = featurize(path, transform)
     assert features.shape == (140,) and features.dtype == np.float32
     for part in (features[:70], features[70:]):
