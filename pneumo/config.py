@@ -271,3 +271,16 @@ class RunConfig(_Config):
         given = {key: _given(value) for key, value in data.items()}
         recipe = (given.get("run") or {}).get("recipe", DEFAULT_RECIPE)
         return merged(RECIPES.get(recipe, {}), given)  # an unknown name: RunOptions says so
+
+
+class BatchOptions(ModelLocation):
+    """The batch flow's settings (`pneumo predict-batch`, flows/predict.py)."""
+
+    input: str = Field(description="A folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, "
+                       "s3://bucket/archive.zip or s3://bucket/prefix")
+    alias: str = Field("champion", description="Alias of the version to use")
+    version: Optional[str] = Field(None, description="A version (e.g. v0003) instead of the alias")
+    chunk_size: int = Field(1000, ge=1, description="Images per scoring task")
+    runner: Literal["threads", "processes"] = Field("processes", description="Where the chunks' pixel work runs")
+    workers: Optional[int] = Field(None, ge=1, description="Parallel chunks (default: CPU count)")
+    retries: int = Field(3, ge=0, le=20, description="Retries per task for errors a retry can fix")
