@@ -19,7 +19,7 @@ from typing import Optional
 
 import cyclopts
 
-from cli import commands, runs
+from cli import commands, models, runs
 from cli import run as run_command
 
 app = cyclopts.App(
@@ -31,7 +31,7 @@ app = cyclopts.App(
 app.command(run_command.run)
 for command in (commands.predict, commands.predict_batch, commands.serve, commands.gc):
     app.command(command)
-app.command(commands.models)
+app.command(models.models)
 app.command(runs.runs)
 app.command(runs.server)
 

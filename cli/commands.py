@@ -1,4 +1,4 @@
-"""The commands around the registry: predict, predict-batch, serve, models list|show|promote, gc.
+"""The commands that score and clean: predict, predict-batch, serve, gc.
 
 Only ``predict-batch`` imports Prefect (inside it): the others start in about a second.
 """
@@ -9,22 +9,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
-import cyclopts
 from cyclopts import Parameter
 
+from cli.models import AsJson, Where, fail
 from pneumo.config import BatchOptions, ModelLocation
-from pneumo.evaluate import format_metric
 
 SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM
-Where = Annotated[ModelLocation, Parameter(name="*")]
-AsJson = Annotated[bool, Parameter(name="--json", negative=())]
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"pneumo: {message}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 def _load_predictor(where: ModelLocation, alias: Optional[str], version: Optional[str], **kwargs):
@@ -168,36 +160,3 @@ def gc(
     except cleanup.RunInProgress as error:
         fail(str(error), code=1)
     print(f"removed {len(plan.removable)} item(s), {cleanup.human_bytes(freed)} freed", file=sys.stderr)
-
-
-models = cyclopts.App(name="models", help="List registered versions, show a card, move an alias.")
-
-
-@models.command(name="list")
-def models_list(*, where: Where = ModelLocation()) -> None:
-    """Versions, oldest first, with their val/test metrics and aliases."""
-    from cli import cards
-
-    cards.list_versions(where.registry_uri(), where.model_name)
-
-
-@models.command(name="show")
-def models_show(version: Annotated[str, Parameter(help="A version (v0003) or an alias (champion).")] = "champion", /, *,
-                where: Where = ModelLocation(), as_json: Annotated[AsJson, Parameter(help="The whole card as JSON.")] = False) -> None:
-    """Print a version's card readably (or whole, with --json)."""
-    from cli import cards
-
-    cards.show(where.registry_uri(), where.model_name, version, as_json)
-
-
-@models.command(name="promote")
-def models_promote(version: Annotated[str, Parameter(help="The version to point the alias at, e.g. v0003.")], /, *,
-                   alias: Annotated[str, Parameter(help="The alias to move.")] = "champion", where: Where = ModelLocation(),
-                   reason: Annotated[str, Parameter(help="Why, kept in the alias history.")] = "") -> None:
-    """Point an alias (champion by default) at a version by hand.
-
-    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
-    """
-    from cli import cards
-
-    cards.promote(where.registry_uri(), where.model_name, version, alias, reason)

@@ -12,6 +12,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -107,9 +108,29 @@ def use_s3_endpoint(env, endpoint: str, key_id: str = "testing-key-id", secret: 
 
 
 def pneumo_command(*args: str) -> list[str]:
-    """The installed console script beside this interpreter (make setup installs it)."""
-    script = Path(sys.executable).parent / "pneumo"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "flows.cli", *args]
+    """The `pneumo` command of this checkout (the console script `pneumo = "cli:main"` runs the same function)."""
+    return [sys.executable, "-m", "cli", *args]
+
+
+class Invoked(NamedTuple):
+    exit_code: int
+    output: str  # stdout and stderr, as a terminal shows them
+
+
+def invoke(*args: str) -> Invoked:
+    """`pneumo ARGS` in this process, its output captured: for commands that import neither Prefect nor torch."""
+    import contextlib
+    import io
+
+    from cli import main
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            main(list(args))
+        except SystemExit as exit:
+            return Invoked(exit.code if isinstance(exit.code, int) else 1, output.getvalue())
+    return Invoked(0, output.getvalue())
 
 
 def run_pneumo(*args: str) -> subprocess.CompletedProcess:

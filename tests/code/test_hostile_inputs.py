@@ -17,7 +17,7 @@ MAX_FILE_BYTES = 20_000_000  # pneumo.images.MAX_FILE_BYTES (spelled out: the te
 from pneumo.predict import list_inputs, score_inputs
 from tests.predict_helpers import register_two, xray_pair
 
-PNEUMO = [sys.executable, "-c", "from flows.cli import main; main()"]
+PNEUMO = [sys.executable, "-c", "from cli import main; main()"]
 
 
 def hostile_folder(root: Path, shared_data: Path) -> Path:

@@ -132,7 +132,7 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
     # The outcome is in the final state's message, which `pneumo runs` and the UI show.
     assert all(run["state"]["message"].startswith("registered tinynet v") for run in (first, second))
     assert unchanged["state"]["message"].startswith("nothing new registered (cache hit; tinynet v0001 unchanged")
-    listed = subprocess.run([sys.executable, "-m", "flows.cli", "runs"], env=env, cwd=ROOT, capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "cli", "runs"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     for run in (first, unchanged, second):  # where the README's Deploy section sends the user

@@ -1,12 +1,24 @@
-"""`pneumo models`: the registry's versions, cards and aliases as the terminal shows them."""
+"""`pneumo models list|show|promote`: the registry's versions, cards and aliases as the terminal shows them."""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
 
-from cli.commands import fail
+import cyclopts
+from cyclopts import Parameter
+
+from pneumo.config import ModelLocation
 from pneumo.evaluate import format_metric
+
+Where = Annotated[ModelLocation, Parameter(name="*")]  # --workdir, --registry, --model-name
+AsJson = Annotated[bool, Parameter(name="--json", negative=())]
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"pneumo: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def _echo(text: str, err: bool = False) -> None:
@@ -134,3 +146,30 @@ def promote(registry: str, model_name: str, version: str, alias: str, reason: st
     except (FileNotFoundError, ValueError, KeyError) as error:
         fail(str(error))
     _echo(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
+
+
+models = cyclopts.App(name="models", help="List registered versions, show a card, move an alias.")
+
+
+@models.command(name="list")
+def models_list(*, where: Where = ModelLocation()) -> None:
+    """Versions, oldest first, with their val/test metrics and aliases."""
+    list_versions(where.registry_uri(), where.model_name)
+
+
+@models.command(name="show")
+def models_show(version: Annotated[str, Parameter(help="A version (v0003) or an alias (champion).")] = "champion", /, *,
+                where: Where = ModelLocation(), as_json: Annotated[AsJson, Parameter(help="The whole card as JSON.")] = False) -> None:
+    """Print a version's card readably (or whole, with --json)."""
+    show(where.registry_uri(), where.model_name, version, as_json)
+
+
+@models.command(name="promote")
+def models_promote(version: Annotated[str, Parameter(help="The version to point the alias at, e.g. v0003.")], /, *,
+                   alias: Annotated[str, Parameter(help="The alias to move.")] = "champion", where: Where = ModelLocation(),
+                   reason: Annotated[str, Parameter(help="Why, kept in the alias history.")] = "") -> None:
+    """Point an alias (champion by default) at a version by hand.
+
+    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
+    """
+    promote(where.registry_uri(), where.model_name, version, alias, reason)
