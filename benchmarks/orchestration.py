@@ -35,7 +35,7 @@ from flows.full import shard_stage  # noqa: E402
 from flows.runtime import prefect_api  # noqa: E402
 from pneumo import pool, shards, shard_files  # noqa: E402
 from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
 import synthesize  # noqa: E402

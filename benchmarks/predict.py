@@ -31,7 +31,7 @@ import synthesize  # noqa: E402
 
 from pneumo import registry, sizes  # noqa: E402
 from pneumo.config import TrainConfig, TransformConfig  # noqa: E402
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.model import TinyNet  # noqa: E402
 from pneumo.predict import Predictor, list_inputs  # noqa: E402
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     root = str(work / "registry")
     # The transform the pipeline would pick for these files: p75 of their sizes.
     stats = sizes.size_percentiles(build_manifest(args.data), percentiles=(75,))
-    from pneumo.recipes import recipe
+    from pneumo.config import recipe
 
     transform = recipe(args.recipe).transform.model_copy(update={"size": sizes.target_size(stats, 75)})
     register_model(root, transform)

@@ -40,7 +40,8 @@ import numpy as np
 from pneumo import code_version, evaluate, shard_files, shift
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
-from pneumo.recipes import RECIPES, recipe
+from pneumo.recipes import RECIPES
+from pneumo.config import recipe
 from pneumo.sizes import size_percentiles, target_size
 from pneumo.model import predict_proba
 from pneumo.train import train

@@ -13,7 +13,7 @@ per-image memory is transient, so image size moves the baseline, not the trend.
 
 from __future__ import annotations
 
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 import argparse
 import json
 import os

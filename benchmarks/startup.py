@@ -11,7 +11,7 @@ registered in a temporary folder (registration writes model.onnx, as the pipelin
 
 from __future__ import annotations
 
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 import argparse
 import os
 import statistics
@@ -28,7 +28,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest
 def temporary_registry() -> str:
     from pneumo import registry
     from pneumo.model import TinyNet
-    from pneumo.recipes import recipe
+    from pneumo.config import recipe
     from pneumo.config import TrainConfig
 
     root = tempfile.mkdtemp(prefix="pneumo-bench-startup-")

@@ -35,7 +35,8 @@ import synthesize  # noqa: E402
 
 from pneumo import augment  # noqa: E402
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig  # noqa: E402
-from pneumo.recipes import DEFAULT_RECIPE, recipe, seed_train, seed_transform  # noqa: E402
+from pneumo.recipes import DEFAULT_RECIPE  # noqa: E402
+from pneumo.config import recipe, seed_train, seed_transform  # noqa: E402
 from pneumo.transform import crop_box, featurize, max_pool  # noqa: E402
 
 SEED_CONFIG = seed_transform()  # the seed's 1000 x 1300, 10 % crop, 10 x 14 grid

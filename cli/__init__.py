@@ -25,7 +25,7 @@ from cli import run as run_command
 app = cyclopts.App(
     name="pneumo",
     help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
-    default_parameter=cyclopts.Parameter(negative_iterable=()),
+    default_parameter=cyclopts.Parameter(negative_iterable=(), consume_multiple=True),
     version_flags=[],
 )
 app.command(run_command.run)

@@ -88,6 +88,7 @@ def _load_yaml(text: bytes) -> Any:
 
 def use_config_file(app: cyclopts.App, tokens: list[str]) -> None:
     """Values of ``--config FILE`` fill what the command line leaves unset (cyclopts' config hook)."""
+    app.config = []
     for i, token in enumerate(tokens):
         if token == "--config" and i + 1 < len(tokens) or token.startswith("--config="):
             path = Path(token.split("=", 1)[1] if "=" in token else tokens[i + 1]).expanduser()

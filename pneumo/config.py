@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -271,6 +271,35 @@ class RunConfig(_Config):
         given = {key: _given(value) for key, value in data.items()}
         recipe = (given.get("run") or {}).get("recipe", DEFAULT_RECIPE)
         return merged(RECIPES.get(recipe, {}), given)  # an unknown name: RunOptions says so
+
+
+class Recipe(NamedTuple):
+    transform: TransformConfig
+    train: TrainConfig
+
+
+def recipe_config(name: str, **given: Any) -> RunConfig:
+    """The run config of recipe ``name`` with ``given`` sections (dicts or models) on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    run = dict(given.pop("run", None) or {}, recipe=name)
+    return RunConfig(run=run, **given)
+
+
+def recipe(name: str) -> Recipe:
+    """The named recipe's transform and training configs; a clear error for an unknown name."""
+    resolved = recipe_config(name)
+    return Recipe(resolved.transform, resolved.train)
+
+
+def seed_transform(**changes: Any) -> TransformConfig:
+    """The seed's transform with ``changes``: what library tests and benchmarks compare against."""
+    return recipe_config("seed", transform=changes).transform
+
+
+def seed_train(**changes: Any) -> TrainConfig:
+    """The seed's training config with ``changes``."""
+    return recipe_config("seed", train=changes).train
 
 
 class BatchOptions(ModelLocation):

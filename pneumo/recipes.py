@@ -26,15 +26,13 @@ card of last month still rebuilds that model).
 All keep TinyNet within 2,541 parameters (Keras count): 140 inputs each.
 
 The models' defaults (pneumo.config) are ``robust3``'s, so ``robust3`` is empty and each other
-recipe lists what it changes; ``RunConfig`` applies the named one under the given values.
+recipe lists what it changes; ``RunConfig`` applies the named one under the given values
+(pneumo.config: ``recipe_config``, ``recipe``, ``seed_transform``, ``seed_train``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
-
-if TYPE_CHECKING:
-    from pneumo.config import RunConfig, TrainConfig, TransformConfig
+from typing import Any, Literal
 
 RecipeName = Literal["seed", "robust", "robust2", "robust3"]
 DEFAULT_RECIPE: RecipeName = "robust3"
@@ -60,34 +58,3 @@ _SEED: dict[str, Any] = {
               "threshold_rule": "fixed", "weight_decay": 0.0, "swa_start": 0},
 }
 RECIPES: dict[str, dict[str, Any]] = {"seed": _SEED, "robust": _ROBUST, "robust2": _ROBUST2, "robust3": {}}
-
-
-class Recipe(NamedTuple):
-    transform: TransformConfig
-    train: TrainConfig
-
-
-def config(name: str, **given: Any) -> RunConfig:
-    """The run config of recipe ``name`` with ``given`` sections (dicts or models) on top."""
-    from pneumo.config import RunConfig
-
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    run = dict(given.pop("run", None) or {}, recipe=name)
-    return RunConfig(run=run, **given)
-
-
-def recipe(name: str) -> Recipe:
-    """The named recipe's transform and training configs; a clear error for an unknown name."""
-    resolved = config(name)
-    return Recipe(resolved.transform, resolved.train)
-
-
-def seed_transform(**changes: Any) -> TransformConfig:
-    """The seed's transform with ``changes``: what library tests and benchmarks compare against."""
-    return config("seed", transform=changes).transform
-
-
-def seed_train(**changes: Any) -> TrainConfig:
-    """The seed's training config with ``changes``."""
-    return config("seed", train=changes).train

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pneumo.config import TransformConfig
-from pneumo.recipes import recipe
+from pneumo.config import recipe
 from pneumo.images import (
     JPEG_FORMATS,
     binary_source,

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.download import parse_patient_id
 from pneumo.manifest import ImageRecord, Manifest, save_manifest
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pneumo import registry
 from pneumo.config import TrainConfig, TransformConfig
-from pneumo.recipes import seed_transform, seed_train
+from pneumo.config import seed_transform, seed_train
 from pneumo.model import TinyNet
 
 # The shared data's images are 224 x 224: the size the pipeline's percentile would pick.

@@ -10,7 +10,8 @@ import pytest
 
 from pneumo.config import RunConfig, TrainConfig, TransformConfig
 from pneumo.model import TinyNet, keras_parameter_count
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES, config, recipe, seed_train, seed_transform
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES
+from pneumo.config import recipe_config, recipe, seed_train, seed_transform
 from pneumo.transform import featurize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seed_features.json"
@@ -91,9 +92,9 @@ def test_explicit_options_override_the_recipe_and_nothing_else():
     assert chosen.train.model_dump(exclude={"epochs"}) == robust.train.model_dump(exclude={"epochs"})
     assert chosen.transform == robust.transform
     # The seed recipe given complete configs is exactly those configs.
-    chosen = config("seed", transform={"method": "exact"}, train={"seed": 4})
+    chosen = recipe_config("seed", transform={"method": "exact"}, train={"seed": 4})
     assert chosen.transform == seed_transform(method="exact") and chosen.train == seed_train(seed=4)
-    chosen = config("robust", transform=TransformConfig(renditions=0, method="resample"))
+    chosen = recipe_config("robust", transform=TransformConfig(renditions=0, method="resample"))
     assert chosen.transform.renditions == 0 and chosen.transform.pooling == ("max", "mean")
     # A resolved config given again is itself: the recipe is applied once, under what is given.
     assert RunConfig(**dict(chosen)) == chosen and RunConfig.model_validate(chosen.model_dump()) == chosen
@@ -102,7 +103,7 @@ def test_explicit_options_override_the_recipe_and_nothing_else():
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_resolves_as_on_main_before_recipes_became_partial(name):
     frozen = json.loads(RESOLVED.read_text())[name]
-    assert config(name).model_dump(mode="json") == frozen
+    assert recipe_config(name).model_dump(mode="json") == frozen
     assert RECIPES[DEFAULT_RECIPE] == {} and RunConfig().model_dump(mode="json") == json.loads(RESOLVED.read_text())[DEFAULT_RECIPE]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from pneumo import register, registry, shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
-from pneumo.recipes import seed_transform, seed_train
+from pneumo.config import seed_transform, seed_train
 
 
 def _index(folder, seed=0, n=120) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from pneumo import promotion, registry, storage
 from pneumo.config import SplitConfig
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.model import TinyNet, predict_proba
 
 
@@ -354,7 +354,7 @@ def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
 def test_every_recipe_loads_its_own_weights(tmp_path):
     """The shape check counts every pooling part: robust pools max and mean on 7 x 10 cells, 140 inputs."""
     from pneumo.recipes import RECIPES
-    from pneumo.recipes import recipe as named
+    from pneumo.config import recipe as named
 
     for name in RECIPES:
         recipe = named(name)

@@ -15,7 +15,7 @@ from pneumo import augment, shift
 from pneumo.config import SplitConfig
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
-from pneumo.recipes import recipe
+from pneumo.config import recipe
 from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard
 
 ROBUST = recipe("robust").transform.model_copy(update={"size": (224, 224), "renditions": 0})

@@ -17,7 +17,7 @@ from PIL import EpsImagePlugin, Image
 
 from pneumo import sizes
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.download import build_manifest, source_fingerprint
 from pneumo.images import FormatNotAllowed, ImageRejected, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest

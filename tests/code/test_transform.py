@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pneumo.config import TransformConfig
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.images import ImageRejected
 from pneumo.transform import crop_box, featurize, max_pool
 

@@ -11,7 +11,7 @@ import pytest
 from flows.full import full
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 from pneumo.download import shown_name
 from pneumo.quarantine import TooMuchBadData
 from pneumo.transform import featurize

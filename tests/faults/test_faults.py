@@ -20,7 +20,7 @@ from prefect.settings import PREFECT_API_URL
 from flows.full import full
 from pneumo import shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
-from pneumo.recipes import seed_transform, seed_train
+from pneumo.config import seed_transform, seed_train
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from tasks.shards import write_shard

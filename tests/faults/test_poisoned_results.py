@@ -25,7 +25,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from flows.full import full
 from pneumo import storage
 from pneumo.config import TrainConfig
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 from tests.helpers import task_states, use_s3_endpoint
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")

@@ -10,7 +10,7 @@ from prefect import flow
 from flows.full import shard_stage
 from pneumo import shard_files
 from pneumo.config import SplitConfig, TransformConfig
-from pneumo.recipes import seed_transform
+from pneumo.config import seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 

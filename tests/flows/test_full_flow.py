@@ -13,7 +13,8 @@ from flows.full import full
 from pneumo import shard_files
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
-from pneumo.recipes import DEFAULT_RECIPE, recipe, seed_train
+from pneumo.recipes import DEFAULT_RECIPE
+from pneumo.config import recipe, seed_train
 from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")

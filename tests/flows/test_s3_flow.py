@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from flows.full import full
 from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 from tests.helpers import task_states, use_s3_endpoint
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")

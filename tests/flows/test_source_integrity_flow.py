@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from flows.full import full
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
-from pneumo.recipes import seed_train
+from pneumo.config import seed_train
 from pneumo.transform import featurize
 from tests.helpers import copy_patient_subset
 

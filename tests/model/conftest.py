@@ -25,7 +25,8 @@ from pneumo.config import SplitConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from pneumo.predict import Predictor
-from pneumo.recipes import DEFAULT_RECIPE, recipe
+from pneumo.recipes import DEFAULT_RECIPE
+from pneumo.config import recipe
 from tests.helpers import copy_patient_subset
 from tests.predict_helpers import card, image_bytes
 
