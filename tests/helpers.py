@@ -12,7 +12,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -131,6 +131,15 @@ def invoke(*args: str) -> Invoked:
         except SystemExit as exit:
             return Invoked(exit.code if isinstance(exit.code, int) else 1, output.getvalue())
     return Invoked(0, output.getvalue())
+
+
+def full_flow(**settings: Any) -> Any:
+    """The full flow with flat settings (source=..., retries=..., train={...}): the run's own go into its ``run`` section."""
+    from flows.full import full
+    from pneumo.config import RunOptions
+
+    run = {name: settings.pop(name) for name in list(settings) if name in RunOptions.model_fields}
+    return full(run=run, **settings)
 
 
 def run_pneumo(*args: str) -> subprocess.CompletedProcess:

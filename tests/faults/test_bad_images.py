@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
-from pneumo.config import seed_train
 from pneumo.download import shown_name
 from pneumo.quarantine import TooMuchBadData
 from pneumo.transform import featurize
 from tests.faults.bad_files import add_bad, add_junk, add_odd_but_valid, link_or_copy_tree
 
-QUICK = seed_train(epochs=3, patience=3)
+QUICK = {"epochs": 3, "patience": 3}
 
 
 def all_files(root: Path) -> set[str]:

@@ -17,7 +17,7 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.config import seed_transform, seed_train
@@ -236,7 +236,7 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 
 def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tmp_path):
     workdir = tmp_path / "work"
-    train = seed_train(epochs=3, patience=3)
+    train = {"epochs": 3, "patience": 3}
     summary = full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     index_uri = summary["shards_index"]
     entry = shard_files.read_index(index_uri)["shards"][0]

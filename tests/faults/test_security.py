@@ -16,7 +16,7 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import registry, shard_files, storage
 from pneumo.model import TinyNet
 

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
-from pneumo.config import seed_train
 from pneumo.transform import featurize
 from tests.helpers import copy_patient_subset
 
-QUICK = seed_train(epochs=2, patience=2)
+QUICK = {"epochs": 2, "patience": 2}
 
 
 def run(source: Path, workdir: Path, **options):
