@@ -37,7 +37,6 @@ def predict_batch(batch: BatchOptions) -> dict[str, Any]:
     cache hit. Files that are not usable images are quarantined with their reason.
     """
     input, workdir, model_name, chunk_size = batch.input, layout.absolute(batch.workdir), batch.model_name, batch.chunk_size
-    runner, workers, retries = batch.runner, batch.workers, batch.retries
     registry = batch.registry_uri()
     version = predict.resolve_version(registry, model_name, batch.alias, batch.version)
     logger = get_run_logger()
@@ -50,24 +49,11 @@ def predict_batch(batch: BatchOptions) -> dict[str, Any]:
     if not images:
         raise ValueError(f"no files found in {input}")
     chunks = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
-    logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), runner)
+    logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), batch.runner)
 
-    scorer = with_run_options(score_chunk, workdir, retries)
-    score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if runner == "processes" else None
-    try:
-        with task_runner("threads", workers) as chunk_runner:
-            futures = chunk_runner.map(
-                scorer,
-                {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
-                 "model_name": unmapped(model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
-            )
-            rows = [row for chunk_rows in futures.result() for row in chunk_rows]
-    finally:
-        if score_pool:
-            score_pool.close()
-
+    rows = score_chunks(chunks, fingerprint, registry, version, batch)
     uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}.csv")
-    rerun_if_outputs_missing(with_run_options(write_predictions, workdir, retries), rows, uri, outputs=lambda u: [u])
+    rerun_if_outputs_missing(with_run_options(write_predictions, workdir, batch.retries), rows, uri, outputs=lambda u: [u])
 
     scored = [row for row in rows if row["error"] is None]
     bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
@@ -80,26 +66,47 @@ def predict_batch(batch: BatchOptions) -> dict[str, Any]:
 
     counts = {label: sum(row["label"] == label for row in scored) for label in predict.CLASSES}
     summary: dict[str, Any] = {
-        "model": f"{model_name} {version}",
-        "threshold": model.threshold,
-        "input": input,
-        "files": len(rows),
-        "scored": len(scored),
-        "quarantined": len(bad),
-        "predicted": counts,
-        "with_warnings": sum(bool(row["warnings"]) for row in scored),
-        "predictions": uri,
-        "quarantine_report": quarantine_uri,
-        "metrics": None,
+        "model": f"{model_name} {version}", "threshold": model.threshold, "input": input, "files": len(rows),
+        "scored": len(scored), "quarantined": len(bad), "predicted": counts,
+        "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": uri,
+        "quarantine_report": quarantine_uri, "metrics": None,
     }
+    publish(summary, scored, model.threshold, batch)
+    outcome = predict_outcome(summary)
+    logger.info("run summary: %s", outcome)
+    return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
+
+
+def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, batch: BatchOptions) -> list[dict]:
+    """score-chunk mapped over ``chunks`` on threads; with ``processes`` the pixel work runs in a local process pool."""
+    scorer = with_run_options(score_chunk, layout.absolute(batch.workdir), batch.retries)
+    workers = batch.workers
+    score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if batch.runner == "processes" else None
+    try:
+        with task_runner("threads", workers) as chunk_runner:
+            futures = chunk_runner.map(
+                scorer,
+                {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
+                 "model_name": unmapped(batch.model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
+            )
+            return [row for chunk_rows in futures.result() for row in chunk_rows]
+    finally:
+        if score_pool:
+            score_pool.close()
+
+
+def publish(summary: dict[str, Any], scored: list[dict], threshold: float, batch: BatchOptions) -> None:
+    """The metrics against the input's labels, if any, and the run's artifacts: counts, first rows, the CSV."""
+    input, model_name, version, uri = batch.input, batch.model_name, summary["model"].split()[-1], summary["predictions"]
+    counts = summary["predicted"]
     labelled = [row for row in scored if row["true_label"]]
     if labelled:
         truth = [predict.CLASSES.index(row["true_label"]) for row in labelled]
-        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], model.threshold)
+        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], threshold)
         create_markdown_artifact(
             key="predict-metrics",
             markdown=(
-                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {model.threshold:g}\n\n"
+                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
                 + evaluate.markdown_table({"input": summary["metrics"]})
             ),
             description=f"{model_name} {version} scored against the input's labels",
@@ -115,9 +122,6 @@ def predict_batch(batch: BatchOptions) -> dict[str, Any]:
         description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
     )
     create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
-    outcome = predict_outcome(summary)
-    logger.info("run summary: %s", outcome)
-    return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
 
 
 def _link(uri: str) -> str:

@@ -142,6 +142,20 @@ def full_flow(**settings: Any) -> Any:
     return full(run=run, **settings)
 
 
+def shard_stage(manifest_uri: str, split: SplitConfig, transform: TransformConfig, shard_size: int, workdir: str,
+                retries: int, runner: str, workers: Any = None, dask_address: Any = None, *, root: str) -> Any:
+    """Stage 3 as the full flow runs it (plan, write-shard mapped on ``runner``, index), inside a flow of the caller's."""
+    from flows.full import write_shards
+    from pneumo import shards
+    from pneumo.config import RunConfig
+    from tasks.shards import write_index
+
+    run = {"runner": runner, "workers": workers, "dask_address": dask_address, "retries": retries, "shard_size": shard_size}
+    config = RunConfig(run=run, transform=transform, split=split)
+    plan = shards.plan(manifest_uri, root, split, transform, shard_size, workdir)
+    return write_index(plan, write_shards(plan.specs, config, workdir))
+
+
 def run_pneumo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(pneumo_command(*args), capture_output=True, text=True, timeout=120)
 

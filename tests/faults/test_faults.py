@@ -193,7 +193,7 @@ def kill_a_busy_pool_worker(stop: threading.Event, killed: list[int]) -> None:
 
 
 def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool(subset_source, tmp_path):
-    from flows.full import shard_stage
+    from tests.helpers import shard_stage
 
     manifest_uri = save_manifest(build_manifest(subset_source), str(tmp_path / "manifests"))
     # The exact recipe at 1000 x 1300 keeps each worker busy for about a second per shard.

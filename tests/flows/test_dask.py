@@ -7,12 +7,12 @@ from pathlib import Path
 from distributed import Client, LocalCluster, get_task_stream
 from prefect import flow
 
-from flows.full import shard_stage
 from pneumo import shard_files
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.config import seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
+from tests.helpers import shard_stage
 
 SHARD_SIZE = 120  # ~500 images: several shards per worker
 
