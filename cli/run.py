@@ -66,7 +66,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"--config {path}: not valid {'YAML' if yaml_file else 'TOML'}: {first[:200]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected tables of settings (run, transform, split, train)")
+    _strictly_typed(data)
     return data
+
+
+def _strictly_typed(data: dict) -> None:
+    """A file's values are typed already: ``epochs = true`` or ``percentile = "75"`` is refused, not read as 1 or 75."""
+    from pydantic import ValidationError
+
+    def tuples(value: Any) -> Any:  # arrays as the tuples strict validation expects
+        return tuple(map(tuples, value)) if isinstance(value, list) else {k: tuples(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    try:
+        RunConfig.model_validate(tuples(data), strict=True)
+    except ValidationError as error:
+        # A field's own type; unknown keys are cyclopts' to name (with the nearest option), and combinations
+        # (the fast method with renditions) are judged once the command line is in.
+        typed = [e for e in error.errors() if len(e["loc"]) > 1 and e["type"] != "extra_forbidden"]
+        if typed:
+            raise UsageError(error_line(ValidationError.from_exception_data(error.title, typed))) from None
 
 
 def _load_yaml(text: bytes) -> Any:
@@ -213,7 +231,11 @@ def error_line(error: Exception) -> str:
         message = first["msg"].removeprefix("Value error, ")
         where = f"{loc[0]} settings" if len(loc) == 1 else flag_of(loc)
         value = first.get("input")
-        shown = f" {value}" if len(loc) > 1 and isinstance(value, (str, int, float)) else ""
+        shown = f" {cut(str(value))}" if len(loc) > 1 and isinstance(value, (str, int, float)) else ""
         return f"{where}{shown}: {message[0].lower()}{message[1:]}; see `pneumo run --help`"
-    text = " ".join(str(error).split())
-    return text if len(text) < 400 else text[:400] + "..."
+    return " ".join(cut(word, 200) for word in str(error).split())
+
+
+def cut(text: str, limit: int = 40) -> str:
+    """``text``, or its first ``limit`` characters and how many there were: a value echoed in an error stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
