@@ -18,7 +18,6 @@ import cyclopts
 from cyclopts import Parameter
 
 from pneumo.config import RunConfig
-from pneumo.names import validate_model_name
 
 # The most used fields also answer to a short name.
 SHORT_NAMES = {("run", "source"): "--source", ("run", "workdir"): "--workdir", ("run", "recipe"): "--recipe",
@@ -146,11 +145,7 @@ def check(config: RunConfig) -> None:
     """Refuse, as UsageError, what the run would only discover later; contacts each S3 bucket once."""
     from pneumo import storage
 
-    run = config.run
-    try:
-        validate_model_name(run.model_name)
-    except ValueError as error:
-        raise UsageError(f"--run.model-name: {error}") from None
+    run = config.run  # its model name was checked by RunOptions, where it is declared
     if run.dask_address and run.runner != "dask":
         raise UsageError(f"--run.dask-address {run.dask_address}: only used with --run.runner dask; add it or drop this")
     _check_source(run.source)

@@ -47,7 +47,7 @@ def outcome_line(summary: dict[str, Any]) -> str:
     if summary["registered"]:
         head = f"registered {name} {version}"
     else:
-        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+        head = f"nothing new registered (cache hit; {name} {version} unchanged; --run.retrain to train anyway)"
     aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
     return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
 
@@ -72,7 +72,7 @@ def closing_line(summary: dict[str, Any]) -> str:
     """What the run did to the registry, as the user's closing line says it."""
     if summary["registered"]:
         return f"registered {summary['model']}"
-    return f"nothing new registered (cache hit; --retrain to train anyway): {summary['model']} is unchanged"
+    return f"nothing new registered (cache hit; --run.retrain to train anyway): {summary['model']} is unchanged"
 
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric
+from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric, validate_model_name
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
 
 KAGGLE_DEFAULT_SOURCE = "kaggle:paultimothymooney/chest-xray-pneumonia"
@@ -192,6 +192,12 @@ class ModelLocation(_Config):
     workdir: str = Field("./pneumo-data", description="Root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
     registry: Optional[str] = Field(None, description="Model registry root, a folder or s3:// prefix (default: WORKDIR/registry)")
     model_name: str = Field("tinynet", description="Name the model is registered under")
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        validate_model_name(value)  # it becomes a folder name in the registry
+        return value
 
     def registry_uri(self) -> str:
         from pneumo import workdir as layout

@@ -109,12 +109,12 @@ def check_card(card: dict[str, Any], where: str = "card") -> None:
         raise CardError(
             f"{where} cannot be used for prediction: its card lacks {', '.join(missing)} "
             f"(an older card, schema_version {card.get('schema_version', 1)}; prediction needs {OLDEST_CARD_SCHEMA}). "
-            "Train and register a new version with this pneumo (pneumo run --retrain)."
+            "Train and register a new version with this pneumo (pneumo run --run.retrain)."
         )
     if card["schema_version"] < OLDEST_CARD_SCHEMA:
         raise CardError(
             f"{where} has an older card (schema_version {card['schema_version']}; prediction needs "
-            f"{OLDEST_CARD_SCHEMA}). Train and register a new version with this pneumo (pneumo run --retrain)."
+            f"{OLDEST_CARD_SCHEMA}). Train and register a new version with this pneumo (pneumo run --run.retrain)."
         )
     if not 0.0 < threshold < 1.0:
         raise CardError(f"{where}: card threshold {threshold!r} is not between 0 and 1")

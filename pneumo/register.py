@@ -85,7 +85,7 @@ def train_evaluate_register(
     if needs_stress and not shard_files.index_config(index_uri)["transform"].get("shift_suite"):
         raise ValueError(
             f"{' and '.join(needs_stress)} need the stress val, which the shift suite stores: turn it on "
-            "(--shift-suite), or choose --champion-metric roc_auc and --threshold-rule fixed"
+            "(--transform.shift-suite), or choose --run.champion-metric roc_auc and --train.threshold-rule fixed"
         )
 
     data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}

@@ -170,7 +170,7 @@ def test_runs_reuse_the_local_server_whose_links_work_after_the_run_and_ctrl_c_s
     source = copy_patient_subset(shared_data, tmp_path / "subset", per_class=40)
     env = local_env(tmp_path, PNEUMO_SERVER_PORT=str(free_port()))
     run = [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(tmp_path / "work"),
-           "--epochs", "100000", "--patience", "100000"]
+           "--epochs", "100000", "--train.patience", "100000"]
     try:
         # 1. The first run starts the server, says so, and is Ctrl-C'ed (as a terminal does: the whole group) in training.
         cli = subprocess.Popen(run, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -92,7 +92,7 @@ def test_too_much_bad_input_fails_the_run_with_the_reasons(subset_source, shared
     workdir = tmp_path / "work"
     with pytest.raises(TooMuchBadData, match=r"quarantined, above the allowed 1\.0%") as error:
         full(source=str(root), workdir=str(workdir), train=QUICK, runner="threads", retries=0)
-    assert "--max-bad-fraction" in str(error.value)
+    assert "--run.max-bad-fraction" in str(error.value)
     # The report is written before the run stops, and no model was registered.
     report = json.loads(next((workdir / "reports").glob("quarantine-*.json")).read_text())
     assert {entry["relpath"] for entry in report["entries"]} == set(bad)

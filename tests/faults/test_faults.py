@@ -27,7 +27,7 @@ from tasks.shards import write_shard
 from tests.faults.s3_fault_proxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["--epochs", "120", "--patience", "200", "--shard-size", "40", "--runner", "threads", "--workers", "1"]
+QUICK = ["--epochs", "120", "--train.patience", "200", "--run.shard-size", "40", "--run.runner", "threads", "--run.workers", "1"]
 
 
 def sha256(path: Path) -> str:

@@ -179,7 +179,7 @@ def test_cli_help_lists_every_option():
         [sys.executable, "flows/full.py", "--help"], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
-    for option in ("--source", "--workdir", "--registry", "--epochs", "--seed", "--percentile", "--runner"):
+    for option in ("--source", "--workdir", "--run.registry", "--epochs", "--seed", "--run.percentile", "--run.runner"):
         assert option in out
 
 
@@ -209,7 +209,7 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     workdir, summary, _ = first_run
     run = {"source": str(subset_source), "workdir": str(workdir), "shard_size": 150, "runner": "threads", "workers": 2}
     cached = full(run=run, train=QUICK, return_state=True)
-    assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
+    assert cached.message.startswith("nothing new registered (cache hit;") and "--run.retrain to train anyway" in cached.message
     assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]
     artifacts = _artifacts(cached.state_details.flow_run_id)
     assert artifacts["run-summary"].data.startswith("# nothing new registered (cache hit")
