@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: fin
 import synthesize  # noqa: E402
 
 from pneumo import registry, sizes  # noqa: E402
-from pneumo.config import TrainConfig, TransformConfig  # noqa: E402
-from pneumo.config import seed_train
+from pneumo.config import TrainConfig, TransformConfig, seed_train  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.model import TinyNet  # noqa: E402
 from pneumo.predict import Predictor, list_inputs  # noqa: E402

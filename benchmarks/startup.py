@@ -28,8 +28,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest
 def temporary_registry() -> str:
     from pneumo import registry
     from pneumo.model import TinyNet
-    from pneumo.config import recipe
-    from pneumo.config import TrainConfig
+    from pneumo.config import TrainConfig, recipe
 
     root = tempfile.mkdtemp(prefix="pneumo-bench-startup-")
     transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})

@@ -45,8 +45,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumo.config import TransformConfig
-from pneumo.config import recipe
+from pneumo.config import TransformConfig, recipe
 from pneumo.images import (
     JPEG_FORMATS,
     binary_source,

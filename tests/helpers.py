@@ -17,8 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from pneumo.config import SplitConfig, TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import parse_patient_id
 from pneumo.manifest import ImageRecord, Manifest, save_manifest
 

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from pneumo import registry
-from pneumo.config import TrainConfig, TransformConfig
-from pneumo.config import seed_transform, seed_train
+from pneumo.config import TrainConfig, TransformConfig, seed_train, seed_transform
 from pneumo.model import TinyNet
 
 # The shared data's images are 224 x 224: the size the pipeline's percentile would pick.

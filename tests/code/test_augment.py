@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from pneumo import augment
-from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import AugmentConfig, SplitConfig, TransformConfig, seed_transform
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.shard_files import index_uri, load_split, plan_shards, write_index, write_shard

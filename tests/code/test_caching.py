@@ -14,8 +14,7 @@ import pytest
 
 import pneumo
 from pneumo import pool as pneumo_pool
-from pneumo.config import SplitConfig, TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.shard_files import ShardSpec
 from tasks import caching
 from tests.helpers import cache_key, cached_tasks

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from pneumo import model, registry, train
-from pneumo.config import TrainConfig
-from pneumo.config import seed_train
+from pneumo.config import TrainConfig, seed_train
 from pneumo.transform import featurize
 from tests.helpers import run_pneumo
 from tests.predict_helpers import TRANSFORM, card

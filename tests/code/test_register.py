@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pneumo import register, registry, shard_files, storage
-from pneumo.config import SplitConfig, TrainConfig, TransformConfig
-from pneumo.config import seed_transform, seed_train
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig, seed_train, seed_transform
 
 
 def _index(folder, seed=0, n=120) -> str:

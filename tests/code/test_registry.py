@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from pneumo import promotion, registry, storage
-from pneumo.config import SplitConfig
-from pneumo.config import seed_transform
+from pneumo.config import SplitConfig, seed_transform
 from pneumo.model import TinyNet, predict_proba
 
 

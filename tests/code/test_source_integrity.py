@@ -16,8 +16,7 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from pneumo import sizes
-from pneumo.config import SplitConfig, TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import build_manifest, source_fingerprint
 from pneumo.images import FormatNotAllowed, ImageRejected, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest

@@ -3,8 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pneumo.config import TrainConfig
-from pneumo.config import seed_train
+from pneumo.config import TrainConfig, seed_train
 from pneumo.model import TinyNet
 from pneumo.model import predict_proba
 from pneumo.train import _batches, _class_weights, downsample, hinge_loss, train

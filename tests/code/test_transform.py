@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pneumo.config import TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import TransformConfig, seed_transform
 from pneumo.images import ImageRejected
 from pneumo.transform import crop_box, featurize, max_pool
 

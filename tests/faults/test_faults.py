@@ -19,8 +19,7 @@ from prefect.settings import PREFECT_API_URL
 
 from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files, storage
-from pneumo.config import SplitConfig, TrainConfig, TransformConfig
-from pneumo.config import seed_transform, seed_train
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig, seed_train, seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from tasks.shards import write_shard

@@ -8,8 +8,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from prefect import flow
 
 from pneumo import shard_files
-from pneumo.config import SplitConfig, TransformConfig
-from pneumo.config import seed_transform
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from tests.helpers import shard_stage
