@@ -33,11 +33,9 @@ from prefect import flow  # noqa: E402
 
 from cli.runtime import prefect_api  # noqa: E402
 from flows.full import write_shards  # noqa: E402
-from pneumo import shards  # noqa: E402
-from pneumo.config import RunConfig  # noqa: E402
 from tasks.shards import write_index  # noqa: E402
 from pneumo import pool, shards, shard_files  # noqa: E402
-from pneumo.config import SplitConfig, TransformConfig, seed_transform  # noqa: E402
+from pneumo.config import RunConfig, SplitConfig, TransformConfig, seed_transform  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
 import synthesize  # noqa: E402
