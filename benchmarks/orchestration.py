@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # synthesize.py
 
 from prefect import flow  # noqa: E402
 
-from flows.full import shard_stage  # noqa: E402
-from flows.runtime import prefect_api  # noqa: E402
+from cli.runtime import prefect_api  # noqa: E402
+from flows.full import write_shards  # noqa: E402
+from tasks.shards import write_index  # noqa: E402
 from pneumo import pool, shards, shard_files  # noqa: E402
-from pneumo.config import SplitConfig, TransformConfig  # noqa: E402
+from pneumo.config import RunConfig, SplitConfig, TransformConfig, seed_transform  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.manifest import save_manifest  # noqa: E402
 import synthesize  # noqa: E402
@@ -42,14 +43,17 @@ import synthesize  # noqa: E402
 
 def plan(manifest, shard_size: int, out: Path) -> list[shard_files.ShardSpec]:
     shutil.rmtree(out, ignore_errors=True)
-    return shards.plan_shards(manifest, SplitConfig(), TransformConfig(), shard_size, str(out))
+    return shards.plan_shards(manifest, SplitConfig(), seed_transform(), shard_size, str(out))
 
 
 @flow(name="pneumo-orchestration-benchmark")
 def timed_shard_stage(manifest_uri: str, root: str, shard_size: int, workdir: str, workers: int) -> float:
     """Seconds the shard stage takes inside a flow run, as in the pipeline."""
     started = time.perf_counter()
-    shard_stage(manifest_uri, SplitConfig(), TransformConfig(), shard_size, workdir, 0, "processes", workers, root=root)
+    config = RunConfig(run={"retries": 0, "runner": "processes", "workers": workers, "shard_size": shard_size},
+                       transform=seed_transform(), split=SplitConfig())
+    plan = shards.plan(manifest_uri, root, config.split, config.transform, shard_size, workdir)
+    write_index(plan, write_shards(plan.specs, config, workdir))  # stage 3 as the flow runs it
     return time.perf_counter() - started
 
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 bare = min(bare, time.perf_counter() - started)
 
                 started = time.perf_counter()
-                shards.run(manifest_uri, manifest.root, SplitConfig(), TransformConfig(), shard_size,
+                shards.run(manifest_uri, manifest.root, SplitConfig(), seed_transform(), shard_size,
                              str(args.workdir / f"library-{time.time_ns()}"), workers=args.workers)
                 library = min(library, time.perf_counter() - started)
 

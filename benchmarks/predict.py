@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: fin
 import synthesize  # noqa: E402
 
 from pneumo import registry, sizes  # noqa: E402
-from pneumo.config import TrainConfig, TransformConfig  # noqa: E402
+from pneumo.config import TrainConfig, TransformConfig, seed_train  # noqa: E402
 from pneumo.download import build_manifest  # noqa: E402
 from pneumo.model import TinyNet  # noqa: E402
 from pneumo.predict import Predictor, list_inputs  # noqa: E402
@@ -56,7 +56,7 @@ def register_model(root: str, transform: TransformConfig) -> None:
         "recipe": "seed",
         "threshold": 0.5,
         "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
-        "config": {"transform": transform.model_dump(mode="json"), "train": TrainConfig().model_dump(mode="json")},
+        "config": {"transform": transform.model_dump(mode="json"), "train": seed_train().model_dump(mode="json")},
         "files": {"model.pt": {"sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": len(buffer.getvalue())}},
         "metrics": {},
     }
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     root = str(work / "registry")
     # The transform the pipeline would pick for these files: p75 of their sizes.
     stats = sizes.size_percentiles(build_manifest(args.data), percentiles=(75,))
-    from pneumo.recipes import recipe
+    from pneumo.config import recipe
 
     transform = recipe(args.recipe).transform.model_copy(update={"size": sizes.target_size(stats, 75)})
     register_model(root, transform)

@@ -41,6 +41,7 @@ from pneumo import code_version, evaluate, shard_files, shards, shift
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
+from pneumo.config import recipe
 from pneumo.sizes import size_percentiles, target_size
 from pneumo.model import predict_proba
 from pneumo.train import train
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"source": str(args.source), "images": len(manifest.records), "cpu_count": os.cpu_count(),
               "load_before": os.getloadavg(), "recipes": {}}
     for name in args.recipes:
-        chosen = RECIPES[name]
+        chosen = recipe(name)
         parts = {"transform": chosen.transform.model_dump(), "train": chosen.train.model_dump()}
         parts["transform"]["size"] = size
         if args.epochs is not None:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pneumo import shards
-    from pneumo.config import SplitConfig, TransformConfig
+    from pneumo.config import SplitConfig, seed_transform
     from pneumo.download import build_manifest
 
     # Hard links need one file system: copy the shared images into the scratch folder once.
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_dir = args.workdir / f"specs-n{n}"
         shutil.rmtree(spec_dir, ignore_errors=True)
         spec_dir.mkdir(parents=True)
-        specs = shards.plan_shards(build_manifest(folder), SplitConfig(), TransformConfig(), args.shard_size, str(out))
+        specs = shards.plan_shards(build_manifest(folder), SplitConfig(), seed_transform(), args.shard_size, str(out))
         for i, spec in enumerate(specs):
             (spec_dir / f"{i:05d}.json").write_text(spec.model_dump_json())
         done = subprocess.run([sys.executable, __file__, "--child", str(spec_dir)], check=True, capture_output=True, text=True)

@@ -11,6 +11,7 @@ registered in a temporary folder (registration writes model.onnx, as the pipelin
 
 from __future__ import annotations
 
+from pneumo.config import seed_train
 import argparse
 import os
 import statistics
@@ -27,14 +28,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest
 def temporary_registry() -> str:
     from pneumo import registry
     from pneumo.model import TinyNet
-    from pneumo.recipes import recipe
-    from pneumo.config import TrainConfig
+    from pneumo.config import TrainConfig, recipe
 
     root = tempfile.mkdtemp(prefix="pneumo-bench-startup-")
     transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})
     card = {
         "schema_version": 2, "recipe": "robust", "threshold": 0.5, "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
-        "config": {"transform": transform.model_dump(mode="json"), "train": TrainConfig().model_dump(mode="json")},
+        "config": {"transform": transform.model_dump(mode="json"), "train": seed_train().model_dump(mode="json")},
         "metrics": {},
     }
     version = registry.register(root, "tinynet", TinyNet(transform.n_features).state_dict(), card)

@@ -35,10 +35,11 @@ import synthesize  # noqa: E402
 
 from pneumo import augment  # noqa: E402
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig  # noqa: E402
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
+from pneumo.recipes import DEFAULT_RECIPE  # noqa: E402
+from pneumo.config import recipe, seed_train, seed_transform  # noqa: E402
 from pneumo.transform import crop_box, featurize, max_pool  # noqa: E402
 
-SEED_CONFIG = TransformConfig()  # the seed's 1000 x 1300, 10 % crop, 10 x 14 grid
+SEED_CONFIG = seed_transform()  # the seed's 1000 x 1300, 10 % crop, 10 x 14 grid
 
 
 def seed_straightforward(path: str) -> np.ndarray:
@@ -54,11 +55,11 @@ def seed_straightforward(path: str) -> np.ndarray:
 
 def pneumo_fast(path: str) -> np.ndarray:
     """(b)."""
-    return featurize(path, TransformConfig(method="fast"))
+    return featurize(path, seed_transform(method="fast"))
 
 
 def pneumo_exact(path: str) -> np.ndarray:
-    return featurize(path, TransformConfig(method="exact"))
+    return featurize(path, seed_transform(method="exact"))
 
 
 def decode_floor(path: str) -> None:
@@ -168,7 +169,7 @@ def time_renditions(paths: list[str], repeats: int, renditions: int) -> dict[str
     Both decode once per image (K = 0 is exactly what the 'resample' method costs); K and 0
     take turns within each pass, and the best pass counts.
     """
-    config = RECIPES[DEFAULT_RECIPE].transform
+    config = recipe(DEFAULT_RECIPE).transform
     best = {0: float("inf"), renditions: float("inf")}
     for _ in range(repeats):
         for k in best:
@@ -245,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for the all-cores figures")
     parser.add_argument("--fidelity", choices=["full", "r-only", "none"], default="full",
                         help="full: per-image r over all of --data plus TinyNet val AUC on fast vs exact features")
-    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="max training epochs for the AUC check")
+    parser.add_argument("--epochs", type=int, default=seed_train().epochs, help="max training epochs for the AUC check")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
-    parser.add_argument("--renditions", type=int, default=RECIPES[DEFAULT_RECIPE].transform.renditions,
+    parser.add_argument("--renditions", type=int, default=recipe(DEFAULT_RECIPE).transform.renditions,
                         help="K for the renditions section (0 skips it); default: the default recipe's K")
     parser.add_argument("--only-renditions", action="store_true", help="time only the renditions section")
     args = parser.parse_args(argv)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         speed["b_scaling"] = speed["all_cores"]["b_pneumo"] / speed["one_process"]["b_pneumo"]
         report = {"cpu_count": os.cpu_count(), "data": str(args.data), "speed": speed}
         if args.fidelity != "none":
-            config = TrainConfig(epochs=args.epochs) if args.fidelity == "full" else None
+            config = seed_train(epochs=args.epochs) if args.fidelity == "full" else None
             report["fidelity"] = fidelity(pool, args.data, config)
     if args.renditions:
         report["renditions"] = time_renditions(paths, args.repeats, args.renditions)

@@ -1,6 +1,6 @@
 """Batch scoring: every image of a folder, zip or s3:// prefix through a registered model.
 
-    python flows/predict.py --input DIR_OR_ZIP_OR_S3 --registry R [--alias champion | --version v0003]
+    pneumo predict-batch --input DIR_OR_ZIP_OR_S3 [--registry R] [--alias champion | --version v0003]
 
 Writes ``{workdir}/predictions/{model}/{version}/{input digest}.csv`` (relpath, probability,
 label, threshold, warnings, true_label). Labels are optional: images under NORMAL/ or
@@ -10,22 +10,17 @@ scored only. Deployed as ``pneumo-predict/batch`` (infra/prefect.yaml).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Any
 
-from flows import runtime  # first: it sets Prefect's environment defaults
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
-from pydantic import Field
 
 from flows.summary import label_counts, predict_outcome
 from pneumo import download, evaluate, pool, predict, storage, workdir as layout
-from pneumo.evaluate import format_metric
+from pneumo.config import BatchOptions
 from pneumo.manifest import QuarantineEntry
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
@@ -35,27 +30,16 @@ FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
 
 
 @flow(name="pneumo-predict")
-def predict_batch(
-    input: str,
-    registry: Optional[str] = None,
-    workdir: str = "./pneumo-data",
-    model_name: str = "tinynet",
-    alias: str = "champion",
-    version: Optional[str] = None,
-    chunk_size: Annotated[int, Field(ge=1)] = 1000,
-    runner: Literal["threads", "processes"] = "processes",
-    workers: Optional[Annotated[int, Field(ge=1)]] = None,
-    retries: Annotated[int, Field(ge=0, le=20)] = 3,
-) -> dict[str, Any]:
-    """Score every image of ``input`` with ``alias`` (or ``version``) of the registered model.
+def predict_batch(batch: BatchOptions) -> dict[str, Any]:
+    """Score every image of ``batch.input`` with ``batch.alias`` (or ``batch.version``) of the registered model.
 
     The version is fixed when the run starts; a re-run on the same input and version is a
     cache hit. Files that are not usable images are quarantined with their reason.
     """
+    input, workdir, model_name, chunk_size = batch.input, layout.absolute(batch.workdir), batch.model_name, batch.chunk_size
+    registry = batch.registry_uri()
+    version = predict.resolve_version(registry, model_name, batch.alias, batch.version)
     logger = get_run_logger()
-    workdir = layout.absolute(workdir)
-    registry = layout.absolute(registry) if registry else layout.registry(workdir)
-    version = predict.resolve_version(registry, model_name, alias, version)
     model = predict.Predictor.from_registry(registry, model_name, version=version)  # refuses unusable cards now
     logger.info("scoring with %s %s (threshold %g)", model_name, version, model.threshold)
 
@@ -65,24 +49,11 @@ def predict_batch(
     if not images:
         raise ValueError(f"no files found in {input}")
     chunks = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
-    logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), runner)
+    logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), batch.runner)
 
-    scorer = with_run_options(score_chunk, workdir, retries)
-    score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if runner == "processes" else None
-    try:
-        with task_runner("threads", workers) as chunk_runner:
-            futures = chunk_runner.map(
-                scorer,
-                {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
-                 "model_name": unmapped(model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
-            )
-            rows = [row for chunk_rows in futures.result() for row in chunk_rows]
-    finally:
-        if score_pool:
-            score_pool.close()
-
+    rows = score_chunks(chunks, fingerprint, registry, version, batch)
     uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}.csv")
-    rerun_if_outputs_missing(with_run_options(write_predictions, workdir, retries), rows, uri, outputs=lambda u: [u])
+    rerun_if_outputs_missing(with_run_options(write_predictions, workdir, batch.retries), rows, uri, outputs=lambda u: [u])
 
     scored = [row for row in rows if row["error"] is None]
     bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
@@ -95,26 +66,47 @@ def predict_batch(
 
     counts = {label: sum(row["label"] == label for row in scored) for label in predict.CLASSES}
     summary: dict[str, Any] = {
-        "model": f"{model_name} {version}",
-        "threshold": model.threshold,
-        "input": input,
-        "files": len(rows),
-        "scored": len(scored),
-        "quarantined": len(bad),
-        "predicted": counts,
-        "with_warnings": sum(bool(row["warnings"]) for row in scored),
-        "predictions": uri,
-        "quarantine_report": quarantine_uri,
-        "metrics": None,
+        "model": f"{model_name} {version}", "threshold": model.threshold, "input": input, "files": len(rows),
+        "scored": len(scored), "quarantined": len(bad), "predicted": counts,
+        "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": uri,
+        "quarantine_report": quarantine_uri, "metrics": None,
     }
+    publish(summary, scored, model.threshold, batch)
+    outcome = predict_outcome(summary)
+    logger.info("run summary: %s", outcome)
+    return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
+
+
+def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, batch: BatchOptions) -> list[dict]:
+    """score-chunk mapped over ``chunks`` on threads; with ``processes`` the pixel work runs in a local process pool."""
+    scorer = with_run_options(score_chunk, layout.absolute(batch.workdir), batch.retries)
+    workers = batch.workers
+    score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if batch.runner == "processes" else None
+    try:
+        with task_runner("threads", workers) as chunk_runner:
+            futures = chunk_runner.map(
+                scorer,
+                {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
+                 "model_name": unmapped(batch.model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
+            )
+            return [row for chunk_rows in futures.result() for row in chunk_rows]
+    finally:
+        if score_pool:
+            score_pool.close()
+
+
+def publish(summary: dict[str, Any], scored: list[dict], threshold: float, batch: BatchOptions) -> None:
+    """The metrics against the input's labels, if any, and the run's artifacts: counts, first rows, the CSV."""
+    input, model_name, version, uri = batch.input, batch.model_name, summary["model"].split()[-1], summary["predictions"]
+    counts = summary["predicted"]
     labelled = [row for row in scored if row["true_label"]]
     if labelled:
         truth = [predict.CLASSES.index(row["true_label"]) for row in labelled]
-        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], model.threshold)
+        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], threshold)
         create_markdown_artifact(
             key="predict-metrics",
             markdown=(
-                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {model.threshold:g}\n\n"
+                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
                 + evaluate.markdown_table({"input": summary["metrics"]})
             ),
             description=f"{model_name} {version} scored against the input's labels",
@@ -130,61 +122,7 @@ def predict_batch(
         description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
     )
     create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
-    outcome = predict_outcome(summary)
-    logger.info("run summary: %s", outcome)
-    return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
 
 
 def _link(uri: str) -> str:
     return uri if storage.is_s3(uri) else Path(uri).as_uri()
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python flows/predict.py",
-        description="Score every image of a folder, .zip or s3:// prefix with a registered model (a Prefect flow).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="a folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, s3://bucket/archive.zip or s3://bucket/prefix")
-    parser.add_argument("--registry", default=None, help="model registry root (default: WORKDIR/registry)")
-    parser.add_argument("--workdir", default="./pneumo-data", help="where predictions, downloads and Prefect results go")
-    parser.add_argument("--model-name", default="tinynet")
-    parser.add_argument("--alias", default="champion", help="alias of the version to use")
-    parser.add_argument("--version", default=None, help="a version (e.g. v0003) instead of the alias")
-    parser.add_argument("--chunk-size", type=int, default=1000, help="images per scoring task")
-    parser.add_argument("--runner", choices=["threads", "processes"], default="processes")
-    parser.add_argument("--workers", type=int, default=None, help="parallel chunks (default: CPU count)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    if args.runner == "processes":
-        pool.warm_up()
-    runtime.without_prefect_notices()
-    with runtime.prefect_api():
-        try:
-            summary = predict_batch(
-                input=args.input, registry=args.registry, workdir=args.workdir, model_name=args.model_name,
-                alias=args.alias, version=args.version, chunk_size=args.chunk_size, runner=args.runner,
-                workers=args.workers,
-            )
-        except Exception as error:
-            print(f"\npneumo: the batch run failed: {error}", file=sys.stderr)
-            return 1
-    print(
-        f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
-        f"({summary['quarantined']} quarantined) in {time.perf_counter() - started:.0f} s\n"
-        f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}"
-    )
-    if summary["metrics"]:
-        m = summary["metrics"]
-        shown = {k: format_metric(m[k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
-        print(f"  labelled n={m['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "
-              f"specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

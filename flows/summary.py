@@ -8,10 +8,37 @@ from __future__ import annotations
 
 from typing import Any
 
+from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
+from pneumo.report import REPORT_NAME
 
 SPLITS = ("val", "test")
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def run_summary(run: Any, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
+                known_versions: list[str], logger: Any) -> dict[str, Any]:
+    """The full flow's result: what was registered, the champion, metrics, and where the run's files are."""
+    from pneumo.registry import CHAMPION, describe_alias
+
+    registered = model.version not in known_versions
+    if not registered:
+        logger.info("data, config and code unchanged since %s %s: no new version registered "
+                    "(retrain trains anyway)", run.model_name, model.version)
+    champion = describe_alias(registry, run.model_name, CHAMPION)
+    if champion.startswith("broken"):
+        logger.warning("champion alias %s", champion)
+    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
+    summary = {
+        "model": f"{run.model_name} {model.version}", "version": model.version, "registered": registered,
+        "champion": f"{run.model_name} {champion}", "champion_comparison": model.champion_comparison,
+        "card": model.card_uri, "report": report if storage.exists(report) else None,
+        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
+        "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
+        "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
+    }
+    logger.info("run summary: %s", outcome_line(summary))
+    return summary
 
 
 def outcome_line(summary: dict[str, Any]) -> str:
@@ -20,7 +47,7 @@ def outcome_line(summary: dict[str, Any]) -> str:
     if summary["registered"]:
         head = f"registered {name} {version}"
     else:
-        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+        head = f"nothing new registered (cache hit; {name} {version} unchanged; --run.retrain to train anyway)"
     aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
     return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
 
@@ -45,7 +72,7 @@ def closing_line(summary: dict[str, Any]) -> str:
     """What the run did to the registry, as the user's closing line says it."""
     if summary["registered"]:
         return f"registered {summary['model']}"
-    return f"nothing new registered (cache hit; --retrain to train anyway): {summary['model']} is unchanged"
+    return f"nothing new registered (cache hit; --run.retrain to train anyway): {summary['model']} is unchanged"
 
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
@@ -87,3 +114,14 @@ def predict_outcome(summary: dict[str, Any]) -> str:
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
     return line
+
+
+def print_batch_summary(summary: dict[str, Any], seconds: float) -> None:
+    """The terminal's closing lines of `pneumo predict-batch`."""
+    print(f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
+          f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
+          f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+    if summary["metrics"]:
+        shown = {k: format_metric(summary["metrics"][k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
+        print(f"  labelled n={summary['metrics']['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "
+              f"specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}")

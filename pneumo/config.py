@@ -1,12 +1,21 @@
-"""Typed configuration. The defaults reproduce the seed (Joffreybvn/challenge-pneumonia)."""
+"""The one typed run config: ``RunConfig(run, transform, split, train)``.
+
+Every field is declared once, here, with its description; its default is the default
+recipe's (``robust3``). A recipe (pneumo.recipes) is a partial config that ``RunConfig``
+puts under the values given, once, in its validator. The CLI's options (cli/run.py), the
+flow's parameters (flows/full.py) and the card's stored config are all read from these models.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric, validate_model_name
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
 
 KAGGLE_DEFAULT_SOURCE = "kaggle:paultimothymooney/chest-xray-pneumonia"
 
@@ -21,7 +30,7 @@ class _Config(BaseModel):
 
 
 class AugmentConfig(_Config):
-    """Ranges of the random renditions of train images (pneumo.augment); the defaults change nothing.
+    """Ranges of the random renditions of train images (pneumo.augment); the defaults are robust3's.
 
     Each rendition draws every parameter uniformly from its range: zoom in [zoom[0], zoom[1]]
     (> 1 magnifies), translation up to +-``shift`` of the width and height, rotation up to
@@ -32,20 +41,20 @@ class AugmentConfig(_Config):
     renditions blurred, with sigma in ``blur_sigma`` (fractions of the film's short side).
     """
 
-    zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
+    zoom: tuple[float, float] = Field((0.85, 1.2), description="Zoom factor range; 0.9 shows more of the film, 1.12 less")
     shift: float = Field(
-        0.0,
+        0.08,
         ge=0.0,
         le=0.25,
         # The name 'shift' stays because cards store it; pneumo.augment says translate_x/translate_y.
         description="Largest translation, as a fraction of width and height",
     )
-    rotation: float = Field(0.0, ge=0.0, le=30.0, description="Largest rotation in degrees")
-    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log gamma|")
-    contrast: float = Field(0.0, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")
-    brightness: float = Field(0.0, ge=0.0, le=0.5, description="Largest brightness offset on the [0, 1] scale")
-    aspect: float = Field(0.0, ge=0.0, le=0.5, description="Largest |log| of the aspect change: zoom_x = zoom e^u, zoom_y = zoom e^-u")
-    blur: float = Field(0.0, ge=0.0, le=1.0, description="Share of renditions blurred (Gaussian)")
+    rotation: float = Field(8.0, ge=0.0, le=30.0, description="Largest rotation in degrees")
+    gamma: float = Field(0.5, ge=0.0, le=1.0, description="Largest |log gamma|")
+    contrast: float = Field(0.3, ge=0.0, le=1.0, description="Largest |log contrast| about the image mean")
+    brightness: float = Field(0.08, ge=0.0, le=0.5, description="Largest brightness offset on the [0, 1] scale")
+    aspect: float = Field(0.2, ge=0.0, le=0.5, description="Largest |log| of the aspect change: zoom_x = zoom e^u, zoom_y = zoom e^-u")
+    blur: float = Field(0.3, ge=0.0, le=1.0, description="Share of renditions blurred (Gaussian)")
     blur_sigma: tuple[float, float] = Field(
         (0.005, 0.015), description="Blur sigma range, as fractions of the film's short side"
     )
@@ -66,28 +75,28 @@ class AugmentConfig(_Config):
 
 
 class TransformConfig(_Config):
-    """The image recipe. The defaults are the seed's: resize, crop borders, gray [0, 1], max-pool, flatten."""
+    """The image recipe: resize, trim padding, crop borders, gray [0, 1], pool, normalize, flatten (robust3's defaults)."""
 
     size: tuple[int, int] = Field(
         (1000, 1300), description="(height, width) every image is resized to; the pipeline sets it from the size percentile"
     )
-    crop_fraction: float = Field(0.10, ge=0.0, lt=0.5, description="Fraction cut from each border after resizing")
-    grid: tuple[int, int] = Field((10, 14), description="Rows and columns of the pooling grid; features = rows * cols per pooling part")
+    crop_fraction: float = Field(0.02, ge=0.0, lt=0.5, description="Fraction cut from each border after resizing")
+    grid: tuple[int, int] = Field((7, 10), description="Rows and columns of the pooling grid; features = rows * cols per pooling part")
     method: Literal["fast", "exact", "resample"] = Field(
-        "fast",
+        "resample",
         description="'exact' decodes full resolution; 'fast' decodes at a reduced JPEG scale (max pooling only); "
         "'resample' resamples the crop to cell_pixels per cell: needed for mean pooling, normalization and renditions",
     )
     pooling: tuple[Literal["max", "mean"], ...] = Field(
-        ("max",), description="Pooling parts, concatenated in this order (repeat the option: --pooling max --pooling mean); features = rows * cols * parts"
+        ("max", "mean"), description="Pooling parts, concatenated in this order (--transform.pooling max mean); features = rows * cols * parts"
     )
-    normalize: Literal["none", "zscore"] = Field("none", description="'zscore': each pooling part scaled to mean 0, sd 1 per image")
-    cell_pixels: int = Field(16, ge=2, le=64, description="'resample': pixels per cell side of the resampled crop")
+    normalize: Literal["none", "zscore"] = Field("zscore", description="'zscore': each pooling part scaled to mean 0, sd 1 per image")
+    cell_pixels: int = Field(8, ge=2, le=64, description="'resample': pixels per cell side of the resampled crop")
     trim_padding: bool = Field(
-        False, description="'resample': cut flat bands (a scanner's or viewer's padding) off the picture's borders before the crop"
+        True, description="'resample': cut flat bands (a scanner's or viewer's padding) off the picture's borders before the crop"
     )
-    augment: AugmentConfig = Field(AugmentConfig(), description="Ranges of the train renditions")
-    renditions: int = Field(0, ge=0, le=32, description="Augmented renditions stored per train image beside the original; 0 = off")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Ranges of the train renditions")
+    renditions: int = Field(12, ge=0, le=32, description="Augmented renditions stored per train image beside the original; 0 = off")
     augment_seed: int = Field(0, ge=0, description="Seeds the renditions, with each image's sha256 and the rendition number")
     shift_suite: bool = Field(True, description="Store val and test features under the acquisition shifts of pneumo.shift")
     shift_seed: int = Field(0, ge=0, description="Seeds the shift suite's random parts (shift direction, border widths, noise)")
@@ -120,6 +129,11 @@ class TransformConfig(_Config):
             )
         return self
 
+    @classmethod
+    def stored(cls, data: dict) -> "TransformConfig":
+        """A transform as an index or card stored it: a field it lacks is newer than it, and had the seed's value then."""
+        return cls.model_validate(merged(RECIPES["seed"]["transform"], data))
+
     @property
     def n_features(self) -> int:
         return self.grid[0] * self.grid[1] * len(self.pooling)
@@ -149,24 +163,159 @@ class SplitConfig(_Config):
 
 
 class TrainConfig(_Config):
-    """TinyNet training: the seed's optimizer, loss and batch size, with early stopping."""
+    """TinyNet training: AdamW, BCE with class weights, weight averaging (robust3's defaults)."""
 
-    epochs: int = Field(1000, ge=1, description="Maximum number of epochs")
-    batch_size: int = Field(32, ge=1, description="Training rows per optimizer step")
-    lr: float = Field(5e-5, gt=0.0, description="Learning rate of the optimizer: AdamW, or the seed's plain Adam when --weight-decay is 0")
-    loss: Literal["hinge", "bce"] = Field("hinge", description="'hinge': the seed's Keras-style hinge on the sigmoid output; 'bce': binary cross-entropy")
+    epochs: int = Field(30, ge=1, description="Maximum number of epochs")
+    batch_size: int = Field(128, ge=1, description="Training rows per optimizer step")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate of the optimizer: AdamW, or the seed's plain Adam when weight_decay is 0")
+    loss: Literal["hinge", "bce"] = Field("bce", description="'hinge': the seed's Keras-style hinge on the sigmoid output; 'bce': binary cross-entropy")
     balance: Literal["downsample", "class_weights", "none"] = Field(
-        "downsample", description="Class imbalance of train: 'downsample' the majority class, 'class_weights' in the loss, or 'none'"
+        "class_weights", description="Class imbalance of train: 'downsample' the majority class, 'class_weights' in the loss, or 'none'"
     )
-    patience: int = Field(100, ge=1, description="Epochs without a better validation loss before stopping")
+    patience: int = Field(10, ge=1, description="Epochs without a better validation loss before stopping")
     seed: int = Field(0, description="Seeds sampling, initialisation and shuffling")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Decision threshold for the reported metrics")
     threshold_rule: Literal["fixed", "stress_youden"] = Field(
-        "fixed", description="'fixed': use threshold; 'stress_youden': the threshold that maximizes Youden's J "
+        "stress_youden", description="'fixed': use threshold; 'stress_youden': the threshold that maximizes Youden's J "
         "(sensitivity + specificity - 1) on the stress val"
     )
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW's decoupled weight decay; 0 keeps the seed's plain Adam")
     swa_start: int = Field(
-        0, ge=0, description="Average the weights of every epoch from this one on (SWA; from the last epoch if the "
+        11, ge=0, description="Average the weights of every epoch from this one on (SWA; from the last epoch if the "
         "budget is shorter) and train all epochs; 0 = off: keep the best validation-loss epoch"
     )
+
+
+class ModelLocation(_Config):
+    """Where models are: shared by `pneumo run` and the commands that read the registry."""
+
+    workdir: str = Field("./pneumo-data", description="Root for downloads, stats, shards, registry and Prefect results (local path or s3://)")
+    registry: Optional[str] = Field(None, description="Model registry root, a folder or s3:// prefix (default: WORKDIR/registry)")
+    model_name: str = Field("tinynet", description="Name the model is registered under")
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        validate_model_name(value)  # it becomes a folder name in the registry
+        return value
+
+    def registry_uri(self) -> str:
+        from pneumo import workdir as layout
+
+        return layout.absolute(self.registry) if self.registry else layout.registry(layout.absolute(self.workdir))
+
+
+class RunOptions(ModelLocation):
+    """The run's own settings: what to read, where to write, how to schedule it."""
+
+    source: str = Field(
+        KAGGLE_DEFAULT_SOURCE,
+        description="A folder in the Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, "
+        "s3://bucket/archive.zip, s3://bucket/prefix, or kaggle:OWNER/DATASET (needs Kaggle credentials)",
+    )
+    recipe: RecipeName = Field(
+        DEFAULT_RECIPE,
+        description="Preset of transform and training values (pneumo.recipes): 'seed' is the faithful port of the seed, "
+        "'robust' adds shape features, renditions and class-weighted BCE, 'robust2' widens the renditions, averages "
+        "weights and picks its threshold on the stress val, 'robust3' (the default) also cuts flat border bars; "
+        "values given explicitly override the recipe's",
+    )
+    percentile: float = Field(75.0, gt=0, lt=100, description="Image-size percentile that sets the resize target")
+    shard_size: int = Field(1000, ge=1, description="Images per HDF5 shard")
+    champion_metric: ChampionMetric = Field(
+        DEFAULT_CHAMPION_METRIC,
+        description="Metric a new version must beat (strictly) to become champion: stress_roc_auc is the ROC AUC on the "
+        "stress val (val under random strong jitters, on which the champion is re-scored too); the others are clean val's",
+    )
+    retrain: bool = Field(False, description="Train and register a new version even when data, config and code are unchanged")
+    retries: int = Field(
+        3, ge=0, le=20,
+        description="Retries per task for errors a retry can fix (network, S3 throttling, a dead worker), with "
+        "exponential backoff; other errors fail at once",
+    )
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail the run when more than this fraction of the input files is quarantined")
+    verify_source: bool = Field(
+        False, description="Fingerprint a local source by the sha256 of every file instead of sizes and mtimes (reads every byte)"
+    )
+    runner: Literal["threads", "processes", "dask"] = Field(
+        "processes",
+        description="Where the shard tasks transform images: 'processes' hands the pixel work to a local pool of "
+        "worker processes, 'threads' does it in the tasks' threads, 'dask' runs the tasks on Dask workers",
+    )
+    workers: Optional[int] = Field(None, ge=1, description="Parallel shard tasks, and processes or Dask workers (default: CPU count)")
+    dask_address: Optional[str] = Field(None, description="Scheduler of an existing Dask cluster, e.g. tcp://host:8786 (with runner dask)")
+
+
+def _given(value: Any) -> Any:
+    """What was given: a model's explicitly set fields (nested), a dict as it is."""
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` on top, nested tables merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        value = _given(value)
+        out[key] = merged(_given(out[key]), value) if isinstance(value, dict) and isinstance(_given(out.get(key)), dict) else value
+    return out
+
+
+class RunConfig(_Config):
+    """Everything one run reads. The recipe named by ``run.recipe`` supplies what is not given."""
+
+    run: RunOptions = Field(default_factory=RunOptions, description="The run's own settings")
+    transform: TransformConfig = Field(default_factory=TransformConfig, description="The image recipe")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How val and test are carved out")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="TinyNet training")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        # The one place a recipe is applied: under the given values, so an explicit value always wins.
+        if not isinstance(data, dict):
+            return data
+        given = {key: _given(value) for key, value in data.items()}
+        recipe = (given.get("run") or {}).get("recipe", DEFAULT_RECIPE)
+        return merged(RECIPES.get(recipe, {}), given)  # an unknown name: RunOptions says so
+
+
+class Recipe(NamedTuple):
+    transform: TransformConfig
+    train: TrainConfig
+
+
+def recipe_config(name: str, **given: Any) -> RunConfig:
+    """The run config of recipe ``name`` with ``given`` sections (dicts or models) on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    run = dict(given.pop("run", None) or {}, recipe=name)
+    return RunConfig(run=run, **given)
+
+
+def recipe(name: str) -> Recipe:
+    """The named recipe's transform and training configs; a clear error for an unknown name."""
+    resolved = recipe_config(name)
+    return Recipe(resolved.transform, resolved.train)
+
+
+def seed_transform(**changes: Any) -> TransformConfig:
+    """The seed's transform with ``changes``: what library tests and benchmarks compare against."""
+    return recipe_config("seed", transform=changes).transform
+
+
+def seed_train(**changes: Any) -> TrainConfig:
+    """The seed's training config with ``changes``."""
+    return recipe_config("seed", train=changes).train
+
+
+class BatchOptions(ModelLocation):
+    """The batch flow's settings (`pneumo predict-batch`, flows/predict.py)."""
+
+    input: str = Field(description="A folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, "
+                       "s3://bucket/archive.zip or s3://bucket/prefix")
+    alias: str = Field("champion", description="Alias of the version to use")
+    version: Optional[str] = Field(None, description="A version (e.g. v0003) instead of the alias")
+    chunk_size: int = Field(1000, ge=1, description="Images per scoring task")
+    runner: Literal["threads", "processes"] = Field("processes", description="Where the chunks' pixel work runs")
+    workers: Optional[int] = Field(None, ge=1, description="Parallel chunks (default: CPU count)")
+    retries: int = Field(3, ge=0, le=20, description="Retries per task for errors a retry can fix")

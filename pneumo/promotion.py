@@ -46,7 +46,7 @@ def _same_rows(card: Card, index: dict[str, Any]) -> bool:
     same settings for an image's own row (train renditions and the shift suite may differ, as
     between robust and robust2)."""
     theirs = card.config.transform if card.config else None
-    return theirs is not None and theirs.row_settings() == TransformConfig(**index["transform"]).row_settings()
+    return theirs is not None and theirs.row_settings() == TransformConfig.stored(index["transform"]).row_settings()
 
 
 def _same_val_images(card: Card, index: dict[str, Any]) -> bool:

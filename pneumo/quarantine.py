@@ -70,5 +70,5 @@ def check_bad_fraction(report: QuarantineReport, max_bad_fraction: float) -> Non
         raise TooMuchBadData(
             f"{report.n_quarantined} of {report.n_inputs} input files ({report.bad_fraction:.1%}) were "
             f"quarantined, above the allowed {max_bad_fraction:.1%}. Most common reasons: {reasons}. "
-            "Fix the source, or raise --max-bad-fraction if this much bad data is expected."
+            "Fix the source, or raise --run.max-bad-fraction if this much bad data is expected."
         )

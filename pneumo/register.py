@@ -118,7 +118,7 @@ def train_and_score(
 
 def new_card(
     scored: Scored, index_uri: str, manifest_digest: str, config: TrainConfig, recipe: str,
-    comparison: promotion.Decision, card_extra: Optional[dict[str, Any]] = None,
+    comparison: promotion.Decision, card_extra: Optional[dict[str, Any]] = None, run: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The card of the new version, before registration: ``registry.register`` adds its name, version and files."""
     index = shard_files.index_ref(index_uri)
@@ -126,7 +126,8 @@ def new_card(
         state_dict=scored.trained.state_dict,
         metrics=scored.evaluation.metrics,
         training=scored.training,
-        config={"recipe": recipe, "train": config.model_dump(mode="json"), **shard_files.index_config(index_uri)},
+        config={"recipe": recipe, **({"run": run} if run else {}), "train": config.model_dump(mode="json"),
+                **shard_files.index_config(index_uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
         counts=index.counts,
@@ -171,6 +172,7 @@ def train_evaluate_register(
     champion_metric: str = DEFAULT_CHAMPION_METRIC,
     *,
     recipe: str,
+    run: Optional[dict[str, Any]] = None,
     progress: Optional[Callable[[dict], None]] = None,
     logger: Any = None,
     card_extra: Optional[dict[str, Any]] = None,
@@ -183,7 +185,8 @@ def train_evaluate_register(
     and the promotion's challenger figures are the same numbers.
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
-    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes);
+    ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes); ``run``, the
+    run's own settings (RunOptions), is stored in the card's config beside the sections;
     ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
     each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
     """
@@ -205,7 +208,7 @@ def train_evaluate_register(
     rival = promotion.champion_to_beat(registry_uri, model_name, None, champion_metric, champion_val)
     val = promotion.comparable(scored.evaluation.metrics)
     comparison = promotion.compare(champion_metric, val, rival.version, rival.val, rival.basis, rival.notes)
-    card = new_card(scored, index_uri, manifest_digest, config, recipe, comparison, card_extra)
+    card = new_card(scored, index_uri, manifest_digest, config, recipe, comparison, card_extra, run)
     version, outcome = register_and_promote(registry_uri, model_name, scored, card, champion_metric, champion_val, logger)
     return Registered(
         ref=registry.model_ref(registry_uri, model_name, version),

@@ -146,6 +146,11 @@ class ChampionComparison(BaseModel):
     reason: Optional[str] = None
     notes: list[str] = []
 
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _stored(cls, value: Any) -> Any:
+        return TransformConfig.stored(value) if isinstance(value, dict) else value
+
 
 class CardContent(BaseModel):
     """What a card may hold; a field that is present must be valid (labels, threshold, transform...)."""
@@ -265,7 +270,7 @@ def check_seal(card: dict[str, Any], where: str, key: Optional[bytes] = None) ->
     if not isinstance(integrity, dict) or not isinstance(integrity.get("card_sha256"), str):
         raise CorruptCard(
             f"{where} has no integrity record (a card of an older pneumo, or one stripped of it): "
-            "it cannot be verified; register a new version (pneumo run --retrain)"
+            "it cannot be verified; register a new version (pneumo run --run.retrain)"
         )
     body = canonical_card(card)
     actual = hashlib.sha256(body).hexdigest()

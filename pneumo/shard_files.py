@@ -358,7 +358,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     index = read_index(index_uri)
     folder = _parent(index_uri)
     entries = [s for s in index["shards"] if s["split"] == split]
-    n_features = TransformConfig(**index["transform"]).n_features
+    n_features = TransformConfig.stored(index["transform"]).n_features
     total = sum(s.get("rows", s["count"]) for s in entries)  # schema 1 indexes: one row per image
     features = np.empty((total, n_features), np.float32)
     labels = np.empty(total, np.uint8)

@@ -45,7 +45,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumo.config import TransformConfig
+from pneumo.config import TransformConfig, recipe
 from pneumo.images import (
     JPEG_FORMATS,
     binary_source,
@@ -85,7 +85,7 @@ def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | N
     format outside ``images.ALLOWED_FORMATS``, are corrupt or truncated, or have more than
     ``config.max_pixels`` pixels. A missing file raises FileNotFoundError.
     """
-    config = config or TransformConfig()
+    config = config or recipe("seed").transform
     _check_geometry(config)
     with binary_source(source) as handle:
         with open_checked(handle, config.max_pixels) as image:

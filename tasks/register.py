@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -83,7 +83,8 @@ def _report(result: Registered, model_name: str, champion_metric: str, logger: A
 @task(
     name="train-evaluate-register",
     **retry_options(),
-    cache_policy=cache_policy(),
+    # The run's own settings go on the card; a change of --run.workers or --run.retries alone trains nothing.
+    cache_policy=cache_policy(ignore=("run",)),
 )
 def train_evaluate_register(
     index: shard_files.IndexRef,
@@ -93,6 +94,7 @@ def train_evaluate_register(
     model_name: str,
     champion_metric: str,
     recipe: str,
+    run: Optional[dict[str, Any]] = None,
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it.
     ``recipe`` names the preset ``config`` came from: the card records it."""
@@ -104,7 +106,7 @@ def train_evaluate_register(
     with _progress(config, register.STEPS_AFTER_TRAINING, logger) as (progress, on_step):
         result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
-            recipe=recipe, progress=progress, logger=logger, on_step=on_step,
+            recipe=recipe, run=run, progress=progress, logger=logger, on_step=on_step,
         )
     _report(result, model_name, champion_metric, logger)
     logger.info("registered %s %s at %s", model_name, result.ref.version, result.ref.card_uri)

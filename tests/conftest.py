@@ -17,6 +17,9 @@ from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_
 os.environ.setdefault("PNEUMO_PREFECT_SERVER", "temporary")
 os.environ.setdefault("PNEUMO_SERVER_DIR", str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}"))
 
+# Commands started as `python -m cli` (tests/helpers.pneumo_command) import this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+
 # ../shared beside the clone; PNEUMO_SHARED_DATA points elsewhere (e.g. from a git worktree).
 SHARED_DATA = Path(
     os.environ.get("PNEUMO_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"

@@ -12,11 +12,12 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import parse_patient_id
 from pneumo.manifest import ImageRecord, Manifest, save_manifest
 
@@ -106,9 +107,52 @@ def use_s3_endpoint(env, endpoint: str, key_id: str = "testing-key-id", secret: 
 
 
 def pneumo_command(*args: str) -> list[str]:
-    """The installed console script beside this interpreter (make setup installs it)."""
-    script = Path(sys.executable).parent / "pneumo"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "flows.cli", *args]
+    """The `pneumo` command of this checkout (the console script `pneumo = "cli:main"` runs the same function)."""
+    return [sys.executable, "-m", "cli", *args]
+
+
+class Invoked(NamedTuple):
+    exit_code: int
+    output: str  # stdout and stderr, as a terminal shows them
+
+
+def invoke(*args: str) -> Invoked:
+    """`pneumo ARGS` in this process, its output captured: for commands that import neither Prefect nor torch."""
+    import contextlib
+    import io
+
+    from cli import main
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            main(list(args))
+        except SystemExit as exit:
+            return Invoked(exit.code if isinstance(exit.code, int) else 1, output.getvalue())
+    return Invoked(0, output.getvalue())
+
+
+def full_flow(**settings: Any) -> Any:
+    """The full flow with flat settings (source=..., retries=..., train={...}): the run's own go into its ``run`` section."""
+    from flows.full import full
+    from pneumo.config import RunOptions
+
+    run = {name: settings.pop(name) for name in list(settings) if name in RunOptions.model_fields}
+    return full(run=run, **settings)
+
+
+def shard_stage(manifest_uri: str, split: SplitConfig, transform: TransformConfig, shard_size: int, workdir: str,
+                retries: int, runner: str, workers: Any = None, dask_address: Any = None, *, root: str) -> Any:
+    """Stage 3 as the full flow runs it (plan, write-shard mapped on ``runner``, index), inside a flow of the caller's."""
+    from flows.full import write_shards
+    from pneumo import shards
+    from pneumo.config import RunConfig
+    from tasks.shards import write_index
+
+    run = {"runner": runner, "workers": workers, "dask_address": dask_address, "retries": retries, "shard_size": shard_size}
+    config = RunConfig(run=run, transform=transform, split=split)
+    plan = shards.plan(manifest_uri, root, split, transform, shard_size, workdir)
+    return write_index(plan, write_shards(plan.specs, config, workdir))
 
 
 def run_pneumo(*args: str) -> subprocess.CompletedProcess:
@@ -196,7 +240,7 @@ def all_paths(folder: Path) -> set[str]:
 
 # --------------------------------------------------------------------------- a tiny shard dataset
 
-SHARD_TRANSFORM = TransformConfig(size=(100, 130))  # small target: the shard tests are about storage, not images
+SHARD_TRANSFORM = seed_transform(size=(100, 130))  # small target: the shard tests are about storage, not images
 SHARD_SPLIT_CONFIG = SplitConfig(min_val_images=100)
 NOT_A_JPEG = "train/PNEUMONIA/person3_bacteria_1.jpeg"
 

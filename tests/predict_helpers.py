@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from pneumo import registry
-from pneumo.config import TrainConfig, TransformConfig
+from pneumo.config import TrainConfig, TransformConfig, seed_train, seed_transform
 from pneumo.model import TinyNet
 
 # The shared data's images are 224 x 224: the size the pipeline's percentile would pick.
-TRANSFORM = TransformConfig(size=(224, 224))
+TRANSFORM = seed_transform(size=(224, 224))
 
 
 def state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def card(weights: dict[str, torch.Tensor], threshold: float = 0.5, transform: Tr
         "threshold": threshold,
         "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
         "confusion_matrix_layout": "[[tn, fp], [fn, tp]]: rows = truth (NORMAL, PNEUMONIA), columns = prediction",
-        "config": {"transform": transform.model_dump(mode="json"), "train": TrainConfig(threshold=threshold).model_dump(mode="json")},
+        "config": {"transform": transform.model_dump(mode="json"), "train": seed_train(threshold=threshold).model_dump(mode="json")},
         "files": {"model.pt": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         "metrics": {"val": {"n": 10, "accuracy": 0.8, "roc_auc": 0.9}, "test": {"n": 10, "accuracy": 0.7, "roc_auc": 0.85}},
         "training": {"history": []},

@@ -11,15 +11,15 @@ import pytest
 from PIL import Image
 
 from pneumo import augment
-from pneumo.config import AugmentConfig, SplitConfig, TransformConfig
+from pneumo.config import AugmentConfig, SplitConfig, TransformConfig, seed_transform
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.shard_files import index_uri, load_split, write_index
 from pneumo.shards import plan_shards, write_shard
 from pneumo.transform import Resampler, featurize
 
-AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06)
-TRANSFORM = TransformConfig(
+AUGMENT = AugmentConfig(zoom=(0.9, 1.12), shift=0.05, rotation=5.0, gamma=0.35, contrast=0.2, brightness=0.06, aspect=0.0, blur=0.0)
+TRANSFORM = seed_transform(
     size=(64, 64), method="resample", grid=(7, 10), pooling=("max", "mean"), normalize="zscore",
     crop_fraction=0.02, cell_pixels=4, augment=AUGMENT, renditions=3, shift_suite=False,
 )

@@ -14,7 +14,7 @@ import pytest
 
 import pneumo
 from pneumo import pool as pneumo_pool
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.shard_files import ShardSpec
 from tasks import caching
 from tests.helpers import cache_key, cached_tasks
@@ -92,7 +92,7 @@ def test_changing_a_pneumo_module_changes_every_task_key_in_a_fresh_process(tmp_
 
 def test_where_the_pixels_are_computed_is_not_in_the_key():
     spec = ShardSpec(
-        root="/data", manifest_digest="d" * 64, split_config=SplitConfig(), transform=TransformConfig(size=(8, 8)),
+        root="/data", manifest_digest="d" * 64, split_config=SplitConfig(), transform=seed_transform(size=(8, 8)),
         split="train", number=0, start=0, stop=0, records=(), uri="/work/shards/train-0000.h5",
     )
     other = spec.model_copy(update={"number": 1, "uri": "/work/shards/train-0001.h5"})

@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from flows.cli import app
 from pneumo import cleanup, registry, storage
+from tests.helpers import invoke
 from tests.predict_helpers import card, state_dict
 
 LATER = time.time() + 10 * 86400  # "now" for a plan in which every file is old
@@ -91,11 +90,11 @@ def test_nothing_is_removed_without_yes_and_only_the_removable_with_it(tmp_path,
     for path in Path(workdir).rglob("*"):  # two days old: nothing is recent
         os.utime(path, (time.time() - 2 * 86400,) * 2)
     before = sorted(str(p) for p in Path(workdir).rglob("*") if p.is_file())
-    listed = CliRunner().invoke(app, ["gc", "--workdir", workdir])
+    listed = invoke("gc", "--workdir", workdir)
     assert listed.exit_code == 0, listed.output
     assert "7 removable" in listed.output and "add --yes" in listed.output
     assert sorted(str(p) for p in Path(workdir).rglob("*") if p.is_file()) == before
-    removed = CliRunner().invoke(app, ["gc", "--workdir", workdir, "--yes"])
+    removed = invoke("gc", "--workdir", workdir, "--yes")
     assert removed.exit_code == 0, removed.output
     assert "removed 7 item(s)" in removed.output
     for uri in _expected_removable(workdir, uris):
@@ -144,7 +143,7 @@ def test_a_running_run_blocks_every_removal(tmp_path):
         assert [r["run_id"] for r in plan.running] == [record["run_id"]]
         with pytest.raises(cleanup.RunInProgress, match="a run is in progress"):
             cleanup.remove(cleanup.plan(workdir, now=LATER))
-        result = CliRunner().invoke(app, ["gc", "--workdir", workdir, "--keep-recent", "0", "--yes"])
+        result = invoke("gc", "--workdir", workdir, "--keep-recent", "0", "--yes")
         assert result.exit_code == 1 and "nothing removed" in result.output
     assert all(Path(uri).exists() for uri in _expected_removable(workdir, _layout_uris(workdir)))
     # A record left "running" by a killed process does not block forever.

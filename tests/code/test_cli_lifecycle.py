@@ -87,7 +87,7 @@ def test_a_prefect_api_that_dies_mid_run_fails_the_cli_within_a_minute_and_says_
         # Long training: the API dies while a task computes and has nothing to tell it.
         cli = subprocess.Popen(
             [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(tmp_path / "work"),
-             "--runner", "threads", "--workers", "1", "--epochs", "100000", "--patience", "100000"],
+             "--run.runner", "threads", "--run.workers", "1", "--epochs", "100000", "--train.patience", "100000"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         output = []

@@ -17,7 +17,7 @@ MAX_FILE_BYTES = 20_000_000  # pneumo.images.MAX_FILE_BYTES (spelled out: the te
 from pneumo.predict import list_inputs, score_inputs
 from tests.predict_helpers import register_two, xray_pair
 
-PNEUMO = [sys.executable, "-c", "from flows.cli import main; main()"]
+PNEUMO = [sys.executable, "-c", "from cli import main; main()"]
 
 
 def hostile_folder(root: Path, shared_data: Path) -> Path:
@@ -111,9 +111,9 @@ def run_refused(config: Path) -> str:
     "name, text, expected",
     [
         ("laughs.yaml", laughs(), "anchors and aliases (&name, *name) are not allowed"),
-        ("recursive.yaml", "epochs: &a [*a]\n", "anchors and aliases (&name, *name) are not allowed"),
-        ("big.toml", "# padding\n" * 20_000 + "epochs = 0\n", "larger than 100000 bytes"),
-        ("long.toml", f'recipe = "{"x" * 50_000}"\n', "--recipe xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (50000 characters)"),
+        ("recursive.yaml", "train:\n  epochs: &a [*a]\n", "anchors and aliases (&name, *name) are not allowed"),
+        ("big.toml", "# padding\n" * 20_000 + "[train]\nepochs = 0\n", "larger than 100000 bytes"),
+        ("long.toml", f'[run]\nrecipe = "{"x" * 50_000}"\n', "--recipe xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (50000 characters)"),
     ],
 )
 def test_a_hostile_config_file_is_refused_in_one_short_line(tmp_path, name, text, expected):
@@ -128,30 +128,31 @@ def test_a_hostile_config_file_is_refused_in_one_short_line(tmp_path, name, text
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("epochs = true\n", "--epochs True: input should be a valid integer"),
-        ("shard_size = true\n", "--shard-size True: input should be a valid integer"),
-        ('percentile = "75"\n', "--percentile 75: input should be a valid number"),
-        ("[train]\npatience = 2.0\n", "--patience 2.0: input should be a valid integer"),
+        ("[train]\nepochs = true\n", "--epochs True: input should be a valid integer"),
+        ("[run]\nshard_size = true\n", "--run.shard-size True: input should be a valid integer"),
+        ('[run]\npercentile = "75"\n', "--run.percentile 75: input should be a valid number"),
+        ("[train]\npatience = 2.0\n", "--train.patience 2.0: input should be a valid integer"),
     ],
 )
 def test_settings_from_a_file_have_strict_types(tmp_path, text, expected):
     """Item 15 (issue 15): before, `epochs = true` ran 1 epoch and `shard_size = true` gave shards of 1."""
-    from flows import settings
+    from tests.code.test_run_settings import parse
+    from cli.run import UsageError
 
     config = tmp_path / "run.toml"
     config.write_text(text)
-    with pytest.raises(settings.UsageError) as refused:
-        settings.parse(["--config", str(config)], "pneumo run")
+    with pytest.raises(UsageError) as refused:
+        parse(["--config", str(config)])
     assert expected in str(refused.value)
 
 
 def test_settings_keep_their_lax_but_exact_forms(tmp_path):
     """Strict types still take an int for a float and an array for a pair, from a file and the command line."""
-    from flows import settings
+    from tests.code.test_run_settings import parse
 
     config = tmp_path / "run.toml"
-    config.write_text("percentile = 80\n[transform]\ngrid = [5, 7]\n")
-    chosen = settings.parse(["--config", str(config), "--augment-zoom", "0.9", "1.1", "--epochs", "3"], "pneumo run")
+    config.write_text("[run]\npercentile = 80\n[transform]\ngrid = [5, 7]\n")
+    chosen = parse(["--config", str(config), "--transform.augment.zoom", "0.9", "1.1", "--epochs", "3"])
     assert chosen.run.percentile == 80.0 and chosen.transform.grid == (5, 7)
     assert chosen.transform.augment.zoom == (0.9, 1.1) and chosen.train.epochs == 3
 

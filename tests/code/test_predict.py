@@ -136,7 +136,7 @@ def test_out_of_distribution_images_are_scored_with_a_warning_saying_why(two_ver
 def test_features_are_featurize_s_for_every_recipe_and_blank_is_seen_through_zscores(tmp_path, shared_data, recipe):
     """The robust recipe z-scores each film; its features must still be featurize's, bit for bit,
     and a blank film must still be called blank."""
-    from pneumo.recipes import recipe as named
+    from pneumo.config import recipe as named
     from pneumo.transform import featurize
 
     transform = named(recipe).transform.model_copy(update={"size": (224, 224)})

@@ -60,7 +60,7 @@ def test_pneumo_predict_does_not_import_torch_when_the_version_has_model_onnx(tm
     root = str(tmp_path / "registry")
     register_two(root)
     image = str(xray_pair(shared_data)[0])
-    command = [sys.executable, "-X", "importtime", "-m", "flows.cli", "predict", image, "--registry", root]
+    command = [sys.executable, "-X", "importtime", "-m", "cli", "predict", image, "--registry", root]
     with_onnx = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert with_onnx.returncode == 0, with_onnx.stderr[-2000:]
     modules = _imported_modules(with_onnx.stderr)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pneumo import model, registry, train
-from pneumo.config import TrainConfig
+from pneumo.config import TrainConfig, seed_train
 from pneumo.transform import featurize
 from tests.helpers import run_pneumo
 from tests.predict_helpers import TRANSFORM, card
@@ -21,7 +21,7 @@ def test_pneumo_predict_matches_training_scores(shared_data, tmp_path):
     X = np.stack([featurize(path, TRANSFORM) for path in files])  # the shards' code path
     y = np.array([0] * 60 + [1] * 60)
     val = np.arange(len(y)) % 4 == 0
-    config = TrainConfig(epochs=30, patience=30, threshold=0.4)
+    config = seed_train(epochs=30, patience=30, threshold=0.4)
     result = train.train(X[~val], y[~val], X[val], y[val], config)
 
     root = str(tmp_path / "registry")

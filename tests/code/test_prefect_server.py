@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import prefect_server
+from cli import server as prefect_server
 from tests.helpers import copy_patient_subset, free_port, pneumo_command, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request_and_when_idle
         assert pneumo(idle_env, "server", "start").returncode == 0
         server = record(env)
         user = subprocess.Popen(  # a run using it: the shared in-use lock, for 8 s
-            [sys.executable, "-c", "import time; from flows import prefect_server\n"
+            [sys.executable, "-c", "import time; from cli import server as prefect_server\n"
              "with prefect_server.in_use():\n    time.sleep(8)"], env=env, cwd=REPO)
         time.sleep(6)
         assert not gone(server["pid"]), "the server stopped while a run was using it"
@@ -170,7 +170,7 @@ def test_runs_reuse_the_local_server_whose_links_work_after_the_run_and_ctrl_c_s
     source = copy_patient_subset(shared_data, tmp_path / "subset", per_class=40)
     env = local_env(tmp_path, PNEUMO_SERVER_PORT=str(free_port()))
     run = [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(tmp_path / "work"),
-           "--epochs", "100000", "--patience", "100000"]
+           "--epochs", "100000", "--train.patience", "100000"]
     try:
         # 1. The first run starts the server, says so, and is Ctrl-C'ed (as a terminal does: the whole group) in training.
         cli = subprocess.Popen(run, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -8,24 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo.config import TrainConfig, TransformConfig
+from pneumo.config import RunConfig, TrainConfig, TransformConfig
 from pneumo.model import TinyNet, keras_parameter_count
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES, recipe
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES
+from pneumo.config import recipe_config, recipe, seed_train, seed_transform
 from pneumo.transform import featurize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seed_features.json"
+RESOLVED = Path(__file__).parent / "fixtures" / "resolved_recipes.json"  # main at 9f514c2, before recipes were partial
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_fits_in_2541_parameters(name):
-    transform, _ = RECIPES[name]
+    transform, _ = recipe(name)
     model = TinyNet(n_features=transform.n_features)
     assert keras_parameter_count(model) <= 2541
 
 
 def test_the_seed_recipe_is_the_seed():
     transform, train = recipe("seed")
-    assert transform == TransformConfig() and train == TrainConfig()
+    assert transform == seed_transform() and train == seed_train()
     assert (transform.method, transform.grid, transform.crop_fraction, transform.pooling) == ("fast", (10, 14), 0.10, ("max",))
     assert (train.loss, train.balance, train.lr, train.batch_size, train.weight_decay) == ("hinge", "downsample", 5e-5, 32, 0.0)
     assert transform.renditions == 0
@@ -60,14 +62,15 @@ def test_seed_features_of_real_images_are_unchanged(shared_data):
     assert recorded["images"]
     for entry in recorded["images"]:
         for key, config in recorded["configs"].items():
-            features = featurize(shared_data / entry["relpath"], TransformConfig(**config))
+            features = featurize(shared_data / entry["relpath"], seed_transform(**config))
             assert features.tobytes().hex() == entry[key], (entry["relpath"], key)
 
 
 def test_methods_that_only_max_pool_refuse_other_features():
     for update in ({"pooling": ("max", "mean")}, {"normalize": "zscore"}, {"renditions": 2}, {"trim_padding": True}):
         with pytest.raises(ValueError, match="resample"):
-            TransformConfig(**update)
+            TransformConfig(**{"method": "fast", "trim_padding": False, "renditions": 0, "pooling": ("max",),
+                               "normalize": "none", **update})
     with pytest.raises(ValueError, match="pooling"):
         TransformConfig(method="resample", pooling=("max", "max"))
     assert TransformConfig(method="resample", grid=(7, 10), pooling=("max", "mean")).n_features == 140
@@ -75,7 +78,7 @@ def test_methods_that_only_max_pool_refuse_other_features():
 
 def test_resample_features_are_finite_and_normalized_per_part(shared_data):
     path = next((shared_data / "train" / "NORMAL").glob("*.jpeg"))
-    transform = RECIPES["robust"].transform.model_copy(update={"size": (224, 224)})
+    transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})
     features = featurize(path, transform)
     assert features.shape == (140,) and features.dtype == np.float32
     for part in (features[:70], features[70:]):
@@ -83,17 +86,25 @@ def test_resample_features_are_finite_and_normalized_per_part(shared_data):
 
 
 def test_explicit_options_override_the_recipe_and_nothing_else():
-    from flows.settings import apply_recipe
-
-    transform, train = apply_recipe("robust", None, TrainConfig(epochs=3))
-    assert train.epochs == 3
-    assert train.model_dump(exclude={"epochs"}) == RECIPES["robust"].train.model_dump(exclude={"epochs"})
-    assert transform == RECIPES["robust"].transform
+    robust = recipe("robust")
+    chosen = RunConfig(run={"recipe": "robust"}, train=TrainConfig(epochs=3))
+    assert chosen.train.epochs == 3
+    assert chosen.train.model_dump(exclude={"epochs"}) == robust.train.model_dump(exclude={"epochs"})
+    assert chosen.transform == robust.transform
     # The seed recipe given complete configs is exactly those configs.
-    transform, train = apply_recipe("seed", TransformConfig(method="exact"), TrainConfig(seed=4))
-    assert transform == TransformConfig(method="exact") and train == TrainConfig(seed=4)
-    transform, _ = apply_recipe("robust", TransformConfig(renditions=0, method="resample"), None)
-    assert transform.renditions == 0 and transform.pooling == ("max", "mean")
+    chosen = recipe_config("seed", transform={"method": "exact"}, train={"seed": 4})
+    assert chosen.transform == seed_transform(method="exact") and chosen.train == seed_train(seed=4)
+    chosen = recipe_config("robust", transform=TransformConfig(renditions=0, method="resample"))
+    assert chosen.transform.renditions == 0 and chosen.transform.pooling == ("max", "mean")
+    # A resolved config given again is itself: the recipe is applied once, under what is given.
+    assert RunConfig(**dict(chosen)) == chosen and RunConfig.model_validate(chosen.model_dump()) == chosen
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_resolves_as_on_main_before_recipes_became_partial(name):
+    frozen = json.loads(RESOLVED.read_text())[name]
+    assert recipe_config(name).model_dump(mode="json") == frozen
+    assert RECIPES[DEFAULT_RECIPE] == {} and RunConfig().model_dump(mode="json") == json.loads(RESOLVED.read_text())[DEFAULT_RECIPE]
 
 
 def test_weight_decay_shrinks_the_weights_and_zero_keeps_plain_adam():
@@ -102,7 +113,7 @@ def test_weight_decay_shrinks_the_weights_and_zero_keeps_plain_adam():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 140)).astype(np.float32)
     y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(np.float32)
-    base = TrainConfig(epochs=30, patience=30, lr=1e-2, loss="bce", balance="none", batch_size=50)
+    base = seed_train(epochs=30, patience=30, lr=1e-2, loss="bce", balance="none", batch_size=50)
     plain = train(X, y, X[:50], y[:50], base)
     again = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 0.0}))
     decayed = train(X, y, X[:50], y[:50], base.model_copy(update={"weight_decay": 1.0}))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pneumo import promotion, registry, storage
-from pneumo.config import SplitConfig
+from pneumo.config import SplitConfig, seed_transform
 from pneumo.model import TinyNet, predict_proba
 
 
@@ -338,7 +338,7 @@ def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
     from pneumo.config import TransformConfig
 
     reg = str(tmp_path)
-    card = {"config": {"transform": TransformConfig().model_dump(mode="json")}}  # 10 x 14 = 140 features
+    card = {"config": {"transform": seed_transform().model_dump(mode="json")}}  # 10 x 14 = 140 features
     version = registry.register(reg, "m", _weights(0), card)
     buffer = io.BytesIO()
     torch.save(TinyNet(n_features=99).state_dict(), buffer)
@@ -354,8 +354,10 @@ def test_a_state_dict_of_another_shape_is_refused_by_name(tmp_path):
 def test_every_recipe_loads_its_own_weights(tmp_path):
     """The shape check counts every pooling part: robust pools max and mean on 7 x 10 cells, 140 inputs."""
     from pneumo.recipes import RECIPES
+    from pneumo.config import recipe as named
 
-    for name, recipe in RECIPES.items():
+    for name in RECIPES:
+        recipe = named(name)
         card = {"config": {"transform": recipe.transform.model_dump(mode="json")}}
         weights = TinyNet(n_features=recipe.transform.n_features).state_dict()
         version = registry.register(str(tmp_path), name, weights, card)
@@ -402,7 +404,7 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(60, 140)).astype(np.float32)
     labels = (np.arange(60) % 2).astype(np.uint8)
-    transform = TransformConfig(size=(300, 400))
+    transform = seed_transform(size=(300, 400))
     index_uri = _val_index(tmp_path, features, labels, transform)
     reg = str(tmp_path / "reg")
     stale = {"val": _val(0.999)}  # what the champion scored on an older val split
@@ -415,7 +417,7 @@ def test_the_champion_is_rescored_on_this_runs_val_split(tmp_path):
     assert basis.startswith("re-scored")
 
     # A champion made from another transform cannot read these features: its card decides.
-    other = {**card, "config": {**card["config"], "transform": TransformConfig(size=(100, 100)).model_dump(mode="json")}}
+    other = {**card, "config": {**card["config"], "transform": seed_transform(size=(100, 100)).model_dump(mode="json")}}
     version = registry.register(reg, "m", _weights(5), other)
     metrics, basis = promotion.champion_val_metrics(reg, "m", version, index_uri)
     assert metrics == stale["val"] and basis == "champion's card (other val images, features computed differently)"

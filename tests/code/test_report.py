@@ -154,13 +154,11 @@ def test_chromium_opens_the_report_from_disk_and_decodes_every_picture(registere
 
 
 def test_models_show_prints_cis_the_worst_shift_the_threshold_and_the_report(registered):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
+    from tests.helpers import invoke
 
     root, version, _ = registered
     card = registry.load_card(root, "tinynet", version)
-    shown = CliRunner().invoke(app, ["models", "show", version, "--registry", root])
+    shown = invoke("models", "show", version, "--registry", root)
     assert shown.exit_code == 0, shown.output
     low, high = card.metrics["test"]["ci95"]["roc_auc"]
     assert f"roc_auc {card.metrics['test']['roc_auc']:.3f} [{low:.3f}, {high:.3f}]" in shown.output

@@ -23,7 +23,7 @@ REQUEST_LINE = re.compile(r"^\S+ \S+ (GET|POST) (\S+) (\d{3}) (\d+\.\d) ms tinyn
 
 def _serve(root: str, port: int, log) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--registry", root, "--port", str(port)],
+        [sys.executable, "-m", "cli", "serve", "--registry", root, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=log,
     )
 

@@ -15,12 +15,12 @@ from pneumo import augment, shift
 from pneumo.config import SplitConfig
 from pneumo.images import decode_gray
 from pneumo.manifest import ImageRecord, Manifest
-from pneumo.recipes import RECIPES
+from pneumo.config import recipe
 from pneumo.shard_files import index_uri, load_split, write_index
 from pneumo.shards import plan_shards, write_shard
 
-ROBUST = RECIPES["robust"].transform.model_copy(update={"size": (224, 224), "renditions": 0})
-SEED = RECIPES["seed"].transform.model_copy(update={"size": (224, 224)})
+ROBUST = recipe("robust").transform.model_copy(update={"size": (224, 224), "renditions": 0})
+SEED = recipe("seed").transform.model_copy(update={"size": (224, 224)})
 SHA = hashlib.sha256(b"an image").hexdigest()
 
 

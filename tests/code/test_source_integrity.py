@@ -16,7 +16,7 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from pneumo import sizes
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import build_manifest, source_fingerprint
 from pneumo.images import FormatNotAllowed, ImageRejected, open_image, sniff_format
 from pneumo.manifest import ManifestRef, load_manifest, save_manifest
@@ -25,7 +25,7 @@ from pneumo.shard_files import index_uri, read_index, write_index
 from pneumo.shards import plan_shards, write_shard
 from pneumo.transform import featurize
 
-TRANSFORM = TransformConfig(size=(100, 130))
+TRANSFORM = seed_transform(size=(100, 130))
 SPLIT = SplitConfig(min_val_images=0)
 
 
@@ -98,7 +98,7 @@ def test_a_root_left_in_an_older_manifest_file_is_ignored(tmp_path):
 def test_featurize_takes_a_path_bytes_or_a_file_object(tmp_path, method, kind):
     path = tmp_path / f"image.{kind.lower()}"
     gray(1, (300, 240)).save(path, kind)
-    config = TransformConfig(size=(200, 260), method=method)
+    config = seed_transform(size=(200, 260), method=method)
     expected = featurize(path, config)
     np.testing.assert_array_equal(featurize(str(path), config), expected)
     np.testing.assert_array_equal(featurize(path.read_bytes(), config), expected)
@@ -239,7 +239,7 @@ def test_formats_outside_the_allow_list_are_refused_by_name(tmp_path, kind, monk
 
     for method in ("fast", "exact"):
         with pytest.raises(ImageRejected, match=rf"^format {shown} not allowed \(allowed: JPEG, PNG, BMP\)$"):
-            featurize(path, TransformConfig(size=(100, 130), method=method))
+            featurize(path, seed_transform(size=(100, 130), method=method))
     with pytest.raises(FormatNotAllowed, match=f"format {shown} not allowed"):
         sizes.image_size(path)
     assert ghostscript == []  # no file is ever handed to an external interpreter

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pneumo.config import TrainConfig
+from pneumo.config import TrainConfig, seed_train
 from pneumo.model import TinyNet
 from pneumo.model import predict_proba
 from pneumo.train import _batches, _class_weights, downsample, hinge_loss, train
@@ -35,7 +35,7 @@ def test_learns_separable_data():
     X, y = _separable(600, seed=1)
     vX, vy = _separable(200, seed=2)
     tX, ty = _separable(300, seed=3)
-    result = train(X, y, vX, vy, TrainConfig(epochs=30, patience=30, **FAST))
+    result = train(X, y, vX, vy, seed_train(epochs=30, patience=30, **FAST))
     assert roc_auc_score(ty, predict_proba(result.state_dict, tX)) > 0.95
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
@@ -43,7 +43,7 @@ def test_learns_separable_data():
 def test_same_seed_gives_identical_weights():
     X, y = _separable(200, seed=1)
     vX, vy = _separable(60, seed=2)
-    config = TrainConfig(epochs=5, seed=7)
+    config = seed_train(epochs=5, seed=7)
     first, second = train(X, y, vX, vy, config), train(X, y, vX, vy, config)
     assert first.state_dict.keys() == second.state_dict.keys()
     for key in first.state_dict:
@@ -59,7 +59,7 @@ def test_early_stopping_restores_the_best_epoch():
     vX, vy = _separable(100, seed=2)
     vy = 1 - vy
     seen = []
-    result = train(X, y, vX, vy, TrainConfig(epochs=200, patience=3, **FAST), progress=seen.append)
+    result = train(X, y, vX, vy, seed_train(epochs=200, patience=3, **FAST), progress=seen.append)
     assert result.stopped_early
     assert len(result.history) == result.best_epoch + 3 < 200
     assert seen == result.history
@@ -77,7 +77,7 @@ def test_balance_modes(balance, expected_rows):
     y[:] = 1
     y[:60] = 0
     vX, vy = _separable(50, seed=2)
-    result = train(X, y, vX, vy, TrainConfig(epochs=2, balance=balance))
+    result = train(X, y, vX, vy, seed_train(epochs=2, balance=balance))
     assert result.n_train == expected_rows
 
 
@@ -109,20 +109,20 @@ def test_batches_cover_every_row_once_and_never_hold_a_single_row(n):
 def test_bce_loss_also_learns():
     X, y = _separable(400, seed=1)
     vX, vy = _separable(200, seed=2)
-    result = train(X, y, vX, vy, TrainConfig(epochs=20, loss="bce", **FAST))
+    result = train(X, y, vX, vy, seed_train(epochs=20, loss="bce", **FAST))
     assert result.history[-1]["val_auc"] > 0.9
 
 
 def test_global_torch_settings_are_restored():
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     X, y = _separable(100, seed=1)
-    train(X, y, X, y, TrainConfig(epochs=1))
+    train(X, y, X, y, seed_train(epochs=1))
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
 
 
 def test_bad_input_is_refused():
     X, y = _separable(50, seed=1)
-    config = TrainConfig(epochs=1)
+    config = seed_train(epochs=1)
     with pytest.raises(ValueError, match="labels must be 0"):
         train(X, y + 1, X, y, config)
     with pytest.raises(ValueError, match="single class"):
@@ -149,7 +149,7 @@ def test_weight_averaging_runs_the_budget_averages_and_re_estimates_batchnorm_on
     X, y = _separable(400, seed=1)
     vX, vy = _separable(100, seed=2)
     vy = 1 - vy  # a validation loss that only gets worse: early stopping would stop at once
-    config = TrainConfig(epochs=12, patience=2, swa_start=5, loss="bce", balance="class_weights", **FAST)
+    config = seed_train(epochs=12, patience=2, swa_start=5, loss="bce", balance="class_weights", **FAST)
     result = train(X, y, vX, vy, config)
     assert len(result.history) == 12 and not result.stopped_early
     assert (result.averaged_from, result.best_epoch) == (5, 12)

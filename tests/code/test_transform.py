@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pneumo.config import TransformConfig
+from pneumo.config import TransformConfig, seed_transform
 from pneumo.images import ImageRejected
 from pneumo.transform import crop_box, featurize, max_pool
 
@@ -61,7 +61,7 @@ def test_every_mode_gives_gray_features_in_unit_range(tmp_path, name, method):
     gray = _gray8(_xray_like())
     path = tmp_path / f"image.{extension}"
     make(gray).save(path, **({"quality": 95} if extension == "jpeg" else {}))
-    config = TransformConfig(method=method)
+    config = seed_transform(method=method)
 
     features = featurize(path, config)
 
@@ -91,7 +91,7 @@ def test_exif_rotated_image_gives_the_upright_features(tmp_path, orientation, me
     upright = _gray8(_xray_like(900, 700))  # large enough for the fast path to decode at reduced scale
     exif = Image.Exif()
     exif[0x0112] = orientation
-    config = TransformConfig(method=method)
+    config = seed_transform(method=method)
 
     straight = featurize(_save(tmp_path / "upright.jpeg", upright, quality=95), config)
     rotated = featurize(_save(tmp_path / "rotated.jpeg", _rotated_for(upright, orientation), quality=95, exif=exif.tobytes()), config)
@@ -127,7 +127,7 @@ def test_bright_spot_lands_in_the_right_feature(tmp_path, method):
     picture = np.zeros((1000, 1300), np.uint8)  # already at the target size
     # Cell (row 3, col 5): rows 100 + 240..320, cols 130 + 371..446 after the crop.
     picture[100 + 260 : 100 + 300, 130 + 390 : 130 + 430] = 255
-    features = featurize(_save(tmp_path / "spot.png", Image.fromarray(picture)), TransformConfig(method=method))
+    features = featurize(_save(tmp_path / "spot.png", Image.fromarray(picture)), seed_transform(method=method))
     assert int(features.argmax()) == 3 * 14 + 5
     assert features[3 * 14 + 5] > 0.9 and np.delete(features, 3 * 14 + 5).max() < 0.1
 
@@ -148,8 +148,8 @@ def _realistic_jpegs(tmp_path: Path) -> list[Path]:
 
 def test_fast_agrees_with_exact_on_realistic_images(tmp_path):
     for path in _realistic_jpegs(tmp_path):
-        exact = featurize(path, TransformConfig(method="exact"))
-        fast = featurize(path, TransformConfig(method="fast"))
+        exact = featurize(path, seed_transform(method="exact"))
+        fast = featurize(path, seed_transform(method="fast"))
         assert _pearson(exact, fast) >= 0.99, path.name
         assert np.abs(exact - fast).mean() < 0.05
 
@@ -159,8 +159,8 @@ def test_fast_keeps_thin_bright_details_that_exact_sees(tmp_path):
     picture = _xray_like(1800, 1400) * 0.5
     picture[300:420, 1500:1503] = 1.0
     path = _save(tmp_path / "marker.jpeg", _gray8(picture), quality=90)
-    exact = featurize(path, TransformConfig(method="exact"))
-    fast = featurize(path, TransformConfig(method="fast"))
+    exact = featurize(path, seed_transform(method="exact"))
+    fast = featurize(path, seed_transform(method="fast"))
     cell = int(exact.argmax())
     assert exact[cell] > 0.9
     # Decoded at 1/8 scale, 8 x 8 block means dilute the stroke to ~0.46 and r to ~0.87.
@@ -171,8 +171,8 @@ def test_fast_keeps_thin_bright_details_that_exact_sees(tmp_path):
 @pytest.mark.parametrize("size", [(30, 20), (80, 60)])  # fewer than 4 pixels per cell, and more
 def test_small_images_agree_with_exact(tmp_path, size):
     path = _save(tmp_path / "small.png", _gray8(_xray_like(*size)))
-    exact = featurize(path, TransformConfig(method="exact"))
-    fast = featurize(path, TransformConfig(method="fast"))
+    exact = featurize(path, seed_transform(method="exact"))
+    fast = featurize(path, seed_transform(method="fast"))
     assert _pearson(exact, fast) >= 0.95
     np.testing.assert_allclose(fast, exact, atol=0.06)
 
@@ -195,12 +195,12 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, side):
 def test_max_pixels_is_checked_before_decoding(tmp_path):
     path = _save(tmp_path / "big.png", _gray8(_xray_like(400, 300)))
     with pytest.raises(ImageRejected, match=r"too large: 400x300 pixels exceeds max_pixels=100000"):
-        featurize(path, TransformConfig(max_pixels=100_000))
+        featurize(path, seed_transform(max_pixels=100_000))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_bad_files_are_rejected_with_a_specific_reason(tmp_path, method):
-    config = TransformConfig(method=method)
+    config = seed_transform(method=method)
     jpeg = _save(tmp_path / "good.jpeg", _gray8(_xray_like(600, 500)), quality=90).read_bytes()
     cases = {
         "empty.jpeg": (b"", "empty file (0 bytes)"),
@@ -224,17 +224,17 @@ def test_missing_file_is_not_a_bad_image(tmp_path):
 def test_grid_larger_than_the_cropped_image_is_a_config_error(tmp_path):
     path = _save(tmp_path / "small.png", _gray8(_xray_like(40, 30)))
     with pytest.raises(ValueError, match="fewer than the 10x14 grid"):
-        featurize(path, TransformConfig(size=(10, 14)))
+        featurize(path, seed_transform(size=(10, 14)))
 
 
 def test_a_jpeg_cut_short_near_its_end_is_still_rejected(tmp_path):
     # The fast path stops decoding below the crop; the missing tail must still be noticed.
     jpeg = _save(tmp_path / "good.jpeg", _gray8(_xray_like(1200, 900)), quality=90).read_bytes()
     for method in METHODS:
-        assert featurize(tmp_path / "good.jpeg", TransformConfig(method=method)).shape == (140,)
+        assert featurize(tmp_path / "good.jpeg", seed_transform(method=method)).shape == (140,)
         (tmp_path / "tail.jpeg").write_bytes(jpeg[: len(jpeg) * 97 // 100])
         with pytest.raises(ImageRejected, match="truncated JPEG"):
-            featurize(tmp_path / "tail.jpeg", TransformConfig(method=method))
+            featurize(tmp_path / "tail.jpeg", seed_transform(method=method))
 
 
 def test_a_flat_film_takes_the_exact_recipe(tmp_path):
@@ -242,8 +242,8 @@ def test_a_flat_film_takes_the_exact_recipe(tmp_path):
     rng = np.random.default_rng(1)
     picture = 0.5 + 0.02 * _xray_like(1800, 1400) + rng.normal(0, 2 / 255, (1400, 1800))
     path = _save(tmp_path / "flat.jpeg", _gray8(np.clip(picture, 0, 1)), quality=90)
-    exact = featurize(path, TransformConfig(method="exact"))
-    fast = featurize(path, TransformConfig(method="fast"))
+    exact = featurize(path, seed_transform(method="exact"))
+    fast = featurize(path, seed_transform(method="fast"))
     assert exact.std() < 10 / 255
     np.testing.assert_allclose(fast, exact, atol=1e-5)
 

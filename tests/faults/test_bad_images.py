@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
 from pneumo.download import shown_name
@@ -16,7 +16,7 @@ from pneumo.quarantine import TooMuchBadData
 from pneumo.transform import featurize
 from tests.faults.bad_files import add_bad, add_junk, add_odd_but_valid, link_or_copy_tree
 
-QUICK = TrainConfig(epochs=3, patience=3)
+QUICK = {"epochs": 3, "patience": 3}
 
 
 def all_files(root: Path) -> set[str]:
@@ -71,7 +71,7 @@ def test_os_junk_is_skipped_and_reported_with_its_reason(mixed_run):
 
 def test_odd_formats_give_the_features_of_the_upright_gray_image(mixed_run, tmp_path):
     root, odd, _, _, summary = mixed_run
-    config = TransformConfig(**shard_files.read_index(summary["shards_index"])["transform"])
+    config = TransformConfig.stored(shard_files.read_index(summary["shards_index"])["transform"])
     features = {}
     for split in ("train", "val", "test"):
         part = shard_files.load_split(summary["shards_index"], split).originals()
@@ -92,7 +92,7 @@ def test_too_much_bad_input_fails_the_run_with_the_reasons(subset_source, shared
     workdir = tmp_path / "work"
     with pytest.raises(TooMuchBadData, match=r"quarantined, above the allowed 1\.0%") as error:
         full(source=str(root), workdir=str(workdir), train=QUICK, runner="threads", retries=0)
-    assert "--max-bad-fraction" in str(error.value)
+    assert "--run.max-bad-fraction" in str(error.value)
     # The report is written before the run stops, and no model was registered.
     report = json.loads(next((workdir / "reports").glob("quarantine-*.json")).read_text())
     assert {entry["relpath"] for entry in report["entries"]} == set(bad)

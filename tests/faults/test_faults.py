@@ -17,16 +17,16 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files, shards, storage
-from pneumo.config import SplitConfig, TrainConfig, TransformConfig
+from pneumo.config import SplitConfig, TrainConfig, TransformConfig, seed_train, seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from tasks.shards import write_shard
 from tests.faults.s3_fault_proxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["--epochs", "120", "--patience", "200", "--shard-size", "40", "--runner", "threads", "--workers", "1"]
+QUICK = ["--epochs", "120", "--train.patience", "200", "--run.shard-size", "40", "--run.runner", "threads", "--run.workers", "1"]
 
 
 def sha256(path: Path) -> str:
@@ -154,7 +154,7 @@ def test_a_fault_burst_beyond_botocore_is_retried_by_prefect(flaky_s3, subset_so
     bucket, proxy = flaky_s3
     manifest = build_manifest(subset_source)
     spec = shards.plan_shards(
-        manifest, SplitConfig(), TransformConfig(size=(224, 224)), 50, f"s3://{bucket}/shards"
+        manifest, SplitConfig(), seed_transform(size=(224, 224)), 50, f"s3://{bucket}/shards"
     )[0]
     # More consecutive 503s than botocore's 3 attempts: the task fails once, then Prefect retries it.
     proxy.plan.add("slowdown", "PUT", times=4)
@@ -192,11 +192,11 @@ def kill_a_busy_pool_worker(stop: threading.Event, killed: list[int]) -> None:
 
 
 def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool(subset_source, tmp_path):
-    from flows.full import shard_stage
+    from tests.helpers import shard_stage
 
     manifest_uri = save_manifest(build_manifest(subset_source), str(tmp_path / "manifests"))
     # The exact recipe at 1000 x 1300 keeps each worker busy for about a second per shard.
-    args = (manifest_uri, SplitConfig(), TransformConfig(method="exact"), 100)
+    args = (manifest_uri, SplitConfig(), seed_transform(method="exact"), 100)
 
     @flow
     def stage(workdir: str, retries: int, runner: str, workers: int):
@@ -235,7 +235,7 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 
 def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tmp_path):
     workdir = tmp_path / "work"
-    train = TrainConfig(epochs=3, patience=3)
+    train = {"epochs": 3, "patience": 3}
     summary = full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     index_uri = summary["shards_index"]
     entry = shard_files.read_index(index_uri)["shards"][0]

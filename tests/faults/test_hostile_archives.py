@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo.download import UnsafeArchive, safe_extract_zip
 from tests.helpers import all_paths, write_kaggle_zip
 

@@ -16,7 +16,7 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import registry, shard_files, storage
 from pneumo.model import TinyNet
 
@@ -96,13 +96,13 @@ def test_credentials_never_reach_logs_artifacts_cards_or_errors(subset_source, t
     workdir = tmp_path / "work"
     good = subprocess.run(
         [sys.executable, "flows/full.py", "--source", str(subset_source), "--workdir", str(workdir),
-         "--epochs", "3", "--patience", "3", "--runner", "threads"],
+         "--epochs", "3", "--train.patience", "3", "--run.runner", "threads"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert good.returncode == 0, good.stdout + good.stderr
     # A failing Kaggle download (no network here) must explain itself without the key.
     bad = subprocess.run(
-        [sys.executable, "flows/full.py", "--workdir", str(tmp_path / "kaggle"), "--retries", "0"],
+        [sys.executable, "flows/full.py", "--workdir", str(tmp_path / "kaggle"), "--run.retries", "0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert bad.returncode == 1
@@ -172,7 +172,7 @@ def test_bad_flow_parameters_get_clear_errors(params, says, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.parametrize("args, says", [(["--epochs", "0"], "epochs"), (["--percentile", "abc"], "percentile")])
+@pytest.mark.parametrize("args, says", [(["--epochs", "0"], "epochs"), (["--run.percentile", "abc"], "percentile")])
 def test_bad_cli_options_exit_2_with_a_message(args, says):
     run = subprocess.run([sys.executable, "flows/full.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2

@@ -7,11 +7,11 @@ from pathlib import Path
 from distributed import Client, LocalCluster, get_task_stream
 from prefect import flow
 
-from flows.full import shard_stage
 from pneumo import shard_files, shards
-from pneumo.config import SplitConfig, TransformConfig
+from pneumo.config import SplitConfig, TransformConfig, seed_transform
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
+from tests.helpers import shard_stage
 
 SHARD_SIZE = 120  # ~500 images: several shards per worker
 
@@ -19,7 +19,7 @@ SHARD_SIZE = 120  # ~500 images: several shards per worker
 def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) -> tuple[shard_files.IndexRef, int]:
     manifest = build_manifest(source)
     manifest_uri = save_manifest(manifest, str(workdir / "manifests"))
-    transform, split = TransformConfig(), SplitConfig()
+    transform, split = seed_transform(), SplitConfig()
     n_shards = len(shards.plan_shards(manifest, split, transform, SHARD_SIZE, str(workdir / "shards")))
 
     @flow

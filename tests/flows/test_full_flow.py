@@ -11,9 +11,11 @@ import torch
 
 from flows.full import full
 from pneumo import features, shard_files
+from pneumo.config import RunConfig
 from pneumo.manifest import load_manifest
 from pneumo.model import TinyNet
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES
+from pneumo.recipes import DEFAULT_RECIPE
+from pneumo.config import recipe
 from tests.helpers import task_states
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
@@ -21,15 +23,9 @@ QUICK = {"epochs": 8, "patience": 8}
 
 
 def run(source: Path, workdir: Path, runner: str = "threads", **train):
-    from pneumo.config import TrainConfig
-
     state = full(
-        source=str(source),
-        workdir=str(workdir),
-        shard_size=150,
-        train=TrainConfig(**{**QUICK, **train}),
-        runner=runner,
-        workers=2,
+        run={"source": str(source), "workdir": str(workdir), "shard_size": 150, "runner": runner, "workers": 2},
+        train={**QUICK, **train},  # the default recipe's, with fewer epochs
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -73,6 +69,15 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
         (record["state"], record.get("manifest_digest"), record.get("shards_digest")) for record in records
     ]
     assert "running" not in [record["state"] for record in records]
+    # The card stores the run's config whole: every leaf field of RunConfig, with no edit here for a new one.
+    from tests.code.test_run_settings import leaf_fields
+
+    for path in leaf_fields(RunConfig):
+        value = card["config"]
+        for name in path:
+            assert isinstance(value, dict) and name in value, path
+            value = value[name]
+    assert card["config"]["run"]["source"] == str(subset_source) and card["recipe"] == card["config"]["run"]["recipe"]
     # The weights load safely and predict.
     state_dict = torch.load(card_path.parent / "model.pt", weights_only=True)
     model = TinyNet()
@@ -85,7 +90,7 @@ def test_first_run_card_has_cis_history_threshold_and_pictures_beside_it(first_r
     card = json.loads((folder / "card.json").read_text())
     assert card["labels"] == {"0": "NORMAL", "1": "PNEUMONIA"}
     # The default recipe chooses its threshold on the stress val; every reported metric uses it.
-    assert card["config"]["train"]["threshold_rule"] == RECIPES[DEFAULT_RECIPE].train.threshold_rule == "stress_youden"
+    assert card["config"]["train"]["threshold_rule"] == recipe(DEFAULT_RECIPE).train.threshold_rule == "stress_youden"
     assert 0 < card["threshold"] < 1
     for split in ("val", "test"):
         metrics = card["metrics"][split]
@@ -174,7 +179,7 @@ def test_cli_help_lists_every_option():
         [sys.executable, "flows/full.py", "--help"], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
-    for option in ("--source", "--workdir", "--registry", "--epochs", "--seed", "--percentile", "--runner"):
+    for option in ("--source", "--workdir", "--run.registry", "--epochs", "--seed", "--run.percentile", "--run.runner"):
         assert option in out
 
 
@@ -201,13 +206,10 @@ def _pneumo_runs(*args: str):
 
 
 def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subset_source):
-    from pneumo.config import TrainConfig
-
     workdir, summary, _ = first_run
-    common = dict(source=str(subset_source), workdir=str(workdir), shard_size=150, runner="threads", workers=2,
-                  return_state=True)
-    cached = full(train=TrainConfig(**QUICK), **common)
-    assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
+    run = {"source": str(subset_source), "workdir": str(workdir), "shard_size": 150, "runner": "threads", "workers": 2}
+    cached = full(run=run, train=QUICK, return_state=True)
+    assert cached.message.startswith("nothing new registered (cache hit;") and "--run.retrain to train anyway" in cached.message
     assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]
     artifacts = _artifacts(cached.state_details.flow_run_id)
     assert artifacts["run-summary"].data.startswith("# nothing new registered (cache hit")
@@ -217,7 +219,7 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     assert "message    nothing new registered (cache hit;" in shown.stdout and "run-summary:" in shown.stdout
     assert "| val |" in shown.stdout and f"- card: `{summary['card']}`" in shown.stdout
 
-    trained = full(train=TrainConfig(**QUICK), retrain=True, **common)
+    trained = full(run={**run, "retrain": True}, train=QUICK, return_state=True)
     result = trained.result()
     assert result["registered"] is True and result["version"] != summary["version"]
     assert trained.message.startswith(f"registered tinynet {result['version']}; champion ")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 
 
 def test_the_next_run_sweeps_what_a_killed_run_left(tmp_path):

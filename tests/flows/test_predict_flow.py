@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.predict import predict_batch
+from pneumo.config import BatchOptions
 from tests.helpers import task_states
 from tests.predict_helpers import expected_probability, register_two
 
@@ -27,7 +28,7 @@ def labelled_input(shared_data, tmp_path):
 
 
 def run(**kwargs):
-    state = predict_batch(chunk_size=10, workers=2, return_state=True, **kwargs)
+    state = predict_batch(BatchOptions(chunk_size=10, workers=2, **kwargs), return_state=True)
     assert state.is_completed(), state.message
     run_id = state.state_details.flow_run_id
     return state.result(), task_states(run_id), run_id

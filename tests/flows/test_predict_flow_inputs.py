@@ -7,6 +7,7 @@ import shutil
 import threading
 
 from flows.predict import predict_batch
+from pneumo.config import BatchOptions
 from tests.predict_helpers import register_two, xray_pair
 
 
@@ -33,8 +34,8 @@ def test_a_symlinked_class_folder_and_a_fifo_are_reported_and_recall_without_pos
             os.close(os.open(root / "NORMAL" / "b.jpeg", os.O_WRONLY | os.O_NONBLOCK))
 
     threading.Thread(target=unblock, daemon=True).start()
-    state = predict_batch(input=str(root), registry=registry_root, workdir=str(tmp_path / "work"),
-                          runner="threads", workers=1, return_state=True)
+    batch = BatchOptions(input=str(root), registry=registry_root, workdir=str(tmp_path / "work"), runner="threads", workers=1)
+    state = predict_batch(batch, return_state=True)
     done.set()
     assert state.is_completed(), state.message
     summary = state.result()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import cleanup
 
 

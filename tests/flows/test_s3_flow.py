@@ -10,7 +10,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
 from tests.helpers import task_states, use_s3_endpoint
@@ -23,7 +23,7 @@ SECRET = "pneumo-secret-" + uuid.uuid4().hex
 
 def run(source, workdir, **options):
     state = full(
-        source=str(source), workdir=workdir, shard_size=150, train=TrainConfig(epochs=8, patience=8),
+        source=str(source), workdir=workdir, shard_size=150, train={"epochs": 8, "patience": 8},
         runner="processes", workers=2, return_state=True, **options,
     )
     assert state.is_completed(), state.message

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from flows.full import full
+from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
 from pneumo.transform import featurize
 from tests.helpers import copy_patient_subset
 
-QUICK = TrainConfig(epochs=2, patience=2)
+QUICK = {"epochs": 2, "patience": 2}
 
 
 def run(source: Path, workdir: Path, **options):
@@ -38,7 +38,7 @@ def features_by_relpath(index_uri: str) -> dict[str, np.ndarray]:
 
 
 def assert_shards_hold_the_pixels_of(root: Path, summary: dict) -> None:
-    config = TransformConfig(**shard_files.read_index(summary["shards_index"])["transform"])
+    config = TransformConfig.stored(shard_files.read_index(summary["shards_index"])["transform"])
     features = features_by_relpath(summary["shards_index"])
     assert sorted(features) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     for relpath, row in features.items():

@@ -22,7 +22,13 @@ from tests.helpers import copy_patient_subset, free_port
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "infra" / "stack.sh"
 PREFECT = Path(os.environ.get("PNEUMO_BIN", Path(sys.executable).parent)) / "prefect"
-QUICK = ["--param", 'train={"epochs": 5, "patience": 5}', "--param", "shard_size=100"]
+
+
+def quick(env: dict, **run) -> list[str]:
+    """Few epochs and small shards. A section given with --param replaces the deployment's own (Prefect merges
+    parameters one level deep), so the run section repeats where the data is."""
+    where = {"source": env["PNEUMO_SOURCE"], "workdir": env["PNEUMO_WORKDIR"], "registry": env.get("PNEUMO_REGISTRY", "")}
+    return ["--param", 'train={"epochs": 5, "patience": 5}', "--param", "run=" + json.dumps({**where, "shard_size": 100, **run})]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -104,9 +110,9 @@ def run_deployment(env, name: str, *params: str) -> dict:
 def two_runs(stack, small_source):
     env = {**stack, "PNEUMO_SOURCE": str(small_source)}
     subprocess.run([str(STACK), "deploy"], env=env, check=True, timeout=300, capture_output=True, text=True)
-    first = run_deployment(env, "on-demand", *QUICK)
-    unchanged = run_deployment(env, "scheduled-retrain", *QUICK)  # nothing changed: a cache hit
-    second = run_deployment(env, "on-demand", *QUICK, "--param", "retrain=true")  # asked explicitly
+    first = run_deployment(env, "on-demand", *quick(env))
+    unchanged = run_deployment(env, "scheduled-retrain", *quick(env))  # nothing changed: a cache hit
+    second = run_deployment(env, "on-demand", *quick(env, retrain=True))  # asked explicitly
     return env, first, unchanged, second
 
 
@@ -118,10 +124,11 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
     [schedule] = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
     assert schedule["active"] is True
-    assert "retrain" not in scheduled["parameters"] and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
+    run = scheduled["parameters"]["run"]
+    assert "retrain" not in run and run["workdir"] == env["PNEUMO_WORKDIR"] and run["champion_metric"] == "stress_roc_auc"
     assert scheduled["work_pool_name"] == "pneumo"
     on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
-    assert on_demand["schedules"] == [] and "retrain" not in on_demand["parameters"]
+    assert on_demand["schedules"] == [] and "retrain" not in on_demand["parameters"]["run"]
     pool = json.loads(prefect(env, "work-pool", "inspect", "pneumo", "-o", "json").stdout)
     assert pool["type"] == "process"
 
@@ -132,7 +139,7 @@ def test_runs_complete_and_the_champion_rule_holds(two_runs):
     # The outcome is in the final state's message, which `pneumo runs` and the UI show.
     assert all(run["state"]["message"].startswith("registered tinynet v") for run in (first, second))
     assert unchanged["state"]["message"].startswith("nothing new registered (cache hit; tinynet v0001 unchanged")
-    listed = subprocess.run([sys.executable, "-m", "flows.cli", "runs"], env=env, cwd=ROOT, capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "cli", "runs"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     for run in (first, unchanged, second):  # where the README's Deploy section sends the user

@@ -25,7 +25,8 @@ from pneumo.config import SplitConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from pneumo.predict import Predictor
-from pneumo.recipes import DEFAULT_RECIPE, RECIPES
+from pneumo.recipes import DEFAULT_RECIPE
+from pneumo.config import recipe
 from tests.helpers import copy_patient_subset
 from tests.predict_helpers import card, image_bytes
 
@@ -56,8 +57,7 @@ def trained_model(shared_data, tmp_path_factory) -> TrainedModel:
     manifest_uri = save_manifest(manifest, str(work / "manifests"))
     seconds["copy and manifest"] = time.perf_counter() - started
 
-    recipe = RECIPES[DEFAULT_RECIPE]
-    transform = recipe.transform.model_copy(update={"size": (224, 224)})  # the shared films' size percentile
+    transform = recipe(DEFAULT_RECIPE).transform.model_copy(update={"size": (224, 224)})  # the shared films' size percentile
     split = SplitConfig()
     started = time.perf_counter()
     index = shards.run(manifest_uri, str(root), split, transform, 1000, str(work), workers=2)

@@ -1,5 +1,5 @@
-"""`pneumo runs`: what the pneumo flows did, read from the Prefect API at PREFECT_API_URL, or else
-from the project's local server (flows/prefect_server.py).
+"""`pneumo runs` and `pneumo server`: what the pneumo flows did, read from the Prefect API at
+PREFECT_API_URL, or else from the project's local server (cli/server.py); that server's start, stop, status.
 
 The runs of `pneumo run`, the deployments and the batch flow all end in a state whose message
 says what happened ("registered tinynet v0003; ..." or "nothing new registered (cache hit; ...)"),
@@ -9,15 +9,12 @@ and the full flow leaves a run-summary artifact; this module lists the one and p
 from __future__ import annotations
 
 import contextlib
+import sys
 from datetime import datetime
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
-)
-from prefect.client.schemas.sorting import FlowRunSort
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+import cyclopts
+from cyclopts import Parameter
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
@@ -30,13 +27,13 @@ class RunsError(Exception):
 @contextlib.contextmanager
 def prefect_api():
     """PREFECT_API_URL when it is set, else the local server that `pneumo run` starts, when it is up."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from cli import server as prefect_server
+
     if PREFECT_API_URL.value():
         yield
         return
-    from prefect.settings import temporary_settings
-
-    from flows import prefect_server
-
     local = prefect_server.running()
     if local is None:
         raise RunsError(
@@ -48,6 +45,8 @@ def prefect_api():
 
 
 def api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
     url = PREFECT_API_URL.value()
     if not url:
         raise RunsError(
@@ -58,17 +57,25 @@ def api_url() -> str:
 
 
 def run_url(flow_run_id: Any) -> Optional[str]:
+    from prefect.settings import PREFECT_UI_URL
+
     ui = PREFECT_UI_URL.value()
     return f"{ui}/runs/flow-run/{flow_run_id}" if ui else None
 
 
 def _flows(client) -> dict[Any, str]:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
     found = client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))))
     return {flow.id: flow.name for flow in found}
 
 
 def recent(limit: int = 10) -> list[tuple[str, Any]]:
     """The latest runs of the pneumo flows, newest first, as (flow name, FlowRun)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
     api_url()
     with get_client(sync_client=True) as client:
         flows = _flows(client)
@@ -84,6 +91,9 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
 
 def find(which: str) -> tuple[str, Any, list[Any]]:
     """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
     api_url()
     if which == "last":
         latest = recent(limit=1)
@@ -154,3 +164,73 @@ def _as_text(data: Any) -> str:
     if isinstance(data, list):
         return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
     return str(data).rstrip()
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"pneumo: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with what each did (from PREFECT_API_URL, or else the local server).")
+
+
+@runs.default
+def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
+    """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
+    try:
+        with prefect_api():
+            found = recent(max(limit, 1))
+            if not found:
+                _fail(f"no runs of {', '.join(FLOWS)} on {api_url()} yet", code=1)
+            print("\n".join(list_lines(found)))
+    except RunsError as error:
+        _fail(str(error))
+
+
+@runs.command(name="show")
+def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
+    """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
+    try:
+        with prefect_api():
+            print("\n".join(show_lines(*find(run))))
+    except RunsError as error:
+        _fail(str(error))
+
+
+server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")
+
+
+@server.command
+def start() -> int:
+    """Start the local Prefect server in the background (runs start it themselves when needed)."""
+    from cli import server as local
+
+    try:
+        found, started = local.ensure_running()
+    except (RuntimeError, ValueError) as error:
+        print(f"pneumo: {error}", file=sys.stderr)
+        return 1
+    print(f"local Prefect server {'started' if started else 'already running'}: UI {found.url} (pid {found.pid})")
+    return 0
+
+
+@server.command
+def stop() -> None:
+    """Stop the local Prefect server now (a run using it fails: stop it between runs)."""
+    from cli import server as local
+
+    found = local.stop()
+    print("no local Prefect server was running" if found is None else f"stopped the local Prefect server (pid {found.pid}, {found.url})")
+
+
+@server.command
+def status() -> int:
+    """Whether the local Prefect server runs, its UI, pid and files. Exit code 1 when it is not running."""
+    from cli import server as local
+
+    running, lines = local.status_lines()
+    print("\n".join(lines))
+    return 0 if running else 1

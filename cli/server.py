@@ -240,7 +240,7 @@ def start_locked(timeout: float = START_TIMEOUT_SECONDS) -> Server:
         log.write(f"\n--- {now()} starting a Prefect server on {HOST}:{port}\n")
         log.flush()
         supervisor = subprocess.Popen(
-            [sys.executable, "-m", "flows.prefect_server", "supervise", "--port", str(port),
+            [sys.executable, "-m", "cli.server", "supervise", "--port", str(port),
              "--idle-minutes", str(idle_minutes())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,  # no Ctrl-C from the terminal
             cwd=Path(__file__).resolve().parents[1], env=supervisor_environment(),
@@ -438,7 +438,7 @@ def status_lines() -> tuple[bool, list[str]]:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m flows.prefect_server")
+    parser = argparse.ArgumentParser(prog="python -m cli.server")
     commands = parser.add_subparsers(dest="command", required=True)
     supervisor = commands.add_parser("supervise", help="run the server and stop it when idle (started by pneumo)")
     supervisor.add_argument("--port", type=int, required=True)

@@ -109,7 +109,7 @@ def prefect_api():
 @contextlib.contextmanager
 def local_server():
     """The project's local Prefect server (flows/prefect_server.py), started if none is up and kept after the run."""
-    from flows import prefect_server
+    from cli import server as prefect_server
 
     uses = contextlib.ExitStack()
     try:

@@ -1,0 +1,49 @@
+"""The ``pneumo`` command: run the pipeline, score X-rays, serve a model, manage versions and runs.
+
+    pneumo run [--source ...] [--epochs N] [--train.lr X] ...   train and register (= python flows/full.py)
+    pneumo predict IMAGE_OR_FOLDER...                          score images in this process
+    pneumo predict-batch --input DIR_ZIP_OR_S3                 the batch flow (flows/predict.py)
+    pneumo serve                                               HTTP endpoint that follows the champion
+    pneumo models list | show V | promote V                    what the registry holds
+    pneumo runs [show last|ID]                                 what the recent runs did (Prefect API)
+    pneumo gc [--yes]                                          what the workdir can lose, and removing it
+    pneumo server start | stop | status                        the local Prefect server
+
+Only ``run``, ``predict-batch``, ``runs`` and ``server`` import Prefect, inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import cyclopts
+
+from cli import commands, models, runs
+from cli import run as run_command
+
+app = cyclopts.App(
+    name="pneumo",
+    help="Chest X-rays in, a 2,541-parameter pneumonia classifier out: train it, score with it, serve it.",
+    default_parameter=cyclopts.Parameter(negative_iterable=(), consume_multiple=True),
+    version_flags=[],
+)
+app.command(run_command.run)
+for command in (commands.predict, commands.predict_batch, commands.serve, commands.gc):
+    app.command(command)
+app.command(models.models)
+app.command(runs.runs)
+app.command(runs.server)
+
+
+def main(tokens: Optional[list[str]] = None) -> None:
+    """The console script: one line and exit 2 for a refused command line, else the command's exit code."""
+    tokens = sys.argv[1:] if tokens is None else list(tokens)
+    prog = " ".join(["pneumo", *tokens[:1]]) if tokens and not tokens[0].startswith("-") else "pneumo"
+    try:
+        run_command.use_config_file(app, tokens)
+        code = app(tokens, print_error=False, exit_on_error=False, result_action="return_value")
+    except (cyclopts.CycloptsError, run_command.UsageError) as error:
+        print(f"{prog}: error: {run_command.error_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -1,0 +1,5 @@
+"""`python -m cli`: the `pneumo` command."""
+
+from cli import main
+
+main()
