@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import cyclopts
 from cyclopts import Parameter
 
 from pneumo.config import ModelLocation
 from pneumo.evaluate import format_metric
+
+if TYPE_CHECKING:
+    from pneumo.registry import Card
 
 Where = Annotated[ModelLocation, Parameter(name="*")]  # --workdir, --registry, --model-name
 AsJson = Annotated[bool, Parameter(name="--json", negative=())]
@@ -42,8 +45,8 @@ def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
     return by_version
 
 
-def _metric(card: dict, split: str, name: str) -> str:
-    value = (card.get("metrics", {}).get(split) or {}).get(name)
+def _metric(card: Card, split: str, name: str) -> str:
+    value = (card.metrics.get(split) or {}).get(name)
     return "-" if value is None else format_metric(value)
 
 
@@ -66,7 +69,7 @@ def list_versions(registry: str, model_name: str) -> None:
             _echo(f"pneumo: skipped {model_name} {version}: {error}", err=True)
             continue
         _echo(
-            f"{version:<8} {card.get('created_at', '-'):<25} {_metric(card, 'val', 'roc_auc'):>7} "
+            f"{version:<8} {card.created_at:<25} {_metric(card, 'val', 'roc_auc'):>7} "
             f"{_metric(card, 'val', 'accuracy'):>7} {_metric(card, 'test', 'roc_auc'):>8} "
             f"{_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases.get(version, [])))}".rstrip()
         )
@@ -81,48 +84,48 @@ def show(registry: str, model_name: str, version: str, as_json: bool) -> None:
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     if as_json:
-        _echo(json.dumps(card, indent=2))
+        _echo(json.dumps(card.as_json(), indent=2))
         return
-    config = card.get("config", {})
+    config = card.as_json().get("config", {})  # as recorded: shown as written
     lines = [
-        f"{model_name} {card.get('version')}  (card schema {card.get('schema_version', 1)})",
-        f"  created     {card.get('created_at')}",
-        f"  recipe      {card.get('recipe', '-')}",
-        f"  threshold   {format_metric(card.get('threshold', config.get('train', {}).get('threshold')), 4)} ({card.get('threshold_rule', 'fixed')})",
+        f"{model_name} {card.version}  (card schema {card.schema_version or 1})",
+        f"  created     {card.created_at}",
+        f"  recipe      {card.recipe or '-'}",
+        f"  threshold   {format_metric(card.decision_threshold, 4)} ({card.threshold_rule or 'fixed'})",
         f"  transform   {json.dumps(config.get('transform'))}",
         f"  train       {json.dumps(config.get('train'))}",
-        f"  data        {json.dumps(card.get('data', {}).get('counts'))}",
-        f"  export      {json.dumps(card.get('export'))}",
+        f"  data        {json.dumps(card.data.counts if card.data else None)}",
+        f"  export      {json.dumps(card.export)}",
     ]
-    for split in [s for s in ("val", "stress_val", "test") if s in card.get("metrics", {}) or s != "stress_val"]:
-        m = card.get("metrics", {}).get(split) or {}
+    for split in [s for s in ("val", "stress_val", "test") if s in card.metrics or s != "stress_val"]:
+        m = card.metrics.get(split) or {}
         ci = m.get("ci95") or {}
         shown = "  ".join(
             f"{k} {_metric(card, split, k)}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
             for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
         )
         lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
-    if any((card.get("metrics", {}).get(split) or {}).get("ci95") for split in ("val", "test")):
+    if any((card.metrics.get(split) or {}).get("ci95") for split in ("val", "test")):
         lines.append("              [95% bootstrap interval, resampled by patient]")
-    shift = card.get("metrics", {}).get("shift") or {}
+    shift = card.metrics.get("shift") or {}
     for split in (s for s in ("val", "test") if s in shift):
         worst = shift[split].get("worst") or {}
         shown = "  ".join(f"{k} {worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity") if worst.get(k))
         lines.append(f"  {'worst shift':<11} {split}: {shown or '-'}")
-    lines += [f"  warning     {warning}" for warning in card.get("warnings") or []]
-    comparison = card.get("champion_comparison") or {}
+    lines += [f"  warning     {warning}" for warning in card.warnings]
+    comparison = card.champion_comparison
     if comparison:
-        lines.append(f"  registered  {'promoted' if comparison.get('promoted') else 'not promoted'}: {comparison.get('reason')}")
+        lines.append(f"  registered  {'promoted' if comparison.promoted else 'not promoted'}: {comparison.reason}")
     # What the aliases say now: the last move of each alias that points at this version.
-    for alias in sorted(_aliases(registry, model_name).get(card.get("version"), [])):
-        moves = [m for m in reg.alias_history(registry, model_name, alias) if m.get("to") == card.get("version")]
+    for alias in sorted(_aliases(registry, model_name).get(card.version, [])):
+        moves = [m for m in reg.alias_history(registry, model_name, alias) if m.get("to") == card.version]
         last = moves[-1] if moves else {}
         since = f"since {last.get('at')}, {last.get('how')} by {last.get('by')}: {last.get('reason') or '-'}" if last else "(no recorded move)"
         lines.append(f"  {alias:<11} {since}")
-    if "report.html" in (card.get("files") or {}):
+    if "report.html" in card.files:
         from pneumo import storage
 
-        lines.append(f"  report      {storage.join(registry, model_name, card['version'], 'report.html')}")
+        lines.append(f"  report      {storage.join(registry, model_name, card.version, 'report.html')}")
     else:
         lines.append("  report      none (registered before reports were written)")
     _echo("\n".join(lines))
@@ -140,7 +143,7 @@ def promote(registry: str, model_name: str, version: str, alias: str, reason: st
             before = f"(broken: {error})"
         if alias == reg.CHAMPION:
             card = reg.load_card(registry, model_name, version)
-            promotion.promote(registry, model_name, version, card["metrics"]["val"], "roc_auc", force=True, reason=reason)
+            promotion.promote(registry, model_name, version, card.metrics["val"], "roc_auc", force=True, reason=reason)
         else:
             reg.set_alias(registry, model_name, alias, version, how="by hand", reason=reason)
     except (FileNotFoundError, ValueError, KeyError) as error:
