@@ -72,7 +72,7 @@ def check_stress_val(index_uri: str, config: TrainConfig, champion_metric: str) 
     if needs_stress and not shard_files.index_config(index_uri)["transform"].get("shift_suite"):
         raise ValueError(
             f"{' and '.join(needs_stress)} need the stress val, which the shift suite stores: turn it on "
-            "(--shift-suite), or choose --champion-metric roc_auc and --threshold-rule fixed"
+            "(--transform.shift-suite), or choose --run.champion-metric roc_auc and --train.threshold-rule fixed"
         )
 
 

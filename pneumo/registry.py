@@ -109,6 +109,11 @@ class CardConfig(BaseModel):
     train: Optional[dict[str, Any]] = None
     split: Optional[dict[str, Any]] = None
 
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _stored(cls, value: Any) -> Any:
+        return TransformConfig.stored(value) if isinstance(value, dict) else value
+
 
 class CardTraining(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -145,11 +150,6 @@ class ChampionComparison(BaseModel):
     promoted: Optional[bool] = None
     reason: Optional[str] = None
     notes: list[str] = []
-
-    @field_validator("transform", mode="before")
-    @classmethod
-    def _stored(cls, value: Any) -> Any:
-        return TransformConfig.stored(value) if isinstance(value, dict) else value
 
 
 class CardContent(BaseModel):

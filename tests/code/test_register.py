@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from pneumo import register, registry, shard_files, storage
-from pneumo.config import SplitConfig, TrainConfig, TransformConfig
+from pneumo.config import SplitConfig, seed_train, seed_transform
 
 
 def _index(folder, seed=0, n=120) -> str:
     """An index.json with one shard per split of separable synthetic features."""
     rng = np.random.default_rng(seed)
-    transform = TransformConfig(size=(300, 400))
+    transform = seed_transform(size=(300, 400))
     results = []
     for split in ("train", "val", "test"):
         labels = (np.arange(n) % 2).astype(np.uint8)
@@ -37,7 +37,7 @@ def _index(folder, seed=0, n=120) -> str:
     )
 
 
-CONFIG = TrainConfig(epochs=3, patience=3, threshold=0.4)
+CONFIG = seed_train(epochs=3, patience=3, threshold=0.4)
 
 
 def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
