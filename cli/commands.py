@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 from cyclopts import Parameter
 
 from cli.models import AsJson, Where, fail
-from pneumo.config import BatchOptions, ModelLocation
+from pneumo.config import BATCH_INPUT, BatchOptions, ModelLocation
 
 SHUTDOWN_SECONDS = 0.5  # pneumo serve: the most a request may delay the exit after SIGTERM
 
@@ -70,7 +70,8 @@ def predict(
     return 1 if failed else 0
 
 
-def predict_batch(*, batch: Annotated[BatchOptions, Parameter(name="*")], verbose: Annotated[bool, Parameter(
+def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
+                  batch: Annotated[BatchOptions, Parameter(name="*")] = BatchOptions(), verbose: Annotated[bool, Parameter(
         name=["--verbose", "-v"], negative=(), help="Show tracebacks on the terminal too")] = False) -> int:
     """Score every image of a folder, .zip or s3:// prefix with a registered model: the batch flow, through Prefect."""
     from cli import runtime
@@ -83,7 +84,7 @@ def predict_batch(*, batch: Annotated[BatchOptions, Parameter(name="*")], verbos
     from flows.predict import predict_batch as flow
     from flows.summary import print_batch_summary
 
-    runtime.exit_process(runtime.run_flow(flow, {"batch": batch}, print_batch_summary, verbose=verbose))
+    runtime.exit_process(runtime.run_flow(flow, {"input": input, "batch": batch}, print_batch_summary, verbose=verbose))
 
 
 def serve(

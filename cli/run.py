@@ -20,8 +20,10 @@ from cyclopts import Parameter
 from pneumo.config import RunConfig
 
 # The most used fields also answer to a short name.
-SHORT_NAMES = {("run", "source"): "--source", ("run", "workdir"): "--workdir", ("run", "recipe"): "--recipe",
+# (source, workdir, registry and model name are top-level fields: --source, --workdir, ... already.)
+SHORT_NAMES = {("run", "recipe"): "--recipe", ("run", "retrain"): "--retrain",
                ("train", "epochs"): "--epochs", ("train", "seed"): "--seed"}
+SECTIONS = ("run", "transform", "split", "train")
 MAX_CONFIG_BYTES = 100_000  # a settings file is a few hundred bytes
 
 
@@ -47,7 +49,7 @@ def flag_of(loc: tuple) -> str:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The tables of a TOML (or, with PyYAML, YAML) settings file: run, transform, split, train."""
+    """The settings of a TOML (or, with PyYAML, YAML) file: source, workdir, ... and the tables run, transform, split, train."""
     try:
         with open(path, "rb") as handle:
             text = handle.read(MAX_CONFIG_BYTES + 1)
@@ -64,7 +66,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--config {path}: not valid {'YAML' if yaml_file else 'TOML'}: {first[:200]}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected tables of settings (run, transform, split, train)")
+        raise UsageError(f"--config {path}: expected settings (source = ..., and tables run, transform, split, train)")
     _strictly_typed(data)
     return data
 
@@ -116,7 +118,7 @@ def run(
     *,
     config: Annotated[RunConfig, Parameter(name="*")] = RunConfig(),
     config_file: Annotated[Optional[Path], Parameter(
-        name="--config", help="TOML file of settings in tables [run], [transform], [split], [train]; the command line wins")] = None,
+        name="--config", help="TOML file of settings (source = ..., workdir = ..., tables [run], [transform], [split], [train]); the command line wins")] = None,
     print_config: Annotated[bool, Parameter(negative=(), help="Print the resolved settings as JSON and exit")] = False,
     verbose: Annotated[bool, Parameter(name=["--verbose", "-v"], negative=(),
                                        help="Show tracebacks on the terminal too (they always go to the Prefect log)")] = False,
@@ -145,12 +147,12 @@ def check(config: RunConfig) -> None:
     """Refuse, as UsageError, what the run would only discover later; contacts each S3 bucket once."""
     from pneumo import storage
 
-    run = config.run  # its model name was checked by RunOptions, where it is declared
+    run = config.run  # the model name was checked by ModelLocation, where it is declared
     if run.dask_address and run.runner != "dask":
         raise UsageError(f"--run.dask-address {run.dask_address}: only used with --run.runner dask; add it or drop this")
-    _check_source(run.source)
+    _check_source(config.source)
     buckets = set()
-    for flag, uri in (("--workdir", run.workdir), ("--run.registry", run.registry)):
+    for flag, uri in (("--workdir", config.workdir), ("--registry", config.registry)):
         if uri and storage.is_s3(uri):
             if storage.split_s3(uri)[0] not in buckets:
                 buckets.add(storage.split_s3(uri)[0])
@@ -224,9 +226,10 @@ def error_line(error: Exception) -> str:
         first = cause.errors()[0]
         loc = tuple(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        where = f"{loc[0]} settings" if len(loc) == 1 else flag_of(loc)
+        section = len(loc) == 1 and loc[0] in SECTIONS  # a combination of the section's values, not one field
+        where = f"{loc[0]} settings" if section else flag_of(loc)
         value = first.get("input")
-        shown = f" {cut(str(value))}" if len(loc) > 1 and isinstance(value, (str, int, float)) else ""
+        shown = f" {cut(str(value))}" if not section and isinstance(value, (str, int, float)) else ""
         return f"{where}{shown}: {message[0].lower()}{message[1:]}; see `pneumo run --help`"
     return " ".join(cut(word, 200) for word in str(error).split())
 

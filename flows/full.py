@@ -20,7 +20,7 @@ if __name__ == "__main__":
 
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -39,16 +39,22 @@ from tasks.register import train_evaluate_register
 from tasks.shards import write_index, write_shard
 from tasks.sizes import size_percentiles
 
+DEFAULTS = RunConfig()  # the flow's defaults are the config's: Prefect reads them from this signature
+
 
 def end_run_record(flow: Any, flow_run: Any, state: Any) -> None:
     """A failed, crashed or cancelled run's record says so: `pneumo gc` stops waiting for it."""
-    run = flow_run.parameters.get("run") or {}
-    workdir = run.get("workdir") if isinstance(run, dict) else run.workdir
-    cleanup.finish_run(layout.absolute(workdir or RunOptions().workdir), str(flow_run.id), state.type.value.lower())
+    workdir = flow_run.parameters.get("workdir") or DEFAULTS.workdir
+    cleanup.finish_run(layout.absolute(workdir), str(flow_run.id), state.type.value.lower())
 
 
 @flow(name="pneumo-full", on_failure=[end_run_record], on_crashed=[end_run_record], on_cancellation=[end_run_record])
 def full(
+    # Where: the top-level fields of RunConfig, so a deployment's stay when a run overrides a section.
+    source: str = DEFAULTS.source,
+    workdir: str = DEFAULTS.workdir,
+    registry: Optional[str] = DEFAULTS.registry,
+    model_name: str = DEFAULTS.model_name,
     run: RunOptions = RunOptions(),
     transform: TransformConfig = TransformConfig(),
     split: SplitConfig = SplitConfig(),
@@ -62,9 +68,10 @@ def full(
     registers nothing; ``run.retrain`` trains and registers a new version anyway.
     """
     logger = get_run_logger()
-    config = RunConfig(run=run, transform=transform, split=split, train=train)  # the recipe, applied once
+    config = RunConfig(source=source, workdir=workdir, registry=registry, model_name=model_name,
+                       run=run, transform=transform, split=split, train=train)  # the recipe, applied once
     run = config.run
-    workdir = layout.absolute(run.workdir)
+    workdir = layout.absolute(config.workdir)
     removed = download.sweep_workdir(layout.local_root(workdir), time.time())  # temporaries of killed runs
     if removed:
         logger.info("removed %d temporary file(s)/folder(s) left by killed runs", len(removed))
@@ -76,8 +83,8 @@ def full(
         return rerun_if_outputs_missing(with_run_options(task, workdir, run.retries, refresh=refresh), *args, outputs=outputs)
 
     # 1. Download, keyed on a cheap fingerprint of the source; 2. the size percentile sets the resize target.
-    fingerprint = download.source_fingerprint(run.source, verify=run.verify_source)
-    manifest = run_task(download_dataset, run.source, fingerprint, workdir, outputs=lambda ref: [ref.uri, ref.root])
+    fingerprint = download.source_fingerprint(config.source, verify=run.verify_source)
+    manifest = run_task(download_dataset, config.source, fingerprint, workdir, outputs=lambda ref: [ref.uri, ref.root])
     sizes = run_task(size_percentiles, manifest, workdir, run.percentile, outputs=lambda ref: [ref.uri])
     transform = config.transform.model_copy(update={"size": sizes.size})
 
@@ -97,14 +104,14 @@ def full(
     quarantine_report = run_task(report_quarantine, manifest, index, workdir, run.max_bad_fraction, outputs=lambda uri: [uri])
 
     # 4. Train, evaluate, register, and challenge the champion; the card keeps the run's settings.
-    registry = run.registry_uri()
-    known = list_versions(registry, run.model_name)
-    model = run_task(train_evaluate_register, index, manifest.digest, config.train, registry, run.model_name,
-                     run.champion_metric, run.recipe, run.model_dump(mode="json"),
+    registry = config.registry_uri()
+    known = list_versions(registry, config.model_name)
+    model = run_task(train_evaluate_register, index, manifest.digest, config.train, registry, config.model_name,
+                     run.champion_metric, run.recipe, config.model_dump(mode="json", exclude={"transform", "split", "train"}),
                      outputs=lambda ref: [ref.card_uri, ref.model_uri], refresh=run.retrain)
 
     # 5. The summary, where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
-    summary = run_summary(run, registry, manifest, sizes, index, quarantine_report, model, known, logger)
+    summary = run_summary(config, registry, manifest, sizes, index, quarantine_report, model, known, logger)
     outcome = outcome_line(summary)
     create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome)
     cleanup.finish_run(workdir, run_id, "finished", manifest_digest=manifest.digest, shards_digest=index.digest)

@@ -30,13 +30,13 @@ FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
 
 
 @flow(name="pneumo-predict")
-def predict_batch(batch: BatchOptions) -> dict[str, Any]:
-    """Score every image of ``batch.input`` with ``batch.alias`` (or ``batch.version``) of the registered model.
+def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str, Any]:
+    """Score every image of ``input`` with ``batch.alias`` (or ``batch.version``) of the registered model.
 
     The version is fixed when the run starts; a re-run on the same input and version is a
     cache hit. Files that are not usable images are quarantined with their reason.
     """
-    input, workdir, model_name, chunk_size = batch.input, layout.absolute(batch.workdir), batch.model_name, batch.chunk_size
+    workdir, model_name, chunk_size = layout.absolute(batch.workdir), batch.model_name, batch.chunk_size
     registry = batch.registry_uri()
     version = predict.resolve_version(registry, model_name, batch.alias, batch.version)
     logger = get_run_logger()
@@ -97,7 +97,7 @@ def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, ba
 
 def publish(summary: dict[str, Any], scored: list[dict], threshold: float, batch: BatchOptions) -> None:
     """The metrics against the input's labels, if any, and the run's artifacts: counts, first rows, the CSV."""
-    input, model_name, version, uri = batch.input, batch.model_name, summary["model"].split()[-1], summary["predictions"]
+    input, model_name, version, uri = summary["input"], batch.model_name, summary["model"].split()[-1], summary["predictions"]
     counts = summary["predicted"]
     labelled = [row for row in scored if row["true_label"]]
     if labelled:

@@ -16,7 +16,7 @@ SPLITS = ("val", "test")
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
-def run_summary(run: Any, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
+def run_summary(config: Any, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
                 known_versions: list[str], logger: Any) -> dict[str, Any]:
     """The full flow's result: what was registered, the champion, metrics, and where the run's files are."""
     from pneumo.registry import CHAMPION, describe_alias
@@ -24,14 +24,14 @@ def run_summary(run: Any, registry: str, manifest: Any, sizes: Any, index: Any, 
     registered = model.version not in known_versions
     if not registered:
         logger.info("data, config and code unchanged since %s %s: no new version registered "
-                    "(retrain trains anyway)", run.model_name, model.version)
-    champion = describe_alias(registry, run.model_name, CHAMPION)
+                    "(retrain trains anyway)", config.model_name, model.version)
+    champion = describe_alias(registry, config.model_name, CHAMPION)
     if champion.startswith("broken"):
         logger.warning("champion alias %s", champion)
     report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
     summary = {
-        "model": f"{run.model_name} {model.version}", "version": model.version, "registered": registered,
-        "champion": f"{run.model_name} {champion}", "champion_comparison": model.champion_comparison,
+        "model": f"{config.model_name} {model.version}", "version": model.version, "registered": registered,
+        "champion": f"{config.model_name} {champion}", "champion_comparison": model.champion_comparison,
         "card": model.card_uri, "report": report if storage.exists(report) else None,
         "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
         "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
@@ -47,7 +47,7 @@ def outcome_line(summary: dict[str, Any]) -> str:
     if summary["registered"]:
         head = f"registered {name} {version}"
     else:
-        head = f"nothing new registered (cache hit; {name} {version} unchanged; --run.retrain to train anyway)"
+        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
     aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
     return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
 
@@ -72,7 +72,7 @@ def closing_line(summary: dict[str, Any]) -> str:
     """What the run did to the registry, as the user's closing line says it."""
     if summary["registered"]:
         return f"registered {summary['model']}"
-    return f"nothing new registered (cache hit; --run.retrain to train anyway): {summary['model']} is unchanged"
+    return f"nothing new registered (cache hit; --retrain to train anyway): {summary['model']} is unchanged"
 
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:

@@ -205,14 +205,9 @@ class ModelLocation(_Config):
         return layout.absolute(self.registry) if self.registry else layout.registry(layout.absolute(self.workdir))
 
 
-class RunOptions(ModelLocation):
-    """The run's own settings: what to read, where to write, how to schedule it."""
+class RunOptions(_Config):
+    """The run's own settings: which recipe, how to schedule the work, when to promote."""
 
-    source: str = Field(
-        KAGGLE_DEFAULT_SOURCE,
-        description="A folder in the Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, "
-        "s3://bucket/archive.zip, s3://bucket/prefix, or kaggle:OWNER/DATASET (needs Kaggle credentials)",
-    )
     recipe: RecipeName = Field(
         DEFAULT_RECIPE,
         description="Preset of transform and training values (pneumo.recipes): 'seed' is the faithful port of the seed, "
@@ -260,9 +255,16 @@ def merged(base: dict, over: dict) -> dict:
     return out
 
 
-class RunConfig(_Config):
-    """Everything one run reads. The recipe named by ``run.recipe`` supplies what is not given."""
+class RunConfig(ModelLocation):
+    """Everything one run reads: where (source, workdir, registry, model name, at the top level, so a
+    deployment's own stay when a run overrides a section) and how (the four sections). The recipe
+    named by ``run.recipe`` supplies what is not given."""
 
+    source: str = Field(
+        KAGGLE_DEFAULT_SOURCE,
+        description="A folder in the Kaggle layout (train/NORMAL, train/PNEUMONIA, ...), a .zip of it, "
+        "s3://bucket/archive.zip, s3://bucket/prefix, or kaggle:OWNER/DATASET (needs Kaggle credentials)",
+    )
     run: RunOptions = Field(default_factory=RunOptions, description="The run's own settings")
     transform: TransformConfig = Field(default_factory=TransformConfig, description="The image recipe")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How val and test are carved out")
@@ -308,11 +310,13 @@ def seed_train(**changes: Any) -> TrainConfig:
     return recipe_config("seed", train=changes).train
 
 
-class BatchOptions(ModelLocation):
-    """The batch flow's settings (`pneumo predict-batch`, flows/predict.py)."""
+BATCH_INPUT = ("What to score: a folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, "
+               "s3://bucket/archive.zip or s3://bucket/prefix")
 
-    input: str = Field(description="A folder (flat, or NORMAL/PNEUMONIA subfolders for metrics), a .zip, "
-                       "s3://bucket/archive.zip or s3://bucket/prefix")
+
+class BatchOptions(ModelLocation):
+    """The batch flow's settings beside its input (`pneumo predict-batch`, flows/predict.py)."""
+
     alias: str = Field("champion", description="Alias of the version to use")
     version: Optional[str] = Field(None, description="A version (e.g. v0003) instead of the alias")
     chunk_size: int = Field(1000, ge=1, description="Images per scoring task")

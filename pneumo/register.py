@@ -126,7 +126,7 @@ def new_card(
         state_dict=scored.trained.state_dict,
         metrics=scored.evaluation.metrics,
         training=scored.training,
-        config={"recipe": recipe, **({"run": run} if run else {}), "train": config.model_dump(mode="json"),
+        config={"recipe": recipe, **(run or {}), "train": config.model_dump(mode="json"),
                 **shard_files.index_config(index_uri)},
         manifest_digest=manifest_digest,
         shards_digest=index.digest,
@@ -186,7 +186,8 @@ def train_evaluate_register(
 
     ``logger`` is any logging.Logger-like object (Prefect's run logger in the task).
     ``recipe`` names the preset the shards and ``config`` came from (pneumo.recipes); ``run``, the
-    run's own settings (RunOptions), is stored in the card's config beside the sections;
+    rest of the run config (where, and its ``run`` section), is stored in the card's config beside
+    the sections, so the card holds the RunConfig whole;
     ``card_extra`` keys are added to the card as they are. ``on_step(name)`` is called as
     each step after training (STEPS_AFTER_TRAINING) starts, so progress can show them.
     """

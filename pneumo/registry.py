@@ -270,7 +270,7 @@ def check_seal(card: dict[str, Any], where: str, key: Optional[bytes] = None) ->
     if not isinstance(integrity, dict) or not isinstance(integrity.get("card_sha256"), str):
         raise CorruptCard(
             f"{where} has no integrity record (a card of an older pneumo, or one stripped of it): "
-            "it cannot be verified; register a new version (pneumo run --run.retrain)"
+            "it cannot be verified; register a new version (pneumo run --retrain)"
         )
     body = canonical_card(card)
     actual = hashlib.sha256(body).hexdigest()

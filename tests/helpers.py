@@ -133,7 +133,7 @@ def invoke(*args: str) -> Invoked:
 
 
 def full_flow(**settings: Any) -> Any:
-    """The full flow with flat settings (source=..., retries=..., train={...}): the run's own go into its ``run`` section."""
+    """The full flow with flat settings (source=..., retries=..., train={...}): the run section's go into ``run``."""
     from flows.full import full
     from pneumo.config import RunOptions
 

@@ -76,14 +76,14 @@ def test_every_field_has_its_description_and_default_in_help():
     flow_file = " ".join(help_text(sys.executable, "flows/full.py").split())
     assert text == flow_file  # one command, two names
     for path in leaf_fields(RunConfig):
-        section = RunConfig.model_fields[path[0]].annotation
-        field = section.model_fields[path[1]]
-        if len(path) == 3:
-            field = field.annotation.model_fields[path[2]]
+        field = RunConfig.model_fields[path[0]]
+        for name in path[1:]:
+            field = field.annotation.model_fields[name]
         assert field.description and " ".join(field.description.split())[:20] in text, path
     default = recipe(DEFAULT_RECIPE).train
     assert f"Maximum number of epochs [default: {default.epochs}]" in text
-    assert "--train.epochs --epochs" in text and "--run.source --source" in text and "--train.seed --seed" in text
+    assert "--train.epochs --epochs" in text and "--run.recipe --recipe" in text and "--train.seed --seed" in text
+    assert "--run.retrain --retrain" in text and "--source STR" in text and "--workdir STR" in text
     assert "AdamW" in text and "(default: WORKDIR/registry)" in text
 
 
@@ -175,7 +175,7 @@ def _bad_values(shared_data, tmp_path):
         (["--source", str(shared_data / "train")], "--source", f"--source {shared_data}"),
         (["--source", str(shared_data), "--run.percentile", "150"], "--run.percentile 150", "less than 100"),
         (["--source", str(shared_data), "--epochs", "0"], "--epochs 0", "greater than or equal to 1"),
-        (["--source", str(shared_data), "--run.model-name", "../up"], "--run.model-name", "unsafe path"),
+        (["--source", str(shared_data), "--model-name", "../up"], "--model-name", "unsafe path"),
         (["--source", str(shared_data), "--workdir", str(blocker / "w")], "--workdir", "not writable"),
         (["--source", str(shared_data), "--transform.method", "fast", "--transform.renditions", "2"],
          "transform settings", "method='resample'"),

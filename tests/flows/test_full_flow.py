@@ -24,7 +24,7 @@ QUICK = {"epochs": 8, "patience": 8}
 
 def run(source: Path, workdir: Path, runner: str = "threads", **train):
     state = full(
-        run={"source": str(source), "workdir": str(workdir), "shard_size": 150, "runner": runner, "workers": 2},
+        source=str(source), workdir=str(workdir), run={"shard_size": 150, "runner": runner, "workers": 2},
         train={**QUICK, **train},  # the default recipe's, with fewer epochs
         return_state=True,
     )
@@ -77,7 +77,7 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
         for name in path:
             assert isinstance(value, dict) and name in value, path
             value = value[name]
-    assert card["config"]["run"]["source"] == str(subset_source) and card["recipe"] == card["config"]["run"]["recipe"]
+    assert card["config"]["source"] == str(subset_source) and card["recipe"] == card["config"]["run"]["recipe"]
     # The weights load safely and predict.
     state_dict = torch.load(card_path.parent / "model.pt", weights_only=True)
     model = TinyNet()
@@ -179,7 +179,7 @@ def test_cli_help_lists_every_option():
         [sys.executable, "flows/full.py", "--help"], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
-    for option in ("--source", "--workdir", "--run.registry", "--epochs", "--seed", "--run.percentile", "--run.runner"):
+    for option in ("--source", "--workdir", "--registry", "--epochs", "--seed", "--run.percentile", "--run.runner"):
         assert option in out
 
 
@@ -207,9 +207,10 @@ def _pneumo_runs(*args: str):
 
 def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subset_source):
     workdir, summary, _ = first_run
-    run = {"source": str(subset_source), "workdir": str(workdir), "shard_size": 150, "runner": "threads", "workers": 2}
-    cached = full(run=run, train=QUICK, return_state=True)
-    assert cached.message.startswith("nothing new registered (cache hit;") and "--run.retrain to train anyway" in cached.message
+    where = {"source": str(subset_source), "workdir": str(workdir)}
+    run = {"shard_size": 150, "runner": "threads", "workers": 2}
+    cached = full(**where, run=run, train=QUICK, return_state=True)
+    assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
     assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]
     artifacts = _artifacts(cached.state_details.flow_run_id)
     assert artifacts["run-summary"].data.startswith("# nothing new registered (cache hit")
@@ -219,7 +220,7 @@ def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subs
     assert "message    nothing new registered (cache hit;" in shown.stdout and "run-summary:" in shown.stdout
     assert "| val |" in shown.stdout and f"- card: `{summary['card']}`" in shown.stdout
 
-    trained = full(run={**run, "retrain": True}, train=QUICK, return_state=True)
+    trained = full(**where, run={**run, "retrain": True}, train=QUICK, return_state=True)
     result = trained.result()
     assert result["registered"] is True and result["version"] != summary["version"]
     assert trained.message.startswith(f"registered tinynet {result['version']}; champion ")

@@ -27,8 +27,8 @@ def labelled_input(shared_data, tmp_path):
     return root
 
 
-def run(**kwargs):
-    state = predict_batch(BatchOptions(chunk_size=10, workers=2, **kwargs), return_state=True)
+def run(input: str, **kwargs):
+    state = predict_batch(input, BatchOptions(chunk_size=10, workers=2, **kwargs), return_state=True)
     assert state.is_completed(), state.message
     run_id = state.state_details.flow_run_id
     return state.result(), task_states(run_id), run_id

@@ -34,8 +34,8 @@ def test_a_symlinked_class_folder_and_a_fifo_are_reported_and_recall_without_pos
             os.close(os.open(root / "NORMAL" / "b.jpeg", os.O_WRONLY | os.O_NONBLOCK))
 
     threading.Thread(target=unblock, daemon=True).start()
-    batch = BatchOptions(input=str(root), registry=registry_root, workdir=str(tmp_path / "work"), runner="threads", workers=1)
-    state = predict_batch(batch, return_state=True)
+    batch = BatchOptions(registry=registry_root, workdir=str(tmp_path / "work"), runner="threads", workers=1)
+    state = predict_batch(str(root), batch, return_state=True)
     done.set()
     assert state.is_completed(), state.message
     summary = state.result()

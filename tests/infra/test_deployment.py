@@ -26,9 +26,8 @@ PREFECT = Path(os.environ.get("PNEUMO_BIN", Path(sys.executable).parent)) / "pre
 
 def quick(env: dict, **run) -> list[str]:
     """Few epochs and small shards. A section given with --param replaces the deployment's own (Prefect merges
-    parameters one level deep), so the run section repeats where the data is."""
-    where = {"source": env["PNEUMO_SOURCE"], "workdir": env["PNEUMO_WORKDIR"], "registry": env.get("PNEUMO_REGISTRY", "")}
-    return ["--param", 'train={"epochs": 5, "patience": 5}', "--param", "run=" + json.dumps({**where, "shard_size": 100, **run})]
+    parameters one level deep); where the data is stays, at the top level."""
+    return ["--param", 'train={"epochs": 5, "patience": 5}', "--param", "run=" + json.dumps({"shard_size": 100, **run})]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -124,11 +123,10 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
     [schedule] = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
     assert schedule["active"] is True
-    run = scheduled["parameters"]["run"]
-    assert "retrain" not in run and run["workdir"] == env["PNEUMO_WORKDIR"] and run["champion_metric"] == "stress_roc_auc"
+    assert "run" not in scheduled["parameters"] and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
     assert scheduled["work_pool_name"] == "pneumo"
     on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
-    assert on_demand["schedules"] == [] and "retrain" not in on_demand["parameters"]["run"]
+    assert on_demand["schedules"] == [] and "run" not in on_demand["parameters"]
     pool = json.loads(prefect(env, "work-pool", "inspect", "pneumo", "-o", "json").stdout)
     assert pool["type"] == "process"
 
