@@ -54,7 +54,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             text = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
-        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error}); give an existing TOML file") from None
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error}); give an existing TOML or YAML file") from None
     if len(text) > MAX_CONFIG_BYTES:
         raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a settings file is a few lines")
     yaml_file = path.suffix.lower() in (".yaml", ".yml")
@@ -118,7 +118,7 @@ def run(
     *,
     config: Annotated[RunConfig, Parameter(name="*")] = RunConfig(),
     config_file: Annotated[Optional[Path], Parameter(
-        name="--config", help="TOML file of settings (source = ..., workdir = ..., tables [run], [transform], [split], [train]); the command line wins")] = None,
+        name="--config", help="TOML (or YAML) file of settings (source = ..., workdir = ..., tables [run], [transform], [split], [train]); the command line wins")] = None,
     print_config: Annotated[bool, Parameter(negative=(), help="Print the resolved settings as JSON and exit")] = False,
     verbose: Annotated[bool, Parameter(name=["--verbose", "-v"], negative=(),
                                        help="Show tracebacks on the terminal too (they always go to the Prefect log)")] = False,
