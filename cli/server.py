@@ -279,9 +279,9 @@ def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
             timeout=timeout,
         )
     pid = prefect_pid()
-    if started.returncode != 0 or pid is None:
+    if (started.returncode != 0 or pid is None) and not listener(port):
         raise RuntimeError(f"`prefect server start` failed (exit {started.returncode}); see {log_path()}")
-    with contextlib.suppress(psutil.NoSuchProcess):
+    with contextlib.suppress(psutil.NoSuchProcess, ValueError):  # ValueError: no pid (Prefect found the port taken)
         server = Server(pid, psutil.Process(pid).create_time(), port, now())
         write_record(server)
         deadline = time.monotonic() + timeout

@@ -162,28 +162,38 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, for
         kill_servers_of(Path(env["PNEUMO_SERVER_DIR"]))
 
 
-# A run through cli.runtime whose first port choice is squatted between the choice and the server's start.
+# A run through cli.runtime whose first port is squatted in one of the two windows of a start: between
+# pneumo's choice and `prefect server start`'s own check (choose_port), or between that check and the
+# moment its uvicorn binds, seconds later (prefect_pid, read as soon as `prefect server start` returns).
 SQUATTED_RUN = """
-import subprocess, sys, time
+import sys, time
 from pathlib import Path
 from cli import runtime, server
 runtime.quiet_prefect()
 from prefect import flow
 
-folder, port = Path(sys.argv[1]), int(sys.argv[2])
-choose = server.choose_port
+folder, port, window = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
+original = getattr(server, window)
 
-def squatted_once():
-    server.choose_port = choose
+def squatted_once(*args):
+    if window == "prefect_pid" and not (server.prefect_home() / "server.pid").exists():
+        return None  # clear_stale's look before the start
+    setattr(server, window, original)
     sys.path.insert(0, sys.argv[3])
     from test_prefect_server import start_foreign_http_server
     squatter = start_foreign_http_server(folder, port)
     (folder / "squatter.pid").write_text(str(squatter.pid))
     while server.listener(port) is None:
-        time.sleep(0.1)
-    return port
+        time.sleep(0.05)
+    return port if window == "choose_port" else original()
 
-server.choose_port = squatted_once
+if window == "choose_port":
+    server.choose_port = squatted_once
+else:
+    def first_port():
+        server.choose_port = choose
+        return port
+    choose, server.choose_port, server.prefect_pid = server.choose_port, first_port, squatted_once
 
 @flow
 def hello() -> int:
@@ -194,7 +204,8 @@ sys.exit(runtime.run_flow(hello, {}, lambda result, seconds: print(f"result {res
 
 
 @pytest.mark.slow
-def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receives_a_run(tmp_path):
+@pytest.mark.parametrize("window", ["choose_port", "prefect_pid"])
+def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receives_a_run(tmp_path, window):
     """Issue 23 item 1: on main the squatter answered /api/health, was taken for the server, and got the run."""
     squatted = free_port()
     env = local_env(tmp_path)
@@ -202,8 +213,9 @@ def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receive
     script.write_text(SQUATTED_RUN)
     try:
         out = subprocess.run([sys.executable, str(script), str(tmp_path / "squatter"), str(squatted),
-                              str(Path(__file__).parent)], env=env, cwd=REPO, capture_output=True, text=True,
+                              str(Path(__file__).parent), window], env=env, cwd=REPO, capture_output=True, text=True,
                              timeout=600)
+        print(out.stdout, out.stderr)
         running = record(env)
     finally:
         pid_file = tmp_path / "squatter" / "squatter.pid"
@@ -211,7 +223,6 @@ def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receive
             with contextlib.suppress(psutil.Error):
                 psutil.Process(int(pid_file.read_text())).kill()
         kill_servers_of(tmp_path / "server")
-    print(out.stdout, out.stderr)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"pneumo: port {squatted} was taken by another process (pid " in out.stderr
     assert f"not using it, starting on port {running['port']}" in out.stderr
