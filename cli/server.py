@@ -194,7 +194,7 @@ def answers(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def check(server: Optional[Server]) -> tuple[Optional[Server], str]:
+def check(server: Optional[Server], timeout: float = 2.0) -> tuple[Optional[Server], str]:
     """(server, "running") when the record names our live server, owning its port and answering; else (None, why not)."""
     if server is None:
         return None, "not running"
@@ -203,13 +203,13 @@ def check(server: Optional[Server]) -> tuple[Optional[Server], str]:
         return None, f"not running (stale record: {problem})"
     if not listens(server):
         return None, f"not listening on {server.url} (pid {server.pid}: still starting, or the port is {listener(server.port)})"
-    if not answers(server.api_url):
+    if not answers(server.api_url, timeout):
         return None, f"not answering on {server.url} (pid {server.pid}: still starting, or hung)"
     return server, "running"
 
 
-def running() -> Optional[Server]:
-    return check(read_record())[0]
+def running(timeout: float = 2.0) -> Optional[Server]:
+    return check(read_record(), timeout)[0]
 
 
 # --------------------------------------------------------------------------- start and stop
@@ -300,7 +300,7 @@ def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
 def ensure_running() -> tuple[Server, bool]:
     """The running server, started now if none is up: (server, started_now)."""
     with start_lock():
-        server = running()
+        server = running(timeout=15.0)  # a busy server is slow, not gone: never replaced for that
         if server is not None:
             return server, False
         clear_stale()
