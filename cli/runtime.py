@@ -140,6 +140,8 @@ def restart_hint() -> str:
 
 
 def exit_now(code: int) -> None:
+    """End the process now, its workers first (a process pool would compute on for nobody)."""
+    stop_workers()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()

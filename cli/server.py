@@ -1,11 +1,11 @@
-"""The local Prefect server: Prefect's own ``prefect server start --background``, in a per-user folder.
+"""The local Prefect server: Prefect's own ``prefect server start``, detached, in a per-user folder.
 
 Everything is in ``state_dir()`` (``$PNEUMO_SERVER_DIR``, else ``${XDG_STATE_HOME:-~/.local/state}/pneumo/server``,
 mode 0700, so no other local user can read or lock it):
 
-    prefect-home/          the server's PREFECT_HOME: prefect.db, and server.pid (written by Prefect)
+    prefect-home/          the server's PREFECT_HOME: prefect.db, and server.pid (as `prefect server start --background` writes it)
     server.json            port, pid and start time of the server pneumo started
-    server.log             what `prefect server start` printed
+    server.log             the server's output
     start.lock             held while a server is checked, started or stopped (two runs at once start one)
 
 A server is used only when the process that holds the LISTEN socket on its port is the one Prefect
@@ -35,7 +35,7 @@ import psutil
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4280  # not 4200: `make stack-up`'s Prefect server (infra/stack.sh) has that one
 START_TIMEOUT_SECONDS = 150.0  # a fresh SQLite database needs ~20 s of migrations on a busy machine
-APP = "prefect.server.api.server:create_app"  # in the command line of the server Prefect starts
+COMMAND = ["-m", "prefect", "server", "start", "--host", HOST, "--port"]  # the server's command line, then its port
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def write_record(server: Server) -> None:
 
 
 def prefect_pid() -> Optional[int]:
-    """The pid `prefect server start --background` wrote to PREFECT_HOME/server.pid."""
+    """The pid in PREFECT_HOME/server.pid (where `prefect server start --background` and `stop` keep it)."""
     try:
         return int((prefect_home() / "server.pid").read_text())
     except (OSError, ValueError):
@@ -135,10 +135,10 @@ def prefect_pid() -> Optional[int]:
 
 
 def is_our_server_process(pid: int) -> bool:
-    """True when ``pid`` is a Prefect server whose PREFECT_HOME is this folder's."""
+    """True when ``pid`` is a `prefect server start` whose PREFECT_HOME is this folder's."""
     try:
         process = psutil.Process(pid)
-        return APP in process.cmdline() and process.environ().get("PREFECT_HOME") == str(prefect_home())
+        return process.cmdline()[1:8] == COMMAND and process.environ().get("PREFECT_HOME") == str(prefect_home())
     except psutil.Error:
         return False
 
@@ -156,7 +156,7 @@ def why_not_ours(server: Server) -> Optional[str]:
         return f"pid {server.pid} is gone"
     except psutil.AccessDenied:
         return f"pid {server.pid} belongs to another user"
-    if str(server.port) not in command or not is_our_server_process(server.pid):
+    if command[8:9] != [str(server.port)] or not is_our_server_process(server.pid):
         return f"pid {server.pid} is not a Prefect server on port {server.port} of {state_dir()}: {' '.join(command)[:120]}"
     return None
 
@@ -240,7 +240,7 @@ def choose_port() -> int:
 def server_environment(port: int) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     environment.update(
-        PREFECT_HOME=str(prefect_home()), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=str(prefect_home()), DO_NOT_TRACK="1", PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_API_URL=f"http://{HOST}:{port}/api",  # the UI asks its API here, not on Prefect's default 4200
     )
     return environment
@@ -268,41 +268,45 @@ def clear_stale() -> None:
 
 
 def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
-    """``prefect server start --background`` on ``port``; the server once its own process listens there and answers."""
+    """`prefect server start` on ``port``, in the background; the server once its own process listens there and answers.
+
+    Not `--background`: its server writes to pipes nobody reads once `prefect server start` has
+    exited, and dies at the first error it logs (seen: "database is locked" after an interrupted
+    run). Started here the same way, detached, its output goes to server.log; Prefect's pid file is
+    written as `--background` writes it, so `prefect server stop` works too.
+    """
     prefect_home().mkdir(mode=0o700, exist_ok=True)
     with open(os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
-        log.write(f"\n--- {now()} prefect server start --background on {HOST}:{port}\n")
+        log.write(f"\n--- {now()} prefect server start on {HOST}:{port}\n")
         log.flush()
-        started = subprocess.run(  # its own session: a Ctrl-C at the terminal does not reach the server
-            [sys.executable, "-m", "prefect", "server", "start", "--background", "--host", HOST, "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=server_environment(port), start_new_session=True,
-            timeout=timeout,
+        process = subprocess.Popen(  # its own session: a Ctrl-C at the terminal does not reach the server
+            [sys.executable, *COMMAND, str(port)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=server_environment(port), start_new_session=True,
         )
-    pid = prefect_pid()
-    if (started.returncode != 0 or pid is None) and not listener(port):
-        raise RuntimeError(f"`prefect server start` failed (exit {started.returncode}); see {log_path()}")
-    with contextlib.suppress(psutil.NoSuchProcess, ValueError):  # ValueError: no pid (Prefect found the port taken)
-        server = Server(pid, psutil.Process(pid).create_time(), port, now())
-        write_record(server)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and why_not_ours(server) is None:
-            if listens(server) and answers(server.api_url, timeout=1.0):
-                return server
-            time.sleep(0.3)
+    (prefect_home() / "server.pid").write_text(str(process.pid))
+    server = Server(process.pid, psutil.Process(process.pid).create_time(), port, now())
+    write_record(server)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if listens(server) and answers(server.api_url, timeout=1.0):
+            return server
+        time.sleep(0.3)
     clear_stale()
     holder = listener(port)
-    if holder:  # uvicorn could not bind: someone took the port after our choice
+    if holder:  # the server could not bind: someone took the port after our choice
         raise PortTaken(f"port {port} was taken by another process ({holder}) before the Prefect server could bind it")
-    raise RuntimeError(f"the local Prefect server did not start on port {port} within {timeout:.0f} s "
-                       f"(`PREFECT_HOME={prefect_home()} prefect server start` shows why)")
+    raise RuntimeError(f"the local Prefect server did not start on port {port} within {timeout:.0f} s; "
+                       f"{log_path()} says why")
 
 
 def ensure_running() -> tuple[Server, bool]:
     """The running server, started now if none is up: (server, started_now)."""
     with start_lock():
-        server = running(timeout=15.0)  # a busy server is slow, not gone: never replaced for that
+        server, state = check(read_record(), timeout=15.0)  # a busy server is slow, not gone: not replaced for that
         if server is not None:
             return server, False
+        with open(log_path(), "a") as log:
+            log.write(f"\n--- {now()} pid {os.getpid()} found the server {state}\n")
         clear_stale()
         try:
             return start_on(choose_port()), True

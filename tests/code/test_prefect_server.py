@@ -1,7 +1,7 @@
 """The local Prefect server (cli/server.py): Prefect's own background server in a per-user folder, used only
 when the process holding its port is the one Prefect started there.
 
-Real processes: real `prefect server start --background` servers in a temporary PNEUMO_SERVER_DIR, real
+Real processes: real `prefect server start` servers in a temporary PNEUMO_SERVER_DIR, real
 squatters. Every server a test starts is stopped by it.
 """
 
@@ -55,7 +55,7 @@ def kill_servers_of(folder: Path) -> None:
     home = str(folder.resolve() / "prefect-home")
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if server.APP in process.cmdline() and process.environ().get("PREFECT_HOME") == home:
+            if process.cmdline()[1:8] == server.COMMAND and process.environ().get("PREFECT_HOME") == home:
                 process.kill()
 
 
@@ -136,10 +136,10 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, for
         assert server_command(env, "status").returncode == 1
         starts = [subprocess.Popen([sys.executable, "-m", "cli.server", "start"], env=env, cwd=REPO,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-        outputs = sorted(start.communicate(timeout=400)[0] for start in starts)
+        outputs = sorted((start.communicate(timeout=400)[0] for start in starts), key=lambda out: "already" in out)
         assert [start.returncode for start in starts] == [0, 0], outputs
-        assert "already running" in outputs[0] and " started: UI " in outputs[1], outputs
-        assert "waiting for" in outputs[0]  # the second start said what it waited for
+        assert " started: UI " in outputs[0] and "already running" in outputs[1], outputs
+        assert "waiting for" in outputs[1]  # the second start said what it waited for
         assert "usage data" not in "".join(outputs)
         running = record(env)
         assert running["port"] != taken_port and running["pid"] != foreign.pid
@@ -147,7 +147,7 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, for
         with urllib.request.urlopen(f"http://127.0.0.1:{running['port']}/api/health", timeout=5) as response:
             assert response.status == 200
         environment = psutil.Process(running["pid"]).environ()  # telemetry off in the server itself
-        assert environment["DO_NOT_TRACK"] == "1" and environment["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        assert environment["DO_NOT_TRACK"] == "1" and environment["PREFECT_SERVER_ANALYTICS_ENABLED"].lower() == "false"
 
         status = server_command(env, "status")
         assert status.returncode == 0, status.stdout + status.stderr
@@ -163,8 +163,8 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, for
 
 
 # A run through cli.runtime whose first port is squatted in one of the two windows of a start: between
-# pneumo's choice and `prefect server start`'s own check (choose_port), or between that check and the
-# moment its uvicorn binds, seconds later (prefect_pid, read as soon as `prefect server start` returns).
+# pneumo's choice and `prefect server start`'s own check of the port (choose_port), or between that check
+# (its banner printed) and the moment the server binds, seconds later (listens, polled meanwhile).
 SQUATTED_RUN = """
 import sys, time
 from pathlib import Path
@@ -175,25 +175,35 @@ from prefect import flow
 folder, port, window = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
 original = getattr(server, window)
 
-def squatted_once(*args):
-    if window == "prefect_pid" and not (server.prefect_home() / "server.pid").exists():
-        return None  # clear_stale's look before the start
-    setattr(server, window, original)
+def squat() -> None:
     sys.path.insert(0, sys.argv[3])
     from test_prefect_server import start_foreign_http_server
     squatter = start_foreign_http_server(folder, port)
     (folder / "squatter.pid").write_text(str(squatter.pid))
-    while server.listener(port) is None:
+    deadline = time.monotonic() + 20
+    while server.listener(port) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    return port if window == "choose_port" else original()
+
+def first_choice():
+    server.choose_port = original
+    squat()
+    return port
+
+def listens_after_the_banner(running):
+    if "Check out the dashboard" not in server.log_path().read_text():
+        return False
+    server.listens = original
+    squat()
+    return original(running)
 
 if window == "choose_port":
-    server.choose_port = squatted_once
+    server.choose_port = first_choice
 else:
+    choose = server.choose_port
     def first_port():
         server.choose_port = choose
         return port
-    choose, server.choose_port, server.prefect_pid = server.choose_port, first_port, squatted_once
+    server.choose_port, server.listens = first_port, listens_after_the_banner
 
 @flow
 def hello() -> int:
@@ -204,7 +214,7 @@ sys.exit(runtime.run_flow(hello, {}, lambda result, seconds: print(f"result {res
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("window", ["choose_port", "prefect_pid"])
+@pytest.mark.parametrize("window", ["choose_port", "listens"])
 def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receives_a_run(tmp_path, window):
     """Issue 23 item 1: on main the squatter answered /api/health, was taken for the server, and got the run
     (main, same squatter in the second window: "started the local Prefect server", then GET /api/admin/version to it)."""
