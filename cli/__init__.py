@@ -19,7 +19,7 @@ from typing import Optional
 
 import cyclopts
 
-from cli import commands, models, runs
+from cli import commands, models, runs, runtime
 from cli import run as run_command
 
 app = cyclopts.App(
@@ -40,6 +40,7 @@ def main(tokens: Optional[list[str]] = None) -> None:
     """The console script: one line and exit 2 for a refused command line, else the command's exit code."""
     tokens = sys.argv[1:] if tokens is None else list(tokens)
     prog = " ".join(["pneumo", *tokens[:1]]) if tokens and not tokens[0].startswith("-") else "pneumo"
+    runtime.quiet_prefect()  # before any command imports Prefect: no usage data, no first-run notice
     try:
         run_command.use_config_file(app, tokens)
         code = app(tokens, print_error=False, exit_on_error=False, result_action="return_value")

@@ -84,7 +84,7 @@ def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
     from flows.predict import predict_batch as flow
     from flows.summary import print_batch_summary
 
-    runtime.exit_process(runtime.run_flow(flow, {"input": input, "batch": batch}, print_batch_summary, verbose=verbose))
+    return runtime.run_flow(flow, {"input": input, "batch": batch}, print_batch_summary, verbose=verbose)
 
 
 def serve(

@@ -83,6 +83,7 @@ write_env() {
 export PREFECT_HOME="$STATE/prefect-home"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DO_NOT_TRACK=1
 export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
 export AWS_ACCESS_KEY_ID=local-stack
 export AWS_SECRET_ACCESS_KEY=local-stack
@@ -109,7 +110,7 @@ start_worker() {  # the pool (created if missing, never overwritten) and one wor
 
 case "${1:-}" in
   up)
-    export PREFECT_SERVER_ANALYTICS_ENABLED=false
+    export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1  # no usage data from the server or the worker
     start s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
     wait_for_url s3 "http://127.0.0.1:$S3_PORT/" 30
     # A fresh SQLite database takes ~20 s of migrations on a small machine.

@@ -12,10 +12,11 @@ import pytest
 
 from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_for_port
 
-# The CLI's runs in tests use a temporary Prefect server each, as before (flows/runtime.py), never the
-# user's local server that stays; tests about that server set their own PNEUMO_SERVER_DIR and mode.
-os.environ.setdefault("PNEUMO_PREFECT_SERVER", "temporary")
-os.environ.setdefault("PNEUMO_SERVER_DIR", str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}"))
+# ONE Prefect server for the whole session, never the user's: the local server (cli/server.py) of a
+# folder of the session's own, started by the first test that needs it (the prefect_server fixture,
+# or a CLI run without PREFECT_API_URL) and stopped when the session ends. xdist workers inherit it.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["PNEUMO_SERVER_DIR"] = str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}")
 
 # Commands started as `python -m cli` (tests/helpers.pneumo_command) import this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
@@ -41,12 +42,25 @@ def subset_source(shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect API server (SQLite in a temp dir) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server() -> str:
+    """The session's Prefect server; its API URL set here and exported (PREFECT_API_URL) to CLI subprocesses."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    from cli import server
+
+    local, _ = server.ensure_running()
+    os.environ["PREFECT_API_URL"] = local.api_url
+    with temporary_settings({PREFECT_API_URL: local.api_url}):
+        yield local.api_url
+
+
+def pytest_sessionfinish(session):
+    """The session's server stops with the session (in xdist, once: in the controller)."""
+    if not hasattr(session.config, "workerinput"):
+        from cli import server
+
+        if server.read_record() is not None:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

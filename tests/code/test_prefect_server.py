@@ -1,39 +1,42 @@
-"""The local Prefect server that stays (flows/prefect_server.py, `pneumo server ...`), and Ctrl-C of `pneumo run`.
+"""The local Prefect server (cli/server.py): Prefect's own background server in a per-user folder, used only
+when the process holding its port is the one Prefect started there.
 
-Real processes: real `prefect server start` servers in a temporary PNEUMO_SERVER_DIR, real CLI
-runs, real signals. Every server a test starts is stopped by it.
+Real processes: real `prefect server start` servers in a temporary PNEUMO_SERVER_DIR, real
+squatters. Every server a test starts is stopped by it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
-import signal
+import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from cli import server as prefect_server
-from tests.helpers import copy_patient_subset, free_port, pneumo_command, wait_for_port
+from cli import server
+from tests.helpers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def local_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a user without PREFECT_API_URL: runs use the local server of tmp_path/server."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PNEUMO_PREFECT_SERVER")}
+    """The environment of a user without PREFECT_API_URL: the local server of tmp_path/server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PNEUMO_SERVER_DIR=str(tmp_path / "server"), PREFECT_HOME=str(tmp_path / "client-home"),
                PYTHONPATH=str(REPO), **extra)
     return env
 
 
-def pneumo(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pneumo_command(*args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def server_command(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", "server", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def gone(pid: int) -> bool:
@@ -43,35 +46,31 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.2)
-
-
 def record(env: dict[str, str]) -> dict:
     return json.loads((Path(env["PNEUMO_SERVER_DIR"]) / "server.json").read_text())
 
 
-def kill_recorded(env: dict[str, str]) -> None:
-    """Teardown: whatever server the folder records is killed, whatever the test did."""
-    path = Path(env["PNEUMO_SERVER_DIR"]) / "server.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        for pid in (data["supervisor_pid"], data["pid"]):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+def kill_servers_of(folder: Path) -> None:
+    """Teardown: every Prefect server of ``folder`` is killed, whatever the test did."""
+    home = str(folder.resolve() / "prefect-home")
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.cmdline()[1:8] == server.COMMAND and process.environ().get("PREFECT_HOME") == home:
+                process.kill()
+
+
+def start_foreign_http_server(folder: Path, port: int) -> subprocess.Popen:
+    """Not ours: an HTTP server answering 200 on /api/health, as a Prefect server would."""
+    (folder / "api" / "health").mkdir(parents=True, exist_ok=True)
+    (folder / "api" / "health" / "index.html").write_text("true")
+    return subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=folder,
+                            stdout=subprocess.DEVNULL, stderr=open(folder / "requests.log", "w"))
 
 
 @pytest.fixture
 def foreign_server(tmp_path):
-    """A process that is not ours, listening on a port: an HTTP server answering 200 to everything."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_foreign_http_server(tmp_path / "foreign", port)
     try:
         wait_for_port(port)
         yield process, port
@@ -80,157 +79,166 @@ def foreign_server(tmp_path):
         process.wait()
 
 
-def test_a_dead_pid_or_a_foreign_process_on_the_recorded_port_is_not_trusted(tmp_path, monkeypatch, foreign_server):
+def test_a_dead_pid_or_a_foreign_process_is_neither_trusted_nor_signalled(tmp_path, monkeypatch, foreign_server, capsys):
     process, port = foreign_server
     monkeypatch.setenv("PNEUMO_SERVER_DIR", str(tmp_path / "server"))
-    (tmp_path / "server").mkdir()
-    foreign = prefect_server.Server(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
-                                    supervisor_pid=process.pid, port=port, started_at="x", idle_minutes=30)
-    prefect_server.write_record(foreign)
-    assert prefect_server.running() is None
-    server, state = prefect_server.check(prefect_server.read_record())
-    assert server is None and f"pid {process.pid} is not a Prefect server on port {port}" in state
+    server.private_dir()
+    foreign = server.Server(pid=process.pid, create_time=psutil.Process(process.pid).create_time(), port=port,
+                            started_at="x")
+    server.write_record(foreign)
+    assert server.answers(f"http://127.0.0.1:{port}/api")  # it answers /api/health: that is not enough
+    assert server.running() is None
+    assert f"pid {process.pid} is not a Prefect server on port {port}" in server.check(server.read_record())[1]
+
+    # Issue 23 item 12: stop signals only its own server, even when Prefect's own pid file names the process too.
+    server.prefect_home().mkdir()
+    (server.prefect_home() / "server.pid").write_text(str(process.pid))
+    assert server.stop() is None and process.poll() is None
+    assert not (tmp_path / "server" / "server.json").exists() and server.prefect_pid() is None
 
     # The pid was reused by another process since the record was written.
-    prefect_server.write_record(foreign.__class__(**{**foreign.__dict__, "create_time": foreign.create_time - 100}))
-    assert "is another process now" in prefect_server.check(prefect_server.read_record())[1]
-
+    server.write_record(dataclasses.replace(foreign, create_time=foreign.create_time - 100))
+    assert "is another process now" in server.check(server.read_record())[1]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    prefect_server.write_record(foreign.__class__(**{**foreign.__dict__, "pid": dead.pid}))
-    assert prefect_server.check(prefect_server.read_record())[1] == f"not running (stale record: pid {dead.pid} is gone)"
-    running, lines = prefect_server.status_lines()
+    server.write_record(dataclasses.replace(foreign, pid=dead.pid))
+    assert server.check(server.read_record())[1] == f"not running (stale record: pid {dead.pid} is gone)"
+    running, lines = server.status_lines()
     assert not running and str(tmp_path / "server" / "prefect-home" / "prefect.db") in "\n".join(lines)
+
+    # Issue 23 item 13: the folder is 0700 and its files 0600; a held lock is waited for, boundedly and out loud.
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "server") == 0o700 and mode(tmp_path / "server" / "server.json") == 0o600
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "handle = open(sys.argv[1]); fcntl.flock(handle, fcntl.LOCK_SH); print(1, flush=True)\n"
+                               "time.sleep(60)", str(tmp_path / "server" / "start.lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        with pytest.raises(RuntimeError, match="start.lock still held after 1 s"):
+            with server.start_lock(wait=1):
+                pass
+    finally:
+        holder.kill()
+    assert f"waiting for {tmp_path / 'server' / 'start.lock'}" in capsys.readouterr().err
+    assert mode(tmp_path / "server" / "start.lock") == 0o600
 
 
 @pytest.mark.slow
-def test_two_starts_at_once_share_one_server_that_stops_on_request_and_when_idle(tmp_path, foreign_server):
+def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, foreign_server):
     foreign, taken_port = foreign_server
     # A stale record names the foreign process on the preferred port: neither may be used.
     env = local_env(tmp_path, PNEUMO_SERVER_PORT=str(taken_port))
     Path(env["PNEUMO_SERVER_DIR"]).mkdir()
     (Path(env["PNEUMO_SERVER_DIR"]) / "server.json").write_text(json.dumps(
-        {"pid": foreign.pid, "create_time": psutil.Process(foreign.pid).create_time(), "supervisor_pid": foreign.pid,
-         "port": taken_port, "started_at": "x", "idle_minutes": 30}))
+        {"pid": foreign.pid, "create_time": psutil.Process(foreign.pid).create_time(), "port": taken_port,
+         "started_at": "x"}))
     try:
-        assert pneumo(env, "server", "status").returncode == 1
-        starts = [subprocess.Popen(pneumo_command("server", "start"), env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-        outputs = sorted(start.communicate(timeout=400)[0] for start in starts)
+        assert server_command(env, "status").returncode == 1
+        starts = [subprocess.Popen([sys.executable, "-m", "cli", "server", "start"], env=env, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = sorted((start.communicate(timeout=400)[0] for start in starts), key=lambda out: "already" in out)
         assert [start.returncode for start in starts] == [0, 0], outputs
-        assert "already running" in outputs[0] and " started: UI " in outputs[1], outputs
-        server = record(env)
-        assert server["port"] != taken_port and server["pid"] != foreign.pid
-        assert all(f"pid {server['pid']}" in output for output in outputs), outputs  # one server for both
-        with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/api/health", timeout=5) as response:
+        assert " started: UI " in outputs[0] and "already running" in outputs[1], outputs
+        assert "waiting for" in outputs[1]  # the second start said what it waited for
+        assert "usage data" not in "".join(outputs)
+        running = record(env)
+        assert running["port"] != taken_port and running["pid"] != foreign.pid
+        assert all(f"pid {running['pid']}" in output for output in outputs), outputs  # one server for both
+        with urllib.request.urlopen(f"http://127.0.0.1:{running['port']}/api/health", timeout=5) as response:
             assert response.status == 200
+        environment = psutil.Process(running["pid"]).environ()  # telemetry off in the server itself
+        assert environment["DO_NOT_TRACK"] == "1" and environment["PREFECT_SERVER_ANALYTICS_ENABLED"].lower() == "false"
 
-        status = pneumo(env, "server", "status")
+        status = server_command(env, "status")
         assert status.returncode == 0, status.stdout + status.stderr
-        assert f"UI          http://127.0.0.1:{server['port']}" in status.stdout and "running" in status.stdout
-        print(status.stdout)
+        assert f"UI          http://127.0.0.1:{running['port']}" in status.stdout and ": running" in status.stdout
 
-        stopped = pneumo(env, "server", "stop")
-        assert f"stopped the local Prefect server (pid {server['pid']}" in stopped.stdout
-        assert gone(server["pid"]) and gone(server["supervisor_pid"])
-        assert pneumo(env, "server", "status").returncode == 1
+        stopped = server_command(env, "stop")
+        assert f"stopped the local Prefect server (pid {running['pid']}" in stopped.stdout
+        assert gone(running["pid"])
+        assert server_command(env, "status").returncode == 1
         assert foreign.poll() is None  # the foreign process was left alone
-
-        # Idle stop: 0.05 min (3 s), checked every second; held in use, it stays.
-        idle_env = {**env, "PNEUMO_SERVER_IDLE_MINUTES": "0.05", "PNEUMO_SERVER_CHECK_SECONDS": "1"}
-        assert pneumo(idle_env, "server", "start").returncode == 0
-        server = record(env)
-        user = subprocess.Popen(  # a run using it: the shared in-use lock, for 8 s
-            [sys.executable, "-c", "import time; from cli import server as prefect_server\n"
-             "with prefect_server.in_use():\n    time.sleep(8)"], env=env, cwd=REPO)
-        time.sleep(6)
-        assert not gone(server["pid"]), "the server stopped while a run was using it"
-        user.wait(timeout=60)
-        wait_until(lambda: gone(server["pid"]), 40, "the idle server stopped itself")
-        wait_until(lambda: gone(server["supervisor_pid"]), 30, "its supervisor ended")
-        assert "stopped (idle for 0.05 min)" in (Path(env["PNEUMO_SERVER_DIR"]) / "server.log").read_text()
-        assert not (Path(env["PNEUMO_SERVER_DIR"]) / "server.json").exists()
     finally:
-        kill_recorded(env)
+        kill_servers_of(Path(env["PNEUMO_SERVER_DIR"]))
 
 
-def descendants_in_session(session: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.Error, OSError):
-            continue
-    return found
+# A run through cli.runtime whose first port is squatted in one of the two windows of a start: between
+# pneumo's choice and `prefect server start`'s own check of the port (choose_port), or between that check
+# (its banner printed) and the moment the server binds, seconds later (listens, polled meanwhile).
+SQUATTED_RUN = """
+import sys, time
+from pathlib import Path
+from cli import runtime, server
+runtime.quiet_prefect()
+from prefect import flow
+
+folder, port, window = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
+original = getattr(server, window)
+
+def squat() -> None:
+    sys.path.insert(0, sys.argv[3])
+    from test_prefect_server import start_foreign_http_server
+    squatter = start_foreign_http_server(folder, port)
+    (folder / "squatter.pid").write_text(str(squatter.pid))
+    deadline = time.monotonic() + 20
+    while server.listener(port) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+def first_choice():
+    server.choose_port = original
+    squat()
+    return port
+
+def listens_after_the_banner(running):
+    if "Check out the dashboard" not in server.log_path().read_text():
+        return False
+    server.listens = original
+    squat()
+    return original(running)
+
+if window == "choose_port":
+    server.choose_port = first_choice
+else:
+    choose = server.choose_port
+    def first_port():
+        server.choose_port = choose
+        return port
+    server.choose_port, server.listens = first_port, listens_after_the_banner
+
+@flow
+def hello() -> int:
+    return 42
+
+sys.exit(runtime.run_flow(hello, {}, lambda result, seconds: print(f"result {result}")))
+"""
 
 
 @pytest.mark.slow
-def test_runs_reuse_the_local_server_whose_links_work_after_the_run_and_ctrl_c_says_resume(shared_data, tmp_path):
-    source = copy_patient_subset(shared_data, tmp_path / "subset", per_class=40)
-    env = local_env(tmp_path, PNEUMO_SERVER_PORT=str(free_port()))
-    run = [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(tmp_path / "work"),
-           "--epochs", "100000", "--train.patience", "100000"]
+@pytest.mark.parametrize("window", ["choose_port", "listens"])
+def test_a_squatter_that_takes_the_port_before_the_server_binds_it_never_receives_a_run(tmp_path, window):
+    """Issue 23 item 1: on main the squatter answered /api/health, was taken for the server, and got the run
+    (main, same squatter in the second window: "started the local Prefect server", then GET /api/admin/version to it)."""
+    squatted = free_port()
+    env = local_env(tmp_path)
+    script = tmp_path / "squatted_run.py"
+    script.write_text(SQUATTED_RUN)
     try:
-        # 1. The first run starts the server, says so, and is Ctrl-C'ed (as a terminal does: the whole group) in training.
-        cli = subprocess.Popen(run, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-        output = []
-        for line in cli.stdout:
-            output.append(line)
-            if "epoch 50/" in line:
-                break
-        else:
-            raise AssertionError("training never started:\n" + "".join(output))
-        os.killpg(cli.pid, signal.SIGINT)
-        interrupted = time.monotonic()
-        rest, _ = cli.communicate(timeout=60)
-        seconds = time.monotonic() - interrupted
-        text = "".join(output)
-        print(f"Ctrl-C: exit {cli.returncode} after {seconds:.2f} s; last output:\n{rest}")
-        assert "pneumo: started the local Prefect server in the background: UI http://127.0.0.1:" in text
-        assert cli.returncode == 130
-        assert seconds < 3, f"{seconds:.1f} s from SIGINT to exit"
-        assert rest.strip() == "pneumo: interrupted: 4 of 5 stages are cached; re-run the same command to resume"
-        assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
-        wait_until(lambda: not descendants_in_session(cli.pid), 5, "the CLI's workers stopped")
-        server = record(env)
-        assert not gone(server["pid"]), "Ctrl-C stopped the local server"
-
-        # 2. The same command resumes from the cache; two Ctrl-Cs in a row end it at once.
-        cli = subprocess.Popen(run, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-        output = []
-        for line in cli.stdout:
-            output.append(line)
-            if "epoch 50/" in line:
-                break
-        text = "".join(output)
-        assert "pneumo: using the local Prefect server: UI http://127.0.0.1:" in text
-        assert text.count("Finished in state Cached") >= 4, text  # download, sizes, shard(s), index, quarantine
-        os.killpg(cli.pid, signal.SIGINT)
-        os.killpg(cli.pid, signal.SIGINT)
-        rest, _ = cli.communicate(timeout=60)
-        assert cli.returncode == 130 and "Traceback" not in rest
-
-        # 3. A run to the end: its last line is its UI page, and the page and its API answer after the run.
-        finished = subprocess.run([*run[:-4], "--epochs", "3"], env=env, cwd=REPO, capture_output=True, text=True,
-                                  timeout=600)
-        assert finished.returncode == 0, finished.stdout + finished.stderr
-        last = finished.stdout.strip().splitlines()[-1]
-        assert last.startswith(f"  run page     http://127.0.0.1:{server['port']}/runs/flow-run/"), last
-        flow_run_id = last.rsplit("/", 1)[1]
-        view_at = f"View at http://127.0.0.1:{server['port']}/runs/flow-run/{flow_run_id}"
-        assert view_at in finished.stdout + finished.stderr
-        browser = urllib.request.Request(last.split()[-1], headers={"Accept": "text/html"})  # the UI answers browsers
-        with urllib.request.urlopen(browser, timeout=10) as page:
-            assert page.status == 200 and b"<html" in page.read().lower()
-        with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/api/flow_runs/{flow_run_id}", timeout=10) as api:
-            assert json.loads(api.read())["state"]["type"] == "COMPLETED"
-        # The UI asks its API on this port, not on Prefect's default 4200.
-        with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/ui-settings", timeout=10) as settings:
-            assert json.loads(settings.read())["api_url"] == f"http://127.0.0.1:{server['port']}/api"
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "squatter"), str(squatted),
+                              str(Path(__file__).parent), window], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+        print(out.stdout, out.stderr)
+        running = record(env)
     finally:
-        stopped = pneumo(env, "server", "stop")
-        print(stopped.stdout, stopped.stderr)
-        kill_recorded(env)
+        pid_file = tmp_path / "squatter" / "squatter.pid"
+        if pid_file.exists():
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(int(pid_file.read_text())).kill()
+        kill_servers_of(tmp_path / "server")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"pneumo: port {squatted} was taken by another process (pid " in out.stderr
+    assert f"not using it, starting on port {running['port']}" in out.stderr
+    assert running["port"] != squatted and "result 42" in out.stdout
+    assert f"run page     http://127.0.0.1:{running['port']}/runs/flow-run/" in out.stdout
+    requests = (tmp_path / "squatter" / "requests.log").read_text()
+    assert "HTTP/1.1" not in requests, requests  # not a request reached it (on main: /api/health, then the run)
+    assert "usage data" not in out.stderr

@@ -41,10 +41,10 @@ def test_runs_lists_the_batch_run_with_its_message_and_shows_its_summary(labelle
     assert unknown.returncode == 2 and unknown.stderr.startswith("pneumo: no flow run '00000000-") and unknown.stdout == ""
 
 
-def test_runs_without_an_api_says_how_to_get_one():
+def test_runs_without_an_api_says_how_to_get_one(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env["PNEUMO_SERVER_DIR"] = str(tmp_path / "no-server")  # an empty folder: no local server either
     out = subprocess.run(pneumo_command("runs"), env=env, capture_output=True, text=True, timeout=120)
-    # tests/conftest.py points the local server's folder at an empty one: no local server either.
     assert out.returncode == 2 and "PREFECT_API_URL is not set" in out.stderr and "pneumo server start" in out.stderr
 
 
