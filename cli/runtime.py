@@ -211,7 +211,8 @@ def stop_now() -> None:
     stop_workers()
     cancelling = threading.Thread(target=cancel_flow_run, daemon=True)
     cancelling.start()
-    print(f"\npneumo: {interrupted_message()}", file=sys.stderr, flush=True)
+    below_a_bar = "\n" if sys.stderr.isatty() else ""  # a progress bar may hold the terminal's last line
+    print(f"{below_a_bar}pneumo: {interrupted_message()}", file=sys.stderr, flush=True)
     cancelling.join(1.0)
     exit_now(INTERRUPTED_EXIT_CODE)  # not through Prefect's exit, which drains logs to the API for seconds
 
