@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def pytest_sessionfinish(session):
         from cli import server
 
         if server.read_record() is not None:
+            with contextlib.suppress(Exception):  # this process's last logs reach the server before it stops
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler.flush()
             server.stop()
 
 

@@ -62,6 +62,6 @@ def test_a_cli_run_prints_no_prefect_banner_and_ends_on_its_summary(shared_data,
     assert out.returncode == 0, out.stdout[-3000:]
     assert "prefect.io/docs" not in out.stdout and "temporary server" not in out.stdout
     lines = out.stdout.rstrip().splitlines()
-    assert lines[-1].startswith("  quarantine   "), lines[-12:]  # the summary's last line ends the output
+    assert lines[-1].startswith("  run page     "), lines[-12:]  # the summary's last line ends the output
     assert any(line.startswith("pneumo: registered tinynet v0001") for line in lines[-16:])
     assert sum("the val split has only" in line for line in lines) == 2  # logged, and in the summary
