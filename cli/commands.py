@@ -82,9 +82,10 @@ def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
 
         pool.warm_up()
     from flows.predict import predict_batch as flow
-    from flows.summary import print_batch_summary
+    from pneumo.summary import batch_text
 
-    return runtime.run_flow(flow, {"input": input, "batch": batch}, print_batch_summary, verbose=verbose)
+    return runtime.run_flow(flow, {"input": input, "batch": batch}, lambda summary, seconds: print(batch_text(summary, seconds)),
+                            verbose=verbose)
 
 
 def serve(

@@ -135,9 +135,9 @@ def run(
 
     runtime.stop_on_interrupt()  # first: a Ctrl-C while Prefect loads is one line, no traceback, too
     from flows.full import full
-    from flows.summary import print_summary
+    from pneumo.summary import run_text
 
-    return runtime.run_flow(full, dict(config), print_summary, verbose=verbose)
+    return runtime.run_flow(full, dict(config), lambda summary, seconds: print(run_text(summary, seconds)), verbose=verbose)
 
 
 # --------------------------------------------------------------------------- checks before any service starts

@@ -9,12 +9,13 @@ and the full flow leaves a run-summary artifact; this module lists the one and p
 from __future__ import annotations
 
 import contextlib
-import sys
 from datetime import datetime
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import cyclopts
 from cyclopts import Parameter
+
+from cli.models import fail
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
@@ -25,35 +26,21 @@ class RunsError(Exception):
 
 
 @contextlib.contextmanager
-def prefect_api():
-    """PREFECT_API_URL when it is set, else the local server that `pneumo run` starts, when it is up."""
+def prefect_api() -> Iterator[str]:
+    """PREFECT_API_URL when it is set, else the local server when it is up (not started: a listing starts nothing)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    from cli import server as prefect_server
+    from cli import server as local_server
 
     if PREFECT_API_URL.value():
-        yield
+        yield PREFECT_API_URL.value()
         return
-    local = prefect_server.running()
+    local = local_server.running()
     if local is None:
-        raise RunsError(
-            "no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
-            "(`pneumo server start`, or any `pneumo run`, starts it)"
-        )
+        raise RunsError("no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
+                        "(`pneumo server start`, or any `pneumo run`, starts it)")
     with temporary_settings({PREFECT_API_URL: local.api_url, PREFECT_UI_URL: local.url}):
-        yield
-
-
-def api_url() -> str:
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise RunsError(
-            "PREFECT_API_URL is not set: runs are kept by a Prefect server. Start one (make stack-up) and export "
-            "the PREFECT_API_URL it prints, then run pneumo through it"
-        )
-    return url
+        yield local.api_url
 
 
 def run_url(flow_run_id: Any) -> Optional[str]:
@@ -76,7 +63,6 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    api_url()
     with get_client(sync_client=True) as client:
         flows = _flows(client)
         if not flows:
@@ -89,24 +75,23 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
     return [(flows.get(run.flow_id, "?"), run) for run in runs]
 
 
-def find(which: str) -> tuple[str, Any, list[Any]]:
+def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-    api_url()
     if which == "last":
         latest = recent(limit=1)
         if not latest:
-            raise RunsError(f"no runs of {', '.join(FLOWS)} on {api_url()} yet")
+            raise RunsError(f"no runs of {', '.join(FLOWS)} on {api} yet")
         which = str(latest[0][1].id)
     with get_client(sync_client=True) as client:
         try:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[which])), limit=1)
         except Exception as error:  # a malformed id is refused by the API's validation
-            raise RunsError(f"no flow run {which!r} on {api_url()} ({type(error).__name__}); `pneumo runs` lists them") from None
+            raise RunsError(f"no flow run {which!r} on {api} ({type(error).__name__}); `pneumo runs` lists them") from None
         if not runs:
-            raise RunsError(f"no flow run {which!r} on {api_url()}; `pneumo runs` lists them")
+            raise RunsError(f"no flow run {which!r} on {api}; `pneumo runs` lists them")
         run = runs[0]
         flows = _flows(client)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
@@ -169,11 +154,6 @@ def _as_text(data: Any) -> str:
 # --------------------------------------------------------------------------- the commands
 
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"pneumo: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
 runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with what each did (from PREFECT_API_URL, or else the local server).")
 
 
@@ -181,23 +161,23 @@ runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with wha
 def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
     """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
     try:
-        with prefect_api():
+        with prefect_api() as api:
             found = recent(max(limit, 1))
             if not found:
-                _fail(f"no runs of {', '.join(FLOWS)} on {api_url()} yet", code=1)
+                fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
             print("\n".join(list_lines(found)))
     except RunsError as error:
-        _fail(str(error))
+        fail(str(error))
 
 
 @runs.command(name="show")
 def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
     try:
-        with prefect_api():
-            print("\n".join(show_lines(*find(run))))
+        with prefect_api() as api:
+            print("\n".join(show_lines(*find(run, api))))
     except RunsError as error:
-        _fail(str(error))
+        fail(str(error))
 
 
 server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")
@@ -211,8 +191,7 @@ def start() -> int:
     try:
         found, started = local.ensure_running()
     except (RuntimeError, ValueError) as error:
-        print(f"pneumo: {error}", file=sys.stderr)
-        return 1
+        fail(str(error), code=1)
     print(f"local Prefect server {'started' if started else 'already running'}: UI {found.url} (pid {found.pid})")
     return 0
 

@@ -18,10 +18,10 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
-from flows.summary import label_counts, predict_outcome
 from pneumo import download, evaluate, pool, predict, storage, workdir as layout
 from pneumo.config import BatchOptions
 from pneumo.manifest import QuarantineEntry
+from pneumo.summary import predict_outcome
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
 from tasks.reporting import quarantine_artifact
