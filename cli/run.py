@@ -24,7 +24,6 @@ from pneumo.config import RunConfig
 SHORT_NAMES = {("run", "recipe"): "--recipe", ("run", "retrain"): "--retrain",
                ("train", "epochs"): "--epochs", ("train", "seed"): "--seed"}
 SECTIONS = ("run", "transform", "split", "train")
-MAX_CONFIG_BYTES = 100_000  # a settings file is a few hundred bytes
 
 
 class UsageError(Exception):
@@ -49,60 +48,17 @@ def flag_of(loc: tuple) -> str:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a TOML (or, with PyYAML, YAML) file: source, workdir, ... and the tables run, transform, split, train."""
-    try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as error:
-        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error}); give an existing TOML or YAML file") from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise UsageError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; a settings file is a few lines")
-    yaml_file = path.suffix.lower() in (".yaml", ".yml")
-    try:
-        data = _load_yaml(text) if yaml_file else __import__("tomllib").loads(text.decode("utf-8"))
-    except UsageError:
-        raise
-    except Exception as error:  # a syntax error: one line, not a traceback
-        first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"--config {path}: not valid {'YAML' if yaml_file else 'TOML'}: {first[:200]}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected settings (source = ..., and tables run, transform, split, train)")
-    _strictly_typed(data)
-    return data
-
-
-def _strictly_typed(data: dict) -> None:
-    """A file's values are typed already: ``epochs = true`` or ``percentile = "75"`` is refused, not read as 1 or 75."""
+    """The settings of a TOML or YAML file, each value of its field's own type; refused in one line."""
     from pydantic import ValidationError
 
-    def tuples(value: Any) -> Any:  # arrays as the tuples strict validation expects
-        return tuple(map(tuples, value)) if isinstance(value, list) else {k: tuples(v) for k, v in value.items()} if isinstance(value, dict) else value
+    from pneumo.config import read_settings_file
 
     try:
-        RunConfig.model_validate(tuples(data), strict=True)
+        return read_settings_file(path)
     except ValidationError as error:
-        # A field's own type; unknown keys are cyclopts' to name (with the nearest option), and combinations
-        # (the fast method with renditions) are judged once the command line is in.
-        typed = [e for e in error.errors() if len(e["loc"]) > 1 and e["type"] != "extra_forbidden"]
-        if typed:
-            raise UsageError(error_line(ValidationError.from_exception_data(error.title, typed))) from None
-
-
-def _load_yaml(text: bytes) -> Any:
-    """PyYAML's safe loader without anchors and aliases, which is how a few bytes expand to gigabytes."""
-    try:
-        import yaml
-    except ImportError:
-        raise UsageError("--config: YAML needs PyYAML (pip install pyyaml); or write the file as TOML") from None
-
-    class PlainLoader(yaml.SafeLoader):
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed (line {event.start_mark.line + 1})")
-            return super().compose_node(parent, index)
-
-    return yaml.load(text, Loader=PlainLoader) or {}
+        raise UsageError(error_line(error)) from None
+    except ValueError as error:
+        raise UsageError(f"--config {path}: {error}") from None
 
 
 def use_config_file(app: cyclopts.App, tokens: list[str]) -> None:

@@ -1,7 +1,6 @@
 """How a flow runs from the command line: its Prefect API, bounded client retries, a watchdog, Ctrl-C, its exit.
 
-Commands call ``quiet_prefect()`` before Prefect is imported, then ``run_flow(...)``. Prefect is imported
-only inside the functions. The flow knows nothing of this module: what Ctrl-C reports is asked of the API.
+Prefect is imported only inside the functions. The flow knows nothing of this module: what Ctrl-C reports is asked of the API.
 """
 
 from __future__ import annotations
@@ -45,11 +44,8 @@ current = CurrentRun()
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
-    """PREFECT_API_URL when set; else the local server, started if needed. Yields the API URL.
-
-    One server announced through PREFECT_API_URL serves the whole run: without it every process-pool
-    or Dask worker would boot a private ephemeral server of its own.
-    """
+    """PREFECT_API_URL when set; else the local server, started if needed, announced to child processes
+    (without it every process-pool or Dask worker would boot a private ephemeral server)."""
     quiet_prefect()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -112,11 +108,7 @@ def api_unreachable(url: Optional[str], timeout: float = 3.0) -> bool:
 
 
 def watch_api(url: str, every: float = 5.0, gone_after: float = API_GONE_AFTER_SECONDS) -> threading.Event:
-    """Exit 1 with a message once the API has not answered for ``gone_after`` s; set the event to stop watching.
-
-    A task that computes talks to the API only when it ends: without this a run whose API died goes
-    on for minutes, then fails on a refused connection that names nothing.
-    """
+    """Exit 1 once the API has not answered for ``gone_after`` s (a computing task would find out only when it ends)."""
     stop = threading.Event()
 
     def watch() -> None:
@@ -175,10 +167,7 @@ def cancel_flow_run(timeout: float = 1.0) -> None:
 
 
 def stop_workers() -> None:
-    """SIGKILL this process's descendants in its session: the process pool, its forkserver, Dask's workers.
-
-    The local Prefect server runs in a session of its own, so it stays up.
-    """
+    """SIGKILL this process's descendants in its session (pools, forkserver, Dask workers), not the server in its own."""
     import psutil
 
     session = os.getsid(0)
@@ -217,10 +206,7 @@ def stop_now() -> None:
 
 
 def stop_on_interrupt() -> None:
-    """Ctrl-C: one line, the workers stopped, exit 130 within a second or two; a second Ctrl-C exits at once.
-
-    No KeyboardInterrupt is raised, so no traceback reaches the terminal. Call it early, from the main thread.
-    """
+    """Ctrl-C: one line, the workers stopped, exit 130 (no KeyboardInterrupt, no traceback); a second Ctrl-C exits at once."""
     if interrupts.installed or threading.current_thread() is not threading.main_thread():
         return
     interrupts.installed = True
@@ -309,12 +295,7 @@ def run_page() -> Optional[str]:
 
 def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, float], None], *,
              verbose: bool = False) -> int:
-    """``flow(**parameters)`` with a Prefect API, bounded retries, the watchdog and Ctrl-C handling; the exit code.
-
-    On success ``on_success(result, seconds)`` prints the summary; on failure one message says why
-    and what to do next (the traceback stays in the Prefect log unless ``verbose``); either way the
-    last line is the run's UI page. A failure because the API went away exits the process at once.
-    """
+    """``flow(**parameters)`` under the API, retries, watchdog and Ctrl-C; on failure why and what next; the run page last."""
     stop_on_interrupt()
     if not verbose:
         terminal_without_tracebacks()
