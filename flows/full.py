@@ -27,11 +27,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as this_flow_run
 from prefect.states import Completed
 
-from pneumo import cleanup, download, pool, shards, shard_files, storage, workdir as layout
+from pneumo import cleanup, download, pool, shards, shard_files, workdir as layout
 from pneumo.config import RunConfig, RunOptions, SplitConfig, TrainConfig, TransformConfig
-from pneumo.registry import CHAMPION, describe_alias, list_versions
-from pneumo.report import REPORT_NAME
-from pneumo.summary import outcome_line, summary_markdown
+from pneumo.registry import list_versions
+from pneumo.summary import outcome_line, run_summary, summary_markdown
 from tasks import progress
 from tasks.download import download_dataset
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
@@ -137,25 +136,3 @@ def write_shards(specs: list[shard_files.ShardSpec], config: RunConfig, workdir:
         if transform_pool:
             transform_pool.close()
 
-
-def run_summary(config: RunConfig, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
-                known_versions: list[str], logger: Any) -> dict[str, Any]:
-    """The flow's result: what was registered, the champion, metrics, and where the run's files are."""
-    registered = model.version not in known_versions
-    if not registered:
-        logger.info("data, config and code unchanged since %s %s: no new version registered "
-                    "(retrain trains anyway)", config.model_name, model.version)
-    champion = describe_alias(registry, config.model_name, CHAMPION)
-    if champion.startswith("broken"):
-        logger.warning("champion alias %s", champion)
-    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
-    summary = {
-        "model": f"{config.model_name} {model.version}", "version": model.version, "registered": registered,
-        "champion": f"{config.model_name} {champion}", "champion_comparison": model.champion_comparison,
-        "card": model.card_uri, "report": report if storage.exists(report) else None,
-        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
-        "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
-        "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
-    }
-    logger.info("run summary: %s", outcome_line(summary))
-    return summary

@@ -12,9 +12,33 @@ from typing import Any
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
+from pneumo.report import REPORT_NAME
 
 SPLITS = ("val", "test")
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def run_summary(config: Any, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
+                known_versions: list[str], logger: Any) -> dict[str, Any]:
+    """The full flow's result: what was registered, the champion, metrics, and where the run's files are."""
+    registered = model.version not in known_versions
+    if not registered:
+        logger.info("data, config and code unchanged since %s %s: no new version registered "
+                    "(retrain trains anyway)", config.model_name, model.version)
+    champion = reg.describe_alias(registry, config.model_name, reg.CHAMPION)
+    if champion.startswith("broken"):
+        logger.warning("champion alias %s", champion)
+    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
+    summary = {
+        "model": f"{config.model_name} {model.version}", "version": model.version, "registered": registered,
+        "champion": f"{config.model_name} {champion}", "champion_comparison": model.champion_comparison,
+        "card": model.card_uri, "report": report if storage.exists(report) else None,
+        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
+        "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
+        "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
+    }
+    logger.info("run summary: %s", outcome_line(summary))
+    return summary
 
 
 def outcome_line(summary: dict[str, Any]) -> str:
