@@ -140,36 +140,14 @@ def _bucket_reachable(flag: str, uri: str) -> None:
         raise UsageError(f"{flag} {uri}: {text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
 
 
-def _refuse_missing_classes(source: str, missing: list[str]) -> None:
-    if missing:
-        raise UsageError(f"--source {source}: no images in {', '.join(missing)}; every split needs both classes "
-                         "(train/NORMAL and train/PNEUMONIA, and the same in val/ and test/ when the source has them)")
-
-
 def _check_source(source: str) -> None:
     from pneumo import download
 
     try:
-        parsed = download.parse_source(source)
-        if parsed.kind == "dir":
-            folder = Path(parsed.location)
-            classes = [name for name in download.CLASSES if (folder / name).is_dir()]
-            if classes:  # .../chest_xray/train: one level too deep
-                raise UsageError(f"--source {source}: this is one split's folder (it holds {'/ and '.join(classes)}/); "
-                                 f"pass the folder above it: --source {folder.parent}")
-            _refuse_missing_classes(source, download.missing_class_folders(download.find_dataset_root(folder)))
+        parsed = download.check_source(source)
     except ValueError as error:
-        raise UsageError(f"--source: {error}") from None
-    if parsed.kind == "zip":
-        import zipfile
-
-        if not zipfile.is_zipfile(parsed.location):
-            raise UsageError(f"--source {source}: not a readable zip archive; give the dataset's .zip or its unpacked folder")
-        with zipfile.ZipFile(parsed.location) as archive:
-            _refuse_missing_classes(source, download.missing_class_folders_in_zip(archive.namelist()))
-    elif parsed.kind == "kaggle" and not download.kaggle_credentials_found():
-        raise UsageError(f"--source {source}: no Kaggle credentials found: {download.KAGGLE_CREDENTIALS_HINT}")
-    elif parsed.kind in ("s3_zip", "s3_prefix"):
+        raise UsageError(f"--source {source}: {error}") from None
+    if parsed.kind in ("s3_zip", "s3_prefix"):
         _bucket_reachable("--source", parsed.location)
 
 
