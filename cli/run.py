@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -109,35 +108,18 @@ def check(config: RunConfig) -> None:
     _check_source(config.source)
     buckets = set()
     for flag, uri in (("--workdir", config.workdir), ("--registry", config.registry)):
-        if uri and storage.is_s3(uri):
-            if storage.split_s3(uri)[0] not in buckets:
-                buckets.add(storage.split_s3(uri)[0])
-                _bucket_reachable(flag, uri)
-        elif uri:
-            _local_writable(flag, uri)
+        if uri and not (storage.is_s3(uri) and storage.split_s3(uri)[0] in buckets):
+            buckets.add(storage.split_s3(uri)[0] if storage.is_s3(uri) else None)
+            _usable(flag, uri)
 
 
-def _local_writable(flag: str, folder: str) -> None:
-    path = Path(folder).expanduser()
-    probe = path / f".pneumo-write-probe-{uuid.uuid4().hex}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"{flag} {folder}: not writable ({error.strerror or error}); choose a folder you can write to") from None
-
-
-def _bucket_reachable(flag: str, uri: str) -> None:
-    """One cheap call (HeadBucket) that proves the endpoint answers, the bucket exists and the credentials work."""
+def _usable(flag: str, uri: str) -> None:
     from pneumo import storage
 
     try:
-        with storage.s3_errors(uri, "HeadBucket"):
-            storage.s3_client().head_bucket(Bucket=storage.split_s3(uri)[0])
-    except Exception as error:  # S3Error, or botocore's missing-credentials errors
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"{flag} {uri}: {text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
+        storage.check_usable(uri)
+    except ValueError as error:
+        raise UsageError(f"{flag} {uri}: {error}") from None
 
 
 def _check_source(source: str) -> None:
@@ -148,7 +130,7 @@ def _check_source(source: str) -> None:
     except ValueError as error:
         raise UsageError(f"--source {source}: {error}") from None
     if parsed.kind in ("s3_zip", "s3_prefix"):
-        _bucket_reachable("--source", parsed.location)
+        _usable("--source", parsed.location)
 
 
 def error_line(error: Exception) -> str:
