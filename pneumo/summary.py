@@ -121,6 +121,18 @@ def batch_text(summary: dict[str, Any], seconds: float) -> str:
     return text
 
 
+def prediction_table(results: list[Any]) -> list[str]:
+    """`pneumo predict`'s table of Predictions: image, label, probability, warnings (or the error)."""
+    width = max(len(p.input) for p in results)
+    lines = [f"{'image':<{width}}  {'label':<9}  probability  warnings"]
+    for p in results:
+        if p.ok:
+            lines.append(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
+        else:
+            lines.append(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+    return lines
+
+
 # --------------------------------------------------------------------------- cards, as `pneumo models` shows them
 
 
