@@ -1,9 +1,5 @@
-"""`pneumo run` (= `python flows/full.py`): the RunConfig from the command line over --config over the
-recipe, checked in about a second, then the flow.
-
-The options are cyclopts' reading of pneumo.config.RunConfig: every field by its dotted name
-(``--train.lr``, ``--transform.augment.zoom 0.9 1.1``), five by a short name too. No Prefect
-import until the checks pass: a bad value is refused at once with exit 2.
+"""`pneumo run` (= `python flows/full.py`): pneumo.config.RunConfig from the command line (``--train.lr``,
+``--transform.augment.zoom 0.9 1.1``, a few short names) over --config over the recipe, checked before Prefect loads.
 """
 
 from __future__ import annotations

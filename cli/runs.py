@@ -1,9 +1,5 @@
-"""`pneumo runs` and `pneumo server`: what the pneumo flows did, read from the Prefect API at
-PREFECT_API_URL, or else from the project's local server (cli/server.py); that server's start, stop, status.
-
-The runs of `pneumo run`, the deployments and the batch flow all end in a state whose message
-says what happened ("registered tinynet v0003; ..." or "nothing new registered (cache hit; ...)"),
-and the full flow leaves a run-summary artifact; this module lists the one and prints the other.
+"""`pneumo runs`: what the pneumo flows did (each run's final state message, its summary artifact), read from
+PREFECT_API_URL or else the local server; `pneumo server`: that server's start, stop, status.
 """
 
 from __future__ import annotations

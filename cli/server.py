@@ -8,9 +8,8 @@ mode 0700, so no other local user can read or lock it):
     server.log             the server's output
     start.lock             held while a server is checked, started or stopped (two runs at once start one)
 
-A server is used only when the process that holds the LISTEN socket on its port is the one Prefect
-started there (pid, start time, command line, PREFECT_HOME): a process that merely answers
-/api/health on that port is never sent a run. No Prefect import: ``status`` answers at once.
+A server is used only when the process holding the LISTEN socket on its port is the one Prefect started there
+(pid, start time, command line, PREFECT_HOME), never a process that merely answers /api/health. No Prefect import.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Batch scoring: every image of a folder, zip or s3:// prefix through a registered model.
-
-    pneumo predict-batch --input DIR_OR_ZIP_OR_S3 [--registry R] [--alias champion | --version v0003]
-
-Writes ``{workdir}/predictions/{model}/{version}/{input digest}.csv`` (relpath, probability,
-label, threshold, warnings, true_label). Labels are optional: images under NORMAL/ or
-PNEUMONIA/ folders are scored against them (metrics as in the card); a flat folder is
-scored only. Deployed as ``pneumo-predict/batch`` (infra/prefect.yaml).
+"""Batch scoring (`pneumo predict-batch`, deployed as ``pneumo-predict/batch``): every image of a folder, zip or
+s3:// prefix through a registered model, into ``{workdir}/predictions/{model}/{version}/{input digest}.csv``.
+Images under NORMAL/ or PNEUMONIA/ folders are also scored against those labels.
 """
 
 from __future__ import annotations
