@@ -47,7 +47,7 @@ def prefect_api() -> Iterator[str]:
     """PREFECT_API_URL when set; else the local server, started if needed, announced to child processes
     (without it every process-pool or Dask worker would boot a private ephemeral server)."""
     quiet_prefect()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
     current.api_url, current.local = PREFECT_API_URL.value(), False
     if current.api_url:
@@ -63,28 +63,21 @@ def prefect_api() -> Iterator[str]:
     what = "started the local Prefect server in the background" if started else "using the local Prefect server"
     print(f"pneumo: {what}: UI {server.url} (`pneumo server stop` stops it)", file=sys.stderr, flush=True)
     current.api_url, current.local = server.api_url, True
-    os.environ["PREFECT_API_URL"] = server.api_url  # for child processes
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
+    with exported("PREFECT_API_URL", server.api_url):
+        yield server.api_url
 
 
 @contextlib.contextmanager
-def bounded_api_retries() -> Iterator[None]:
-    """CLIENT_MAX_RETRIES client retries (2 + 4 s), so a dead API fails the run in about a minute; a user's setting wins."""
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+def exported(name: str, value: Any) -> Iterator[None]:
+    """The Prefect setting ``name`` for this process and its children (through the environment), until the end."""
+    import prefect.settings
 
-    if "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
-        yield
-        return
-    os.environ["PREFECT_CLIENT_MAX_RETRIES"] = str(CLIENT_MAX_RETRIES)  # for child processes
+    os.environ[name] = str(value)
     try:
-        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}):
+        with prefect.settings.temporary_settings({getattr(prefect.settings, name): value}):
             yield
     finally:
-        os.environ.pop("PREFECT_CLIENT_MAX_RETRIES", None)
+        os.environ.pop(name, None)
 
 
 def api_post(path: str, body: dict, timeout: float) -> Any:
@@ -301,7 +294,10 @@ def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, f
         terminal_without_tracebacks()
     started = time.perf_counter()
     current.flow_run_id = None
-    with prefect_api() as api_url, bounded_api_retries():
+    # Bounded client retries (2 + 4 s): a dead API fails the run in about a minute; a user's own setting wins.
+    retries = contextlib.nullcontext() if "PREFECT_CLIENT_MAX_RETRIES" in os.environ else exported(
+        "PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)
+    with prefect_api() as api_url, retries:
         stop_watching = watch_api(api_url)
         try:
             result = flow.with_options(on_running=[*flow.on_running_hooks, remember_flow_run])(**parameters)
