@@ -61,8 +61,6 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
 
     with get_client(sync_client=True) as client:
         flows = _flows(client)
-        if not flows:
-            return []
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
@@ -74,7 +72,7 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
 def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     if which == "last":
         latest = recent(limit=1)
@@ -83,15 +81,12 @@ def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
         which = str(latest[0][1].id)
     with get_client(sync_client=True) as client:
         try:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[which])), limit=1)
-        except Exception as error:  # a malformed id is refused by the API's validation
-            raise RunsError(f"no flow run {which!r} on {api} ({type(error).__name__}); `pneumo runs` lists them") from None
-        if not runs:
-            raise RunsError(f"no flow run {which!r} on {api}; `pneumo runs` lists them")
-        run = runs[0]
-        flows = _flows(client)
+            run = client.read_flow_run(which)
+        except Exception:  # no such run, or a malformed id the API's validation refuses
+            raise RunsError(f"no flow run {which!r} on {api}; `pneumo runs` lists them") from None
+        flow = client.read_flow(run.flow_id).name
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    return flows.get(run.flow_id, "?"), run, sorted(artifacts, key=lambda artifact: artifact.created)
+    return flow, run, sorted(artifacts, key=lambda artifact: artifact.created)
 
 
 def _when(moment: Optional[datetime]) -> str:
