@@ -21,20 +21,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
-    """version -> the aliases pointing at it."""
-    from pneumo import storage
+    from pneumo.registry import aliases_by_version
 
-    by_version: dict[str, list[str]] = {}
-    for uri in storage.list_uris(storage.join(registry, model_name, "aliases")):
-        name = uri.replace("\\", "/").rsplit("/", 1)[-1]
-        if name.endswith(".json"):
-            try:
-                target = storage.read_json(uri).get("version")
-            except (ValueError, AttributeError) as error:  # a damaged pointer: named, the listing goes on
-                print(f"pneumo: alias {uri} is unreadable: {error}", file=sys.stderr)
-                continue
-            by_version.setdefault(target, []).append(name[: -len(".json")])
-    return by_version
+    return aliases_by_version(registry, model_name, lambda problem: print(f"pneumo: {problem}", file=sys.stderr))
 
 
 def list_versions(registry: str, model_name: str) -> None:

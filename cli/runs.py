@@ -11,6 +11,7 @@ from typing import Annotated, Any, Iterator, Optional
 import cyclopts
 from cyclopts import Parameter
 
+from cli import runtime
 from cli.models import fail
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
@@ -24,7 +25,7 @@ class RunsError(Exception):
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """PREFECT_API_URL when it is set, else the local server when it is up (not started: a listing starts nothing)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from cli import server as local_server
 
@@ -35,15 +36,8 @@ def prefect_api() -> Iterator[str]:
     if local is None:
         raise RunsError("no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
                         "(`pneumo server start`, or any `pneumo run`, starts it)")
-    with temporary_settings({PREFECT_API_URL: local.api_url, PREFECT_UI_URL: local.url}):
+    with temporary_settings({PREFECT_API_URL: local.api_url}):
         yield local.api_url
-
-
-def run_url(flow_run_id: Any) -> Optional[str]:
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value()
-    return f"{ui}/runs/flow-run/{flow_run_id}" if ui else None
 
 
 def _flows(client) -> dict[Any, str]:
@@ -106,7 +100,7 @@ def list_lines(runs: list[tuple[str, Any]]) -> list[str]:
     return lines
 
 
-def show_lines(flow: str, run: Any, artifacts: list[Any]) -> list[str]:
+def show_lines(flow: str, run: Any, artifacts: list[Any], api: str) -> list[str]:
     """One run: its state and message, duration, link, and the summary artifact (version, metrics, files)."""
     seconds = run.total_run_time.total_seconds() if run.total_run_time else None
     lines = [
@@ -115,9 +109,7 @@ def show_lines(flow: str, run: Any, artifacts: list[Any]) -> list[str]:
         f"  started    {_when(run.start_time)}",
         f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
     ]
-    url = run_url(run.id)
-    if url:
-        lines.append(f"  UI         {url}")
+    lines.append(f"  UI         {runtime.run_page(api, run.id)}")
     by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
     summary = next((by_key[key] for key in SUMMARY_KEYS if key in by_key), None)
     if summary is not None:
@@ -166,7 +158,7 @@ def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a 
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
     try:
         with prefect_api() as api:
-            print("\n".join(show_lines(*find(run, api))))
+            print("\n".join(show_lines(*find(run, api), api)))
     except RunsError as error:
         fail(str(error))
 

@@ -277,13 +277,17 @@ def remember_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
     current.flow_run_id = str(flow_run.id)
 
 
-def run_page() -> Optional[str]:
-    if not (current.api_url and current.flow_run_id):
-        return None
+def run_page(api_url: str, flow_run_id: Any) -> str:
+    """The flow run's page in the Prefect UI (PREFECT_UI_URL, else the UI beside the API)."""
     from prefect.settings import PREFECT_UI_URL
 
-    ui_url = PREFECT_UI_URL.value() or current.api_url.rstrip("/").removesuffix("/api")
-    return f"{ui_url.rstrip('/')}/runs/flow-run/{current.flow_run_id}"
+    ui_url = PREFECT_UI_URL.value() or api_url.rstrip("/").removesuffix("/api")
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def print_run_page(stream: Any) -> None:
+    if current.api_url and current.flow_run_id:
+        print(f"  run page     {run_page(current.api_url, current.flow_run_id)}", file=stream, flush=True)
 
 
 def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, float], None], *,
@@ -307,11 +311,9 @@ def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, f
             print(f"\n{failure_message(error, gone)}", file=sys.stderr, flush=True)
             if gone:
                 exit_now(1)
-            if run_page():
-                print(f"  run page     {run_page()}", file=sys.stderr, flush=True)
+            print_run_page(sys.stderr)
             return 1
         stop_watching.set()
     on_success(result, time.perf_counter() - started)
-    if run_page():
-        print(f"  run page     {run_page()}", flush=True)
+    print_run_page(sys.stdout)
     return 0
