@@ -18,10 +18,6 @@ FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
 
 
-class RunsError(Exception):
-    """No API to ask, or no such run: one line for the user."""
-
-
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """PREFECT_API_URL when it is set, else the local server when it is up (not started: a listing starts nothing)."""
@@ -34,7 +30,7 @@ def prefect_api() -> Iterator[str]:
         return
     local = local_server.running()
     if local is None:
-        raise RunsError("no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
+        fail("no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
                         "(`pneumo server start`, or any `pneumo run`, starts it)")
     with temporary_settings({PREFECT_API_URL: local.api_url}):
         yield local.api_url
@@ -71,13 +67,13 @@ def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     if which == "last":
         latest = recent(limit=1)
         if not latest:
-            raise RunsError(f"no runs of {', '.join(FLOWS)} on {api} yet")
+            fail(f"no runs of {', '.join(FLOWS)} on {api} yet")
         which = str(latest[0][1].id)
     with get_client(sync_client=True) as client:
         try:
             run = client.read_flow_run(which)
         except Exception:  # no such run, or a malformed id the API's validation refuses
-            raise RunsError(f"no flow run {which!r} on {api}; `pneumo runs` lists them") from None
+            fail(f"no flow run {which!r} on {api}; `pneumo runs` lists them")
         flow = client.read_flow(run.flow_id).name
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     return flow, run, sorted(artifacts, key=lambda artifact: artifact.created)
@@ -143,31 +139,25 @@ runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with wha
 @runs.default
 def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
     """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
-    try:
-        with prefect_api() as api:
-            found = recent(max(limit, 1))
-            if not found:
-                fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
-            print("\n".join(list_lines(found)))
-    except RunsError as error:
-        fail(str(error))
+    with prefect_api() as api:
+        found = recent(max(limit, 1))
+        if not found:
+            fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
+        print("\n".join(list_lines(found)))
 
 
 @runs.command(name="show")
 def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
-    try:
-        with prefect_api() as api:
-            print("\n".join(show_lines(*find(run, api), api)))
-    except RunsError as error:
-        fail(str(error))
+    with prefect_api() as api:
+        print("\n".join(show_lines(*find(run, api), api)))
 
 
 server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")
 
 
 @server.command
-def start() -> int:
+def start() -> None:
     """Start the local Prefect server in the background (runs start it themselves when needed)."""
     from cli import server as local
 
@@ -176,7 +166,6 @@ def start() -> int:
     except (RuntimeError, ValueError) as error:
         fail(str(error), code=1)
     print(f"local Prefect server {'started' if started else 'already running'}: UI {found.url} (pid {found.pid})")
-    return 0
 
 
 @server.command
