@@ -4,9 +4,8 @@ PREFECT_API_URL or else the local server; `pneumo server`: that server's start, 
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import cyclopts
 from cyclopts import Parameter
@@ -16,24 +15,6 @@ from cli.models import fail
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
-    """PREFECT_API_URL when it is set, else the local server when it is up (not started: a listing starts nothing)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from cli import server as local_server
-
-    if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
-    local = local_server.running()
-    if local is None:
-        fail("no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
-                        "(`pneumo server start`, or any `pneumo run`, starts it)")
-    with temporary_settings({PREFECT_API_URL: local.api_url}):
-        yield local.api_url
 
 
 def _flows(client) -> dict[Any, str]:
@@ -139,7 +120,7 @@ runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with wha
 @runs.default
 def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
     """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
-    with prefect_api() as api:
+    with runtime.prefect_api(start=False) as api:
         found = recent(max(limit, 1))
         if not found:
             fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
@@ -149,7 +130,7 @@ def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, ne
 @runs.command(name="show")
 def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
-    with prefect_api() as api:
+    with runtime.prefect_api(start=False) as api:
         print("\n".join(show_lines(*find(run, api), api)))
 
 

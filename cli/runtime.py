@@ -43,9 +43,9 @@ current = CurrentRun()
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
-    """PREFECT_API_URL when set; else the local server, started if needed, announced to child processes
-    (without it every process-pool or Dask worker would boot a private ephemeral server)."""
+def prefect_api(start: bool = True) -> Iterator[str]:
+    """PREFECT_API_URL when set; else the local server (started if needed and ``start``), announced to child
+    processes (without it every process-pool or Dask worker would boot a private ephemeral server)."""
     quiet_prefect()
     from prefect.settings import PREFECT_API_URL
 
@@ -55,13 +55,20 @@ def prefect_api() -> Iterator[str]:
         return
     from cli import server as local_server
 
-    try:
-        server, started = local_server.ensure_running()
-    except (RuntimeError, ValueError, OSError) as error:  # no traceback: what failed, and the way around it
-        print(f"pneumo: {error}\n  (set PREFECT_API_URL to use another Prefect server)", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    what = "started the local Prefect server in the background" if started else "using the local Prefect server"
-    print(f"pneumo: {what}: UI {server.url} (`pneumo server stop` stops it)", file=sys.stderr, flush=True)
+    if not start:  # `pneumo runs`: a listing starts nothing
+        server = local_server.running()
+        if server is None:
+            print("pneumo: no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
+                  "(`pneumo server start`, or any `pneumo run`, starts it)", file=sys.stderr)
+            raise SystemExit(2)
+    else:
+        try:
+            server, started = local_server.ensure_running()
+        except (RuntimeError, ValueError, OSError) as error:  # no traceback: what failed, and the way around it
+            print(f"pneumo: {error}\n  (set PREFECT_API_URL to use another Prefect server)", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        what = "started the local Prefect server in the background" if started else "using the local Prefect server"
+        print(f"pneumo: {what}: UI {server.url} (`pneumo server stop` stops it)", file=sys.stderr, flush=True)
     current.api_url, current.local = server.api_url, True
     with exported("PREFECT_API_URL", server.api_url):
         yield server.api_url
