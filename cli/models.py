@@ -26,11 +26,16 @@ def _aliases(registry: str, model_name: str) -> dict[str, list[str]]:
     return aliases_by_version(registry, model_name, lambda problem: print(f"pneumo: {problem}", file=sys.stderr))
 
 
-def list_versions(registry: str, model_name: str) -> None:
+models = cyclopts.App(name="models", help="List registered versions, show a card, move an alias.")
+
+
+@models.command(name="list")
+def models_list(*, where: Where = ModelLocation()) -> None:
     """Versions, oldest first, with their val/test metrics and aliases."""
     from pneumo import registry as reg
     from pneumo.summary import VERSIONS_HEADER, version_row
 
+    registry, model_name = where.registry_uri(), where.model_name
     try:
         versions = reg.list_versions(registry, model_name)
     except ValueError as error:
@@ -48,11 +53,14 @@ def list_versions(registry: str, model_name: str) -> None:
         print(version_row(version, card, aliases.get(version, [])))
 
 
-def show(registry: str, model_name: str, version: str, as_json: bool) -> None:
-    """A version's card, readably (or whole, with ``as_json``)."""
+@models.command(name="show")
+def models_show(version: Annotated[str, Parameter(help="A version (v0003) or an alias (champion).")] = "champion", /, *,
+                where: Where = ModelLocation(), as_json: Annotated[AsJson, Parameter(help="The whole card as JSON.")] = False) -> None:
+    """Print a version's card readably (or whole, with --json)."""
     from pneumo import registry as reg
     from pneumo.summary import card_lines
 
+    registry, model_name = where.registry_uri(), where.model_name
     try:
         card = reg.load_card(registry, model_name, version)
     except (FileNotFoundError, ValueError) as error:
@@ -63,11 +71,18 @@ def show(registry: str, model_name: str, version: str, as_json: bool) -> None:
         print("\n".join(card_lines(card, registry, model_name, _aliases(registry, model_name).get(card.version, []))))
 
 
-def promote(registry: str, model_name: str, version: str, alias: str, reason: str) -> None:
-    """Point ``alias`` at ``version`` by hand; champion by compare-and-swap."""
+@models.command(name="promote")
+def models_promote(version: Annotated[str, Parameter(help="The version to point the alias at, e.g. v0003.")], /, *,
+                   alias: Annotated[str, Parameter(help="The alias to move.")] = "champion", where: Where = ModelLocation(),
+                   reason: Annotated[str, Parameter(help="Why, kept in the alias history.")] = "") -> None:
+    """Point an alias (champion by default) at a version by hand.
+
+    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
+    """
     from pneumo import promotion
     from pneumo import registry as reg
 
+    registry, model_name = where.registry_uri(), where.model_name
     try:
         try:
             before = reg.get_alias(registry, model_name, alias)
@@ -81,30 +96,3 @@ def promote(registry: str, model_name: str, version: str, alias: str, reason: st
     except (FileNotFoundError, ValueError, KeyError) as error:
         fail(str(error))
     print(f"{model_name} {alias}: {before or '(unset)'} -> {version}")
-
-
-models = cyclopts.App(name="models", help="List registered versions, show a card, move an alias.")
-
-
-@models.command(name="list")
-def models_list(*, where: Where = ModelLocation()) -> None:
-    """Versions, oldest first, with their val/test metrics and aliases."""
-    list_versions(where.registry_uri(), where.model_name)
-
-
-@models.command(name="show")
-def models_show(version: Annotated[str, Parameter(help="A version (v0003) or an alias (champion).")] = "champion", /, *,
-                where: Where = ModelLocation(), as_json: Annotated[AsJson, Parameter(help="The whole card as JSON.")] = False) -> None:
-    """Print a version's card readably (or whole, with --json)."""
-    show(where.registry_uri(), where.model_name, version, as_json)
-
-
-@models.command(name="promote")
-def models_promote(version: Annotated[str, Parameter(help="The version to point the alias at, e.g. v0003.")], /, *,
-                   alias: Annotated[str, Parameter(help="The alias to move.")] = "champion", where: Where = ModelLocation(),
-                   reason: Annotated[str, Parameter(help="Why, kept in the alias history.")] = "") -> None:
-    """Point an alias (champion by default) at a version by hand.
-
-    The champion alias moves by the same compare-and-swap as the pipeline's promotion, so a run promoting at the same moment is never silently overwritten.
-    """
-    promote(where.registry_uri(), where.model_name, version, alias, reason)

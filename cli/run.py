@@ -14,8 +14,7 @@ from cyclopts import Parameter
 
 from pneumo.config import RunConfig
 
-# The most used fields also answer to a short name.
-# (source, workdir, registry and model name are top-level fields: --source, --workdir, ... already.)
+# The most used fields also answer to a short name (source, workdir, registry, model name are top-level already).
 SHORT_NAMES = {("run", "recipe"): "--recipe", ("run", "retrain"): "--retrain",
                ("train", "epochs"): "--epochs", ("train", "seed"): "--seed"}
 SECTIONS = ("run", "transform", "split", "train")

@@ -314,10 +314,7 @@ def ensure_running() -> tuple[Server, bool]:
 
 
 def stop() -> Optional[Server]:
-    """Stop the local server; the server stopped, or None when none of ours ran.
-
-    Only a process that passes ``why_not_ours`` is signalled (`prefect server stop` would SIGTERM whatever pid its file names).
-    """
+    """Stop the local server if it is ours (`prefect server stop` would SIGTERM whatever pid its file names): it, or None."""
     with start_lock():
         server = read_record()
         ours = server is not None and why_not_ours(server) is None
