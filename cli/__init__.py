@@ -1,17 +1,6 @@
-"""The ``pneumo`` command: run the pipeline, score X-rays, serve a model, manage versions and runs.
-
-    pneumo run [--source ...] [--epochs N] [--train.lr X] ...   train and register (= python flows/full.py)
-    pneumo predict IMAGE_OR_FOLDER...                          score images in this process
-    pneumo predict-batch --input DIR_ZIP_OR_S3                 the batch flow (flows/predict.py)
-    pneumo serve                                               HTTP endpoint that follows the champion
-    pneumo models list | show V | promote V                    what the registry holds
-    pneumo runs [show last|ID]                                 what the recent runs did (Prefect API)
-    pneumo gc [--yes]                                          what the workdir can lose, and removing it
-    pneumo server start | stop | status                        the local Prefect server
-
-Only ``run``, ``predict-batch``, ``runs`` and ``server`` import Prefect, inside the commands.
+"""The ``pneumo`` command (`pneumo --help` lists its commands). Only ``run``, ``predict-batch``, ``runs`` and
+``server`` import Prefect, inside the commands.
 """
-
 from __future__ import annotations
 
 import sys

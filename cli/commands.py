@@ -6,7 +6,6 @@ Only ``predict-batch`` imports Prefect (inside it): the others start in about a 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +44,7 @@ def predict(
     Exit code 0 when every input was scored, 1 when some could not be (each with its reason), 2 on bad usage.
     """
     from pneumo.predict import list_inputs
+    from pneumo.summary import prediction_table
 
     paths = [image.path for item in inputs if item.is_dir() for image in list_inputs(item)]
     paths += [str(item) for item in inputs if not item.is_dir()]  # a missing file is reported per input
@@ -53,16 +53,7 @@ def predict(
     predictor = _load_predictor(where, alias, version)
     results = predictor.predict(paths)
     failed = [p for p in results if not p.ok]
-    if as_json:
-        print("\n".join(json.dumps(p.to_dict()) for p in results))
-    else:
-        width = max(len(p.input) for p in results)
-        print(f"{'image':<{width}}  {'label':<9}  probability  warnings")
-        for p in results:
-            if p.ok:
-                print(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
-            else:
-                print(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+    print("\n".join(json.dumps(p.to_dict()) for p in results) if as_json else "\n".join(prediction_table(results)))
     for p in failed:
         print(f"pneumo: cannot score {p.input}: {p.error}", file=sys.stderr)
     print(f"{where.model_name} {predictor.version} (threshold {predictor.threshold:.4g}, {predictor.runtime}): "
@@ -82,9 +73,10 @@ def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
 
         pool.warm_up()
     from flows.predict import predict_batch as flow
-    from flows.summary import print_batch_summary
+    from pneumo.summary import batch_text
 
-    return runtime.run_flow(flow, {"input": input, "batch": batch}, print_batch_summary, verbose=verbose)
+    return runtime.run_flow(flow, {"input": input, "batch": batch}, lambda summary, seconds: print(batch_text(summary, seconds)),
+                            verbose=verbose)
 
 
 def serve(
@@ -117,12 +109,7 @@ def serve(
         where.registry_uri(), where.model_name, alias, poll_seconds=poll, max_bytes=max_bytes, max_pixels=max_pixels,
         body_seconds=body_timeout, decode_memory=decode_memory * 2**20 if decode_memory else None, predictor=predictor,
     )
-    request_log = logging.getLogger("pneumo.serve")  # one line per request (pneumo.serve's middleware)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    request_log.addHandler(handler)
-    request_log.setLevel(logging.INFO)
-    request_log.propagate = False
+    serving.log_requests_to_stderr()
     print(f"pneumo: serving {where.model_name} {predictor.version} ({alias}, {predictor.runtime}) on http://{host}:{port}; "
           f"API docs at http://{host}:{port}/docs", file=sys.stderr)
     # A stalled upload must not hold the process after SIGTERM: requests still running half a second after it are cancelled.

@@ -1,66 +1,20 @@
-"""`pneumo runs` and `pneumo server`: what the pneumo flows did, read from the Prefect API at
-PREFECT_API_URL, or else from the project's local server (cli/server.py); that server's start, stop, status.
-
-The runs of `pneumo run`, the deployments and the batch flow all end in a state whose message
-says what happened ("registered tinynet v0003; ..." or "nothing new registered (cache hit; ...)"),
-and the full flow leaves a run-summary artifact; this module lists the one and prints the other.
+"""`pneumo runs`: what the pneumo flows did (each run's final state message, its summary artifact), read from
+PREFECT_API_URL or else the local server; `pneumo server`: that server's start, stop, status.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from datetime import datetime
 from typing import Annotated, Any, Optional
 
 import cyclopts
 from cyclopts import Parameter
 
+from cli import runtime
+from cli.models import fail
+
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
-
-
-class RunsError(Exception):
-    """No API to ask, or no such run: one line for the user."""
-
-
-@contextlib.contextmanager
-def prefect_api():
-    """PREFECT_API_URL when it is set, else the local server that `pneumo run` starts, when it is up."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
-
-    from cli import server as prefect_server
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    local = prefect_server.running()
-    if local is None:
-        raise RunsError(
-            "no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
-            "(`pneumo server start`, or any `pneumo run`, starts it)"
-        )
-    with temporary_settings({PREFECT_API_URL: local.api_url, PREFECT_UI_URL: local.url}):
-        yield
-
-
-def api_url() -> str:
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise RunsError(
-            "PREFECT_API_URL is not set: runs are kept by a Prefect server. Start one (make stack-up) and export "
-            "the PREFECT_API_URL it prints, then run pneumo through it"
-        )
-    return url
-
-
-def run_url(flow_run_id: Any) -> Optional[str]:
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value()
-    return f"{ui}/runs/flow-run/{flow_run_id}" if ui else None
 
 
 def _flows(client) -> dict[Any, str]:
@@ -76,11 +30,8 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    api_url()
     with get_client(sync_client=True) as client:
         flows = _flows(client)
-        if not flows:
-            return []
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
@@ -89,28 +40,24 @@ def recent(limit: int = 10) -> list[tuple[str, Any]]:
     return [(flows.get(run.flow_id, "?"), run) for run in runs]
 
 
-def find(which: str) -> tuple[str, Any, list[Any]]:
+def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    api_url()
     if which == "last":
         latest = recent(limit=1)
         if not latest:
-            raise RunsError(f"no runs of {', '.join(FLOWS)} on {api_url()} yet")
+            fail(f"no runs of {', '.join(FLOWS)} on {api} yet")
         which = str(latest[0][1].id)
     with get_client(sync_client=True) as client:
         try:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[which])), limit=1)
-        except Exception as error:  # a malformed id is refused by the API's validation
-            raise RunsError(f"no flow run {which!r} on {api_url()} ({type(error).__name__}); `pneumo runs` lists them") from None
-        if not runs:
-            raise RunsError(f"no flow run {which!r} on {api_url()}; `pneumo runs` lists them")
-        run = runs[0]
-        flows = _flows(client)
+            run = client.read_flow_run(which)
+        except Exception:  # no such run, or a malformed id the API's validation refuses
+            fail(f"no flow run {which!r} on {api}; `pneumo runs` lists them")
+        flow = client.read_flow(run.flow_id).name
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    return flows.get(run.flow_id, "?"), run, sorted(artifacts, key=lambda artifact: artifact.created)
+    return flow, run, sorted(artifacts, key=lambda artifact: artifact.created)
 
 
 def _when(moment: Optional[datetime]) -> str:
@@ -130,7 +77,7 @@ def list_lines(runs: list[tuple[str, Any]]) -> list[str]:
     return lines
 
 
-def show_lines(flow: str, run: Any, artifacts: list[Any]) -> list[str]:
+def show_lines(flow: str, run: Any, artifacts: list[Any], api: str) -> list[str]:
     """One run: its state and message, duration, link, and the summary artifact (version, metrics, files)."""
     seconds = run.total_run_time.total_seconds() if run.total_run_time else None
     lines = [
@@ -139,9 +86,7 @@ def show_lines(flow: str, run: Any, artifacts: list[Any]) -> list[str]:
         f"  started    {_when(run.start_time)}",
         f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
     ]
-    url = run_url(run.id)
-    if url:
-        lines.append(f"  UI         {url}")
+    lines.append(f"  UI         {runtime.run_page(api, run.id)}")
     by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
     summary = next((by_key[key] for key in SUMMARY_KEYS if key in by_key), None)
     if summary is not None:
@@ -169,52 +114,39 @@ def _as_text(data: Any) -> str:
 # --------------------------------------------------------------------------- the commands
 
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"pneumo: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
 runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with what each did (from PREFECT_API_URL, or else the local server).")
 
 
 @runs.default
 def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
     """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
-    try:
-        with prefect_api():
-            found = recent(max(limit, 1))
-            if not found:
-                _fail(f"no runs of {', '.join(FLOWS)} on {api_url()} yet", code=1)
-            print("\n".join(list_lines(found)))
-    except RunsError as error:
-        _fail(str(error))
+    with runtime.prefect_api(start=False) as api:
+        found = recent(max(limit, 1))
+        if not found:
+            fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
+        print("\n".join(list_lines(found)))
 
 
 @runs.command(name="show")
 def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
-    try:
-        with prefect_api():
-            print("\n".join(show_lines(*find(run))))
-    except RunsError as error:
-        _fail(str(error))
+    with runtime.prefect_api(start=False) as api:
+        print("\n".join(show_lines(*find(run, api), api)))
 
 
 server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")
 
 
 @server.command
-def start() -> int:
+def start() -> None:
     """Start the local Prefect server in the background (runs start it themselves when needed)."""
     from cli import server as local
 
     try:
         found, started = local.ensure_running()
     except (RuntimeError, ValueError) as error:
-        print(f"pneumo: {error}", file=sys.stderr)
-        return 1
+        fail(str(error), code=1)
     print(f"local Prefect server {'started' if started else 'already running'}: UI {found.url} (pid {found.pid})")
-    return 0
 
 
 @server.command

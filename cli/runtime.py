@@ -1,7 +1,6 @@
 """How a flow runs from the command line: its Prefect API, bounded client retries, a watchdog, Ctrl-C, its exit.
 
-Commands call ``quiet_prefect()`` before Prefect is imported, then ``run_flow(...)``. Prefect is imported
-only inside the functions. The flow knows nothing of this module: what Ctrl-C reports is asked of the API.
+Prefect is imported only inside the functions. The flow knows nothing of this module: what Ctrl-C reports is asked of the API.
 """
 
 from __future__ import annotations
@@ -44,14 +43,11 @@ current = CurrentRun()
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
-    """PREFECT_API_URL when set; else the local server, started if needed. Yields the API URL.
-
-    One server announced through PREFECT_API_URL serves the whole run: without it every process-pool
-    or Dask worker would boot a private ephemeral server of its own.
-    """
+def prefect_api(start: bool = True) -> Iterator[str]:
+    """PREFECT_API_URL when set; else the local server (started if needed and ``start``), announced to child
+    processes (without it every process-pool or Dask worker would boot a private ephemeral server)."""
     quiet_prefect()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
     current.api_url, current.local = PREFECT_API_URL.value(), False
     if current.api_url:
@@ -59,36 +55,36 @@ def prefect_api() -> Iterator[str]:
         return
     from cli import server as local_server
 
-    try:
-        server, started = local_server.ensure_running()
-    except (RuntimeError, ValueError, OSError) as error:  # no traceback: what failed, and the way around it
-        print(f"pneumo: {error}\n  (set PREFECT_API_URL to use another Prefect server)", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    what = "started the local Prefect server in the background" if started else "using the local Prefect server"
-    print(f"pneumo: {what}: UI {server.url} (`pneumo server stop` stops it)", file=sys.stderr, flush=True)
+    if not start:  # `pneumo runs`: a listing starts nothing
+        server = local_server.running()
+        if server is None:
+            print("pneumo: no Prefect server to ask: PREFECT_API_URL is not set and the local server is not running "
+                  "(`pneumo server start`, or any `pneumo run`, starts it)", file=sys.stderr)
+            raise SystemExit(2)
+    else:
+        try:
+            server, started = local_server.ensure_running()
+        except (RuntimeError, ValueError, OSError) as error:  # no traceback: what failed, and the way around it
+            print(f"pneumo: {error}\n  (set PREFECT_API_URL to use another Prefect server)", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        what = "started the local Prefect server in the background" if started else "using the local Prefect server"
+        print(f"pneumo: {what}: UI {server.url} (`pneumo server stop` stops it)", file=sys.stderr, flush=True)
     current.api_url, current.local = server.api_url, True
-    os.environ["PREFECT_API_URL"] = server.api_url  # for child processes
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
+    with exported("PREFECT_API_URL", server.api_url):
+        yield server.api_url
 
 
 @contextlib.contextmanager
-def bounded_api_retries() -> Iterator[None]:
-    """CLIENT_MAX_RETRIES client retries (2 + 4 s), so a dead API fails the run in about a minute; a user's setting wins."""
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+def exported(name: str, value: Any) -> Iterator[None]:
+    """The Prefect setting ``name`` for this process and its children (through the environment), until the end."""
+    import prefect.settings
 
-    if "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
-        yield
-        return
-    os.environ["PREFECT_CLIENT_MAX_RETRIES"] = str(CLIENT_MAX_RETRIES)  # for child processes
+    os.environ[name] = str(value)
     try:
-        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: CLIENT_MAX_RETRIES}):
+        with prefect.settings.temporary_settings({getattr(prefect.settings, name): value}):
             yield
     finally:
-        os.environ.pop("PREFECT_CLIENT_MAX_RETRIES", None)
+        os.environ.pop(name, None)
 
 
 def api_post(path: str, body: dict, timeout: float) -> Any:
@@ -112,11 +108,7 @@ def api_unreachable(url: Optional[str], timeout: float = 3.0) -> bool:
 
 
 def watch_api(url: str, every: float = 5.0, gone_after: float = API_GONE_AFTER_SECONDS) -> threading.Event:
-    """Exit 1 with a message once the API has not answered for ``gone_after`` s; set the event to stop watching.
-
-    A task that computes talks to the API only when it ends: without this a run whose API died goes
-    on for minutes, then fails on a refused connection that names nothing.
-    """
+    """Exit 1 once the API has not answered for ``gone_after`` s (a computing task would find out only when it ends)."""
     stop = threading.Event()
 
     def watch() -> None:
@@ -175,10 +167,7 @@ def cancel_flow_run(timeout: float = 1.0) -> None:
 
 
 def stop_workers() -> None:
-    """SIGKILL this process's descendants in its session: the process pool, its forkserver, Dask's workers.
-
-    The local Prefect server runs in a session of its own, so it stays up.
-    """
+    """SIGKILL this process's descendants in its session (pools, forkserver, Dask workers), not the server in its own."""
     import psutil
 
     session = os.getsid(0)
@@ -218,10 +207,7 @@ def stop_now() -> None:
 
 
 def stop_on_interrupt() -> None:
-    """Ctrl-C: one line, the workers stopped, exit 130 within a second or two; a second Ctrl-C exits at once.
-
-    No KeyboardInterrupt is raised, so no traceback reaches the terminal. Call it early, from the main thread.
-    """
+    """Ctrl-C: one line, the workers stopped, exit 130 (no KeyboardInterrupt, no traceback); a second Ctrl-C exits at once."""
     if interrupts.installed or threading.current_thread() is not threading.main_thread():
         return
     interrupts.installed = True
@@ -299,29 +285,31 @@ def remember_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
     current.flow_run_id = str(flow_run.id)
 
 
-def run_page() -> Optional[str]:
-    if not (current.api_url and current.flow_run_id):
-        return None
+def run_page(api_url: str, flow_run_id: Any) -> str:
+    """The flow run's page in the Prefect UI (PREFECT_UI_URL, else the UI beside the API)."""
     from prefect.settings import PREFECT_UI_URL
 
-    ui_url = PREFECT_UI_URL.value() or current.api_url.rstrip("/").removesuffix("/api")
-    return f"{ui_url.rstrip('/')}/runs/flow-run/{current.flow_run_id}"
+    ui_url = PREFECT_UI_URL.value() or api_url.rstrip("/").removesuffix("/api")
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def print_run_page(stream: Any) -> None:
+    if current.api_url and current.flow_run_id:
+        print(f"  run page     {run_page(current.api_url, current.flow_run_id)}", file=stream, flush=True)
 
 
 def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, float], None], *,
              verbose: bool = False) -> int:
-    """``flow(**parameters)`` with a Prefect API, bounded retries, the watchdog and Ctrl-C handling; the exit code.
-
-    On success ``on_success(result, seconds)`` prints the summary; on failure one message says why
-    and what to do next (the traceback stays in the Prefect log unless ``verbose``); either way the
-    last line is the run's UI page. A failure because the API went away exits the process at once.
-    """
+    """``flow(**parameters)`` under the API, retries, watchdog and Ctrl-C; on failure why and what next; the run page last."""
     stop_on_interrupt()
     if not verbose:
         terminal_without_tracebacks()
     started = time.perf_counter()
     current.flow_run_id = None
-    with prefect_api() as api_url, bounded_api_retries():
+    # Bounded client retries (2 + 4 s): a dead API fails the run in about a minute; a user's own setting wins.
+    retries = contextlib.nullcontext() if "PREFECT_CLIENT_MAX_RETRIES" in os.environ else exported(
+        "PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)
+    with prefect_api() as api_url, retries:
         stop_watching = watch_api(api_url)
         try:
             result = flow.with_options(on_running=[*flow.on_running_hooks, remember_flow_run])(**parameters)
@@ -331,11 +319,9 @@ def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, f
             print(f"\n{failure_message(error, gone)}", file=sys.stderr, flush=True)
             if gone:
                 exit_now(1)
-            if run_page():
-                print(f"  run page     {run_page()}", file=sys.stderr, flush=True)
+            print_run_page(sys.stderr)
             return 1
         stop_watching.set()
     on_success(result, time.perf_counter() - started)
-    if run_page():
-        print(f"  run page     {run_page()}", flush=True)
+    print_run_page(sys.stdout)
     return 0

@@ -8,9 +8,8 @@ mode 0700, so no other local user can read or lock it):
     server.log             the server's output
     start.lock             held while a server is checked, started or stopped (two runs at once start one)
 
-A server is used only when the process that holds the LISTEN socket on its port is the one Prefect
-started there (pid, start time, command line, PREFECT_HOME): a process that merely answers
-/api/health on that port is never sent a run. No Prefect import: ``status`` answers at once.
+A server is used only when the process holding the LISTEN socket on its port is the one Prefect started there
+(pid, start time, command line, PREFECT_HOME), never a process that merely answers /api/health. No Prefect import.
 """
 
 from __future__ import annotations
@@ -268,12 +267,10 @@ def clear_stale() -> None:
 
 
 def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
-    """`prefect server start` on ``port``, in the background; the server once its own process listens there and answers.
+    """`prefect server start` on ``port``, detached; the server once its own process listens there and answers.
 
-    Not `--background`: its server writes to pipes nobody reads once `prefect server start` has
-    exited, and dies at the first error it logs (seen: "database is locked" after an interrupted
-    run). Started here the same way, detached, its output goes to server.log; Prefect's pid file is
-    written as `--background` writes it, so `prefect server stop` works too.
+    Not `--background`, whose server dies at its first logged error (its pipes unread once the command
+    exits). Output goes to server.log; the pid file is written as `--background` writes it, for `prefect server stop`.
     """
     prefect_home().mkdir(mode=0o700, exist_ok=True)
     with open(os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
@@ -317,11 +314,7 @@ def ensure_running() -> tuple[Server, bool]:
 
 
 def stop() -> Optional[Server]:
-    """Stop the local server; the server stopped, or None when none of ours ran.
-
-    Only a process that passes ``why_not_ours`` is signalled (`prefect server stop` would SIGTERM
-    whatever pid its file names); then Prefect's pid file is removed as `prefect server stop` does.
-    """
+    """Stop the local server if it is ours (`prefect server stop` would SIGTERM whatever pid its file names): it, or None."""
     with start_lock():
         server = read_record()
         ours = server is not None and why_not_ours(server) is None

@@ -1,8 +1,7 @@
 """The full pneumo pipeline: download → size percentiles → shards → quarantine report → train/evaluate/register.
 
-Run it with ``pneumo run`` (= ``python flows/full.py``); deploy it with infra/prefect.yaml. Its
-parameters are the sections of pneumo.config.RunConfig, so ``prefect deployment run --param
-train='{"epochs": 5}'`` changes the recipe's epochs and keeps the rest of it.
+Run by ``pneumo run`` (= ``python flows/full.py``), deployed by infra/prefect.yaml. Its parameters are RunConfig's
+sections: ``prefect deployment run --param train='{"epochs": 5}'`` changes the recipe's epochs and keeps the rest.
 """
 
 # ruff: noqa: E402  (the __main__ check runs before Prefect is imported)
@@ -27,10 +26,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as this_flow_run
 from prefect.states import Completed
 
-from flows.summary import outcome_line, run_summary, summary_markdown
 from pneumo import cleanup, download, pool, shards, shard_files, workdir as layout
 from pneumo.config import RunConfig, RunOptions, SplitConfig, TrainConfig, TransformConfig
 from pneumo.registry import list_versions
+from pneumo.summary import outcome_line, run_summary, summary_markdown
 from tasks import progress
 from tasks.download import download_dataset
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
@@ -120,10 +119,8 @@ def full(
 
 def write_shards(specs: list[shard_files.ShardSpec], config: RunConfig, workdir: str,
                  rebuild: bool = False) -> list[shard_files.ShardResult]:
-    """write-shard mapped over ``specs`` on the run's task runner; results in spec order.
-
-    With ``processes`` each shard task hands its pixel work to a pool of local processes
-    forked from a warm forkserver (h5py holds a global lock, so threads alone do not scale).
+    """write-shard mapped over ``specs`` on the run's task runner; results in spec order. With ``processes`` the
+    pixel work goes to a pool of local processes (h5py holds a global lock, so threads alone do not scale).
     """
     run = config.run
     get_run_logger().info("transform: %d shard(s) of up to %d images on the %s runner", len(specs), run.shard_size, run.runner)

@@ -1,33 +1,23 @@
-"""Batch scoring: every image of a folder, zip or s3:// prefix through a registered model.
-
-    pneumo predict-batch --input DIR_OR_ZIP_OR_S3 [--registry R] [--alias champion | --version v0003]
-
-Writes ``{workdir}/predictions/{model}/{version}/{input digest}.csv`` (relpath, probability,
-label, threshold, warnings, true_label). Labels are optional: images under NORMAL/ or
-PNEUMONIA/ folders are scored against them (metrics as in the card); a flat folder is
-scored only. Deployed as ``pneumo-predict/batch`` (infra/prefect.yaml).
+"""Batch scoring (`pneumo predict-batch`, deployed as ``pneumo-predict/batch``): every image of a folder, zip or
+s3:// prefix through a registered model, into ``{workdir}/predictions/{model}/{version}/{input digest}.csv``.
+Images under NORMAL/ or PNEUMONIA/ folders are also scored against those labels.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
-from flows.summary import label_counts, predict_outcome
-from pneumo import download, evaluate, pool, predict, storage, workdir as layout
+from pneumo import download, pool, predict, storage, workdir as layout
 from pneumo.config import BatchOptions
 from pneumo.manifest import QuarantineEntry
+from pneumo.summary import predict_outcome
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
-from tasks.reporting import quarantine_artifact
-
-FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
-
+from tasks.reporting import publish_predictions, quarantine_artifact
 
 @flow(name="pneumo-predict")
 def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str, Any]:
@@ -71,7 +61,7 @@ def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str,
         "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": uri,
         "quarantine_report": quarantine_uri, "metrics": None,
     }
-    publish(summary, scored, model.threshold, batch)
+    publish_predictions(summary, scored, model.threshold)
     outcome = predict_outcome(summary)
     logger.info("run summary: %s", outcome)
     return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
@@ -94,35 +84,3 @@ def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, ba
         if score_pool:
             score_pool.close()
 
-
-def publish(summary: dict[str, Any], scored: list[dict], threshold: float, batch: BatchOptions) -> None:
-    """The metrics against the input's labels, if any, and the run's artifacts: counts, first rows, the CSV."""
-    input, model_name, version, uri = summary["input"], batch.model_name, summary["model"].split()[-1], summary["predictions"]
-    counts = summary["predicted"]
-    labelled = [row for row in scored if row["true_label"]]
-    if labelled:
-        truth = [predict.CLASSES.index(row["true_label"]) for row in labelled]
-        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], threshold)
-        create_markdown_artifact(
-            key="predict-metrics",
-            markdown=(
-                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
-                + evaluate.markdown_table({"input": summary["metrics"]})
-            ),
-            description=f"{model_name} {version} scored against the input's labels",
-        )
-    create_table_artifact(
-        key="predict-counts",
-        table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts],
-        description=f"{model_name} {version} on {input}: files scored and predicted labels",
-    )
-    create_table_artifact(
-        key="predictions",
-        table=[{k: row[k] for k in predict.PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
-        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
-    )
-    create_link_artifact(key="predictions-file", link=_link(uri), link_text=uri, description="The predictions CSV")
-
-
-def _link(uri: str) -> str:
-    return uri if storage.is_s3(uri) else Path(uri).as_uri()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pneumo.names import DEFAULT_CHAMPION_METRIC, ChampionMetric, validate_model_name
 from pneumo.recipes import DEFAULT_RECIPE, RECIPES, RecipeName
@@ -323,3 +325,64 @@ class BatchOptions(ModelLocation):
     runner: Literal["threads", "processes"] = Field("processes", description="Where the chunks' pixel work runs")
     workers: Optional[int] = Field(None, ge=1, description="Parallel chunks (default: CPU count)")
     retries: int = Field(3, ge=0, le=20, description="Retries per task for errors a retry can fix")
+
+
+# --------------------------------------------------------------------------- settings files
+
+MAX_SETTINGS_BYTES = 100_000  # a settings file is a few hundred bytes
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML (or, with PyYAML, YAML) file: source, workdir, ... and the tables run, transform, split, train.
+
+    ValueError in one line when unreadable, too large or not TOML/YAML; pydantic's ValidationError for a
+    value of the wrong type (files are typed: ``epochs = true`` is refused, not read as 1).
+    """
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_SETTINGS_BYTES + 1)
+    except OSError as error:
+        raise ValueError(f"cannot read it ({error.strerror or error}); give an existing TOML or YAML file") from None
+    if len(text) > MAX_SETTINGS_BYTES:
+        raise ValueError(f"larger than {MAX_SETTINGS_BYTES} bytes; a settings file is a few lines")
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        data = _load_yaml(text) if yaml_file else tomllib.loads(text.decode("utf-8"))
+    except Exception as error:  # a syntax error: one line, not a traceback
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"not valid {'YAML' if yaml_file else 'TOML'}: {first[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError("expected settings (source = ..., and tables run, transform, split, train)")
+    _check_types(data)
+    return data
+
+
+def _check_types(data: dict) -> None:
+    def tuples(value: Any) -> Any:  # arrays as the tuples strict validation expects
+        return tuple(map(tuples, value)) if isinstance(value, list) else {k: tuples(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    try:
+        RunConfig.model_validate(tuples(data), strict=True)
+    except ValidationError as error:
+        # A field's own type; unknown keys are the CLI's to name (with the nearest option), and combinations
+        # (the fast method with renditions) are judged once the command line is in.
+        typed = [e for e in error.errors() if len(e["loc"]) > 1 and e["type"] != "extra_forbidden"]
+        if typed:
+            raise ValidationError.from_exception_data(error.title, typed) from None
+
+
+def _load_yaml(text: bytes) -> Any:
+    """PyYAML's safe loader without anchors and aliases, which is how a few bytes expand to gigabytes."""
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("YAML needs PyYAML (pip install pyyaml); or write the file as TOML") from None
+
+    class PlainLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=PlainLoader) or {}

@@ -498,6 +498,30 @@ KAGGLE_CREDENTIALS_HINT = (
 )
 
 
+def check_source(source: str) -> Source:
+    """``source`` parsed, once its layout looks usable (checked in a second, before any stage starts): else ValueError."""
+    parsed = parse_source(source)
+    missing: list[str] = []
+    if parsed.kind == "dir":
+        folder = Path(parsed.location)
+        classes = [name for name in CLASSES if (folder / name).is_dir()]
+        if classes:  # .../chest_xray/train: one level too deep
+            raise ValueError(f"this is one split's folder (it holds {'/ and '.join(classes)}/); "
+                             f"pass the folder above it: --source {folder.parent}")
+        missing = missing_class_folders(find_dataset_root(folder))
+    elif parsed.kind == "zip":
+        if not zipfile.is_zipfile(parsed.location):
+            raise ValueError("not a readable zip archive; give the dataset's .zip or its unpacked folder")
+        with zipfile.ZipFile(parsed.location) as archive:
+            missing = missing_class_folders_in_zip(archive.namelist())
+    elif parsed.kind == "kaggle" and not kaggle_credentials_found():
+        raise ValueError(f"no Kaggle credentials found: {KAGGLE_CREDENTIALS_HINT}")
+    if missing:
+        raise ValueError(f"no images in {', '.join(missing)}; every split needs both classes "
+                         "(train/NORMAL and train/PNEUMONIA, and the same in val/ and test/ when the source has them)")
+    return parsed
+
+
 def find_dataset_root(path: str | Path, *, max_depth: int = 6) -> Path:
     """The shallowest folder under ``path`` that has ``train/NORMAL`` or ``train/PNEUMONIA``.
 

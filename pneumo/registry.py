@@ -536,6 +536,21 @@ def read_alias(registry: str, model_name: str, alias: str) -> tuple[str | None, 
     return (None if data is None else json.loads(data)["version"]), token
 
 
+def aliases_by_version(registry: str, model_name: str, on_unreadable: Callable[[str], None]) -> dict[str, list[str]]:
+    """version -> the aliases pointing at it; a damaged pointer is named to ``on_unreadable`` and skipped."""
+    by_version: dict[str, list[str]] = {}
+    for uri in storage.list_uris(storage.join(_model_root(registry, model_name), "aliases")):
+        name = uri.replace("\\", "/").rsplit("/", 1)[-1]
+        if name.endswith(".json"):
+            try:
+                target = storage.read_json(uri).get("version")
+            except (ValueError, AttributeError) as error:
+                on_unreadable(f"alias {uri} is unreadable: {error}")
+                continue
+            by_version.setdefault(target, []).append(name[: -len(".json")])
+    return by_version
+
+
 def broken_alias_message(model_name: str, alias: str, version: str) -> str:
     return f"alias {alias} of {model_name} points at {version}, which does not exist"
 

@@ -47,6 +47,15 @@ from pneumo.predict import Prediction, Predictor
 
 logger = logging.getLogger("pneumo.serve")
 
+
+def log_requests_to_stderr() -> None:
+    """One timestamped line per request (the middleware's) on stderr, apart from the root logger."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
 MAX_BATCH_FILES = 64
 RAW_TYPES = ("image/", "application/octet-stream")
 

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -569,3 +570,24 @@ def compare_and_swap(uri: str, data: bytes, expected_token: str | None) -> None:
         if _is_precondition_failed(error) or _is_missing(error) or error.response.get("Error", {}).get("Code") == "409":
             raise Conflict(f"{uri} changed since it was read") from None
         raise
+
+
+def check_usable(uri: str) -> None:
+    """ValueError (one line) unless ``uri`` is usable: a local folder writable (a probe file); an S3 bucket
+    reachable (one HeadBucket: the endpoint answers, the bucket exists, the credentials work)."""
+    if is_s3(uri):
+        try:
+            with s3_errors(uri, "HeadBucket"):
+                s3_client().head_bucket(Bucket=split_s3(uri)[0])
+        except Exception as error:  # S3Error, or botocore's missing-credentials errors
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{text}; check the bucket name, AWS credentials and AWS_ENDPOINT_URL") from None
+        return
+    path = Path(uri).expanduser()
+    probe = path / f".pneumo-write-probe-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"not writable ({error.strerror or error}); choose a folder you can write to") from None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pneumo import evaluate
+from pneumo import evaluate, storage
 from pneumo.labels import CLASSES, CONFUSION_MATRIX_LAYOUT
 from pneumo.manifest import QuarantineEntry, SkippedEntry
+
+FIRST_ROWS = 10  # rows of the predictions shown in the table artifact
 
 
 def quarantine_artifact(
@@ -113,3 +116,37 @@ def model_report_artifacts(
     create_markdown_artifact(
         key="model-pictures", markdown="\n".join(pictures), description=f"{model_name} {version}: {len(pngs)} pictures"
     )
+
+
+def publish_predictions(summary: dict[str, Any], scored: list[dict], threshold: float) -> None:
+    """The batch flow's: the metrics against the input's labels, if any, and the run's artifacts: counts, first rows, the CSV."""
+    from pneumo.predict import PREDICTION_COLUMNS
+
+    input, uri = summary["input"], summary["predictions"]
+    model_name, version = summary["model"].rsplit(" ", 1)
+    counts = summary["predicted"]
+    labelled = [row for row in scored if row["true_label"]]
+    if labelled:
+        truth = [CLASSES.index(row["true_label"]) for row in labelled]
+        summary["metrics"] = evaluate.metrics(truth, [row["probability"] for row in labelled], threshold)
+        create_markdown_artifact(
+            key="predict-metrics",
+            markdown=(
+                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
+                + evaluate.markdown_table({"input": summary["metrics"]})
+            ),
+            description=f"{model_name} {version} scored against the input's labels",
+        )
+    create_table_artifact(
+        key="predict-counts",
+        table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts],
+        description=f"{model_name} {version} on {input}: files scored and predicted labels",
+    )
+    create_table_artifact(
+        key="predictions",
+        table=[{k: row[k] for k in PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
+        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
+    )
+    link = uri if storage.is_s3(uri) else Path(uri).as_uri()
+    create_link_artifact(key="predictions-file", link=link, link_text=uri, description="The predictions CSV")
+

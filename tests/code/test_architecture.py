@@ -7,6 +7,7 @@
 - no private name (a leading underscore, not a dunder) imported from, or read off, another
   module of the project, in pneumo/, tasks/, flows/ or benchmarks/;
 - flows/full.py reads like the pipeline diagram: under 250 lines;
+- the shell stays light (issue 22): flows/ plus cli/ within 1,500 lines, no module there over 400;
 - the registry stores and does not climb into training: pneumo.registry reaches none of
   pneumo.train, pneumo.evaluate, pneumo.shards or pneumo.shard_files, directly or through
   another module.
@@ -27,6 +28,7 @@ FORBIDDEN = {
 }
 REGISTRY_MUST_NOT_REACH = {"pneumo.train", "pneumo.evaluate", "pneumo.shards", "pneumo.shard_files"}
 FULL_FLOW_MAX_LINES = 250
+SHELL_MAX_LINES, SHELL_MODULE_MAX_LINES = 1500, 400  # flows/ + cli/
 
 
 def module_name(path: Path) -> str:
@@ -180,6 +182,14 @@ def test_no_private_name_crosses_a_module():
 def test_the_flow_file_reads_like_the_diagram():
     lines = len((REPO / "flows" / "full.py").read_text().splitlines())
     assert lines < FULL_FLOW_MAX_LINES, f"flows/full.py has {lines} lines"
+
+
+def test_the_shell_stays_light():
+    sizes = {str(path.relative_to(REPO)): len(path.read_text().splitlines()) for path in project_files(("flows", "cli")).values()}
+    assert len(sizes) >= 8, sizes  # it reads both folders
+    too_long = {path: lines for path, lines in sizes.items() if lines > SHELL_MODULE_MAX_LINES}
+    assert not too_long, f"modules over {SHELL_MODULE_MAX_LINES} lines: {too_long}"
+    assert sum(sizes.values()) <= SHELL_MAX_LINES, f"flows/ + cli/ have {sum(sizes.values())} lines: {sizes}"
 
 
 def test_the_registry_does_not_climb_into_training():

@@ -1,0 +1,196 @@
+"""What a run, a batch run or a card tells a person: the outcome line, the run-summary markdown, the terminal's lines.
+
+A run's ``summary`` is the full flow's result: model, version, registered, champion, metrics per
+split, and where the run's files are. A batch run's is the batch flow's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pneumo import registry as reg
+from pneumo import storage
+from pneumo.evaluate import format_metric, small_split_warnings
+from pneumo.report import REPORT_NAME
+
+SPLITS = ("val", "test")
+METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def run_summary(config: Any, registry: str, manifest: Any, sizes: Any, index: Any, quarantine_report: str, model: Any,
+                known_versions: list[str], logger: Any) -> dict[str, Any]:
+    """The full flow's result: what was registered, the champion, metrics, and where the run's files are."""
+    registered = model.version not in known_versions
+    if not registered:
+        logger.info("data, config and code unchanged since %s %s: no new version registered "
+                    "(retrain trains anyway)", config.model_name, model.version)
+    champion = reg.describe_alias(registry, config.model_name, reg.CHAMPION)
+    if champion.startswith("broken"):
+        logger.warning("champion alias %s", champion)
+    report = model.card_uri.removesuffix("card.json") + REPORT_NAME  # a version registered before reports has none
+    summary = {
+        "model": f"{config.model_name} {model.version}", "version": model.version, "registered": registered,
+        "champion": f"{config.model_name} {champion}", "champion_comparison": model.champion_comparison,
+        "card": model.card_uri, "report": report if storage.exists(report) else None,
+        "metrics": model.metrics, "manifest": manifest.uri, "dataset_version": manifest.digest,
+        "images": manifest.n_images, "quarantined": manifest.n_quarantined + index.n_quarantined,
+        "quarantine_report": quarantine_report, "shards_index": index.uri, "size_stats": sizes.uri, "registry": registry,
+    }
+    logger.info("run summary: %s", outcome_line(summary))
+    return summary
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """One line: what was registered (or not), the champion, and the val/test AUC."""
+    name, version = summary["model"].rsplit(" ", 1)
+    if summary["registered"]:
+        head = f"registered {name} {version}"
+    else:
+        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+    aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
+    return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run-summary artifact: outcome, metrics per split, and where everything is."""
+    lines = [
+        f"# {outcome_line(summary).split(';')[0]}", "",
+        f"Champion: **{summary['champion']}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
+        "| split | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS),
+    ]
+    for split in SPLITS:
+        m = summary["metrics"].get(split) or {}
+        lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
+    lines += [f"\n**Warning:** {warning}" for warning in small_split_warnings(summary["metrics"])]
+    lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
+              f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def run_text(summary: dict[str, Any], seconds: float) -> str:
+    """The closing lines of `pneumo run`."""
+    if summary["registered"]:
+        done = f"registered {summary['model']}"
+    else:
+        done = f"nothing new registered (cache hit; --retrain to train anyway): {summary['model']} is unchanged"
+    lines = ["", f"pneumo: {done} ({seconds:.0f} s)", f"  images       {summary['images']} ({summary['quarantined']} quarantined)"]
+    for split in SPLITS:
+        m = summary["metrics"][split]
+        shown = dict(zip(METRICS, (format_metric(m[k]) for k in METRICS)))
+        lines.append(
+            f"  {split:<5} n={m['n']:<5} accuracy {shown['accuracy']}  precision {shown['precision']}  "
+            f"recall {shown['recall']}  specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}"
+        )
+    lines += [f"  warning      {warning}" for warning in small_split_warnings(summary["metrics"])]
+    lines += [
+        f"  champion     {summary['champion']}",
+        f"  card         {summary['card']}",
+        f"  report       {summary.get('report') or 'none (registered before reports were written)'}",
+        f"  shards       {summary['shards_index']}",
+        f"  manifest     {summary['manifest']}",
+        f"  size stats   {summary['size_stats']}",
+        f"  quarantine   {summary['quarantine_report']}",
+    ]
+    return "\n".join(lines)
+
+
+def label_counts(predicted: dict[str, int]) -> str:
+    """``{'NORMAL': 1478, 'PNEUMONIA': 20}`` as a person reads it: ``NORMAL 1478, PNEUMONIA 20``."""
+    return ", ".join(f"{label} {count}" for label, count in predicted.items())
+
+
+def predict_outcome(summary: dict[str, Any]) -> str:
+    """One line for the batch flow's final state: what was scored, with which version, and the labels."""
+    line = (f"scored {summary['scored']} of {summary['files']} files with {summary['model']} "
+            f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
+    if summary.get("metrics"):
+        line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
+    return line
+
+
+def batch_text(summary: dict[str, Any], seconds: float) -> str:
+    """The closing lines of `pneumo predict-batch`."""
+    text = (f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
+            f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
+            f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+    if summary["metrics"]:
+        shown = {k: format_metric(summary["metrics"][k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
+        text += (f"\n  labelled n={summary['metrics']['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "
+                 f"specificity {shown['specificity']}  F1 {shown['f1']}  AUC {shown['roc_auc']}")
+    return text
+
+
+def prediction_table(results: list[Any]) -> list[str]:
+    """`pneumo predict`'s table of Predictions: image, label, probability, warnings (or the error)."""
+    width = max(len(p.input) for p in results)
+    lines = [f"{'image':<{width}}  {'label':<9}  probability  warnings"]
+    for p in results:
+        if p.ok:
+            lines.append(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
+        else:
+            lines.append(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+    return lines
+
+
+# --------------------------------------------------------------------------- cards, as `pneumo models` shows them
+
+
+def card_metric(card: reg.Card, split: str, name: str) -> str:
+    value = (card.metrics.get(split) or {}).get(name)
+    return "-" if value is None else format_metric(value)
+
+
+def version_row(version: str, card: reg.Card, aliases: list[str]) -> str:
+    """A row of `pneumo models list`, under VERSIONS_HEADER."""
+    return (f"{version:<8} {card.created_at:<25} {card_metric(card, 'val', 'roc_auc'):>7} "
+            f"{card_metric(card, 'val', 'accuracy'):>7} {card_metric(card, 'test', 'roc_auc'):>8} "
+            f"{card_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases))}").rstrip()
+
+
+VERSIONS_HEADER = f"{'version':<8} {'created':<25} {'val AUC':>7} {'val acc':>7} {'test AUC':>8} {'test acc':>8}  aliases"
+
+
+def card_lines(card: reg.Card, registry: str, model_name: str, aliases: list[str]) -> list[str]:
+    """A version's card, readably; ``aliases`` are those pointing at it now."""
+    config = card.as_json().get("config", {})  # as recorded: shown as written
+    lines = [
+        f"{model_name} {card.version}  (card schema {card.schema_version or 1})",
+        f"  created     {card.created_at}",
+        f"  recipe      {card.recipe or '-'}",
+        f"  threshold   {format_metric(card.decision_threshold, 4)} ({card.threshold_rule or 'fixed'})",
+        f"  transform   {json.dumps(config.get('transform'))}",
+        f"  train       {json.dumps(config.get('train'))}",
+        f"  data        {json.dumps(card.data.counts if card.data else None)}",
+        f"  export      {json.dumps(card.export)}",
+    ]
+    for split in [s for s in ("val", "stress_val", "test") if s in card.metrics or s != "stress_val"]:
+        m = card.metrics.get(split) or {}
+        ci = m.get("ci95") or {}
+        shown = "  ".join(
+            f"{k} {card_metric(card, split, k)}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+            for k in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+        )
+        lines.append(f"  {split:<11} n={m.get('n', '-')}  {shown}")
+    if any((card.metrics.get(split) or {}).get("ci95") for split in SPLITS):
+        lines.append("              [95% bootstrap interval, resampled by patient]")
+    shift = card.metrics.get("shift") or {}
+    for split in (s for s in SPLITS if s in shift):
+        worst = shift[split].get("worst") or {}
+        shown = "  ".join(f"{k} {worst[k][0]:.3f} ({worst[k][1]})" for k in ("roc_auc", "specificity") if worst.get(k))
+        lines.append(f"  {'worst shift':<11} {split}: {shown or '-'}")
+    lines += [f"  warning     {warning}" for warning in card.warnings]
+    comparison = card.champion_comparison
+    if comparison:
+        lines.append(f"  registered  {'promoted' if comparison.promoted else 'not promoted'}: {comparison.reason}")
+    # What the aliases say now: the last move of each alias that points at this version.
+    for alias in sorted(aliases):
+        moves = [m for m in reg.alias_history(registry, model_name, alias) if m.get("to") == card.version]
+        last = moves[-1] if moves else {}
+        since = f"since {last.get('at')}, {last.get('how')} by {last.get('by')}: {last.get('reason') or '-'}" if last else "(no recorded move)"
+        lines.append(f"  {alias:<11} {since}")
+    if "report.html" in card.files:
+        lines.append(f"  report      {storage.join(registry, model_name, card.version, 'report.html')}")
+    else:
+        lines.append("  report      none (registered before reports were written)")
+    return lines
