@@ -28,12 +28,16 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/python flows/full.py --source "$(SOURCE)" --workdir "$(WORKDIR)" $(ARGS)
 
+# Two pytest-xdist workers (the machine's 2 cores); tests marked xdist_group stay on one worker
+# (a module's shared fixture is built once). Plain `pytest` stays serial for debugging.
+XDIST   ?= -n 2 --dist loadgroup
+
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(ARGS)
 
 # Unit tests (without the ones marked slow) and one end-to-end run through Prefect.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" tests/code tests/data \
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" tests/code tests/data \
 		"tests/flows/test_full_flow.py::test_first_run_registers_v0001_with_a_complete_card" $(ARGS)
 
 clean:

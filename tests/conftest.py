@@ -43,6 +43,13 @@ def subset_source(shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_source(shared_data, tmp_path_factory) -> Path:
+    """About 160 real images of whole patients: enough to carve train, val and test, for runs whose
+    assertions do not depend on how well the model learns (faults, secrets, deployments)."""
+    return copy_patient_subset(shared_data, tmp_path_factory.mktemp("small"), per_class=80)
+
+
+@pytest.fixture(scope="session")
 def prefect_server() -> str:
     """The session's Prefect server; its API URL set here and exported (PREFECT_API_URL) to CLI subprocesses."""
     from prefect.settings import PREFECT_API_URL, temporary_settings

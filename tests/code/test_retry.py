@@ -113,7 +113,7 @@ def test_delays_are_capped_each_and_in_total():
         retry_delays(21)
 
 
-def test_every_task_uses_the_one_policy():
+def test_every_task_uses_the_one_policy(prefect_server):  # result_storage() saves a block: the session's API, not a temporary one
     tasks = [
         download.download_dataset, sizes.size_percentiles, shards.write_shard, shards.write_index,
         quarantine.report_quarantine, register.train_evaluate_register,

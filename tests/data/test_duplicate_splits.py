@@ -17,6 +17,9 @@ from pneumo.download import build_manifest
 from pneumo.splits import assign_splits
 from tests.helpers import copy_patient_subset
 
+# One xdist worker runs the whole module, so that its module fixture (with_copies) is built once.
+pytestmark = pytest.mark.xdist_group("test_duplicate_splits")
+
 
 def make_copies(root: Path) -> list[tuple[str, str, str]]:
     """100 copies of films under ``root``: (original relpath, copy relpath, how made)."""

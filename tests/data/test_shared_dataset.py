@@ -7,6 +7,9 @@ import pytest
 
 from pneumo.download import build_manifest, find_dataset_root, parse_patient_id
 
+# One xdist worker runs the whole module, so that its module fixture (manifest) is built once.
+pytestmark = pytest.mark.xdist_group("test_shared_dataset")
+
 
 @pytest.fixture(scope="module")
 def manifest(shared_data):

@@ -59,12 +59,12 @@ def outputs(workdir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def zipped_subset(subset_source, tmp_path_factory) -> Path:
-    """The subset as a zip, so that the download stage has real extraction work to interrupt."""
+def zipped_subset(small_source, tmp_path_factory) -> Path:
+    """The small subset as a zip, so that the download stage has real extraction work to interrupt."""
     path = tmp_path_factory.mktemp("zip") / "chest_xray.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for file in sorted(subset_source.rglob("*.jpeg")):
-            archive.write(file, Path("chest_xray") / file.relative_to(subset_source))
+        for file in sorted(small_source.rglob("*.jpeg")):
+            archive.write(file, Path("chest_xray") / file.relative_to(small_source))
     return path
 
 
@@ -90,6 +90,8 @@ def _reaches(workdir: Path, stage: str, log: list[str]) -> bool:
     raise ValueError(stage)
 
 
+# One worker runs the four kills, so that the clean run they compare with is made once.
+@pytest.mark.xdist_group("kill-9")
 @pytest.mark.parametrize("stage", ["download", "sizes", "transform", "train"])
 def test_kill_9_then_rerun_gives_the_outputs_of_a_clean_run(stage, zipped_subset, clean_outputs, tmp_path):
     workdir = tmp_path / "work"
@@ -233,10 +235,10 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 # --------------------------------------------------------------------------- corrupted shards
 
 
-def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tmp_path):
+def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp_path):
     workdir = tmp_path / "work"
     train = {"epochs": 3, "patience": 3}
-    summary = full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    summary = full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     index_uri = summary["shards_index"]
     entry = shard_files.read_index(index_uri)["shards"][0]
     victim = Path(index_uri).parent / entry["name"]
@@ -246,7 +248,7 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tm
 
     with pytest.raises(shard_files.CorruptShard, match="sha256"):
         shard_files.load_split(index_uri, entry["split"])
-    full(source=str(subset_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     assert sha256(victim) == entry["sha256"]
     assert len(shard_files.load_split(index_uri, entry["split"]).labels) > 0
 
@@ -254,10 +256,10 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(subset_source, tm
 # --------------------------------------------------------------------------- concurrent registration
 
 
-def test_two_flows_registering_at_once_get_distinct_versions(subset_source, tmp_path):
+def test_two_flows_registering_at_once_get_distinct_versions(small_source, tmp_path):
     registry = tmp_path / "registry"
     runs = [
-        start_cli(subset_source, tmp_path / f"work{i}", "--registry", str(registry), "--seed", str(i))
+        start_cli(small_source, tmp_path / f"work{i}", "--run.registry", str(registry), "--seed", str(i))
         for i in range(2)
     ]
     for run in runs:

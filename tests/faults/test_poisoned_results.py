@@ -109,18 +109,18 @@ def results_key(monkeypatch):
     monkeypatch.setenv("PNEUMO_RESULTS_KEY", uuid.uuid4().hex + uuid.uuid4().hex)
 
 
-def test_planted_records_in_a_local_workdir_are_refused_and_recomputed(subset_source, tmp_path, results_key):
+def test_planted_records_in_a_local_workdir_are_refused_and_recomputed(small_source, tmp_path, results_key):
     workdir = str(tmp_path / "work")
-    poisoned_rerun(subset_source, workdir, tmp_path, runner="threads")
+    poisoned_rerun(small_source, workdir, tmp_path, runner="threads")
     # The recomputed records are signed again: the next run is served from the cache.
-    states = task_states(run(subset_source, workdir, runner="threads").state_details.flow_run_id, expected=TASKS)
+    states = task_states(run(small_source, workdir, runner="threads").state_details.flow_run_id, expected=TASKS)
     assert {name: set(states[name]) for name in TASKS} == {name: {"Cached"} for name in TASKS}
 
 
-def test_planted_records_in_an_s3_workdir_are_refused_and_recomputed(s3_endpoint, subset_source, tmp_path, results_key):
+def test_planted_records_in_an_s3_workdir_are_refused_and_recomputed(s3_endpoint, small_source, tmp_path, results_key):
     with pytest.MonkeyPatch.context() as env:
         bucket = use_s3_endpoint(env, s3_endpoint)
         try:
-            poisoned_rerun(subset_source, f"s3://{bucket}/work", tmp_path, runner="processes", workers=2)
+            poisoned_rerun(small_source, f"s3://{bucket}/work", tmp_path, runner="processes", workers=2)
         finally:
             storage._s3_client.cache_clear()

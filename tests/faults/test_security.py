@@ -91,11 +91,11 @@ def read_everything_prefect_kept() -> str:
     return "\n".join(parts)
 
 
-def test_credentials_never_reach_logs_artifacts_cards_or_errors(subset_source, tmp_path):
+def test_credentials_never_reach_logs_artifacts_cards_or_errors(small_source, tmp_path):
     env = {**os.environ, **SECRETS, "KAGGLE_USERNAME": "someone", "PREFECT_API_URL": PREFECT_API_URL.value()}
     workdir = tmp_path / "work"
     good = subprocess.run(
-        [sys.executable, "flows/full.py", "--source", str(subset_source), "--workdir", str(workdir),
+        [sys.executable, "flows/full.py", "--source", str(small_source), "--workdir", str(workdir),
          "--epochs", "3", "--train.patience", "3", "--run.runner", "threads"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

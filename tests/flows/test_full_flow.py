@@ -18,6 +18,9 @@ from pneumo.recipes import DEFAULT_RECIPE
 from pneumo.config import recipe
 from tests.helpers import task_states
 
+# One xdist worker runs the whole module, so that its module fixture (first_run) is built once.
+pytestmark = pytest.mark.xdist_group("test_full_flow")
+
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
 QUICK = {"epochs": 8, "patience": 8}
 

@@ -15,6 +15,9 @@ from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
 from tests.helpers import task_states, use_s3_endpoint
 
+# One xdist worker runs the whole module, so that its module fixture (s3_runs) is built once.
+pytestmark = pytest.mark.xdist_group("test_s3_flow")
+
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
 # Unique, so finding them anywhere can only mean a leak.
 KEY_ID = "AKIAPNEUMO" + uuid.uuid4().hex[:10].upper()

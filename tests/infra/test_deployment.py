@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import copy_patient_subset, free_port
+from tests.helpers import free_port
+
+# One xdist worker runs the whole module, so that its module fixture (the stack and its two runs) is built once.
+pytestmark = pytest.mark.xdist_group("test_deployment")
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "infra" / "stack.sh"
@@ -46,12 +49,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest.fixture(scope="module")
-def small_source(shared_data, tmp_path_factory) -> Path:
-    """About 160 real images of whole patients: enough to carve train, val and test."""
-    return copy_patient_subset(shared_data, tmp_path_factory.mktemp("small"), per_class=80)
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def trained_model(shared_data, tmp_path_factory) -> TrainedModel:
     seconds["shards"] = time.perf_counter() - started
 
     data = {name: shard_files.load_split(index.uri, name) for name in ("train", "val", "test")}
-    config = recipe.train.model_copy(update={"epochs": EPOCHS, "patience": PATIENCE})
+    config = recipe(DEFAULT_RECIPE).train.model_copy(update={"epochs": EPOCHS, "patience": PATIENCE})
     started = time.perf_counter()
     result = train.train(data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config)
     seconds["train"] = time.perf_counter() - started

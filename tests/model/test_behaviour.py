@@ -29,7 +29,8 @@ from scipy.ndimage import affine_transform
 from tests.predict_helpers import image_bytes
 
 # trains a model once (about a minute on a quiet machine), then scores a few thousand pictures
-pytestmark = pytest.mark.slow
+# One xdist worker runs the module, so that the session's trained_model is trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("model")]
 
 CONFIDENT = 0.1  # a confident call: probability below 0.1 or above 0.9
 # Allowed share of confident films whose call flips. Measured on 336 confident held-out calls:
