@@ -259,7 +259,7 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp
 def test_two_flows_registering_at_once_get_distinct_versions(small_source, tmp_path):
     registry = tmp_path / "registry"
     runs = [
-        start_cli(small_source, tmp_path / f"work{i}", "--run.registry", str(registry), "--seed", str(i))
+        start_cli(small_source, tmp_path / f"work{i}", "--registry", str(registry), "--seed", str(i))
         for i in range(2)
     ]
     for run in runs:
