@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 API_GONE_AFTER_SECONDS = 30.0
-CLIENT_MAX_RETRIES = 2  # Prefect's 5 retries wait 2 + 4 + ... + 32 s per request: minutes on a dead API
+CLIENT_MAX_RETRIES = 4  # 2 + 4 + 8 + 16 s ride out a busy server's 503s; the watchdog ends a dead API's run
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
@@ -306,7 +306,7 @@ def run_flow(flow: Any, parameters: dict[str, Any], on_success: Callable[[Any, f
         terminal_without_tracebacks()
     started = time.perf_counter()
     current.flow_run_id = None
-    # Bounded client retries (2 + 4 s): a dead API fails the run in about a minute; a user's own setting wins.
+    # Bounded client retries (Prefect's 5 wait up to 62 s per request); a user's own setting wins.
     retries = contextlib.nullcontext() if "PREFECT_CLIENT_MAX_RETRIES" in os.environ else exported(
         "PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)
     with prefect_api() as api_url, retries:

@@ -13,8 +13,8 @@ from pneumo.recipes import DEFAULT_RECIPE
 
 
 def _run(source: Path, workdir: Path, **options) -> dict:
-    run = {"source": str(source), "workdir": str(workdir), "shard_size": 150, "runner": "threads", "workers": 2, **options}
-    state = full(run=run, return_state=True)
+    run = {"shard_size": 150, "runner": "threads", "workers": 2, **options}
+    state = full(source=str(source), workdir=str(workdir), run=run, return_state=True)
     assert state.is_completed(), state.message
     return state.result()
 

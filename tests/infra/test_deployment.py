@@ -51,7 +51,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: under xdist another module's tests may run between this one's
 def stack(tmp_path_factory):
     """infra/stack.sh up on free ports; infra/stack.sh down afterwards, and a check that it worked."""
     state = tmp_path_factory.mktemp("stack")
@@ -102,7 +102,7 @@ def run_deployment(env, name: str, *params: str) -> dict:
     return json.loads(prefect(env, "flow-run", "inspect", run_id, "--output", "json").stdout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_runs(stack, small_source):
     env = {**stack, "PNEUMO_SOURCE": str(small_source)}
     subprocess.run([str(STACK), "deploy"], env=env, check=True, timeout=300, capture_output=True, text=True)
