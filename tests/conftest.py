@@ -13,11 +13,11 @@ import pytest
 
 from tests.helpers import copy_patient_subset, free_port, use_s3_endpoint, wait_for_port
 
-# ONE Prefect server for the whole session, never the user's: the local server (cli/server.py) of a
-# folder of the session's own, started by the first test that needs it (the prefect_server fixture,
-# or a CLI run without PREFECT_API_URL) and stopped when the session ends. xdist workers inherit it.
-if "PYTEST_XDIST_WORKER" not in os.environ:
-    os.environ["PNEUMO_SERVER_DIR"] = str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}")
+# One Prefect server per test session, never the user's: the local server (cli/server.py) of a folder
+# of the session's own, started by the first test that needs it (the prefect_server fixture, or a CLI
+# run without PREFECT_API_URL) and stopped when the session ends. Each xdist worker (its own pid) has
+# its own: its tests run one at a time, so "the last run" is its own, and no two share SQLite.
+os.environ["PNEUMO_SERVER_DIR"] = str(Path(tempfile.gettempdir()) / f"pneumo-tests-server-{os.getpid()}")
 
 # Commands started as `python -m cli` (tests/helpers.pneumo_command) import this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
@@ -63,16 +63,15 @@ def prefect_server() -> str:
 
 
 def pytest_sessionfinish(session):
-    """The session's server stops with the session (in xdist, once: in the controller)."""
-    if not hasattr(session.config, "workerinput"):
-        from cli import server
+    """The session's server stops with the session (each xdist worker stops its own)."""
+    from cli import server
 
-        if server.read_record() is not None:
-            with contextlib.suppress(Exception):  # this process's last logs reach the server before it stops
-                from prefect.logging.handlers import APILogHandler
+    if server.read_record() is not None:
+        with contextlib.suppress(Exception):  # this process's last logs reach the server before it stops
+            from prefect.logging.handlers import APILogHandler
 
-                APILogHandler.flush()
-            server.stop()
+            APILogHandler.flush()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
