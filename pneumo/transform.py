@@ -173,6 +173,10 @@ def _featurize_fast(image: Image.Image, config: TransformConfig, handle) -> np.n
         image.draft("L", (stored_w // scale, stored_h // scale))
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # after draft: rotating the small decode is cheap
+    if scale == 1 and cut is None:
+        # The size as decoded and turned: a PNG's eXIf chunk may follow the pixel data, where
+        # only load() reads it, so the header's size can be the other way round (issue 23).
+        shown_w, shown_h = image.size
     # 8-bit gray (every JPEG here) is pooled as bytes: max commutes with scaling to [0, 1].
     pixels = np.asarray(image) if image.mode == "L" else to_gray(image)
     if cut is not None:

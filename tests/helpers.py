@@ -7,10 +7,12 @@ import io
 import shutil
 import socket
 import subprocess
+import struct
 import sys
 import time
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -207,6 +209,35 @@ def jpeg_bytes(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 6), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+# The stored pixels that EXIF orientation N turns back into the upright picture (the inverse
+# of ImageOps.exif_transpose's transposition; 6 and 8 undo each other, the rest undo themselves).
+UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC-32 of type and data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def late_exif_png(upright: Image.Image, orientation: int) -> bytes:
+    """A PNG whose pixels EXIF ``orientation`` turns into ``upright``, its eXIf chunk after the
+    pixel data (just before IEND): Pillow's header parse does not see it, only load() does."""
+    stored = upright.transpose(UNDO_ORIENTATION[orientation]) if orientation != 1 else upright
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG")
+    png = buffer.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")  # the chunk holds the TIFF structure only
+    end = len(png) - 12  # IEND: length, type, no data, CRC
+    assert png[end + 4 : end + 8] == b"IEND" and png.index(b"IDAT") < end
+    return png[:end] + png_chunk(b"eXIf", payload) + png[end:]
 
 
 def write_kaggle_tree(root: Path) -> Path:

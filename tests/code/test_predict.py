@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pneumo import registry
 from pneumo.predict import CardError, ModelNotFound, Predictor, list_inputs
+from tests.helpers import late_exif_png
 from tests.predict_helpers import TRANSFORM, card, expected_probability, image_bytes, register_two, state_dict, xray_pair
 
 
@@ -80,6 +82,26 @@ def test_a_non_image_among_images_gets_its_own_error(two_versions, shared_data, 
     assert "not an image" in results[1].error and results[1].probability is None and results[1].label is None
     assert results[2].error == "no such file"
     assert all(r.probability is not None for r in (results[0], results[3]))
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_a_seed_model_scores_a_png_whose_exif_follows_the_pixels(two_versions, shared_data, tmp_path, orientation):
+    """Issue 23, item 10: turned films (tall, then wide) scored as their upright copies, the good film beside them too."""
+    root, weights = two_versions
+    normal, pneumonia = xray_pair(shared_data)
+    film = Image.open(pneumonia).convert("L")
+    paths = []
+    for shape, size in (("tall", (180, 260)), ("wide", (260, 180))):
+        upright = film.resize(size)
+        upright.save(tmp_path / f"{shape}-upright.png")
+        paths.append(tmp_path / f"{shape}-turned.png")
+        paths[-1].write_bytes(late_exif_png(upright, orientation))
+    results = Predictor.from_registry(root).predict([*paths, normal])
+    assert [r.error for r in results] == [None, None, None]
+    for path, result in zip(paths, results):
+        upright = path.with_name(path.name.replace("turned", "upright"))
+        assert result.probability == pytest.approx(expected_probability(weights["v0001"], upright), abs=1e-6)
+    assert results[2].probability == pytest.approx(expected_probability(weights["v0001"], normal), abs=1e-6)
 
 
 def test_an_older_card_is_refused_naming_the_missing_fields(tmp_path):

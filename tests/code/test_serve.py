@@ -8,10 +8,13 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 
 from pneumo import registry
-from tests.helpers import free_port, pneumo_command, wait_for_port
-from tests.predict_helpers import expected_probability, image_bytes, register_two, xray_pair
+from pneumo.model import predict_proba as model_proba
+from pneumo.transform import featurize
+from tests.helpers import free_port, late_exif_png, pneumo_command, wait_for_port
+from tests.predict_helpers import TRANSFORM, expected_probability, image_bytes, register_two, xray_pair
 
 import numpy as np
 
@@ -64,6 +67,18 @@ def test_predict_health_model_and_batch(server, shared_data):
     assert [r["input"] for r in body] == [normal.name, pneumonia.name, "notes.txt"]
     assert body[1]["probability"] == pytest.approx(expected_probability(weights["v0001"], pneumonia), abs=1e-6)
     assert body[2]["probability"] is None and "not an image" in body[2]["error"]
+
+    # Issue 23, item 10: a PNG whose eXIf chunk follows the pixels (turned 90 degrees) is scored as
+    # its upright copy, alone and beside a good film: no 500.
+    upright = Image.open(pneumonia).convert("L").resize((180, 260))
+    turned = late_exif_png(upright, 6)
+    alone = client.post("/predict", files={"file": ("turned.png", turned, "image/png")})
+    batch = client.post("/predict/batch", files=[("files", ("turned.png", turned, "image/png")),
+                                                 ("files", (normal.name, normal.read_bytes(), "image/jpeg"))])
+    assert alone.status_code == batch.status_code == 200
+    want = float(model_proba(weights["v0001"], featurize(image_bytes(np.asarray(upright)), TRANSFORM)[None])[0])
+    assert alone.json()["probability"] == pytest.approx(want, abs=1e-6) == batch.json()[0]["probability"]
+    assert batch.json()[1]["probability"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_bad_uploads_are_4xx_with_a_clear_message(server):
