@@ -160,7 +160,8 @@ class SplitConfig(_Config):
     near_duplicate_bits: int = Field(
         112, ge=0, le=512,
         description="Images whose 1024-bit fingerprints differ in at most this many bits are one film and share a split "
-        "(re-encoded/resized copies: <= 74 bits; distinct films: >= 153 on the shared data)",
+        "(re-encoded/resized copies: <= 74 bits; distinct films: >= 153 on the shared data); also against "
+        "the mirror image's and a held-out film's turned and cropped fingerprints",
     )
 
 

@@ -581,10 +581,11 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _hash_image(path: Path) -> tuple[str, int, str | None]:
-    """sha256, size and perceptual fingerprint of one image (the fingerprint reads a reduced decode)."""
+def _hash_image(path: Path, split: str) -> tuple[str, int, duplicates.Prints | None]:
+    """sha256, size and perceptual fingerprints of one image (they read a reduced decode); a held-out
+    (test or val) film's include its turned and cropped renderings, which train copies are compared with."""
     sha256, size = _sha256_file(path)
-    return sha256, size, duplicates.fingerprint(path)
+    return sha256, size, duplicates.fingerprints(path, turned=split != "train")
 
 
 def shown_name(name: str) -> str:
@@ -717,9 +718,8 @@ def _hash_records(
     # hashlib and Pillow's decoder release the GIL, so threads hash files in parallel.
     records: list[ImageRecord] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        for done, ((relpath, split, label, _), (sha256, size, fingerprint)) in enumerate(
-            zip(images, pool.map(_hash_image, [image[3] for image in images])), start=1
-        ):
+        hashed = pool.map(_hash_image, [image[3] for image in images], [image[1] for image in images])
+        for done, ((relpath, split, label, _), (sha256, size, prints)) in enumerate(zip(images, hashed), start=1):
             records.append(
                 ImageRecord(
                     relpath=relpath,
@@ -728,7 +728,9 @@ def _hash_records(
                     patient_id=parse_patient_id(relpath),
                     bytes=size,
                     sha256=sha256,
-                    fingerprint=fingerprint,
+                    fingerprint=prints and prints.plain,
+                    mirror_fingerprint=prints and prints.mirrored,
+                    turned_fingerprints=prints.turned if prints and prints.turned else None,
                 )
             )
             if progress and (done % 500 == 0 or done == len(images)):

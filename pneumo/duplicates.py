@@ -10,6 +10,19 @@ and 174 (one patient's two films). ``NEAR_BITS`` = 112 sits in the middle of tha
 38 bits above the farthest copy seen, 41 below the closest distinct films
 (``python benchmarks/duplicates.py --seed 0`` and ``--seed 1``).
 
+A mirrored copy is 260 to 460 bits from its original, a copy turned by 3 degrees about 200,
+one cropped by 2 % a side about 130: so each image also gets the dHash of its mirror image
+(the thumbnail's columns reversed), and each held-out film (a source's test and val) the
+dHashes of itself turned by TURNS and cropped by CROPS; a train image within NEAR_BITS of
+any of them is a copy. dHash keeps about 1 degree of turn or 1 % of crop within NEAR_BITS,
+so the grid catches turns of 1 to 5 degrees and centred crops of 1 to 5 % a side. On the
+shared train split (``python benchmarks/held_out_copies.py``): 300 mirrored copies at most
+26 bits from the mirror print, turned (1-5 degrees) and cropped (1-5 %) copies at most 118
+from the nearest turned print (all within 112 but 3 of the 1,500 crops); no two
+distinct films within 112 bits either way: the closest are 178 bits apart under the
+mirror, 145 between a film and another's turned prints. Not caught: a crop off one side
+only, or a turn and a crop together (about 140 to 320 bits).
+
 A 64-bit dHash was tried first and is useless on chest films: 812 pairs of different
 patients' films had identical 64-bit hashes. They all look alike at 9x8 pixels.
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,10 +56,30 @@ SEED = 20260
 # Above this many pixels an image is not fingerprinted (the transform refuses it later,
 # with its reason, under its own max_pixels).
 MAX_PIXELS = 50_000_000
+# The held-out films' (a source's test and val) turned and cropped fingerprints: a copy turned
+# by 1 to 5 degrees either way, or cropped by 1 to 5 % a side, lands near one of them (dHash
+# keeps about 1 degree or 1 % of crop within NEAR_BITS; see the module docstring).
+TURNS = (-4.0, -2.0, 2.0, 4.0)
+CROPS = (0.02, 0.04)
+
+
+class Prints(NamedTuple):
+    """The fingerprints of one image: as it is, mirrored, and (when asked) turned and cropped."""
+
+    plain: str
+    mirrored: str
+    turned: tuple[str, ...]  # one per TURNS angle, then one per CROPS fraction; () unless asked
 
 
 def fingerprint(path: str | Path) -> str | None:
-    """The dHash of the image at ``path`` (base64 of 1024 bits), or None if it cannot be decoded.
+    """The dHash of the image at ``path`` (base64 of 1024 bits), or None if it cannot be decoded."""
+    prints = fingerprints(path)
+    return prints.plain if prints else None
+
+
+def fingerprints(path: str | Path, turned: bool = False) -> Prints | None:
+    """The image's dHash (base64 of 1024 bits), that of its mirror image, and with ``turned`` those
+    of its TURNS rotations and CROPS crops; None if it cannot be decoded.
 
     The thumbnail is the picture as shown (EXIF orientation applied) at a fixed shape
     whatever its aspect ratio, so a copy resized without keeping its aspect keeps its hash;
@@ -59,10 +93,31 @@ def fingerprint(path: str | Path) -> str | None:
             image.draft("L", (2 * GRID, 2 * GRID))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
-            thumb = np.asarray(image.convert("L").resize((GRID + 1, GRID), Image.Resampling.BOX), dtype=np.int16)
+            gray = image.convert("L")
+            thumb = _thumbnail(gray)
+            variants = tuple(_dhash(_thumbnail(v)) for v in _turned(gray)) if turned else ()
     except Exception:  # any decoder failure: no fingerprint; the transform reports the image
         return None
+    # The mirror image's thumbnail is this one's columns reversed (the box filter is symmetric).
+    return Prints(_dhash(thumb), _dhash(thumb[:, ::-1]), variants)
+
+
+def _thumbnail(gray: Image.Image) -> np.ndarray:
+    return np.asarray(gray.resize((GRID + 1, GRID), Image.Resampling.BOX), dtype=np.int16)
+
+
+def _dhash(thumb: np.ndarray) -> str:
     return base64.b64encode(np.packbits(thumb[:, 1:] > thumb[:, :-1]).tobytes()).decode()
+
+
+def _turned(gray: Image.Image) -> list[Image.Image]:
+    """The picture turned by each of TURNS (black corners, as an editor leaves them), then cropped by each of CROPS."""
+    width, height = gray.size
+    out = [gray.rotate(angle, Image.Resampling.BILINEAR) for angle in TURNS]
+    for fraction in CROPS:
+        dx, dy = fraction * width, fraction * height
+        out.append(gray.resize((width, height), Image.Resampling.BILINEAR, box=(dx, dy, width - dx, height - dy)))
+    return out
 
 
 def _bits(fingerprints: list[str]) -> np.ndarray:

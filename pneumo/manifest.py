@@ -53,6 +53,11 @@ class ImageRecord(BaseModel):
     # None when the image could not be decoded (the transform quarantines it) or in manifests
     # written before fingerprints, whose digest stays what it was.
     fingerprint: str | None = None
+    # The same hash of the mirror image (finds mirrored copies), and for the films of a source's
+    # test and val splits of their turned and cropped renderings (duplicates.TURNS, CROPS).
+    # None as fingerprint is, and turned_fingerprints for the films of train.
+    mirror_fingerprint: str | None = None
+    turned_fingerprints: tuple[str, ...] | None = None
 
 
 class QuarantineEntry(BaseModel):

@@ -1,10 +1,12 @@
 """Final train/val/test assignment, by patient and by content.
 
-A film never sits on two sides. Images are grouped first: one patient's images (the id
+A patient, and a film copied in the ways pneumo/duplicates.py finds, never sit on two sides
+(other edits of a film can still escape; docs/data.md lists which). Images are grouped first: one patient's images (the id
 parsed from the file name), byte-identical files (same sha256) and near copies (perceptual
-fingerprints within ``SplitConfig.near_duplicate_bits``, pneumo/duplicates.py) all tie
-images together, and a group of tied images moves as one. So a copy renamed
-``Copy of IM-0119-0001.jpeg`` (its own "patient") or re-saved smaller goes where its
+fingerprints within ``SplitConfig.near_duplicate_bits``, pneumo/duplicates.py: as they are,
+one against the other's mirror image, and a train image against a held-out film's turned
+and cropped prints) all tie images together, and a group of tied images moves as one. So a
+copy renamed ``Copy of IM-0119-0001.jpeg`` (its own "patient") or re-saved smaller goes where its
 original goes.
 
 Carved sets are chosen by a salted hash of the patient id, not by a random draw: the same
@@ -34,7 +36,8 @@ class Tie(BaseModel):
 
     a: str  # relpath
     b: str
-    kind: str  # "same bytes" (sha256) or "near copy" (fingerprint distance)
+    # "same bytes" (sha256), or by fingerprint distance: "near copy", "mirrored copy", "turned or cropped copy"
+    kind: str
     distance: int  # fingerprint bits (0 for the same bytes)
     splits: tuple[str, str]  # final splits of a and b
 
@@ -86,7 +89,7 @@ def split_with_report(manifest: Manifest, config: SplitConfig | None = None) -> 
         groups.join(first_of_patient.setdefault(key, i), i)
     same_bytes, near = _same_bytes(records), _near_pairs(records, config)
     ties = [(members[0], other, "same bytes", 0) for members in same_bytes for other in members[1:]]
-    ties += [(i, j, "near copy", d) for i, j, d in near if d <= config.near_duplicate_bits]
+    ties += [(i, j, kind, d) for i, j, kind, d in near if d <= config.near_duplicate_bits]
     joined = [(i, j, kind, d) for i, j, kind, d in ties if groups.join(i, j)]
     out = _assign(records, held, groups, has_test, has_val, config)
 
@@ -95,7 +98,7 @@ def split_with_report(manifest: Manifest, config: SplitConfig | None = None) -> 
         return Tie(a=a, b=b, kind=kind, distance=d, splits=(out[a], out[b]))
 
     across = [(i, j, kind, d) for i, j, kind, d in ties if out[records[i].relpath] != out[records[j].relpath]]
-    across += [(i, j, "near copy", d) for i, j, d in near if d > config.near_duplicate_bits
+    across += [(i, j, kind, d) for i, j, kind, d in near if d > config.near_duplicate_bits
                and out[records[i].relpath] != out[records[j].relpath]]
     report = DuplicateReport(
         near_duplicate_bits=config.near_duplicate_bits,
@@ -116,13 +119,25 @@ def _same_bytes(records: list[ImageRecord]) -> list[list[int]]:
     return [members for members in by_sha.values() if len(members) > 1]
 
 
-def _near_pairs(records: list[ImageRecord], config: SplitConfig) -> list[tuple[int, int, int]]:
-    """Pairs of different bytes whose fingerprints differ by at most 1.5x the tie threshold (the rest a person may review)."""
+def _near_pairs(records: list[ImageRecord], config: SplitConfig) -> list[tuple[int, int, str, int]]:
+    """Pairs (i, j, kind, bits), i < j, of different bytes whose fingerprints differ by at most 1.5x the tie
+    threshold (the rest a person may review): as they are ("near copy"), one against the other's mirror
+    image ("mirrored copy"), or against a held-out film's turned and cropped fingerprints ("turned or
+    cropped copy"). One pair search over all of them; the closest reading of each pair is kept."""
     review_bits = config.near_duplicate_bits + config.near_duplicate_bits // 2
-    return [
-        (i, j, d) for i, j, d in duplicates.near_pairs([r.fingerprint for r in records], review_bits)
-        if records[i].sha256 != records[j].sha256
-    ]
+    n = len(records)
+    owners = list(range(n)) * 2 + [i for i, r in enumerate(records) for _ in r.turned_fingerprints or ()]
+    prints = [r.fingerprint for r in records] + [r.mirror_fingerprint for r in records]
+    prints += [f for r in records for f in r.turned_fingerprints or ()]
+    closest: dict[tuple[int, int], tuple[int, str]] = {}
+    for a, b, d in duplicates.near_pairs(prints, review_bits):
+        i, j = owners[a], owners[b]
+        if a >= n or i == j or records[i].sha256 == records[j].sha256:
+            continue  # only an image as it is against the others' prints; same bytes are tied already
+        kind = "near copy" if b < n else "mirrored copy" if b < 2 * n else "turned or cropped copy"
+        key = (min(i, j), max(i, j))
+        closest[key] = min(closest.get(key, (d, kind)), (d, kind))
+    return sorted((i, j, kind, d) for (i, j), (d, kind) in closest.items())
 
 
 def _assign(

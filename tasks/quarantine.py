@@ -35,7 +35,7 @@ def report_quarantine(manifest: ManifestRef, index: shard_files.IndexRef, workdi
         len(duplicates.joined), len(duplicates.across_splits),
     )
     for tie in duplicates.across_splits[:20]:
-        logger.warning("near copies on two sides (%s/%s, %d bits): %s and %s", *tie.splits, tie.distance, tie.a, tie.b)
+        logger.warning("%s on two sides (%s/%s, %d bits): %s and %s", tie.kind, *tie.splits, tie.distance, tie.a, tie.b)
     quarantine_artifact(report.entries, key="quarantine-report", skipped=report.skipped)
     quarantine.check_bad_fraction(report, max_bad_fraction)
     return uri

@@ -61,3 +61,17 @@ def test_groups_join_through_any_tie():
     groups = duplicates.Groups(5)
     assert groups.join(0, 3) and groups.join(3, 4) and not groups.join(0, 4)
     assert groups.find(4) == groups.find(0) != groups.find(1)
+
+
+def test_the_mirror_print_is_the_mirror_image_s_own_and_held_out_films_get_turned_prints(tmp_path):
+    original, mirrored = tmp_path / "a.png", tmp_path / "b.png"
+    film(3).save(original)
+    film(3).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    a, b = duplicates.fingerprints(original, turned=True), duplicates.fingerprints(mirrored)
+    assert duplicates.distance(a.mirrored, b.plain) == 0
+    assert duplicates.distance(a.plain, b.plain) > duplicates.NEAR_BITS
+    assert len(a.turned) == len(duplicates.TURNS) + len(duplicates.CROPS) and b.turned == ()
+    turned = tmp_path / "c.png"
+    film(3).rotate(3, Image.Resampling.BILINEAR).save(turned)
+    c = duplicates.fingerprint(turned)
+    assert duplicates.distance(a.plain, c) > duplicates.NEAR_BITS >= min(duplicates.distance(t, c) for t in a.turned)

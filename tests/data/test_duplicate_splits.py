@@ -7,6 +7,7 @@ people copy files (``Copy of IM-0119-0001.jpeg``, ``export_person12_virus_44.jpe
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,50 @@ def test_the_quarantine_report_carries_the_ties(with_copies):
     assert {copy for _, copy, _ in copies if not copy.endswith("_dup.jpeg")} <= tied
     assert report.duplicates.across_splits == [] or all(t.kind == "near copy" and t.distance > 112
                                                         for t in report.duplicates.across_splits)
+
+
+# --- Issue 23, item 5: mirrored, turned and cropped copies of held-out films ---------------------
+
+COPY_KINDS = {
+    "mirror": ("mirrored copy", lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+    "rotated 3 degrees": ("turned or cropped copy", lambda im: im.rotate(3, Image.Resampling.BILINEAR)),
+    "rotated -3 degrees": ("turned or cropped copy", lambda im: im.rotate(-3, Image.Resampling.BILINEAR)),
+    "2% cropped": ("turned or cropped copy", lambda im: im.crop(
+        (im.width // 50, im.height // 50, im.width - im.width // 50, im.height - im.height // 50))),
+}
+
+
+@pytest.fixture(scope="module")
+def held_out_copies(shared_data, tmp_path_factory):
+    """A source with train/ and test/ (real films, split by patient), and in train/ 5 copies of each
+    COPY_KINDS kind of distinct test films, under names of their own (each its own patient)."""
+    root = tmp_path_factory.mktemp("held")
+    films = sorted((shared_data / "train").glob("*/*.jpeg"))[::12][:400]
+    made = []
+    for path in films:
+        split = "test" if int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 4 == 0 else "train"
+        (root / split / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, root / split / path.parent.name / path.name)
+    tests = sorted(root.glob("test/*/*.jpeg"))
+    assert len(tests) >= 5 * len(COPY_KINDS)
+    for k, path in enumerate(tests[: 5 * len(COPY_KINDS)]):
+        how = list(COPY_KINDS)[k % len(COPY_KINDS)]
+        copy = root / "train" / path.parent.name / f"scan_{k:03d}.jpeg"
+        COPY_KINDS[how][1](Image.open(path)).save(copy, quality=90)
+        made.append((path.relative_to(root).as_posix(), copy.relative_to(root).as_posix(), how))
+    return build_manifest(root), made
+
+
+def test_mirrored_turned_and_cropped_copies_of_test_films_leave_train_and_are_listed(held_out_copies):
+    from pneumo.splits import split_with_report
+
+    manifest, made = held_out_copies
+    assignment, report = split_with_report(manifest)
+    kind_of = {frozenset((t.a, t.b)): t for t in report.joined}
+    for original, copy, how in made:
+        assert assignment[original] == "test" and assignment[copy] == "test", (copy, how)
+        tie = kind_of.get(frozenset((original, copy)))
+        assert tie is not None and tie.kind == COPY_KINDS[how][0], (copy, how)
+        assert tie.distance <= report.near_duplicate_bits
+    # No other films were tied: the turned and mirrored prints found the copies and nothing else.
+    assert {frozenset((t.a, t.b)) for t in report.joined if t.kind != "same bytes"} == {frozenset(m[:2]) for m in made}
