@@ -39,6 +39,8 @@ JPEG_FORMATS = {"JPEG", "MPO"}  # what Pillow reports for files its JPEG plugin 
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5 to 8 turn the picture by 90 degrees: the displayed width is the stored height.
 SWAPS_AXES = {5, 6, 7, 8}
+# Chunks of a PNG walked to find an eXIf chunk after the pixel data (Pillow writes 64 KB IDATs).
+PNG_MAX_CHUNKS = 4096
 
 # Leading bytes of formats a refused file may really be: enough to name it in the reason,
 # without handing the file to any parser. Checked in order.
@@ -217,10 +219,11 @@ def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
 def header_orientation(image: Image.Image) -> int:
     """The EXIF orientation (1 to 8) stored in the header, 1 when there is none.
 
-    Reads only EXIF bytes the header parser already kept in ``image.info`` (JPEG APP1, a
-    PNG eXIf chunk placed before the pixels).
+    Reads the EXIF bytes the header parser already kept in ``image.info`` (JPEG APP1, a
+    PNG eXIf chunk placed before the pixels), else a PNG's eXIf chunk after the pixels,
+    found from the chunk headers alone (``_trailing_png_exif``).
     """
-    raw = image.info.get("exif")
+    raw = image.info.get("exif") or _trailing_png_exif(image)
     if not raw:
         return 1
     exif = Image.Exif()
@@ -230,6 +233,33 @@ def header_orientation(image: Image.Image) -> int:
         return 1
     orientation = exif.get(EXIF_ORIENTATION, 1)
     return orientation if isinstance(orientation, int) else 1
+
+
+def _trailing_png_exif(image: Image.Image) -> bytes | None:
+    """A PNG's eXIf chunk that follows the pixel data, which only ``load()`` would read.
+
+    Walks the chunk headers, seeking over each chunk's data (a 20 MB PNG holds a few hundred
+    chunks); gives up after PNG_MAX_CHUNKS. The file position is left where it was.
+    """
+    handle = getattr(image, "fp", None)
+    if image.format != "PNG" or handle is None:
+        return None
+    at = handle.tell()
+    try:
+        handle.seek(8)  # past the signature
+        for _ in range(PNG_MAX_CHUNKS):
+            head = handle.read(8)
+            if len(head) < 8 or head[4:] == b"IEND":
+                return None
+            length = int.from_bytes(head[:4], "big")
+            if head[4:] == b"eXIf":
+                return handle.read(min(length, 1 << 16))
+            handle.seek(length + 4, io.SEEK_CUR)  # the data and its CRC
+        return None
+    except (OSError, ValueError):
+        return None
+    finally:
+        handle.seek(at)
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:

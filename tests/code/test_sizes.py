@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 
 from pneumo.manifest import ImageRecord, Manifest
 from pneumo.sizes import image_size, size_percentiles, target_size
+from tests.helpers import late_exif_png
 
 # (width, height) of the images of each class
 NORMAL_SIZES = [(300, 200), (320, 240), (400, 300), (260, 250)]
@@ -111,3 +112,12 @@ def test_exif_rotation_swaps_width_and_height(tmp_path, orientation, expected):
     path = tmp_path / "rotated.jpeg"
     path.write_bytes(_jpeg_bytes(300, 200, exif=exif.tobytes()))
     assert image_size(path) == expected
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_png_s_exif_after_the_pixels_turns_its_size_too(tmp_path, orientation):
+    """Issue 23, item 10: the size stage (and predict's size warnings) read the header only, where an
+    eXIf chunk placed after IDAT is not; the chunk headers are walked for it, still without decoding."""
+    path = tmp_path / "turned.png"
+    path.write_bytes(late_exif_png(Image.new("L", (200, 300), 128), orientation))
+    assert image_size(path) == (200, 300)
