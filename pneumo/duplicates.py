@@ -21,7 +21,7 @@ shared train split (``python benchmarks/held_out_copies.py``): 300 mirrored copi
 from the nearest turned print (all within 112 but 3 of the 1,500 crops); no two
 distinct films within 112 bits either way: the closest are 178 bits apart under the
 mirror, 145 between a film and another's turned prints. Not caught: a crop off one side
-only, or a turn and a crop together (about 140 to 320 bits).
+only, a turn and a crop together, a turn on an enlarged canvas (about 140 to 320 bits).
 
 A 64-bit dHash was tried first and is useless on chest films: 812 pairs of different
 patients' films had identical 64-bit hashes. They all look alike at 9x8 pixels.
