@@ -7,11 +7,12 @@ split, and where the run's files are. A batch run's is the batch flow's.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
+from pneumo.labels import CLASSES
 from pneumo.report import REPORT_NAME
 
 SPLITS = ("val", "test")
@@ -100,13 +101,36 @@ def label_counts(predicted: dict[str, int]) -> str:
     return ", ".join(f"{label} {count}" for label, count in predicted.items())
 
 
+def batch_summary(model: str, threshold: float, input: str, rows: list[dict[str, Any]], predictions: str,
+                  quarantine_report: Optional[str], cached: tuple[int, int]) -> dict[str, Any]:
+    """The batch flow's result: the model ("tinynet v0003"), counts of the ``rows`` scored, where the files are, and
+    ``cached`` = (chunks taken from the cache, chunks): all of them is a cache hit. ``metrics`` are added when labelled."""
+    scored = [row for row in rows if row["error"] is None]
+    return {
+        "model": model, "threshold": threshold, "input": input, "files": len(rows), "scored": len(scored),
+        "quarantined": len(rows) - len(scored), "predicted": {label: sum(row["label"] == label for row in scored) for label in CLASSES},
+        "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": predictions,
+        "quarantine_report": quarantine_report, "metrics": None, "cached_chunks": cached[0], "chunks": cached[1],
+    }
+
+
+def cache_note(summary: dict[str, Any]) -> str:
+    """How much of a batch run came from the cache: "" (none), "cache hit: ..." (all), or "k of n chunks from the cache"."""
+    cached, chunks = summary.get("cached_chunks") or 0, summary.get("chunks") or 0
+    if not cached:
+        return ""
+    if cached == chunks:
+        return "cache hit: the same input and version were scored before, nothing scored again"
+    return f"{cached} of {chunks} chunks from the cache"
+
+
 def predict_outcome(summary: dict[str, Any]) -> str:
-    """One line for the batch flow's final state: what was scored, with which version, and the labels."""
+    """One line for the batch flow's final state: what was scored, with which version, the labels, and a cache hit."""
     line = (f"scored {summary['scored']} of {summary['files']} files with {summary['model']} "
             f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
-    return line
+    return f"{line}; {cache_note(summary)}" if cache_note(summary) else line
 
 
 def batch_text(summary: dict[str, Any], seconds: float) -> str:
@@ -114,6 +138,8 @@ def batch_text(summary: dict[str, Any], seconds: float) -> str:
     text = (f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
             f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
             f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+    if cache_note(summary):
+        text += f"\n  cache        {cache_note(summary)}"
     if summary["metrics"]:
         shown = {k: format_metric(summary["metrics"][k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
         text += (f"\n  labelled n={summary['metrics']['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -25,6 +25,18 @@ def quarantine_artifact(
     if junk:
         description += f"; {len(junk)} OS metadata file(s) skipped (stage 'skipped')"
     create_table_artifact(key=key, table=rows + junk, description=description)
+
+
+def predict_quarantine(rows: list[dict[str, Any]], uri: str, logger: Any) -> Optional[str]:
+    """The batch run's rows that were not scored, each with its reason, written to ``uri`` (JSON) and shown as
+    the predict-quarantine artifact; ``uri``, or None when every file was scored."""
+    bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
+    if not bad:
+        return None
+    storage.write_json(uri, [entry.model_dump() for entry in bad])
+    quarantine_artifact(bad, key="predict-quarantine")
+    logger.warning("%d file(s) quarantined (not scored); reasons in %s", len(bad), uri)
+    return uri
 
 
 def progress_logger(logger, what: str, every: int = 1000):
