@@ -51,25 +51,57 @@ def _create_key(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class BadKey(ValueError):
+    """The results key cannot be used; the message is one line: which key, what is wrong, the fix."""
+
+
+def _file_key(path: Path) -> bytes:
+    """The key held by ``path``, created (0600) if it does not exist; BadKey if it is not fit to sign with."""
+    fix = f"remove it to have a new one made on the next run (cached results are recomputed once), or set {KEY_ENV}"
+    try:
+        if not path.exists() and not path.is_symlink():
+            _create_key(path)
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise BadKey(f"results key {path} is a symbolic link, not a regular file: {fix}")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadKey(f"results key {path} is not a regular file: {fix}")
+        if info.st_mode & 0o077:
+            raise BadKey(f"results key {path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 {path}")
+        key = path.read_bytes().strip()
+    except OSError as error:
+        raise BadKey(f"results key {path} cannot be read or created ({error.strerror or error}): "
+                     f"make {path.parent} yours and writable, or set {KEY_ENV}") from None
+    if not key:
+        raise BadKey(f"results key {path} is empty: {fix}")
+    if len(key) < MIN_KEY_CHARS:
+        raise BadKey(f"results key {path} is too short ({len(key)} characters, fewer than {MIN_KEY_CHARS}): {fix}")
+    return key
+
+
 def load_key() -> bytes:
-    """The signing key: ``$PNEUMO_RESULTS_KEY``, else ``~/.config/pneumo/results.key`` (created on first use)."""
+    """The signing key: ``$PNEUMO_RESULTS_KEY``, else ``~/.config/pneumo/results.key`` (created on first use).
+
+    BadKey (one line) for a key that cannot be trusted: too short, empty, a link, readable by others.
+    """
     value = os.environ.get(KEY_ENV)
     if value is not None:
         if len(value.strip()) < MIN_KEY_CHARS:
-            raise ValueError(f"{KEY_ENV} is too short: use at least {MIN_KEY_CHARS} random characters")
+            raise BadKey(f"{KEY_ENV} (the results key) is too short ({len(value.strip())} characters, "
+                         f"fewer than {MIN_KEY_CHARS}): set it to at least {MIN_KEY_CHARS} random characters "
+                         f"(e.g. `openssl rand -hex 32`), or unset it to use {key_path()}")
         return value.strip().encode()
-    path = key_path()
-    if not path.exists():
-        _create_key(path)
-    info = path.lstat()
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} must be a regular file (not a link or folder)")
-    if info.st_mode & 0o077:
-        raise ValueError(f"{path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it")
-    key = path.read_bytes().strip()
-    if len(key) < MIN_KEY_CHARS:
-        raise ValueError(f"{path} holds a key shorter than {MIN_KEY_CHARS} characters")
-    return key
+    return _file_key(key_path())
+
+
+def key_problem() -> str | None:
+    """What is wrong with the results key, in one line, or None when it can sign: checked before a run starts,
+    because Prefect only logs a failed write of a result record and runs on uncached."""
+    try:
+        load_key()
+    except BadKey as error:
+        return str(error)
+    return None
 
 
 def _mac(key: bytes, name: str, content: bytes) -> bytes:

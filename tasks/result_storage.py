@@ -81,6 +81,8 @@ def signed_storage_block(root: str) -> str:
     Prefect API, and Prefect refuses an unsaved block, so the block is saved there. It
     holds the location only: no credential, no key.
     """
+    # A key that cannot sign fails the run here, in one line, not each record's commit in the log only.
+    signatures.load_key()
     # Named after the location, so runs on the same workdir share one block and its cache.
     name = "pneumo-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     SignedResultStorage(root=root).save(name, overwrite=True)
