@@ -19,6 +19,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Iterable
 
 KEY_ENV = "PNEUMO_RESULTS_KEY"
 MAGIC = b"pneumo-signed-v1 "
@@ -104,23 +105,45 @@ def key_problem() -> str | None:
     return None
 
 
-def _mac(key: bytes, name: str, content: bytes) -> bytes:
+def _mac(key: bytes, name: str) -> "hmac.HMAC":
     # The record's name is signed too, so a valid record moved under another name (another
     # cache key, so another task's inputs) is refused as well.
-    message = b"pneumo-record\0" + name.encode() + b"\0" + content
-    return hmac.new(key, message, hashlib.sha256).hexdigest().encode()
+    return hmac.new(key, b"pneumo-record\0" + name.encode() + b"\0", hashlib.sha256)
+
+
+HEADER_BYTES = len(MAGIC) + hashlib.sha256().digest_size * 2 + 1  # the magic, the hex HMAC, a newline
 
 
 def sign(name: str, content: bytes, key: bytes) -> bytes:
     """``content`` prefixed with one line: the magic and the HMAC of ``name`` and ``content``."""
-    return MAGIC + _mac(key, name, content) + b"\n" + content
+    mac = _mac(key, name)
+    mac.update(content)
+    return MAGIC + mac.hexdigest().encode() + b"\n" + content
 
 
 def verify(name: str, data: bytes, key: bytes) -> bytes:
     """The content of signed ``data`` stored as ``name``; SignatureError if it was not signed so."""
-    header, newline, content = data.partition(b"\n")
-    if not newline or not header.startswith(MAGIC):
+    return verify_stream(name, [data], key)
+
+
+def verify_stream(name: str, chunks: Iterable[bytes], key: bytes) -> bytes:
+    """``verify`` over the record's bytes as they are read (pneumo.storage.read_chunks): the HMAC is
+    updated chunk by chunk, so a record is read once and its content joined once, after its header."""
+    pieces = iter(chunks)
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= HEADER_BYTES:
+            break
+    header, first = head[:HEADER_BYTES], head[HEADER_BYTES:]
+    if len(header) < HEADER_BYTES or not header.startswith(MAGIC) or not header.endswith(b"\n"):
         raise SignatureError("not signed")
-    if not hmac.compare_digest(header[len(MAGIC):], _mac(key, name, content)):
+    mac = _mac(key, name)
+    content = [first]
+    mac.update(first)
+    for piece in pieces:
+        mac.update(piece)
+        content.append(piece)
+    if not hmac.compare_digest(header[len(MAGIC):-1], mac.hexdigest().encode()):
         raise SignatureError("signature does not match (changed, moved, or signed with another key)")
-    return content
+    return b"".join(content)
