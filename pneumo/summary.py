@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from pneumo import markdown as md
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
@@ -42,30 +43,34 @@ def run_summary(config: Any, registry: str, manifest: Any, sizes: Any, index: An
     return summary
 
 
-def outcome_line(summary: dict[str, Any]) -> str:
-    """One line: what was registered (or not), the champion, and the val/test AUC."""
+def outcome_head(summary: dict[str, Any]) -> str:
+    """What the run registered: "registered tinynet v0004", or why nothing (a cache hit)."""
     name, version = summary["model"].rsplit(" ", 1)
     if summary["registered"]:
-        head = f"registered {name} {version}"
-    else:
-        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+        return f"registered {name} {version}"
+    return f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """One line: what was registered (or not), the champion, and the val/test AUC."""
     aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
-    return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
+    return f"{outcome_head(summary)}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The run-summary artifact: outcome, metrics per split, and where everything is."""
+    """The run-summary artifact: outcome, metrics per split, and where everything is (paths escaped: pneumo.markdown)."""
     lines = [
-        f"# {outcome_line(summary).split(';')[0]}", "",
-        f"Champion: **{summary['champion']}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
+        f"# {md.text(outcome_head(summary))}", "",
+        f"Champion: **{md.text(summary['champion'])}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
         "| split | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS),
     ]
     for split in SPLITS:
         m = summary["metrics"].get(split) or {}
         lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
     lines += [f"\n**Warning:** {warning}" for warning in small_split_warnings(summary["metrics"])]
-    lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
-              f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
+    lines += ["", f"- card: {md.code(summary['card'])}", f"- report: {md.code(summary.get('report') or 'none')}",
+              f"- registry: {md.code(summary['registry'])}", f"- shards: {md.code(summary['shards_index'])}",
+              f"- quarantine report: {md.code(summary['quarantine_report'])}"]
     return "\n".join(lines) + "\n"
 
 
