@@ -90,3 +90,12 @@ def test_a_key_file_that_cannot_be_made_is_said_in_one_line(tmp_path, monkeypatc
     assert problem and "cannot be read or created" in problem and signatures.KEY_ENV in problem
     monkeypatch.setenv(signatures.KEY_ENV, GOOD_KEY)
     assert signatures.key_problem() is None
+
+
+def test_a_deployment_run_fails_on_a_bad_key_before_its_first_task(monkeypatch):
+    """A deployment's flow runs without the CLI: it stops where it first asks for its result storage."""
+    from tasks.result_storage import signed_storage_block
+
+    monkeypatch.setenv(signatures.KEY_ENV, "too-short")
+    with pytest.raises(signatures.BadKey, match="too short"):
+        signed_storage_block("/nowhere/prefect-results")
