@@ -66,7 +66,10 @@ def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
         name=["--verbose", "-v"], negative=(), help="Show tracebacks on the terminal too")] = False) -> int:
     """Score every image of a folder, .zip or s3:// prefix with a registered model: the batch flow, through Prefect."""
     from cli import runtime
+    from pneumo.signatures import key_problem
 
+    if problem := key_problem():  # said now, before Prefect loads (as `pneumo run` does)
+        fail(problem)
     runtime.stop_on_interrupt()
     if batch.runner == "processes":
         from pneumo import pool

@@ -94,8 +94,10 @@ def run(
 
 def check(config: RunConfig) -> None:
     """Refuse, as UsageError, what the run would only discover later; contacts each S3 bucket once."""
-    from pneumo import storage
+    from pneumo import signatures, storage
 
+    if problem := signatures.key_problem():  # said now: Prefect would only log it, then run uncached
+        raise UsageError(problem)
     run = config.run  # the model name was checked by ModelLocation, where it is declared
     if run.dask_address and run.runner != "dask":
         raise UsageError(f"--run.dask-address {run.dask_address}: only used with --run.runner dask; add it or drop this")

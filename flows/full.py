@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as this_flow_run
 from prefect.states import Completed
 
-from pneumo import cleanup, download, pool, shards, shard_files, workdir as layout
+from pneumo import cleanup, download, markdown as md, pool, shards, shard_files, workdir as layout
 from pneumo.config import RunConfig, RunOptions, SplitConfig, TrainConfig, TransformConfig
 from pneumo.registry import list_versions
 from pneumo.summary import outcome_line, run_summary, summary_markdown
@@ -112,7 +112,7 @@ def full(
     # 5. The summary, where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
     summary = run_summary(config, registry, manifest, sizes, index, quarantine_report, model, known, logger)
     outcome = outcome_line(summary)
-    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=outcome)
+    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary), description=md.text(outcome))
     cleanup.finish_run(workdir, run_id, "finished", manifest_digest=manifest.digest, shards_digest=index.digest)
     return Completed(message=outcome, data=summary)
 

@@ -11,13 +11,12 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.states import Completed
 
-from pneumo import download, pool, predict, storage, workdir as layout
+from pneumo import cleanup, download, pool, predict, storage, workdir as layout
 from pneumo.config import BatchOptions
-from pneumo.manifest import QuarantineEntry
-from pneumo.summary import predict_outcome
+from pneumo.summary import batch_summary, predict_outcome
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
-from tasks.reporting import publish_predictions, quarantine_artifact
+from tasks.reporting import predict_quarantine, publish_predictions
 
 @flow(name="pneumo-predict")
 def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str, Any]:
@@ -26,6 +25,12 @@ def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str,
     The version is fixed when the run starts; a re-run on the same input and version is a
     cache hit. Files that are not usable images are quarantined with their reason.
     """
+    with cleanup.recording_run(layout.absolute(batch.workdir)):  # as `pneumo run`: `pneumo gc` removes nothing meanwhile
+        return score_input(input, batch)
+
+
+def score_input(input: str, batch: BatchOptions) -> Any:
+    """The batch flow's work: fetch, score in chunks, write the predictions and the quarantine, report."""
     workdir, model_name, chunk_size = layout.absolute(batch.workdir), batch.model_name, batch.chunk_size
     registry = batch.registry_uri()
     version = predict.resolve_version(registry, model_name, batch.alias, batch.version)
@@ -41,34 +46,22 @@ def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str,
     chunks = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
     logger.info("%d files from %s in %d chunk(s) on the %s runner", len(images), root, len(chunks), batch.runner)
 
-    rows = score_chunks(chunks, fingerprint, registry, version, batch)
-    uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}.csv")
+    rows, cached = score_chunks(chunks, fingerprint, registry, version, batch)
+    folder = layout.predictions(workdir, model_name, version)
+    uri = storage.join(folder, f"{fingerprint[:16]}.csv")
     rerun_if_outputs_missing(with_run_options(write_predictions, workdir, batch.retries), rows, uri, outputs=lambda u: [u])
 
-    scored = [row for row in rows if row["error"] is None]
-    bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
-    quarantine_uri = None
-    if bad:
-        quarantine_uri = storage.join(layout.predictions(workdir, model_name, version), f"{fingerprint[:16]}-quarantine.json")
-        storage.write_json(quarantine_uri, [entry.model_dump() for entry in bad])
-        quarantine_artifact(bad, key="predict-quarantine")
-        logger.warning("%d file(s) quarantined (not scored); reasons in %s", len(bad), quarantine_uri)
-
-    counts = {label: sum(row["label"] == label for row in scored) for label in predict.CLASSES}
-    summary: dict[str, Any] = {
-        "model": f"{model_name} {version}", "threshold": model.threshold, "input": input, "files": len(rows),
-        "scored": len(scored), "quarantined": len(bad), "predicted": counts,
-        "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": uri,
-        "quarantine_report": quarantine_uri, "metrics": None,
-    }
-    publish_predictions(summary, scored, model.threshold)
+    quarantine_uri = predict_quarantine(rows, storage.join(folder, f"{fingerprint[:16]}-quarantine.json"), logger)
+    summary = batch_summary(f"{model_name} {version}", model.threshold, input, rows, uri, quarantine_uri, (cached, len(chunks)))
+    publish_predictions(summary, [row for row in rows if row["error"] is None], model.threshold)
     outcome = predict_outcome(summary)
     logger.info("run summary: %s", outcome)
     return Completed(message=outcome, data=summary)  # the message is what `pneumo runs` and the UI show
 
 
-def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, batch: BatchOptions) -> list[dict]:
-    """score-chunk mapped over ``chunks`` on threads; with ``processes`` the pixel work runs in a local process pool."""
+def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, batch: BatchOptions) -> tuple[list[dict], int]:
+    """score-chunk mapped over ``chunks`` on threads (with ``processes`` the pixel work runs in a local process pool):
+    the rows, and how many chunks came from the cache."""
     scorer = with_run_options(score_chunk, layout.absolute(batch.workdir), batch.retries)
     workers = batch.workers
     score_pool = pool.ProcessPool(min(workers or os.cpu_count() or 1, len(chunks))) if batch.runner == "processes" else None
@@ -79,7 +72,8 @@ def score_chunks(chunks: list, fingerprint: str, registry: str, version: str, ba
                 {"images": chunks, "fingerprint": unmapped(fingerprint), "registry": unmapped(registry),
                  "model_name": unmapped(batch.model_name), "version": unmapped(version), "pool": unmapped(score_pool)},
             )
-            return [row for chunk_rows in futures.result() for row in chunk_rows]
+            rows = [row for chunk_rows in futures.result() for row in chunk_rows]
+            return rows, sum(future.state.name == "Cached" for future in futures)
     finally:
         if score_pool:
             score_pool.close()

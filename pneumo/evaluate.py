@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pneumo import markdown as md
+
 
 # scikit-learn and the model (torch) are imported where they are used: a run that trains and
 # scores nothing (a cached re-run, the CLI's summary) then starts without them (seconds).
@@ -131,12 +133,12 @@ def comparison_markdown(
         cells = [format_metric(values.get(m), 4) for m in names]
         lines.append("| " + " | ".join([role, row_version, *cells]) + " |")
     outcome = f"**{version} is now champion.**" if is_champion else f"**{version} is not promoted.**"
-    basis = f" Champion figures: {comparison['basis']}." if comparison["basis"] else ""
+    basis = f" Champion figures: {md.text(comparison['basis'])}." if comparison["basis"] else ""
     return (
         f"# {model_name}: champion against challenger\n\n"
         + "\n".join(lines)
         + f"\n\n{outcome} Rule: {comparison.get('decided_by', 'val ' + metric)}, strictly greater wins; "
-        f"{comparison['reason']}.{basis}\n"
+        f"{md.text(comparison['reason'])}.{basis}\n"
     )
 
 

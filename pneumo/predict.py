@@ -305,12 +305,21 @@ def _read(item: Input) -> tuple[str, Union[bytes, Exception]]:
         return str(item), error
 
 
+NO_SUCH_FILE, CANNOT_READ = "no such file", "cannot read"
+
+
 def _os_error(error: OSError) -> str:
     if isinstance(error, FileNotFoundError):
-        return "no such file"
+        return NO_SUCH_FILE
     if isinstance(error, IsADirectoryError):
         return "is a folder, not an image"
-    return f"cannot read ({error.strerror or error})"
+    return f"{CANNOT_READ} ({error.strerror or error})"
+
+
+def read_failed(error: Optional[str]) -> bool:
+    """Whether a prediction's error says the file could not be read (gone, no permission) rather than what it holds:
+    a later run may read it, so a result holding such an error is not one to cache."""
+    return bool(error) and (error == NO_SUCH_FILE or error.startswith(CANNOT_READ + " ("))
 
 
 def _colour_levels(image: Image.Image, data: bytes) -> float:

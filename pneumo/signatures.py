@@ -19,6 +19,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Iterable
 
 KEY_ENV = "PNEUMO_RESULTS_KEY"
 MAGIC = b"pneumo-signed-v1 "
@@ -51,44 +52,98 @@ def _create_key(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_key() -> bytes:
-    """The signing key: ``$PNEUMO_RESULTS_KEY``, else ``~/.config/pneumo/results.key`` (created on first use)."""
-    value = os.environ.get(KEY_ENV)
-    if value is not None:
-        if len(value.strip()) < MIN_KEY_CHARS:
-            raise ValueError(f"{KEY_ENV} is too short: use at least {MIN_KEY_CHARS} random characters")
-        return value.strip().encode()
-    path = key_path()
-    if not path.exists():
-        _create_key(path)
-    info = path.lstat()
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} must be a regular file (not a link or folder)")
-    if info.st_mode & 0o077:
-        raise ValueError(f"{path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it")
-    key = path.read_bytes().strip()
+class BadKey(ValueError):
+    """The results key cannot be used; the message is one line: which key, what is wrong, the fix."""
+
+
+def _file_key(path: Path) -> bytes:
+    """The key held by ``path``, created (0600) if it does not exist; BadKey if it is not fit to sign with."""
+    fix = f"remove it to have a new one made on the next run (cached results are recomputed once), or set {KEY_ENV}"
+    try:
+        if not path.exists() and not path.is_symlink():
+            _create_key(path)
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise BadKey(f"results key {path} is a symbolic link, not a regular file: {fix}")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadKey(f"results key {path} is not a regular file: {fix}")
+        if info.st_mode & 0o077:
+            raise BadKey(f"results key {path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 {path}")
+        key = path.read_bytes().strip()
+    except OSError as error:
+        raise BadKey(f"results key {path} cannot be read or created ({error.strerror or error}): "
+                     f"make {path.parent} yours and writable, or set {KEY_ENV}") from None
+    if not key:
+        raise BadKey(f"results key {path} is empty: {fix}")
     if len(key) < MIN_KEY_CHARS:
-        raise ValueError(f"{path} holds a key shorter than {MIN_KEY_CHARS} characters")
+        raise BadKey(f"results key {path} is too short ({len(key)} characters, fewer than {MIN_KEY_CHARS}): {fix}")
     return key
 
 
-def _mac(key: bytes, name: str, content: bytes) -> bytes:
+def load_key() -> bytes:
+    """The signing key: ``$PNEUMO_RESULTS_KEY``, else ``~/.config/pneumo/results.key`` (created on first use).
+
+    BadKey (one line) for a key that cannot be trusted: too short, empty, a link, readable by others.
+    """
+    value = os.environ.get(KEY_ENV)
+    if value is not None:
+        if len(value.strip()) < MIN_KEY_CHARS:
+            raise BadKey(f"{KEY_ENV} (the results key) is too short ({len(value.strip())} characters, "
+                         f"fewer than {MIN_KEY_CHARS}): set it to at least {MIN_KEY_CHARS} random characters "
+                         f"(e.g. `openssl rand -hex 32`), or unset it to use {key_path()}")
+        return value.strip().encode()
+    return _file_key(key_path())
+
+
+def key_problem() -> str | None:
+    """What is wrong with the results key, in one line, or None when it can sign: checked before a run starts,
+    because Prefect only logs a failed write of a result record and runs on uncached."""
+    try:
+        load_key()
+    except BadKey as error:
+        return str(error)
+    return None
+
+
+def _mac(key: bytes, name: str) -> "hmac.HMAC":
     # The record's name is signed too, so a valid record moved under another name (another
     # cache key, so another task's inputs) is refused as well.
-    message = b"pneumo-record\0" + name.encode() + b"\0" + content
-    return hmac.new(key, message, hashlib.sha256).hexdigest().encode()
+    return hmac.new(key, b"pneumo-record\0" + name.encode() + b"\0", hashlib.sha256)
+
+
+HEADER_BYTES = len(MAGIC) + hashlib.sha256().digest_size * 2 + 1  # the magic, the hex HMAC, a newline
 
 
 def sign(name: str, content: bytes, key: bytes) -> bytes:
     """``content`` prefixed with one line: the magic and the HMAC of ``name`` and ``content``."""
-    return MAGIC + _mac(key, name, content) + b"\n" + content
+    mac = _mac(key, name)
+    mac.update(content)
+    return MAGIC + mac.hexdigest().encode() + b"\n" + content
 
 
 def verify(name: str, data: bytes, key: bytes) -> bytes:
     """The content of signed ``data`` stored as ``name``; SignatureError if it was not signed so."""
-    header, newline, content = data.partition(b"\n")
-    if not newline or not header.startswith(MAGIC):
+    return verify_stream(name, [data], key)
+
+
+def verify_stream(name: str, chunks: Iterable[bytes], key: bytes) -> bytes:
+    """``verify`` over the record's bytes as they are read (pneumo.storage.read_chunks): the HMAC is
+    updated chunk by chunk, so a record is read once and its content joined once, after its header."""
+    pieces = iter(chunks)
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= HEADER_BYTES:
+            break
+    header, first = head[:HEADER_BYTES], head[HEADER_BYTES:]
+    if len(header) < HEADER_BYTES or not header.startswith(MAGIC) or not header.endswith(b"\n"):
         raise SignatureError("not signed")
-    if not hmac.compare_digest(header[len(MAGIC):], _mac(key, name, content)):
+    mac = _mac(key, name)
+    content = [first]
+    mac.update(first)
+    for piece in pieces:
+        mac.update(piece)
+        content.append(piece)
+    if not hmac.compare_digest(header[len(MAGIC):-1], mac.hexdigest().encode()):
         raise SignatureError("signature does not match (changed, moved, or signed with another key)")
-    return content
+    return b"".join(content)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat as stat_module
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -241,6 +242,66 @@ def read_bytes(uri: str) -> bytes:
             if _is_missing(error):
                 raise FileNotFoundError(uri) from None
             raise
+
+
+class Unreadable(ValueError):
+    """A file or object refused before its bytes are read: not a regular file, or larger than the caller allows."""
+
+
+def read_chunks(uri: str, *, max_bytes: int, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of a regular local file or an S3 object, ``chunk_bytes`` at a time, for data planted by others.
+
+    Checked before any byte is read: a local path must be a regular file (a FIFO, a device or
+    a symbolic link is refused: it is opened non-blocking and without following links, so a
+    FIFO cannot hang the reader) and no larger than ``max_bytes`` (its stat, an object's
+    ContentLength); a file that grows past ``max_bytes`` while read is refused too. Unreadable
+    otherwise; FileNotFoundError when it is absent.
+    """
+    if is_s3(uri):
+        yield from _s3_chunks(uri, max_bytes, chunk_bytes)
+        return
+    try:
+        fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        if os.path.islink(uri):
+            raise Unreadable(f"{uri} is a symbolic link, not a regular file") from None
+        raise error
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        if not stat_module.S_ISREG(info.st_mode):
+            raise Unreadable(f"{uri} is not a regular file (mode {stat_module.filemode(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise Unreadable(f"{uri} holds {info.st_size} bytes, more than the {max_bytes} allowed")
+        yield from _bounded(iter(lambda: handle.read(chunk_bytes), b""), uri, max_bytes)
+
+
+def _bounded(chunks: Iterator[bytes], uri: str, max_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    for piece in chunks:
+        seen += len(piece)
+        if seen > max_bytes:
+            raise Unreadable(f"{uri} grew past the {max_bytes} bytes allowed while it was read")
+        yield piece
+
+
+def _s3_chunks(uri: str, max_bytes: int, chunk_bytes: int) -> Iterator[bytes]:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    with s3_errors(uri, "GetObject"):
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(uri) from None
+            raise
+        body = response["Body"]
+        try:
+            if int(response.get("ContentLength") or 0) > max_bytes:
+                raise Unreadable(f"{uri} holds {response['ContentLength']} bytes, more than the {max_bytes} allowed")
+            yield from _bounded(body.iter_chunks(chunk_bytes), uri, max_bytes)
+        finally:
+            body.close()
 
 
 # Temporary names: fixed length (a 255-byte target name leaves no room to grow) and the

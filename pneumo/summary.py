@@ -7,11 +7,13 @@ split, and where the run's files are. A batch run's is the batch flow's.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
+from pneumo import markdown as md
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
+from pneumo.labels import CLASSES
 from pneumo.report import REPORT_NAME
 
 SPLITS = ("val", "test")
@@ -41,30 +43,34 @@ def run_summary(config: Any, registry: str, manifest: Any, sizes: Any, index: An
     return summary
 
 
-def outcome_line(summary: dict[str, Any]) -> str:
-    """One line: what was registered (or not), the champion, and the val/test AUC."""
+def outcome_head(summary: dict[str, Any]) -> str:
+    """What the run registered: "registered tinynet v0004", or why nothing (a cache hit)."""
     name, version = summary["model"].rsplit(" ", 1)
     if summary["registered"]:
-        head = f"registered {name} {version}"
-    else:
-        head = f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+        return f"registered {name} {version}"
+    return f"nothing new registered (cache hit; {name} {version} unchanged; --retrain to train anyway)"
+
+
+def outcome_line(summary: dict[str, Any]) -> str:
+    """One line: what was registered (or not), the champion, and the val/test AUC."""
     aucs = ", ".join(f"{split} AUC {format_metric((summary['metrics'].get(split) or {}).get('roc_auc'))}" for split in SPLITS)
-    return f"{head}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
+    return f"{outcome_head(summary)}; champion {summary['champion'].split(' ', 1)[1]}; {aucs}"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The run-summary artifact: outcome, metrics per split, and where everything is."""
+    """The run-summary artifact: outcome, metrics per split, and where everything is (paths escaped: pneumo.markdown)."""
     lines = [
-        f"# {outcome_line(summary).split(';')[0]}", "",
-        f"Champion: **{summary['champion']}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
+        f"# {md.text(outcome_head(summary))}", "",
+        f"Champion: **{md.text(summary['champion'])}**. Images: {summary['images']} ({summary['quarantined']} quarantined).", "",
         "| split | n | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS),
     ]
     for split in SPLITS:
         m = summary["metrics"].get(split) or {}
         lines.append(f"| {split} | {m.get('n', '-')} | " + " | ".join(format_metric(m.get(k)) for k in METRICS) + " |")
     lines += [f"\n**Warning:** {warning}" for warning in small_split_warnings(summary["metrics"])]
-    lines += ["", f"- card: `{summary['card']}`", f"- report: `{summary.get('report') or 'none'}`", f"- registry: `{summary['registry']}`",
-              f"- shards: `{summary['shards_index']}`", f"- quarantine report: `{summary['quarantine_report']}`"]
+    lines += ["", f"- card: {md.code(summary['card'])}", f"- report: {md.code(summary.get('report') or 'none')}",
+              f"- registry: {md.code(summary['registry'])}", f"- shards: {md.code(summary['shards_index'])}",
+              f"- quarantine report: {md.code(summary['quarantine_report'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -100,13 +106,36 @@ def label_counts(predicted: dict[str, int]) -> str:
     return ", ".join(f"{label} {count}" for label, count in predicted.items())
 
 
+def batch_summary(model: str, threshold: float, input: str, rows: list[dict[str, Any]], predictions: str,
+                  quarantine_report: Optional[str], cached: tuple[int, int]) -> dict[str, Any]:
+    """The batch flow's result: the model ("tinynet v0003"), counts of the ``rows`` scored, where the files are, and
+    ``cached`` = (chunks taken from the cache, chunks): all of them is a cache hit. ``metrics`` are added when labelled."""
+    scored = [row for row in rows if row["error"] is None]
+    return {
+        "model": model, "threshold": threshold, "input": input, "files": len(rows), "scored": len(scored),
+        "quarantined": len(rows) - len(scored), "predicted": {label: sum(row["label"] == label for row in scored) for label in CLASSES},
+        "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": predictions,
+        "quarantine_report": quarantine_report, "metrics": None, "cached_chunks": cached[0], "chunks": cached[1],
+    }
+
+
+def cache_note(summary: dict[str, Any]) -> str:
+    """How much of a batch run came from the cache: "" (none), "cache hit: ..." (all), or "k of n chunks from the cache"."""
+    cached, chunks = summary.get("cached_chunks") or 0, summary.get("chunks") or 0
+    if not cached:
+        return ""
+    if cached == chunks:
+        return "cache hit: the same input and version were scored before, nothing scored again"
+    return f"{cached} of {chunks} chunks from the cache"
+
+
 def predict_outcome(summary: dict[str, Any]) -> str:
-    """One line for the batch flow's final state: what was scored, with which version, and the labels."""
+    """One line for the batch flow's final state: what was scored, with which version, the labels, and a cache hit."""
     line = (f"scored {summary['scored']} of {summary['files']} files with {summary['model']} "
             f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
-    return line
+    return f"{line}; {cache_note(summary)}" if cache_note(summary) else line
 
 
 def batch_text(summary: dict[str, Any], seconds: float) -> str:
@@ -114,6 +143,8 @@ def batch_text(summary: dict[str, Any], seconds: float) -> str:
     text = (f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
             f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
             f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+    if cache_note(summary):
+        text += f"\n  cache        {cache_note(summary)}"
     if summary["metrics"]:
         shown = {k: format_metric(summary["metrics"][k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
         text += (f"\n  labelled n={summary['metrics']['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "

@@ -6,6 +6,7 @@ import time
 from typing import Any, Optional
 
 from prefect import get_run_logger, task
+from prefect.transactions import get_transaction
 
 from pneumo import predict, storage
 from pneumo.pool import ProcessPool
@@ -34,10 +35,17 @@ def score_chunk(
     rows = pool.run(predict.score_inputs, *args) if pool else predict.score_inputs(*args)
     seconds = time.perf_counter() - started
     errors = sum(row["error"] is not None for row in rows)
-    get_run_logger().info(
+    logger = get_run_logger()
+    logger.info(
         "%d images scored, %d quarantined, %.1fs (%.0f images/s)", len(rows) - errors, errors, seconds,
         len(rows) / max(seconds, 1e-9),
     )
+    unread = sum(predict.read_failed(row["error"]) for row in rows)
+    transaction = get_transaction()
+    if unread and transaction is not None:
+        # A file gone or unreadable now (a `pneumo gc`, a remount) may be back for the next run: not a result to reuse.
+        transaction.write_on_commit = False
+        logger.warning("%d file(s) could not be read: this chunk's result is not cached, a re-run scores it again", unread)
     return rows
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import urllib.parse
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pneumo import evaluate, storage
+from pneumo import markdown as md
 from pneumo.labels import CLASSES, CONFUSION_MATRIX_LAYOUT
 from pneumo.manifest import QuarantineEntry, SkippedEntry
 
@@ -19,12 +21,25 @@ def quarantine_artifact(
     entries: Iterable[QuarantineEntry], *, key: str, skipped: Iterable[SkippedEntry] = ()
 ) -> None:
     """A table of the images that were set aside, each with its reason, then the OS metadata skipped."""
-    rows = [entry.model_dump() for entry in entries]
-    junk = [{"relpath": e.relpath, "stage": "skipped", "reason": e.reason} for e in skipped]
+    # The UI renders each cell as markdown: a file name or a reason holding markup is shown as written.
+    rows = [{**entry.model_dump(), "relpath": md.text(entry.relpath), "reason": md.text(entry.reason)} for entry in entries]
+    junk = [{"relpath": md.text(e.relpath), "stage": "skipped", "reason": md.text(e.reason)} for e in skipped]
     description = f"{len(rows)} input file(s) quarantined, each with the reason"
     if junk:
         description += f"; {len(junk)} OS metadata file(s) skipped (stage 'skipped')"
     create_table_artifact(key=key, table=rows + junk, description=description)
+
+
+def predict_quarantine(rows: list[dict[str, Any]], uri: str, logger: Any) -> Optional[str]:
+    """The batch run's rows that were not scored, each with its reason, written to ``uri`` (JSON) and shown as
+    the predict-quarantine artifact; ``uri``, or None when every file was scored."""
+    bad = [QuarantineEntry(relpath=row["relpath"], stage="predict", reason=row["error"]) for row in rows if row["error"]]
+    if not bad:
+        return None
+    storage.write_json(uri, [entry.model_dump() for entry in bad])
+    quarantine_artifact(bad, key="predict-quarantine")
+    logger.warning("%d file(s) quarantined (not scored); reasons in %s", len(bad), uri)
+    return uri
 
 
 def progress_logger(logger, what: str, every: int = 1000):
@@ -106,7 +121,7 @@ def model_report_artifacts(
     )
     if metrics.get("shift"):
         markdown += "## Shift suite\n\n" + _shift_table(metrics["shift"]) + "\n"
-    markdown += f"Card: `{card_uri}`\n"
+    markdown += f"Card: {md.code(card_uri)}\n"
     create_markdown_artifact(key="model-card", markdown=markdown, description=f"{model_name} {version}: metrics with 95% CIs")
 
     pictures = [f"# {model_name} {version}: pictures\n"]
@@ -132,7 +147,7 @@ def publish_predictions(summary: dict[str, Any], scored: list[dict], threshold: 
         create_markdown_artifact(
             key="predict-metrics",
             markdown=(
-                f"# {model_name} {version} on {input}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
+                f"# {model_name} {version} on {md.text(input)}\n\n{len(labelled)} labelled images, threshold {threshold:g}\n\n"
                 + evaluate.markdown_table({"input": summary["metrics"]})
             ),
             description=f"{model_name} {version} scored against the input's labels",
@@ -140,13 +155,14 @@ def publish_predictions(summary: dict[str, Any], scored: list[dict], threshold: 
     create_table_artifact(
         key="predict-counts",
         table=[{k: summary[k] for k in ("model", "files", "scored", "quarantined", "with_warnings")} | counts],
-        description=f"{model_name} {version} on {input}: files scored and predicted labels",
+        description=f"{model_name} {version} on {md.text(input)}: files scored and predicted labels",
     )
     create_table_artifact(
         key="predictions",
-        table=[{k: row[k] for k in PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
-        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {uri}",
+        table=[{k: md.text(row[k]) if isinstance(row[k], str) else row[k] for k in PREDICTION_COLUMNS} for row in scored[:FIRST_ROWS]],
+        description=f"The first {FIRST_ROWS} of {len(scored)} predictions; all of them in {md.text(uri)}",
     )
-    link = uri if storage.is_s3(uri) else Path(uri).as_uri()
-    create_link_artifact(key="predictions-file", link=link, link_text=uri, description="The predictions CSV")
+    # Prefect writes the link as [text](link): both escaped, the link percent-encoded as a URI.
+    link = urllib.parse.quote(uri, safe=":/") if storage.is_s3(uri) else Path(uri).as_uri()
+    create_link_artifact(key="predictions-file", link=link, link_text=md.text(uri), description="The predictions CSV")
 

@@ -26,6 +26,8 @@ from pneumo import signatures, storage
 # Prefect names records by their cache key (a hex digest); anything else is refused
 # rather than joined onto the folder.
 RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# Records hold task results: references and rows (a 1,000-image scoring chunk is well under 1 MB).
+MAX_RECORD_BYTES = 64 * 2**20
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -55,10 +57,13 @@ class SignedResultStorage(WritableFileSystem):
     # Prefect calls these with ``_sync=True`` (its async-dispatch flag); they are sync anyway.
     def read_path(self, path: str, _sync: Any = None) -> bytes:
         uri = self._uri(path)
-        data = storage.read_bytes(uri)
+        key = signatures.load_key()
         try:
-            return signatures.verify(path, data, signatures.load_key())
-        except signatures.SignatureError as error:
+            # A regular file under MAX_RECORD_BYTES only, checked before it is read (a planted FIFO
+            # would hang the run, a 2 GB file fill its memory), then signed-checked as it streams.
+            chunks = storage.read_chunks(uri, max_bytes=MAX_RECORD_BYTES)
+            return signatures.verify_stream(path, chunks, key)
+        except (signatures.SignatureError, storage.Unreadable) as error:
             _logger().warning("refused cached result %s (%s); its task runs again and rewrites it", uri, error)
             raise
 
@@ -81,6 +86,8 @@ def signed_storage_block(root: str) -> str:
     Prefect API, and Prefect refuses an unsaved block, so the block is saved there. It
     holds the location only: no credential, no key.
     """
+    # A key that cannot sign fails the run here, in one line, not each record's commit in the log only.
+    signatures.load_key()
     # Named after the location, so runs on the same workdir share one block and its cache.
     name = "pneumo-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     SignedResultStorage(root=root).save(name, overwrite=True)

@@ -75,3 +75,98 @@ def test_the_result_storage_refuses_a_planted_record_with_a_warning_naming_it(tm
     assert "refused cached result" in caplog.text and "key1" in caplog.text
     with pytest.raises(ValueError, match="not a plain file name"):
         store.read_path("../outside")
+
+
+# --------------------------------------------------------------------------- planted records that are no records (issue 23, item 3)
+
+PLANTED = r"""
+import json, os, resource, sys
+from pathlib import Path
+
+from pneumo import signatures, storage
+from tasks.result_storage import SignedResultStorage
+
+root, name, kind = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+store = SignedResultStorage(root=str(root))
+store.write_path("good", b"content")  # imports, key and the first write are in the baseline
+if kind == "sparse":
+    with open(root / name, "wb") as handle:
+        handle.truncate(2 * 2**30)  # 2 GB, no block on disk
+else:
+    os.mkfifo(root / name)
+# The most this check may take; without it a regression would read 2 GB or more (three copies before).
+vm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, ((vm + 512 * 1024) * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    store.read_path(name)
+    said = "read"
+except (signatures.SignatureError, storage.Unreadable) as error:
+    said = f"refused: {error}"
+except MemoryError:
+    said = "MemoryError"
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"said": said, "peak_growth_kb": peak, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "good": store.read_path("good").decode()}))
+"""
+
+
+def _plant(tmp_path, kind: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, signatures.KEY_ENV: "q" * 40}
+    # A FIFO blocks a plain open() forever; the timeout only turns such a regression into a failure.
+    run = subprocess.run([sys.executable, "-c", PLANTED, str(tmp_path), "a" * 32, kind], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_a_2_gb_record_is_refused_by_its_size_before_it_is_read(tmp_path):
+    found = _plant(tmp_path, "sparse")
+    print(f"2 GB sparse record: peak RSS {found['peak_kb'] / 1024:.0f} MB, grown by {found['peak_growth_kb']} KB while refused")
+    assert found["said"].startswith("refused: ") and "2147483648 bytes, more than the" in found["said"], found
+    assert found["peak_growth_kb"] < 16 * 1024, found  # under 16 MB for a 2 GB file: the bytes were never read
+    assert found["good"] == "content"  # the store still reads its own records
+
+
+def test_a_fifo_planted_as_a_record_is_refused_without_waiting_for_a_writer(tmp_path):
+    found = _plant(tmp_path, "fifo")
+    assert found["said"].startswith("refused: ") and "not a regular file" in found["said"], found
+
+
+def test_a_linked_record_is_refused_and_a_record_is_checked_as_it_streams(tmp_path, monkeypatch):
+    from pneumo import storage
+
+    monkeypatch.setenv(signatures.KEY_ENV, "y" * 40)
+    store = SignedResultStorage(root=str(tmp_path / "records"))
+    big = os.urandom(3 * 2**20 + 7)  # more than one chunk of the stream, not a multiple of it
+    store.write_path("big", big)
+    assert store.read_path("big") == big
+    signed = (tmp_path / "records" / "big").read_bytes()
+    (tmp_path / "records" / "big").write_bytes(signed[:-1] + bytes([signed[-1] ^ 1]))  # the last byte changed
+    with pytest.raises(SignatureError, match="does not match"):
+        store.read_path("big")
+    (tmp_path / "records" / "short").write_bytes(b"pneumo-signed-v1 abc")
+    with pytest.raises(SignatureError, match="not signed"):
+        store.read_path("short")
+    (tmp_path / "elsewhere").write_bytes(signed)
+    (tmp_path / "records" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(storage.Unreadable, match="symbolic link"):
+        store.read_path("linked")
+
+
+def test_an_s3_record_over_the_cap_is_refused_by_its_length(s3_bucket, monkeypatch):
+    from pneumo import storage
+    from tasks import result_storage
+
+    monkeypatch.setenv(signatures.KEY_ENV, "y" * 40)
+    monkeypatch.setattr(result_storage, "MAX_RECORD_BYTES", 1024)
+    store = SignedResultStorage(root=f"s3://{s3_bucket}/prefect-results")
+    store.write_path("small", b"x" * 100)
+    assert store.read_path("small") == b"x" * 100
+    storage.write_bytes(f"s3://{s3_bucket}/prefect-results/large", b"y" * 4096)
+    with pytest.raises(storage.Unreadable, match="4096 bytes, more than the 1024 allowed"):
+        store.read_path("large")

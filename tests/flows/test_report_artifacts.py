@@ -85,3 +85,55 @@ def test_the_metrics_table_shows_four_digits():
     for row, split in zip(rows, ("val", "test")):
         assert row["roc_auc"] == f"{evaluation.metrics[split]['roc_auc']:.4f}" and len(row["roc_auc"]) == 6
         assert row["n"] == evaluation.metrics[split]["n"] and isinstance(row["tp"], int)
+
+
+def test_names_in_the_quarantine_and_prediction_artifacts_are_shown_as_written(tmp_path):
+    """Issue 23, item 11: the UI renders table cells, descriptions and link texts as markdown; a workdir or file
+    name holding a backtick, an element or a `|` was drawn as markup (or split the table)."""
+    import html
+    import json
+
+    from markdown_it import MarkdownIt
+
+    from pneumo.manifest import QuarantineEntry, SkippedEntry
+    from tasks.reporting import publish_predictions, quarantine_artifact
+
+    hostile = "a`<img src=x onerror=alert(1)>`|b"
+    workdir = tmp_path / f"work{hostile}"
+    entries = [QuarantineEntry(relpath=f"train/NORMAL/{hostile}.jpeg", stage="decode", reason=f"cannot read {workdir}/x")]
+    skipped = [SkippedEntry(relpath=f"__MACOSX/{hostile}", reason="OS metadata")]
+    row = {"relpath": f"NORMAL/{hostile}.jpeg", "probability": 0.2, "label": "NORMAL", "threshold": 0.5, "warnings": "",
+           "true_label": "NORMAL", "error": None}
+    summary = {"input": str(tmp_path / f"in{hostile}"), "predictions": f"{workdir}/p.csv", "model": "tinynet v0001",
+               "predicted": {"NORMAL": 1, "PNEUMONIA": 0}, "files": 1, "scored": 1, "quarantined": 0, "with_warnings": 0}
+
+    @flow
+    def report():
+        quarantine_artifact(entries, key="quarantine-report", skipped=skipped)
+        publish_predictions(summary, [row], 0.5)
+        return get_run_context().flow_run.id
+
+    run_id = report()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    renderer = MarkdownIt("commonmark", {"html": True}).enable("table")
+    renderer.validateLink = lambda url: True  # markdown-it refuses file: links, the UI draws them
+    render = renderer.render
+    by_key = {a.key: a for a in artifacts}
+
+    def shown(markdown: str) -> str:  # one table cell, a description or a link as the UI draws it
+        rendered = render(f"| x |\n|---|\n| {markdown} |\n")
+        assert "<img" not in rendered and "<code>" not in rendered and rendered.count("<td>") == 1, rendered
+        return html.unescape(rendered.split("<td>")[1].split("</td>")[0])
+
+    quarantined = json.loads(by_key["quarantine-report"].data)
+    assert [shown(r["relpath"]) for r in quarantined] == [entries[0].relpath, skipped[0].relpath]
+    assert shown(quarantined[0]["reason"]) == entries[0].reason
+    assert shown(json.loads(by_key["predictions"].data)[0]["relpath"]) == row["relpath"]
+    for key in ("predict-metrics", "predict-counts", "predictions", "predictions-file"):
+        for text in (by_key[key].description or "", by_key[key].data if key in ("predict-metrics", "predictions-file") else ""):
+            assert "<img" not in render(text), (key, text)
+    assert summary["input"] in html.unescape(render(by_key["predict-metrics"].data))
+    link = render(by_key["predictions-file"].data)
+    assert link.startswith('<p><a href="file:///') and link.count("<a ") == 1, link
+    assert html.unescape(link.split(">", 2)[2].split("</a>")[0]) == summary["predictions"]
