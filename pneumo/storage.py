@@ -283,7 +283,7 @@ def sweep_temporaries(root: str | Path, started: float, prune: Callable[[Path], 
         here = Path(folder)
         for name in [*dirnames, *filenames]:
             owned = _OWNED_TEMP.match(name)
-            if not owned and not _LEGACY_TEMP.match(name):
+            if not owned and not _LEGACY_TEMP.fullmatch(name):
                 continue
             path = here / name
             try:
