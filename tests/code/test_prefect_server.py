@@ -114,13 +114,46 @@ def test_a_dead_pid_or_a_foreign_process_is_neither_trusted_nor_signalled(tmp_pa
                                "time.sleep(60)", str(tmp_path / "server" / "start.lock")], stdout=subprocess.PIPE)
     try:
         holder.stdout.readline()
-        with pytest.raises(RuntimeError, match="start.lock still held after 1 s"):
+        with pytest.raises(RuntimeError, match="start.lock is still held after 1 s"):
             with server.start_lock(wait=1):
                 pass
     finally:
         holder.kill()
     assert f"waiting for {tmp_path / 'server' / 'start.lock'}" in capsys.readouterr().err
     assert mode(tmp_path / "server" / "start.lock") == 0o600
+
+
+HOLD_THE_LOCK = """import fcntl, sys, time
+handle = open(sys.argv[1])  # read-only is enough for a shared flock
+fcntl.flock(handle, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_server_stop_with_its_lock_held_by_another_process_says_so_and_ends(tmp_path):
+    """Issue 23 item 13: a process holding start.lock made `pneumo server stop` hang in silence (on main: 180 s
+    without a word; before the shell change, forever). Now: a line after a second, a clear error after 5 s."""
+    env = local_env(tmp_path)
+    folder = Path(env["PNEUMO_SERVER_DIR"])
+    folder.mkdir(mode=0o755)  # as an older pneumo left them: 0755 and 0644
+    lock = folder / "start.lock"
+    lock.touch(mode=0o644)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        stopped = server_command(env, "stop", timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stopped.returncode == 1 and stopped.stdout == "", stopped.stdout + stopped.stderr
+    assert stopped.stderr.splitlines() == [
+        f"pneumo: waiting for {lock}: another pneumo is starting or stopping the local Prefect server (at most 5 s)",
+        f"pneumo: {lock} is still held after 5 s (another pneumo is starting or stopping the local Prefect server); "
+        f"`fuser -v {lock}` names the holder",
+    ]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(lock.stat().st_mode) == 0o600
 
 
 @pytest.mark.slow
