@@ -145,9 +145,9 @@ def card_metric(card: reg.Card, split: str, name: str) -> str:
 
 def version_row(version: str, card: reg.Card, aliases: list[str]) -> str:
     """A row of `pneumo models list`, under VERSIONS_HEADER."""
-    return (f"{version:<8} {card.created_at:<25} {card_metric(card, 'val', 'roc_auc'):>7} "
-            f"{card_metric(card, 'val', 'accuracy'):>7} {card_metric(card, 'test', 'roc_auc'):>8} "
-            f"{card_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases))}").rstrip()
+    return printable(f"{version:<8} {card.created_at:<25} {card_metric(card, 'val', 'roc_auc'):>7} "
+                     f"{card_metric(card, 'val', 'accuracy'):>7} {card_metric(card, 'test', 'roc_auc'):>8} "
+                     f"{card_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases))}").rstrip()
 
 
 VERSIONS_HEADER = f"{'version':<8} {'created':<25} {'val AUC':>7} {'val acc':>7} {'test AUC':>8} {'test acc':>8}  aliases"
@@ -238,7 +238,7 @@ def run_lines(flow: str, run: Any, artifacts: list[Any], page: str) -> list[str]
     by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
     summary = next((by_key[key] for key in RUN_SUMMARY_KEYS if key in by_key), None)
     if summary is not None:
-        lines += ["", f"{summary.key}:", *_artifact_text(summary.data).splitlines()]
+        lines += ["", f"{summary.key}:", *_artifact_text(summary.data).split("\n")]  # not splitlines(): it breaks at CR, VT, U+2028
     others = [key for key in by_key if summary is None or key != summary.key]
     if others:
         lines += ["", "artifacts: " + ", ".join(others)]

@@ -73,7 +73,7 @@ def test_a_compare_and_swap_lock_held_by_another_process_is_waited_for_boundedly
 
     from pneumo import locks
 
-    monkeypatch.setattr(storage, "CAS_LOCK_WAIT", 2.0)
+    monkeypatch.setattr(storage, "CAS_LOCK_WAIT", 2.0, raising=False)
     alias = tmp_path / "aliases" / "champion.json"
     alias.parent.mkdir()
     lock = alias.with_name(".champion.lock")
