@@ -4,8 +4,8 @@ reaches a terminal or a log with its control characters escaped (pneumo.names.pr
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +16,12 @@ from pneumo.names import printable, validate_model_name
 # paragraph separators, a right-to-left override and a zero-width space.
 HOSTILE = "a\x1b]0;owned\x07b\x1b[31mred\rc\x0bd\x9b2Je\u2028f\u2029g\u202eh\u200bi"
 ESCAPED = "a\\x1b]0;owned\\x07b\\x1b[31mred\\rc\\x0bd\\x9b2Je\\u2028f\\u2029g\\u202eh\\u200bi"
+
+
+def tinynet_weights():
+    from pneumo.model import TinyNet
+
+    return TinyNet().state_dict()
 
 
 def test_printable_escapes_what_moves_a_terminal_and_keeps_the_rest():
@@ -38,7 +44,7 @@ def test_a_version_or_record_name_with_a_trailing_newline_is_refused(tmp_path):
     from tasks.result_storage import SignedResultStorage
 
     root = str(tmp_path / "registry")
-    registry.register(root, "m", promotion_weights(), {})
+    registry.register(root, "m", tinynet_weights(), {})
     assert registry.resolve(root, "m", "v0001") == "v0001"
     assert not registry.version_exists(root, "m", "v0001\n")
     with pytest.raises(ValueError, match="invalid alias 'v0001\\\\n'"):  # not a version: then not an alias either
@@ -58,18 +64,12 @@ def test_a_run_config_refuses_a_model_name_with_a_newline():
         ModelLocation(model_name="tinynet\n")
 
 
-def promotion_weights():
-    from pneumo.model import TinyNet
-
-    return TinyNet().state_dict()
-
-
 def test_models_show_escapes_a_promotion_reason(tmp_path):
     """On main `models show` printed a --reason holding an OSC sequence and CR as is."""
     from pneumo.summary import card_lines
 
     root = str(tmp_path / "registry")
-    registry.register(root, "m", promotion_weights(), {"metrics": {"val": {"roc_auc": 0.9}}})
+    registry.register(root, "m", tinynet_weights(), {"metrics": {"val": {"roc_auc": 0.9}}})
     promotion.promote(root, "m", "v0001", {"roc_auc": 0.9}, "roc_auc", force=True, reason=HOSTILE)
     card = registry.load_card(root, "m", "v0001")
     lines = card_lines(card, root, "m", ["champion"])
