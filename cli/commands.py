@@ -43,6 +43,7 @@ def predict(
 
     Exit code 0 when every input was scored, 1 when some could not be (each with its reason), 2 on bad usage.
     """
+    from pneumo.names import printable
     from pneumo.predict import list_inputs
     from pneumo.summary import prediction_table
 
@@ -55,7 +56,7 @@ def predict(
     failed = [p for p in results if not p.ok]
     print("\n".join(json.dumps(p.to_dict()) for p in results) if as_json else "\n".join(prediction_table(results)))
     for p in failed:
-        print(f"pneumo: cannot score {p.input}: {p.error}", file=sys.stderr)
+        print(f"pneumo: cannot score {printable(p.input)}: {printable(p.error)}", file=sys.stderr)
     print(f"{where.model_name} {predictor.version} (threshold {predictor.threshold:.4g}, {predictor.runtime}): "
           f"{len(results) - len(failed)} scored, {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0

@@ -84,13 +84,11 @@ def models_promote(version: Annotated[str, Parameter(help="The version to point 
 
     registry, model_name = where.registry_uri(), where.model_name
     try:
-        try:
-            before = reg.get_alias(registry, model_name, alias)
-        except reg.BrokenAlias as error:  # promoting by hand is how a broken alias is repaired
-            before = f"(broken: {error})"
+        state = reg.read_alias(registry, model_name, alias)  # a broken alias is repaired this way, never refused
+        before = f"(broken: {state.broken})" if state.broken else state.version
         if alias == reg.CHAMPION:
             card = reg.load_card(registry, model_name, version)
-            promotion.promote(registry, model_name, version, card.metrics["val"], "roc_auc", force=True, reason=reason)
+            promotion.promote(registry, model_name, version, card.metrics.get("val") or {}, "roc_auc", force=True, reason=reason)
         else:
             reg.set_alias(registry, model_name, alias, version, how="by hand", reason=reason)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -4,8 +4,7 @@ PREFECT_API_URL or else the local server; `pneumo server`: that server's start, 
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import cyclopts
 from cyclopts import Parameter
@@ -14,7 +13,6 @@ from cli import runtime
 from cli.models import fail
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
-SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
 
 
 def _flows(client) -> dict[Any, str]:
@@ -24,31 +22,33 @@ def _flows(client) -> dict[Any, str]:
     return {flow.id: flow.name for flow in found}
 
 
-def recent(limit: int = 10) -> list[tuple[str, Any]]:
-    """The latest runs of the pneumo flows, newest first, as (flow name, FlowRun)."""
+def recent(limit: int = 10, scheduled: bool = False) -> list[tuple[str, Any]]:
+    """Runs of the pneumo flows as (flow name, FlowRun): those that ran (they have a start), newest first;
+    or with ``scheduled``, those still waiting for their time (a deployment's schedule), soonest first."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStartTime, FlowRunFilterStateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    which = (FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))) if scheduled
+             else FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)))
     with get_client(sync_client=True) as client:
         flows = _flows(client)
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=limit,
-        )
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), flow_run_filter=which,
+                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC if scheduled else FlowRunSort.START_TIME_DESC,
+                                     limit=limit)
     return [(flows.get(run.flow_id, "?"), run) for run in runs]
 
 
 def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
-    """``last`` (the newest run of any pneumo flow) or a flow-run id: (flow name, FlowRun, its artifacts)."""
+    """``last`` (the pneumo run that started last; a scheduled one has not) or a flow-run id: (flow name, FlowRun, its artifacts)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     if which == "last":
         latest = recent(limit=1)
         if not latest:
-            fail(f"no runs of {', '.join(FLOWS)} on {api} yet")
+            fail(f"no runs of {', '.join(FLOWS)} on {api} have started yet (`pneumo runs` lists scheduled ones)")
         which = str(latest[0][1].id)
     with get_client(sync_client=True) as client:
         try:
@@ -60,57 +60,6 @@ def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     return flow, run, sorted(artifacts, key=lambda artifact: artifact.created)
 
 
-def _when(moment: Optional[datetime]) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def _state(run: Any) -> str:
-    return run.state.name if run.state else "-"
-
-
-def list_lines(runs: list[tuple[str, Any]]) -> list[str]:
-    """A table: start, flow, state, run name and id, then the state message (what the run did)."""
-    lines = [f"{'started':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  message"]
-    for flow, run in runs:
-        message = " ".join((run.state.message or "").split()) if run.state else ""
-        lines.append(f"{_when(run.start_time or run.expected_start_time):<19}  {flow:<14}  {_state(run):<9}  {str(run.id):<36}  {message}")
-    return lines
-
-
-def show_lines(flow: str, run: Any, artifacts: list[Any], api: str) -> list[str]:
-    """One run: its state and message, duration, link, and the summary artifact (version, metrics, files)."""
-    seconds = run.total_run_time.total_seconds() if run.total_run_time else None
-    lines = [
-        f"{flow} run {run.name} ({run.id})",
-        f"  state      {_state(run)}" + (f" after {seconds:.0f} s" if seconds is not None else ""),
-        f"  started    {_when(run.start_time)}",
-        f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
-    ]
-    lines.append(f"  UI         {runtime.run_page(api, run.id)}")
-    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
-    summary = next((by_key[key] for key in SUMMARY_KEYS if key in by_key), None)
-    if summary is not None:
-        lines += ["", f"{summary.key}:", _as_text(summary.data)]
-    others = [key for key in by_key if summary is None or key != summary.key]
-    if others:
-        lines += ["", "artifacts: " + ", ".join(others)]
-    return lines
-
-
-def _as_text(data: Any) -> str:
-    """An artifact's data as terminal text: markdown as it is, a table's rows one per line."""
-    if isinstance(data, str) and data.lstrip().startswith("["):
-        import json
-
-        try:
-            data = json.loads(data)
-        except ValueError:
-            return data
-    if isinstance(data, list):
-        return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
-    return str(data).rstrip()
-
-
 # --------------------------------------------------------------------------- the commands
 
 
@@ -119,19 +68,24 @@ runs = cyclopts.App(name="runs", help="Recent runs of the pneumo flows, with wha
 
 @runs.default
 def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, newest first.")] = 10) -> None:
-    """List recent runs of pneumo-full and pneumo-predict with their state messages; `pneumo runs show last` for one."""
+    """List the runs of pneumo-full and pneumo-predict that ran, with their state messages, then apart the scheduled ones; `pneumo runs show last` for one."""
+    from pneumo.summary import runs_lines
+
     with runtime.prefect_api(start=False) as api:
-        found = recent(max(limit, 1))
-        if not found:
+        ran, scheduled = recent(max(limit, 1)), recent(max(limit, 1), scheduled=True)
+        if not ran and not scheduled:
             fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
-        print("\n".join(list_lines(found)))
+        print("\n".join(runs_lines(ran, scheduled)))
 
 
 @runs.command(name="show")
-def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
+def runs_show(run: Annotated[str, Parameter(help="'last' (the run that started last), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
+    from pneumo.summary import run_lines
+
     with runtime.prefect_api(start=False) as api:
-        print("\n".join(show_lines(*find(run, api), api)))
+        flow, found, artifacts = find(run, api)
+        print("\n".join(run_lines(flow, found, artifacts, runtime.run_page(api, found.id))))
 
 
 server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")
@@ -154,7 +108,10 @@ def stop() -> None:
     """Stop the local Prefect server now (a run using it fails: stop it between runs)."""
     from cli import server as local
 
-    found = local.stop()
+    try:
+        found = local.stop()
+    except RuntimeError as error:  # start.lock held by another process past the bound: said, never a hang
+        fail(str(error), code=1)
     print("no local Prefect server was running" if found is None else f"stopped the local Prefect server (pid {found.pid}, {found.url})")
 
 

@@ -15,7 +15,6 @@ A server is used only when the process holding the LISTEN socket on its port is 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -27,9 +26,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import psutil
+
+from pneumo import locks
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4280  # not 4200: `make stack-up`'s Prefect server (infra/stack.sh) has that one
@@ -83,29 +84,13 @@ def private_dir() -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def start_lock(wait: float = START_TIMEOUT_SECONDS + 30) -> Iterator[None]:
-    """Hold start.lock (flock: the kernel frees it however its holder dies); wait at most ``wait`` s, saying for what."""
-    path = private_dir() / "start.lock"
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(handle, 0o600)
-        deadline, said = time.monotonic() + wait, False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{path} still held after {wait:.0f} s (`fuser {path}` names the holder)") from None
-                if not said:
-                    print(f"pneumo: waiting for {path}: another pneumo is starting or stopping the local Prefect server",
-                          file=sys.stderr, flush=True)
-                    said = True
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
+STOP_LOCK_WAIT = 5.0  # a stop never hangs on a lock held by another pneumo (or another user): it says so and ends
+
+
+def start_lock(wait: float = START_TIMEOUT_SECONDS + 30) -> contextlib.AbstractContextManager:
+    """Hold start.lock (0600; flock, freed however its holder dies), waiting at most ``wait`` s and saying for what."""
+    return locks.held(private_dir() / "start.lock", "another pneumo is starting or stopping the local Prefect server",
+                      wait, say=lambda text: print(f"pneumo: {text}", file=sys.stderr, flush=True))
 
 
 def read_record() -> Optional[Server]:
@@ -315,7 +300,7 @@ def ensure_running() -> tuple[Server, bool]:
 
 def stop() -> Optional[Server]:
     """Stop the local server if it is ours (`prefect server stop` would SIGTERM whatever pid its file names): it, or None."""
-    with start_lock():
+    with start_lock(STOP_LOCK_WAIT):
         server = read_record()
         ours = server is not None and why_not_ours(server) is None
         if ours:

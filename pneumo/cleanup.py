@@ -156,9 +156,9 @@ def _needed_by_versions(registry: str, only_aliased: bool) -> tuple[list[str], s
     aliased: set[tuple[str, str]] = set()
     for uri in storage.list_uris(registry):
         rel = _relative(registry, uri)
-        if match := _VERSION_CARD.match(rel):
+        if match := _VERSION_CARD.fullmatch(rel):
             cards[(match["model"], match["version"])] = uri
-        elif match := _ALIAS.match(rel):
+        elif match := _ALIAS.fullmatch(rel):
             with contextlib.suppress(Exception):  # a broken alias protects nothing
                 aliased.add((match["model"], storage.read_json(uri)["version"]))
     versions, manifests, shards = [], set(), set()

@@ -62,7 +62,7 @@ def parse_source(source: str) -> Source:
     """Classify ``source``; local paths must exist, remote ones are not contacted."""
     text = str(source).strip()
     if text.startswith("kaggle:"):
-        match = _KAGGLE_HANDLE.match(text[len("kaggle:"):])
+        match = _KAGGLE_HANDLE.fullmatch(text[len("kaggle:"):])
         if not match:
             raise ValueError(f"invalid Kaggle source {text!r}. Accepted forms: {ACCEPTED_FORMS}.")
         owner, dataset, version = match.groups()

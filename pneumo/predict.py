@@ -113,7 +113,7 @@ def resolve_version(registry: str, model_name: str, alias: Optional[str], versio
         raise ModelNotFound(f"registry {registry} does not exist (train a model first: pneumo run --source ...)")
     try:
         return reg.resolve(registry, model_name, version if version is not None else alias or reg.CHAMPION)
-    except reg.VersionNotFound as error:
+    except (reg.VersionNotFound, reg.BrokenAlias) as error:  # one line naming what is missing or the broken alias file
         raise ModelNotFound(str(error)) from None
 
 

@@ -20,7 +20,7 @@ from pneumo.model import predict_proba
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.evaluate import stress_predictions
 from pneumo.names import CHAMPION_METRICS, metric_label
-from pneumo.registry import CHAMPION, BrokenAlias, Card, CorruptModel
+from pneumo.registry import CHAMPION, Card, CorruptModel
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class Rival:
     val: Optional[dict[str, Any]] = None  # its val metrics
     basis: Optional[str] = None
     notes: tuple[str, ...] = ()
+    broken: Optional[str] = None  # why the alias was broken (the swap repairs it, and its history says so)
 
 
 def compare(
@@ -213,22 +214,21 @@ def champion_to_beat(
 ) -> Rival:
     """The version to compare ``challenger`` with, and the champion alias as read.
 
-    The alias target when it is intact; otherwise (alias missing, broken or corrupt) the best
-    intact registered version by val ``metric`` stands in for it, so that a lost alias
-    never lets a worse model through as "the first model".
+    The alias target when it is intact. A broken alias (not JSON, no version, a version that does
+    not exist) counts as no champion: the challenger becomes champion and so repairs it. A missing
+    alias (versions exist) or a corrupt champion: the best intact registered version by val
+    ``metric`` stands in for it, so that a lost alias never lets a worse model through as "the first model".
     """
-    target, token = registry.read_alias(registry_uri, model_name, CHAMPION)
+    target, token, broken = registry.read_alias(registry_uri, model_name, CHAMPION)
     notes: list[str] = []
+    if broken:
+        return Rival(target, token, notes=(f"{broken}: treated as no champion",), broken=broken)
     if target is not None and target == challenger:  # already champion: nothing to compare
         return Rival(target, token)
     if target is not None:
         try:
-            if not registry.version_exists(registry_uri, model_name, target):
-                raise BrokenAlias(registry.broken_alias_message(model_name, CHAMPION, str(target)))
             val, basis = champion_val(target)
             return Rival(target, token, target, val, basis)
-        except BrokenAlias as error:
-            notes.append(f"{error}: ignored")
         except CorruptModel as error:
             notes.append(f"champion {target} skipped for comparison: {error}")
     best = _best_standing_in(registry_uri, model_name, (challenger, target), metric, champion_val, notes)
@@ -288,7 +288,7 @@ def promote(
             try:
                 registry.swap_alias(
                     registry_uri, model_name, CHAMPION, version, rival.token, previous=rival.alias_target,
-                    how="by hand" if force else "automatic", reason=decision.reason,
+                    how="by hand" if force else "automatic", reason=decision.reason, repaired=rival.broken,
                 )
             except storage.Conflict:
                 conflicts.append(f"the champion moved away from {rival.alias_target or 'unset'} before {version} could replace it")

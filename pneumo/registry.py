@@ -39,7 +39,7 @@ import re
 import socket
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Self
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator
 
@@ -47,7 +47,7 @@ import pneumo
 from pneumo import storage
 from pneumo.config import TransformConfig
 from pneumo.labels import CONFUSION_MATRIX_LAYOUT, LABELS
-from pneumo.names import validate_model_name
+from pneumo.names import printable, validate_model_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: readin
 
     from pneumo.model import TinyNet
 
-_VERSION = re.compile(r"^v(\d{4,})$")
+_VERSION = re.compile(r"^v(\d{4,})$")  # always fullmatch: with match, "v0001\n" passes
 VERSION_FILES = ("model.pt", "card.json")  # the files that claim a version number
 MAX_ATTEMPTS = 100  # version numbers tried by one register() before giving up
 # The layout of card.json (not the shards': shard_files.SHARD_SCHEMA_VERSION). ``integrity``
@@ -292,7 +292,7 @@ def _version_name(number: int) -> str:
 
 
 def _check_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise ValueError(f"invalid version {version!r}: expected 'v' and at least 4 digits, e.g. 'v0003'")
     return version
 
@@ -313,11 +313,11 @@ def _version_files(registry: str, model_name: str) -> list[tuple[str, str]]:
     found = []
     for uri in storage.list_uris(root):
         parts = _relative_parts(root, uri)
-        if len(parts) == 2 and _VERSION.match(parts[0]) and parts[1] in VERSION_FILES:
+        if len(parts) == 2 and _VERSION.fullmatch(parts[0]) and parts[1] in VERSION_FILES:
             found.append((parts[0], parts[1]))
     for uri in storage.links_under(root):
         parts = _relative_parts(root, uri)
-        if len(parts) == 1 and _VERSION.match(parts[0]):
+        if len(parts) == 1 and _VERSION.fullmatch(parts[0]):
             found.append((parts[0], "link"))
     return found
 
@@ -465,26 +465,26 @@ def set_alias(
     """Point ``alias`` (e.g. "latest") at an existing version, replacing its old target; the
     move is kept in the alias history.
 
-    Unconditional: use ``promote`` for ``champion``, which must not overwrite a concurrent move.
+    Unconditional (it repairs a broken alias): use ``promote`` for ``champion``, which must not overwrite a concurrent move.
     """
-    previous, _ = read_alias(registry, model_name, alias)
+    previous = read_alias(registry, model_name, alias)
     storage.write_bytes(_alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version))
-    record_alias_move(registry, model_name, alias, previous, version, how=how, reason=reason)
+    record_alias_move(registry, model_name, alias, previous.version, version, how=how, reason=reason, repaired=previous.broken)
 
 
 def swap_alias(
     registry: str, model_name: str, alias: str, version: str, token: str | None,
-    *, previous: str | None = None, how: AliasMove = "automatic", reason: str = "",
+    *, previous: str | None = None, how: AliasMove = "automatic", reason: str = "", repaired: Optional[str] = None,
 ) -> None:
     """Point ``alias`` at ``version`` only if it still holds ``token`` (from ``read_alias``, with
-    ``previous``, the version it named); the move is kept in the alias history.
+    ``previous``, the version it named, and ``repaired``, why it was broken); the move is kept in the alias history.
 
     Raises storage.Conflict when another writer moved the alias since it was read.
     """
     storage.compare_and_swap(
         _alias_uri(registry, model_name, alias), _alias_pointer(registry, model_name, alias, version), token
     )
-    record_alias_move(registry, model_name, alias, previous, version, how=how, reason=reason)
+    record_alias_move(registry, model_name, alias, previous, version, how=how, reason=reason, repaired=repaired)
 
 
 def _who() -> str:
@@ -496,14 +496,15 @@ def _who() -> str:
 
 
 def record_alias_move(
-    registry: str, model_name: str, alias: str, previous: str | None, version: str, *, how: AliasMove, reason: str
+    registry: str, model_name: str, alias: str, previous: str | None, version: str, *, how: AliasMove, reason: str,
+    repaired: Optional[str] = None,
 ) -> None:
     """Keep one alias move as an object of its own: created once, never rewritten, so that
     concurrent movers never lose each other's entries (on S3 too). Written after the move:
-    a failure to write it is logged and does not undo the move."""
+    a failure to write it is logged and does not undo the move. ``repaired``: why the alias was broken before."""
     at = datetime.now(timezone.utc)
     entry = {"alias": alias, "from": previous, "to": version, "at": at.isoformat(timespec="microseconds"),
-             "by": _who(), "how": how, "reason": reason}
+             "by": _who(), "how": how, "reason": reason, **({"repaired": repaired} if repaired else {})}
     name = f"{at.strftime('%Y%m%dT%H%M%S%fZ')}-{version}-{uuid.uuid4().hex[:8]}.json"
     uri = storage.join(_model_root(registry, model_name), "alias-history", validate_model_name(alias, what="alias"), name)
     try:
@@ -530,48 +531,77 @@ def alias_history(registry: str, model_name: str, alias: str) -> list[dict[str, 
     return moves
 
 
-def read_alias(registry: str, model_name: str, alias: str) -> tuple[str | None, str | None]:
-    """The version ``alias`` names (unchecked; None when unset) and the token to swap it with."""
-    data, token = storage.read_with_token(_alias_uri(registry, model_name, alias))
-    return (None if data is None else json.loads(data)["version"]), token
+class AliasState(NamedTuple):
+    """An alias as read, to follow or to swap: what it names, its compare-and-swap token, and why it is broken."""
+
+    version: Optional[str]  # the version it names when it names one (which may not exist); None when unset or unreadable
+    token: Optional[str]
+    broken: Optional[str] = None  # why it cannot be followed (one line naming its file); None when unset or intact
+
+
+def _alias_target(data: bytes, uri: str, model_name: str, alias: str) -> tuple[Optional[str], Optional[str]]:
+    """(the version a pointer names, or None; why it is broken, or None): a JSON object whose "version" is a version name."""
+    try:
+        pointer = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        return None, f"alias {alias} of {model_name} is broken: {uri} is not JSON ({printable(error)})"
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        found = printable(json.dumps(pointer.get("version") if isinstance(pointer, dict) else pointer))[:60]
+        return None, f"alias {alias} of {model_name} is broken: {uri} names no version (found {found})"
+    return version, None
+
+
+def read_alias(registry: str, model_name: str, alias: str) -> AliasState:
+    """``alias`` as read, with the token to swap it with; never raises for a broken pointer (it says why)."""
+    uri = _alias_uri(registry, model_name, alias)
+    data, token = storage.read_with_token(uri)
+    if data is None:
+        return AliasState(None, None)
+    version, broken = _alias_target(data, uri, model_name, alias)
+    if broken is None and not version_exists(registry, model_name, version):
+        broken = f"{broken_alias_message(model_name, alias, version)} ({uri})"
+    return AliasState(version, token, broken)
 
 
 def aliases_by_version(registry: str, model_name: str, on_unreadable: Callable[[str], None]) -> dict[str, list[str]]:
-    """version -> the aliases pointing at it; a damaged pointer is named to ``on_unreadable`` and skipped."""
+    """version -> the aliases pointing at it; a broken pointer is named to ``on_unreadable`` and skipped."""
     by_version: dict[str, list[str]] = {}
     for uri in storage.list_uris(storage.join(_model_root(registry, model_name), "aliases")):
         name = uri.replace("\\", "/").rsplit("/", 1)[-1]
         if name.endswith(".json"):
             try:
-                target = storage.read_json(uri).get("version")
-            except (ValueError, AttributeError) as error:
-                on_unreadable(f"alias {uri} is unreadable: {error}")
+                alias = validate_model_name(name[: -len(".json")], what="alias")
+                state = read_alias(registry, model_name, alias)
+            except (ValueError, OSError, storage.S3Error) as error:
+                on_unreadable(f"alias {printable(uri)} is unreadable: {printable(error)}")
                 continue
-            by_version.setdefault(target, []).append(name[: -len(".json")])
+            if state.broken:
+                on_unreadable(state.broken)
+            elif state.version is not None:
+                by_version.setdefault(state.version, []).append(alias)
     return by_version
 
 
 def broken_alias_message(model_name: str, alias: str, version: str) -> str:
-    return f"alias {alias} of {model_name} points at {version}, which does not exist"
+    return f"alias {alias} of {model_name} points at {printable(version)}, which does not exist"
 
 
 def get_alias(registry: str, model_name: str, alias: str) -> str | None:
     """The version ``alias`` points at, or None when the alias is not set.
 
-    Raises BrokenAlias when the alias names a version that does not exist.
+    Raises BrokenAlias (one line naming the alias file) when the pointer is not JSON, names no
+    version, or names a version that does not exist.
     """
-    try:
-        version = storage.read_json(_alias_uri(registry, model_name, alias))["version"]
-    except FileNotFoundError:
-        return None
-    if not version_exists(registry, model_name, version):
-        raise BrokenAlias(f"{broken_alias_message(model_name, alias, str(version))} (in {registry})")
-    return version
+    state = read_alias(registry, model_name, alias)
+    if state.broken:
+        raise BrokenAlias(state.broken)
+    return state.version
 
 
 def version_exists(registry: str, model_name: str, version: Any) -> bool:
     """Whether ``version`` is a well-formed version name with a committed card."""
-    return bool(isinstance(version, str) and _VERSION.match(version)) and storage.exists(
+    return bool(isinstance(version, str) and _VERSION.fullmatch(version)) and storage.exists(
         _card_uri(registry, model_name, version)
     )
 
@@ -591,7 +621,7 @@ def resolve(registry: str, model_name: str, version_or_alias: str) -> str:
     VersionNotFound naming the versions the registry holds, BrokenAlias when the alias
     names a missing version.
     """
-    if isinstance(version_or_alias, str) and _VERSION.match(version_or_alias):
+    if isinstance(version_or_alias, str) and _VERSION.fullmatch(version_or_alias):
         if version_exists(registry, model_name, version_or_alias):
             return version_or_alias
         missing = f"no version {version_or_alias!r}"

@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.images import decode_cost
+from pneumo.names import printable
 from pneumo.predict import Prediction, Predictor
 
 logger = logging.getLogger("pneumo.serve")
@@ -284,7 +285,7 @@ def _request_log(holder: ModelHolder):
             # The version that scored (set by the predict handlers), else the one being served.
             version = getattr(request.state, "version", None) or holder.current.version
             logger.info(
-                "%s %s %d %.1f ms %s %s", request.method, request.url.path, status,
+                "%s %s %d %.1f ms %s %s", request.method, printable(request.url.path), status,  # no terminal escapes from a client
                 1000 * (time.perf_counter() - started), holder.model_name, version,
             )
 

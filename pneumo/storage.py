@@ -344,7 +344,7 @@ def sweep_temporaries(root: str | Path, started: float, prune: Callable[[Path], 
         here = Path(folder)
         for name in [*dirnames, *filenames]:
             owned = _OWNED_TEMP.match(name)
-            if not owned and not _LEGACY_TEMP.match(name):
+            if not owned and not _LEGACY_TEMP.fullmatch(name):
                 continue
             path = here / name
             try:
@@ -594,14 +594,16 @@ def read_with_token(uri: str) -> tuple[bytes | None, str | None]:
     return response["Body"].read(), response["ETag"]
 
 
-@contextlib.contextmanager
-def _local_lock(path: Path) -> Iterator[None]:
-    import fcntl
+CAS_LOCK_WAIT = 60.0  # the lock is held for a read and a rename: a minute means a stuck or hostile holder
+
+
+def _local_lock(path: Path) -> contextlib.AbstractContextManager:
+    """The sidecar lock of a local compare-and-swap; bounded (locks.LockTimeout), said after a second.
+    Its mode follows the umask, as every registry file does: a registry may be shared by a group."""
+    from pneumo import locks
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.stem}.lock"), "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-        yield
+    return locks.held(path.with_name(f".{path.stem}.lock"), f"another process is replacing {path}", CAS_LOCK_WAIT, mode=None)
 
 
 def compare_and_swap(uri: str, data: bytes, expected_token: str | None) -> None:

@@ -7,6 +7,7 @@ split, and where the run's files are. A batch run's is the batch flow's.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Optional
 
 from pneumo import markdown as md
@@ -14,6 +15,7 @@ from pneumo import registry as reg
 from pneumo import storage
 from pneumo.evaluate import format_metric, small_split_warnings
 from pneumo.labels import CLASSES
+from pneumo.names import printable
 from pneumo.report import REPORT_NAME
 
 SPLITS = ("val", "test")
@@ -154,13 +156,13 @@ def batch_text(summary: dict[str, Any], seconds: float) -> str:
 
 def prediction_table(results: list[Any]) -> list[str]:
     """`pneumo predict`'s table of Predictions: image, label, probability, warnings (or the error)."""
-    width = max(len(p.input) for p in results)
+    width = max(len(printable(p.input)) for p in results)
     lines = [f"{'image':<{width}}  {'label':<9}  probability  warnings"]
     for p in results:
         if p.ok:
-            lines.append(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
+            lines.append(f"{printable(p.input):<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
         else:
-            lines.append(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+            lines.append(f"{printable(p.input):<{width}}  {'-':<9}  {'-':>11}  error: {printable(p.error)}")
     return lines
 
 
@@ -174,9 +176,9 @@ def card_metric(card: reg.Card, split: str, name: str) -> str:
 
 def version_row(version: str, card: reg.Card, aliases: list[str]) -> str:
     """A row of `pneumo models list`, under VERSIONS_HEADER."""
-    return (f"{version:<8} {card.created_at:<25} {card_metric(card, 'val', 'roc_auc'):>7} "
-            f"{card_metric(card, 'val', 'accuracy'):>7} {card_metric(card, 'test', 'roc_auc'):>8} "
-            f"{card_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases))}").rstrip()
+    return printable(f"{version:<8} {card.created_at:<25} {card_metric(card, 'val', 'roc_auc'):>7} "
+                     f"{card_metric(card, 'val', 'accuracy'):>7} {card_metric(card, 'test', 'roc_auc'):>8} "
+                     f"{card_metric(card, 'test', 'accuracy'):>8}  {', '.join(sorted(aliases))}").rstrip()
 
 
 VERSIONS_HEADER = f"{'version':<8} {'created':<25} {'val AUC':>7} {'val acc':>7} {'test AUC':>8} {'test acc':>8}  aliases"
@@ -224,4 +226,66 @@ def card_lines(card: reg.Card, registry: str, model_name: str, aliases: list[str
         lines.append(f"  report      {storage.join(registry, model_name, card.version, 'report.html')}")
     else:
         lines.append("  report      none (registered before reports were written)")
-    return lines
+    return [printable(line) for line in lines]  # a --reason, a warning, a recipe name: anyone's text, no terminal escapes
+
+
+# --------------------------------------------------------------------------- flow runs, as `pneumo runs` shows them
+# (Prefect's FlowRun objects, read by the CLI: only their attributes are used here, Prefect is not imported)
+
+
+def _when(moment: Optional[datetime]) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _state(run: Any) -> str:
+    return run.state.name if run.state else "-"
+
+
+def _message(run: Any, empty: str = "") -> str:
+    return " ".join((run.state.message or empty).split()) if run.state else empty
+
+
+def runs_lines(ran: list[tuple[str, Any]], scheduled: list[tuple[str, Any]]) -> list[str]:
+    """`pneumo runs`: the runs that ran (start, flow, state, id, what each did), then apart those still scheduled."""
+    lines = [f"{'started':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  message"] if ran else ["no run has started yet"]
+    lines += [f"{_when(run.start_time):<19}  {flow:<14}  {_state(run):<9}  {str(run.id):<36}  {_message(run)}" for flow, run in ran]
+    if scheduled:
+        lines += ["", f"{'scheduled for':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  run name"]
+        lines += [f"{_when(run.expected_start_time):<19}  {flow:<14}  {_state(run):<9}  {str(run.id):<36}  {run.name}"
+                  for flow, run in scheduled]
+    return [printable(line) for line in lines]  # a state message quotes paths and names: no terminal escapes
+
+
+def run_lines(flow: str, run: Any, artifacts: list[Any], page: str) -> list[str]:
+    """`pneumo runs show`: one run's state and message, duration, UI ``page``, and its summary artifact."""
+    seconds = run.total_run_time.total_seconds() if run.total_run_time else None
+    lines = [
+        f"{flow} run {run.name} ({run.id})",
+        f"  state      {_state(run)}" + (f" after {seconds:.0f} s" if seconds is not None else ""),
+        f"  started    {_when(run.start_time)}",
+        f"  message    {_message(run, '-')}",
+        f"  UI         {page}",
+    ]
+    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
+    summary = next((by_key[key] for key in RUN_SUMMARY_KEYS if key in by_key), None)
+    if summary is not None:
+        lines += ["", f"{summary.key}:", *_artifact_text(summary.data).split("\n")]  # not splitlines(): it breaks at CR, VT, U+2028
+    others = [key for key in by_key if summary is None or key != summary.key]
+    if others:
+        lines += ["", "artifacts: " + ", ".join(others)]
+    return [printable(line) for line in lines]
+
+
+RUN_SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
+
+
+def _artifact_text(data: Any) -> str:
+    """An artifact's data as terminal text: markdown as it is, a table's rows one per line."""
+    if isinstance(data, str) and data.lstrip().startswith("["):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return data
+    if isinstance(data, list):
+        return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
+    return str(data).rstrip()

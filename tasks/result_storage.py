@@ -25,7 +25,7 @@ from pneumo import signatures, storage
 
 # Prefect names records by their cache key (a hex digest); anything else is refused
 # rather than joined onto the folder.
-RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # fullmatch: re.match with $ lets "abc\n" through
 # Records hold task results: references and rows (a 1,000-image scoring chunk is well under 1 MB).
 MAX_RECORD_BYTES = 64 * 2**20
 
@@ -50,7 +50,7 @@ class SignedResultStorage(WritableFileSystem):
     root: str = Field(description="Folder or s3:// URI the records are written under.")
 
     def _uri(self, path: str) -> str:
-        if not RECORD_NAME.match(path) or path in (".", ".."):
+        if not RECORD_NAME.fullmatch(path) or path in (".", ".."):
             raise ValueError(f"refusing result record name {path!r}: not a plain file name")
         return storage.join(self.root, path)
 

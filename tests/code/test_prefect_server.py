@@ -114,13 +114,73 @@ def test_a_dead_pid_or_a_foreign_process_is_neither_trusted_nor_signalled(tmp_pa
                                "time.sleep(60)", str(tmp_path / "server" / "start.lock")], stdout=subprocess.PIPE)
     try:
         holder.stdout.readline()
-        with pytest.raises(RuntimeError, match="start.lock still held after 1 s"):
+        with pytest.raises(RuntimeError, match="start.lock is still held after 1 s"):
             with server.start_lock(wait=1):
                 pass
     finally:
         holder.kill()
     assert f"waiting for {tmp_path / 'server' / 'start.lock'}" in capsys.readouterr().err
     assert mode(tmp_path / "server" / "start.lock") == 0o600
+
+
+def test_a_record_naming_another_folders_prefect_server_is_never_signalled(tmp_path, monkeypatch):
+    """Issue 23 item 12: `server stop` signalled a process it only guessed was its own (on 9f514c2: any process
+    whose arguments held "supervise"). A process with the server's very command line, start time and port in
+    server.json and in Prefect's pid file, but another PREFECT_HOME (another folder's or user's server), is left alone."""
+    fake = tmp_path / "fake"  # `python -m prefect server start ...` runs this package: the same command line, no server
+    (fake / "prefect").mkdir(parents=True)
+    (fake / "prefect" / "__init__.py").write_text("")  # a regular package: found before the installed one
+    (fake / "prefect" / "__main__.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    port = free_port()
+    other = subprocess.Popen([sys.executable, *server.COMMAND, str(port)], cwd=fake, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PREFECT_HOME": str(tmp_path / "another-folder" / "prefect-home")})
+    try:
+        assert other.stdout.readline() == "up\n"
+        assert psutil.Process(other.pid).cmdline()[1:9] == [*server.COMMAND, str(port)]
+        monkeypatch.setenv("PNEUMO_SERVER_DIR", str(tmp_path / "server"))
+        server.private_dir()
+        server.prefect_home().mkdir()
+        (server.prefect_home() / "server.pid").write_text(str(other.pid))
+        server.write_record(server.Server(other.pid, psutil.Process(other.pid).create_time(), port, "x"))
+        assert "is not a Prefect server on port" in server.check(server.read_record())[1]
+        assert server.stop() is None
+        assert other.poll() is None and not gone(other.pid)  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+HOLD_THE_LOCK = """import fcntl, sys, time
+handle = open(sys.argv[1])  # read-only is enough for a shared flock
+fcntl.flock(handle, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_server_stop_with_its_lock_held_by_another_process_says_so_and_ends(tmp_path):
+    """Issue 23 item 13: a process holding start.lock made `pneumo server stop` hang in silence (on main: 180 s
+    without a word; before the shell change, forever). Now: a line after a second, a clear error after 5 s."""
+    env = local_env(tmp_path)
+    folder = Path(env["PNEUMO_SERVER_DIR"])
+    folder.mkdir(mode=0o755)  # as an older pneumo left them: 0755 and 0644
+    lock = folder / "start.lock"
+    lock.touch(mode=0o644)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        stopped = server_command(env, "stop", timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stopped.returncode == 1 and stopped.stdout == "", stopped.stdout + stopped.stderr
+    assert stopped.stderr.splitlines() == [
+        f"pneumo: waiting for {lock}: another pneumo is starting or stopping the local Prefect server (at most 5 s)",
+        f"pneumo: {lock} is still held after 5 s (another pneumo is starting or stopping the local Prefect server); "
+        f"`fuser -v {lock}` names the holder",
+    ]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(lock.stat().st_mode) == 0o600
 
 
 @pytest.mark.slow

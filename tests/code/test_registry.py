@@ -292,13 +292,45 @@ def test_a_broken_alias_is_named_as_such(tmp_path):
         registry.resolve(reg, "m", "champion")
     with pytest.raises(FileNotFoundError, match=message):
         registry.load_card(reg, "m", "champion")
-    # A promotion says so, compares with the best intact version, and repairs the alias.
+    # A promotion says so, treats it as no champion (issue 23 item 4), and so repairs the alias.
     outcome = promotion.promote(reg, "m", v2, _val(0.80), "roc_auc")
-    assert any(message in note for note in outcome.notes)
-    assert outcome.is_champion is False and outcome.champion_version == v1
-    v3 = _versions(reg, "m", 0.99)[0]
-    assert promotion.promote(reg, "m", v3, _val(0.99), "roc_auc").is_champion is True
-    assert registry.get_alias(reg, "m", "champion") == v3
+    assert any(message in note and note.endswith("treated as no champion") for note in outcome.notes)
+    assert outcome.is_champion is True and outcome.champion_version is None
+    assert registry.get_alias(reg, "m", "champion") == v2
+
+
+BROKEN_POINTERS = {  # issue 23 item 4: what champion.json held when predict, serve, list and promote fell over
+    "v9999": b'{"version": "v9999"}', "dotdot": b'{"version": "../x"}', "empty": b"{}", "list": b"[]",
+    "version-list": b'{"version": ["v0001"]}', "not-json": b'{"version": ', "newline": b'{"version": "v0001\\n"}',
+    "escape": b'{"version": "\\u001b]0;owned\\u0007"}',
+}
+
+
+@pytest.mark.parametrize("content", BROKEN_POINTERS.values(), ids=BROKEN_POINTERS.keys())
+def test_a_broken_champion_alias_is_named_listed_and_repaired_by_a_promotion(tmp_path, content, caplog):
+    """Issue 23 item 4: on main `{}` raised KeyError, `[]` and a version list TypeError (unhashable in
+    models list), and a broken alias stayed broken when the challenger did not beat the best other version."""
+    reg = str(tmp_path)
+    v1, v2 = _versions(reg, "m", 0.90, 0.80)
+    alias_file = tmp_path / "m" / "aliases" / "champion.json"
+    alias_file.parent.mkdir(parents=True)
+    alias_file.write_bytes(content)
+    with pytest.raises(registry.BrokenAlias) as broken:
+        registry.get_alias(reg, "m", "champion")
+    said = str(broken.value)
+    assert str(alias_file) in said and "\n" not in said and "\x1b" not in said and said.startswith("alias champion of m ")
+    with pytest.raises(FileNotFoundError, match="alias champion of m"):
+        registry.load_card(reg, "m", "champion")
+    problems = []
+    assert registry.aliases_by_version(reg, "m", problems.append) == {}  # the listing goes on
+    assert problems == [said]
+
+    outcome = promotion.promote(reg, "m", v2, _val(0.80), "roc_auc")  # worse than v1: promoted all the same
+    assert outcome.is_champion and f"{said}: treated as no champion" in outcome.notes
+    assert f"{said}: treated as no champion" in caplog.text
+    assert registry.get_alias(reg, "m", "champion") == v2
+    (move,) = registry.alias_history(reg, "m", "champion")
+    assert move["to"] == v2 and move["repaired"] == said and move["how"] == "automatic"
 
 
 def _model_pt(tmp_path, version):

@@ -62,3 +62,43 @@ def test_join_and_split():
     assert storage.split_s3("s3://bucket/key/part") == ("bucket", "key/part")
     with pytest.raises(ValueError):
         storage.split_s3("s3:///nobucket")
+
+
+def test_a_compare_and_swap_lock_held_by_another_process_is_waited_for_boundedly_and_out_loud(tmp_path, monkeypatch, caplog):
+    """Issue 23 item 13: the registry's champion lock was waited for without a bound or a word (any user who can
+    read the lock file can hold a shared flock on it)."""
+    import subprocess
+    import sys
+    import threading
+
+    from pneumo import locks
+
+    monkeypatch.setattr(storage, "CAS_LOCK_WAIT", 2.0, raising=False)
+    alias = tmp_path / "aliases" / "champion.json"
+    alias.parent.mkdir()
+    lock = alias.with_name(".champion.lock")
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nhandle = open(sys.argv[1])\n"
+                               "fcntl.flock(handle, fcntl.LOCK_SH)\nprint('held', flush=True)\ntime.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    outcome = []
+
+    def swap() -> None:
+        try:
+            storage.compare_and_swap(str(alias), b"{}", None)
+        except Exception as error:  # noqa: BLE001 - what it raised is the assertion
+            outcome.append(error)
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        swapping = threading.Thread(target=swap, daemon=True)
+        swapping.start()
+        swapping.join(30)  # a guard for the old code, which waited forever
+        assert not swapping.is_alive(), "compare_and_swap still waits for the lock"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(outcome) == 1 and isinstance(outcome[0], locks.LockTimeout)
+    assert str(outcome[0]).startswith(f"{lock} is still held after 2 s (another process is replacing {alias})")
+    assert f"waiting for {lock}: another process is replacing {alias} (at most 2 s)" in caplog.text
+    assert not alias.exists()

@@ -65,3 +65,34 @@ def test_a_cli_run_prints_no_prefect_banner_and_ends_on_its_summary(shared_data,
     assert lines[-1].startswith("  run page     "), lines[-12:]  # the summary's last line ends the output
     assert any(line.startswith("pneumo: registered tinynet v0001") for line in lines[-16:])
     assert sum("the val split has only" in line for line in lines) == 2  # logged, and in the summary
+
+
+def test_runs_lists_runs_that_ran_and_scheduled_ones_apart(tmp_path):
+    """Issue 23, also seen: after `make deploy`, `pneumo runs show last` showed a future scheduled run, and
+    `pneumo runs` listed the scheduled runs first under a column headed "started"."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    @flow(name="pneumo-predict")
+    def ran() -> str:
+        return "ran"
+
+    state = ran(return_state=True)
+    ran_id = str(state.state_details.flow_run_id)
+    with get_client(sync_client=True) as client:
+        future = client.create_flow_run(ran, name="tomorrows-run",
+                                        state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=1)))
+    try:
+        listed = pneumo("runs", "--limit", "50")
+        assert listed.returncode == 0, listed.stderr
+        table, _, scheduled = listed.stdout.partition("\nscheduled for")
+        assert ran_id in table and str(future.id) not in table  # "started": only runs that started
+        assert str(future.id) in scheduled and "tomorrows-run" in scheduled and ran_id not in scheduled
+        shown = pneumo("runs", "show", "last")
+        assert shown.returncode == 0 and f"({ran_id})" in shown.stdout, shown.stdout + shown.stderr
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_flow_run(future.id)
