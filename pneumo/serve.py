@@ -15,10 +15,14 @@ status, milliseconds and the model version that answered.
 Uploads are bounded: bodies over ``max_bytes`` per image are refused with 413 before they
 are read whole, images over ``max_pixels`` with 413 after a header read; a body that is not
 an image is a 422, an unsupported content type a 415. Never a 500 for a bad upload.
+A body is parsed as it arrives and each image in it spooled to disk past ``SPOOL_BYTES``;
+the images of a request are read back one at a time, so memory holds one of them at most.
 Decoding is bounded across requests: each image holds its decode cost (``images.decode_cost``,
-from its header) of a shared ``decode_memory`` budget while it is scored, waits while the
-budget is spent, and gives the memory back to the system afterwards; an image costing more
-than the whole budget is a 413.
+from its header, plus its bytes) of a shared ``decode_memory`` budget while it is scored,
+waits while the budget is spent, and gives the memory back to the system afterwards; an
+image costing more than the whole budget is a 413. The default budget follows the tightest
+of RAM, the cgroup's limit and the address-space limit (``pneumo.memory``); a MemoryError
+all the same is a 503 with Retry-After, as is a request cancelled by the server's shutdown.
 A body that does not arrive within ``body_seconds`` is a 408 and its connection is closed;
 media types are matched case-insensitively, and a multipart body cut short says so.
 """
