@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
 from pathlib import Path
