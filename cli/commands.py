@@ -95,7 +95,7 @@ def serve(
     body_timeout: Annotated[float, Parameter(help="Seconds a request body may take to arrive (then 408).")] = 30.0,
     max_connections: Annotated[int, Parameter(help="Open connections and requests at once; more get 503.")] = 100,
     decode_memory: Annotated[Optional[int], Parameter(
-        help="MB of image decoding in flight across requests [default: a quarter of RAM, 256 to 2048].", show_default=False)] = None,
+        help="MB of image decoding in flight across requests [default: 1/4 of RAM or cgroup limit, 256 to 2048, <= 1/2 of ulimit -v left].", show_default=False)] = None,
 ) -> None:
     """Serve the model over HTTP: POST /predict, POST /predict/batch, GET /health, GET /model.
 

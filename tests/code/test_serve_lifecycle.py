@@ -57,13 +57,16 @@ def test_serve_says_where_the_docs_are_and_logs_one_line_per_request(tmp_path, s
 
 
 def test_serve_stops_soon_after_sigterm_even_with_a_stalled_upload(tmp_path):
+    """And the request it cancels is answered and logged 503 with Retry-After (issue 23, "also
+    seen": it was logged 500, and the client got uvicorn's 500)."""
     root = str(tmp_path / "registry")
     register_two(root)
-    port = free_port()
-    process = _serve(root, port, subprocess.DEVNULL)
+    port, log_path = free_port(), tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = _serve(root, port, log)
     try:
         wait_for_port(port, timeout=60)
-        with socket.create_connection(("127.0.0.1", port)) as stalled:  # announces 100 KB, sends 1 KB, waits
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:  # announces 100 KB, sends 1 KB, waits
             stalled.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
                 + b"x" * 1000
@@ -73,9 +76,14 @@ def test_serve_stops_soon_after_sigterm_even_with_a_stalled_upload(tmp_path):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=10)  # before the shutdown timeout, this upload held the server forever
             seconds = time.perf_counter() - started
+            answer = stalled.recv(65536)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     print(f"pneumo serve exited {seconds:.2f} s after SIGTERM with a stalled upload")
     assert seconds < 3.0  # 0.5 s of grace plus the exit; generous for a loaded machine
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 503") and b"\r\nretry-after: 5" in head, answer
+    requests = [m for m in map(REQUEST_LINE.match, log_path.read_text().splitlines()) if m]
+    assert [(m[1], m[2], m[3]) for m in requests] == [("POST", "/predict", "503")], log_path.read_text()

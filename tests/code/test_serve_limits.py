@@ -1,13 +1,19 @@
-"""`pneumo serve` against hostile or unlucky clients (issue 15, items 8 to 11): loopback only,
-every loop bounded in count and time."""
+"""`pneumo serve` against hostile or unlucky clients (issue 15, items 8 to 11; issue 23, items 6
+and 7: memory limits): loopback only, every loop bounded in count and time."""
 
 from __future__ import annotations
 
+import http.client
+import io
+import json
+import resource
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.helpers import free_port, pneumo_command, wait_for_port
@@ -22,14 +28,19 @@ def serve(tmp_path):
     """Start `pneumo serve` on 127.0.0.1 with extra options; yields (client, registry, port)."""
     processes = []
 
-    def start(*options: str):
-        root = tmp_path / "registry"
+    def start(*options: str, address_space: int | None = None, wait: bool = True):
+        """``address_space``: the server's RLIMIT_AS in bytes, as `prlimit --as` sets it;
+        ``wait=False``: return at once, to start another server meanwhile."""
+        root = tmp_path / f"registry{len(processes)}"
         register_two(str(root))
         port = free_port()
-        process = subprocess.Popen(pneumo_command("serve", "--registry", str(root), "--port", str(port), *options),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))) if address_space else None
+        with open(tmp_path / f"serve{len(processes)}.log", "w") as log:  # a file: a full pipe would stall the server
+            process = subprocess.Popen(pneumo_command("serve", "--registry", str(root), "--port", str(port), *options),
+                                       stdout=subprocess.DEVNULL, stderr=log, preexec_fn=limit)
         processes.append(process)
-        wait_for_port(port, timeout=60)
+        if wait:
+            wait_for_port(port, timeout=60)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         return client, root, port
 
@@ -193,3 +204,90 @@ def test_decoding_is_bounded_across_requests_and_given_back(serve, tmp_path):
     assert codes == [200, 200]
     assert peak - before < 800, f"peak {peak:.0f} MB from {before:.0f} MB: both decodes ran at once"
     assert after - before < 200, f"RSS {after:.0f} MB after, {before:.0f} MB before: not given back"
+
+
+GB = 2**30
+
+
+@pytest.fixture(scope="module")
+def png_7000() -> bytes:
+    """A 7000 x 7000 RGB PNG (~0.7 MB, ~0.9 GB to decode), made once: fast compression of a smooth picture."""
+    from PIL import Image
+
+    pixels = np.zeros((7000, 7000, 3), np.uint8)
+    pixels[::50, :, 0] = 200
+    pixels[:, ::70, 1] = 120
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def post_at_once(port: int, path: str, bodies: list[bytes], content_type: str) -> list[tuple[int, dict, str]]:
+    """(status, headers, text) of each body POSTed at once, on its own connection."""
+    answers: list = [None] * len(bodies)
+
+    def post(at: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        connection.request("POST", path, body=bodies[at], headers={"content-type": content_type})
+        response = connection.getresponse()
+        answers[at] = (response.status, {k.lower(): v for k, v in response.getheaders()}, response.read().decode())
+        connection.close()
+
+    threads = [threading.Thread(target=post, args=(at,)) for at in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return answers
+
+
+def test_under_an_address_space_limit_big_decodes_get_413_or_503_never_500(serve, png_7000):
+    """Issue 23 item 6: under `prlimit --as=1.5G`, 4 concurrent 7000 x 7000 RGB PNGs: 3 of 4 got
+    500 (MemoryError), the decode budget taken from RAM (2 GB here: two decodes at once). Now the
+    default budget comes from the address space left (one such decode does not fit: 413 saying
+    so); and with a budget set too high, the MemoryError is a 503 with Retry-After (one request:
+    even alone, this decode does not fit in 1.5 GB here)."""
+    _, _, generous = serve("--max-pixels", "60000000", "--decode-memory", "4000", address_space=int(1.5 * GB), wait=False)
+    _, _, port = serve("--max-pixels", "60000000", address_space=int(1.5 * GB))
+    wait_for_port(generous, timeout=60)
+
+    answers = post_at_once(port, "/predict", [png_7000] * 4, "image/png")
+    for status, headers, text in answers:
+        assert status in (200, 413, 503), (status, text)
+        assert status != 503 or headers.get("retry-after") == "5", headers
+    budgets = [int(text.split("decode memory of ")[1].split()[0]) for status, _, text in answers if status == 413]
+    assert all("too large to decode: needs about" in text for status, _, text in answers if status == 413)
+    assert budgets and max(budgets) <= 768, answers  # at most half of 1.5 GB, not the 2 GB from RAM
+
+    ((status, headers, text),) = post_at_once(generous, "/predict", [png_7000], "image/png")
+    assert status == 503 and headers.get("retry-after") == "5" and "out of memory" in text, (status, headers, text)
+    assert httpx.get(f"http://127.0.0.1:{generous}/health", timeout=10).status_code == 200
+
+
+def multipart_batch(parts: list[bytes], boundary: str = "pneumoBoundary") -> bytes:
+    return b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="p{at}.jpeg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode() + part + b"\r\n" for at, part in enumerate(parts)
+    ) + f"--{boundary}--\r\n".encode()
+
+
+def test_batch_bodies_are_spooled_not_held_in_memory(serve, shared_data):
+    """Issue 23 item 7: 12 concurrent /predict/batch bodies of 5 x 19 MB took the server from
+    100 MB to 4.1 GB (each body held as chunks, joined, then each part copied again), and under
+    `prlimit --as=3G` 7 of 12 got 500. Now a body is parsed as it arrives, its parts spooled to
+    disk past 1 MB and read back one at a time."""
+    _, _, port = serve("--body-timeout", "300", address_space=3 * GB)  # memory is the point here, not a loaded machine's pace
+    normal, _ = xray_pair(shared_data)
+    film = normal.read_bytes()
+    body = multipart_batch([film + bytes(19_000_000 - len(film))] * 5)  # a real film, padded to 19 MB
+    server_pid = serve.processes[-1].pid
+    before = rss_mb(server_pid, "VmRSS")
+
+    answers = post_at_once(port, "/predict/batch", [body] * 12, "multipart/form-data; boundary=pneumoBoundary")
+    peak = rss_mb(server_pid, "VmHWM")
+    print(f"12 batch bodies of 5 x 19 MB: server RSS {before:.0f} MB before, peak {peak:.0f} MB")
+    for status, headers, text in answers:
+        assert status == 200 or (status == 503 and headers.get("retry-after") == "5"), (status, text[:300])
+    scored = [json.loads(text) for status, _, text in answers if status == 200]
+    assert scored and all(len(batch) == 5 and all(r["error"] is None for r in batch) for batch in scored), scored[:1]
+    assert peak - before < 1000, f"peak {peak:.0f} MB from {before:.0f} MB for 1.1 GB of bodies"
