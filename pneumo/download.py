@@ -34,7 +34,7 @@ ACCEPTED_FORMS = (
     "a local folder in the Kaggle layout (e.g. /data/chest_xray), a local .zip file, "
     "s3://bucket/path/archive.zip, or s3://bucket/prefix holding the Kaggle layout"
 )
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp"}
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".dcm", ".dicom"}
 _KAGGLE_HANDLE = re.compile(r"^([\w.-]+)/([\w.-]+)(?:/versions/(\d+))?$")
 _CHUNK = 1 << 20
 
