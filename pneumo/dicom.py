@@ -112,7 +112,7 @@ def view_position(ds) -> str | None:
 
 
 def _decoded(ds) -> np.ndarray:
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder, pixel_array
 
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     name = f"{getattr(syntax, 'name', syntax)} ({syntax})"
@@ -123,12 +123,43 @@ def _decoded(ds) -> np.ndarray:
     if not decoder.is_available:
         raise DicomRejected(f"no pixel handler installed for transfer syntax {name}: "
                             "install pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg")
+    # Pillow's libjpeg-turbo first where it decodes the syntax: the same decoder as a JPEG film's,
+    # so a film and its JPEG Baseline DICOM give the same pixels (pylibjpeg's libjpeg rounds its
+    # inverse DCT differently, by one gray level here and there).
+    plugin = "pillow" if "pillow" in decoder.available_plugins else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds.pixel_array
+            return pixel_array(ds, decoding_plugin=plugin)
     except Exception as error:  # any decoder's failure is this file's fault: a reason, not a crash
         raise DicomRejected(f"corrupt DICOM pixel data ({name}: {type(error).__name__}: {str(error)[:160]})") from None
+
+
+def plain_jpeg(ds) -> bytes | None:
+    """The encapsulated JPEG of a film that is shown exactly as its JPEG decodes, else None.
+
+    JPEG Baseline, 8 bits, MONOCHROME2, no LUT, window or rescale: such a frame is handed
+    to Pillow as the JPEG it is, so it takes the JPEG films' reduced-scale decodes (and gives
+    their features exactly). RSNA's films are all of this kind.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    plain = (
+        syntax == JPEGBaseline8Bit
+        and str(ds.PhotometricInterpretation).strip() == "MONOCHROME2"
+        and int(ds.BitsStored) == 8
+        and not any(name in ds for name in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter"))
+        and float(ds.get("RescaleSlope") or 1) == 1
+        and float(ds.get("RescaleIntercept") or 0) == 0
+    )
+    if not plain:
+        return None
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # broken encapsulation: the full decode names the problem
+        return None
 
 
 def _lut_range(descriptor) -> tuple[float, float]:

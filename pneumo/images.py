@@ -230,6 +230,8 @@ def open_dicom(handle: BinaryIO, max_pixels: int) -> Image.Image:
     try:
         ds = dicom.read(handle)
         dicom.check(ds, max_pixels)
+        if (frame := dicom.plain_jpeg(ds)) is not None:
+            return open_checked(io.BytesIO(frame), max_pixels)  # decoded as the JPEG it is
         image = Image.fromarray(dicom.gray8(ds))
     except dicom.DicomRejected as error:
         raise ImageRejected(str(error)) from None

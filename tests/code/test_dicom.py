@@ -1,0 +1,148 @@
+"""DICOM films read as a viewer shows them, on real Part 10 files made from the shared films with pydicom."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from pneumo.config import recipe
+from pneumo.images import ImageRejected, decode_cost
+from pneumo.sizes import image_size
+from pneumo.transform import featurize
+from tests.dicom_helpers import dicom_dataset, dicom_from_jpeg, film_pixels, gray_jpeg, write_dicom
+
+RECIPES = ("seed", "robust3")
+# (stored bits, photometric interpretation, window, rescale): every case the reader decodes differently
+CASES = {
+    "8bit-mono2": dict(bits=8),
+    "12bit-mono2": dict(bits=12),
+    "16bit-mono2": dict(bits=16),
+    "10bit-mono1": dict(bits=10, photometric="MONOCHROME1"),
+    "12bit-mono1": dict(bits=12, photometric="MONOCHROME1"),
+    "window": dict(bits=12, window=True),
+    "window-rescale": dict(bits=12, window=True, rescale=True),
+    "window-mono1": dict(bits=12, window=True, photometric="MONOCHROME1"),
+}
+SYNTAXES = {"explicit-le": None, "rle": RLELossless, "jpeg2000-lossless": JPEG2000Lossless}
+
+
+@pytest.fixture(scope="module")
+def film(shared_data) -> np.ndarray:
+    """One real film's 8-bit gray pixels."""
+    return film_pixels(sorted((shared_data / "train" / "PNEUMONIA").iterdir())[3])
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("case", CASES)
+def test_a_dicom_copy_gives_the_films_features(film, tmp_path, case, syntax):
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, **CASES[case]), syntax=SYNTAXES[syntax])
+    for name in RECIPES:
+        config = recipe(name).transform
+        assert np.abs(featurize(str(path), config) - featurize(_png(film), config)).max() < 1e-3, name
+
+
+def test_a_jpeg_baseline_dicom_gives_its_jpegs_features(film, tmp_path):
+    jpeg = gray_jpeg(film)
+    path = dicom_from_jpeg(tmp_path / "x.dcm", jpeg, film.shape)
+    for name in RECIPES:
+        config = recipe(name).transform
+        assert np.abs(featurize(str(path), config) - featurize(jpeg, config)).max() < 1e-3, name
+
+
+def test_the_window_is_applied(film, tmp_path):
+    """Without its window the offset film would look different: the window is what makes it equal."""
+    ds = dicom_dataset(film, bits=12, window=True)
+    del ds.WindowCenter, ds.WindowWidth
+    path = write_dicom(tmp_path / "x.dcm", ds)
+    config = recipe("seed").transform
+    assert np.abs(featurize(str(path), config) - featurize(_png(film), config)).max() > 0.05
+
+
+def _refused(tmp_path, ds, max_pixels: int | None = None) -> str:
+    path = write_dicom(tmp_path / "x.dcm", ds)
+    config = recipe("seed").transform
+    if max_pixels:
+        config = config.model_copy(update={"max_pixels": max_pixels})
+    with pytest.raises(ImageRejected) as caught:
+        featurize(str(path), config)
+    return str(caught.value)
+
+
+def test_an_object_without_pixels_is_refused(film, tmp_path):
+    ds = dicom_dataset(film)
+    for name in ("PixelData", "Rows", "Columns"):
+        delattr(ds, name)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    assert _refused(tmp_path, ds) == "DICOM object without pixel data (Basic Text SR Storage): not an image"
+
+
+def test_a_multi_frame_object_is_refused(film, tmp_path):
+    ds = dicom_dataset(np.concatenate([film, film]))
+    ds.Rows, ds.NumberOfFrames = film.shape[0], 2
+    assert _refused(tmp_path, ds).startswith("multi-frame DICOM (2 frames)")
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_FULL"])
+def test_a_colour_film_is_refused(film, tmp_path, photometric):
+    ds = dicom_dataset(film)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+    ds.PixelData = np.repeat(film[..., None], 3, axis=2).tobytes()
+    assert _refused(tmp_path, ds).startswith(f"colour DICOM ({photometric})")
+
+
+def test_a_film_of_another_body_part_is_refused(film, tmp_path):
+    ds = dicom_dataset(film, tags={"BodyPartExamined": "SKULL"})
+    assert _refused(tmp_path, ds) == "not a chest film (BodyPartExamined SKULL)"
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "LATERAL"])
+def test_a_lateral_film_is_refused(film, tmp_path, view):
+    ds = dicom_dataset(film, tags={"ViewPosition": view})
+    assert _refused(tmp_path, ds) == f"lateral view (ViewPosition {view}): frontal films only"
+
+
+def test_a_film_over_the_pixel_bound_is_refused_before_its_pixels_are_decoded(film, tmp_path):
+    ds = dicom_dataset(film)
+    ds.PixelData = ds.PixelData[:100]  # a decode would fail: the header's size refuses it first
+    assert _refused(tmp_path, ds, max_pixels=1000) == "too large: 224x224 pixels exceeds max_pixels=1000"
+
+
+def test_a_transfer_syntax_without_a_handler_is_named(film, tmp_path):
+    from pydicom.encaps import encapsulate
+
+    ds = dicom_dataset(film)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder for films
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].VR = "OB"
+    assert _refused(tmp_path, ds).startswith("no pixel decoder for transfer syntax MPEG2")
+
+
+def test_sizes_come_from_the_header_alone(film, tmp_path):
+    ds = dicom_dataset(film[:, :200])
+    ds.PixelData = ds.PixelData[:64]  # no decode could give a picture: the size is the header's
+    path = write_dicom(tmp_path / "x.dcm", ds)
+    assert image_size(path) == (200, 224)
+    assert decode_cost(path.read_bytes()) == 200 * 224 * 12
+
+
+def test_a_kaggle_layout_of_dicom_films_enters_the_manifest(film, tmp_path):
+    from pneumo.download import build_manifest
+
+    for name in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        write_dicom(tmp_path / "train" / name / f"{name}-1.dcm", dicom_dataset(film))
+    manifest = build_manifest(tmp_path)
+    assert sorted(r.relpath for r in manifest.records) == ["train/NORMAL/NORMAL-1.dcm", "train/PNEUMONIA/PNEUMONIA-1.dcm"]
+    assert all(r.fingerprint for r in manifest.records)
+    assert not manifest.quarantine
