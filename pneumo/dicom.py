@@ -27,7 +27,7 @@ import hashlib
 import re
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,14 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 class DicomRejected(ValueError):
     """The DICOM file cannot be used as a chest film; the message is the quarantine's reason."""
+
+
+HEADER_SLACK = 16_000_000  # header bytes allowed beside the pixels (overlays, private tags, icons)
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest DICOM file read: 16-bit pixels within the pixel bound, plus the header."""
+    return 2 * max_pixels + HEADER_SLACK
 
 
 def is_dicom(head: bytes) -> bool:
@@ -203,17 +211,27 @@ def gray8(ds) -> np.ndarray:
 
 def patient_hash(patient_id: str, salt: str) -> str:
     """The salted hash that stands for a patient in everything written (16 hex digits)."""
-    return hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()[:16]
+    return "h-" + hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()[:16]
 
 
-def header_patient(path: str | Path) -> str | None:
-    """The PatientID of the DICOM file at ``path`` (in clear: hash it before writing), None if absent."""
+class HeaderFacts(NamedTuple):
+    patient_id: str | None  # in clear: only ever written hashed (patient_hash)
+    view: str | None  # ViewPosition: PA, AP, ...
+    pixel_spacing: float | None  # mm per pixel (rows), PixelSpacing else ImagerPixelSpacing
+
+
+def header_facts(path: str | Path) -> HeaderFacts | None:
+    """What the manifest keeps from the header of the DICOM file at ``path``; None for other files or a bad header."""
     with open(path, "rb") as handle:
         if not is_dicom(handle.read(MAGIC_OFFSET + 4)):
             return None
         try:
             ds = read(handle, pixels=False)
         except DicomRejected:
-            return None
-    value = str(ds.get("PatientID") or "").strip()
-    return value or None
+            return None  # the transform refuses it with its reason
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        spacing = float(spacing[0]) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        spacing = None
+    return HeaderFacts(str(ds.get("PatientID") or "").strip() or None, view_position(ds), spacing)

@@ -227,6 +227,10 @@ def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
 
 def open_dicom(handle: BinaryIO, max_pixels: int) -> Image.Image:
     """The DICOM film in ``handle`` as an 8-bit gray PIL image (format "DICOM"); ImageRejected with the reason."""
+    size = handle.seek(0, io.SEEK_END)
+    if size > dicom.max_file_bytes(max_pixels):  # pydicom reads elements whole: bound the file before parsing it
+        raise ImageRejected(f"too large: a DICOM file of {size} bytes exceeds {dicom.max_file_bytes(max_pixels)} "
+                            f"bytes (2 bytes per pixel of max_pixels={max_pixels}, plus the header)")
     try:
         ds = dicom.read(handle)
         dicom.check(ds, max_pixels)

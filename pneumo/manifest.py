@@ -53,6 +53,10 @@ class ImageRecord(BaseModel):
     # None when the image could not be decoded (the transform quarantines it) or in manifests
     # written before fingerprints, whose digest stays what it was.
     fingerprint: str | None = None
+    # From a DICOM header (None for other files; left out of the digest then, so earlier
+    # manifests keep theirs): the ViewPosition (PA, AP) and mm per pixel.
+    view: str | None = None
+    pixel_spacing: float | None = None
 
 
 class QuarantineEntry(BaseModel):

@@ -103,3 +103,41 @@ def dicom_from_jpeg(path: str | Path, jpeg: bytes, pixels_shape: tuple[int, int]
     ds["PixelData"].VR = "OB"
     ds.LossyImageCompression = "01"
     return write_dicom(path, ds)
+
+
+PLANTED_PATIENT_PREFIX = "PIDQX"  # every planted PatientID starts with it: PIDQX + the Kaggle patient number
+
+
+def rsna_source(films: Path, target: Path, *, jpeg: bool = True) -> Path:
+    """An RSNA-layout source made of the Kaggle-layout films under ``films`` (train/{NORMAL,PNEUMONIA}).
+
+    ``stage_2_train_images/{patientId}.dcm`` (a gray JPEG encapsulated as JPEG Baseline, as
+    RSNA's are, or uncompressed 8-bit) and ``stage_2_train_labels.csv`` with RSNA's columns:
+    a PNEUMONIA film gets two box rows, a NORMAL one a single row with empty box fields.
+    The file name is an anonymous uid; the header's PatientID is the planted one of the
+    film's Kaggle patient, so one patient's films share it and the split can group them.
+    """
+    from pneumo.download import parse_patient_id
+
+    images = target / "stage_2_train_images"
+    images.mkdir(parents=True)
+    lines = ["patientId,x,y,width,height,Target"]
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for film in sorted((films / "train" / name).iterdir()):
+            uid = str(uuid_of(film.name))
+            pixels = film_pixels(film)
+            patient = PLANTED_PATIENT_PREFIX + parse_patient_id(film.name)
+            if jpeg:
+                dicom_from_jpeg(images / f"{uid}.dcm", gray_jpeg(pixels), pixels.shape, PatientID=patient)
+            else:
+                write_dicom(images / f"{uid}.dcm", dicom_dataset(pixels, patient_id=patient))
+            lines += [f"{uid},10,20,30,40,1", f"{uid},50,60,70,80,1"] if label else [f"{uid},,,,,0"]
+    (target / "stage_2_train_labels.csv").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def uuid_of(name: str):
+    import hashlib
+    import uuid
+
+    return uuid.UUID(hashlib.sha256(name.encode()).hexdigest()[:32])

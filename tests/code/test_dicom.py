@@ -118,6 +118,17 @@ def test_a_film_over_the_pixel_bound_is_refused_before_its_pixels_are_decoded(fi
     assert _refused(tmp_path, ds, max_pixels=1000) == "too large: 224x224 pixels exceeds max_pixels=1000"
 
 
+def test_a_file_over_the_byte_bound_is_refused_before_it_is_parsed(film, tmp_path):
+    from pneumo.dicom import max_file_bytes
+
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film))
+    with path.open("ab") as handle:  # trailing bytes: the file is parsed only once its size is known to be bounded
+        handle.truncate(max_file_bytes(1000) + 1)
+    config = recipe("seed").transform.model_copy(update={"max_pixels": 1000})
+    with pytest.raises(ImageRejected, match=r"^too large: a DICOM file of \d+ bytes exceeds 16002000 bytes"):
+        featurize(str(path), config)
+
+
 def test_a_transfer_syntax_without_a_handler_is_named(film, tmp_path):
     from pydicom.encaps import encapsulate
 
