@@ -68,6 +68,9 @@ _SIGNATURES: tuple[tuple[str, re.Pattern[bytes]], ...] = tuple(
 )
 _SNIFF_BYTES = 132
 
+# DICOM films above this many pixels are box-averaged before resampling (decode_reduced).
+DICOM_REDUCE_ABOVE = 1_000_000
+
 # Largest image file read from disk for prediction: the server's per-upload bound. The
 # shared X-rays are 5 KB to 3 MB; a bigger file is refused before a byte of it is read.
 MAX_FILE_BYTES = 20_000_000
@@ -338,14 +341,21 @@ def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) 
 def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
     """float32 gray in [0, 1], upright, decoded at the smallest JPEG scale (libjpeg's 1/2 to 1/8,
     via Image.draft) that still leaves the crop ``cell_pixels`` samples per cell side."""
+    rows, cols = config.grid
+    kept = 1.0 - 2.0 * config.crop_fraction
+    need_w = math.ceil(cols * config.cell_pixels / kept)
+    need_h = math.ceil(rows * config.cell_pixels / kept)
     if image.format in JPEG_FORMATS:
-        rows, cols = config.grid
-        kept = 1.0 - 2.0 * config.crop_fraction
-        need_w = math.ceil(cols * config.cell_pixels / kept)
-        need_h = math.ceil(rows * config.cell_pixels / kept)
         if oriented_size(image) != image.size:  # a 90-degree EXIF rotation swaps the stored axes
             need_w, need_h = need_h, need_w
         image.draft("L", (need_w, need_h))
+    elif image.format == "DICOM" and image.width * image.height > DICOM_REDUCE_ABOVE:
+        # Decoded whole (an uncompressed 2,048 x 2,048 film): box-averaged to the scale draft would
+        # pick for a JPEG, as cheap to resample as a JPEG's reduced decode. Smaller films cost
+        # little at full scale and keep their exact pixels (the same features as a PNG of them).
+        factor = max((f for f in (8, 4, 2) if image.width // f >= need_w and image.height // f >= need_h), default=1)
+        if factor > 1:
+            return to_gray(image.reduce(factor))
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
     return to_gray(image)

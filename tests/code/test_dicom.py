@@ -157,3 +157,18 @@ def test_a_kaggle_layout_of_dicom_films_enters_the_manifest(film, tmp_path):
     assert sorted(r.relpath for r in manifest.records) == ["train/NORMAL/NORMAL-1.dcm", "train/PNEUMONIA/PNEUMONIA-1.dcm"]
     assert all(r.fingerprint for r in manifest.records)
     assert not manifest.quarantine
+
+
+def test_a_large_dicom_film_is_resampled_as_its_jpeg_is(film, tmp_path):
+    """Above DICOM_REDUCE_ABOVE pixels a DICOM film is box-averaged to the JPEG's reduced-decode scale:
+    the resample recipe then reads it as it reads the JPEG of the same pixels (which is what it trained on)."""
+    from pneumo.images import DICOM_REDUCE_ABOVE
+
+    side = int(DICOM_REDUCE_ABOVE**0.5) + 64
+    big = np.asarray(Image.fromarray(film).resize((side, side), Image.Resampling.BICUBIC), np.float32)
+    grain = np.random.default_rng(0).normal(0.0, 3.0, big.shape)  # film grain, as benchmarks/synthesize.py adds
+    big = np.clip(big + grain, 0, 255).round().astype(np.uint8)
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(big, bits=16))
+    config = recipe("robust3").transform
+    # z-scored features: decoded whole, this film is 0.07 off its JPEG's; box-averaged, 0.013
+    assert np.abs(featurize(str(path), config) - featurize(gray_jpeg(big), config)).max() < 0.03
