@@ -115,3 +115,22 @@ def test_the_patient_salt_is_the_workdirs_secret(tmp_path, monkeypatch):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     monkeypatch.setenv(layout.PATIENT_SALT_ENV, "mine")
     assert layout.patient_salt(str(tmp_path)) == "mine"
+
+
+def test_a_zip_of_an_rsna_source_is_read_as_the_folder_is(tmp_path, pixels):
+    import zipfile
+
+    from pneumo.download import fetch
+
+    for name, target in (("a", 0), ("b", 1)):
+        _dcm(tmp_path / "rsna" / "stage_2_train_images" / f"{name}.dcm", pixels, patient=name)
+    (tmp_path / "rsna" / "stage_2_train_labels.csv").write_text(RSNA_HEADER + "a,,,,,0\nb,1,2,3,4,1\n")
+    archive = tmp_path / "rsna.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sorted((tmp_path / "rsna").rglob("*")):
+            out.write(path, path.relative_to(tmp_path).as_posix())
+    assert check_source(str(archive)).kind == "zip"
+    root = find_dataset_root(fetch(str(archive), tmp_path / "cache"))
+    records = build_manifest(root, salt="pepper").records
+    assert sorted((r.relpath, r.label) for r in records) == [
+        ("stage_2_train_images/a.dcm", 0), ("stage_2_train_images/b.dcm", 1)]
