@@ -30,6 +30,7 @@ def dicom_dataset(
     photometric: str = "MONOCHROME2",
     window: bool = False,
     rescale: bool = False,
+    voi_lut: bool = False,
     tags: dict | None = None,
     patient_id: str | None = None,
 ):
@@ -58,13 +59,21 @@ def dicom_dataset(
         setattr(ds, name, value)
     if patient_id is not None:
         ds.PatientID = patient_id
-    if window:  # 16 bits stored, the picture at an offset; the window maps [offset, offset + top] back
+    if window or voi_lut:  # 16 bits stored, the picture at an offset: only the window (or LUT) maps it back
         offset, stored_bits = 1000, 16
         values = values + offset
-        ds.WindowCenter, ds.WindowWidth = offset + top / 2 + 0.5, top + 1
-        if rescale:  # modality values = stored - offset: the window is in those units
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -offset, 1, "US"
-            ds.WindowCenter = top / 2 + 0.5
+        if window:
+            ds.WindowCenter, ds.WindowWidth = offset + top / 2 + 0.5, top + 1
+            if rescale:  # modality values = stored - offset: the window is in those units
+                ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -offset, 1, "US"
+                ds.WindowCenter = top / 2 + 0.5
+        else:  # a VOI LUT Sequence from [offset, offset + top] to 16-bit output
+            from pydicom.dataset import Dataset
+
+            item = Dataset()
+            item.LUTDescriptor = [top + 1, offset, 16]
+            item.add_new(0x00283006, "US", [int(v) for v in np.rint(np.arange(top + 1) * 65535.0 / top)])  # LUTData
+            ds.VOILUTSequence = [item]
         bits = stored_bits
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric

@@ -27,6 +27,7 @@ CASES = {
     "window": dict(bits=12, window=True),
     "window-rescale": dict(bits=12, window=True, rescale=True),
     "window-mono1": dict(bits=12, window=True, photometric="MONOCHROME1"),
+    "voi-lut": dict(bits=12, voi_lut=True),
 }
 SYNTAXES = {"explicit-le": None, "rle": RLELossless, "jpeg2000-lossless": JPEG2000Lossless}
 
@@ -172,3 +173,46 @@ def test_a_large_dicom_film_is_resampled_as_its_jpeg_is(film, tmp_path):
     config = recipe("robust3").transform
     # z-scored features: decoded whole, this film is 0.07 off its JPEG's; box-averaged, 0.013
     assert np.abs(featurize(str(path), config) - featurize(gray_jpeg(big), config)).max() < 0.03
+
+
+# --- pydicom's own bundled files: transfer syntaxes the helpers cannot write, and odd objects ---
+
+
+def _bundled(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file(name)
+
+
+def _gray(path: str) -> np.ndarray:
+    from pneumo.images import open_checked
+
+    with open(path, "rb") as handle, open_checked(handle, 10**7) as image:
+        return np.asarray(image)
+
+
+@pytest.mark.parametrize("variant", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
+                                     "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_every_lossless_transfer_syntax_gives_the_same_picture(variant):
+    reference = _gray(_bundled("MR_small.dcm"))
+    assert reference.std() > 10  # a picture, not a flat field
+    assert np.array_equal(_gray(_bundled(variant)), reference)
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("reportsi.dcm", "DICOM object without pixel data (Basic Text SR Storage): not an image"),
+    ("rtplan.dcm", "DICOM object without pixel data (RT Plan Storage): not an image"),
+    ("SC_rgb_rle_2frame.dcm", "multi-frame DICOM (2 frames): one film per file expected"),
+    ("SC_rgb_rle.dcm", "colour DICOM (RGB): chest films are MONOCHROME1 or MONOCHROME2"),
+    ("SC_ybr_full_422_uncompressed.dcm", "colour DICOM (YBR_FULL_422): chest films are MONOCHROME1 or MONOCHROME2"),
+    ("examples_palette.dcm", "colour DICOM (PALETTE COLOR): chest films are MONOCHROME1 or MONOCHROME2"),
+])
+def test_pydicoms_odd_objects_are_refused_with_their_reason(name, reason):
+    with pytest.raises(ImageRejected) as caught:
+        _gray(_bundled(name))
+    assert str(caught.value) == reason
+
+
+def test_a_truncated_file_is_refused_not_crashed_on():
+    with pytest.raises(ImageRejected, match=r"^(corrupt DICOM pixel data|unreadable DICOM header)"):
+        _gray(_bundled("MR_truncated.dcm"))
