@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -25,7 +26,7 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import duplicates, storage
+from pneumo import dicom, duplicates, storage, tables
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, Manifest, QuarantineEntry, SkippedEntry, is_junk, junk_reason
 from pneumo.workdir import DOWNLOADS
 
@@ -34,7 +35,7 @@ ACCEPTED_FORMS = (
     "a local folder in the Kaggle layout (e.g. /data/chest_xray), a local .zip file, "
     "s3://bucket/path/archive.zip, or s3://bucket/prefix holding the Kaggle layout"
 )
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp"}
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".dcm", ".dicom"}
 _KAGGLE_HANDLE = re.compile(r"^([\w.-]+)/([\w.-]+)(?:/versions/(\d+))?$")
 _CHUNK = 1 << 20
 
@@ -434,8 +435,10 @@ def _extract_member(
 
 
 def _is_dataset_root(folder: Path) -> bool:
+    """The Kaggle layout's root (train/NORMAL or train/PNEUMONIA), or a folder holding a labels table."""
     train = folder / "train"
-    return train.is_dir() and any((train / name).is_dir() for name in CLASSES)
+    kaggle = train.is_dir() and any((train / name).is_dir() for name in CLASSES)
+    return kaggle or tables.table_in(folder) is not None
 
 
 def _has_image(folder: Path) -> bool:
@@ -482,6 +485,13 @@ def missing_class_folders_in_zip(names: list[str]) -> list[str]:
     return [f"{split}/{name}" for split in SPLITS if split in splits for name in CLASSES if (split, name) not in with_images]
 
 
+def missing_labels(root: Path) -> list[str]:
+    """missing_class_folders for a table source: the classes its table gives no train film; ValueError if unreadable."""
+    table = tables.read_table(tables.table_in(root))
+    found = {row.label for row in table.rows.values() if row.split == "train"}
+    return [f"{table.name}: train films labelled {name}" for label, name in enumerate(CLASSES) if label not in found]
+
+
 def kaggle_credentials_found() -> bool:
     """Whether kagglehub finds credentials (environment or ~/.kaggle/kaggle.json), without any network call."""
     from kagglehub.config import get_kaggle_credentials
@@ -508,12 +518,15 @@ def check_source(source: str) -> Source:
         if classes:  # .../chest_xray/train: one level too deep
             raise ValueError(f"this is one split's folder (it holds {'/ and '.join(classes)}/); "
                              f"pass the folder above it: --source {folder.parent}")
-        missing = missing_class_folders(find_dataset_root(folder))
+        root = find_dataset_root(folder)
+        missing = missing_labels(root) if tables.table_in(root) else missing_class_folders(root)
     elif parsed.kind == "zip":
         if not zipfile.is_zipfile(parsed.location):
             raise ValueError("not a readable zip archive; give the dataset's .zip or its unpacked folder")
         with zipfile.ZipFile(parsed.location) as archive:
-            missing = missing_class_folders_in_zip(archive.namelist())
+            names = archive.namelist()
+        if not any(PurePosixPath(name).name in tables.TABLES for name in names):  # a table is checked once unpacked
+            missing = missing_class_folders_in_zip(names)
     elif parsed.kind == "kaggle" and not kaggle_credentials_found():
         raise ValueError(f"no Kaggle credentials found: {KAGGLE_CREDENTIALS_HINT}")
     if missing:
@@ -551,7 +564,8 @@ def find_dataset_root(path: str | Path, *, max_depth: int = 6) -> Path:
     raise ValueError(
         f"no dataset found under {path}: expected a folder with train/NORMAL and train/PNEUMONIA "
         "(and optionally val/ and test/ with the same class folders), as in the Kaggle "
-        "chest-xray-pneumonia archive chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg"
+        "chest-xray-pneumonia archive chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg, "
+        f"or a folder holding a labels table ({' or '.join(tables.TABLES)}; see docs/data.md)"
     )
 
 
@@ -581,11 +595,12 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _hash_image(path: Path, split: str) -> tuple[str, int, duplicates.Prints | None]:
-    """sha256, size and perceptual fingerprints of one image (they read a reduced decode); a held-out
-    (test or val) film's include its turned and cropped renderings, which train copies are compared with."""
+def _hash_image(path: Path, split: str) -> tuple[str, int, duplicates.Prints | None, dicom.HeaderFacts | None]:
+    """sha256, size, perceptual fingerprints of one image (they read a reduced decode) and, for DICOM,
+    the header's facts; a held-out (test or val) film's prints include its turned and cropped
+    renderings, which train copies are compared with."""
     sha256, size = _sha256_file(path)
-    return sha256, size, duplicates.fingerprints(path, turned=split != "train")
+    return sha256, size, duplicates.fingerprints(path, turned=split != "train"), dicom.header_facts(path)
 
 
 def shown_name(name: str) -> str:
@@ -605,8 +620,14 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | None = None) -> Manifest:
-    """List and hash every image under ``root/{train,val,test}/{NORMAL,PNEUMONIA}/``.
+def build_manifest(
+    root: str | Path, *, progress: Callable[[int, int], None] | None = None, salt: str | None = None
+) -> Manifest:
+    """List and hash every image under ``root/{train,val,test}/{NORMAL,PNEUMONIA}/``, or every file
+    a labels table at ``root`` names (pneumo.tables).
+
+    ``salt`` hashes patient ids from DICOM headers and tables (pneumo.workdir.patient_salt);
+    without one a fresh random salt is used, so no id is ever written in clear.
 
     Only those three split folders are read (the Kaggle archive's nested duplicate tree
     and ``__MACOSX`` sit beside them). Every file in them is accounted for: an image
@@ -618,11 +639,17 @@ def build_manifest(root: str | Path, *, progress: Callable[[int, int], None] | N
     if not _is_dataset_root(root):
         raise ValueError(f"{root} has no train/NORMAL or train/PNEUMONIA folder; use find_dataset_root first")
     listing = _Listing(root)
-    for split in SPLITS:
-        listing.add_split(split)
+    if table := tables.table_in(root):
+        if any((root / split).is_dir() for split in SPLITS):
+            raise ValueError(f"{root} holds both {table.name} and split folders (train/...): "
+                             "two ways of labelling the films; keep one")
+        listing.add_table(tables.read_table(table))
+    else:
+        for split in SPLITS:
+            listing.add_split(split)
     return Manifest(
         root=str(listing.resolved_root),
-        records=_hash_records(listing.images, progress),
+        records=_hash_records(listing.images, progress, salt or secrets.token_hex(32)),
         quarantine=listing.quarantine,
         skipped=listing.skipped,
     )
@@ -634,7 +661,7 @@ class _Listing:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.resolved_root = root.resolve()
-        self.images: list[tuple[str, str, int, Path]] = []  # relpath, split, label, path
+        self.images: list[tuple[str, str, int, Path, str | None]] = []  # relpath, split, label, path, patient
         self.quarantine: list[QuarantineEntry] = []
         self.skipped: list[SkippedEntry] = []
 
@@ -687,7 +714,49 @@ class _Listing:
                 elif problem := self.problem(path, relpath, class_dir):
                     self.refuse(path, problem)
                 else:
-                    self.images.append((relpath, split, CLASSES.index(class_dir.name), path))
+                    self.images.append((relpath, split, CLASSES.index(class_dir.name), path, None))
+
+    def add_table(self, table: tables.Table) -> None:
+        """The files a labels table names, its refusals, and the files of its image folder it does not name."""
+        refused = set()
+        for relpath, reason in table.refused:
+            if relpath not in refused:  # one entry per file: the first reason found
+                refused.add(relpath)
+                self.quarantine.append(QuarantineEntry(relpath=shown_name(relpath), stage="manifest", reason=reason))
+        for relpath, row in sorted(table.rows.items()):
+            path = self.root / relpath
+            if problem := self.table_problem(path, relpath, table.name):
+                self.refuse(path, problem)
+            else:
+                self.images.append((relpath, row.split, row.label, path, row.patient))
+        listed = set(table.rows) | refused | {table.name}
+        for folder, dirnames, filenames in os.walk(self.root / table.image_folder):
+            dirnames[:] = sorted(d for d in dirnames if not is_junk(d))
+            for name in sorted(filenames):
+                path = Path(folder, name)
+                relpath = path.relative_to(self.root).as_posix()
+                if junk := junk_reason(name):
+                    self.skip(path, junk)
+                elif relpath not in listed and not (folder == str(self.root) and name.endswith(".csv")):
+                    self.refuse(path, f"no row in {table.name}: the file has no label")
+
+    def table_problem(self, path: Path, relpath: str, table: str) -> str | None:
+        """Why a file a table names is not taken as an image, or None."""
+        if not _is_utf8(relpath):
+            return "file name is not valid UTF-8"
+        if not path.exists() and not path.is_symlink():
+            return f"missing file: named in {table} but not in the source"
+        if any(part.startswith(".") for part in PurePosixPath(relpath).parts):
+            return "hidden file (name starts with '.'): rename it to use it"
+        if self.outside(path) or not path.resolve().is_relative_to(self.resolved_root):
+            return "symlink points outside the dataset"
+        if not path.is_file():
+            return "not a regular file (a folder, broken symlink, device or pipe)"
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return f"not an image file (extension '{path.suffix or '(none)'}')"
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        return None
 
     def problem(self, path: Path, relpath: str, class_dir: Path) -> str | None:
         """Why a file of a class folder is not taken as an image, or None."""
@@ -712,25 +781,32 @@ class _Listing:
 
 
 def _hash_records(
-    images: list[tuple[str, str, int, Path]], progress: Callable[[int, int], None] | None
+    images: list[tuple[str, str, int, Path, str | None]], progress: Callable[[int, int], None] | None, salt: str
 ) -> list[ImageRecord]:
-    """The records of ``images``, hashed and fingerprinted; ``progress(done, total)`` every 500 images."""
+    """The records of ``images``, hashed and fingerprinted; ``progress(done, total)`` every 500 images.
+
+    The patient: the table's, else a DICOM header's PatientID, each salted and hashed (never
+    written in clear); else the number in a Kaggle file name.
+    """
     # hashlib and Pillow's decoder release the GIL, so threads hash files in parallel.
     records: list[ImageRecord] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         hashed = pool.map(_hash_image, [image[3] for image in images], [image[1] for image in images])
-        for done, ((relpath, split, label, _), (sha256, size, prints)) in enumerate(zip(images, hashed), start=1):
+        for done, ((relpath, split, label, _, given), (sha256, size, prints, facts)) in enumerate(zip(images, hashed), start=1):
+            patient = given or (facts.patient_id if facts else None)
             records.append(
                 ImageRecord(
                     relpath=relpath,
                     split=split,
                     label=label,
-                    patient_id=parse_patient_id(relpath),
+                    patient_id=dicom.patient_hash(patient, salt) if patient else parse_patient_id(relpath),
                     bytes=size,
                     sha256=sha256,
                     fingerprint=prints and prints.plain,
                     mirror_fingerprint=prints and prints.mirrored,
                     turned_fingerprints=prints.turned if prints and prints.turned else None,
+                    view=facts.view if facts else None,
+                    pixel_spacing=facts.pixel_spacing if facts else None,
                 )
             )
             if progress and (done % 500 == 0 or done == len(images)):

@@ -30,6 +30,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumo import dicom
 from pneumo.config import TransformConfig
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP")  # Pillow format names, as passed to Image.open
@@ -68,6 +69,9 @@ _SIGNATURES: tuple[tuple[str, re.Pattern[bytes]], ...] = tuple(
     )
 )
 _SNIFF_BYTES = 132
+
+# DICOM films above this many pixels are box-averaged before resampling (decode_reduced).
+DICOM_REDUCE_ABOVE = 1_000_000
 
 # Largest image file read from disk for prediction: the server's per-upload bound. The
 # shared X-rays are 5 KB to 3 MB; a bigger file is refused before a byte of it is read.
@@ -158,6 +162,16 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
+def header_size(source: str | Path | BinaryIO) -> tuple[int, int]:
+    """(width, height) as displayed, from the header alone: DICOM's Rows/Columns, else Pillow's header
+    parse with the EXIF rotation. Errors are open_image's, or DicomRejected for a DICOM file."""
+    if dicom.is_dicom(_head(source)):
+        with binary_source(source) as handle:
+            return dicom.header_size(handle)
+    with open_image(source) as image:
+        return oriented_size(image)
+
+
 def decode_cost(data: bytes) -> int:
     """Bytes one decode of this image may take at its peak (pixels, their gray copy, the features'
     working arrays), from the header alone; 0 when the header does not parse (the decode refuses it).
@@ -165,6 +179,9 @@ def decode_cost(data: bytes) -> int:
     Measured on a 7000 x 7000 RGB PNG: 0.94 GB, 19 bytes per pixel; gray images about half.
     """
     try:
+        if dicom.is_dicom(data[:_SNIFF_BYTES]):  # colour DICOM is refused before its pixels are decoded
+            width, height = dicom.header_size(io.BytesIO(data))
+            return width * height * 12  # pixel bytes, the stored array (+ int32 index if signed), 8-bit gray, float32 gray
         with open_image(io.BytesIO(data)) as image:
             width, height = image.size
             colour = len(image.getbands()) >= 3 or image.mode == "P"
@@ -177,10 +194,15 @@ def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
     """Open from the header only, refusing empty, unknown and oversized images before any pixel is decoded.
 
     Raises ImageRejected with the reason. ``handle`` is read from its start.
+    A DICOM file is the exception: its header is checked (pneumo.dicom.check, the same pixel
+    bound) and its pixels decoded here, to the 8-bit gray picture a viewer shows.
     """
     handle.seek(0)
-    if not handle.read(1):
+    head = handle.read(_SNIFF_BYTES)
+    if not head:
         raise ImageRejected("empty file (0 bytes)")
+    if dicom.is_dicom(head):
+        return open_dicom(handle, max_pixels)
     handle.seek(0)
     try:
         with warnings.catch_warnings():
@@ -205,6 +227,24 @@ def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         image.close()
         raise ImageRejected(f"empty image: {width}x{height} pixels")
+    return image
+
+
+def open_dicom(handle: BinaryIO, max_pixels: int) -> Image.Image:
+    """The DICOM film in ``handle`` as an 8-bit gray PIL image (format "DICOM"); ImageRejected with the reason."""
+    size = handle.seek(0, io.SEEK_END)
+    if size > dicom.max_file_bytes(max_pixels):  # pydicom reads elements whole: bound the file before parsing it
+        raise ImageRejected(f"too large: a DICOM file of {size} bytes exceeds {dicom.max_file_bytes(max_pixels)} "
+                            f"bytes (2 bytes per pixel of max_pixels={max_pixels}, plus the header)")
+    try:
+        ds = dicom.read(handle)
+        dicom.check(ds, max_pixels)
+        if (frame := dicom.plain_jpeg(ds)) is not None:
+            return open_checked(io.BytesIO(frame), max_pixels)  # decoded as the JPEG it is
+        image = Image.fromarray(dicom.gray8(ds))
+    except dicom.DicomRejected as error:
+        raise ImageRejected(str(error)) from None
+    image.format = "DICOM"  # for reasons that name the format; never a JPEG to the reduced decodes
     return image
 
 
@@ -331,14 +371,21 @@ def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) 
 def decode_reduced(image: Image.Image, config: TransformConfig) -> np.ndarray:
     """float32 gray in [0, 1], upright, decoded at the smallest JPEG scale (libjpeg's 1/2 to 1/8,
     via Image.draft) that still leaves the crop ``cell_pixels`` samples per cell side."""
+    rows, cols = config.grid
+    kept = 1.0 - 2.0 * config.crop_fraction
+    need_w = math.ceil(cols * config.cell_pixels / kept)
+    need_h = math.ceil(rows * config.cell_pixels / kept)
     if image.format in JPEG_FORMATS:
-        rows, cols = config.grid
-        kept = 1.0 - 2.0 * config.crop_fraction
-        need_w = math.ceil(cols * config.cell_pixels / kept)
-        need_h = math.ceil(rows * config.cell_pixels / kept)
         if oriented_size(image) != image.size:  # a 90-degree EXIF rotation swaps the stored axes
             need_w, need_h = need_h, need_w
         image.draft("L", (need_w, need_h))
+    elif image.format == "DICOM" and image.width * image.height > DICOM_REDUCE_ABOVE:
+        # Decoded whole (an uncompressed 2,048 x 2,048 film): box-averaged to the scale draft would
+        # pick for a JPEG, as cheap to resample as a JPEG's reduced decode. Smaller films cost
+        # little at full scale and keep their exact pixels (the same features as a PNG of them).
+        factor = max((f for f in (8, 4, 2) if image.width // f >= need_w and image.height // f >= need_h), default=1)
+        if factor > 1:
+            return to_gray(image.reduce(factor))
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
     return to_gray(image)

@@ -58,6 +58,10 @@ class ImageRecord(BaseModel):
     # None as fingerprint is, and turned_fingerprints for the films of train.
     mirror_fingerprint: str | None = None
     turned_fingerprints: tuple[str, ...] | None = None
+    # From a DICOM header (None for other files; left out of the digest then, so earlier
+    # manifests keep theirs): the ViewPosition (PA, AP) and mm per pixel.
+    view: str | None = None
+    pixel_spacing: float | None = None
 
 
 class QuarantineEntry(BaseModel):

@@ -12,6 +12,7 @@ before schema_version 2 lack these and are refused with the missing field named.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -26,7 +27,8 @@ from PIL import Image
 from pneumo import registry as reg
 from pneumo import storage
 from pneumo.config import TransformConfig
-from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size, read_file
+from pneumo.dicom import is_dicom
+from pneumo.images import ImageRejected, decode_gray, header_size, open_image, open_top_rows, oriented_size, read_file
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
 from pneumo import onnx_model
@@ -277,15 +279,19 @@ class Predictor:
         """Why the image looks unlike the training X-rays: a header read, the picture's spread
         (of its features, or of the resampled crop), and for colour images a tiny decode."""
         out = []
-        with open_image(io.BytesIO(data)) as image:
-            width, height = oriented_size(image)
+        with contextlib.ExitStack() as stack:
+            if is_dicom(data[:132]):  # a gray film (colour DICOM is refused): its size from the header
+                width, height, image = *header_size(io.BytesIO(data)), None
+            else:
+                image = stack.enter_context(open_image(io.BytesIO(data)))
+                width, height = oriented_size(image)
             target_h, target_w = self.config.size
             if width < TINY_FRACTION * target_w or height < TINY_FRACTION * target_h:
                 out.append(f"tiny: {width}x{height} pixels, the model's images were resized to {target_w}x{target_h}")
             ratio = (width / height) / (target_w / target_h)
             if not 1 / ASPECT_FACTOR <= ratio <= ASPECT_FACTOR:
                 out.append(f"extreme aspect ratio: {width}x{height} (width/height {width / height:.2f})")
-            if image.mode not in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+            if image is not None and image.mode not in ("L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
                 levels = _colour_levels(image, data)
                 if levels > COLOUR_LEVELS:
                     out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")

@@ -65,7 +65,7 @@ def log_requests_to_stderr() -> None:
     logger.propagate = False
 
 MAX_BATCH_FILES = 64
-RAW_TYPES = ("image/", "application/octet-stream")
+RAW_TYPES = ("image/", "application/octet-stream", "application/dicom")
 
 
 DECODE_WAIT_SECONDS = 60.0  # longest wait for decode memory before a 503

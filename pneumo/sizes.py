@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
-from pneumo.images import FormatNotAllowed, open_image, oriented_size
+from pneumo.dicom import DicomRejected
+from pneumo.images import FormatNotAllowed, header_size
 from pneumo.manifest import CLASSES, Manifest, QuarantineEntry
 
 DEFAULT_PERCENTILES = (25, 50, 75, 90, 99)
@@ -45,12 +46,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     with warnings.catch_warnings():
         # Sizes are only read here; refusing big images is the transform's job.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with open_image(path) as image:  # the transform's allow-list: JPEG, PNG, BMP
-            return oriented_size(image)  # from the header alone (see pneumo.images)
+        return header_size(path)  # the transform's allow-list (JPEG, PNG, BMP, DICOM), from the header alone
 
 
 def _unreadable_reason(error: Exception) -> str:
-    if isinstance(error, FormatNotAllowed):
+    if isinstance(error, (FormatNotAllowed, DicomRejected)):
         return str(error)
     if isinstance(error, UnidentifiedImageError):
         return "cannot identify image file"

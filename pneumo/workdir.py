@@ -9,12 +9,15 @@
     prefect-results/  Prefect's task results and cache records
     predictions/      batch scoring: predictions/{model}/{version}/...
     runs/             one record per run of the full flow (pneumo/cleanup.py: what `pneumo gc` keeps)
+    secrets/patient-salt  the salt patient ids are hashed with (pneumo.dicom.patient_hash); never logged
 
 No Prefect here: the tasks, flows and library steps all ask this module.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from pneumo import storage
@@ -68,3 +71,22 @@ def runs(workdir: str) -> str:
 
 def predictions(workdir: str, model_name: str, version: str) -> str:
     return storage.join(workdir, "predictions", model_name, version)
+
+
+PATIENT_SALT_ENV = "PNEUMO_PATIENT_SALT"  # a salt of the user's own, e.g. shared by several workdirs
+
+
+def patient_salt(workdir: str) -> str:
+    """The workdir's secret salt for patient ids: $PNEUMO_PATIENT_SALT, else ``secrets/patient-salt``
+    (created once with 256 random bits, readable by its owner only; every run of the workdir
+    shares it, so a patient hashes alike in every manifest). Its value is never logged."""
+    if given := os.environ.get(PATIENT_SALT_ENV, "").strip():
+        return given
+    uri = storage.join(workdir, "secrets", "patient-salt")
+    try:
+        storage.write_bytes(uri, secrets.token_hex(32).encode(), if_absent=True)
+        if not storage.is_s3(uri):
+            os.chmod(uri, 0o600)
+    except storage.AlreadyExists:
+        pass  # the workdir's salt, made by an earlier run
+    return storage.read_bytes(uri).decode().strip()

@@ -26,7 +26,8 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     root = download.find_dataset_root(download.fetch(source, layout.downloads(workdir), progress=logger.info))
     logger.info("dataset root: %s", root)
 
-    manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"))
+    salt = layout.patient_salt(workdir)  # DICOM and table patient ids are written only hashed with it
+    manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"), salt=salt)
     uri = save_manifest(manifest, layout.manifests(workdir))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(
