@@ -73,7 +73,7 @@ def trained_model(shared_data, tmp_path_factory) -> TrainedModel:
     seconds["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    ref = reference.build(data["train"].features)
+    ref = reference.build(data["train"].originals().features, grid=transform.grid, slope_part=transform.pooling.index("mean"))
     seconds["reference"] = time.perf_counter() - started
     predictor = Predictor(result.state_dict, card(result.state_dict, config.threshold, transform), model_name="tinynet",
                           version="v0001", reference=ref)
