@@ -78,6 +78,8 @@ def bench_views(films: Path, recipe_name: str, counts: list[int], n: int, repeat
     """ms per film of Predictor.predict for each number of views, on ``n`` of the shared 224 px films."""
     from pneumo.config import recipe
 
+    if not (films / "train").is_dir():
+        raise SystemExit(f"error: {films} has no train/ folder: give --films (the shared 224 px films)")
     paths = [str(p) for p in sorted((films / "train" / "NORMAL").glob("*.jpeg"))[: n // 2]]
     paths += [str(p) for p in sorted((films / "train" / "PNEUMONIA").glob("*.jpeg"))[: n - len(paths)]]
     transform = recipe(recipe_name).transform.model_copy(update={"size": (224, 224)})
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the registered model's transform")
     parser.add_argument("--skip", nargs="*", default=[], choices=["api", "server", "flow", "cli", "views"])
     parser.add_argument("--views", type=int, nargs="+", default=[0, 8, 16], help="(5): numbers of test-time views")
-    parser.add_argument("--films", type=Path, default=REPO.parent / "shared" / "data" / "chest_xray_224",
-                        help="(5): the shared 224 px films")
+    parser.add_argument("--films", type=Path, help="(5): the shared 224 px films",
+                        default=Path(os.environ.get("PNEUMO_SHARED_DATA") or REPO.parent / "shared" / "data" / "chest_xray_224"))
     args = parser.parse_args(argv)
 
     if "views" not in args.skip:
