@@ -28,7 +28,7 @@ def test_predict_prints_a_table_and_json_lines(two_versions, shared_data):
     table = run_pneumo("predict", str(normal), str(pneumonia), "--registry", root)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["image", "label", "probability", "warnings"] and len(lines) == 3
+    assert lines[0].split() == ["image", "label", "probability", "distance", "warnings"] and len(lines) == 3
     assert "tinynet v0001 (threshold 0.5, onnxruntime): 2 scored, 0 failed" in table.stderr
 
     out = run_pneumo("predict", str(normal), str(pneumonia), "--registry", root, "--version", "v0002", "--json")

@@ -65,8 +65,9 @@ def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_pa
     uri = Path(summary["predictions"])
     assert uri.parent == workdir / "predictions" / "tinynet" / "v0001" and uri.suffix == ".csv"
     rows = read_csv(str(uri))
-    assert len(rows) == 30 and set(rows[0]) == {"relpath", "probability", "label", "threshold", "warnings", "true_label"}
+    assert len(rows) == 30 and set(rows[0]) == {"relpath", "probability", "label", "threshold", "warnings", "true_label", "distance"}
     first = rows[0]
+    assert first["distance"] == ""  # a version registered without reference.json (issue 24) has no distance
     expected = expected_probability(weights["v0001"], labelled_input / first["relpath"])
     assert float(first["probability"]) == pytest.approx(expected, abs=1e-6)
     assert first["true_label"] == "NORMAL" and first["threshold"] == "0.5"
