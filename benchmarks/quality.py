@@ -16,6 +16,13 @@ patient-grouped split and report mean +- sd over the seeds of, all on the carved
 - the training time (TinyNet on the train rows, renditions included, one thread): wall
   seconds, and CPU seconds, which on a shared, busy machine estimate the idle wall time.
 
+Each recipe's models are scored twice (issue 24): in one pass ("-views" rows), and with the
+test-time views of ``--views-recipe``'s transform (pneumo.views: 16 mild views; "+views"
+rows), on every figure above, the threshold included; the shift suite's views are computed
+here from the val films (``views.shifted_view_features``; not stored in shards) and cached in
+the workdir. The val rows come from ``--views-recipe``'s shards for every recipe (the same
+films and features; robust3 and robust4 differ only in training renditions and views).
+
 The carved val comes from the same period as train: its clean figures reward shortcuts of
 that period. The stress val, the stretches and the shift suite are proxies for films of
 another period, made from the same val images. Prints a markdown table for the README,
@@ -37,7 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo import code_version, evaluate, shard_files, shards, shift
+import dataclasses
+
+from pneumo import code_version, evaluate, features, shard_files, shards, shift, views
+from pneumo.images import decode_gray
+from pneumo.splits import records_by_split
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig
 from pneumo.download import build_manifest
 from pneumo.recipes import RECIPES
@@ -64,26 +75,59 @@ def build_shards(manifest, transform, out_dir: str, workers: int) -> tuple[str, 
     return index_uri, seconds
 
 
-def run_seed(data: dict[str, shard_files.ShardData], config, seed: int) -> dict:
-    """Train one seed; its figures on clean val, the stress val, the stretches and the shift suite."""
+def _shift_views_one(args) -> np.ndarray:
+    root, record, transform = args
+    with features.read_verified(Path(root), record) as data:
+        gray = decode_gray(data, transform)
+    return views.shifted_view_features(gray, transform, record.sha256)
+
+
+def shift_views(manifest, transform, val: shard_files.ShardData, cache: Path, workers: int) -> dict[str, np.ndarray]:
+    """{shift name: (n, K, F)}: every val film of the shift suite under its views (cached in ``cache``)."""
+    if cache.exists():
+        with np.load(cache) as stored:
+            return {name: stored[name] for name in shift.NAMES}
+    records = records_by_split(manifest, SplitConfig())["val"]
+    assert [r.relpath for r in records] == list(val.relpaths), "val records and shards differ"
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        rows = np.stack(list(pool.map(_shift_views_one, [(manifest.images_root(), r, transform) for r in records], chunksize=8)))
+    out = {name: rows[:, i] for i, name in enumerate(shift.NAMES)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out)
+    return out
+
+
+def run_seed(data: dict[str, shard_files.ShardData], config, seed: int, val: shard_files.ShardData,
+             shifted_views: dict[str, np.ndarray]) -> dict:
+    """Train one seed on ``data["train"]``; its figures on ``val`` (with views) in one pass and with views."""
     config = config.model_copy(update={"seed": seed})
-    val = data["val"]
     cpu = time.process_time()
     result = train(data["train"].features, data["train"].labels, val.features, val.labels, config)
     cpu = time.process_time() - cpu  # TinyNet trains on one thread: its CPU time is what an idle machine's wall time would be
-    stress_labels, stress_probs, _ = evaluate.stress_predictions(result.state_dict, val)
-    threshold = evaluate.decision_threshold(result.state_dict, val, config.threshold_rule, config.threshold)
-    clean_probs = predict_proba(result.state_dict, val.features)
+    plain = dataclasses.replace(val, views=None, stress_views=None)
+    figures = {"-views": score(result.state_dict, config, plain, None, data["test"]),
+               "+views": score(result.state_dict, config, val, shifted_views, None)}
+    for mode in figures.values():
+        mode.update({"seed": seed, "train_seconds": result.seconds, "train_cpu_seconds": cpu,
+                     "epochs_run": len(result.history), "best_epoch": result.best_epoch, "n_train_rows": result.n_train})
+    return figures
+
+
+def score(state_dict, config, val: shard_files.ShardData, shifted_views, test) -> dict:
+    """A model's figures on ``val`` scored with the views it holds (none: one pass); the val+test worst
+    shift when ``test`` is given."""
+    probability = lambda rows: predict_proba(state_dict, rows)  # noqa: E731
+    stress_labels, stress_probs, _ = evaluate.stress_predictions(state_dict, val)
+    threshold = evaluate.decision_threshold(state_dict, val, config.threshold_rule, config.threshold)
+    clean_probs = views.film_scores(probability, val.features, val.views)
     clean = evaluate.metrics(val.labels, clean_probs, threshold)
     stressed = evaluate.metrics(stress_labels, stress_probs, threshold)
-    probs = {"clean": clean_probs, **{name: predict_proba(result.state_dict, val.shift[name]) for name in shift.NAMES}}
+    probs = {"clean": clean_probs, **{
+        name: views.film_scores(probability, val.shift[name], None if shifted_views is None else shifted_views[name])
+        for name in shift.NAMES}}
     shifted = shift.shift_metrics(val.labels, probs, threshold)
-    test = data["test"]
-    both = {name: np.concatenate([probs[name], predict_proba(result.state_dict, test.shift[name])]) for name in shift.NAMES}
-    both["clean"] = np.concatenate([clean_probs, predict_proba(result.state_dict, test.features)])
-    pooled = shift.shift_metrics(np.concatenate([val.labels, test.labels]), both, threshold)
     figures = {
-        "seed": seed,
+        "threshold": threshold,
         "threshold": threshold,
         "val_auc": clean["roc_auc"],
         "val_accuracy": clean["accuracy"],
@@ -101,16 +145,17 @@ def run_seed(data: dict[str, shard_files.ShardData], config, seed: int) -> dict:
         "shift_worst_auc_shift": shifted["worst"]["roc_auc"][1],
         "shift_worst_specificity": shifted["worst"]["specificity"][0],
         "shift_worst_specificity_shift": shifted["worst"]["specificity"][1],
-        "valtest_worst_auc": pooled["worst"]["roc_auc"][0],
-        "valtest_worst_auc_shift": pooled["worst"]["roc_auc"][1],
-        "valtest_worst_specificity": pooled["worst"]["specificity"][0],
-        "valtest_worst_specificity_shift": pooled["worst"]["specificity"][1],
-        "train_seconds": result.seconds,
-        "train_cpu_seconds": cpu,
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "n_train_rows": result.n_train,
     })
+    if test is not None:
+        both = {name: np.concatenate([probs[name], probability(test.shift[name])]) for name in shift.NAMES}
+        both["clean"] = np.concatenate([clean_probs, probability(test.features)])
+        pooled = shift.shift_metrics(np.concatenate([val.labels, test.labels]), both, threshold)
+        figures.update({
+            "valtest_worst_auc": pooled["worst"]["roc_auc"][0],
+            "valtest_worst_auc_shift": pooled["worst"]["roc_auc"][1],
+            "valtest_worst_specificity": pooled["worst"]["specificity"][0],
+            "valtest_worst_specificity_shift": pooled["worst"]["specificity"][1],
+        })
     return figures
 
 
@@ -166,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--source", type=Path, default=SHARED_DATA, help="a folder in the Kaggle layout")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumo-quality"), help="where the shards go (reused)")
-    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["robust3", "robust4"])
+    parser.add_argument("--views-recipe", choices=sorted(RECIPES), default="robust4",
+                        help="the recipe whose val shards (and test-time views) every recipe is scored on")
     parser.add_argument("--seeds", type=int, default=5, help="training seeds 0..N-1 per recipe")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's maximum epochs")
     parser.add_argument("--set", nargs="+", default=[], metavar="PART.FIELD=VALUE",
@@ -191,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     size = target_size(size_percentiles(manifest), 75.0)
     report = {"source": str(args.source), "images": len(manifest.records), "cpu_count": os.cpu_count(),
               "load_before": os.getloadavg(), "recipes": {}}
+    viewed = recipe(args.views_recipe).transform.model_copy(update={"size": size})
+    views_index, report["views_recipe_shard_seconds"] = build_shards(
+        manifest, viewed, str(args.workdir / "shards" / code_version()), args.workers)
+    val = shard_files.load_split(views_index, "val")
+    started_views = time.perf_counter()
+    shifted_views = shift_views(manifest, viewed, val, args.workdir / "shift-views" / f"{viewed.digest()[:16]}.npz", args.workers)
+    report["shift_views_seconds"] = time.perf_counter() - started_views
     for name in args.recipes:
         chosen = recipe(name)
         parts = {"transform": chosen.transform.model_dump(), "train": chosen.train.model_dump()}
@@ -214,17 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         label = args.label or name
         runs = []
         for seed in range(args.seeds):
-            runs.append(run_seed(data, config, seed))
-            print(f"{label} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in runs[-1].items() if k != "seed"), flush=True)
-        report["recipes"][label] = {
-            "recipe": name,
-            "overrides": args.set,
-            "shard_seconds": shard_seconds,
-            "rows": {split: len(part.labels) for split, part in data.items()},
-            "stress_rows": int(data["val"].stress.shape[0] * data["val"].stress.shape[1]),
-            "seeds": runs,
-        }
+            runs.append(run_seed(data, config, seed, val, shifted_views))
+            for mode, figures in runs[-1].items():
+                print(f"{label} {mode} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in figures.items() if k != "seed"), flush=True)
+        for mode in ("-views", "+views"):
+            report["recipes"][f"{label} {mode}"] = {
+                "recipe": name,
+                "views": 0 if mode == "-views" else viewed.views.count,
+                "overrides": args.set,
+                "shard_seconds": shard_seconds,
+                "shard_bytes": sum(p.stat().st_size for p in Path(index_uri).parent.glob("*.h5")),
+                "rows": {split: len(part.labels) for split, part in data.items()},
+                "stress_rows": int(val.stress.shape[0] * val.stress.shape[1]),
+                "seeds": [run[mode] for run in runs],
+            }
     report["seconds"] = time.perf_counter() - started
     report["load_after"] = os.getloadavg()
 

@@ -1,7 +1,7 @@
 """The one typed run config: ``RunConfig(run, transform, split, train)``.
 
 Every field is declared once, here, with its description; its default is the default
-recipe's (``robust3``). A recipe (pneumo.recipes) is a partial config that ``RunConfig``
+recipe's (``robust4``). A recipe (pneumo.recipes) is a partial config that ``RunConfig``
 puts under the values given, once, in its validator. The CLI's options (cli/run.py), the
 flow's parameters (flows/full.py) and the card's stored config are all read from these models.
 """
@@ -29,6 +29,12 @@ class _Config(BaseModel):
         """A stable sha256 of the config, for keys and file names."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()
+
+
+def _zoom_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0.5 <= value[0] <= value[1] <= 2.0:
+        raise ValueError(f"zoom must be (low, high) with 0.5 <= low <= high <= 2, got {value}")
+    return value
 
 
 class AugmentConfig(_Config):
@@ -64,9 +70,7 @@ class AugmentConfig(_Config):
     @field_validator("zoom")
     @classmethod
     def _zoom_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0.5 <= value[0] <= value[1] <= 2.0:
-            raise ValueError(f"zoom must be (low, high) with 0.5 <= low <= high <= 2, got {value}")
-        return value
+        return _zoom_range(value)
 
     @field_validator("blur_sigma")
     @classmethod
@@ -76,8 +80,27 @@ class AugmentConfig(_Config):
         return value
 
 
+class ViewConfig(_Config):
+    """Test-time views (pneumo.views): a film is scored as the mean probability over itself and ``count``
+    mild geometric views of it, each drawn from these ranges by a generator seeded by (``seed``, the
+    film's sha256), so a film always gets the same score. Stored in the card: every score of a version
+    (its val, test and stress-val metrics, its threshold, predict, serve, the batch flow) uses them."""
+
+    count: int = Field(16, ge=0, le=64, description="Views per film beside the film itself; 0 = the single-pass score")
+    zoom: tuple[float, float] = Field((0.92, 1.09), description="Zoom factor range of a view")
+    shift: float = Field(0.04, ge=0.0, le=0.25, description="Largest translation of a view, as a fraction of width and height")
+    rotation: float = Field(4.0, ge=0.0, le=30.0, description="Largest rotation of a view in degrees")
+    aspect: float = Field(0.1, ge=0.0, le=0.5, description="Largest |log| aspect change of a view (zoom_x = zoom e^u, zoom_y = zoom e^-u)")
+    seed: int = Field(0, ge=0, description="Seeds the views, with each film's sha256")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _zoom_range(value)
+
+
 class TransformConfig(_Config):
-    """The image recipe: resize, trim padding, crop borders, gray [0, 1], pool, normalize, flatten (robust3's defaults)."""
+    """The image recipe: resize, trim padding, crop borders, gray [0, 1], pool, normalize, flatten (robust4's defaults)."""
 
     size: tuple[int, int] = Field(
         (1000, 1300), description="(height, width) every image is resized to; the pipeline sets it from the size percentile"
@@ -98,13 +121,14 @@ class TransformConfig(_Config):
         True, description="'resample': cut flat bands (a scanner's or viewer's padding) off the picture's borders before the crop"
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Ranges of the train renditions")
-    renditions: int = Field(12, ge=0, le=32, description="Augmented renditions stored per train image beside the original; 0 = off")
+    renditions: int = Field(48, ge=0, le=64, description="Augmented renditions stored per train image beside the original; 0 = off")
     augment_seed: int = Field(0, ge=0, description="Seeds the renditions, with each image's sha256 and the rendition number")
     shift_suite: bool = Field(True, description="Store val and test features under the acquisition shifts of pneumo.shift")
     shift_seed: int = Field(0, ge=0, description="Seeds the shift suite's random parts (shift direction, border widths, noise)")
     max_pixels: int = Field(
         50_000_000, gt=0, description="Images with more pixels are refused (decompression-bomb guard); X-rays are under 10 MP"
     )
+    views: ViewConfig = Field(default_factory=ViewConfig, description="Test-time views: how every score of the model is made")
 
     @field_validator("size", "grid")
     @classmethod
@@ -123,11 +147,11 @@ class TransformConfig(_Config):
     @model_validator(mode="after")
     def _method_supports(self) -> "TransformConfig":
         # 'fast' and 'exact' are the seed's max-pool recipe; everything else needs the resampled crop.
-        resample_only = self.pooling != ("max",) or self.normalize != "none" or self.renditions or self.trim_padding
+        resample_only = self.pooling != ("max",) or self.normalize != "none" or self.renditions or self.trim_padding or self.views.count
         if self.method != "resample" and resample_only:
             raise ValueError(
                 f"method {self.method!r} computes the seed's max-pool features only; "
-                "use method='resample' for mean pooling, normalization, renditions or trimmed padding"
+                "use method='resample' for mean pooling, normalization, renditions, trimmed padding or views"
             )
         return self
 
@@ -141,8 +165,8 @@ class TransformConfig(_Config):
         return self.grid[0] * self.grid[1] * len(self.pooling)
 
     def row_settings(self) -> dict:
-        """The settings that decide an image's own row, what prediction computes: all but the train
-        renditions and the shift suite. Models with equal row settings read each other's val rows."""
+        """The settings that decide what prediction computes (an image's own row and its views): all but the
+        train renditions and the shift suite. Models with equal row settings read each other's val rows."""
         return self.model_dump(mode="json", exclude={"augment", "renditions", "augment_seed", "shift_suite", "shift_seed"})
 
 
@@ -165,7 +189,7 @@ class SplitConfig(_Config):
 
 
 class TrainConfig(_Config):
-    """TinyNet training: AdamW, BCE with class weights, weight averaging (robust3's defaults)."""
+    """TinyNet training: AdamW, BCE with class weights, weight averaging (robust4's defaults)."""
 
     epochs: int = Field(30, ge=1, description="Maximum number of epochs")
     batch_size: int = Field(128, ge=1, description="Training rows per optimizer step")
@@ -214,7 +238,8 @@ class RunOptions(_Config):
         DEFAULT_RECIPE,
         description="Preset of transform and training values (pneumo.recipes): 'seed' is the faithful port of the seed, "
         "'robust' adds shape features, renditions and class-weighted BCE, 'robust2' widens the renditions, averages "
-        "weights and picks its threshold on the stress val, 'robust3' (the default) also cuts flat border bars; "
+        "weights and picks its threshold on the stress val, 'robust3' also cuts flat border bars, 'robust4' (the "
+        "default) trains on 48 renditions and scores every film with 16 mild views; "
         "values given explicitly override the recipe's",
     )
     percentile: float = Field(75.0, gt=0, lt=100, description="Image-size percentile that sets the resize target")

@@ -278,11 +278,14 @@ class Evaluation:
     history: list[dict[str, Any]]  # per epoch: epoch, train_loss, val_loss, val_auc
     best_epoch: Optional[int] = None
     threshold_rule: str = "fixed"  # how the threshold was chosen (TrainConfig.threshold_rule)
+    views: int = 0  # test-time views per film the val, test and stress-val figures were scored with
 
     def card_fields(self, plots: list[str] = ()) -> dict[str, Any]:
-        """The card fields the evaluation alone writes: the threshold it scored with, its rule, the pictures.
-        ``metrics`` (pass ``self.metrics``) and ``training.history`` are placed by the caller; labels by the registry."""
-        return {"threshold": self.threshold, "threshold_rule": self.threshold_rule, "plots": list(plots)}
+        """The card fields the evaluation alone writes: the threshold it scored with, its rule, the pictures,
+        the views. ``metrics`` (pass ``self.metrics``) and ``training.history`` are placed by the caller; labels by the registry."""
+        scored = {"views": {"count": self.views, "scored_with_views": ["val", "test", "stress_val", "threshold"],
+                            "single_pass": ["shift"]}} if self.views else {}
+        return {"threshold": self.threshold, "threshold_rule": self.threshold_rule, "plots": list(plots), **scored}
 
 
 def evaluate_model(
@@ -298,13 +301,18 @@ def evaluate_model(
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
     the shift suite when the splits carry shifted features (``ShardData.shift``), and the stress
-    val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``)."""
+    val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``).
+
+    Val, test and the stress val are scored with the test-time views the shards hold
+    (``pneumo.views.film_scores``), as every prediction of the model is; the shift suite in one pass
+    (its views would cost 24 x 16 resamplings per film: benchmarks/quality.py scores them)."""
     from pneumo.model import predict_proba
+    from pneumo.views import film_scores
 
     predictions, scored = {}, {}
     for split, data in splits.items():
         y = np.asarray(data.labels).astype(int)
-        p = predict_proba(state_dict, data.features)
+        p = film_scores(lambda rows: predict_proba(state_dict, rows), data.features, getattr(data, "views", None))
         predictions[split] = (y, p)
         scored[split] = metrics_with_ci(y, p, data.patient_ids, threshold, n_boot=n_boot, seed=seed)
     shift = {}
@@ -326,16 +334,22 @@ def evaluate_model(
             **metrics_with_ci(labels, probs, patients, threshold, n_boot=n_boot, seed=seed),
             "jitters_per_image": int(splits["val"].stress.shape[1]),
         }
-    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule)
+    views = next((data.views.shape[1] for data in splits.values() if getattr(data, "views", None) is not None), 0)
+    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule, views)
 
 
 def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``):
-    each image's jitters carry its label and patient, so the CIs resample patients as for clean val."""
+    """(labels, probabilities, patient ids) of every stress row of ``val`` (a ShardData with ``stress``),
+    each jittered film scored with its views when ``val`` holds them (``stress_views``): each image's
+    jitters carry its label and patient, so the CIs resample patients as for clean val."""
     from pneumo.model import predict_proba
+    from pneumo.views import film_scores
 
     n, jitters, n_features = val.stress.shape
-    probs = predict_proba(state_dict, val.stress.reshape(n * jitters, n_features))
+    stress_views = getattr(val, "stress_views", None)
+    if stress_views is not None:
+        stress_views = stress_views.reshape(n * jitters, stress_views.shape[2], n_features)
+    probs = film_scores(lambda rows: predict_proba(state_dict, rows), val.stress.reshape(n * jitters, n_features), stress_views)
     return np.repeat(np.asarray(val.labels).astype(int), jitters), probs, np.repeat(np.asarray(val.patient_ids), jitters)
 
 

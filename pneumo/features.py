@@ -16,12 +16,12 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from pneumo import augment, shift
+from pneumo import augment, shift, views
 from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray
 from pneumo.manifest import ImageRecord, QuarantineEntry
 from pneumo.shard_files import ShardData
-from pneumo.transform import featurize
+from pneumo.transform import Resampler, featurize
 
 # Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
 IN_MEMORY_BYTES = 64 << 20
@@ -35,6 +35,11 @@ def with_shifts(config: TransformConfig, split: str) -> bool:
 def with_stress(config: TransformConfig, split: str) -> bool:
     """Whether the images of ``split`` get stress rows (val, with the suite on)."""
     return config.shift_suite and split == "val"
+
+
+def with_views(config: TransformConfig, split: str) -> bool:
+    """Whether the images of ``split`` get their test-time views' rows (val and test, with views on)."""
+    return config.views.count > 0 and split != "train"
 
 
 def read_verified(root: Path, record: ImageRecord) -> BinaryIO:
@@ -64,9 +69,10 @@ def read_verified(root: Path, record: ImageRecord) -> BinaryIO:
 
 def featurize_record(
     data: BinaryIO, record: ImageRecord, config: TransformConfig, split: str
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, np.ndarray]]:
     """One image's rows (itself, then its renditions when it is a train image), its shift-suite
-    rows (val and test) and its stress rows (val).
+    rows (val and test), its stress rows (val), and with test-time views, its views' rows (val and
+    test: ``views``) and those of its stress rows (val: ``stress_views``).
 
     ``data`` is the file's verified bytes (``read_verified``); each decode reads it from its start.
 
@@ -74,17 +80,24 @@ def featurize_record(
     own row as always and decode again only for the shift suite (val and test).
     """
     renditions = config.renditions if split == "train" else 0
-    shifts, stress = with_shifts(config, split), with_stress(config, split)
-    if config.method != "resample" or not (renditions or shifts):
+    shifts, stress, viewed = with_shifts(config, split), with_stress(config, split), with_views(config, split)
+    if config.method != "resample" or not (renditions or shifts or viewed):
         rows = featurize(data, config)[None]
         gray = decode_gray(data, config) if shifts else None
     else:
         gray = decode_gray(data, config)
         rows = augment.rendition_features(gray, config, record.sha256, renditions)
+    view_rows = {}
+    if viewed:
+        picture = Resampler(gray, config)
+        view_rows["views"] = views.view_features(picture, config, record.sha256)
+        if stress:
+            view_rows["stress_views"] = views.jittered_view_features(picture, config, record.sha256, shift.stress_jitters(config, record.sha256))
     return (
         rows,
         shift.shift_features(gray, config, record.sha256) if shifts else None,
         shift.stress_features(gray, config, record.sha256) if stress else None,
+        view_rows,
     )
 
 
@@ -100,10 +113,13 @@ def featurize_records(
     ``progress(done, total)`` is called after every image.
     """
     features, kept, quarantine, shifted, stressed = [], [], [], [], []
+    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": []}
     for done, record in enumerate(records, start=1):
         try:
             with read_verified(root, record) as data:
-                rows, shift_rows, stress_rows = featurize_record(data, record, config, split)
+                rows, shift_rows, stress_rows, view_rows = featurize_record(data, record, config, split)
+            for name, part in view_rows.items():
+                viewed[name].append(part)
             features.append(rows)
             kept.append((record, len(rows)))
             if shift_rows is not None:
@@ -114,11 +130,12 @@ def featurize_records(
             quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
         if progress:
             progress(done, len(records))
-    return _rows(kept, features, shifted, stressed, config, split), quarantine
+    return _rows(kept, features, shifted, stressed, config, split, viewed), quarantine
 
 
 def _rows(
-    kept: list[tuple[ImageRecord, int]], features: list, shifted: list, stressed: list, config: TransformConfig, split: str
+    kept: list[tuple[ImageRecord, int]], features: list, shifted: list, stressed: list, config: TransformConfig, split: str,
+    viewed: dict[str, list[np.ndarray]],
 ) -> ShardData:
     """The kept images' rows as one table: each image, then its renditions 1..K, with its label and patient."""
     n_features = config.n_features
@@ -130,7 +147,15 @@ def _rows(
     stress = None
     if with_stress(config, split):
         stress = np.stack(stressed) if stressed else np.zeros((0, shift.STRESS_RENDITIONS, n_features), np.float32)
+    joined = {}
+    if with_views(config, split):
+        k, jitters = config.views.count, shift.STRESS_RENDITIONS
+        joined["views"] = np.stack(viewed["views"]) if viewed["views"] else np.zeros((0, k, n_features), np.float32)
+        if stress is not None:
+            joined["stress_views"] = (np.stack(viewed["stress_views"]) if viewed["stress_views"]
+                                      else np.zeros((0, jitters, k, n_features), np.float32))
     return ShardData(
+        **joined,
         features=np.concatenate(features) if features else np.zeros((0, n_features), np.float32),
         labels=np.array([r.label for r, n in kept for _ in range(n)], dtype=np.uint8),
         relpaths=[r.relpath for r, n in kept for _ in range(n)],

@@ -6,7 +6,11 @@
 
 Features are computed by ``pneumo.transform.featurize`` with the card's own
 ``config.transform``, the code path that built the training shards, so training and
-prediction cannot drift; the decision threshold is the card's ``threshold``. Cards written
+prediction cannot drift; the decision threshold is the card's ``threshold``. A film's score is
+``pneumo.views.film_scores`` over the film and the card's test-time views (``transform.views``),
+as the card's own figures were scored; ``views=0`` gives the single-pass score. Each film also
+gets its Mahalanobis distance from the training rows (the version's reference.json,
+pneumo.reference) and a warning past the card's cut-off. Cards written
 before schema_version 2 lack these and are refused with the missing field named.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,9 +34,10 @@ from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray, open_image, open_top_rows, oriented_size, read_file
 from pneumo.labels import CLASSES, LABELS
 from pneumo.manifest import is_junk
-from pneumo import onnx_model
+from pneumo import onnx_model, views
 from pneumo.onnx_model import OnnxModel
-from pneumo.transform import featurize, pool_features, render
+from pneumo.reference import Reference, distances, load_reference
+from pneumo.transform import Resampler, featurize, pool_features
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +77,7 @@ class Prediction:
     model: dict[str, str]  # {"name": ..., "version": ...}
     warnings: list[str] = field(default_factory=list)
     error: Optional[str] = None  # why the input could not be scored
+    distance: Optional[float] = None  # Mahalanobis distance from the training rows (None: no reference)
 
     @property
     def ok(self) -> bool:
@@ -80,10 +87,13 @@ class Prediction:
         return asdict(self)
 
 
-def transform_config(card: reg.CardContent) -> TransformConfig:
-    """The card's full transform config, with anything that only augments training switched off.
+def transform_config(card: reg.CardContent, views: Optional[int] = None) -> TransformConfig:
+    """The card's full transform config, with anything that only augments training switched off, and
+    ``views`` test-time views instead of the card's when given (0: the single-pass score).
     (A transform that does not fit this pneumo's TransformConfig was refused when the card was read.)"""
-    return card.config.transform.model_copy(update={"renditions": 0})  # extra augmented copies: training only
+    config = card.config.transform
+    chosen = config.views if views is None else config.views.model_copy(update={"count": int(views)})
+    return config.model_copy(update={"renditions": 0, "views": chosen})  # extra augmented copies: training only
 
 
 def check_card(card: reg.CardContent, where: str = "card") -> None:
@@ -143,6 +153,8 @@ class Predictor:
         version: str,
         max_pixels: Optional[int] = None,
         onnx: Optional[OnnxModel] = None,
+        reference: Optional[Reference] = None,
+        views: Optional[int] = None,
     ):
         where = f"{model_name} {version}"
         if not isinstance(card, reg.CardContent):  # a card built by hand: the checks of a loaded one
@@ -155,7 +167,15 @@ class Predictor:
         self.model_name, self.version = model_name, version
         self.threshold = float(card.threshold)
         self.labels = {int(k): v for k, v in (card.labels or LABELS).items()}
-        config = transform_config(card)
+        if views is not None and not 0 <= views <= 64:
+            raise ValueError(f"views must be between 0 and 64, got {views}")
+        if views and card.config.transform.method != "resample":
+            raise ValueError(f"{where} computes the seed's features ({card.config.transform.method!r}): views need 'resample'")
+        config = transform_config(card, views)
+        self.reference = reference
+        self.ood_cutoff = reference.ood_cutoff if reference is not None else None
+        if reference is not None and reference.n_features != config.n_features:
+            raise CardError(f"{where}: reference.json has {reference.n_features} features, the card's transform {config.n_features}")
         if max_pixels is not None and max_pixels < config.max_pixels:
             config = config.model_copy(update={"max_pixels": max_pixels})  # a bound only; features unchanged
         self.config = config
@@ -181,13 +201,15 @@ class Predictor:
         *,
         max_pixels: Optional[int] = None,
         runtime: str = "auto",
+        views: Optional[int] = None,
     ) -> Predictor:
         """Load ``version`` (or the version ``alias`` points at) from a local or s3:// registry.
 
         ``runtime`` "auto" uses model.onnx on onnxruntime when the version has one and
         onnxruntime is installed, else model.pt on torch; "torch" always uses model.pt.
         Either file is checked against the card's sha256 (when the card records one);
-        model.pt is loaded with ``weights_only=True``.
+        model.pt is loaded with ``weights_only=True``; so is reference.json when the version has one.
+        ``views`` replaces the card's number of test-time views (0: the single-pass score).
         """
         if runtime not in ("auto", "torch"):
             raise ValueError(f"invalid runtime {runtime!r}: choose auto or torch")
@@ -198,20 +220,21 @@ class Predictor:
             raise CardError(f"refusing to load {model_name} {version}: {error}") from None
         check_card(card, f"{model_name} {version}")
         try:
-            onnx = None
+            onnx, options = None, {"max_pixels": max_pixels, "views": views,
+                                   "reference": load_reference(registry, model_name, version, card)}
             if runtime == "auto" and onnx_model.ONNX_NAME in card.files and onnx_model.available():
                 onnx = OnnxModel(reg.read_verified(registry, model_name, version, onnx_model.ONNX_NAME, card))
             if onnx is not None:
                 # model.pt is checked too: a version whose files differ from its card is refused, whichever runs.
                 reg.read_verified(registry, model_name, version, "model.pt", card)
-                return cls(None, card, model_name=model_name, version=version, max_pixels=max_pixels, onnx=onnx)
+                return cls(None, card, model_name=model_name, version=version, onnx=onnx, **options)
             state_dict = reg.load_state_dict(registry, model_name, version)
         except reg.CorruptModel as error:
             raise CardError(
                 f"{model_name} {version}: a file does not match the sha256, size or shape in its card; "
                 f"refusing to load it ({error})"
             ) from None
-        return cls(state_dict, card, model_name=model_name, version=version, max_pixels=max_pixels)
+        return cls(state_dict, card, model_name=model_name, version=version, **options)
 
     @property
     def model(self) -> dict[str, str]:
@@ -228,6 +251,8 @@ class Predictor:
             "created_at": card.created_at,
             "schema_version": card.schema_version,
             "transform": self.config.model_dump(mode="json"),
+            "views": self.config.views.count,
+            "ood_cutoff": self.ood_cutoff,
             "metrics": {
                 split: {k: v for k, v in (card.metrics.get(split) or {}).items() if not isinstance(v, (dict, list))}
                 for split in ("val", "test")
@@ -236,19 +261,37 @@ class Predictor:
 
     def features(self, data: bytes) -> tuple[np.ndarray, list[str]]:
         """The image's features and its out-of-distribution warnings; ImageRejected if it is no usable image."""
+        rows, warnings = self.rows(data)
+        return rows[0], warnings
+
+    def rows(self, data: bytes) -> tuple[np.ndarray, list[str]]:
+        """(1 + views, n_features): the film's row, then its test-time views' (decoded once, then
+        resampled); and its warnings, the distance from the training rows' among them."""
         if self.config.method == "resample":
             # featurize's own three steps, so that the picture's spread is seen before the
             # per-image z-score hides it (a test holds this equal to featurize).
-            canvas = render(decode_gray(data, self.config), self.config)
+            picture = Resampler(decode_gray(data, self.config), self.config)
+            canvas = picture.canvas()
             features, spread = pool_features(canvas, self.config), float(canvas.std())
+            if self.config.views.count:
+                viewed = views.view_features(picture, self.config, hashlib.sha256(data).hexdigest())
+                return np.concatenate([features[None], viewed]), self._warnings(data, spread, features)
         else:
             features = featurize(data, self.config)
             spread = float(features.std())
-        return features, self._warnings(data, spread)
+        return features[None], self._warnings(data, spread, features)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of rows of features: model.onnx on onnxruntime, or model.predict_proba."""
         return self.network(features)
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """Scores of films from their ``rows`` ((n, 1 + views, n_features)): pneumo.views.film_scores, as the card's."""
+        return views.film_scores(self.probabilities, rows[:, 0], rows[:, 1:])
+
+    def distance(self, features: np.ndarray) -> Optional[float]:
+        """The film's Mahalanobis distance from the training rows, or None without a reference."""
+        return None if self.reference is None else float(distances(self.reference, features)[0])
 
     def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""
@@ -259,8 +302,9 @@ class Predictor:
             try:
                 if isinstance(data, Exception):
                     raise data
-                features, prediction.warnings = self.features(data)
-                rows.append(features)
+                film, prediction.warnings = self.rows(data)
+                prediction.distance = self.distance(film[0])
+                rows.append(film)
                 names.append(len(results))
             except (ImageRejected, OSError) as error:
                 prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
@@ -268,14 +312,15 @@ class Predictor:
                 prediction.error = f"unreadable image ({type(error).__name__}: {error})"
             results.append(prediction)
         if rows:
-            for at, probability in zip(names, self.probabilities(np.stack(rows)).tolist()):
+            for at, probability in zip(names, self.scores(np.stack(rows)).tolist()):
                 results[at].probability = probability
                 results[at].label = self.labels[int(probability >= self.threshold)]
         return results
 
-    def _warnings(self, data: bytes, spread: float) -> list[str]:
+    def _warnings(self, data: bytes, spread: float, features: np.ndarray) -> list[str]:
         """Why the image looks unlike the training X-rays: a header read, the picture's spread
-        (of its features, or of the resampled crop), and for colour images a tiny decode."""
+        (of its features, or of the resampled crop), for colour images a tiny decode, and the
+        features' distance from the training rows."""
         out = []
         with open_image(io.BytesIO(data)) as image:
             width, height = oriented_size(image)
@@ -291,6 +336,10 @@ class Predictor:
                     out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")
         if spread < BLANK_SPREAD:
             out.append(f"nearly blank: the picture barely varies (std {spread:.3f} on a 0-1 scale)")
+        distance = self.distance(features)
+        if distance is not None and distance > self.ood_cutoff:
+            out.append(f"out of distribution: unlike the training films (distance {distance:.1f}, cut-off "
+                       f"{self.ood_cutoff:.1f}); the score means little")
         return out
 
 
@@ -403,6 +452,7 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
             "label": p.label,
             "threshold": p.threshold,
             "warnings": "; ".join(p.warnings),
+            "distance": p.distance,
             "true_label": None if image.label is None else CLASSES[image.label],
             "error": p.error,
         }
@@ -410,7 +460,7 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
     ]
 
 
-PREDICTION_COLUMNS = ("relpath", "probability", "label", "threshold", "warnings", "true_label")
+PREDICTION_COLUMNS = ("relpath", "probability", "label", "threshold", "warnings", "true_label", "distance")
 
 
 # A cell starting with one of these is a formula to a spreadsheet (=HYPERLINK(...), +cmd|...).
@@ -440,5 +490,6 @@ def predictions_csv(rows: list[dict[str, Any]]) -> bytes:
                 "warnings": safe_cell(row["warnings"]),
                 "probability": f"{row['probability']:.6f}",
                 "true_label": row["true_label"] or "",
+                "distance": "" if row.get("distance") is None else f"{row['distance']:.2f}",
             })
     return buffer.getvalue().encode()

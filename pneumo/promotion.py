@@ -19,6 +19,7 @@ from pneumo.evaluate import format_metric, metrics
 from pneumo.model import predict_proba
 from pneumo.config import SplitConfig, TransformConfig
 from pneumo.evaluate import stress_predictions
+from pneumo.views import film_scores
 from pneumo.names import CHAMPION_METRICS, metric_label
 from pneumo.registry import CHAMPION, BrokenAlias, Card, CorruptModel
 
@@ -88,7 +89,8 @@ def champion_val_metrics(
         return comparable(card.metrics), f"champion's card ({where}, features computed differently)"
     val = shard_files.load_split(index_uri, "val")
     threshold = card.decision_threshold
-    scores = metrics(val.labels, predict_proba(state_dict, val.features), threshold)
+    # The same rows and views as the champion's own scoring (row settings include the views).
+    scores = metrics(val.labels, film_scores(lambda rows: predict_proba(state_dict, rows), val.features, val.views), threshold)
     if val.stress is None:
         return scores, "re-scored on this run's val split"
     labels, probs, _ = stress_predictions(state_dict, val)

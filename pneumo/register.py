@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from pneumo import evaluate, plots, promotion, registry, report, shard_files, train
+from pneumo import evaluate, plots, promotion, reference, registry, report, shard_files, train
 from pneumo.config import TrainConfig
 from pneumo.names import DEFAULT_CHAMPION_METRIC
 
@@ -48,6 +48,21 @@ class Scored:
     evaluation: evaluate.Evaluation
     warnings: list[str]  # splits too small to trust
     pictures: dict[str, bytes]
+    reference: Optional[reference.Reference] = None  # the training rows in brief: stored as reference.json
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """The files registered beside model.pt: the pictures and reference.json."""
+        stored = {} if self.reference is None else {reference.REFERENCE_NAME: self.reference.to_json()}
+        return {**self.pictures, **stored}
+
+    def reference_fields(self) -> dict[str, Any]:
+        """The card's ``ood``: where the reference is and the distance past which a film is flagged."""
+        if self.reference is None:
+            return {}
+        ref = self.reference
+        return {"ood": {"file": reference.REFERENCE_NAME, "cutoff": ref.ood_cutoff, "quantile": ref.cutoff_quantile,
+                        "n_rows": ref.n_rows, "distance": "Mahalanobis, Ledoit-Wolf covariance of the training rows"}}
 
     @property
     def training(self) -> dict[str, Any]:
@@ -113,7 +128,10 @@ def train_and_score(
     for warning in warnings:
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
-    return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation))
+    ref = reference.build(data["train"].features, evaluation.predictions["val"][1])
+    logger.info("out-of-distribution cut-off %.2f (Mahalanobis, %.1fth percentile of the training rows)",
+                ref.ood_cutoff, ref.cutoff_quantile)
+    return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation), ref)
 
 
 def new_card(
@@ -135,6 +153,7 @@ def new_card(
         recipe=recipe,
         warnings=scored.warnings,
         **scored.evaluation.card_fields(plots=sorted(scored.pictures)),
+        **scored.reference_fields(),
         **(card_extra or {}),
     )
 
@@ -146,9 +165,10 @@ def register_and_promote(
     """Register the version with its pictures and report, point ``latest`` at it, and put it up for champion."""
     logger = logger or log
     pictures = scored.pictures
-    # The pictures and the report are written with the version, before its card: a card never lists missing files.
+    # The pictures, the reference and the report are written with the version, before its card: a card never lists
+    # missing files, and its integrity covers them.
     version = registry.register(
-        registry_uri, model_name, scored.trained.state_dict, card, extra_files=pictures,
+        registry_uri, model_name, scored.trained.state_dict, card, extra_files=scored.files,
         render_files=lambda full_card: {report.REPORT_NAME: report.render(full_card, pictures).encode()},
     )
     registry.set_alias(registry_uri, model_name, "latest", version)

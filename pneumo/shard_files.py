@@ -13,14 +13,17 @@ Shard contract (SHARD_SCHEMA_VERSION 3):
               which follow their original (train only: val and test rows are all 0);
               val and test, with the shift suite on: shift_features float32 (n_shifts, n, n_features);
               val, with the shift suite on: stress_features float32 (n, n_jitters, n_features),
-              the stress val (pneumo.shift.stress_features: each image under random strong jitters)
+              the stress val (pneumo.shift.stress_features: each image under random strong jitters);
+              val and test, with test-time views: view_features float32 (n, n_views, n_features),
+              val, with views and the shift suite: stress_view_features float32 (n, n_jitters, n_views, n_features)
+              (pneumo.views: what the card's figures and threshold are scored with)
     attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
               manifest_digest, schema_version, split, number, start, stop,
               quarantine_json (the images of this shard that were refused, with reasons),
               shift_names (JSON list, with shift_features)
 
-Version 2 added renditions and the shift suite, version 3 the stress val; the seed recipe's
-features are unchanged.
+Version 2 added renditions and the shift suite, version 3 the stress val; the views' datasets
+are new in version 3 and only in shards of a transform with views; the seed recipe's features are unchanged.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class ShardData:
     renditions: np.ndarray | None = None  # uint8 (n,): 0 = the image itself, 1..K = its renditions
     shift: dict[str, np.ndarray] = field(default_factory=dict)  # val/test: shift name -> (n, n_features)
     stress: np.ndarray | None = None  # val: (n, n_jitters, n_features), the stress val; never trained on
+    views: np.ndarray | None = None  # val/test with test-time views: (n, n_views, n_features)
+    stress_views: np.ndarray | None = None  # val: (n, n_jitters, n_views, n_features), each stress row's views
 
     def __post_init__(self) -> None:
         if self.renditions is None:
@@ -109,6 +114,8 @@ class ShardData:
             renditions=self.renditions[keep],
             shift={name: rows[keep] for name, rows in self.shift.items()},
             stress=None if self.stress is None else self.stress[keep],
+            views=None if self.views is None else self.views[keep],
+            stress_views=None if self.stress_views is None else self.stress_views[keep],
         )
 
 
@@ -181,7 +188,7 @@ def _result(
 
 def _write_h5(
     path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None,
-    stressed=None,
+    stressed=None, views=None, stress_views=None,
 ) -> None:
     """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
     if renditions is None:
@@ -199,6 +206,9 @@ def _write_h5(
             f.attrs["shift_names"] = json.dumps(list(shift.NAMES))
         if stressed is not None:
             f.create_dataset("stress_features", data=stressed, dtype=np.float32, track_times=False)
+        for name, rows in (("view_features", views), ("stress_view_features", stress_views)):
+            if rows is not None:
+                f.create_dataset(name, data=rows, dtype=np.float32, track_times=False)
         for key, value in _spec_attrs(spec).items():
             f.attrs[key] = value
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
@@ -222,7 +232,7 @@ def write_file(spec: ShardSpec, data: ShardData, quarantine: list[QuarantineEntr
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
         _write_h5(local, spec, data.features, data.labels, data.relpaths, data.patient_ids, quarantine, data.renditions,
-                  shifted, data.stress)
+                  shifted, data.stress, data.views, data.stress_views)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
     return _result(spec, data.labels, data.renditions, sha256, quarantine)
@@ -345,6 +355,8 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     renditions=f["renditions"][:] if "renditions" in f else None,  # schema 1: no renditions
                     shift=shifted,
                     stress=f["stress_features"][:] if "stress_features" in f else None,
+                    views=f["view_features"][:] if "view_features" in f else None,
+                    stress_views=f["stress_view_features"][:] if "stress_view_features" in f else None,
                 )
         except (OSError, KeyError) as error:
             raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
@@ -364,6 +376,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     labels = np.empty(total, np.uint8)
     renditions = np.empty(total, np.uint8)
     relpaths, patient_ids, shifted, stressed = [], [], {}, []
+    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": []}
     at = 0
     for entry in entries:
         # An index names shards in its own folder; anything else is tampering.
@@ -386,6 +399,9 @@ def load_split(index_uri: str, split: str) -> ShardData:
             shifted.setdefault(name, []).append(rows)
         if shard.stress is not None:
             stressed.append(shard.stress)
+        for name, parts in viewed.items():
+            if getattr(shard, name) is not None:
+                parts.append(getattr(shard, name))
         at += n
     shifted = {name: np.concatenate(parts) for name, parts in shifted.items()}
     if shifted and any(len(rows) != total for rows in shifted.values()):
@@ -393,7 +409,10 @@ def load_split(index_uri: str, split: str) -> ShardData:
     stress = np.concatenate(stressed) if stressed else None
     if stress is not None and len(stress) != total:
         raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the stress val")
+    joined = {name: np.concatenate(parts) if parts else None for name, parts in viewed.items()}
+    if any(rows is not None and len(rows) != total for rows in joined.values()):
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the test-time views")
     return ShardData(
         features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted,
-        stress=stress,
+        stress=stress, **joined,
     )

@@ -142,10 +142,15 @@ STRESS_RENDITIONS = 10
 STRESS_STREAM = 1_000  # keeps the stress draws apart from the shift suite's per-shift generators
 
 
+def stress_jitters(config: TransformConfig, sha256: str) -> list[Rendition]:
+    """The stress val's jitters of the film with this sha256."""
+    rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), STRESS_STREAM])
+    return augment.draw(STRESS, rng, STRESS_RENDITIONS)
+
+
 def stress_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np.ndarray:
     """(STRESS_RENDITIONS, n_features): the decoded picture ``gray`` under the stress val's jitters."""
-    rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), STRESS_STREAM])
-    return augment.rendered_features(Resampler(gray, config), augment.draw(STRESS, rng, STRESS_RENDITIONS), config)
+    return augment.rendered_features(Resampler(gray, config), stress_jitters(config, sha256), config)
 
 
 def _scores(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float | None]:

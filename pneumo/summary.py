@@ -122,14 +122,16 @@ def batch_text(summary: dict[str, Any], seconds: float) -> str:
 
 
 def prediction_table(results: list[Any]) -> list[str]:
-    """`pneumo predict`'s table of Predictions: image, label, probability, warnings (or the error)."""
+    """`pneumo predict`'s table of Predictions: image, label, probability, the distance from the training
+    films (pneumo.reference; '-' for a version without one), warnings (or the error)."""
     width = max(len(p.input) for p in results)
-    lines = [f"{'image':<{width}}  {'label':<9}  probability  warnings"]
+    lines = [f"{'image':<{width}}  {'label':<9}  probability  distance  warnings"]
     for p in results:
+        distance = "-" if p.distance is None else f"{p.distance:.1f}"
         if p.ok:
-            lines.append(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {'; '.join(p.warnings)}".rstrip())
+            lines.append(f"{p.input:<{width}}  {p.label:<9}  {p.probability:11.4f}  {distance:>8}  {'; '.join(p.warnings)}".rstrip())
         else:
-            lines.append(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  error: {p.error}")
+            lines.append(f"{p.input:<{width}}  {'-':<9}  {'-':>11}  {'-':>8}  error: {p.error}")
     return lines
 
 

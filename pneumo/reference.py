@@ -1,0 +1,148 @@
+"""The training rows' features in brief: how far a new film lies from them, and their quantiles.
+
+A ``Reference`` is built at registration from the rows the version was trained on (every
+train film and its renditions) and stored beside the model as ``reference.json``, listed in
+the card's ``files`` like model.pt, so the card's integrity covers it (``load_reference``).
+
+- ``distances``: the Mahalanobis distance of rows of features from the training rows' mean,
+  under a shrunk covariance (scikit-learn's Ledoit-Wolf: 140 features z-scored per image
+  make the plain covariance nearly singular). ``ood_cutoff`` is the 99.9th percentile of the
+  training rows' own distances: a film beyond it is unlike every film the model learned
+  from (a page of text, noise, a plain gradient), and prediction says so (pneumo.predict).
+- ``feature_quantiles`` and ``score_quantiles``: the 0, 5, ..., 100 % quantiles of each
+  feature over the training rows and of the val scores, for drift checks.
+
+JSON only, never pickle. The precision matrix is stored as its upper triangle, scaled by
+its diagonal to [-1, 1] and rounded to int16 (base64), which keeps the file under 50 KB; the
+rounding moves a distance by under 0.5 % (0.2 % at most on the shared data; tests/code/test_reference.py),
+and the cut-off is computed with the stored matrix, as prediction uses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+REFERENCE_NAME = "reference.json"  # its file name in a version's folder
+SCHEMA_VERSION = 1
+CUTOFF_QUANTILE = 99.9  # percent of the training rows inside the cut-off
+QUANTILE_LEVELS = tuple(range(0, 101, 5))  # percent: 21 levels
+# Rows the covariance and the quantiles are computed on: a random subset beyond (a 140 x 140 matrix
+# is settled long before; 191,000 rows of robust4 would take ~15 s). The cut-off uses every row.
+MAX_FIT_ROWS = 50_000
+_INT16 = 32767
+
+
+class Reference(BaseModel):
+    """The training rows' features: mean, shrunk precision, distance cut-off, quantiles."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    n_rows: int = Field(ge=1, description="Training rows it was built from")
+    mean: list[float]
+    precision: list[list[float]] = Field(description="Inverse of the Ledoit-Wolf covariance")
+    ood_cutoff: float = Field(gt=0, description=f"The {CUTOFF_QUANTILE}th percentile of the training rows' distances")
+    cutoff_quantile: float = CUTOFF_QUANTILE
+    quantile_levels: list[int] = list(QUANTILE_LEVELS)
+    feature_quantiles: list[list[float]] = Field(
+        description="feature_quantiles[q][f]: quantile level quantile_levels[q] of feature f over the training rows"
+    )
+    score_quantiles: Optional[list[float]] = Field(None, description="The val scores' quantiles at quantile_levels")
+
+    @field_serializer("precision", when_used="json")
+    def _packed(self, precision: list[list[float]]) -> dict[str, Any]:
+        matrix = np.asarray(precision, dtype=np.float64)
+        scale = np.sqrt(np.diag(matrix))
+        normalized = matrix / np.outer(scale, scale)  # |entries| <= 1 for a positive definite matrix
+        upper = np.round(np.clip(normalized[np.triu_indices(len(matrix))], -1, 1) * _INT16).astype("<i2")
+        return {"scale": [float(f"{v:.7g}") for v in scale], "upper_int16_base64": base64.b64encode(upper.tobytes()).decode()}
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _unpacked(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        scale = np.asarray(value["scale"], dtype=np.float64)
+        n = len(scale)
+        upper = np.frombuffer(base64.b64decode(value["upper_int16_base64"], validate=True), dtype="<i2")
+        if len(upper) != n * (n + 1) // 2:
+            raise ValueError(f"precision holds {len(upper)} values, not the {n * (n + 1) // 2} of a {n} x {n} triangle")
+        normalized = np.zeros((n, n))
+        normalized[np.triu_indices(n)] = upper / _INT16
+        normalized = normalized + np.triu(normalized, 1).T
+        return (normalized * np.outer(scale, scale)).tolist()
+
+    @field_validator("feature_quantiles", "precision")
+    @classmethod
+    def _finite(cls, value: list[list[float]]) -> list[list[float]]:
+        if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+            raise ValueError("holds values that are not finite")
+        return value
+
+    @property
+    def n_features(self) -> int:
+        return len(self.mean)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Reference":
+        """The reference of ``to_json``'s bytes; pydantic's ValidationError (a ValueError) when they are not one."""
+        return cls.model_validate_json(data)
+
+
+def _rounded(values: np.ndarray, decimals: int = 4) -> list:
+    return np.round(np.asarray(values, dtype=np.float64), decimals).tolist()
+
+
+def build(train_features: np.ndarray, val_scores: Optional[np.ndarray] = None, *, seed: int = 0) -> Reference:
+    """The reference of ``train_features`` (rows x features), with the quantiles of ``val_scores`` if given."""
+    from sklearn.covariance import LedoitWolf  # here: prediction reads a reference without scikit-learn
+
+    X = np.asarray(train_features, dtype=np.float64)
+    if X.ndim != 2 or len(X) < 2:
+        raise ValueError(f"need at least two rows of features, got an array of shape {X.shape}")
+    fit_rows = X if len(X) <= MAX_FIT_ROWS else X[np.random.default_rng(seed).choice(len(X), MAX_FIT_ROWS, replace=False)]
+    covariance = LedoitWolf(assume_centered=False).fit(fit_rows).covariance_
+    reference = Reference(
+        n_rows=len(X),
+        mean=_rounded(X.mean(axis=0), 6),
+        precision=np.linalg.inv(covariance).tolist(),
+        ood_cutoff=1.0,  # set below, from the stored (rounded) precision: what prediction will use
+        feature_quantiles=_rounded(np.percentile(fit_rows, QUANTILE_LEVELS, axis=0), 3),
+        score_quantiles=None if val_scores is None else _rounded(np.percentile(np.asarray(val_scores, float), QUANTILE_LEVELS), 6),
+    )
+    stored = Reference.from_json(reference.to_json())
+    cutoff = float(np.percentile(distances(stored, X), CUTOFF_QUANTILE))
+    return stored.model_copy(update={"ood_cutoff": round(cutoff, 4)})
+
+
+def distances(ref: Reference, X: np.ndarray) -> np.ndarray:
+    """The Mahalanobis distance of each row of ``X`` (or of one row) from the training rows."""
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if X.shape[1] != ref.n_features:
+        raise ValueError(f"rows have {X.shape[1]} features, the reference {ref.n_features}")
+    centred = X - np.asarray(ref.mean)
+    squared = ((centred @ np.asarray(ref.precision)) * centred).sum(axis=1)  # einsum: 7x slower
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def load_reference(registry: str, model_name: str, version: str, card: Any = None) -> Optional[Reference]:
+    """The reference stored with ``version``, checked against its card's sha256; None for a version
+    registered before references existed. CorruptModel when the file differs from its card or is no reference."""
+    from pneumo import registry as reg
+
+    card = card if card is not None else reg.load_card(registry, model_name, version)
+    if REFERENCE_NAME not in (card.files or {}):
+        return None
+    data = reg.read_verified(registry, model_name, version, REFERENCE_NAME, card)
+    try:
+        return Reference.from_json(data)
+    except ValueError as error:
+        raise reg.CorruptModel(f"{model_name} {version}: {REFERENCE_NAME} is not a reference: {str(error).splitlines()[0]}") from None

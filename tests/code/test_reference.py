@@ -1,0 +1,90 @@
+"""The training rows' reference: distances, cut-off, JSON round trip, and reference.json stored with every version."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumo import reference, registry, storage
+from pneumo.reference import Reference
+
+from tests.code.test_register import CONFIG, _index
+
+
+def _rows(n=6000, draw=0) -> np.ndarray:
+    """Correlated rows, always of the same law; ``draw`` picks which rows."""
+    law = np.random.default_rng(0)
+    mixing, offset = law.normal(size=(140, 140)) / 12, law.normal(size=140)
+    return (np.random.default_rng([1, draw]).normal(size=(n, 140)) @ mixing + offset).astype(np.float32)
+
+
+def test_distances_flag_what_lies_far_from_the_training_rows_and_the_json_is_small():
+    X = _rows()
+    ref = reference.build(X, val_scores=np.linspace(0, 1, 101))
+    inside = reference.distances(ref, X)
+    assert 0.0005 <= (inside > ref.ood_cutoff).mean() <= 0.002  # the 99.9th percentile of the training rows
+    fresh = reference.distances(ref, _rows(2000, draw=1))  # the same law: as rarely flagged
+    assert (fresh > ref.ood_cutoff).mean() <= 0.01
+    far = reference.distances(ref, X[:50] + 3 * np.std(X, axis=0))
+    assert (far > ref.ood_cutoff).all()
+    # The stored (int16-packed) precision moves a distance by well under 1 % against the exact one.
+    from sklearn.covariance import LedoitWolf
+
+    exact = LedoitWolf().fit(X.astype(np.float64))
+    centred = X[:500] - X.mean(axis=0)
+    want = np.sqrt(((centred @ np.linalg.inv(exact.covariance_)) * centred).sum(axis=1))
+    np.testing.assert_allclose(reference.distances(ref, X[:500]), want, rtol=5e-3)
+    data = ref.to_json()
+    assert len(data) < 50_000 and b"pickle" not in data
+    again = Reference.from_json(data)
+    assert again == ref and again.to_json() == data  # stable through a round trip
+    assert len(ref.feature_quantiles) == 21 and len(ref.feature_quantiles[0]) == 140
+    assert ref.score_quantiles[0] == 0.0 and ref.score_quantiles[-1] == 1.0 and ref.n_rows == 6000
+    np.testing.assert_allclose(ref.feature_quantiles[10], np.median(X, axis=0), atol=0.05)
+
+
+def test_a_reference_that_is_not_one_is_refused():
+    data = json.loads(reference.build(_rows(500)).to_json())
+    data["precision"]["upper_int16_base64"] = data["precision"]["upper_int16_base64"][:-8]
+    with pytest.raises(ValueError, match="precision"):
+        Reference.from_json(json.dumps(data).encode())
+    with pytest.raises(ValueError, match="shape"):
+        reference.build(np.zeros((1, 140)))
+
+
+def test_reference_json_is_stored_with_every_version_and_covered_by_the_card(tmp_path):
+    from pneumo import register
+    from pneumo.shard_files import load_split
+
+    index_uri = _index(tmp_path)
+    reg = str(tmp_path / "reg")
+    register.train_evaluate_register(index_uri, "d" * 64, CONFIG, reg, "tinynet", recipe="seed")
+    card = registry.load_card(reg, "tinynet", "v0001")
+    assert reference.REFERENCE_NAME in card.files
+    ref = reference.load_reference(reg, "tinynet", "v0001")
+    assert ref.n_rows == len(load_split(index_uri, "train").features)
+    assert card.as_json()["ood"]["cutoff"] == ref.ood_cutoff
+    assert len(ref.score_quantiles) == 21
+    registry.verify_version(reg, "tinynet", "v0001")  # every listed file, reference.json included
+    # Changed on disk: refused, as model.pt would be.
+    path = storage.join(reg, "tinynet", "v0001", reference.REFERENCE_NAME)
+    stored = json.loads(storage.read_bytes(path))
+    stored["ood_cutoff"] = 1e9
+    storage.delete(path)
+    storage.write_bytes(path, json.dumps(stored).encode())
+    with pytest.raises(registry.CorruptModel, match="reference.json is corrupt"):
+        reference.load_reference(reg, "tinynet", "v0001")
+
+
+def test_a_version_registered_before_references_has_none(tmp_path):
+    import torch
+
+    from pneumo.model import TinyNet
+
+    reg = str(tmp_path / "reg")
+    card = {"schema_version": 2, "metrics": {"val": {}}, "threshold": 0.5}
+    registry.register(reg, "tinynet", {k: v.clone() for k, v in TinyNet(140).state_dict().items()}, card)
+    assert reference.load_reference(reg, "tinynet", "v0001") is None
+    del torch
