@@ -15,6 +15,7 @@ from pneumo import download, pool, predict, storage, workdir as layout
 from pneumo.config import BatchOptions
 from pneumo.manifest import QuarantineEntry
 from pneumo.summary import predict_outcome
+from tasks.drift import check_batch
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
 from tasks.reporting import publish_predictions, quarantine_artifact
@@ -59,7 +60,7 @@ def predict_batch(input: str, batch: BatchOptions = BatchOptions()) -> dict[str,
         "model": f"{model_name} {version}", "threshold": model.threshold, "input": input, "files": len(rows),
         "scored": len(scored), "quarantined": len(bad), "predicted": counts,
         "with_warnings": sum(bool(row["warnings"]) for row in scored), "predictions": uri,
-        "quarantine_report": quarantine_uri, "metrics": None,
+        "quarantine_report": quarantine_uri, "metrics": None, "drift": check_batch(scored, registry, model_name, version, input),
     }
     publish_predictions(summary, scored, model.threshold)
     outcome = predict_outcome(summary)

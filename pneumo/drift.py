@@ -27,6 +27,8 @@ same figures on every run. Power and false alarms: benchmarks/drift.py.
 
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
@@ -196,7 +198,8 @@ def check(
     names = names or [f"feature {j}" for j in range(features.shape[1])]
     ks, adjusted = feature_tests(reference, features)
     statistic, p_joint = hotelling(reference, features)
-    p_values: dict[str, Optional[float]] = {"features": float(adjusted.min()), "joint": p_joint}
+    # A reference without the films' own figures has quantiles of the renditions too: no per-feature test on them.
+    p_values: dict[str, Optional[float]] = {"features": float(adjusted.min()) if reference.n_films else None, "joint": p_joint}
     distances = references.distances(reference, features)
     figures: dict = {"distance_median": float(np.median(distances))}
     if reference.distance_quantiles is not None and reference.n_val:
@@ -230,3 +233,102 @@ def check(
 def event_payload(report: DriftReport) -> dict:
     """The statistics an event carries: small, no per-feature list."""
     return report.model_dump(mode="json", exclude={"feature_ks"})
+
+
+# --- Against a registered version (the batch flow, the retrain, `pneumo drift`) ------------------
+
+# Transform fields that change no film's features: training augmentation, the shift suite, test-time views.
+_NOT_FEATURES = {"renditions", "augment", "augment_seed", "shift_suite", "shift_seed", "views", "max_pixels"}
+
+
+@dataclass
+class Outcome:
+    """A check against ``model`` ``version``: its report, or the one line saying why there is none."""
+
+    model: str
+    version: str
+    report: Optional[DriftReport] = None
+    message: Optional[str] = None  # no verdict: why
+    picture: Optional[bytes] = None
+
+    @property
+    def verdict(self) -> Optional[str]:
+        return self.report.verdict if self.report else None
+
+    def lines(self) -> list[str]:
+        return self.report.lines() if self.report else [self.message or "no drift check"]
+
+    def record(self) -> dict:
+        """What a card, a run summary and an event keep: the verdict and the figures, without the per-feature list."""
+        base = {"against": f"{self.model} {self.version}", "verdict": self.verdict}
+        return {**base, **event_payload(self.report)} if self.report else {**base, "message": self.message}
+
+    def markdown(self, source: str) -> str:
+        """The Prefect artifact: the verdict, the figures, the picture."""
+        out = [f"# Drift: {source} against {self.model} {self.version}", "", *[f"    {line}" for line in self.lines()], ""]
+        if self.picture:
+            out += [f"![drift](data:image/png;base64,{base64.b64encode(self.picture).decode('ascii')})", ""]
+        out.append(f"`drift` when a test's p-value times the number of tests is under {DRIFT_ALPHA}, `warn` under "
+                   f"{WARN_ALPHA}; no verdict under {MIN_FILMS} films. Tests: pneumo/drift.py.")
+        return "\n".join(out)
+
+
+def comparable(theirs: TransformConfig, ours: TransformConfig) -> bool:
+    """Whether two transforms give the same features for the same film (training-only settings aside)."""
+    return theirs.model_dump(exclude=_NOT_FEATURES) == ours.model_dump(exclude=_NOT_FEATURES)
+
+
+def check_version(
+    registry: str, model_name: str, version: str, features: np.ndarray, scores: Optional[np.ndarray] = None,
+    transform: Optional[TransformConfig] = None, picture: bool = True,
+) -> Outcome:
+    """``features`` (and ``scores``, the version's own) checked against the version's reference.
+
+    ``transform`` is the one that made ``features`` when it is not the version's own (a retrain's
+    new data): the check needs the same features. No reference, or another transform: an Outcome
+    with the one line that says so."""
+    from pneumo import plots, registry as reg
+    from pneumo.reference import load_reference
+
+    card = reg.load_card(registry, model_name, version)
+    outcome = Outcome(model_name, version)
+    reference = load_reference(registry, model_name, version, card)
+    own = card.config.transform if card.config else None
+    if reference is None or own is None:
+        outcome.message = _no_reference(registry, model_name, version) or f"{model_name} {version} has no transform"
+    elif transform is not None and not comparable(own, transform):
+        outcome.message = f"{model_name} {version} was trained on other features (another transform): not comparable"
+    else:
+        outcome.report = check(reference, features, scores, names=feature_names(own))
+        if picture and outcome.report.verdict != "too few films":
+            outcome.picture = plots.drift_picture(outcome.report.feature_ks, own.grid, reference.score_quantiles, scores)
+    return outcome
+
+
+def check_source(source: str, registry: str, model_name: str, version: Optional[str], workdir: str) -> Outcome:
+    """`pneumo drift`: every film of a folder (read recursively, class subfolders or not), a .zip or an
+    s3:// prefix, scored by ``version`` (default: the champion) and checked against its reference.
+    Files that are not usable images are left out of the check (the batch flow reports them)."""
+    from pneumo import download, predict, workdir as layout
+
+    version = predict.resolve_version(registry, model_name, None, version)
+    if (message := _no_reference(registry, model_name, version)) is not None:
+        return Outcome(model_name, version, message=message)
+    root = download.fetch(source, layout.downloads(layout.absolute(workdir)))
+    paths = [image.path for image in predict.list_inputs(root) if image.refused is None]
+    if not paths:
+        raise ValueError(f"no files found in {source}")
+    predictor = predict.Predictor.from_registry(registry, model_name, version=version)
+    predictions, features = predictor.predict_with_features(paths)
+    scores = np.array([p.probability for p in predictions if p.ok])
+    return check_version(registry, model_name, version, features, scores)
+
+
+def _no_reference(registry: str, model_name: str, version: str) -> Optional[str]:
+    from pneumo import registry as reg
+    from pneumo.reference import REFERENCE_NAME
+
+    card = reg.load_card(registry, model_name, version)
+    if REFERENCE_NAME in (card.files or {}):
+        return None
+    return f"{model_name} {version} has no reference (registered before drift checks): nothing to compare with"

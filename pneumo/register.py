@@ -128,7 +128,9 @@ def train_and_score(
     for warning in warnings:
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
-    ref = reference.build(data["train"].features, evaluation.predictions["val"][1])
+    train_rows = data["train"]  # the films and their renditions; drift compares new films with the films alone
+    ref = reference.build(train_rows.features, evaluation.predictions["val"][1],
+                          films=train_rows.features[train_rows.renditions == 0], val_features=data["val"].features)
     logger.info("out-of-distribution cut-off %.2f (Mahalanobis, %.1fth percentile of the training rows)",
                 ref.ood_cutoff, ref.cutoff_quantile)
     return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation), ref)

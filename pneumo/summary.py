@@ -7,7 +7,7 @@ split, and where the run's files are. A batch run's is the batch flow's.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from pneumo import registry as reg
 from pneumo import storage
@@ -106,14 +106,22 @@ def predict_outcome(summary: dict[str, Any]) -> str:
             f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
-    return line
+    return line + drift_words(summary.get("drift"), "; drift ")
+
+
+def drift_words(record: Optional[dict[str, Any]], lead: str) -> str:
+    """A drift check's record (pneumo.drift.Outcome.record) in a few words, after ``lead``; '' without one."""
+    if not record:
+        return ""
+    return lead + (f"{record['verdict']} (against {record['against']})" if record.get("verdict") else record.get("message", ""))
 
 
 def batch_text(summary: dict[str, Any], seconds: float) -> str:
     """The closing lines of `pneumo predict-batch`."""
     text = (f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
             f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
-            f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+            f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}"
+            + drift_words(summary.get("drift"), "\n  drift        "))
     if summary["metrics"]:
         shown = {k: format_metric(summary["metrics"][k]) for k in ("accuracy", "recall", "specificity", "f1", "roc_auc")}
         text += (f"\n  labelled n={summary['metrics']['n']}: accuracy {shown['accuracy']}  recall {shown['recall']}  "
