@@ -106,7 +106,7 @@ def predict_outcome(summary: dict[str, Any]) -> str:
             f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
-    return line + drift_words(summary.get("drift"), "; drift ")
+    return line + drift_words(summary.get("drift"), "; drift check: ")
 
 
 def drift_words(record: Optional[dict[str, Any]], lead: str) -> str:

@@ -33,6 +33,7 @@ def resource(model_name: str, version: str, origin: str) -> dict[str, str]:
 
 def publish(outcome: drift.Outcome, origin: str, source: str) -> None:
     """The events (when there is a verdict) and the markdown artifact of a check."""
+    from prefect.context import FlowRunContext
     from prefect.events.worker import EventsWorker
 
     if outcome.report is not None:
@@ -41,7 +42,8 @@ def publish(outcome: drift.Outcome, origin: str, source: str) -> None:
         emit_event(event=CHECKED, resource=where, payload=payload)
         if outcome.verdict == "drift":
             emit_event(event=DETECTED, resource=where, payload=payload)
-        EventsWorker.drain_all()  # sent before a short-lived command exits
+        if FlowRunContext.get() is None:  # `pneumo drift`: sent before the command exits (a run sends them as it ends)
+            EventsWorker.drain_all()
     create_markdown_artifact(key="drift-check", markdown=outcome.markdown(source),
                              description=f"verdict: {outcome.verdict or outcome.message}")
 
