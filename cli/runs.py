@@ -4,14 +4,14 @@ PREFECT_API_URL or else the local server; `pneumo server`: that server's start, 
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import cyclopts
 from cyclopts import Parameter
 
 from cli import runtime
 from cli.models import fail
+from pneumo.summary import run_list_lines, run_show_lines
 
 FLOWS = ("pneumo-full", "pneumo-predict")  # every @flow of flows/
 SUMMARY_KEYS = ("run-summary", "predict-counts")  # the artifact that sums up a run of each flow
@@ -60,57 +60,6 @@ def find(which: str, api: str) -> tuple[str, Any, list[Any]]:
     return flow, run, sorted(artifacts, key=lambda artifact: artifact.created)
 
 
-def _when(moment: Optional[datetime]) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def _state(run: Any) -> str:
-    return run.state.name if run.state else "-"
-
-
-def list_lines(runs: list[tuple[str, Any]]) -> list[str]:
-    """A table: start, flow, state, run name and id, then the state message (what the run did)."""
-    lines = [f"{'started':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  message"]
-    for flow, run in runs:
-        message = " ".join((run.state.message or "").split()) if run.state else ""
-        lines.append(f"{_when(run.start_time or run.expected_start_time):<19}  {flow:<14}  {_state(run):<9}  {str(run.id):<36}  {message}")
-    return lines
-
-
-def show_lines(flow: str, run: Any, artifacts: list[Any], api: str) -> list[str]:
-    """One run: its state and message, duration, link, and the summary artifact (version, metrics, files)."""
-    seconds = run.total_run_time.total_seconds() if run.total_run_time else None
-    lines = [
-        f"{flow} run {run.name} ({run.id})",
-        f"  state      {_state(run)}" + (f" after {seconds:.0f} s" if seconds is not None else ""),
-        f"  started    {_when(run.start_time)}",
-        f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
-    ]
-    lines.append(f"  UI         {runtime.run_page(api, run.id)}")
-    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
-    summary = next((by_key[key] for key in SUMMARY_KEYS if key in by_key), None)
-    if summary is not None:
-        lines += ["", f"{summary.key}:", _as_text(summary.data)]
-    others = [key for key in by_key if summary is None or key != summary.key]
-    if others:
-        lines += ["", "artifacts: " + ", ".join(others)]
-    return lines
-
-
-def _as_text(data: Any) -> str:
-    """An artifact's data as terminal text: markdown as it is, a table's rows one per line."""
-    if isinstance(data, str) and data.lstrip().startswith("["):
-        import json
-
-        try:
-            data = json.loads(data)
-        except ValueError:
-            return data
-    if isinstance(data, list):
-        return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
-    return str(data).rstrip()
-
-
 # --------------------------------------------------------------------------- the commands
 
 
@@ -124,14 +73,15 @@ def runs_list(*, limit: Annotated[int, Parameter(help="How many runs to list, ne
         found = recent(max(limit, 1))
         if not found:
             fail(f"no runs of {', '.join(FLOWS)} on {api} yet", code=1)
-        print("\n".join(list_lines(found)))
+        print("\n".join(run_list_lines(found)))
 
 
 @runs.command(name="show")
 def runs_show(run: Annotated[str, Parameter(help="'last' (the newest run), or a flow-run id from `pneumo runs`.")] = "last", /) -> None:
     """One run: state and message, duration, UI link, and its summary (version, metrics, files)."""
     with runtime.prefect_api(start=False) as api:
-        print("\n".join(show_lines(*find(run, api), api)))
+        flow, found, artifacts = find(run, api)
+        print("\n".join(run_show_lines(flow, found, artifacts, runtime.run_page(api, found.id), SUMMARY_KEYS)))
 
 
 server = cyclopts.App(name="server", help="The local Prefect server that `pneumo run` uses when PREFECT_API_URL is not set.")

@@ -7,6 +7,7 @@ split, and where the run's files are. A batch run's is the batch flow's.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Optional
 
 from pneumo import registry as reg
@@ -204,3 +205,56 @@ def card_lines(card: reg.Card, registry: str, model_name: str, aliases: list[str
     else:
         lines.append("  report      none (registered before reports were written)")
     return lines
+
+
+# --------------------------------------------------------------------------- Prefect runs, as `pneumo runs` shows them
+
+
+def _run_time(moment: Optional[datetime]) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _run_state(run: Any) -> str:
+    return run.state.name if run.state else "-"
+
+
+def run_list_lines(runs: list[tuple[str, Any]]) -> list[str]:
+    """`pneumo runs`: (flow name, Prefect flow run) pairs as a table: start, flow, state, id, then the state message."""
+    lines = [f"{'started':<19}  {'flow':<14}  {'state':<9}  {'id':<36}  message"]
+    for flow, run in runs:
+        message = " ".join((run.state.message or "").split()) if run.state else ""
+        lines.append(f"{_run_time(run.start_time or run.expected_start_time):<19}  {flow:<14}  {_run_state(run):<9}  {str(run.id):<36}  {message}")
+    return lines
+
+
+def run_show_lines(flow: str, run: Any, artifacts: list[Any], page: str, summary_keys: tuple[str, ...]) -> list[str]:
+    """`pneumo runs show`: one Prefect flow run, its state and message, duration, UI ``page``, and the first of its
+    ``summary_keys`` artifacts (version, metrics, files)."""
+    seconds = run.total_run_time.total_seconds() if run.total_run_time else None
+    lines = [
+        f"{flow} run {run.name} ({run.id})",
+        f"  state      {_run_state(run)}" + (f" after {seconds:.0f} s" if seconds is not None else ""),
+        f"  started    {_run_time(run.start_time)}",
+        f"  message    {' '.join((run.state.message or '-').split()) if run.state else '-'}",
+    ]
+    lines.append(f"  UI         {page}")
+    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}  # the latest of each key
+    summary = next((by_key[key] for key in summary_keys if key in by_key), None)
+    if summary is not None:
+        lines += ["", f"{summary.key}:", _artifact_text(summary.data)]
+    others = [key for key in by_key if summary is None or key != summary.key]
+    if others:
+        lines += ["", "artifacts: " + ", ".join(others)]
+    return lines
+
+
+def _artifact_text(data: Any) -> str:
+    """An artifact's data as terminal text: markdown as it is, a table's rows one per line."""
+    if isinstance(data, str) and data.lstrip().startswith("["):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return data
+    if isinstance(data, list):
+        return "\n".join("  " + ", ".join(f"{key} {value}" for key, value in row.items()) for row in data)
+    return str(data).rstrip()
