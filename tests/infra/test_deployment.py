@@ -116,12 +116,20 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
     env, _, _, _ = two_runs
     listed = prefect(env, "deployment", "ls").stdout
     assert "pneumo-full/on-demand" in listed and "pneumo-full/scheduled-retrain" in listed
-    scheduled = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/scheduled-retrain", "-o", "json").stdout)
-    [schedule] = scheduled["schedules"]
-    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
-    assert schedule["active"] is True
-    assert "run" not in scheduled["parameters"] and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
-    assert scheduled["work_pool_name"] == "pneumo"
+    # Read with the client: `prefect deployment inspect -o json` (Prefect 3.9.1) cannot print a deployment with a
+    # trigger (its automation holds a set, which its JSON encoder refuses).
+    scheduled, automations = read_from_stack(env, lambda client: (
+        deployment := client.read_deployment_by_name("pneumo-full/scheduled-retrain"),
+        client.read_resource_related_automations(f"prefect.deployment.{deployment.id}"),
+    ))
+    [schedule] = scheduled.schedules
+    assert schedule.schedule.cron == "0 3 * * 1" and schedule.schedule.timezone == "UTC" and schedule.active is True
+    assert "run" not in scheduled.parameters and scheduled.parameters["workdir"] == env["PNEUMO_WORKDIR"]
+    assert scheduled.work_pool_name == "pneumo"
+    # Its drift trigger: pneumo.drift.detected of a batch or of `pneumo drift` starts a retrain.
+    [automation] = automations
+    assert automation.trigger.expect == {"pneumo.drift.detected"} and automation.enabled
+    assert automation.trigger.match.model_dump()["pneumo.drift.origin"] == ["batch", "command"]
     on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
     assert on_demand["schedules"] == [] and "run" not in on_demand["parameters"]
     pool = json.loads(prefect(env, "work-pool", "inspect", "pneumo", "-o", "json").stdout)
