@@ -2,7 +2,8 @@
 
 On the shared data, carved by patient as the pipeline carves it (pneumo.splits): train a
 TinyNet on the train films and their renditions, build the version's reference as
-registration does (pneumo.reference.build), then draw batches from the carved test split:
+registration does (pneumo.reference.build: the train films' own rows, the val films' scores
+and distances), then draw batches from the carved test split:
 
 - same period: test films as they are: ``drift`` should be raised in at most 5 % of the draws;
 - the shift suite (pneumo.shift, stored in the test shards: stretches, gamma, bars, blur,
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     data, transform = load_splits(args.source, args.workdir, args.renditions)
     tr, val, test = data["train"], data["val"], data["test"]
     result = train(tr.features, tr.labels, val.features, val.labels, TrainConfig(epochs=args.epochs))
-    ref = reference.build(tr.features, predict_proba(result.state_dict, val.features),
-                          films=tr.features[tr.renditions == 0], val_features=val.features)
+    ref = reference.build(tr.features[tr.renditions == 0], predict_proba(result.state_dict, val.features),  # as registration
+                          grid=transform.grid, slope_part=transform.pooling.index("mean"), val_features=val.features)
     print(f"data and model ready in {time.perf_counter() - started:.0f} s: {int((tr.renditions == 0).sum())} train films "
           f"({len(tr.labels)} rows), {len(val.labels)} val, {len(test.labels)} test; reference "
           f"{len(ref.to_json()) / 1000:.1f} kB", file=sys.stderr)

@@ -6,6 +6,8 @@
     requests/s with 8 concurrent clients (target p50 <= 15 ms).
 (3) Batch flow on the 5,840 stand-ins: wall time of `python flows/predict.py`, cold then cached.
 (4) CLI start-up: wall time of `pneumo predict one.jpeg`.
+(5) Test-time views (issue 24): ms per film of Predictor.predict on the shared 224 px films
+    for K = 0, 8, 16 views (decode once, then resample), the distance check included.
 
 Inputs are the realistic ~200 KB full-size JPEGs of benchmarks/synthesize.py, made on first use.
 
@@ -40,8 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def register_model(root: str, transform: TransformConfig) -> None:
-    """A schema-2 card with the stand-ins' own p75 transform; the weights do not matter for speed."""
+def register_model(root: str, transform: TransformConfig, reference_rows: "np.ndarray | None" = None) -> None:
+    """A schema-2 card with the stand-ins' own p75 transform; the weights do not matter for speed.
+    With ``reference_rows``, a reference.json built from them (the distance check's cost)."""
     import hashlib
     import io
 
@@ -60,8 +63,39 @@ def register_model(root: str, transform: TransformConfig) -> None:
         "files": {"model.pt": {"sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": len(buffer.getvalue())}},
         "metrics": {},
     }
-    version = registry.register(root, "tinynet", weights, card)
+    extra = {}
+    if reference_rows is not None:
+        from pneumo import reference
+
+        built = reference.build(reference_rows)
+        extra = {reference.REFERENCE_NAME: built.to_json()}
+        card["ood"] = {"file": reference.REFERENCE_NAME, "cutoff": built.ood_cutoff}
+    version = registry.register(root, "tinynet", weights, card, extra_files=extra)
     registry.set_alias(root, "tinynet", "champion", version)
+
+
+def bench_views(films: Path, recipe_name: str, counts: list[int], n: int, repeats: int) -> None:
+    """ms per film of Predictor.predict for each number of views, on ``n`` of the shared 224 px films."""
+    from pneumo.config import recipe
+
+    if not (films / "train").is_dir():
+        raise SystemExit(f"error: {films} has no train/ folder: give --films (the shared 224 px films)")
+    paths = [str(p) for p in sorted((films / "train" / "NORMAL").glob("*.jpeg"))[: n // 2]]
+    paths += [str(p) for p in sorted((films / "train" / "PNEUMONIA").glob("*.jpeg"))[: n - len(paths)]]
+    transform = recipe(recipe_name).transform.model_copy(update={"size": (224, 224)})
+    root = str(Path(tempfile.mkdtemp(prefix="pneumo-bench-views-")) / "registry")
+    register_model(root, transform, np.stack([featurize(p, transform) for p in paths]))
+    print(f"(5) test-time views, {len(paths)} shared 224 px films, recipe {recipe_name}, batches of 64, best of {repeats}:")
+    for count in counts:
+        predictor = Predictor.from_registry(root, views=count)
+        predictor.predict(paths[:20])  # warm up
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for at in range(0, len(paths), 64):
+                predictor.predict(paths[at : at + 64])
+            best = min(best, time.perf_counter() - started)
+        print(f"    K = {count:2d}: {1000 * best / len(paths):6.2f} ms per film ({predictor.runtime})")
 
 
 def bench_api(paths: list[str], predictor: Predictor, repeats: int) -> None:
@@ -176,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=500, help="images for the API benchmark")
     parser.add_argument("--requests", type=int, default=400, help="requests for the server benchmark")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--recipe", choices=["seed", "robust"], default="seed", help="the registered model's transform")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["api", "server", "flow", "cli"])
+    parser.add_argument("--recipe", choices=["seed", "robust", "robust2", "robust3", "robust4"], default="seed",
+                        help="the registered model's transform")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["api", "server", "flow", "cli", "views"])
+    parser.add_argument("--views", type=int, nargs="+", default=[0, 8, 16], help="(5): numbers of test-time views")
+    parser.add_argument("--films", type=Path, help="(5): the shared 224 px films",
+                        default=Path(os.environ.get("PNEUMO_SHARED_DATA") or REPO.parent / "shared" / "data" / "chest_xray_224"))
     args = parser.parse_args(argv)
 
+    if "views" not in args.skip:
+        bench_views(args.films, "robust4", args.views, args.images, args.repeats)
+        if set(args.skip) >= {"api", "server", "flow", "cli"}:
+            return 0
     synthesize.ensure(args.data)
     work = Path(tempfile.mkdtemp(prefix="pneumo-bench-predict-"))
     root = str(work / "registry")

@@ -38,8 +38,9 @@ def predict(
                                               show_default=False)] = None,
     version: Annotated[Optional[str], Parameter(help="Version to load, e.g. v0003, instead of an alias.")] = None,
     as_json: Annotated[AsJson, Parameter(help="One JSON object per line instead of a table.")] = False,
+    views: Annotated[Optional[int], Parameter(help="Test-time views per film instead of the card's; 0: one pass.")] = None,
 ) -> int:
-    """Score X-rays in this process: label, PNEUMONIA probability and warnings, one line per image.
+    """Score X-rays in this process: label, PNEUMONIA probability, distance from the training films and warnings.
 
     Exit code 0 when every input was scored, 1 when some could not be (each with its reason), 2 on bad usage.
     """
@@ -50,8 +51,7 @@ def predict(
     paths += [str(item) for item in inputs if not item.is_dir()]  # a missing file is reported per input
     if not paths:
         fail("no files found in " + ", ".join(map(str, inputs)))
-    predictor = _load_predictor(where, alias, version)
-    results = predictor.predict(paths)
+    results = (predictor := _load_predictor(where, alias, version, views=views)).predict(paths)
     failed = [p for p in results if not p.ok]
     print("\n".join(json.dumps(p.to_dict()) for p in results) if as_json else "\n".join(prediction_table(results)))
     for p in failed:

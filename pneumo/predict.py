@@ -37,6 +37,7 @@ from pneumo.manifest import is_junk
 from pneumo import onnx_model, views
 from pneumo.onnx_model import OnnxModel
 from pneumo.reference import Reference, distances, load_reference
+from pneumo.reference import warning as reference_warning
 from pneumo.transform import Resampler, featurize, pool_features
 
 if TYPE_CHECKING:
@@ -340,11 +341,8 @@ class Predictor:
                     out.append(f"strong colour: channels differ by {levels:.0f} gray levels on average (X-rays are gray)")
         if spread < BLANK_SPREAD:
             out.append(f"nearly blank: the picture barely varies (std {spread:.3f} on a 0-1 scale)")
-        distance = self.distance(features)
-        if distance is not None and distance > self.ood_cutoff:
-            out.append(f"out of distribution: unlike the training films (distance {distance:.1f}, cut-off "
-                       f"{self.ood_cutoff:.1f}); the score means little")
-        return out
+        ood = None if self.reference is None else reference_warning(self.reference, features)
+        return out + ([ood] if ood else [])
 
 
 def _read(item: Input) -> tuple[str, Union[bytes, Exception]]:

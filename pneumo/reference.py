@@ -1,30 +1,33 @@
 """The training rows' features in brief: how far a new film lies from them, and their quantiles.
 
-A ``Reference`` is built at registration from the rows the version was trained on (every
-train film and its renditions) and stored beside the model as ``reference.json``, listed in
-the card's ``files`` like model.pt, so the card's integrity covers it (``load_reference``).
+A ``Reference`` is built at registration from the rows of the films the version was trained on
+(each train film's own row: the renditions are synthetic, and with them in, a page of text
+fell inside the cut-off: distance 20.4 against 24.8) and stored beside the model as
+``reference.json``, listed in the card's ``files`` like model.pt, so the card's integrity
+covers it (``load_reference``).
 
 - ``distances``: the Mahalanobis distance of rows of features from the training rows' mean,
   under a shrunk covariance (scikit-learn's Ledoit-Wolf: 140 features z-scored per image
   make the plain covariance nearly singular). ``ood_cutoff`` is the 99.9th percentile of the
   training rows' own distances: a film beyond it is unlike every film the model learned
-  from (a page of text, noise, a plain gradient), and prediction says so (pneumo.predict).
+  from (a page of text, noise, blobs, an 8 x 8 picture), and prediction says so (pneumo.predict).
+- ``slopes``: how much of a row's brightness layout (its mean-pooled cells) one plain slope
+  explains (R^2 of a plane fit). The per-image z-score makes a gradient look like a film lit
+  unevenly, so its distance stays among the films' (10.6-20.8 measured); but no film is a plane
+  (R^2 at most 0.67 over the 5,216 shared films, 1.0 for a gradient). ``slope_cutoff`` is the
+  99.9th percentile of the training rows' R^2.
 - ``feature_quantiles`` and ``score_quantiles``: the 0, 5, ..., 100 % quantiles of each
-  feature over the training films and of the val scores, for drift checks (pneumo.drift).
-  The films are the train images themselves (rendition 0), not their augmented renditions:
-  a batch of new films is compared with films, and the renditions are wider by design.
-- for the drift checks too: the films' mean and shrunk precision (``film_mean``,
-  ``film_precision``: a Hotelling test of a batch's mean; the rows' precision would hide the
-  directions the renditions vary along, which are those blur and gamma move), and the val
-  films' distances (``distance_quantiles``) and share past the cut-off (``ood_share``).
-  Distances of held-out films run longer than the training rows' own, so they are the yardstick.
+  feature over the training rows and of the val scores, for drift checks (pneumo.drift).
+- for the drift checks too, from the val films (held out, so the yardstick for new films:
+  the training rows' own distances run shorter): the quantiles of their distances
+  (``distance_quantiles``) and their share past the cut-off (``ood_share``); ``n_val`` films.
+  The feature quantiles are stored as uint8 steps between each feature's minimum and maximum
+  (a KS distance moves by well under 0.01), which keeps the file well under 50 KB.
 
 JSON only, never pickle. The precision matrix is stored as its upper triangle, scaled by
-its diagonal to [-1, 1] and rounded to int16 (base64); the films' precision likewise in int8,
-and the feature quantiles as uint8 steps between each feature's minimum and maximum, which
-keeps the file under 50 KB. The rounding moves a distance by well under 0.1 %
-(tests/code/test_reference.py) and the drift figures by less than their noise
-(benchmarks/drift.py checks with the stored form).
+its diagonal to [-1, 1] and rounded to int16 (base64), which keeps the file under 50 KB; the
+rounding moves a distance by under 0.5 % (0.2 % at most on the shared data; tests/code/test_reference.py),
+and the cut-off is computed with the stored matrix, as prediction uses it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ QUANTILE_LEVELS = tuple(range(0, 101, 5))  # percent: 21 levels
 # Rows the covariance and the quantiles are computed on: a random subset beyond (a 140 x 140 matrix
 # is settled long before; 191,000 rows of robust4 would take ~15 s). The cut-off uses every row.
 MAX_FIT_ROWS = 50_000
+_INT16 = 32767
 
 
 class Reference(BaseModel):
@@ -58,34 +62,39 @@ class Reference(BaseModel):
     cutoff_quantile: float = CUTOFF_QUANTILE
     quantile_levels: list[int] = list(QUANTILE_LEVELS)
     feature_quantiles: list[list[float]] = Field(
-        description="feature_quantiles[q][f]: quantile level quantile_levels[q] of feature f over the training films"
+        description="feature_quantiles[q][f]: quantile level quantile_levels[q] of feature f over the training rows"
     )
     score_quantiles: Optional[list[float]] = Field(None, description="The val scores' quantiles at quantile_levels")
     # For pneumo.drift (None in references built before it).
-    n_films: Optional[int] = Field(None, ge=1, description="Training films (rendition 0) of feature_quantiles and film_mean")
-    film_mean: Optional[list[float]] = None
-    film_precision: Optional[list[list[float]]] = Field(None, description="Inverse of the films' Ledoit-Wolf covariance")
     n_val: Optional[int] = Field(None, ge=1, description="Val films behind score_quantiles, distance_quantiles, ood_share")
     distance_quantiles: Optional[list[float]] = Field(None, description="The val films' distances at quantile_levels")
     ood_share: Optional[float] = Field(None, ge=0, le=1, description="Share of the val films past ood_cutoff")
+    grid: Optional[tuple[int, int]] = Field(None, description="Rows and columns of a pooling part (the slope check's layout)")
+    slope_part: int = Field(0, ge=0, description="Which pooling part the slope check reads (the mean-pooled one)")
+    slope_cutoff: Optional[float] = Field(None, description=f"The {CUTOFF_QUANTILE}th percentile of the training rows' slope R^2")
 
     @field_serializer("precision", when_used="json")
     def _packed(self, precision: list[list[float]]) -> dict[str, Any]:
-        return pack_symmetric(precision, "i2", 7)
+        matrix = np.asarray(precision, dtype=np.float64)
+        scale = np.sqrt(np.diag(matrix))
+        normalized = matrix / np.outer(scale, scale)  # |entries| <= 1 for a positive definite matrix
+        upper = np.round(np.clip(normalized[np.triu_indices(len(matrix))], -1, 1) * _INT16).astype("<i2")
+        return {"scale": [float(f"{v:.7g}") for v in scale], "upper_int16_base64": base64.b64encode(upper.tobytes()).decode()}
 
     @field_validator("precision", mode="before")
     @classmethod
     def _unpacked(cls, value: Any) -> Any:
-        return unpack_symmetric(value, "i2") if isinstance(value, dict) else value
-
-    @field_serializer("film_precision", when_used="json")
-    def _packed_films(self, precision: Optional[list[list[float]]]) -> Optional[dict[str, Any]]:
-        return None if precision is None else pack_symmetric(precision, "i1", 4)
-
-    @field_validator("film_precision", mode="before")
-    @classmethod
-    def _unpacked_films(cls, value: Any) -> Any:
-        return unpack_symmetric(value, "i1") if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            return value
+        scale = np.asarray(value["scale"], dtype=np.float64)
+        n = len(scale)
+        upper = np.frombuffer(base64.b64decode(value["upper_int16_base64"], validate=True), dtype="<i2")
+        if len(upper) != n * (n + 1) // 2:
+            raise ValueError(f"precision holds {len(upper)} values, not the {n * (n + 1) // 2} of a {n} x {n} triangle")
+        normalized = np.zeros((n, n))
+        normalized[np.triu_indices(n)] = upper / _INT16
+        normalized = normalized + np.triu(normalized, 1).T
+        return (normalized * np.outer(scale, scale)).tolist()
 
     @field_serializer("feature_quantiles", when_used="json")
     def _packed_quantiles(self, quantiles: list[list[float]]) -> dict[str, Any]:
@@ -107,10 +116,10 @@ class Reference(BaseModel):
         inner = low + steps.reshape(-1, len(low)) / 255 * (high - low)
         return np.concatenate([low[None], inner, high[None]]).tolist()
 
-    @field_validator("feature_quantiles", "precision", "film_precision")
+    @field_validator("feature_quantiles", "precision")
     @classmethod
-    def _finite(cls, value: Optional[list[list[float]]]) -> Optional[list[list[float]]]:
-        if value is not None and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+    def _finite(cls, value: list[list[float]]) -> list[list[float]]:
+        if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
             raise ValueError("holds values that are not finite")
         return value
 
@@ -127,52 +136,22 @@ class Reference(BaseModel):
         return cls.model_validate_json(data)
 
 
-def pack_symmetric(matrix: Any, dtype: str, digits: int) -> dict[str, Any]:
-    """A symmetric positive definite matrix as its diagonal's square roots (``digits`` significant digits) and
-    its upper triangle above the diagonal, scaled by them to [-1, 1] (the diagonal is then 1) and rounded to the
-    integers of ``dtype`` ("i1", "i2"), base64."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    top = np.iinfo(dtype).max
-    scale = np.sqrt(np.diag(matrix))
-    upper = np.clip((matrix / np.outer(scale, scale))[np.triu_indices(len(matrix), 1)], -1, 1)
-    return {"scale": [float(f"{v:.{digits}g}") for v in scale],
-            f"upper_{np.dtype(dtype).name}_base64": base64.b64encode(np.round(upper * top).astype(dtype).tobytes()).decode()}
-
-
-def unpack_symmetric(value: dict[str, Any], dtype: str) -> list[list[float]]:
-    scale = np.asarray(value["scale"], dtype=np.float64)
-    n, top = len(scale), np.iinfo(dtype).max
-    upper = np.frombuffer(base64.b64decode(value[f"upper_{np.dtype(dtype).name}_base64"], validate=True), dtype=dtype)
-    if len(upper) != n * (n - 1) // 2:
-        raise ValueError(f"a matrix of {len(upper)} values, not the {n * (n - 1) // 2} above the diagonal of {n} x {n}")
-    normalized = np.eye(n)
-    normalized[np.triu_indices(n, 1)] = upper / top
-    normalized = normalized + np.triu(normalized, 1).T
-    return (normalized * np.outer(scale, scale)).tolist()
-
-
 def _rounded(values: np.ndarray, decimals: int = 4) -> list:
     return np.round(np.asarray(values, dtype=np.float64), decimals).tolist()
 
 
 def build(
-    train_features: np.ndarray,
-    val_scores: Optional[np.ndarray] = None,
-    *,
-    films: Optional[np.ndarray] = None,
-    val_features: Optional[np.ndarray] = None,
-    seed: int = 0,
+    train_features: np.ndarray, val_scores: Optional[np.ndarray] = None, *, grid: Optional[tuple[int, int]] = None,
+    slope_part: int = 0, val_features: Optional[np.ndarray] = None, seed: int = 0,
 ) -> Reference:
-    """The reference of ``train_features`` (rows x features), with the quantiles of ``val_scores`` if given.
-
-    ``films``: the train images' own rows (no renditions; default: ``train_features``), for the
-    drift figures; ``val_features``: the val films' rows (those of ``val_scores``), for the distances."""
+    """The reference of ``train_features`` (rows x features), with the quantiles of ``val_scores`` if given;
+    with ``grid`` (a pooling part's rows and columns; ``slope_part``: which part), the slope check too;
+    with ``val_features`` (the rows of the val films ``val_scores`` scored), the drift check's distances."""
     from sklearn.covariance import LedoitWolf  # here: prediction reads a reference without scikit-learn
 
     X = np.asarray(train_features, dtype=np.float64)
     if X.ndim != 2 or len(X) < 2:
         raise ValueError(f"need at least two rows of features, got an array of shape {X.shape}")
-    F = X if films is None else np.asarray(films, dtype=np.float64)
     fit_rows = X if len(X) <= MAX_FIT_ROWS else X[np.random.default_rng(seed).choice(len(X), MAX_FIT_ROWS, replace=False)]
     covariance = LedoitWolf(assume_centered=False).fit(fit_rows).covariance_
     reference = Reference(
@@ -180,29 +159,22 @@ def build(
         mean=_rounded(X.mean(axis=0), 6),
         precision=np.linalg.inv(covariance).tolist(),
         ood_cutoff=1.0,  # set below, from the stored (rounded) precision: what prediction will use
-        feature_quantiles=_rounded(np.percentile(F, QUANTILE_LEVELS, axis=0), 3),
+        feature_quantiles=_rounded(np.percentile(fit_rows, QUANTILE_LEVELS, axis=0), 3),
         score_quantiles=None if val_scores is None else _rounded(np.percentile(np.asarray(val_scores, float), QUANTILE_LEVELS), 6),
+        grid=grid,
+        slope_part=slope_part,
     )
     stored = Reference.from_json(reference.to_json())
-    cutoff = round(float(np.percentile(distances(stored, X), CUTOFF_QUANTILE)), 4)
-    n_val = {} if val_scores is None else {"n_val": len(val_scores)}
-    complete = stored.model_copy(update={"ood_cutoff": cutoff, **n_val, **_drift_fields(stored, F, cutoff, val_features)})
-    return Reference.from_json(complete.to_json())  # as stored: what a check will read
-
-
-def _drift_fields(ref: Reference, films: np.ndarray, cutoff: float, val_features: Optional[np.ndarray]) -> dict[str, Any]:
-    """The films' mean and precision, and the val films' distances: what pneumo.drift calibrates on."""
-    from sklearn.covariance import LedoitWolf
-
-    fields: dict[str, Any] = {
-        "n_films": len(films), "film_mean": _rounded(films.mean(axis=0), 4),
-        "film_precision": np.linalg.inv(LedoitWolf().fit(films).covariance_).tolist(),
-    }
+    cutoff = float(np.percentile(distances(stored, X), CUTOFF_QUANTILE))
+    slope = None if grid is None else round(float(np.percentile(slopes(stored, X), CUTOFF_QUANTILE)), 4)
+    update: dict[str, Any] = {"ood_cutoff": round(cutoff, 4), "slope_cutoff": slope}
+    if val_scores is not None:
+        update["n_val"] = len(val_scores)
     if val_features is not None and len(val_features):
-        d = distances(ref, val_features)
-        fields.update(n_val=len(d), distance_quantiles=_rounded(np.percentile(d, QUANTILE_LEVELS), 4),
-                      ood_share=round(float(np.mean(d > cutoff)), 6))
-    return fields
+        d = distances(stored, val_features)
+        update.update(n_val=len(d), distance_quantiles=_rounded(np.percentile(d, QUANTILE_LEVELS), 4),
+                      ood_share=round(float(np.mean(d > update["ood_cutoff"])), 6))
+    return Reference.from_json(stored.model_copy(update=update).to_json())  # as stored: what a check will read
 
 
 def distances(ref: Reference, X: np.ndarray) -> np.ndarray:
@@ -213,6 +185,34 @@ def distances(ref: Reference, X: np.ndarray) -> np.ndarray:
     centred = X - np.asarray(ref.mean)
     squared = ((centred @ np.asarray(ref.precision)) * centred).sum(axis=1)  # einsum: 7x slower
     return np.sqrt(np.maximum(squared, 0.0))
+
+
+def slopes(ref: Reference, X: np.ndarray) -> np.ndarray:
+    """R^2 of a plane fitted to each row's ``slope_part`` laid out on ``grid``: 1 for a plain gradient."""
+    if ref.grid is None:
+        raise ValueError("this reference has no grid: it was built without the slope check")
+    rows, cols = ref.grid
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    part = X[:, ref.slope_part * rows * cols : (ref.slope_part + 1) * rows * cols]
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    design = np.c_[np.ones(rows * cols), xx.ravel(), yy.ravel()]
+    fitted = part @ np.linalg.pinv(design).T @ design.T  # each row's least-squares plane
+    total = part.var(axis=1)
+    return np.where(total > 1e-12, 1 - (part - fitted).var(axis=1) / np.maximum(total, 1e-12), 0.0)
+
+
+def warning(ref: Reference, features: np.ndarray) -> Optional[str]:
+    """The out-of-distribution warning of one row of features, or None when it looks like the training films."""
+    distance = float(distances(ref, features)[0])
+    if distance > ref.ood_cutoff:
+        return (f"out of distribution: unlike the training films (distance {distance:.1f}, cut-off "
+                f"{ref.ood_cutoff:.1f}); the score means little")
+    if ref.slope_cutoff is not None:
+        slope = float(slopes(ref, features)[0])
+        if slope > ref.slope_cutoff:
+            return (f"out of distribution: its brightness is a plain slope (R^2 {slope:.2f}; the training films "
+                    f"up to {ref.slope_cutoff:.2f}); the score means little")
+    return None
 
 
 def load_reference(registry: str, model_name: str, version: str, card: Any = None) -> Optional[Reference]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict
 
 from pneumo import evaluate, plots, promotion, reference, registry, report, shard_files, train
-from pneumo.config import TrainConfig
+from pneumo.config import TrainConfig, TransformConfig
 from pneumo.names import DEFAULT_CHAMPION_METRIC
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class Scored:
             return {}
         ref = self.reference
         return {"ood": {"file": reference.REFERENCE_NAME, "cutoff": ref.ood_cutoff, "quantile": ref.cutoff_quantile,
-                        "n_rows": ref.n_rows, "distance": "Mahalanobis, Ledoit-Wolf covariance of the training rows"}}
+                        "n_rows": ref.n_rows, "slope_cutoff": ref.slope_cutoff,
+                        "distance": "Mahalanobis, Ledoit-Wolf covariance of the training films' own rows"}}
 
     @property
     def training(self) -> dict[str, Any]:
@@ -128,9 +129,10 @@ def train_and_score(
     for warning in warnings:
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
-    train_rows = data["train"]  # the films and their renditions; drift compares new films with the films alone
-    ref = reference.build(train_rows.features, evaluation.predictions["val"][1],
-                          films=train_rows.features[train_rows.renditions == 0], val_features=data["val"].features)
+    transform = TransformConfig.stored(shard_files.index_config(index_uri)["transform"])
+    ref = reference.build(data["train"].originals().features, evaluation.predictions["val"][1], grid=transform.grid,
+                          slope_part=transform.pooling.index("mean") if "mean" in transform.pooling else 0,
+                          val_features=data["val"].features)  # the drift check's yardstick (pneumo.drift)
     logger.info("out-of-distribution cut-off %.2f (Mahalanobis, %.1fth percentile of the training rows)",
                 ref.ood_cutoff, ref.cutoff_quantile)
     return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation), ref)

@@ -23,7 +23,7 @@ import numpy as np
 from pneumo import augment
 from pneumo.augment import Rendition
 from pneumo.config import AugmentConfig, TransformConfig, ViewConfig
-from pneumo.transform import Resampler
+from pneumo.transform import Resampler, pool_features
 
 VIEW_STREAM = 2_000  # keeps the views' draws apart from the renditions' and the shift suite's
 
@@ -41,11 +41,12 @@ def draw_views(views: ViewConfig, sha256: str) -> list[Rendition]:
 
 
 def view_features(picture: Resampler, config: TransformConfig, sha256: str) -> np.ndarray:
-    """(views.count, n_features): the decoded film under each of its views."""
+    """(views.count, n_features): the decoded film under each of its views (geometry only: the
+    renditions' exposure step, the identity here, would cost as much as the resampling)."""
     drawn = draw_views(config.views, sha256)
     if not drawn:
         return np.zeros((0, config.n_features), np.float32)
-    return augment.rendered_features(picture, drawn, config)
+    return pool_features(np.stack([picture.canvas(view.warp) for view in drawn]), config)
 
 
 def composed(jitter: Rendition, view: Rendition) -> Rendition:

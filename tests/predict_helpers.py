@@ -89,8 +89,7 @@ def register_with_reference(root: str, shared_data: Path, model_name: str = "tin
     paths = [p for name in ("NORMAL", "PNEUMONIA") for p in sorted((shared_data / "train" / name).iterdir())[: films // 2]]
     features = np.stack([featurize(path, TRANSFORM) for path in paths])
     weights = state_dict(1)
-    ref = reference.build(features[::2], predict_proba(weights, features[1::2]), films=features[::2],
-                          val_features=features[1::2])
+    ref = reference.build(features[::2], predict_proba(weights, features[1::2]), val_features=features[1::2])
     version = registry.register(root, model_name, weights, card(weights), extra_files={reference.REFERENCE_NAME: ref.to_json()})
     registry.set_alias(root, model_name, "champion", version)
     return version

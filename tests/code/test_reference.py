@@ -88,3 +88,19 @@ def test_a_version_registered_before_references_has_none(tmp_path):
     registry.register(reg, "tinynet", {k: v.clone() for k, v in TinyNet(140).state_dict().items()}, card)
     assert reference.load_reference(reg, "tinynet", "v0001") is None
     del torch
+
+
+def test_a_plain_slope_is_flagged_though_its_distance_is_ordinary():
+    """The per-image z-score makes a gradient look like a film lit unevenly: the slope check sees it."""
+    rng = np.random.default_rng(0)
+    rows, cols = 7, 10
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    films = rng.normal(size=(3000, 2, rows * cols)) + 0.8 * (xx.ravel() - 4.5) / 3 * rng.normal(size=(3000, 1, 1))
+    films = ((films - films.mean(axis=2, keepdims=True)) / films.std(axis=2, keepdims=True)).reshape(3000, 140)
+    ref = reference.build(films, grid=(rows, cols), slope_part=1)
+    again = Reference.from_json(ref.to_json())
+    assert again.grid == (7, 10) and again.slope_cutoff == ref.slope_cutoff < 0.9
+    ramp = np.tile(((xx - xx.mean()) / xx.std()).ravel(), 2)
+    assert reference.slopes(ref, ramp)[0] == pytest.approx(1.0)
+    assert reference.warning(ref, ramp).startswith("out of distribution: its brightness is a plain slope")
+    assert sum(reference.warning(ref, row) is not None for row in films) <= 0.004 * len(films)

@@ -1,4 +1,4 @@
-"""A default run takes the champion from a champion of the old recipe, decided on the stress val (issue 16)."""
+"""A default run takes the champion from a champion of the old recipe, decided on the stress val (issues 16, 24)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,25 @@ def _run(source: Path, workdir: Path, **options) -> dict:
     return state.result()
 
 
-def test_a_default_run_becomes_champion_over_an_old_robust_champion_on_the_stress_val(subset_source, tmp_path):
+def test_a_default_run_becomes_champion_over_an_old_robust3_champion_on_the_stress_val(subset_source, tmp_path):
     workdir = tmp_path / "workdir"
-    old = _run(subset_source, workdir, recipe="robust")
+    old = _run(subset_source, workdir, recipe="robust3")
     old_card = json.loads(Path(old["card"]).read_text())
-    assert old_card["recipe"] == "robust" and old_card["threshold"] == 0.5 and old_card["threshold_rule"] == "fixed"
+    assert old_card["recipe"] == "robust3" and old_card["threshold_rule"] == "stress_youden" and "views" not in old_card
+    assert old_card["config"]["transform"]["views"]["count"] == 0 and old_card["config"]["transform"]["renditions"] == 12
     assert registry.get_alias(str(workdir / "registry"), "tinynet", "champion") == old["version"] == "v0001"
 
     new = _run(subset_source, workdir)  # every default: recipe, champion metric
     card = json.loads(Path(new["card"]).read_text())
     comparison = card["champion_comparison"]
-    assert card["recipe"] == DEFAULT_RECIPE == "robust3"
+    assert card["recipe"] == DEFAULT_RECIPE == "robust4"
+    assert card["config"]["transform"]["views"]["count"] == 16 == card["views"]["count"]
+    assert card["config"]["transform"]["renditions"] == 48 and "reference.json" in card["files"]
     assert comparison["metric"] == "stress_roc_auc" and comparison["decided_by"] == "stress-val roc_auc"
     assert comparison["champion_version"] == "v0001" and comparison["promoted"], comparison
-    # robust3 cuts flat border bars, robust does not: the old champion cannot read this run's rows, so its
-    # card decides, and its card's stress val is this run's (same data, split and jitters).
+    # robust4 scores a film with its views, robust3 in one pass: the old champion does not compute what this
+    # run's rows are scored with, so its card decides, and its card's stress val is this run's (same data, split
+    # and jitters).
     assert comparison["basis"] == "champion's card (the same val images and stress jitters, features computed differently)"
     assert comparison["champion_value"] == pytest.approx(old_card["metrics"]["stress_val"]["roc_auc"], abs=1e-12)
     assert comparison["challenger_value"] == card["metrics"]["stress_val"]["roc_auc"] > comparison["champion_value"]

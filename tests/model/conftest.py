@@ -3,11 +3,13 @@
 How it is trained (the library's own stages, no Prefect): about 1,500 films of whole patients
 (750 per class, chosen by a hash of the patient id) copied from the shared train split; the
 manifest; the shard stage (``pneumo.shards.run``) with the default recipe's transform
-(``robust3``: flat border bars cut, 12 augmented renditions per train film, aspect jitter
-included) and the default
+(``robust4``: flat border bars cut, 48 augmented renditions per train film, aspect jitter
+included; its test-time views are the predictor's, not stored in these shards: the fixture
+scores no card) and the default
 patient-grouped split (val 10 %, test 15 % of the patients); then ``pneumo.train.train`` with
 the recipe's training config cut to 15 epochs (patience 5; the weights of epochs 11-15
-averaged) to keep the fixture short; the threshold is 0.5. The films scored by the tests
+averaged) to keep the fixture short; the threshold is 0.5; the training rows' reference
+(pneumo.reference) gives the predictor its out-of-distribution check. The films scored by the tests
 are the carved val and test films: patients the model never trained on.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo import shard_files, shards, train
+from pneumo import reference, shard_files, shards, train
 from pneumo.config import SplitConfig
 from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
@@ -60,7 +62,8 @@ def trained_model(shared_data, tmp_path_factory) -> TrainedModel:
     transform = recipe(DEFAULT_RECIPE).transform.model_copy(update={"size": (224, 224)})  # the shared films' size percentile
     split = SplitConfig()
     started = time.perf_counter()
-    index = shards.run(manifest_uri, str(root), split, transform, 1000, str(work), workers=2)
+    without_views = transform.model_copy(update={"views": transform.views.model_copy(update={"count": 0})})
+    index = shards.run(manifest_uri, str(root), split, without_views, 1000, str(work), workers=2)
     seconds["shards"] = time.perf_counter() - started
 
     data = {name: shard_files.load_split(index.uri, name) for name in ("train", "val", "test")}
@@ -69,8 +72,11 @@ def trained_model(shared_data, tmp_path_factory) -> TrainedModel:
     result = train.train(data["train"].features, data["train"].labels, data["val"].features, data["val"].labels, config)
     seconds["train"] = time.perf_counter() - started
 
+    started = time.perf_counter()
+    ref = reference.build(data["train"].originals().features, grid=transform.grid, slope_part=transform.pooling.index("mean"))
+    seconds["reference"] = time.perf_counter() - started
     predictor = Predictor(result.state_dict, card(result.state_dict, config.threshold, transform), model_name="tinynet",
-                          version="v0001")
+                          version="v0001", reference=ref)
     held_out = [(relpath, label) for name in ("val", "test")
                 for relpath, label in zip(data[name].relpaths, data[name].labels.tolist())]
     print(f"\ntests/model fixture: {len(manifest.records)} films, {len(held_out)} held out; "

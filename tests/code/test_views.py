@@ -1,0 +1,113 @@
+"""Test-time views (pneumo.views): one scoring for the card and for every user path (issue 24)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from pneumo import predict, register, registry, shard_files, shards, views
+from pneumo.config import SplitConfig, ViewConfig, recipe
+from pneumo.download import build_manifest
+from pneumo.manifest import save_manifest
+from pneumo.model import predict_proba
+from tests.helpers import run_pneumo
+
+N_FILMS = 50
+
+
+def test_a_film_always_gets_the_same_views_and_the_mean_over_them():
+    config = ViewConfig(count=16)
+    first, again = views.draw_views(config, "ab" * 32), views.draw_views(config, "ab" * 32)
+    assert first == again and first != views.draw_views(config, "cd" * 32)
+    assert views.draw_views(config.model_copy(update={"count": 4}), "ab" * 32) == first[:4]  # view n is view n
+    for view in first:  # the mild ranges: geometry only
+        assert 0.92 <= view.zoom <= 1.09 and abs(view.translate_x) <= 0.04 and abs(view.rotation) <= 4.0
+        assert abs(view.aspect) <= 0.1 and (view.gamma, view.contrast, view.brightness, view.blur) == (1.0, 1.0, 0.0, 0.0)
+    rows, extra = np.zeros((2, 3)), np.ones((2, 4, 3))
+    probability = lambda x: x[:, 0] * 0.5 + 0.25  # noqa: E731: 0.25 for the film, 0.75 for each view
+    np.testing.assert_allclose(views.film_scores(probability, rows, extra), [(0.25 + 4 * 0.75) / 5] * 2)
+    np.testing.assert_allclose(views.film_scores(probability, rows, None), [0.25, 0.25])
+    np.testing.assert_allclose(views.film_scores(probability, rows, extra[:, :0]), [0.25, 0.25])
+
+
+@pytest.fixture(scope="module")
+def registered(subset_source, tmp_path_factory):
+    """A robust4 version (2 renditions and 3 epochs, to stay quick: the views are the recipe's) registered
+    from real films; its card's scores of its val and test films, by path."""
+    work = tmp_path_factory.mktemp("views")
+    manifest = build_manifest(subset_source)
+    manifest_uri = save_manifest(manifest, str(work / "manifests"))
+    transform = recipe("robust4").transform.model_copy(update={"size": (224, 224), "renditions": 2})
+    index = shards.run(manifest_uri, str(subset_source), SplitConfig(), transform, 1000, str(work), workers=2)
+    config = recipe("robust4").train.model_copy(update={"epochs": 3, "swa_start": 2})
+    reg = str(work / "registry")
+    result = register.train_evaluate_register(index.uri, manifest.digest(), config, reg, "tinynet", recipe="robust4")
+    card_scores = {}
+    for split in ("val", "test"):
+        relpaths = shard_files.load_split(index.uri, split).relpaths
+        card_scores.update({str(subset_source / r): float(p) for r, p in zip(relpaths, result.evaluation.predictions[split][1])})
+    films = sorted(card_scores)[:N_FILMS]
+    return reg, result, {film: card_scores[film] for film in films}, index.uri
+
+
+def test_the_card_is_scored_with_views_and_says_so(registered):
+    reg, result, _, index_uri = registered
+    card = registry.load_card(reg, "tinynet", result.ref.version)
+    assert card.config.transform.views.count == 16 and card.as_json()["views"]["count"] == 16
+    val = shard_files.load_split(index_uri, "val")
+    assert val.views.shape[1:] == (16, 140) and val.stress_views.shape[1:] == (10, 16, 140)
+    single = predict_proba(registry.load_state_dict(reg, "tinynet", result.ref.version), val.features)
+    assert not np.allclose(result.evaluation.predictions["val"][1], single)  # the views do change the scores
+    stress = card.metrics["stress_val"]
+    assert stress["n"] == 10 * card.metrics["val"]["n"]
+
+
+def test_every_score_a_user_gets_equals_the_cards_on_50_films(registered, tmp_path):
+    """pneumo predict (torch and model.onnx), the CLI, serve and the batch flow's scoring, against the card."""
+    reg, result, card_scores, _ = registered
+    films = list(card_scores)
+    want = np.array([card_scores[film] for film in films])
+    on_torch = predict.Predictor.from_registry(reg, runtime="torch")
+    np.testing.assert_allclose([p.probability for p in on_torch.predict(films)], want, rtol=0, atol=1e-6)
+    on_onnx = predict.Predictor.from_registry(reg)
+    assert on_onnx.runtime == "onnxruntime"
+    np.testing.assert_allclose([p.probability for p in on_onnx.predict(films)], want, rtol=0, atol=1e-5)
+
+    cli = run_pneumo("predict", *films, "--registry", reg, "--json")
+    assert cli.returncode == 0, cli.stderr
+    printed = [json.loads(line) for line in cli.stdout.splitlines()]
+    np.testing.assert_allclose([p["probability"] for p in printed], want, rtol=0, atol=1e-5)
+    assert all(p["distance"] is not None for p in printed)
+
+    from fastapi.testclient import TestClient
+
+    from pneumo import serve
+
+    with TestClient(serve.create_app(reg, "tinynet", "champion")) as client:
+        answer = client.post("/predict/batch", files=[("files", (f"{i}.jpeg", open(f, "rb").read(), "image/jpeg"))
+                                                       for i, f in enumerate(films)])
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose([p["probability"] for p in answer.json()], want, rtol=0, atol=1e-5)
+
+    rows = predict.score_inputs(reg, "tinynet", result.ref.version,
+                                [predict.InputImage(relpath=f"{i}.jpeg", path=f) for i, f in enumerate(films)])
+    table = list(csv.DictReader(io.StringIO(predict.predictions_csv(rows).decode())))
+    np.testing.assert_allclose([float(r["probability"]) for r in table], want, rtol=0, atol=2e-6)
+    assert all(float(r["distance"]) >= 0 for r in table)
+
+
+def test_views_0_gives_the_single_pass_score(registered):
+    reg, result, card_scores, _ = registered
+    films = list(card_scores)[:5]
+    weights = registry.load_state_dict(reg, "tinynet", result.ref.version)
+    single = predict.Predictor.from_registry(reg, runtime="torch", views=0)
+    rows = np.stack([single.features(open(f, "rb").read())[0] for f in films])
+    got = [p.probability for p in single.predict(films)]
+    np.testing.assert_allclose(got, predict_proba(weights, rows), rtol=0, atol=1e-6)
+    assert not np.allclose(got, [card_scores[f] for f in films], atol=1e-4)
+    cli = run_pneumo("predict", films[0], "--registry", reg, "--json", "--views", "0")
+    assert json.loads(cli.stdout)["probability"] == pytest.approx(got[0], abs=1e-5)
