@@ -287,7 +287,11 @@ def check_version(
 
     card = reg.load_card(registry, model_name, version)
     outcome = Outcome(model_name, version)
-    reference = load_reference(registry, model_name, version, card)
+    try:
+        reference = load_reference(registry, model_name, version, card)
+    except reg.CorruptModel as error:  # the check advises: a bad reference.json stops neither scoring nor training
+        outcome.message = f"no drift check: {error}"
+        return outcome
     own = card.config.transform if card.config else None
     if reference is None or own is None:
         outcome.message = _no_reference(registry, model_name, version) or f"{model_name} {version} has no transform"

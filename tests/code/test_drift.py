@@ -95,3 +95,15 @@ def test_ks_distance_against_quantiles_is_the_usual_one():
     quantiles = norm.ppf(np.linspace(0.0005, 0.9995, 2001))
     ours = drift.ks_distance(values, quantiles, np.linspace(0.0005, 0.9995, 2001))
     assert abs(ours - kstest(values, "norm").statistic) < 2e-3
+
+
+def test_a_reference_that_cannot_be_read_stops_neither_scoring_nor_training(tmp_path):
+    from pneumo import registry
+    from tests.predict_helpers import card, state_dict
+
+    weights = state_dict(1)
+    registry.register(str(tmp_path), "tinynet", weights, card(weights), extra_files={"reference.json": b'{"n_rows": "many"}'})
+    outcome = drift.check_version(str(tmp_path), "tinynet", "v0001", _films(120, 9))
+    assert outcome.report is None and outcome.verdict is None
+    assert outcome.message.startswith("no drift check: ") and "reference.json" in outcome.message
+    assert outcome.record() == {"against": "tinynet v0001", "verdict": None, "message": outcome.message}
