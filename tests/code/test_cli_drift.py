@@ -37,8 +37,8 @@ def test_a_zip_of_class_folders_too_small_for_a_verdict_says_so_first(shared_dat
     shown = subprocess.run(pneumo_command(*args), capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == ["verdict: too few films", "50 film(s): a verdict needs at least 100"]
-    as_json = subprocess.run(pneumo_command(*args, "--json"), capture_output=True, text=True, timeout=300)
-    record = json.loads(as_json.stdout)
+    as_json = invoke(*args, "--json")  # in this process: the model and Prefect are loaded already
+    record = json.loads(as_json.output.splitlines()[0])
     assert record["verdict"] == "too few films" and record["n_films"] == 50 and record["against"] == "tinynet v0001"
     missing = invoke("drift", str(tmp_path / "nowhere"), "--registry", registry_root)
     assert missing.exit_code == 2 and "nowhere" in missing.output and len(missing.output.splitlines()) == 1
