@@ -197,6 +197,23 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _report_from_logs(paths: list[Path]) -> dict:
+    """The report's recipes from printed lines "LABEL MODE seed N: key value, ...", each seed once."""
+    recipes: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            head, _, figures = line.partition(": ")
+            words = head.split()
+            if len(words) < 3 or words[-2] != "seed" or not figures:
+                continue
+            run = {"seed": int(words[-1])}
+            for item in figures.split(", "):
+                key, _, value = item.partition(" ")
+                run[key] = _value(value)
+            recipes.setdefault(" ".join(words[:-2]), {})[run["seed"]] = run
+    return {"recipes": {label: {"seeds": [runs[s] for s in sorted(runs)]} for label, runs in recipes.items()}}
+
+
 def _value(text: str):
     return json.loads(text) if text[:1] in "[{0123456789-" or text in ("true", "false") else text
 
@@ -215,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views-recipe", choices=sorted(RECIPES), default="robust4",
                         help="the recipe whose val shards (and test-time views) every recipe is scored on")
     parser.add_argument("--seeds", type=int, default=5, help="training seeds 0..N-1 per recipe")
+    parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (split the seeds over processes)")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's maximum epochs")
     parser.add_argument("--set", nargs="+", default=[], metavar="PART.FIELD=VALUE",
                         help="override a recipe setting for an experiment, e.g. transform.renditions=6 "
@@ -224,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
     parser.add_argument("--table-from", type=Path, nargs="+", default=None,
                         help="print the table of earlier --json reports (their recipes together) and exit")
+    parser.add_argument("--table-from-logs", type=Path, nargs="+", default=None,
+                        help="print the table of the per-seed lines of earlier runs' output (seeds split over processes) and exit")
     args = parser.parse_args(argv)
+    if args.table_from_logs:
+        print(table(_report_from_logs(args.table_from_logs)))
+        return 0
     if args.table_from:
         reports = [json.loads(path.read_text()) for path in args.table_from]
         print(table({"recipes": {name: runs for report in reports for name, runs in report["recipes"].items()}}))
@@ -267,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {split: shard_files.load_split(index_uri, split) for split in ("train", "val", "test")}
         label = args.label or name
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs.append(run_seed(data, config, seed, val, shifted_views))
             for mode, figures in runs[-1].items():
                 print(f"{label} {mode} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -22,22 +22,29 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
+SHARED = Path(os.environ.get("PNEUMO_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224")
 
 
 def temporary_registry() -> str:
     from pneumo import registry
     from pneumo.model import TinyNet
     from pneumo.config import TrainConfig, recipe
+    from pneumo import reference
+    from pneumo.recipes import DEFAULT_RECIPE
+    from pneumo.transform import featurize
 
     root = tempfile.mkdtemp(prefix="pneumo-bench-startup-")
-    transform = recipe("robust").transform.model_copy(update={"size": (224, 224)})
+    # The default recipe's transform (robust4: 16 test-time views) and a reference.json, as a run registers them.
+    transform = recipe(DEFAULT_RECIPE).transform.model_copy(update={"size": (224, 224)})
     card = {
-        "schema_version": 2, "recipe": "robust", "threshold": 0.5, "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
+        "schema_version": 2, "recipe": DEFAULT_RECIPE, "threshold": 0.5, "labels": {"0": "NORMAL", "1": "PNEUMONIA"},
         "config": {"transform": transform.model_dump(mode="json"), "train": seed_train().model_dump(mode="json")},
         "metrics": {},
     }
-    version = registry.register(root, "tinynet", TinyNet(transform.n_features).state_dict(), card)
+    films = sorted((SHARED / "train" / "NORMAL").glob("*.jpeg"))[:150] + sorted((SHARED / "train" / "PNEUMONIA").glob("*.jpeg"))[:150]
+    built = reference.build(__import__("numpy").stack([featurize(f, transform) for f in films]))
+    version = registry.register(root, "tinynet", TinyNet(transform.n_features).state_dict(), card,
+                                extra_files={reference.REFERENCE_NAME: built.to_json()})
     registry.set_alias(root, "tinynet", "champion", version)
     return root
 

@@ -75,11 +75,13 @@ def film_scores(
 ) -> np.ndarray:
     """(n,) scores of n films: the mean of the probabilities of each film's row (``rows``, (n, F)) and of its
     views (``views``, (n, K, F)); with no views (None or K = 0), the row's own probability."""
-    own = np.asarray(probabilities(rows), dtype=np.float32).reshape(len(rows))
     if views is None or views.shape[1] == 0 or len(rows) == 0:
-        return own
+        return np.asarray(probabilities(rows), dtype=np.float32).reshape(len(rows))
     n, k, n_features = views.shape
-    viewed = np.asarray(probabilities(views.reshape(n * k, n_features)), dtype=np.float32).reshape(n, k)
+    # One call of the network for the films and their views: each call costs a thread-pool round
+    # (torch's or onnxruntime's), which on a busy machine outweighs the rows themselves.
+    every = np.asarray(probabilities(np.concatenate([rows, views.reshape(n * k, n_features)])), dtype=np.float32).ravel()
+    own, viewed = every[:n], every[n:].reshape(n, k)
     return np.concatenate([own[:, None], viewed], axis=1).mean(axis=1)
 
 
