@@ -18,7 +18,7 @@ app = cyclopts.App(
     version_flags=[],
 )
 app.command(run_command.run)
-for command in (commands.predict, commands.predict_batch, commands.serve, commands.gc):
+for command in (commands.predict, commands.predict_batch, commands.drift, commands.serve, commands.gc):
     app.command(command)
 app.command(models.models)
 app.command(runs.runs)

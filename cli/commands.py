@@ -83,6 +83,28 @@ def predict_batch(*, input: Annotated[str, Parameter(help=BATCH_INPUT)],
                             verbose=verbose)
 
 
+def drift(source: Annotated[str, Parameter(help=BATCH_INPUT)], /, *, where: Where = ModelLocation(),
+          version: Annotated[Optional[str], Parameter(help="Version to compare with, e.g. v0003. [default: champion]")] = None,
+          as_json: Annotated[AsJson, Parameter(help="The verdict and the figures as one JSON object.")] = False) -> int:
+    """Are these films like the ones the version learned from? `verdict: none|warn|drift` (or `too few films`)
+    first, then the figures; a Prefect event (pneumo.drift.checked, and pneumo.drift.detected on drift) and artifact."""
+    from pneumo import drift as drifts, predict
+
+    try:
+        outcome = drifts.check_source(source, where.registry_uri(), where.model_name, version, where.workdir)
+    except (predict.CardError, predict.ModelNotFound, ValueError, OSError) as error:
+        fail(str(error))
+    print(json.dumps(outcome.record()) if as_json else "\n".join(outcome.lines()), flush=True)
+    if outcome.report is not None:
+        from cli import runtime
+
+        with runtime.prefect_api():
+            from tasks.drift import publish
+
+            publish(outcome, "command", source)
+    return 0
+
+
 def serve(
     *,
     where: Where = ModelLocation(),

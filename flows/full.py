@@ -32,6 +32,7 @@ from pneumo.registry import list_versions
 from pneumo.summary import outcome_line, run_summary, summary_markdown
 from tasks import progress
 from tasks.download import download_dataset
+from tasks.drift import check_training_data
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.quarantine import report_quarantine
 from tasks.register import train_evaluate_register
@@ -104,10 +105,10 @@ def full(
 
     # 4. Train, evaluate, register, and challenge the champion; the card keeps the run's settings.
     registry = config.registry_uri()
-    known = list_versions(registry, config.model_name)
+    known, drift = list_versions(registry, config.model_name), check_training_data(index, registry, config.model_name, config.source)
     model = run_task(train_evaluate_register, index, manifest.digest, config.train, registry, config.model_name,
                      run.champion_metric, run.recipe, config.model_dump(mode="json", exclude={"transform", "split", "train"}),
-                     outputs=lambda ref: [ref.card_uri, ref.model_uri], refresh=run.retrain)
+                     drift, outputs=lambda ref: [ref.card_uri, ref.model_uri], refresh=run.retrain)
 
     # 5. The summary, where `prefect deployment run --watch` and the UI look: the final state's message and an artifact.
     summary = run_summary(config, registry, manifest, sizes, index, quarantine_report, model, known, logger)

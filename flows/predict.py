@@ -14,6 +14,7 @@ from prefect.states import Completed
 from pneumo import cleanup, download, pool, predict, storage, workdir as layout
 from pneumo.config import BatchOptions
 from pneumo.summary import batch_summary, predict_outcome
+from tasks.drift import check_batch
 from tasks.options import rerun_if_outputs_missing, task_runner, with_run_options
 from tasks.predict import score_chunk, write_predictions
 from tasks.reporting import predict_quarantine, publish_predictions
@@ -53,6 +54,7 @@ def score_input(input: str, batch: BatchOptions) -> Any:
 
     quarantine_uri = predict_quarantine(rows, storage.join(folder, f"{fingerprint[:16]}-quarantine.json"), logger)
     summary = batch_summary(f"{model_name} {version}", model.threshold, input, rows, uri, quarantine_uri, (cached, len(chunks)))
+    summary["drift"] = check_batch([row for row in rows if row["error"] is None], registry, model_name, version, input)
     publish_predictions(summary, [row for row in rows if row["error"] is None], model.threshold)
     outcome = predict_outcome(summary)
     logger.info("run summary: %s", outcome)

@@ -229,3 +229,40 @@ def write_all(folder_uri: str, pngs: dict[str, bytes]) -> list[str]:
         storage.write_bytes(uri, data, if_absent=True)
         uris.append(uri)
     return uris
+
+
+def drift_picture(
+    feature_ks: list[float],
+    grid: Optional[tuple[int, int]],
+    score_quantiles: Optional[list[float]] = None,
+    scores: Optional[np.ndarray] = None,
+) -> bytes:
+    """A drift check (pneumo.drift): each feature's KS distance to the reference on the pooling grid
+    (one block per pooling part, side by side), and the batch's scores beside the val films' (from
+    their quantiles), as shares of films per twentieth of [0, 1]."""
+    with_scores = score_quantiles is not None and scores is not None and len(scores)
+    fig, axes = plt.subplots(1, 2 if with_scores else 1, figsize=(10 if with_scores else 5.5, 3.4), squeeze=False)
+    ks = np.asarray(feature_ks, dtype=float)
+    ax = axes[0][0]
+    if grid and ks.size and ks.size % (grid[0] * grid[1]) == 0:
+        parts = ks.size // (grid[0] * grid[1])
+        image = ax.imshow(np.hstack(ks.reshape(parts, *grid)), cmap="magma", vmin=0, vmax=max(0.3, float(ks.max())))
+        for part in range(1, parts):
+            ax.axvline(part * grid[1] - 0.5, color="white", lw=2)
+        ax.set(xticks=[], yticks=[], title="KS distance per feature (pooling grid; parts side by side)")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    else:
+        ax.bar(np.arange(ks.size), ks, color="tab:purple")
+        ax.set(xlabel="feature", ylabel="KS distance", title="KS distance per feature")
+    if with_scores:
+        bins = np.linspace(0, 1, 21)
+        levels = np.linspace(0, 1, len(score_quantiles))
+        expected = np.diff(np.interp(bins, score_quantiles, levels))
+        current = np.histogram(np.clip(scores, 0, 1), bins=bins)[0] / len(scores)
+        ax = axes[0][1]
+        ax.stairs(expected, bins, color="tab:blue", lw=2, label="val films (reference)")
+        ax.stairs(current, bins, color="tab:red", lw=2, label=f"this batch ({len(scores)})")
+        ax.set(xlabel="PNEUMONIA probability", ylabel="share of films", title="scores: reference vs batch")
+        ax.legend(loc="upper center")
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.16, top=0.88, wspace=0.25)
+    return _png(fig)

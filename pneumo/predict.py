@@ -298,6 +298,10 @@ class Predictor:
 
     def predict(self, inputs: Iterable[Input]) -> list[Prediction]:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""
+        return self.predict_with_features(inputs)[0]
+
+    def predict_with_features(self, inputs: Iterable[Input]) -> tuple[list[Prediction], np.ndarray]:
+        """``predict``'s, and the features of the films scored ((scored, n_features), in order): what a drift check reads."""
         names, rows, results = [], [], []
         for item in inputs:
             name, data = _read(item)
@@ -318,7 +322,7 @@ class Predictor:
             for at, probability in zip(names, self.scores(np.stack(rows)).tolist()):
                 results[at].probability = probability
                 results[at].label = self.labels[int(probability >= self.threshold)]
-        return results
+        return results, np.stack([film[0] for film in rows]) if rows else np.zeros((0, self.config.n_features), np.float32)
 
     def _warnings(self, data: bytes, spread: float, features: np.ndarray) -> list[str]:
         """Why the image looks unlike the training X-rays: a header read, the picture's spread
@@ -452,7 +456,8 @@ def cached_predictor(registry: str, model_name: str, version: str) -> Predictor:
 def score_inputs(registry: str, model_name: str, version: str, images: list[InputImage]) -> list[dict[str, Any]]:
     """Rows for the predictions file: relpath, label truth, and the prediction (or its error)."""
     predictor = cached_predictor(registry, model_name, version)
-    readable = iter(predictor.predict([image.path for image in images if image.refused is None]))
+    scored, features = predictor.predict_with_features([image.path for image in images if image.refused is None])
+    readable, rows = iter(scored), iter(features.round(4).tolist())  # rounded: they travel in the task's result
     predictions = [
         next(readable) if image.refused is None
         else Prediction(image.path, None, None, predictor.threshold, predictor.model, error=image.refused)
@@ -468,6 +473,7 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
             "distance": p.distance,
             "true_label": None if image.label is None else CLASSES[image.label],
             "error": p.error,
+            "features": next(rows) if p.ok else None,  # for the drift check; not in the CSV
         }
         for image, p in zip(images, predictions)
     ]

@@ -17,7 +17,12 @@ covers it (``load_reference``).
   (R^2 at most 0.67 over the 5,216 shared films, 1.0 for a gradient). ``slope_cutoff`` is the
   99.9th percentile of the training rows' R^2.
 - ``feature_quantiles`` and ``score_quantiles``: the 0, 5, ..., 100 % quantiles of each
-  feature over the training rows and of the val scores, for drift checks.
+  feature over the training rows and of the val scores, for drift checks (pneumo.drift).
+- for the drift checks too, from the val films (held out, so the yardstick for new films:
+  the training rows' own distances run shorter): the quantiles of their distances
+  (``distance_quantiles``) and their share past the cut-off (``ood_share``); ``n_val`` films.
+  The feature quantiles are stored as uint8 steps between each feature's minimum and maximum
+  (a KS distance moves by well under 0.01), which keeps the file well under 50 KB.
 
 JSON only, never pickle. The precision matrix is stored as its upper triangle, scaled by
 its diagonal to [-1, 1] and rounded to int16 (base64), which keeps the file under 50 KB; the
@@ -60,6 +65,10 @@ class Reference(BaseModel):
         description="feature_quantiles[q][f]: quantile level quantile_levels[q] of feature f over the training rows"
     )
     score_quantiles: Optional[list[float]] = Field(None, description="The val scores' quantiles at quantile_levels")
+    # For pneumo.drift (None in references built before it).
+    n_val: Optional[int] = Field(None, ge=1, description="Val films behind score_quantiles, distance_quantiles, ood_share")
+    distance_quantiles: Optional[list[float]] = Field(None, description="The val films' distances at quantile_levels")
+    ood_share: Optional[float] = Field(None, ge=0, le=1, description="Share of the val films past ood_cutoff")
     grid: Optional[tuple[int, int]] = Field(None, description="Rows and columns of a pooling part (the slope check's layout)")
     slope_part: int = Field(0, ge=0, description="Which pooling part the slope check reads (the mean-pooled one)")
     slope_cutoff: Optional[float] = Field(None, description=f"The {CUTOFF_QUANTILE}th percentile of the training rows' slope R^2")
@@ -87,6 +96,26 @@ class Reference(BaseModel):
         normalized = normalized + np.triu(normalized, 1).T
         return (normalized * np.outer(scale, scale)).tolist()
 
+    @field_serializer("feature_quantiles", when_used="json")
+    def _packed_quantiles(self, quantiles: list[list[float]]) -> dict[str, Any]:
+        q = np.asarray(quantiles, dtype=np.float64)  # (levels, features), each column ascending
+        low, high = np.round(q[0], 3), np.round(q[-1], 3)
+        steps = np.round((q[1:-1] - low) / np.where(high > low, high - low, 1.0) * 255)  # the inner levels
+        return {"low": low.tolist(), "high": high.tolist(),
+                "uint8_base64": base64.b64encode(np.clip(steps, 0, 255).astype(np.uint8).tobytes()).decode()}
+
+    @field_validator("feature_quantiles", mode="before")
+    @classmethod
+    def _unpacked_quantiles(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        low, high = np.asarray(value["low"], dtype=np.float64), np.asarray(value["high"], dtype=np.float64)
+        steps = np.frombuffer(base64.b64decode(value["uint8_base64"], validate=True), dtype=np.uint8)
+        if len(low) != len(high) or not len(low) or len(steps) % len(low):
+            raise ValueError(f"feature quantiles of {len(steps)} steps do not fit {len(low)} features")
+        inner = low + steps.reshape(-1, len(low)) / 255 * (high - low)
+        return np.concatenate([low[None], inner, high[None]]).tolist()
+
     @field_validator("feature_quantiles", "precision")
     @classmethod
     def _finite(cls, value: list[list[float]]) -> list[list[float]]:
@@ -113,10 +142,11 @@ def _rounded(values: np.ndarray, decimals: int = 4) -> list:
 
 def build(
     train_features: np.ndarray, val_scores: Optional[np.ndarray] = None, *, grid: Optional[tuple[int, int]] = None,
-    slope_part: int = 0, seed: int = 0,
+    slope_part: int = 0, val_features: Optional[np.ndarray] = None, seed: int = 0,
 ) -> Reference:
     """The reference of ``train_features`` (rows x features), with the quantiles of ``val_scores`` if given;
-    with ``grid`` (a pooling part's rows and columns; ``slope_part``: which part), the slope check too."""
+    with ``grid`` (a pooling part's rows and columns; ``slope_part``: which part), the slope check too;
+    with ``val_features`` (the rows of the val films ``val_scores`` scored), the drift check's distances."""
     from sklearn.covariance import LedoitWolf  # here: prediction reads a reference without scikit-learn
 
     X = np.asarray(train_features, dtype=np.float64)
@@ -137,7 +167,14 @@ def build(
     stored = Reference.from_json(reference.to_json())
     cutoff = float(np.percentile(distances(stored, X), CUTOFF_QUANTILE))
     slope = None if grid is None else round(float(np.percentile(slopes(stored, X), CUTOFF_QUANTILE)), 4)
-    return stored.model_copy(update={"ood_cutoff": round(cutoff, 4), "slope_cutoff": slope})
+    update: dict[str, Any] = {"ood_cutoff": round(cutoff, 4), "slope_cutoff": slope}
+    if val_scores is not None:
+        update["n_val"] = len(val_scores)
+    if val_features is not None and len(val_features):
+        d = distances(stored, val_features)
+        update.update(n_val=len(d), distance_quantiles=_rounded(np.percentile(d, QUANTILE_LEVELS), 4),
+                      ood_share=round(float(np.mean(d > update["ood_cutoff"])), 6))
+    return Reference.from_json(stored.model_copy(update=update).to_json())  # as stored: what a check will read
 
 
 def distances(ref: Reference, X: np.ndarray) -> np.ndarray:

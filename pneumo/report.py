@@ -15,6 +15,7 @@ import json
 from html import escape
 from typing import Any
 
+from pneumo.drift import DRIFT_ALPHA
 from pneumo.evaluate import CI_METRICS, format_metric
 from pneumo.labels import LABELS
 from pneumo.registry import CardContent, CardData, CardTraining
@@ -63,6 +64,8 @@ def render(card: CardContent, pictures: dict[str, bytes]) -> str:
         _champion(card),
         "<h2>Shift suite</h2>",
         _shift_tables(card),
+        "<h2>Drift of the training films</h2>",
+        _drift(card.as_json().get("drift")),
         "<h2>Pictures</h2>",
         _pictures(pictures),
         "<h2>Data and code</h2>",
@@ -188,6 +191,22 @@ def _champion(card: CardContent) -> str:
         "<p>As decided at registration; <code>promotion.json</code> beside the card says how the "
         "promotion ended if another run moved the champion meanwhile.</p>"
     )
+
+
+def _drift(record: Any) -> str:
+    """The check of the training films against the champion's reference, before training (pneumo.drift)."""
+    if not isinstance(record, dict):
+        return "<p>No drift check recorded (the first version, or one registered before drift checks).</p>"
+    if not record.get("verdict"):
+        return f"<p>{escape(str(record.get('message', 'no verdict')))}</p>"
+    rows = [["verdict", f"<b>{escape(str(record['verdict']))}</b>"], ["against", escape(str(record.get("against")))],
+            ["films", escape(str(record.get("n_films")))]]
+    rows += [[f"p-value, {escape(str(name))}", "n/a" if p is None else f"{p:.3g}"]
+             for name, p in (record.get("p_values") or {}).items()]
+    rows += [["most moved", escape(f"{f['name']} (KS {f['ks']:.3f})")] for f in record.get("top_features") or []][:3]
+    return _table(["", ""], rows, numeric=False) + (
+        "<p>The training films against the champion's reference, before training: <code>drift</code> when a test's "
+        f"p-value times the number of tests is under {DRIFT_ALPHA} (pneumo/drift.py).</p>")
 
 
 def _shift_tables(card: CardContent) -> str:

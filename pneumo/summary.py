@@ -137,14 +137,23 @@ def predict_outcome(summary: dict[str, Any]) -> str:
             f"({summary['quarantined']} quarantined): {label_counts(summary['predicted'])}")
     if summary.get("metrics"):
         line += f"; labelled AUC {format_metric(summary['metrics'].get('roc_auc'))}"
+    line += drift_words(summary.get("drift"), "; drift check: ")
     return f"{line}; {cache_note(summary)}" if cache_note(summary) else line
+
+
+def drift_words(record: Optional[dict[str, Any]], lead: str) -> str:
+    """A drift check's record (pneumo.drift.Outcome.record) in a few words, after ``lead``; '' without one."""
+    if not record:
+        return ""
+    return lead + (f"{record['verdict']} (against {record['against']})" if record.get("verdict") else record.get("message", ""))
 
 
 def batch_text(summary: dict[str, Any], seconds: float) -> str:
     """The closing lines of `pneumo predict-batch`."""
     text = (f"\npneumo: {summary['model']} scored {summary['scored']} of {summary['files']} files "
             f"({summary['quarantined']} quarantined) in {seconds:.0f} s\n"
-            f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}")
+            f"  predicted    {label_counts(summary['predicted'])}\n  predictions  {summary['predictions']}"
+            + drift_words(summary.get("drift"), "\n  drift        "))
     if cache_note(summary):
         text += f"\n  cache        {cache_note(summary)}"
     if summary["metrics"]:

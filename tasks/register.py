@@ -84,7 +84,8 @@ def _report(result: Registered, model_name: str, champion_metric: str, logger: A
     name="train-evaluate-register",
     **retry_options(),
     # The run's own settings go on the card; a change of --run.workers or --run.retries alone trains nothing.
-    cache_policy=cache_policy(ignore=("run",)),
+    # Nor does the drift check of the new data against the champion (it goes on the card as it stood).
+    cache_policy=cache_policy(ignore=("run", "drift")),
 )
 def train_evaluate_register(
     index: shard_files.IndexRef,
@@ -95,9 +96,11 @@ def train_evaluate_register(
     champion_metric: str,
     recipe: str,
     run: Optional[dict[str, Any]] = None,
+    drift: Optional[dict[str, Any]] = None,
 ) -> registry.ModelRef:
     """Train, score val and test, register, move `latest`, and move `champion` if the new model beats it.
-    ``recipe`` names the preset ``config`` came from: the card records it."""
+    ``recipe`` names the preset ``config`` came from: the card records it, and ``drift``, the check
+    of the training films against the champion's (tasks.drift.check_training_data)."""
     # Here, not at the top: training pulls in torch, scikit-learn and matplotlib (seconds), which a
     # cached run (this task's cache hit) never needs.
     from pneumo import register
@@ -107,6 +110,7 @@ def train_evaluate_register(
         result = register.train_evaluate_register(
             index.uri, manifest_digest, config, registry_uri, model_name, champion_metric,
             recipe=recipe, run=run, progress=progress, logger=logger, on_step=on_step,
+            card_extra={"drift": drift} if drift else None,
         )
     _report(result, model_name, champion_metric, logger)
     logger.info("registered %s %s at %s", model_name, result.ref.version, result.ref.card_uri)

@@ -77,3 +77,31 @@ def xray_pair(shared_data: Path) -> tuple[Path, Path]:
         sorted((shared_data / "train" / "NORMAL").iterdir())[0],
         sorted((shared_data / "train" / "PNEUMONIA").iterdir())[0],
     )
+
+
+def register_with_reference(root: str, shared_data: Path, model_name: str = "tinynet", films: int = 300) -> str:
+    """A champion whose reference.json is built as registration builds it, from real films (the seed transform):
+    the first ``films`` of each class alternate between its "training" and its "val" films."""
+    from pneumo import reference
+    from pneumo.model import predict_proba
+    from pneumo.transform import featurize
+
+    paths = [p for name in ("NORMAL", "PNEUMONIA") for p in sorted((shared_data / "train" / name).iterdir())[: films // 2]]
+    features = np.stack([featurize(path, TRANSFORM) for path in paths])
+    weights = state_dict(1)
+    ref = reference.build(features[::2], predict_proba(weights, features[1::2]), val_features=features[1::2])
+    version = registry.register(root, model_name, weights, card(weights), extra_files={reference.REFERENCE_NAME: ref.to_json()})
+    registry.set_alias(root, model_name, "champion", version)
+    return version
+
+
+def negative_films(shared_data: Path, target: Path, n: int, skip: int = 200) -> Path:
+    """``n`` real films (past the first ``skip`` of each class) as negatives: a batch unlike every training film."""
+    from PIL import ImageOps
+
+    target.mkdir(parents=True)
+    paths = [p for name in ("NORMAL", "PNEUMONIA") for p in sorted((shared_data / "train" / name).iterdir())[skip: skip + n // 2]]
+    for path in paths[:n]:
+        with Image.open(path) as image:
+            ImageOps.invert(image.convert("L")).save(target / path.name, quality=90)
+    return target

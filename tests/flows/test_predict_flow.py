@@ -65,7 +65,8 @@ def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_pa
     uri = Path(summary["predictions"])
     assert uri.parent == workdir / "predictions" / "tinynet" / "v0001" and uri.suffix == ".csv"
     rows = read_csv(str(uri))
-    assert len(rows) == 30 and set(rows[0]) == {"relpath", "probability", "label", "threshold", "warnings", "true_label", "distance"}
+    assert len(rows) == 30 and set(rows[0]) == {"relpath", "probability", "label", "threshold", "warnings", "true_label",
+                                                "distance"}  # no features: they are for the drift check only
     first = rows[0]
     assert first["distance"] == ""  # a version registered without reference.json (issue 24) has no distance
     expected = expected_probability(weights["v0001"], labelled_input / first["relpath"])
@@ -79,7 +80,8 @@ def test_batch_flow_scores_quarantines_reports_and_caches(labelled_input, tmp_pa
 
     assert summary_state_message(run_id) == (
         f"scored 30 of 31 files with tinynet v0001 (1 quarantined): NORMAL {summary['predicted']['NORMAL']}, "
-        f"PNEUMONIA {summary['predicted']['PNEUMONIA']}; labelled AUC {summary['metrics']['roc_auc']:.3f}"
+        f"PNEUMONIA {summary['predicted']['PNEUMONIA']}; labelled AUC {summary['metrics']['roc_auc']:.3f}; "
+        "drift check: tinynet v0001 has no reference (registered before drift checks): nothing to compare with"
     )
 
     again, again_states, _ = run(input=str(labelled_input), registry=registry_root, workdir=str(workdir), runner="processes")

@@ -116,12 +116,20 @@ def test_both_deployments_are_declared_with_the_weekly_schedule(two_runs):
     env, _, _, _ = two_runs
     listed = prefect(env, "deployment", "ls").stdout
     assert "pneumo-full/on-demand" in listed and "pneumo-full/scheduled-retrain" in listed
-    scheduled = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/scheduled-retrain", "-o", "json").stdout)
-    [schedule] = scheduled["schedules"]
-    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "UTC"
-    assert schedule["active"] is True
-    assert "run" not in scheduled["parameters"] and scheduled["parameters"]["workdir"] == env["PNEUMO_WORKDIR"]
-    assert scheduled["work_pool_name"] == "pneumo"
+    # Read with the client: `prefect deployment inspect -o json` (Prefect 3.9.1) cannot print a deployment with a
+    # trigger (its automation holds a set, which its JSON encoder refuses).
+    scheduled, automations = read_from_stack(env, lambda client: (
+        deployment := client.read_deployment_by_name("pneumo-full/scheduled-retrain"),
+        client.read_resource_related_automations(f"prefect.deployment.{deployment.id}"),
+    ))
+    [schedule] = scheduled.schedules
+    assert schedule.schedule.cron == "0 3 * * 1" and schedule.schedule.timezone == "UTC" and schedule.active is True
+    assert "run" not in scheduled.parameters and scheduled.parameters["workdir"] == env["PNEUMO_WORKDIR"]
+    assert scheduled.work_pool_name == "pneumo"
+    # Its drift trigger: pneumo.drift.detected of a batch or of `pneumo drift` starts a retrain.
+    [automation] = automations
+    assert automation.trigger.expect == {"pneumo.drift.detected"} and automation.enabled
+    assert automation.trigger.match.model_dump()["pneumo.drift.origin"] == ["batch", "command"]
     on_demand = json.loads(prefect(env, "deployment", "inspect", "pneumo-full/on-demand", "-o", "json").stdout)
     assert on_demand["schedules"] == [] and "run" not in on_demand["parameters"]
     pool = json.loads(prefect(env, "work-pool", "inspect", "pneumo", "-o", "json").stdout)
@@ -174,3 +182,78 @@ def test_the_worker_credentials_stay_out_of_logs_and_the_prefect_database(two_ru
     assert any(f.suffix == ".db" for f in files) and (state / "worker.log").stat().st_size > 0
     for path in files:
         assert secret not in path.read_bytes(), path
+
+
+def inverted_films(source: Path, target: Path, n: int = 120) -> Path:
+    """``n`` of the source's films as negatives: films no training film resembles (a drifted batch)."""
+    from PIL import Image, ImageOps
+
+    target.mkdir(parents=True)
+    for path in sorted(source.rglob("*.jpeg"))[:n]:
+        with Image.open(path) as image:
+            ImageOps.invert(image.convert("L")).save(target / path.name, quality=90)
+    return target
+
+
+def read_from_stack(env: dict, read):
+    """``read(client)`` against the stack's Prefect API, from this process."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            return read(client)
+
+
+def wait_for(what: str, read, timeout: float = 240.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (found := read()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert found, f"gave up waiting for {what}"
+    return found
+
+
+def test_drift_reaches_prefect_as_an_event_and_its_trigger_starts_a_retrain(two_runs, tmp_path, shared_data):
+    """Last in the module: the retrain it starts registers a version of its own."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    env, *_ = two_runs
+    films = inverted_films(shared_data / "train", tmp_path / "negatives")
+    checked = subprocess.run([sys.executable, "-m", "cli", "drift", str(films), "--workdir", env["PNEUMO_WORKDIR"]],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.splitlines()[0] == "verdict: drift", checked.stdout
+    events = EventFilter(event=EventNameFilter(name=["pneumo.drift.detected"]),
+                         resource=EventResourceFilter(id_prefix=["pneumo.model.tinynet."]))
+    [event, *_] = wait_for("the drift event", lambda: read_from_stack(env, lambda c: c.read_events(filter=events, limit=50).events))
+    assert event.resource["pneumo.drift.origin"] == "command" and event.payload["verdict"] == "drift"
+    assert event.payload["n_films"] == 120 and event.payload["p_values"]["joint"] < drift_alpha()
+    # The trigger of infra/prefect.yaml made a run of the retrain deployment, with run.retrain on.
+    retrains = FlowRunFilter(), DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-retrain"]))
+
+    def triggered(client):
+        runs = client.read_flow_runs(flow_run_filter=retrains[0], deployment_filter=retrains[1])
+        return [r for r in runs if (r.parameters.get("run") or {}).get("retrain")]
+
+    wait_for("the triggered retrain run", lambda: read_from_stack(env, triggered))
+    done = wait_for("the retrain to finish", lambda: [r for r in read_from_stack(env, triggered) if r.state.is_final()], 400)
+    assert done[0].state.is_completed(), done[0].state.message
+    assert done[0].state.message.startswith("registered tinynet v0003")
+    # Before training, the retrain checked its training films against the champion's: its card says how that went.
+    card = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from pneumo import registry as r\n"
+         "print(json.dumps(r.load_card(sys.argv[1], 'tinynet', 'v0003').as_json()['drift']))", env["PNEUMO_WORKDIR"] + "/registry"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert card.returncode == 0, card.stderr
+    recorded = json.loads(card.stdout)
+    assert recorded["against"].startswith("tinynet v000") and recorded["verdict"] in ("none", "warn", "drift", "too few films")
+
+
+def drift_alpha() -> float:
+    from pneumo.drift import DRIFT_ALPHA
+
+    return DRIFT_ALPHA

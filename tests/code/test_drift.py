@@ -1,0 +1,109 @@
+"""The drift check against a reference: quiet on films of the same law, loud on moved ones, and honest when it cannot say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pneumo import drift, reference
+
+
+def _films(n: int, draw: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    """Correlated rows of one fixed law (as features are); ``scale`` and ``shift`` move it."""
+    law = np.random.default_rng(0)
+    mixing, offset = law.normal(size=(140, 140)) / 12, law.normal(size=140)
+    rows = np.random.default_rng([7, draw]).normal(size=(n, 140)) * scale + shift
+    return (rows @ mixing + offset).astype(np.float32)
+
+
+def _scores(n: int, draw: int, share: float = 0.7) -> np.ndarray:
+    """Scores of a model that separates the classes, ``share`` of the films PNEUMONIA."""
+    rng = np.random.default_rng([11, draw])
+    sick = rng.random(n) < share
+    return np.where(sick, rng.beta(8, 2, n), rng.beta(2, 8, n))
+
+
+@pytest.fixture(scope="module")
+def ref() -> reference.Reference:
+    return reference.build(_films(3000, 0), _scores(600, 1), val_features=_films(600, 1))
+
+
+def test_the_reference_holds_the_val_films_yardstick_and_stays_small(ref):
+    assert ref.n_rows == 3000 and ref.n_val == 600
+    films = _films(3000, 0)
+    # The quantiles as stored, within the uint8 packing's step.
+    span = films.max(axis=0) - films.min(axis=0)
+    assert np.all(np.abs(np.asarray(ref.feature_quantiles)[10] - np.median(films, axis=0)) < span / 255 + 1e-3)
+    assert len(ref.to_json()) < 50_000 and reference.Reference.from_json(ref.to_json()) == ref
+    # Held-out films lie further out than the training rows: their distances, not the training rows', are the yardstick.
+    assert ref.distance_quantiles[10] > np.median(reference.distances(ref, films))
+    assert 0 <= ref.ood_share < 0.02 and len(ref.distance_quantiles) == 21
+
+
+def test_films_of_the_same_law_raise_no_drift(ref):
+    verdicts = [drift.check(ref, _films(n, 100 + n), _scores(n, 100 + n)).verdict for n in (100, 200, 500)]
+    assert verdicts.count("drift") == 0 and verdicts.count("none") >= 2
+
+
+def test_a_moved_mean_a_shrunk_spread_or_another_case_mix_raise_drift(ref):
+    moved = drift.check(ref, _films(200, 2, shift=0.35), _scores(200, 2))
+    assert moved.verdict == "drift" and {"features", "joint"} & set(moved.fired)
+    assert moved.features_drifted > 0 and moved.top_features[0].p_adjusted < drift.DRIFT_ALPHA
+    shrunk = drift.check(ref, _films(200, 3, scale=0.75), _scores(200, 3))
+    assert shrunk.verdict == "drift"
+    mix = drift.check(ref, _films(200, 4), _scores(200, 4, share=0.35))
+    assert mix.verdict == "drift" and mix.fired == ["scores"]
+    far = drift.check(ref, _films(200, 5) + np.where(np.arange(200) < 30, 6.0, 0.0)[:, None], _scores(200, 5))
+    assert "ood" in far.fired and far.ood_share >= 0.14
+
+
+def test_the_check_is_deterministic_and_reads_as_the_command_prints_it(ref):
+    batch, scores = _films(150, 6, shift=0.4), _scores(150, 6)
+    first, again = drift.check(ref, batch, scores), drift.check(ref, batch, scores)
+    assert first == again
+    lines = first.lines()
+    assert lines[0] == "verdict: drift" and lines[1].startswith("films: 150")
+    assert any(line.startswith("joint") and "fired" in line for line in lines)
+    assert "feature_ks" not in drift.event_payload(first) and drift.event_payload(first)["verdict"] == "drift"
+
+
+def test_below_the_minimum_there_is_no_verdict_and_bad_rows_are_refused(ref):
+    small = drift.check(ref, _films(drift.MIN_FILMS - 1, 7), _scores(drift.MIN_FILMS - 1, 7))
+    assert small.verdict == "too few films" and small.lines() == [
+        "verdict: too few films", f"{drift.MIN_FILMS - 1} film(s): a verdict needs at least {drift.MIN_FILMS}"]
+    with pytest.raises(ValueError, match="140 features"):
+        drift.check(ref, np.zeros((200, 70)))
+
+
+def test_a_reference_without_the_val_figures_skips_what_it_cannot_test(ref):
+    older = ref.model_copy(update={"n_val": None, "distance_quantiles": None, "ood_share": None, "score_quantiles": None})
+    report = drift.check(older, _films(200, 8), _scores(200, 8))
+    assert [name for name, p in report.p_values.items() if p is not None] == ["features", "joint"]
+    assert report.verdict == "none"
+
+
+def test_benjamini_hochberg_matches_the_step_up_rule():
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    # Ranked: 0.01 x 4/1, 0.03 x 4/2, 0.04 x 4/3, 0.5 x 4/4, then each the smallest of itself and those above it.
+    np.testing.assert_allclose(drift.benjamini_hochberg(p), [0.04, 0.16 / 3, 0.16 / 3, 0.5])
+
+
+def test_ks_distance_against_quantiles_is_the_usual_one():
+    from scipy.stats import kstest, norm
+
+    values = np.random.default_rng(0).normal(0.3, 1, 400)
+    quantiles = norm.ppf(np.linspace(0.0005, 0.9995, 2001))
+    ours = drift.ks_distance(values, quantiles, np.linspace(0.0005, 0.9995, 2001))
+    assert abs(ours - kstest(values, "norm").statistic) < 2e-3
+
+
+def test_a_reference_that_cannot_be_read_stops_neither_scoring_nor_training(tmp_path):
+    from pneumo import registry
+    from tests.predict_helpers import card, state_dict
+
+    weights = state_dict(1)
+    registry.register(str(tmp_path), "tinynet", weights, card(weights), extra_files={"reference.json": b'{"n_rows": "many"}'})
+    outcome = drift.check_version(str(tmp_path), "tinynet", "v0001", _films(120, 9))
+    assert outcome.report is None and outcome.verdict is None
+    assert outcome.message.startswith("no drift check: ") and "reference.json" in outcome.message
+    assert outcome.record() == {"against": "tinynet v0001", "verdict": None, "message": outcome.message}
