@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
     group to one worker (its module and session fixtures built once). pytest-xdist 3.8 appends it through
     ``Item._nodeid``, which pytest 9.2 no longer reads (its id is ``Item._id``): without this, every group was
     split across both workers and each built the stack, the trained model and the module runs again."""
-    if not config.getvalue("loadgroup") or not items or not hasattr(items[0], "_id"):
+    if not config.getoption("loadgroup", default=False) or not items or not hasattr(items[0], "_id"):
         return
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
