@@ -62,6 +62,21 @@ def prefect_server() -> str:
         yield local.api_url
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` again: a test marked xdist_group("g") gets "@g" at the end of its node id, which sends its
+    group to one worker (its module and session fixtures built once). pytest-xdist 3.8 appends it through
+    ``Item._nodeid``, which pytest 9.2 no longer reads (its id is ``Item._id``): without this, every group was
+    split across both workers and each built the stack, the trained model and the module runs again."""
+    if not config.getoption("loadgroup", default=False) or not items or not hasattr(items[0], "_id"):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 def pytest_sessionfinish(session):
     """The session's server stops with the session (each xdist worker stops its own)."""
     from cli import server

@@ -113,6 +113,8 @@ def test_delays_are_capped_each_and_in_total():
         retry_delays(21)
 
 
+# With the full flow's tests: in `make test-fast` they are the only ones needing a server, so its worker starts the one.
+@pytest.mark.xdist_group("test_full_flow")
 def test_every_task_uses_the_one_policy(prefect_server):  # result_storage() saves a block: the session's API, not a temporary one
     tasks = [
         download.download_dataset, sizes.size_percentiles, shards.write_shard, shards.write_index,

@@ -26,10 +26,11 @@ from tasks.shards import write_shard
 from tests.faults.s3_fault_proxy import FaultProxy
 
 REPO = Path(__file__).resolve().parents[2]
-# robust3, not the default robust4: a quarter of the rows per epoch (12 renditions, not 48) for 120 epochs, and no
+# robust3, not the default robust4: a quarter of the rows per epoch (12 renditions, not 48), and no
 # test-time views to featurize; nothing here depends on the recipe.
-QUICK = ["--epochs", "120", "--train.patience", "200", "--run.shard-size", "40", "--run.runner", "threads", "--run.workers", "1",
-         "--recipe", "robust3"]
+QUICK = ["--run.shard-size", "40", "--run.runner", "threads", "--run.workers", "1", "--recipe", "robust3"]
+# Training logs every 50th epoch: 120 epochs give the train-stage kill its "epoch 50/" line to wait for.
+KILLABLE = ("--epochs", "120", "--train.patience", "200")
 
 
 def sha256(path: Path) -> str:
@@ -39,10 +40,10 @@ def sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- kill -9, then re-run
 
 
-def start_cli(source: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+def start_cli(source: Path, workdir: Path, *extra: str, train: tuple[str, ...] = KILLABLE) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.Popen(
-        [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(workdir), *QUICK, *extra],
+        [sys.executable, "flows/full.py", "--source", str(source), "--workdir", str(workdir), *QUICK, *train, *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # the kill reaches every process of the run
     )
@@ -240,7 +241,7 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 
 def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp_path):
     workdir = tmp_path / "work"
-    train = {"epochs": 3, "patience": 3}
+    train = {"epochs": 2, "patience": 2}
     summary = full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
     index_uri = summary["shards_index"]
     entry = shard_files.read_index(index_uri)["shards"][0]
@@ -262,7 +263,8 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp
 def test_two_flows_registering_at_once_get_distinct_versions(small_source, tmp_path):
     registry = tmp_path / "registry"
     runs = [
-        start_cli(small_source, tmp_path / f"work{i}", "--registry", str(registry), "--seed", str(i))
+        start_cli(small_source, tmp_path / f"work{i}", "--registry", str(registry), "--seed", str(i),
+                  train=("--epochs", "2", "--train.patience", "2"))
         for i in range(2)
     ]
     for run in runs:

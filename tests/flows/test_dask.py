@@ -13,7 +13,7 @@ from pneumo.download import build_manifest
 from pneumo.manifest import save_manifest
 from tests.helpers import shard_stage
 
-SHARD_SIZE = 120  # ~500 images: several shards per worker
+SHARD_SIZE = 30  # 160 films: about 6 shards, several per worker
 
 
 def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) -> tuple[shard_files.IndexRef, int]:
@@ -31,14 +31,14 @@ def run_shard_stage(source: Path, workdir: Path, runner: str, **runner_options) 
     return stage(), n_shards
 
 
-def test_two_dask_worker_processes_write_the_same_shards_as_one_thread(subset_source, tmp_path):
-    sequential, n_shards = run_shard_stage(subset_source, tmp_path / "sequential", "threads", workers=1)
+def test_two_dask_worker_processes_write_the_same_shards_as_one_thread(small_source, tmp_path):
+    sequential, n_shards = run_shard_stage(small_source, tmp_path / "sequential", "threads", workers=1)
 
     cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0")
     try:
         with Client(cluster) as client, get_task_stream(client) as stream:
             on_dask, _ = run_shard_stage(
-                subset_source, tmp_path / "dask", "dask", dask_address=cluster.scheduler_address
+                small_source, tmp_path / "dask", "dask", dask_address=cluster.scheduler_address
             )
         # Dask keys are the task function's name plus a hash.
         ran_on = [task["worker"] for task in stream.data if task["key"].startswith("write_shard-")]

@@ -22,12 +22,13 @@ from tests.helpers import task_states
 pytestmark = pytest.mark.xdist_group("test_full_flow")
 
 TASKS = ("download", "size-percentiles", "write-shard", "write-shard-index", "train-evaluate-register")
-QUICK = {"epochs": 8, "patience": 8}
+QUICK = {"epochs": 2, "patience": 2}  # no assertion here depends on how well the model learns
+SHARD_SIZE = 40  # several shards per split of the 160-film source
 
 
 def run(source: Path, workdir: Path, runner: str = "threads", **train):
     state = full(
-        source=str(source), workdir=str(workdir), run={"shard_size": 150, "runner": runner, "workers": 2},
+        source=str(source), workdir=str(workdir), run={"shard_size": SHARD_SIZE, "runner": runner, "workers": 2},
         train={**QUICK, **train},  # the default recipe's, with fewer epochs
         return_state=True,
     )
@@ -40,13 +41,13 @@ def sha256(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_run(subset_source, tmp_path_factory):
+def first_run(small_source, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workdir")
-    summary, states = run(subset_source, workdir, runner="processes")
+    summary, states = run(small_source, workdir, runner="processes")
     return workdir, summary, states
 
 
-def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source):
+def test_first_run_registers_v0001_with_a_complete_card(first_run, small_source):
     workdir, summary, states = first_run
     assert {name: set(s) for name, s in states.items() if name in TASKS} == {name: {"Completed"} for name in TASKS}
     card_path = workdir / "registry" / "tinynet" / "v0001" / "card.json"
@@ -80,7 +81,7 @@ def test_first_run_registers_v0001_with_a_complete_card(first_run, subset_source
         for name in path:
             assert isinstance(value, dict) and name in value, path
             value = value[name]
-    assert card["config"]["source"] == str(subset_source) and card["recipe"] == card["config"]["run"]["recipe"]
+    assert card["config"]["source"] == str(small_source) and card["recipe"] == card["config"]["run"]["recipe"]
     # The weights load safely and predict.
     state_dict = torch.load(card_path.parent / "model.pt", weights_only=True)
     model = TinyNet()
@@ -106,9 +107,9 @@ def test_first_run_card_has_cis_history_threshold_and_pictures_beside_it(first_r
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_input_image_is_accounted_for(first_run, subset_source):
+def test_every_input_image_is_accounted_for(first_run, small_source):
     workdir, summary, _ = first_run
-    inputs = sorted(p.relative_to(subset_source).as_posix() for p in subset_source.rglob("*") if p.is_file())
+    inputs = sorted(p.relative_to(small_source).as_posix() for p in small_source.rglob("*") if p.is_file())
     manifest = load_manifest(summary["manifest"])
     index = shard_files.read_index(summary["shards_index"])
     in_shards = []
@@ -123,16 +124,16 @@ def test_every_input_image_is_accounted_for(first_run, subset_source):
         assert not train_patients & set(shard_files.load_split(summary["shards_index"], split).patient_ids)
 
 
-def test_identical_rerun_is_fully_cached(first_run, subset_source):
+def test_identical_rerun_is_fully_cached(first_run, small_source):
     workdir, summary, _ = first_run
-    again, states = run(subset_source, workdir)
+    again, states = run(small_source, workdir)
     assert {name: set(s) for name, s in states.items() if name in TASKS} == {name: {"Cached"} for name in TASKS}
     assert again["card"] == summary["card"]
 
 
-def test_changing_only_epochs_reruns_only_training(first_run, subset_source):
+def test_changing_only_epochs_reruns_only_training(first_run, small_source):
     workdir, summary, _ = first_run
-    again, states = run(subset_source, workdir, epochs=QUICK["epochs"] + 1)
+    again, states = run(small_source, workdir, epochs=QUICK["epochs"] + 1)
     upstream = [name for name in TASKS if name != "train-evaluate-register"]
     assert {name: set(states[name]) for name in upstream} == {name: {"Cached"} for name in upstream}
     assert states["train-evaluate-register"] == ["Completed"]
@@ -140,19 +141,19 @@ def test_changing_only_epochs_reruns_only_training(first_run, subset_source):
     assert json.loads(Path(again["card"]).read_text())["config"]["train"]["epochs"] == QUICK["epochs"] + 1
 
 
-def test_a_deleted_shard_is_rebuilt_identically(first_run, subset_source):
+def test_a_deleted_shard_is_rebuilt_identically(first_run, small_source):
     workdir, summary, _ = first_run
     index = shard_files.read_index(summary["shards_index"])
     folder = Path(summary["shards_index"]).parent
     victim = folder / index["shards"][0]["name"]
     before = sha256(str(victim))
     victim.unlink()
-    run(subset_source, workdir)
+    run(small_source, workdir)
     assert victim.exists()
     assert sha256(str(victim)) == before
 
 
-def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path, monkeypatch, first_run):
+def test_a_transient_error_is_retried_to_the_same_shards(small_source, tmp_path, monkeypatch, first_run):
     _, clean, _ = first_run
     real = features.read_verified
     failed = []
@@ -165,7 +166,7 @@ def test_a_transient_error_is_retried_to_the_same_shards(subset_source, tmp_path
         return real(root, record)
 
     monkeypatch.setattr(features, "read_verified", flaky)
-    summary, states = run(subset_source, tmp_path / "w", runner="threads")
+    summary, states = run(small_source, tmp_path / "w", runner="threads")
     assert failed, "the fault was never injected"
     assert "Failed" not in states["write-shard"]
     assert sorted(states["write-shard"]).count("Completed") == len(states["write-shard"])
@@ -208,10 +209,10 @@ def _pneumo_runs(*args: str):
     return subprocess.run(pneumo_command("runs", *args), env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_the_final_state_and_run_summary_say_what_was_registered(first_run, subset_source):
+def test_the_final_state_and_run_summary_say_what_was_registered(first_run, small_source):
     workdir, summary, _ = first_run
-    where = {"source": str(subset_source), "workdir": str(workdir)}
-    run = {"shard_size": 150, "runner": "threads", "workers": 2}
+    where = {"source": str(small_source), "workdir": str(workdir)}
+    run = {"shard_size": SHARD_SIZE, "runner": "threads", "workers": 2}
     cached = full(**where, run=run, train=QUICK, return_state=True)
     assert cached.message.startswith("nothing new registered (cache hit;") and "--retrain to train anyway" in cached.message
     assert cached.result()["registered"] is False and cached.result()["version"] == summary["version"]

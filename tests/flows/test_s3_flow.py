@@ -26,7 +26,7 @@ SECRET = "pneumo-secret-" + uuid.uuid4().hex
 
 def run(source, workdir, **options):
     state = full(
-        source=str(source), workdir=workdir, shard_size=150, train={"epochs": 8, "patience": 8},
+        source=str(source), workdir=workdir, shard_size=40, train={"epochs": 2, "patience": 2},
         runner="processes", workers=2, return_state=True, **options,
     )
     assert state.is_completed(), state.message
@@ -34,13 +34,13 @@ def run(source, workdir, **options):
 
 
 @pytest.fixture(scope="module")
-def s3_runs(s3_endpoint, subset_source):
+def s3_runs(s3_endpoint, small_source):
     """First run, identical second run, then a forced retrain; all on one fresh bucket."""
     with pytest.MonkeyPatch.context() as env:
         bucket = use_s3_endpoint(env, s3_endpoint, KEY_ID, SECRET)
         workdir = f"s3://{bucket}/work"
         try:
-            runs = [run(subset_source, workdir), run(subset_source, workdir), run(subset_source, workdir, retrain=True)]
+            runs = [run(small_source, workdir), run(small_source, workdir), run(small_source, workdir, retrain=True)]
             yield workdir, runs
         finally:
             storage._s3_client.cache_clear()
