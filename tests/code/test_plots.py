@@ -69,9 +69,8 @@ def test_every_picture_is_a_valid_png(pngs):
         assert_valid_png(data)
 
 
-def test_pictures_are_fast_and_deterministic(pngs):
-    out, seconds, (preds, history, shift) = pngs
-    assert seconds < 3.0
+def test_pictures_are_deterministic(pngs):
+    out, _, (preds, history, shift) = pngs  # their time is a benchmark's figure, not a test's (benchmarks/README.md)
     assert plots.render_all(preds, 0.5, history, best_epoch=40, shift=shift) == out
 
 
