@@ -165,17 +165,19 @@ def run_pneumo(*args: str) -> subprocess.CompletedProcess:
 
 
 def cached_tasks() -> list:
-    """Every task in tasks/ (all of them are cached across runs)."""
+    """Every task in tasks/ that is cached across runs (all but those declared NO_CACHE, such as the drift checks,
+    whose events must fire on every run)."""
     import importlib
     import pkgutil
 
     import tasks
     from prefect import Task
+    from prefect.cache_policies import NO_CACHE
 
     found = {}
     for module in pkgutil.iter_modules(tasks.__path__):
         for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
-            if isinstance(value, Task):
+            if isinstance(value, Task) and value.cache_policy is not NO_CACHE:
                 found[value.name] = value
     return list(found.values())
 

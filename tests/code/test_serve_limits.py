@@ -245,8 +245,8 @@ def test_under_an_address_space_limit_big_decodes_get_413_or_503_never_500(serve
     """Issue 23 item 6: under `prlimit --as=1.5G`, 4 concurrent 7000 x 7000 RGB PNGs: 3 of 4 got
     500 (MemoryError), the decode budget taken from RAM (2 GB here: two decodes at once). Now the
     default budget comes from the address space left (one such decode does not fit: 413 saying
-    so); and with a budget set too high, the MemoryError is a 503 with Retry-After (one request:
-    even alone, this decode does not fit in 1.5 GB here)."""
+    so); and with a budget set too high, the MemoryError is a 503 with Retry-After (four at once
+    do not fit in 1.5 GB)."""
     _, _, generous = serve("--max-pixels", "60000000", "--decode-memory", "4000", address_space=int(1.5 * GB), wait=False)
     _, _, port = serve("--max-pixels", "60000000", address_space=int(1.5 * GB))
     wait_for_port(generous, timeout=60)
@@ -259,8 +259,11 @@ def test_under_an_address_space_limit_big_decodes_get_413_or_503_never_500(serve
     assert all("too large to decode: needs about" in text for status, _, text in answers if status == 413)
     assert budgets and max(budgets) <= 768, answers  # at most half of 1.5 GB, not the 2 GB from RAM
 
-    ((status, headers, text),) = post_at_once(generous, "/predict", [png_7000], "image/png")
-    assert status == 503 and headers.get("retry-after") == "5" and "out of memory" in text, (status, headers, text)
+    # Four at once past what 1.5 GB holds (one alone may fit, depending on what the process has mapped).
+    answers = post_at_once(generous, "/predict", [png_7000] * 4, "image/png")
+    assert all(status == 200 or (status == 503 and headers.get("retry-after") == "5" and "out of memory" in text)
+               for status, headers, text in answers), answers
+    assert any(status == 503 for status, _, _ in answers), answers
     assert httpx.get(f"http://127.0.0.1:{generous}/health", timeout=10).status_code == 200
 
 

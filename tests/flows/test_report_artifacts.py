@@ -103,7 +103,7 @@ def test_names_in_the_quarantine_and_prediction_artifacts_are_shown_as_written(t
     entries = [QuarantineEntry(relpath=f"train/NORMAL/{hostile}.jpeg", stage="decode", reason=f"cannot read {workdir}/x")]
     skipped = [SkippedEntry(relpath=f"__MACOSX/{hostile}", reason="OS metadata")]
     row = {"relpath": f"NORMAL/{hostile}.jpeg", "probability": 0.2, "label": "NORMAL", "threshold": 0.5, "warnings": "",
-           "true_label": "NORMAL", "error": None}
+           "true_label": "NORMAL", "distance": 12.5, "error": None}
     summary = {"input": str(tmp_path / f"in{hostile}"), "predictions": f"{workdir}/p.csv", "model": "tinynet v0001",
                "predicted": {"NORMAL": 1, "PNEUMONIA": 0}, "files": 1, "scored": 1, "quarantined": 0, "with_warnings": 0}
 
