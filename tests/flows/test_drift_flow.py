@@ -10,8 +10,9 @@ from tests.flows.test_predict_flow import artifact_keys
 from tests.predict_helpers import negative_films, register_with_reference
 
 
-def events_named(name: str, resource_id: str, wait: float = 60.0) -> list:
-    """The session server's events of that name and resource (the server stores them a moment after they arrive)."""
+def events_named(name: str, resource_id: str, source: str, wait: float = 60.0) -> list:
+    """The session server's events of that name and resource about ``source`` (the server stores them a moment after
+    they arrive; other tests' registries also hold a tinynet v0001, so the source tells this test's events apart)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
@@ -19,7 +20,7 @@ def events_named(name: str, resource_id: str, wait: float = 60.0) -> list:
     deadline = time.monotonic() + wait
     while True:
         with get_client(sync_client=True) as client:
-            found = client.read_events(filter=wanted, limit=50).events
+            found = [e for e in client.read_events(filter=wanted, limit=50).events if e.payload.get("source") == source]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(1)
@@ -38,6 +39,6 @@ def test_a_drifted_batch_is_flagged_in_the_summary_an_artifact_and_two_events(sh
     assert "drift check: drift (against tinynet v0001)" in state.message
     assert "drift-check" in artifact_keys(state.state_details.flow_run_id)
     resource_id = f"pneumo.model.tinynet.{version}"
-    [detected] = [e for e in events_named("pneumo.drift.detected", resource_id) if e.payload["source"] == str(films)]
+    [detected] = events_named("pneumo.drift.detected", resource_id, str(films))
     assert detected.resource["pneumo.drift.origin"] == "batch" and detected.payload["p_values"] == record["p_values"]
-    assert [e for e in events_named("pneumo.drift.checked", resource_id) if e.payload["source"] == str(films)]
+    assert events_named("pneumo.drift.checked", resource_id, str(films))
