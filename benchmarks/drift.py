@@ -59,6 +59,8 @@ def load_splits(source: Path, workdir: Path, renditions: int) -> tuple[dict[str,
             relpaths=[r for p in parts for r in p.relpaths], patient_ids=[i for p in parts for i in p.patient_ids],
             renditions=np.concatenate([p.renditions for p in parts]),
             shift={name: np.concatenate([p.shift[name] for p in parts]) for name in (parts[0].shift or {})},
+            borders=None if parts[0].borders is None else np.concatenate([p.borders for p in parts]),
+            shift_borders={name: np.concatenate([p.shift_borders[name] for p in parts]) for name in parts[0].shift_borders},
         )
     return data, transform
 
@@ -79,13 +81,13 @@ def possible(labels: np.ndarray, n: int, share: float) -> bool:
 
 
 def rates(ref, features: np.ndarray, scores: np.ndarray, labels: np.ndarray, n: int, draws: int, name: str,
-          share: float | None = None) -> dict:
+          share: float | None = None, borders: np.ndarray | None = None) -> dict:
     """Share of ``draws`` seeded batches of ``n`` with verdict drift (and warn or worse), and each test's share."""
     verdicts, fired = [], {test: 0 for test in drift.TESTS}
     for seed in range(draws):
         rng = np.random.default_rng([seed, n, zlib.crc32(name.encode())])
         rows = draw(rng, labels, n, share)
-        report = drift.check(ref, features[rows], scores[rows])
+        report = drift.check(ref, features[rows], scores[rows], borders=None if borders is None else borders[rows])
         verdicts.append(report.verdict)
         if report.verdict == "drift":
             for test in report.fired:
@@ -152,23 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     data, transform = load_splits(args.source, args.workdir, args.renditions)
     tr, val, test = data["train"], data["val"], data["test"]
     result = train(tr.features, tr.labels, val.features, val.labels, TrainConfig(epochs=args.epochs))
-    ref = reference.build(tr.features[tr.renditions == 0], predict_proba(result.state_dict, val.features),  # as registration
-                          grid=transform.grid, slope_part=transform.pooling.index("mean"), val_features=val.features)
+    films = tr.originals()
+    ref = reference.build(films.features, predict_proba(result.state_dict, val.features),  # as registration
+                          grid=transform.grid, slope_part=transform.pooling.index("mean"), val_features=val.features,
+                          train_borders=films.borders)
     print(f"data and model ready in {time.perf_counter() - started:.0f} s: {int((tr.renditions == 0).sum())} train films "
           f"({len(tr.labels)} rows), {len(val.labels)} val, {len(test.labels)} test; reference "
           f"{len(ref.to_json()) / 1000:.1f} kB", file=sys.stderr)
 
     probs = {"clean": predict_proba(result.state_dict, test.features)}
     share = float(test.labels.mean())
-    results: dict = {"same period": {n: rates(ref, test.features, probs["clean"], test.labels, n, args.draws, "same")
-                                     for n in SIZES}}
+    results: dict = {"same period": {n: rates(ref, test.features, probs["clean"], test.labels, n, args.draws, "same",
+                                               borders=test.borders) for n in SIZES}}
     for factor in (0.7, 1.3):
         name = f"PNEUMONIA share x{factor} ({share:.2f} -> {share * factor:.2f})"
-        results[name] = {n: rates(ref, test.features, probs["clean"], test.labels, n, args.draws, name, share * factor)
-                         for n in SIZES if possible(test.labels, n, share * factor)}
+        results[name] = {n: rates(ref, test.features, probs["clean"], test.labels, n, args.draws, name, share * factor,
+                                  borders=test.borders) for n in SIZES if possible(test.labels, n, share * factor)}
     for name in shift.NAMES if args.all_shifts else REQUIRED_SHIFTS:
         scores = predict_proba(result.state_dict, test.shift[name])
-        results[name] = {n: rates(ref, test.shift[name], scores, test.labels, n, args.draws, name) for n in SIZES}
+        results[name] = {n: rates(ref, test.shift[name], scores, test.labels, n, args.draws, name,
+                                  borders=test.shift_borders.get(name)) for n in SIZES}
     figures = {"results": results, "speed": speed(ref, result.state_dict, transform, args.source, test.relpaths[:500],
                                                   test.features[:500]),
                "draws": args.draws, "reference_kb": len(ref.to_json()) / 1000, "load": os.getloadavg()}

@@ -19,6 +19,13 @@ precision, the val films' distances and scores). Five questions, each with a p-v
   (a change of case mix moves it even when each film looks familiar).
 - ``ood``: the share of films past the out-of-distribution cut-off, against the val films'
   share (a binomial test).
+- ``borders``: with a recipe that trims padding, a barred film's features are the film's own,
+  so the four tests above cannot see a scanner's letterbox or pillarbox bars. The transform
+  says how much it trimmed (``Resampler.borders``: the share of rows and of columns); the
+  share of films with rows trimmed, and with columns trimmed, are each compared with the
+  training films' by Fisher's exact test, the smaller p-value doubled (Bonferroni over the two).
+  Not run (``not_run`` says why) when the reference has no border figures (built before the
+  test, or a recipe that trims nothing) or the films' figures are not given.
 
 Each test treats the reference as a sample of its own (KS and Hotelling on the effective
 size n*m/(n+m)). The verdict comes from the smallest p-value times the number of tests
@@ -49,7 +56,8 @@ WARN_ALPHA = 0.05
 TOP_FEATURES = 5  # the most-moved features named in the figures
 
 Verdict = Literal["none", "warn", "drift", "too few films"]
-TESTS = ("features", "joint", "distance", "scores", "ood")
+TESTS = ("features", "joint", "distance", "scores", "ood", "borders")
+AXES = ("rows", "columns")  # the two figures of a film's trimmed padding
 
 
 class FeatureDrift(BaseModel):
@@ -77,6 +85,9 @@ class DriftReport(BaseModel):
     reference_score_median: Optional[float] = None
     ood_share: Optional[float] = None
     reference_ood_share: Optional[float] = None
+    border_shares: Optional[tuple[float, float]] = None  # films with rows, and with columns, trimmed as padding
+    reference_border_shares: Optional[tuple[float, float]] = None
+    not_run: dict[str, str] = {}  # a test left out, and why
 
     def lines(self) -> list[str]:
         """The verdict first, then the figures: what ``pneumo drift`` prints."""
@@ -86,7 +97,8 @@ class DriftReport(BaseModel):
         out.append(f"films: {self.n_films} (reference: {self.reference_films} training films)")
         for name in TESTS:
             p = self.p_values.get(name)
-            out.append(f"{name:<9} p = {'n/a' if p is None else f'{p:.3g}'}{'  <- fired' if name in self.fired else ''}")
+            why = f"  (not run: {self.not_run[name]})" if name in self.not_run else ""
+            out.append(f"{name:<9} p = {'n/a' if p is None else f'{p:.3g}'}{'  <- fired' if name in self.fired else ''}{why}")
         out.append(f"features drifted (BH-adjusted p < {DRIFT_ALPHA}): {self.features_drifted} of {len(self.feature_ks)}")
         for feature in self.top_features:
             out.append(f"  {feature.name}: KS {feature.ks:.3f}, adjusted p {feature.p_adjusted:.3g}")
@@ -98,6 +110,10 @@ class DriftReport(BaseModel):
             out.append(f"PNEUMONIA probability, mean: {self.score_mean:.3f} (val films' median: {_num(self.reference_score_median)})")
         if self.ood_share is not None:
             out.append(f"past the OOD cut-off: {self.ood_share:.1%} (val films: {_num(self.reference_ood_share, '.1%')})")
+        if self.border_shares is not None and self.reference_border_shares is not None:
+            mine, theirs = self.border_shares, self.reference_border_shares
+            out.append(f"padding trimmed: rows of {mine[0]:.1%}, columns of {mine[1]:.1%} of the films "
+                       f"(training films: {theirs[0]:.1%}, {theirs[1]:.1%})")
         return out
 
 
@@ -175,14 +191,38 @@ def _ood_test(share_past: float, n: int, reference_share: float, m: int) -> floa
     return float(binom.sf(round(share_past * n) - 1, n, expected))
 
 
+def border_test(reference: Reference, borders: Optional[np.ndarray], n: int) -> tuple[Optional[float], dict]:
+    """(p-value, figures) of the border test; (None, {"not_run": why}) when it cannot be run."""
+    from scipy.stats import fisher_exact
+
+    if reference.border_shares is None or not reference.n_border_films:
+        return None, {"not_run": {"borders": "the reference has no padding figures (built before the border test, "
+                                             "or by a recipe that trims no padding)"}}
+    if borders is None:
+        return None, {"not_run": {"borders": "the films' padding figures were not given"}}
+    borders = np.asarray(borders, dtype=np.float64)
+    if borders.shape != (n, 2) or not np.isfinite(borders).all():
+        raise ValueError(f"borders of shape {borders.shape}: expected ({n}, 2), one pair of shares per film")
+    shares = (borders > 0).mean(axis=0)
+    m = reference.n_border_films
+    p = []
+    for share, theirs in zip(shares, reference.border_shares):
+        mine_k, theirs_k = int(round(share * n)), int(round(theirs * m))
+        p.append(float(fisher_exact([[mine_k, n - mine_k], [theirs_k, m - theirs_k]])[1]))
+    figures = {"border_shares": tuple(float(v) for v in shares), "reference_border_shares": reference.border_shares}
+    return min(1.0, len(AXES) * min(p)), figures
+
+
 def check(
     reference: Reference,
     features: np.ndarray,
     scores: Optional[np.ndarray] = None,
     names: Optional[list[str]] = None,
+    borders: Optional[np.ndarray] = None,
 ) -> DriftReport:
     """The verdict on a batch: ``features`` (n, n_features) from the version's own transform, ``scores``
-    its PNEUMONIA probabilities of them (None: the score test is left out)."""
+    its PNEUMONIA probabilities of them (None: the score test is left out), ``borders`` (n, 2) the
+    share of each film's rows and columns its transform trimmed as padding (None: no border test)."""
     from pneumo import reference as references
 
     features = np.asarray(features, dtype=np.float64)
@@ -210,6 +250,8 @@ def check(
         past = float(np.mean(distances > reference.ood_cutoff))
         p_values["ood"] = _ood_test(past, n, reference.ood_share, reference.n_val)
         figures.update(ood_share=past, reference_ood_share=reference.ood_share)
+    p_values["borders"], border_figures = border_test(reference, borders, n)
+    figures.update(border_figures)
     tests = {name: p for name, p in p_values.items() if p is not None}
     factor = len(tests)
     fired_drift = [name for name, p in tests.items() if p * factor < DRIFT_ALPHA]
@@ -275,12 +317,13 @@ def comparable(theirs: TransformConfig, ours: TransformConfig) -> bool:
 
 def check_version(
     registry: str, model_name: str, version: str, features: np.ndarray, scores: Optional[np.ndarray] = None,
-    transform: Optional[TransformConfig] = None, picture: bool = True,
+    transform: Optional[TransformConfig] = None, picture: bool = True, borders: Optional[np.ndarray] = None,
 ) -> Outcome:
     """``features`` (and ``scores``, the version's own) checked against the version's reference.
 
     ``transform`` is the one that made ``features`` when it is not the version's own (a retrain's
-    new data): the check needs the same features. No reference, or another transform: an Outcome
+    new data): the check needs the same features. ``borders``: the films' trimmed padding (``check``).
+    No reference, or another transform: an Outcome
     with the one line that says so."""
     from pneumo import plots, registry as reg
     from pneumo.reference import load_reference
@@ -298,7 +341,7 @@ def check_version(
     elif transform is not None and not comparable(own, transform):
         outcome.message = f"{model_name} {version} was trained on other features (another transform): not comparable"
     else:
-        outcome.report = check(reference, features, scores, names=feature_names(own))
+        outcome.report = check(reference, features, scores, names=feature_names(own), borders=borders)
         if picture and outcome.report.verdict != "too few films":
             outcome.picture = plots.drift_picture(outcome.report.feature_ks, own.grid, reference.score_quantiles, scores)
     return outcome
@@ -318,9 +361,9 @@ def check_source(source: str, registry: str, model_name: str, version: Optional[
     if not paths:
         raise ValueError(f"no files found in {source}")
     predictor = predict.Predictor.from_registry(registry, model_name, version=version)
-    predictions, features = predictor.predict_with_features(paths)
+    predictions, features, borders = predictor.predict_with_features(paths)
     scores = np.array([p.probability for p in predictions if p.ok])
-    return check_version(registry, model_name, version, features, scores)
+    return check_version(registry, model_name, version, features, scores, borders=borders)
 
 
 def _no_reference(registry: str, model_name: str, version: str) -> Optional[str]:

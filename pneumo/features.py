@@ -21,7 +21,7 @@ from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray
 from pneumo.manifest import ImageRecord, QuarantineEntry
 from pneumo.shard_files import ShardData
-from pneumo.transform import Resampler, featurize
+from pneumo.transform import Resampler, borders, featurize
 
 # Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
 IN_MEMORY_BYTES = 64 << 20
@@ -72,7 +72,9 @@ def featurize_record(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, np.ndarray]]:
     """One image's rows (itself, then its renditions when it is a train image), its shift-suite
     rows (val and test), its stress rows (val), and with test-time views, its views' rows (val and
-    test: ``views``) and those of its stress rows (val: ``stress_views``).
+    test: ``views``) and those of its stress rows (val: ``stress_views``). A recipe that trims
+    padding adds ``borders`` (the share of rows and columns trimmed, one pair per row) and, with
+    the shift suite, ``shift_borders`` (one pair per shift): what a drift check sees of bars.
 
     ``data`` is the file's verified bytes (``read_verified``); each decode reads it from its start.
 
@@ -81,13 +83,20 @@ def featurize_record(
     """
     renditions = config.renditions if split == "train" else 0
     shifts, stress, viewed = with_shifts(config, split), with_stress(config, split), with_views(config, split)
-    if config.method != "resample" or not (renditions or shifts or viewed):
+    if config.method != "resample" or not (renditions or shifts or viewed or config.trim_padding):
         rows = featurize(data, config)[None]
         gray = decode_gray(data, config) if shifts else None
     else:
         gray = decode_gray(data, config)
         rows = augment.rendition_features(gray, config, record.sha256, renditions)
     view_rows = {}
+    if config.trim_padding:  # the same decode's border scan again: cheap beside the resampling
+        view_rows["borders"] = np.tile(borders(gray, config), (len(rows), 1))
+    shift_rows = None
+    if shifts:
+        shift_rows, shift_borders = shift.shift_rows(gray, config, record.sha256)
+        if config.trim_padding:
+            view_rows["shift_borders"] = shift_borders
     if viewed:
         picture = Resampler(gray, config)
         view_rows["views"] = views.view_features(picture, config, record.sha256)
@@ -95,7 +104,7 @@ def featurize_record(
             view_rows["stress_views"] = views.jittered_view_features(picture, config, record.sha256, shift.stress_jitters(config, record.sha256))
     return (
         rows,
-        shift.shift_features(gray, config, record.sha256) if shifts else None,
+        shift_rows,
         shift.stress_features(gray, config, record.sha256) if stress else None,
         view_rows,
     )
@@ -113,7 +122,7 @@ def featurize_records(
     ``progress(done, total)`` is called after every image.
     """
     features, kept, quarantine, shifted, stressed = [], [], [], [], []
-    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": []}
+    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": [], "borders": [], "shift_borders": []}
     for done, record in enumerate(records, start=1):
         try:
             with read_verified(root, record) as data:
@@ -148,6 +157,11 @@ def _rows(
     if with_stress(config, split):
         stress = np.stack(stressed) if stressed else np.zeros((0, shift.STRESS_RENDITIONS, n_features), np.float32)
     joined = {}
+    if config.trim_padding:
+        joined["borders"] = np.concatenate(viewed["borders"]) if viewed["borders"] else np.zeros((0, 2), np.float32)
+        if shift_rows:
+            stacked = np.stack(viewed["shift_borders"], axis=1) if viewed["shift_borders"] else np.zeros((len(shift.NAMES), 0, 2), np.float32)
+            joined["shift_borders"] = dict(zip(shift.NAMES, stacked))
     if with_views(config, split):
         k, jitters = config.views.count, shift.STRESS_RENDITIONS
         joined["views"] = np.stack(viewed["views"]) if viewed["views"] else np.zeros((0, k, n_features), np.float32)

@@ -270,19 +270,25 @@ class Predictor:
     def rows(self, data: bytes) -> tuple[np.ndarray, list[str]]:
         """(1 + views, n_features): the film's row, then its test-time views' (decoded once, then
         resampled); and its warnings, the distance from the training rows' among them."""
+        return self.film(data)[:2]
+
+    def film(self, data: bytes) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """``rows``'s, and the share of the film's rows and of its columns trimmed as padding
+        (``Resampler.borders``; 0, 0 when the transform trims nothing): the drift check's border figures."""
+        borders = np.zeros(2, np.float32)
         if self.config.method == "resample":
             # featurize's own three steps, so that the picture's spread is seen before the
             # per-image z-score hides it (a test holds this equal to featurize).
             picture = Resampler(decode_gray(data, self.config), self.config)
-            canvas = picture.canvas()
+            borders, canvas = picture.borders, picture.canvas()
             features, spread = pool_features(canvas, self.config), float(canvas.std())
             if self.config.views.count:
                 viewed = views.view_features(picture, self.config, hashlib.sha256(data).hexdigest())
-                return np.concatenate([features[None], viewed]), self._warnings(data, spread, features)
+                return np.concatenate([features[None], viewed]), self._warnings(data, spread, features), borders
         else:
             features = featurize(data, self.config)
             spread = float(features.std())
-        return features[None], self._warnings(data, spread, features)
+        return features[None], self._warnings(data, spread, features), borders
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """PNEUMONIA probabilities of rows of features: model.onnx on onnxruntime, or model.predict_proba."""
@@ -300,18 +306,20 @@ class Predictor:
         """One Prediction per input, in order; an input that cannot be scored gets its ``error``."""
         return self.predict_with_features(inputs)[0]
 
-    def predict_with_features(self, inputs: Iterable[Input]) -> tuple[list[Prediction], np.ndarray]:
-        """``predict``'s, and the features of the films scored ((scored, n_features), in order): what a drift check reads."""
-        names, rows, results = [], [], []
+    def predict_with_features(self, inputs: Iterable[Input]) -> tuple[list[Prediction], np.ndarray, np.ndarray]:
+        """``predict``'s, and the features of the films scored ((scored, n_features), in order) and their
+        trimmed padding ((scored, 2): ``film``'s borders): what a drift check reads."""
+        names, rows, results, borders = [], [], [], []
         for item in inputs:
             name, data = _read(item)
             prediction = Prediction(name, None, None, self.threshold, self.model)
             try:
                 if isinstance(data, Exception):
                     raise data
-                film, prediction.warnings = self.rows(data)
+                film, prediction.warnings, trimmed = self.film(data)
                 prediction.distance = self.distance(film[0])
                 rows.append(film)
+                borders.append(trimmed)
                 names.append(len(results))
             except (ImageRejected, OSError) as error:
                 prediction.error = str(error) if isinstance(error, ImageRejected) else _os_error(error)
@@ -322,7 +330,9 @@ class Predictor:
             for at, probability in zip(names, self.scores(np.stack(rows)).tolist()):
                 results[at].probability = probability
                 results[at].label = self.labels[int(probability >= self.threshold)]
-        return results, np.stack([film[0] for film in rows]) if rows else np.zeros((0, self.config.n_features), np.float32)
+        if not rows:
+            return results, np.zeros((0, self.config.n_features), np.float32), np.zeros((0, 2), np.float32)
+        return results, np.stack([film[0] for film in rows]), np.stack(borders)
 
     def _warnings(self, data: bytes, spread: float, features: np.ndarray) -> list[str]:
         """Why the image looks unlike the training X-rays: a header read, the picture's spread
@@ -456,8 +466,9 @@ def cached_predictor(registry: str, model_name: str, version: str) -> Predictor:
 def score_inputs(registry: str, model_name: str, version: str, images: list[InputImage]) -> list[dict[str, Any]]:
     """Rows for the predictions file: relpath, label truth, and the prediction (or its error)."""
     predictor = cached_predictor(registry, model_name, version)
-    scored, features = predictor.predict_with_features([image.path for image in images if image.refused is None])
+    scored, features, borders = predictor.predict_with_features([image.path for image in images if image.refused is None])
     readable, rows = iter(scored), iter(features.round(4).tolist())  # rounded: they travel in the task's result
+    trimmed = iter(borders.round(4).tolist())
     predictions = [
         next(readable) if image.refused is None
         else Prediction(image.path, None, None, predictor.threshold, predictor.model, error=image.refused)
@@ -474,6 +485,7 @@ def score_inputs(registry: str, model_name: str, version: str, images: list[Inpu
             "true_label": None if image.label is None else CLASSES[image.label],
             "error": p.error,
             "features": next(rows) if p.ok else None,  # for the drift check; not in the CSV
+            "borders": next(trimmed) if p.ok else None,  # the padding trimmed, for the drift check; not in the CSV
         }
         for image, p in zip(images, predictions)
     ]

@@ -23,6 +23,11 @@ covers it (``load_reference``).
   (``distance_quantiles``) and their share past the cut-off (``ood_share``); ``n_val`` films.
   The feature quantiles are stored as uint8 steps between each feature's minimum and maximum
   (a KS distance moves by well under 0.01), which keeps the file well under 50 KB.
+- for the drift check's border test, with a recipe that trims padding (``transform.trim_padding``:
+  a barred film's features are the film's own): over the training films, the share with rows
+  trimmed and the share with columns trimmed (``border_shares``), and the quantiles of the
+  trimmed share of rows and of columns (``border_quantiles``); ``n_border_films`` films.
+  None in references built before the test, or by a recipe that trims nothing.
 
 JSON only, never pickle. The precision matrix is stored as its upper triangle, scaled by
 its diagonal to [-1, 1] and rounded to int16 (base64), which keeps the file under 50 KB; the
@@ -72,6 +77,19 @@ class Reference(BaseModel):
     grid: Optional[tuple[int, int]] = Field(None, description="Rows and columns of a pooling part (the slope check's layout)")
     slope_part: int = Field(0, ge=0, description="Which pooling part the slope check reads (the mean-pooled one)")
     slope_cutoff: Optional[float] = Field(None, description=f"The {CUTOFF_QUANTILE}th percentile of the training rows' slope R^2")
+    # For pneumo.drift's border test (None in references built before it, or without trim_padding).
+    n_border_films: Optional[int] = Field(None, ge=1, description="Training films behind border_shares and border_quantiles")
+    border_shares: Optional[tuple[float, float]] = Field(
+        None, description="Share of the training films with rows trimmed as padding, and with columns trimmed")
+    border_quantiles: Optional[tuple[list[float], list[float]]] = Field(
+        None, description="The training films' trimmed share of rows, and of columns, at quantile_levels")
+
+    @field_validator("border_shares")
+    @classmethod
+    def _shares(cls, value: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if value is not None and not all(0.0 <= v <= 1.0 for v in value):
+            raise ValueError(f"border shares must lie in [0, 1], got {value}")
+        return value
 
     @field_serializer("precision", when_used="json")
     def _packed(self, precision: list[list[float]]) -> dict[str, Any]:
@@ -143,10 +161,13 @@ def _rounded(values: np.ndarray, decimals: int = 4) -> list:
 def build(
     train_features: np.ndarray, val_scores: Optional[np.ndarray] = None, *, grid: Optional[tuple[int, int]] = None,
     slope_part: int = 0, val_features: Optional[np.ndarray] = None, seed: int = 0,
+    train_borders: Optional[np.ndarray] = None,
 ) -> Reference:
     """The reference of ``train_features`` (rows x features), with the quantiles of ``val_scores`` if given;
     with ``grid`` (a pooling part's rows and columns; ``slope_part``: which part), the slope check too;
-    with ``val_features`` (the rows of the val films ``val_scores`` scored), the drift check's distances."""
+    with ``val_features`` (the rows of the val films ``val_scores`` scored), the drift check's distances;
+    with ``train_borders`` ((films, 2): each training film's trimmed share of rows and of columns,
+    pneumo.transform.Resampler.borders), the drift check's border figures."""
     from sklearn.covariance import LedoitWolf  # here: prediction reads a reference without scikit-learn
 
     X = np.asarray(train_features, dtype=np.float64)
@@ -174,7 +195,18 @@ def build(
         d = distances(stored, val_features)
         update.update(n_val=len(d), distance_quantiles=_rounded(np.percentile(d, QUANTILE_LEVELS), 4),
                       ood_share=round(float(np.mean(d > update["ood_cutoff"])), 6))
+    if train_borders is not None:
+        update.update(border_figures(train_borders))
     return Reference.from_json(stored.model_copy(update=update).to_json())  # as stored: what a check will read
+
+
+def border_figures(train_borders: np.ndarray) -> dict[str, Any]:
+    """The reference's border fields from the training films' (films, 2) trimmed shares of rows and columns."""
+    b = np.asarray(train_borders, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 2 or not len(b) or not np.isfinite(b).all() or (b < 0).any() or (b > 1).any():
+        raise ValueError(f"borders must be (films, 2) shares in [0, 1], got an array of shape {b.shape}")
+    return {"n_border_films": len(b), "border_shares": tuple(round(float(v), 6) for v in (b > 0).mean(axis=0)),
+            "border_quantiles": tuple(_rounded(np.percentile(b[:, axis], QUANTILE_LEVELS), 4) for axis in (0, 1))}
 
 
 def distances(ref: Reference, X: np.ndarray) -> np.ndarray:

@@ -130,9 +130,11 @@ def train_and_score(
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
     transform = TransformConfig.stored(shard_files.index_config(index_uri)["transform"])
-    ref = reference.build(data["train"].originals().features, evaluation.predictions["val"][1], grid=transform.grid,
+    films = data["train"].originals()
+    ref = reference.build(films.features, evaluation.predictions["val"][1], grid=transform.grid,
                           slope_part=transform.pooling.index("mean") if "mean" in transform.pooling else 0,
-                          val_features=data["val"].features)  # the drift check's yardstick (pneumo.drift)
+                          val_features=data["val"].features,  # the drift check's yardstick (pneumo.drift)
+                          train_borders=films.borders)  # its border test (None: the transform trims nothing)
     logger.info("out-of-distribution cut-off %.2f (Mahalanobis, %.1fth percentile of the training rows)",
                 ref.ood_cutoff, ref.cutoff_quantile)
     return Scored(trained, evaluation, warnings, plots.render_evaluation(evaluation), ref)

@@ -6,7 +6,7 @@ A shard is written by one process into a local temporary file, then uploaded in 
 atomic step, so readers never see half a shard. The same inputs give the same bytes (no
 timestamps), which lets a retry find its finished output and return it unchanged.
 
-Shard contract (SHARD_SCHEMA_VERSION 3):
+Shard contract (SHARD_SCHEMA_VERSION 3, BORDERS_SCHEMA_VERSION 4):
     datasets  features float32 (n, n_features), labels uint8 (n,),
               relpaths and patient_ids UTF-8 strings (n,),
               renditions uint8 (n,): 0 for an image as it is, 1..K for its augmented renditions,
@@ -16,7 +16,10 @@ Shard contract (SHARD_SCHEMA_VERSION 3):
               the stress val (pneumo.shift.stress_features: each image under random strong jitters);
               val and test, with test-time views: view_features float32 (n, n_views, n_features),
               val, with views and the shift suite: stress_view_features float32 (n, n_jitters, n_views, n_features)
-              (pneumo.views: what the card's figures and threshold are scored with)
+              (pneumo.views: what the card's figures and threshold are scored with);
+              with trim_padding (version 4): borders float32 (n, 2), the share of the film's rows and of its
+              columns trimmed as padding (a rendition repeats its film's), and for val and test with the
+              shift suite shift_borders float32 (n_shifts, n, 2) (pneumo.drift's border test)
     attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
               manifest_digest, schema_version, split, number, start, stop,
               quarantine_json (the images of this shard that were refused, with reasons),
@@ -24,6 +27,9 @@ Shard contract (SHARD_SCHEMA_VERSION 3):
 
 Version 2 added renditions and the shift suite, version 3 the stress val; the views' datasets
 are new in version 3 and only in shards of a transform with views; the seed recipe's features are unchanged.
+Version 4 adds the borders, and only shards of a transform that trims padding are version 4
+(``schema_version``): the others keep version 3 and their bytes, while a version 3 shard of a
+trimming transform, which lacks the borders, is written again (its attributes no longer match).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from pneumo.config import SplitConfig, TransformConfig
 from pneumo.manifest import CLASSES, SPLITS, ImageRecord, QuarantineEntry
 
 SHARD_SCHEMA_VERSION = 3  # the layout of a shard and its index (not the card's: registry.CARD_SCHEMA_VERSION)
+BORDERS_SCHEMA_VERSION = 4  # the layout with borders: only for transforms that trim padding (``schema_version``)
 INDEX_NAME = "index.json"
 
 
@@ -95,6 +102,8 @@ class ShardData:
     stress: np.ndarray | None = None  # val: (n, n_jitters, n_features), the stress val; never trained on
     views: np.ndarray | None = None  # val/test with test-time views: (n, n_views, n_features)
     stress_views: np.ndarray | None = None  # val: (n, n_jitters, n_views, n_features), each stress row's views
+    borders: np.ndarray | None = None  # trim_padding: (n, 2), share of rows and columns trimmed; None before schema 4
+    shift_borders: dict[str, np.ndarray] = field(default_factory=dict)  # val/test, trim_padding: shift name -> (n, 2)
 
     def __post_init__(self) -> None:
         if self.renditions is None:
@@ -116,6 +125,8 @@ class ShardData:
             stress=None if self.stress is None else self.stress[keep],
             views=None if self.views is None else self.views[keep],
             stress_views=None if self.stress_views is None else self.stress_views[keep],
+            borders=None if self.borders is None else self.borders[keep],
+            shift_borders={name: rows[keep] for name, rows in self.shift_borders.items()},
         )
 
 
@@ -132,13 +143,18 @@ def index_uri(out_dir: str, manifest_digest: str, transform: TransformConfig, sp
     return storage.join(shard_dir(out_dir, manifest_digest, transform, split_config, shard_size), INDEX_NAME)
 
 
+def schema_version(transform: TransformConfig) -> int:
+    """The shard layout of ``transform``'s shards: 4 (with borders) when it trims padding, else 3."""
+    return BORDERS_SCHEMA_VERSION if transform.trim_padding else SHARD_SCHEMA_VERSION
+
+
 def _spec_attrs(spec: ShardSpec) -> dict:
     """The attributes that identify a shard's contents (not where it or its manifest live)."""
     return {
         "transform": spec.transform.model_dump_json(),
         "split_config": spec.split_config.model_dump_json(),
         "manifest_digest": spec.manifest_digest,
-        "schema_version": SHARD_SCHEMA_VERSION,
+        "schema_version": schema_version(spec.transform),
         "split": spec.split,
         "number": spec.number,
         "start": spec.start,
@@ -188,7 +204,7 @@ def _result(
 
 def _write_h5(
     path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None,
-    stressed=None, views=None, stress_views=None,
+    stressed=None, views=None, stress_views=None, borders=None, shift_borders=None,
 ) -> None:
     """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
     if renditions is None:
@@ -206,7 +222,8 @@ def _write_h5(
             f.attrs["shift_names"] = json.dumps(list(shift.NAMES))
         if stressed is not None:
             f.create_dataset("stress_features", data=stressed, dtype=np.float32, track_times=False)
-        for name, rows in (("view_features", views), ("stress_view_features", stress_views)):
+        for name, rows in (("view_features", views), ("stress_view_features", stress_views), ("borders", borders),
+                           ("shift_borders", shift_borders)):
             if rows is not None:
                 f.create_dataset(name, data=rows, dtype=np.float32, track_times=False)
         for key, value in _spec_attrs(spec).items():
@@ -229,10 +246,11 @@ def write_file(spec: ShardSpec, data: ShardData, quarantine: list[QuarantineEntr
     images of the spec that were refused.
     """
     shifted = np.stack([data.shift[name] for name in shift.NAMES]) if data.shift else None
+    shift_borders = np.stack([data.shift_borders[name] for name in shift.NAMES]) if data.shift_borders else None
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
         _write_h5(local, spec, data.features, data.labels, data.relpaths, data.patient_ids, quarantine, data.renditions,
-                  shifted, data.stress, data.views, data.stress_views)
+                  shifted, data.stress, data.views, data.stress_views, data.borders, shift_borders)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
     return _result(spec, data.labels, data.renditions, sha256, quarantine)
@@ -281,7 +299,7 @@ def write_index(
             counts[result.split][class_name] += count
         quarantine.extend(q.model_dump() for q in result.quarantine)
     index = {
-        "schema_version": SHARD_SCHEMA_VERSION,
+        "schema_version": schema_version(transform),
         "manifest_digest": manifest_digest,
         "transform": transform.model_dump(mode="json"),
         "split_config": split_config.model_dump(mode="json"),
@@ -343,10 +361,12 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                 )
         try:
             with h5py.File(path, "r") as f:
-                shifted = {}
+                shifted, shift_borders = {}, {}
                 if "shift_features" in f:
                     names = json.loads(f.attrs["shift_names"])
                     shifted = dict(zip(names, f["shift_features"][:]))
+                    if "shift_borders" in f:
+                        shift_borders = dict(zip(names, f["shift_borders"][:]))
                 return ShardData(
                     features=f["features"][:],
                     labels=f["labels"][:],
@@ -357,6 +377,8 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     stress=f["stress_features"][:] if "stress_features" in f else None,
                     views=f["view_features"][:] if "view_features" in f else None,
                     stress_views=f["stress_view_features"][:] if "stress_view_features" in f else None,
+                    borders=f["borders"][:] if "borders" in f else None,  # before schema 4, or no trim_padding
+                    shift_borders=shift_borders,
                 )
         except (OSError, KeyError) as error:
             raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
@@ -376,7 +398,8 @@ def load_split(index_uri: str, split: str) -> ShardData:
     labels = np.empty(total, np.uint8)
     renditions = np.empty(total, np.uint8)
     relpaths, patient_ids, shifted, stressed = [], [], {}, []
-    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": []}
+    viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": [], "borders": []}
+    shift_borders: dict[str, list[np.ndarray]] = {}
     at = 0
     for entry in entries:
         # An index names shards in its own folder; anything else is tampering.
@@ -397,6 +420,8 @@ def load_split(index_uri: str, split: str) -> ShardData:
         patient_ids.extend(shard.patient_ids)
         for name, rows in shard.shift.items():
             shifted.setdefault(name, []).append(rows)
+        for name, rows in shard.shift_borders.items():
+            shift_borders.setdefault(name, []).append(rows)
         if shard.stress is not None:
             stressed.append(shard.stress)
         for name, parts in viewed.items():
@@ -411,8 +436,11 @@ def load_split(index_uri: str, split: str) -> ShardData:
         raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the stress val")
     joined = {name: np.concatenate(parts) if parts else None for name, parts in viewed.items()}
     if any(rows is not None and len(rows) != total for rows in joined.values()):
-        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the test-time views")
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the test-time views or the borders")
+    shift_borders = {name: np.concatenate(parts) for name, parts in shift_borders.items()}
+    if any(len(rows) != total for rows in shift_borders.values()):
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the shift suite's borders")
     return ShardData(
         features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted,
-        stress=stress, **joined,
+        stress=stress, shift_borders=shift_borders, **joined,
     )

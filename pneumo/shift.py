@@ -123,7 +123,13 @@ NAMES: tuple[str, ...] = tuple(shift.name for shift in SHIFTS)
 
 def shift_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np.ndarray:
     """(len(SHIFTS), n_features): the decoded picture ``gray`` under every shift, featurized with ``config``."""
-    canvases = []
+    return shift_rows(gray, config, sha256)[0]
+
+
+def shift_rows(gray: np.ndarray, config: TransformConfig, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+    """``shift_features``, and (len(SHIFTS), 2) the share of rows and columns each shift's picture had trimmed as
+    padding (``Resampler.borders``: the bars of letterbox and pillarbox, which the features do not show)."""
+    canvases, borders = [], []
     plain = Resampler(gray, config)  # set up once for every geometric and exposure shift
     for number, shift in enumerate(SHIFTS):
         picture = plain
@@ -131,7 +137,8 @@ def shift_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np
             rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), number])
             picture = Resampler(shift.pixels(gray, rng), config)
         canvases.append(photometric(picture.canvas(shift.rendition.warp), shift.rendition))
-    return pool_features(np.stack(canvases), config)  # pooled together: one pass instead of 20
+        borders.append(picture.borders)
+    return pool_features(np.stack(canvases), config), np.stack(borders)  # pooled together: one pass instead of 20
 
 
 # The stress val's jitters: the ends of the default recipe's renditions, drawn at random.

@@ -331,9 +331,29 @@ def _flat_band(lines: np.ndarray, most: int) -> int:
 
 def trim_padding(gray: np.ndarray) -> np.ndarray:
     """``gray`` without the flat bands at its borders (``padding``)."""
-    top, bottom, left, right = padding(gray)
+    return _trimmed(gray, padding(gray))
+
+
+def _trimmed(gray: np.ndarray, cut: tuple[int, int, int, int]) -> np.ndarray:
+    top, bottom, left, right = cut
     height, width = gray.shape
     return gray[top : height - bottom, left : width - right]
+
+
+def trimmed_share(gray: np.ndarray, cut: tuple[int, int, int, int]) -> np.ndarray:
+    """float32 (rows, columns): the share of ``gray``'s rows and of its columns that ``cut`` (``padding``'s) removes.
+
+    The features of a trimmed film are the film's own, so this is what shows a scanner's bars to
+    a drift check (pneumo.drift); the reduced decode keeps the shares of the full picture.
+    """
+    top, bottom, left, right = cut
+    height, width = gray.shape
+    return np.array([(top + bottom) / height, (left + right) / width], dtype=np.float32)
+
+
+def borders(gray: np.ndarray, config: TransformConfig) -> np.ndarray:
+    """``Resampler(gray, config).borders`` without the resampler: (0, 0) unless the recipe trims padding."""
+    return trimmed_share(gray, padding(gray)) if config.trim_padding else np.zeros(2, np.float32)
 
 
 class Resampler:
@@ -352,8 +372,12 @@ class Resampler:
     MARGIN = 0.25
 
     def __init__(self, gray: np.ndarray, config: TransformConfig):
+        # borders: the share of rows and of columns trimmed as padding (0, 0 without trim_padding).
+        self.borders = np.zeros(2, np.float32)
         if config.trim_padding:
-            gray = trim_padding(gray)
+            cut = padding(gray)
+            self.borders = trimmed_share(gray, cut)
+            gray = _trimmed(gray, cut)
         self.gray = np.ascontiguousarray(gray, dtype=np.float32)
         self.rows, self.cols = config.grid
         self.out = (self.cols * config.cell_pixels, self.rows * config.cell_pixels)  # (width, height)

@@ -53,7 +53,10 @@ def check_batch(rows: list[dict[str, Any]], registry: str, model_name: str, vers
     """The scored films of a batch against the version's reference: the check's record for the run summary."""
     scored = [row for row in rows if row["error"] is None and row.get("features") is not None]
     features = np.array([row["features"] for row in scored], dtype=np.float64).reshape(len(scored), -1)
-    outcome = drift.check_version(registry, model_name, version, features, np.array([row["probability"] for row in scored]))
+    trimmed = [row.get("borders") for row in scored]
+    borders = None if None in trimmed else np.array(trimmed, dtype=np.float64).reshape(len(scored), 2)
+    outcome = drift.check_version(registry, model_name, version, features, np.array([row["probability"] for row in scored]),
+                                  borders=borders)
     publish(outcome, "batch", source)
     get_run_logger().info("drift check against %s %s: %s", model_name, version, " | ".join(outcome.lines()[:1]))
     return outcome.record()
@@ -67,7 +70,8 @@ def check_training_data(index: shard_files.IndexRef, registry: str, model_name: 
         return None
     transform = TransformConfig.stored(shard_files.index_config(index.uri)["transform"])
     train = shard_files.load_split(index.uri, "train")
-    outcome = drift.check_version(registry, model_name, champion, train.features[train.renditions == 0], transform=transform)
+    films = train.originals()
+    outcome = drift.check_version(registry, model_name, champion, films.features, transform=transform, borders=films.borders)
     publish(outcome, "retrain", source)
     get_run_logger().info("the training films against %s %s: %s", model_name, champion, outcome.lines()[0])
     return outcome.record()

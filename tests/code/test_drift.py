@@ -107,3 +107,83 @@ def test_a_reference_that_cannot_be_read_stops_neither_scoring_nor_training(tmp_
     assert outcome.report is None and outcome.verdict is None
     assert outcome.message.startswith("no drift check: ") and "reference.json" in outcome.message
     assert outcome.record() == {"against": "tinynet v0001", "verdict": None, "message": outcome.message}
+
+
+def _borders(n: int, draw: int, rows: float = 0.2, columns: float = 0.05) -> np.ndarray:
+    """Each film's trimmed share of rows and columns: ``rows`` of the films with a band above or below, ``columns`` at a side."""
+    rng = np.random.default_rng([13, draw])
+    out = np.zeros((n, 2), np.float32)
+    out[:, 0] = np.where(rng.random(n) < rows, rng.uniform(0.01, 0.1, n), 0.0)
+    out[:, 1] = np.where(rng.random(n) < columns, rng.uniform(0.01, 0.1, n), 0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def barred_ref() -> reference.Reference:
+    return reference.build(_films(3000, 0), _scores(600, 1), val_features=_films(600, 1), train_borders=_borders(3000, 0))
+
+
+def _family_kept(report: drift.DriftReport) -> bool:
+    """Whether the verdict's tests are those under DRIFT_ALPHA once every test run is counted (Bonferroni)."""
+    run = {name: p for name, p in report.p_values.items() if p is not None}
+    return report.fired == [name for name, p in run.items() if p * len(run) < drift.DRIFT_ALPHA]
+
+
+def test_bars_the_features_cannot_see_raise_drift_through_the_trimmed_padding(barred_ref):
+    n = 200
+    films, scores = _films(n, 21), _scores(n, 21)  # the films themselves: under trim_padding a barred film's features
+    same = drift.check(barred_ref, films, scores, borders=_borders(n, 21))
+    assert same.verdict == "none" and same.p_values["borders"] > 0.05 and same.not_run == {}
+    assert len([p for p in same.p_values.values() if p is not None]) == 6  # the border test counts in the family
+    letterbox, pillarbox, stopped = _borders(n, 22), _borders(n, 23), np.zeros((n, 2))
+    letterbox[:, 0] += np.random.default_rng(1).uniform(0.11, 0.17, n)  # bars of 6-10 % above and below every film
+    pillarbox[:, 1] += np.random.default_rng(2).uniform(0.11, 0.17, n)
+    for borders, axis in ((letterbox, 0), (pillarbox, 1), (stopped, None)):  # stopped: a site whose films have no bands
+        report = drift.check(barred_ref, films, scores, borders=borders)
+        assert report.verdict == "drift" and report.fired == ["borders"] and _family_kept(report)
+        if axis is not None:
+            assert report.border_shares[axis] == 1.0
+    assert _family_kept(same)
+    lines = drift.check(barred_ref, films, scores, borders=letterbox).lines()
+    assert any(line.startswith("borders") and "fired" in line for line in lines)
+    assert "padding trimmed: rows of 100.0%, columns of " in "\n".join(lines) and "(training films: 20.1%, 5.8%)" in "\n".join(lines)
+    with pytest.raises(ValueError, match="one pair of shares per film"):
+        drift.check(barred_ref, films, scores, borders=letterbox[:, :1])
+
+
+def test_a_reference_without_border_figures_says_the_border_test_was_not_run(ref, barred_ref):
+    films, scores, borders = _films(200, 24), _scores(200, 24), _borders(200, 24)
+    older = drift.check(ref, films, scores, borders=borders)  # a reference built before the border test
+    assert older.p_values["borders"] is None and "reference has no padding figures" in older.not_run["borders"]
+    assert "borders   p = n/a  (not run: the reference has no padding figures" in "\n".join(older.lines())
+    assert len([p for p in older.p_values.values() if p is not None]) == 5 and _family_kept(older)
+    unknown = drift.check(barred_ref, films, scores)
+    assert unknown.p_values["borders"] is None and unknown.not_run == {"borders": "the films' padding figures were not given"}
+    assert drift.event_payload(older)["not_run"] == older.not_run
+
+
+def test_prediction_reads_the_trimmed_padding_of_each_film_it_scores():
+    from pneumo.config import recipe
+    from pneumo.predict import Predictor
+    from tests.predict_helpers import card, state_dict
+
+    transform = recipe("robust3").transform.model_copy(update={"size": (224, 224), "renditions": 0})
+    weights = state_dict(1)
+    predictor = Predictor(weights, card(weights, transform=transform), model_name="tinynet", version="v0001")
+    y, x = np.mgrid[0:200, 0:200] / 200.0
+    film = (np.clip(0.3 + 0.4 * np.sin(9 * x) * np.cos(7 * y) + 0.2 * x, 0, 1) * 255).astype(np.uint8)
+
+    def png(pixels: np.ndarray) -> bytes:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    boxed = np.pad(film, ((25, 25), (0, 0)))  # 50 of 250 rows
+    results, features, borders = predictor.predict_with_features([png(film), png(boxed), b"not an image"])
+    assert [r.ok for r in results] == [True, True, False] and features.shape == (2, 140) and borders.shape == (2, 2)
+    np.testing.assert_allclose(borders, [[0, 0], [0.2, 0]], atol=0.01)
+    np.testing.assert_array_equal(features[0], features[1])  # the features cannot tell them apart

@@ -104,3 +104,56 @@ def test_a_plain_slope_is_flagged_though_its_distance_is_ordinary():
     assert reference.slopes(ref, ramp)[0] == pytest.approx(1.0)
     assert reference.warning(ref, ramp).startswith("out of distribution: its brightness is a plain slope")
     assert sum(reference.warning(ref, row) is not None for row in films) <= 0.004 * len(films)
+
+
+def _trimming_index(folder, n=120) -> str:
+    """``_index``'s shards under a transform that trims padding: a quarter of the train films had rows trimmed, 5 % columns."""
+    from pneumo import shard_files
+    from pneumo.config import SplitConfig, recipe
+
+    rng = np.random.default_rng(4)
+    transform = recipe("robust3").transform.model_copy(update={"size": (224, 224), "renditions": 0})
+    labels = (np.arange(n) % 2).astype(np.uint8)
+    borders = np.zeros((n, 2), np.float32)
+    borders[: n // 4, 0] = 0.1
+    borders[n - n // 20 :, 1] = 0.05
+    results = []
+    for split in ("train", "val", "test"):
+        spec = shard_files.ShardSpec(root=str(folder), manifest_digest="0" * 64, split_config=SplitConfig(), transform=transform,
+                                     split=split, number=0, start=0, stop=n, records=(), uri=str(folder / f"{split}-0000.h5"))
+        ids = [f"{split}{i}" for i in range(n)]
+        features = (rng.normal(size=(n, 140)) + labels[:, None] * 0.8).astype(np.float32)
+        shard_files._write_h5(folder / f"{split}-0000.h5", spec, features, labels, ids, ids, [], borders=borders)
+        results.append(shard_files.ShardResult(uri=spec.uri, split=split, number=0, count=n, class_counts={"NORMAL": n // 2, "PNEUMONIA": n // 2},
+                                               sha256=shard_files._sha256_file(folder / f"{split}-0000.h5")))
+    return shard_files.write_index(results, str(folder / "index.json"), manifest_digest="0" * 64, transform=transform,
+                                   split_config=SplitConfig())
+
+
+def test_the_training_films_trimmed_padding_is_in_the_reference_and_under_the_card(tmp_path):
+    from pneumo import register
+
+    reg = str(tmp_path / "reg")
+    register.train_evaluate_register(_trimming_index(tmp_path), "d" * 64, CONFIG, reg, "tinynet", recipe="robust3")
+    ref = reference.load_reference(reg, "tinynet", "v0001")
+    assert ref.n_border_films == 120 and ref.border_shares == (0.25, 0.05)
+    assert ref.border_quantiles[0][-1] == 0.1 and ref.border_quantiles[1][0] == 0.0 and len(ref.border_quantiles[1]) == 21
+    assert len(ref.to_json()) < 50_000
+    # A changed figure is refused by the card's integrity, as any change of the file is.
+    path = storage.join(reg, "tinynet", "v0001", reference.REFERENCE_NAME)
+    stored = json.loads(storage.read_bytes(path))
+    stored["border_shares"] = [0.9, 0.9]
+    storage.delete(path)
+    storage.write_bytes(path, json.dumps(stored).encode())
+    with pytest.raises(registry.CorruptModel, match="reference.json is corrupt"):
+        reference.load_reference(reg, "tinynet", "v0001")
+
+
+def test_a_reference_written_before_the_border_figures_still_loads():
+    data = json.loads(reference.build(_rows(500)).to_json())
+    for key in ("n_border_films", "border_shares", "border_quantiles"):
+        data.pop(key)  # the file as references were written before the border test
+    older = Reference.from_json(json.dumps(data).encode())
+    assert older.border_shares is None and older.n_border_films is None and older.n_rows == 500
+    with pytest.raises(ValueError, match="borders must be"):
+        reference.build(_rows(500), train_borders=np.full((500, 2), 1.5))

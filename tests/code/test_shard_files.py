@@ -180,3 +180,42 @@ def test_a_flipped_byte_is_detected(shard_dataset):
 
     with pytest.raises(CorruptShard, match="delete it and run the transform again"):
         read_shard(spec.uri, expected_sha256=result.sha256)
+
+
+def test_a_trimming_transform_stores_each_films_trimmed_padding_and_its_older_shards_are_written_again(shard_dataset):
+    from pneumo import shift
+    from pneumo.config import recipe
+    from pneumo.images import decode_gray
+    from pneumo.shard_files import BORDERS_SCHEMA_VERSION, finished_result
+    from pneumo.transform import borders
+
+    manifest, _, out_dir = shard_dataset
+    trimmed = recipe("robust3").transform.model_copy(update={"size": (100, 130), "renditions": 2})
+    specs = plan_shards(manifest, SHARD_SPLIT_CONFIG, trimmed, 100, out_dir)
+    train, test = (next(s for s in specs if s.split == split) for split in ("train", "test"))
+    result = write_shard(train)
+    data = read_shard(train.uri, result.sha256)
+    assert data.borders.dtype == np.float32 and data.borders.shape == (len(data.labels), 2)
+    films = data.originals()
+    for relpath, figure in zip(films.relpaths, films.borders):  # the transform's own figure; a rendition repeats it
+        np.testing.assert_array_equal(figure, borders(decode_gray(Path(train.root) / relpath, trimmed), trimmed))
+        assert (data.borders[[r == relpath for r in data.relpaths]] == figure).all()
+    with h5py.File(train.uri, "r") as f:
+        assert f.attrs["schema_version"] == BORDERS_SCHEMA_VERSION == 4
+    shifted = read_shard(write_shard(test).uri)
+    assert set(shifted.shift_borders) == set(shift.NAMES) and shifted.borders.shape == (len(shifted.labels), 2)
+    assert (shifted.shift_borders["letterbox"][:, 0] > 0.1).all() and (shifted.shift_borders["pillarbox"][:, 1] > 0.1).all()
+    np.testing.assert_array_equal(shifted.shift_borders["zoom_0.9"], shifted.borders)  # a warp trims what the film has
+    # A shard written before the borders (schema 3) is not taken as finished: it is written again, with them.
+    with h5py.File(train.uri, "a") as f:
+        del f["borders"]
+        f.attrs["schema_version"] = SHARD_SCHEMA_VERSION
+    assert read_shard(train.uri).borders is None  # it still reads
+    assert finished_result(train) is None
+    assert read_shard(write_shard(train).uri).borders is not None
+    # A transform that trims nothing keeps schema 3 and stores no borders.
+    plain = next(s for s in _plan(shard_dataset) if s.split == "train")
+    write_shard(plain)
+    with h5py.File(plain.uri, "r") as f:
+        assert f.attrs["schema_version"] == SHARD_SCHEMA_VERSION == 3 and "borders" not in f
+    assert read_shard(plain.uri).borders is None

@@ -288,3 +288,25 @@ def test_a_shortened_frame_header_decodes_the_same_top_rows(tmp_path):
     picture.save(tmp_path / "progressive.jpeg", quality=90, progressive=True)
     with open(tmp_path / "progressive.jpeg", "rb") as handle:
         assert open_top_rows(handle, 900) is None
+
+
+def test_the_resampler_says_how_much_padding_it_trimmed():
+    """A barred film's features are the film's own under trim_padding: the trimmed shares are what shows the bars."""
+    from pneumo.transform import Resampler, borders, pool_features
+
+    trimmed = recipe("robust3").transform.model_copy(update={"renditions": 0})
+    film = _xray_like(224, 224).astype(np.float32)
+    letterbox = np.pad(film, ((20, 20), (0, 0)))  # 40 of 264 rows: black bars above and below
+    pillarbox = np.pad(film, ((0, 0), (0, 16)))  # 16 of 240 columns, one side
+    plain, boxed, pillared = (Resampler(g, trimmed) for g in (film, letterbox, pillarbox))
+    np.testing.assert_array_equal(plain.borders, [0, 0])
+    np.testing.assert_allclose(boxed.borders, [40 / 264, 0])
+    np.testing.assert_allclose(pillared.borders, [0, 16 / 240])
+    assert boxed.borders.dtype == np.float32
+    np.testing.assert_array_equal(pool_features(boxed.canvas(), trimmed), pool_features(plain.canvas(), trimmed))
+    for gray, picture in ((letterbox, boxed), (pillarbox, pillared)):
+        np.testing.assert_array_equal(borders(gray, trimmed), picture.borders)  # the same figure without a resampler
+    # A recipe that trims nothing reports nothing (its features show the bars instead).
+    untrimmed = recipe("robust2").transform.model_copy(update={"renditions": 0})
+    np.testing.assert_array_equal(Resampler(letterbox, untrimmed).borders, [0, 0])
+    np.testing.assert_array_equal(borders(letterbox, untrimmed), [0, 0])
