@@ -52,6 +52,7 @@ QUANTILE_LEVELS = tuple(range(0, 101, 5))  # percent: 21 levels
 # is settled long before; 191,000 rows of robust4 would take ~15 s). The cut-off uses every row.
 MAX_FIT_ROWS = 50_000
 _INT16 = 32767
+_BORDER_FIELDS = ("n_border_films", "border_shares", "border_quantiles")
 
 
 class Reference(BaseModel):
@@ -146,7 +147,11 @@ class Reference(BaseModel):
         return len(self.mean)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
+        data = self.model_dump(mode="json")
+        for key in _BORDER_FIELDS:  # without them, the bytes of the references written before the border test
+            if data[key] is None:
+                del data[key]
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Reference":
