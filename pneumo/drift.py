@@ -2,13 +2,13 @@
 
 A batch's 140-feature rows (and the version's scores of them) are compared with the version's
 reference (pneumo.reference: the training films' per-feature quantiles, mean and shrunk
-precision, the val films' distances and scores). Five questions, each with a p-value:
+precision, the val films' distances and scores, the training films' trimmed padding). Six questions, each with a p-value:
 
 - ``features``: does any single feature's distribution differ? A Kolmogorov-Smirnov test per
   feature against the reference's quantiles (the CDF interpolated between them), corrected
   for 140 tests by Benjamini-Hochberg: the figure is the smallest adjusted p-value.
 - ``joint``: has the mean of the 140 features moved? Hotelling's statistic with the training
-  films' shrunk precision, chi-square with 140 degrees of freedom. The most powerful of the five
+  films' shrunk precision, chi-square with 140 degrees of freedom. The most powerful of the feature tests
   on the shift suite (blur, gamma: benchmarks/drift.py). Measured while choosing: the precision
   of the films and their renditions together caught blur in 10 % of 200-film batches (the
   renditions vary along just the directions blur and gamma move), a few principal components
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 # hold about 5 films each, and at 100 films the benchmark's power on the shift suite is already
 # high; under it a single odd film moves the OOD share by more than 1 %.
 MIN_FILMS = 100
-DRIFT_ALPHA = 0.01  # family-wise, over the five tests: a same-period batch raises drift about 1 time in 100
+DRIFT_ALPHA = 0.01  # family-wise, over the tests run (up to six): a same-period batch raises drift about 1 time in 100
 WARN_ALPHA = 0.05
 TOP_FEATURES = 5  # the most-moved features named in the figures
 
