@@ -1,15 +1,16 @@
 """Drift: are these films like the ones a version learned from?
 
-A batch's 140-feature rows (and the version's scores of them) are compared with the version's
-reference (pneumo.reference: the training films' per-feature quantiles, mean and shrunk
-precision, the val films' distances and scores, the training films' trimmed padding). Six questions, each with a p-value:
+A batch's 140-feature rows (and the version's scores of them, and the padding its transform
+trimmed from each film) are compared with the version's reference (pneumo.reference: the
+training films' per-feature quantiles, mean and shrunk precision and trimmed padding, the val
+films' distances and scores). Six questions, each with a p-value:
 
 - ``features``: does any single feature's distribution differ? A Kolmogorov-Smirnov test per
   feature against the reference's quantiles (the CDF interpolated between them), corrected
   for 140 tests by Benjamini-Hochberg: the figure is the smallest adjusted p-value.
 - ``joint``: has the mean of the 140 features moved? Hotelling's statistic with the training
-  films' shrunk precision, chi-square with 140 degrees of freedom. The most powerful of the feature tests
-  on the shift suite (blur, gamma: benchmarks/drift.py). Measured while choosing: the precision
+  films' shrunk precision, chi-square with 140 degrees of freedom. The most powerful of the
+  feature tests on the shift suite (blur, gamma: benchmarks/drift.py). Measured while choosing: the precision
   of the films and their renditions together caught blur in 10 % of 200-film batches (the
   renditions vary along just the directions blur and gamma move), a few principal components
   of the films' in 30-50 % (the shift lives in the small components), the films' own in 100 %.

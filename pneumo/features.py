@@ -160,7 +160,8 @@ def _rows(
     if config.trim_padding:
         joined["borders"] = np.concatenate(viewed["borders"]) if viewed["borders"] else np.zeros((0, 2), np.float32)
         if shift_rows:
-            stacked = np.stack(viewed["shift_borders"], axis=1) if viewed["shift_borders"] else np.zeros((len(shift.NAMES), 0, 2), np.float32)
+            parts = viewed["shift_borders"]
+            stacked = np.stack(parts, axis=1) if parts else np.zeros((len(shift.NAMES), 0, 2), np.float32)
             joined["shift_borders"] = dict(zip(shift.NAMES, stacked))
     if with_views(config, split):
         k, jitters = config.views.count, shift.STRESS_RENDITIONS

@@ -124,8 +124,9 @@ def _trimming_index(folder, n=120) -> str:
         ids = [f"{split}{i}" for i in range(n)]
         features = (rng.normal(size=(n, 140)) + labels[:, None] * 0.8).astype(np.float32)
         shard_files._write_h5(folder / f"{split}-0000.h5", spec, features, labels, ids, ids, [], borders=borders)
-        results.append(shard_files.ShardResult(uri=spec.uri, split=split, number=0, count=n, class_counts={"NORMAL": n // 2, "PNEUMONIA": n // 2},
-                                               sha256=shard_files._sha256_file(folder / f"{split}-0000.h5")))
+        results.append(shard_files.ShardResult(
+            uri=spec.uri, split=split, number=0, count=n, class_counts={"NORMAL": n // 2, "PNEUMONIA": n // 2},
+            sha256=shard_files._sha256_file(folder / f"{split}-0000.h5")))
     return shard_files.write_index(results, str(folder / "index.json"), manifest_digest="0" * 64, transform=transform,
                                    split_config=SplitConfig())
 
