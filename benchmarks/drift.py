@@ -96,7 +96,8 @@ def rates(ref, features: np.ndarray, scores: np.ndarray, labels: np.ndarray, n: 
             "by_test": {test: count / draws for test, count in fired.items()}}
 
 
-def speed(ref, state_dict, transform: TransformConfig, source: Path, relpaths: list[str], features: np.ndarray) -> dict:
+def speed(ref, state_dict, transform: TransformConfig, source: Path, relpaths: list[str], features: np.ndarray,
+          borders: np.ndarray | None = None) -> dict:
     """Seconds to score the films from their files (pneumo.predict) and to check them, on one process."""
     from pneumo.predict import Predictor
 
@@ -110,7 +111,7 @@ def speed(ref, state_dict, transform: TransformConfig, source: Path, relpaths: l
     scores = np.array([p.probability for p in predictions])
     drift.check(ref, features[:100], scores[:100])  # scipy's import out of the way
     started = time.perf_counter()
-    report = drift.check(ref, features, scores)
+    report = drift.check(ref, features, scores, borders=borders)
     checking = time.perf_counter() - started
     from pneumo import plots  # the artifact's picture: matplotlib's import (once per process), then the drawing
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {n: rates(ref, test.shift[name], scores, test.labels, n, args.draws, name,
                                   borders=test.shift_borders.get(name)) for n in SIZES}
     figures = {"results": results, "speed": speed(ref, result.state_dict, transform, args.source, test.relpaths[:500],
-                                                  test.features[:500]),
+                                                  test.features[:500], None if test.borders is None else test.borders[:500]),
                "draws": args.draws, "reference_kb": len(ref.to_json()) / 1000, "load": os.getloadavg()}
     print(table(results))
     print(json.dumps(figures["speed"]))
