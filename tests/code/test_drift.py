@@ -124,9 +124,22 @@ def barred_ref() -> reference.Reference:
 
 
 def _family_kept(report: drift.DriftReport) -> bool:
-    """Whether the verdict's tests are those under DRIFT_ALPHA once every test run is counted (Bonferroni)."""
+    """Whether the verdict's tests are those under their share of DRIFT_ALPHA once every test run is counted
+    (weighted Bonferroni: the border test 5 % of the level, the others an equal share of the rest)."""
     run = {name: p for name, p in report.p_values.items() if p is not None}
-    return report.fired == [name for name, p in run.items() if p * len(run) < drift.DRIFT_ALPHA]
+    share = {name: 0.05 if name == "borders" else (0.95 if "borders" in run else 1.0) / (len(run) - ("borders" in run))
+             for name in run}
+    return report.fired == [name for name, p in run.items() if p < share[name] * drift.DRIFT_ALPHA]
+
+
+def test_the_family_shares_the_level_out_whole():
+    """Bonferroni's guarantee needs the shares of the level (1 / factor) to add up to 1, the border test's included."""
+    for tests in (list(drift.TESTS), [t for t in drift.TESTS if t != "scores"], ["features", "joint"], ["borders"]):
+        factors = drift.bonferroni_factors(tests)
+        assert set(factors) == set(tests) and sum(1 / f for f in factors.values()) == pytest.approx(1.0)
+    assert drift.bonferroni_factors(["features", "joint"]) == {"features": 2.0, "joint": 2.0}
+    factors = drift.bonferroni_factors(list(drift.TESTS))
+    assert factors["borders"] == pytest.approx(20.0) and factors["joint"] == pytest.approx(5 / 0.95)
 
 
 def test_bars_the_features_cannot_see_raise_drift_through_the_trimmed_padding(barred_ref):
