@@ -150,3 +150,33 @@ def uuid_of(name: str):
     import uuid
 
     return uuid.UUID(hashlib.sha256(name.encode()).hexdigest()[:32])
+
+
+def png_twin(rsna: Path, target: Path) -> Path:
+    """The films of the RSNA-layout source ``rsna`` as PNGs with a ``labels.csv`` (``path,label,patient``).
+
+    Each PNG holds the pixels its DICOM displays (the encapsulated JPEG, decoded by the
+    pipeline), the same label, and in ``patient`` the header's PatientID: with the same
+    patient salt both sources hash each patient to the same id, so the carve puts the same
+    films in val and test, and a comparison of the two runs is paired.
+    """
+    import csv
+
+    import pydicom
+
+    from pneumo import images
+
+    labels: dict[str, int] = {}
+    with open(rsna / "stage_2_train_labels.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            labels[row["patientId"]] = int(row["Target"])
+    (target / "images").mkdir(parents=True)
+    lines = ["path,label,patient"]
+    for uid, label in sorted(labels.items()):
+        path = rsna / "stage_2_train_images" / f"{uid}.dcm"
+        with open(path, "rb") as handle, images.open_checked(handle, 50_000_000) as image:
+            image.convert("L").save(target / "images" / f"{uid}.png")
+        patient = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+        lines.append(f"images/{uid}.png,{label},{patient}")
+    (target / "labels.csv").write_text("\n".join(lines) + "\n")
+    return target
