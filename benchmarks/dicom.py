@@ -5,22 +5,25 @@ speed:   films from the shared copy upscaled to 2,048 x 2,048 with film grain (a
          uncompressed 16-bit DICOM (explicit VR little endian) and as a JPEG Baseline DICOM
          holding that JPEG (as RSNA's files are); pneumo.transform.featurize timed on one
          process under the seed recipe (method fast) and the default recipe (resample).
-quality: N films of whole patients, once in the Kaggle layout (the shared JPEGs) and once as an
-         RSNA-layout source of DICOM files made from them (tests/dicom_helpers.rsna_source);
-         the full flow on each with the same settings; val and test metrics with their 95 %
-         intervals (bootstrapped by patient) from each card.
+quality: N films of whole patients as an RSNA-layout source of DICOM files
+         (tests/dicom_helpers.rsna_source: a gray JPEG encapsulated, as RSNA's are, the
+         header's PatientID the film's patient) and as PNGs of the pixels those DICOMs show
+         with a labels.csv whose ``patient`` column is the same PatientID
+         (tests/dicom_helpers.png_twin). One fixed patient salt: both sources hash each
+         patient to the same id, so the carve puts the same films in val and test (checked:
+         ``same_val_and_test_films``) and the comparison is paired. The full flow on each with
+         the same settings; val and test metrics with their 95 % intervals (bootstrapped by
+         patient) from each card.
 
     python benchmarks/dicom.py speed --films 8
-    python benchmarks/dicom.py quality --films 1000 --epochs 40   # needs a Prefect server (PREFECT_API_URL)
+    python benchmarks/dicom.py quality --films 1000   # a Prefect server (PREFECT_API_URL) or an ephemeral one
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from pneumo.config import recipe  # noqa: E402
 from pneumo.recipes import DEFAULT_RECIPE  # noqa: E402
 from pneumo.transform import featurize  # noqa: E402
-from tests.dicom_helpers import dicom_dataset, dicom_from_jpeg, rsna_source, write_dicom  # noqa: E402
+from pneumo.workdir import PATIENT_SALT_ENV  # noqa: E402
+from tests.dicom_helpers import dicom_dataset, dicom_from_jpeg, png_twin, rsna_source, write_dicom  # noqa: E402
 
 SHARED = Path(os.environ.get("PNEUMO_SHARED_DATA") or REPO.parent / "shared" / "data" / "chest_xray_224")
 SIDE, GRAIN_SIGMA, JPEG_QUALITY = 2048, 3.0, 89
@@ -82,39 +86,41 @@ def speed(films: int, repeats: int) -> dict:
     return report
 
 
-def _subset(shared: Path, target: Path, films: int) -> Path:
-    """About ``films`` shared films of whole patients, half per class, in the Kaggle layout."""
-    from pneumo.download import parse_patient_id
+def held_out(manifest_uri: str) -> dict[str, list[str]]:
+    """The file stems (the films' uids) the carve put in val and test, sorted: the same in both runs when paired."""
+    from pneumo.manifest import load_manifest
+    from pneumo.splits import assign_splits
 
-    for name in ("NORMAL", "PNEUMONIA"):
-        by_patient: dict[str, list[Path]] = {}
-        for path in sorted((shared / "train" / name).iterdir()):
-            by_patient.setdefault(parse_patient_id(path.name), []).append(path)
-        chosen = 0
-        for patient in sorted(by_patient, key=lambda p: hashlib.sha256(p.encode()).hexdigest()):
-            (target / "train" / name).mkdir(parents=True, exist_ok=True)
-            for path in by_patient[patient]:
-                shutil.copy2(path, target / "train" / name / path.name)
-            chosen += len(by_patient[patient])
-            if chosen >= films // 2:
-                break
-    return target
+    splits = assign_splits(load_manifest(manifest_uri))
+    return {name: sorted(Path(relpath).stem for relpath, split in splits.items() if split == name) for name in ("val", "test")}
 
 
 def quality(films: int, epochs: int) -> dict:
+    """The same films as an RSNA-layout DICOM source and as PNGs with a labels.csv, one patient key: paired."""
     from flows.full import full
+    from tests.helpers import copy_patient_subset
 
-    report = {}
+    os.environ.setdefault(PATIENT_SALT_ENV, "pneumo-dicom-benchmark")  # both sources hash PatientIDs alike
+    report: dict = {"patient_salt": "fixed ($" + PATIENT_SALT_ENV + ")", "epochs": epochs}
+    held: dict[str, dict[str, list[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="pneumo-dicom-quality-") as folder:
         base = Path(folder)
-        kaggle = _subset(SHARED, base / "kaggle", films)
-        sources = {"jpeg": kaggle, "dicom": rsna_source(kaggle, base / "rsna")}
+        kaggle = copy_patient_subset(SHARED, base / "kaggle", films // 2)
+        rsna = rsna_source(kaggle, base / "rsna")
+        sources = {"png": png_twin(rsna, base / "png"), "dicom": rsna}
         for kind, source in sources.items():
+            start = time.perf_counter()
             state = full(source=str(source), workdir=str(base / f"work-{kind}"), run={"runner": "threads"},
                          train={"epochs": epochs}, return_state=True)
-            card = json.loads(Path(state.result()["card"]).read_text())
-            report[kind] = {split: {metric: card["metrics"][split][metric] for metric in ("roc_auc", "accuracy", "n")}
-                            | {"roc_auc_ci95": card["metrics"][split]["ci95"].get("roc_auc")} for split in ("val", "test")}
+            summary = state.result()
+            card = json.loads(Path(summary["card"]).read_text())
+            held[kind] = held_out(summary["manifest"])
+            report[kind] = {"images": summary["images"], "quarantined": summary["quarantined"],
+                            "seconds": round(time.perf_counter() - start)} | {
+                split: {metric: card["metrics"][split][metric] for metric in ("roc_auc", "accuracy", "n")}
+                | {"roc_auc_ci95": card["metrics"][split]["ci95"].get("roc_auc"),
+                   "accuracy_ci95": card["metrics"][split]["ci95"].get("accuracy")} for split in ("val", "test")}
+    report["same_val_and_test_films"] = held["png"] == held["dicom"]
     return report
 
 

@@ -84,7 +84,8 @@ def full(
 
     # 1. Download, keyed on a cheap fingerprint of the source; 2. the size percentile sets the resize target.
     fingerprint = download.source_fingerprint(config.source, verify=run.verify_source)
-    manifest = run_task(download_dataset, config.source, fingerprint, workdir, outputs=lambda ref: [ref.uri, ref.root])
+    manifest = run_task(download_dataset, config.source, fingerprint, workdir, config.transform.accept_lateral,
+                        outputs=lambda ref: [ref.uri, ref.root])
     sizes = run_task(size_percentiles, manifest, workdir, run.percentile, outputs=lambda ref: [ref.uri])
     transform = config.transform.model_copy(update={"size": sizes.size})
 

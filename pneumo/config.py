@@ -129,6 +129,10 @@ class TransformConfig(_Config):
         50_000_000, gt=0, description="Images with more pixels are refused (decompression-bomb guard); X-rays are under 10 MP"
     )
     views: ViewConfig = Field(default_factory=ViewConfig, description="Test-time views: how every score of the model is made")
+    accept_lateral: bool = Field(
+        False, description="Keep lateral DICOM films (ViewPosition LL, RL, LATERAL...), recorded in the manifest's view; "
+        "by default they are quarantined as out of scope. Stored in the card: the model's predict and serve accept them too"
+    )
 
     @field_validator("size", "grid")
     @classmethod

@@ -13,9 +13,13 @@ film and an 8-bit film is read exactly as its JPEG twin is), ``MONOCHROME1`` inv
 (bone black in the file, shown white), then scaled to 0..255.
 
 Refused with a reason (the quarantine's): objects without pixels (structured reports,
-presentation states), multi-frame objects, colour films (RGB/YBR/palette), a non-chest
-``BodyPartExamined``, lateral ``ViewPosition``, BitsStored above 16, more pixels than the
-bound, and transfer syntaxes without an installed decoder (named in the reason).
+presentation states), multi-frame objects, colour films (RGB/YBR/palette), a Modality other
+than projection radiography, a non-chest ``BodyPartExamined``, lateral ``ViewPosition``
+(unless accepted: ``transform.accept_lateral``), BitsStored above 16, more pixels than the
+bound, and transfer syntaxes without an installed decoder (named in the reason). The first
+six are read from the header alone (``screen``): the manifest stage quarantines them as out
+of scope (well-formed objects that are not frontal chest films, not bad data), and every
+decode checks them again (prediction and serving read files no manifest listed).
 
 No reason or error raised here carries a header value that could identify a patient: only
 the coded facts above (body part, view, photometric interpretation, transfer syntax).
@@ -36,6 +40,11 @@ EXTENSIONS = {".dcm", ".dicom"}
 # BodyPartExamined values (a CS, upper case) that mean a chest film; any other present value is refused.
 CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "PORT CHEST"}
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+# Modality values (PS3.3 C.7.3.1.1.1) of projection radiographs: CR and DX (computed and digital
+# radiography), RG (radiographic imaging, film digitizers), DR (retired, still written by some
+# digital systems) and OT (other: secondary captures of films). A missing Modality is accepted.
+# Anything else (CT, MR, US, NM, PT, MG, XA, RF, ...) is another kind of picture of the body.
+RADIOGRAPHY_MODALITIES = {"CR", "DX", "DR", "RG", "OT"}
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -75,12 +84,15 @@ def _code(value) -> str:
     return re.sub(r"[^A-Za-z0-9 _^-]", "?", str(value).strip())[:24]
 
 
-def check(ds, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of a chest film this pipeline can read, from the header; DicomRejected otherwise."""
+def screen(ds, *, accept_lateral: bool = False) -> None:
+    """DicomRejected when the header says the object is not a frontal chest film this pipeline reads.
+
+    Header only (works on a Dataset read with ``stop_before_pixels``): the manifest stage's
+    screen, and the first part of every decode's ``check``.
+    """
     if "PixelData" not in ds and "Rows" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", "unknown")
         raise DicomRejected(f"DICOM object without pixel data ({_code(sop)}): not an image")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise DicomRejected(f"multi-frame DICOM ({frames} frames): one film per file expected")
@@ -88,12 +100,22 @@ def check(ds, max_pixels: int) -> tuple[int, int]:
     if photometric not in MONOCHROME:
         raise DicomRejected(f"colour DICOM ({_code(photometric) or 'no PhotometricInterpretation'}): "
                             "chest films are MONOCHROME1 or MONOCHROME2")
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modality and modality not in RADIOGRAPHY_MODALITIES:
+        raise DicomRejected(f"not a projection radiograph (Modality {_code(modality)}): "
+                            f"{', '.join(sorted(RADIOGRAPHY_MODALITIES))} films only")
     part = str(ds.get("BodyPartExamined") or "").strip().upper()
     if part and part not in CHEST_PARTS:
         raise DicomRejected(f"not a chest film (BodyPartExamined {_code(part)})")
     view = str(ds.get("ViewPosition") or "").strip().upper()
-    if view in LATERAL_VIEWS:
-        raise DicomRejected(f"lateral view (ViewPosition {view}): frontal films only")
+    if view in LATERAL_VIEWS and not accept_lateral:
+        raise DicomRejected(f"lateral view (ViewPosition {view}): frontal films only (transform.accept_lateral keeps them)")
+
+
+def check(ds, max_pixels: int, *, accept_lateral: bool = False) -> tuple[int, int]:
+    """(width, height) of a chest film this pipeline can read, from the header; DicomRejected otherwise."""
+    screen(ds, accept_lateral=accept_lateral)
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     bits = int(ds.get("BitsStored") or 0)
     if not 1 <= bits <= 16:
         raise DicomRejected(f"BitsStored {bits} not supported (1 to 16)")
@@ -231,10 +253,12 @@ class HeaderFacts(NamedTuple):
     patient_id: str | None  # in clear: only ever written hashed (patient_hash)
     view: str | None  # ViewPosition: PA, AP, ...
     pixel_spacing: float | None  # mm per pixel (rows), PixelSpacing else ImagerPixelSpacing
+    refused: str | None = None  # the screen's reason when the object is not a frontal chest film
 
 
-def header_facts(path: str | Path) -> HeaderFacts | None:
-    """What the manifest keeps from the header of the DICOM file at ``path``; None for other files or a bad header."""
+def header_facts(path: str | Path, *, accept_lateral: bool = False) -> HeaderFacts | None:
+    """What the manifest keeps from the header of the DICOM file at ``path``, with the screen's
+    refusal if any; None for other files or a header that does not parse (the transform refuses it)."""
     with open(path, "rb") as handle:
         if not is_dicom(handle.read(MAGIC_OFFSET + 4)):
             return None
@@ -242,9 +266,14 @@ def header_facts(path: str | Path) -> HeaderFacts | None:
             ds = read(handle, pixels=False)
         except DicomRejected:
             return None  # the transform refuses it with its reason
+    try:
+        screen(ds, accept_lateral=accept_lateral)
+        refused = None
+    except DicomRejected as error:
+        refused = str(error)
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     try:
         spacing = float(spacing[0]) if spacing else None
     except (TypeError, ValueError, IndexError):
         spacing = None
-    return HeaderFacts(str(ds.get("PatientID") or "").strip() or None, view_position(ds), spacing)
+    return HeaderFacts(str(ds.get("PatientID") or "").strip() or None, view_position(ds), spacing, refused)

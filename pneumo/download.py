@@ -595,12 +595,16 @@ def _sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _hash_image(path: Path, split: str) -> tuple[str, int, duplicates.Prints | None, dicom.HeaderFacts | None]:
+def _hash_image(path: Path, split: str, accept_lateral: bool = False) -> tuple[str, int, duplicates.Prints | None, dicom.HeaderFacts | None]:
     """sha256, size, perceptual fingerprints of one image (they read a reduced decode) and, for DICOM,
     the header's facts; a held-out (test or val) film's prints include its turned and cropped
-    renderings, which train copies are compared with."""
+    renderings, which train copies are compared with. A DICOM object the header's screen refuses
+    is not decoded: it has no prints."""
     sha256, size = _sha256_file(path)
-    return sha256, size, duplicates.fingerprints(path, turned=split != "train"), dicom.header_facts(path)
+    facts = dicom.header_facts(path, accept_lateral=accept_lateral)
+    if facts and facts.refused:
+        return sha256, size, None, facts
+    return sha256, size, duplicates.fingerprints(path, turned=split != "train"), facts
 
 
 def shown_name(name: str) -> str:
@@ -621,13 +625,19 @@ def _is_utf8(name: str) -> bool:
 
 
 def build_manifest(
-    root: str | Path, *, progress: Callable[[int, int], None] | None = None, salt: str | None = None
+    root: str | Path, *, progress: Callable[[int, int], None] | None = None, salt: str | None = None,
+    accept_lateral: bool = False,
 ) -> Manifest:
     """List and hash every image under ``root/{train,val,test}/{NORMAL,PNEUMONIA}/``, or every file
     a labels table at ``root`` names (pneumo.tables).
 
     ``salt`` hashes patient ids from DICOM headers and tables (pneumo.workdir.patient_salt);
     without one a fresh random salt is used, so no id is ever written in clear.
+
+    DICOM objects whose header says they are not frontal chest films (``dicom.screen``: no
+    pixels, multi-frame, colour, another modality or body part, a lateral view unless
+    ``accept_lateral``) are quarantined here with their reason, marked ``out_of_scope``: they
+    are listed, and do not count as bad data toward ``max_bad_fraction``.
 
     Only those three split folders are read (the Kaggle archive's nested duplicate tree
     and ``__MACOSX`` sit beside them). Every file in them is accounted for: an image
@@ -647,10 +657,11 @@ def build_manifest(
     else:
         for split in SPLITS:
             listing.add_split(split)
+    records, screened = _hash_records(listing.images, progress, salt or secrets.token_hex(32), accept_lateral)
     return Manifest(
         root=str(listing.resolved_root),
-        records=_hash_records(listing.images, progress, salt or secrets.token_hex(32)),
-        quarantine=listing.quarantine,
+        records=records,
+        quarantine=listing.quarantine + screened,
         skipped=listing.skipped,
     )
 
@@ -781,34 +792,45 @@ class _Listing:
 
 
 def _hash_records(
-    images: list[tuple[str, str, int, Path, str | None]], progress: Callable[[int, int], None] | None, salt: str
-) -> list[ImageRecord]:
-    """The records of ``images``, hashed and fingerprinted; ``progress(done, total)`` every 500 images.
+    images: list[tuple[str, str, int, Path, str | None]], progress: Callable[[int, int], None] | None, salt: str,
+    accept_lateral: bool = False,
+) -> tuple[list[ImageRecord], list[QuarantineEntry]]:
+    """The records of ``images``, hashed and fingerprinted, and the DICOM objects the header's screen
+    refused (out of scope); ``progress(done, total)`` every 500 images.
 
     The patient: the table's, else a DICOM header's PatientID, each salted and hashed (never
     written in clear); else the number in a Kaggle file name.
     """
     # hashlib and Pillow's decoder release the GIL, so threads hash files in parallel.
     records: list[ImageRecord] = []
+    screened: list[QuarantineEntry] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        hashed = pool.map(_hash_image, [image[3] for image in images], [image[1] for image in images])
+        hashed = pool.map(_hash_image, [image[3] for image in images], [image[1] for image in images],
+                          [accept_lateral] * len(images))
         for done, ((relpath, split, label, _, given), (sha256, size, prints, facts)) in enumerate(zip(images, hashed), start=1):
             patient = given or (facts.patient_id if facts else None)
-            records.append(
-                ImageRecord(
-                    relpath=relpath,
-                    split=split,
-                    label=label,
-                    patient_id=dicom.patient_hash(patient, salt) if patient else parse_patient_id(relpath),
-                    bytes=size,
-                    sha256=sha256,
-                    fingerprint=prints and prints.plain,
-                    mirror_fingerprint=prints and prints.mirrored,
-                    turned_fingerprints=prints.turned if prints and prints.turned else None,
-                    view=facts.view if facts else None,
-                    pixel_spacing=facts.pixel_spacing if facts else None,
-                )
-            )
+            if facts and facts.refused:
+                screened.append(QuarantineEntry(relpath=relpath, stage="manifest", reason=facts.refused, out_of_scope=True))
+            else:
+                patient_id = dicom.patient_hash(patient, salt) if patient else parse_patient_id(relpath)
+                records.append(_record(relpath, split, label, patient_id, sha256, size, prints, facts))
             if progress and (done % 500 == 0 or done == len(images)):
                 progress(done, len(images))
-    return records
+    return records, screened
+
+
+def _record(relpath: str, split: str, label: int, patient_id: str, sha256: str, size: int,
+            prints: duplicates.Prints | None, facts: dicom.HeaderFacts | None) -> ImageRecord:
+    return ImageRecord(
+        relpath=relpath,
+        split=split,
+        label=label,
+        patient_id=patient_id,
+        bytes=size,
+        sha256=sha256,
+        fingerprint=prints and prints.plain,
+        mirror_fingerprint=prints and prints.mirrored,
+        turned_fingerprints=prints.turned if prints and prints.turned else None,
+        view=facts.view if facts else None,
+        pixel_spacing=facts.pixel_spacing if facts else None,
+    )

@@ -295,7 +295,7 @@ def event_payload(report: DriftReport) -> dict:
 # --- Against a registered version (the batch flow, the retrain, `pneumo drift`) ------------------
 
 # Transform fields that change no film's features: training augmentation, the shift suite, test-time views.
-_NOT_FEATURES = {"renditions", "augment", "augment_seed", "shift_suite", "shift_seed", "views", "max_pixels"}
+_NOT_FEATURES = {"renditions", "augment", "augment_seed", "shift_suite", "shift_seed", "views", "max_pixels", "accept_lateral"}
 
 
 @dataclass

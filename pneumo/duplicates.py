@@ -88,7 +88,8 @@ def fingerprints(path: str | Path, turned: bool = False) -> Prints | None:
     the bad ones with their reason.
     """
     try:
-        with open(path, "rb") as handle, images.open_checked(handle, MAX_PIXELS) as image:
+        # Any view: which films a run keeps is the manifest's screen (dicom.screen), not the fingerprint's.
+        with open(path, "rb") as handle, images.open_checked(handle, MAX_PIXELS, accept_lateral=True) as image:
             # JPEG: decode at the smallest DCT scale that leaves at least 64 pixels a side.
             image.draft("L", (2 * GRID, 2 * GRID))
             image.load()

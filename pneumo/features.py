@@ -99,9 +99,10 @@ def featurize_record(
             view_rows["shift_borders"] = shift_borders
     if viewed:
         picture = Resampler(gray, config)
-        view_rows["views"] = views.view_features(picture, config, record.sha256)
+        key = views.picture_key(picture)  # the picture's, not the file's: predict draws the same views for any copy
+        view_rows["views"] = views.view_features(picture, config, key)
         if stress:
-            view_rows["stress_views"] = views.jittered_view_features(picture, config, record.sha256, shift.stress_jitters(config, record.sha256))
+            view_rows["stress_views"] = views.jittered_view_features(picture, config, key, shift.stress_jitters(config, record.sha256))
     return (
         rows,
         shift_rows,

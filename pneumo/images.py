@@ -190,19 +190,20 @@ def decode_cost(data: bytes) -> int:
     return width * height * (20 if colour else 10)
 
 
-def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
+def open_checked(handle: BinaryIO, max_pixels: int, *, accept_lateral: bool = False) -> Image.Image:
     """Open from the header only, refusing empty, unknown and oversized images before any pixel is decoded.
 
     Raises ImageRejected with the reason. ``handle`` is read from its start.
     A DICOM file is the exception: its header is checked (pneumo.dicom.check, the same pixel
-    bound) and its pixels decoded here, to the 8-bit gray picture a viewer shows.
+    bound) and its pixels decoded here, to the 8-bit gray picture a viewer shows; a lateral
+    DICOM film is refused unless ``accept_lateral``.
     """
     handle.seek(0)
     head = handle.read(_SNIFF_BYTES)
     if not head:
         raise ImageRejected("empty file (0 bytes)")
     if dicom.is_dicom(head):
-        return open_dicom(handle, max_pixels)
+        return open_dicom(handle, max_pixels, accept_lateral=accept_lateral)
     handle.seek(0)
     try:
         with warnings.catch_warnings():
@@ -230,7 +231,7 @@ def open_checked(handle: BinaryIO, max_pixels: int) -> Image.Image:
     return image
 
 
-def open_dicom(handle: BinaryIO, max_pixels: int) -> Image.Image:
+def open_dicom(handle: BinaryIO, max_pixels: int, *, accept_lateral: bool = False) -> Image.Image:
     """The DICOM film in ``handle`` as an 8-bit gray PIL image (format "DICOM"); ImageRejected with the reason."""
     size = handle.seek(0, io.SEEK_END)
     if size > dicom.max_file_bytes(max_pixels):  # pydicom reads elements whole: bound the file before parsing it
@@ -238,7 +239,7 @@ def open_dicom(handle: BinaryIO, max_pixels: int) -> Image.Image:
                             f"bytes (2 bytes per pixel of max_pixels={max_pixels}, plus the header)")
     try:
         ds = dicom.read(handle)
-        dicom.check(ds, max_pixels)
+        dicom.check(ds, max_pixels, accept_lateral=accept_lateral)
         if (frame := dicom.plain_jpeg(ds)) is not None:
             return open_checked(io.BytesIO(frame), max_pixels)  # decoded as the JPEG it is
         image = Image.fromarray(dicom.gray8(ds))
@@ -363,7 +364,7 @@ def decode_gray(source: str | Path | bytes | BinaryIO, config: TransformConfig) 
     Raises ImageRejected with the reason, as ``transform.featurize`` does.
     """
     with binary_source(source) as handle:
-        with open_checked(handle, config.max_pixels) as image:
+        with open_checked(handle, config.max_pixels, accept_lateral=config.accept_lateral) as image:
             with decode_errors(image):
                 return decode_reduced(image, config)
 

@@ -70,6 +70,10 @@ class QuarantineEntry(BaseModel):
     relpath: str
     stage: str  # which stage refused it: "manifest", "transform", ...
     reason: str
+    # A well-formed file that is not a frontal chest film (a lateral, a CT, a structured report:
+    # pneumo.dicom.screen): listed with its reason, not counted as bad data (max_bad_fraction).
+    # Left out of the digest when False, so earlier manifests keep theirs.
+    out_of_scope: bool = False
 
 
 class SkippedEntry(BaseModel):
@@ -95,7 +99,7 @@ class Manifest(BaseModel):
         """The dataset version: a sha256 over everything in the file, independent of where root is."""
         payload = {
             "records": [r.model_dump(exclude_none=True) for r in sorted(self.records, key=lambda r: r.relpath)],
-            "quarantine": [q.model_dump() for q in sorted(self.quarantine, key=lambda q: q.relpath)],
+            "quarantine": [q.model_dump(exclude_defaults=True) for q in sorted(self.quarantine, key=lambda q: q.relpath)],
         }
         if self.skipped:  # only when present: folders without OS junk keep their earlier digest
             payload["skipped"] = [e.model_dump() for e in sorted(self.skipped, key=lambda e: e.relpath)]

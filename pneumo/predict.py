@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
@@ -283,7 +282,7 @@ class Predictor:
             borders, canvas = picture.borders, picture.canvas()
             features, spread = pool_features(canvas, self.config), float(canvas.std())
             if self.config.views.count:
-                viewed = views.view_features(picture, self.config, hashlib.sha256(data).hexdigest())
+                viewed = views.view_features(picture, self.config, views.picture_key(picture))
                 return np.concatenate([features[None], viewed]), self._warnings(data, spread, features), borders
         else:
             features = featurize(data, self.config)

@@ -88,7 +88,7 @@ def featurize(source: str | Path | bytes | BinaryIO, config: TransformConfig | N
     config = config or recipe("seed").transform
     _check_geometry(config)
     with binary_source(source) as handle:
-        with open_checked(handle, config.max_pixels) as image:
+        with open_checked(handle, config.max_pixels, accept_lateral=config.accept_lateral) as image:
             with decode_errors(image):
                 if config.method == "exact":
                     return _featurize_exact(image, config)
@@ -209,7 +209,7 @@ def _featurize_flat(handle, config: TransformConfig) -> np.ndarray:
     resize covers only the crop, which gives exact's resized pixels up to float rounding.
     """
     handle.seek(0)
-    with open_checked(handle, config.max_pixels) as image:
+    with open_checked(handle, config.max_pixels, accept_lateral=config.accept_lateral) as image:
         if image.format in JPEG_FORMATS:
             image.draft("L", image.size)  # full scale, one channel
         image.load()

@@ -16,8 +16,8 @@ from tasks.retry import retry_options
     **retry_options(),
     cache_policy=cache_policy(),
 )
-def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef:
-    """Fetch ``source`` into the workdir cache and write its manifest.
+def download_dataset(source: str, fingerprint: str, workdir: str, accept_lateral: bool = False) -> ManifestRef:
+    """Fetch ``source`` into the workdir cache and write its manifest (lateral DICOM films kept if ``accept_lateral``).
 
     ``fingerprint`` is unused in the body: it is the cheap content fingerprint of the
     source, passed in so that the cache key changes exactly when the source does.
@@ -27,7 +27,8 @@ def download_dataset(source: str, fingerprint: str, workdir: str) -> ManifestRef
     logger.info("dataset root: %s", root)
 
     salt = layout.patient_salt(workdir)  # DICOM and table patient ids are written only hashed with it
-    manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"), salt=salt)
+    manifest = download.build_manifest(root, progress=progress_logger(logger, "files hashed"), salt=salt,
+                                       accept_lateral=accept_lateral)
     uri = save_manifest(manifest, layout.manifests(workdir))
     ref = ManifestRef.from_manifest(manifest, uri)
     logger.info(

@@ -83,6 +83,33 @@ def dicom_dataset(
     return ds
 
 
+# Every kind of object the header alone shows is no frontal chest film, with its reason.
+ODD_OBJECTS = {
+    "lateral": "lateral view (ViewPosition LL): frontal films only (transform.accept_lateral keeps them)",
+    "knee": "not a chest film (BodyPartExamined KNEE)",
+    "ct": "not a projection radiograph (Modality CT): CR, DR, DX, OT, RG films only",
+    "rgb": "colour DICOM (RGB): chest films are MONOCHROME1 or MONOCHROME2",
+    "two-frames": "multi-frame DICOM (2 frames): one film per file expected",
+    "report": "DICOM object without pixel data (Basic Text SR Storage): not an image",
+}
+
+
+def odd_object(film: np.ndarray, name: str):
+    """The Dataset of ODD_OBJECTS[name], made from the 8-bit gray ``film``."""
+    tags = {"lateral": {"ViewPosition": "LL"}, "knee": {"BodyPartExamined": "KNEE"}, "ct": {"Modality": "CT"}}
+    ds = dicom_dataset(np.concatenate([film, film]) if name == "two-frames" else film, tags=tags.get(name))
+    if name == "rgb":
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.PixelData = np.repeat(film[..., None], 3, axis=2).tobytes()
+    elif name == "two-frames":
+        ds.Rows, ds.NumberOfFrames = film.shape[0], 2
+    elif name == "report":
+        for tag in ("PixelData", "Rows", "Columns"):
+            delattr(ds, tag)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    return ds
+
+
 def write_dicom(path: str | Path, ds, *, syntax: str | None = None) -> Path:
     """Save ``ds`` as a Part 10 file, compressed to ``syntax`` (an encoder pydicom has) when given."""
     if syntax is not None:
@@ -150,3 +177,33 @@ def uuid_of(name: str):
     import uuid
 
     return uuid.UUID(hashlib.sha256(name.encode()).hexdigest()[:32])
+
+
+def png_twin(rsna: Path, target: Path) -> Path:
+    """The films of the RSNA-layout source ``rsna`` as PNGs with a ``labels.csv`` (``path,label,patient``).
+
+    Each PNG holds the pixels its DICOM displays (the encapsulated JPEG, decoded by the
+    pipeline), the same label, and in ``patient`` the header's PatientID: with the same
+    patient salt both sources hash each patient to the same id, so the carve puts the same
+    films in val and test, and a comparison of the two runs is paired.
+    """
+    import csv
+
+    import pydicom
+
+    from pneumo import images
+
+    labels: dict[str, int] = {}
+    with open(rsna / "stage_2_train_labels.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            labels[row["patientId"]] = int(row["Target"])
+    (target / "images").mkdir(parents=True)
+    lines = ["path,label,patient"]
+    for uid, label in sorted(labels.items()):
+        path = rsna / "stage_2_train_images" / f"{uid}.dcm"
+        with open(path, "rb") as handle, images.open_checked(handle, 50_000_000) as image:
+            image.convert("L").save(target / "images" / f"{uid}.png")
+        patient = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+        lines.append(f"images/{uid}.png,{label},{patient}")
+    (target / "labels.csv").write_text("\n".join(lines) + "\n")
+    return target

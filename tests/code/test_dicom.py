@@ -14,7 +14,7 @@ from pneumo.config import recipe
 from pneumo.images import ImageRejected, decode_cost
 from pneumo.sizes import image_size
 from pneumo.transform import featurize
-from tests.dicom_helpers import dicom_dataset, dicom_from_jpeg, film_pixels, gray_jpeg, write_dicom
+from tests.dicom_helpers import ODD_OBJECTS, dicom_dataset, dicom_from_jpeg, film_pixels, gray_jpeg, odd_object, write_dicom
 
 RECIPES = ("seed", "robust3")
 # (stored bits, photometric interpretation, window, rescale): every case the reader decodes differently
@@ -110,7 +110,89 @@ def test_a_film_of_another_body_part_is_refused(film, tmp_path):
 @pytest.mark.parametrize("view", ["LL", "RL", "LATERAL"])
 def test_a_lateral_film_is_refused(film, tmp_path, view):
     ds = dicom_dataset(film, tags={"ViewPosition": view})
-    assert _refused(tmp_path, ds) == f"lateral view (ViewPosition {view}): frontal films only"
+    assert _refused(tmp_path, ds) == f"lateral view (ViewPosition {view}): frontal films only (transform.accept_lateral keeps them)"
+
+
+def test_a_lateral_film_is_read_when_asked_for(film, tmp_path):
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, tags={"ViewPosition": "LL"}))
+    config = recipe("seed").transform.model_copy(update={"accept_lateral": True})
+    assert np.abs(featurize(str(path), config) - featurize(_png(film), config)).max() < 1e-3
+
+
+def _source(tmp_path, films: dict[str, object]) -> Path:
+    """A Kaggle-layout source: each name's Dataset (or bytes) as train/NORMAL/{name}.dcm."""
+    folder = tmp_path / "source" / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    for name, ds in films.items():
+        if isinstance(ds, bytes):
+            (folder / f"{name}.dcm").write_bytes(ds)
+        else:
+            write_dicom(folder / f"{name}.dcm", ds)
+    return tmp_path / "source"
+
+
+def test_the_manifest_quarantines_a_lateral_film_unless_asked_for(film, tmp_path):
+    from pneumo.download import build_manifest
+    from pneumo.manifest import QuarantineEntry
+
+    root = _source(tmp_path, {"pa": dicom_dataset(film), "ll": dicom_dataset(film, tags={"ViewPosition": "LL"})})
+    default = build_manifest(root)
+    assert [r.relpath for r in default.records] == ["train/NORMAL/pa.dcm"]
+    assert default.quarantine == [QuarantineEntry(
+        relpath="train/NORMAL/ll.dcm", stage="manifest", out_of_scope=True,
+        reason="lateral view (ViewPosition LL): frontal films only (transform.accept_lateral keeps them)")]
+    asked = build_manifest(root, accept_lateral=True)
+    assert {r.relpath: r.view for r in asked.records} == {"train/NORMAL/ll.dcm": "LL", "train/NORMAL/pa.dcm": "PA"}
+    assert not asked.quarantine and all(r.fingerprint for r in asked.records)
+
+
+def test_accept_lateral_is_a_run_setting():
+    from pneumo.config import RunConfig
+
+    assert RunConfig().transform.accept_lateral is False  # quarantined unless asked for
+    assert RunConfig(transform={"accept_lateral": True}).transform.accept_lateral is True
+
+
+def test_the_manifest_quarantines_what_is_no_frontal_chest_film_and_counts_none_of_it_as_bad(film, tmp_path):
+    """The header's screen runs at the manifest: each odd object is quarantined there with its reason and
+    out of scope, so a source of 10 films and 6 such objects passes the default max_bad_fraction (1 %);
+    a broken file still counts."""
+    from pneumo.config import RunConfig, SplitConfig
+    from pneumo.download import build_manifest
+    from pneumo.quarantine import build_report, check_bad_fraction
+
+    good = {f"film{i}": dicom_dataset(np.roll(film, 9 * i, axis=1), patient_id=f"P{i}") for i in range(10)}
+    root = _source(tmp_path, {**good, **{name: odd_object(film, name) for name in ODD_OBJECTS}})
+    manifest = build_manifest(root)
+    assert sorted(r.relpath for r in manifest.records) == sorted(f"train/NORMAL/{name}.dcm" for name in good)
+    assert {q.relpath: (q.stage, q.reason, q.out_of_scope) for q in manifest.quarantine} == {
+        f"train/NORMAL/{name}.dcm": ("manifest", reason, True) for name, reason in ODD_OBJECTS.items()}
+    index = {"counts": {"train": {"NORMAL": 10, "PNEUMONIA": 0}}, "quarantine": [],
+             "split_config": SplitConfig().model_dump(mode="json")}
+    report = build_report(manifest, index)  # every input file accounted for, or it raises
+    assert (report.n_inputs, report.n_quarantined, report.n_out_of_scope, report.bad_fraction) == (16, 6, 6, 0.0)
+    check_bad_fraction(report, RunConfig().run.max_bad_fraction)
+    broken = {**index, "counts": {"train": {"NORMAL": 9, "PNEUMONIA": 0}},
+              "quarantine": [{"relpath": "train/NORMAL/film0.dcm", "stage": "transform", "reason": "corrupt DICOM pixel data"}]}
+    assert build_report(manifest, broken).bad_fraction == pytest.approx(1 / 10)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "US", "NM", "PT", "MG", "XA"])
+def test_a_film_of_another_modality_is_refused(film, tmp_path, modality):
+    ds = dicom_dataset(film, tags={"Modality": modality})
+    assert _refused(tmp_path, ds) == f"not a projection radiograph (Modality {modality}): CR, DR, DX, OT, RG films only"
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "DR", "RG", "OT", None])
+def test_a_projection_radiograph_is_read(film, tmp_path, modality):
+    ds = dicom_dataset(film)
+    if modality:
+        ds.Modality = modality
+    else:
+        del ds.Modality
+    path = write_dicom(tmp_path / "x.dcm", ds)
+    config = recipe("seed").transform
+    assert np.abs(featurize(str(path), config) - featurize(_png(film), config)).max() < 1e-3
 
 
 def test_a_film_over_the_pixel_bound_is_refused_before_its_pixels_are_decoded(film, tmp_path):
@@ -185,18 +267,27 @@ def _bundled(name: str) -> str:
 
 
 def _gray(path: str) -> np.ndarray:
+    """The file through the pipeline's door (the header's checks, then the pixels)."""
     from pneumo.images import open_checked
 
     with open(path, "rb") as handle, open_checked(handle, 10**7) as image:
         return np.asarray(image)
 
 
+def _pixels(path: str) -> np.ndarray:
+    """The pixels alone, as a viewer shows them: the bundled MR films are no chest films, their decoding is what is tested."""
+    from pneumo import dicom
+
+    with open(path, "rb") as handle:
+        return dicom.gray8(dicom.read(handle))
+
+
 @pytest.mark.parametrize("variant", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
                                      "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
 def test_every_lossless_transfer_syntax_gives_the_same_picture(variant):
-    reference = _gray(_bundled("MR_small.dcm"))
+    reference = _pixels(_bundled("MR_small.dcm"))
     assert reference.std() > 10  # a picture, not a flat field
-    assert np.array_equal(_gray(_bundled(variant)), reference)
+    assert np.array_equal(_pixels(_bundled(variant)), reference)
 
 
 @pytest.mark.parametrize(("name", "reason"), [
@@ -206,6 +297,8 @@ def test_every_lossless_transfer_syntax_gives_the_same_picture(variant):
     ("SC_rgb_rle.dcm", "colour DICOM (RGB): chest films are MONOCHROME1 or MONOCHROME2"),
     ("SC_ybr_full_422_uncompressed.dcm", "colour DICOM (YBR_FULL_422): chest films are MONOCHROME1 or MONOCHROME2"),
     ("examples_palette.dcm", "colour DICOM (PALETTE COLOR): chest films are MONOCHROME1 or MONOCHROME2"),
+    ("CT_small.dcm", "not a projection radiograph (Modality CT): CR, DR, DX, OT, RG films only"),
+    ("MR_small.dcm", "not a projection radiograph (Modality MR): CR, DR, DX, OT, RG films only"),
 ])
 def test_pydicoms_odd_objects_are_refused_with_their_reason(name, reason):
     with pytest.raises(ImageRejected) as caught:
@@ -214,5 +307,48 @@ def test_pydicoms_odd_objects_are_refused_with_their_reason(name, reason):
 
 
 def test_a_truncated_file_is_refused_not_crashed_on():
-    with pytest.raises(ImageRejected, match=r"^(corrupt DICOM pixel data|unreadable DICOM header)"):
-        _gray(_bundled("MR_truncated.dcm"))
+    from pneumo.dicom import DicomRejected
+
+    with pytest.raises(DicomRejected, match=r"^(corrupt DICOM pixel data|unreadable DICOM header)"):
+        _pixels(_bundled("MR_truncated.dcm"))
+
+
+# --- The same prediction: a film and its DICOM copies through pneumo.predict's Predictor, with a trained model ---
+
+
+@pytest.fixture(scope="module")
+def predictor(small_source):
+    """A TinyNet trained for real (10 epochs) on the default recipe's features of small_source's ~160 films,
+    behind the registered-model path of pneumo.predict (the card's transform and test-time views)."""
+    from pneumo import train
+    from pneumo.predict import Predictor
+    from pneumo.recipes import DEFAULT_RECIPE
+    from tests.predict_helpers import card
+
+    transform = recipe(DEFAULT_RECIPE).transform.model_copy(update={"size": (224, 224), "renditions": 0})
+    films = [(path, label) for label, name in enumerate(("NORMAL", "PNEUMONIA"))
+             for path in sorted((small_source / "train" / name).iterdir())]
+    X = np.stack([featurize(str(path), transform) for path, _ in films])
+    y = np.array([label for _, label in films], np.float32)
+    val = np.arange(len(films)) % 5 == 0
+    config = recipe(DEFAULT_RECIPE).train.model_copy(update={"epochs": 10, "patience": 10})
+    result = train.train(X[~val], y[~val], X[val], y[val], config)
+    return Predictor(result.state_dict, card(result.state_dict, 0.5, transform), model_name="tinynet", version="v0001")
+
+
+def _same_prediction(predictor, film_bytes: bytes, copy: bytes) -> None:
+    film, dicom = predictor.predict([("film.png", film_bytes), ("film.dcm", copy)])
+    assert film.error is None and dicom.error is None, (film.error, dicom.error)
+    assert abs(film.probability - dicom.probability) < 0.01, (film.probability, dicom.probability)
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("case", CASES)
+def test_a_dicom_copy_gets_the_films_prediction(predictor, film, tmp_path, case, syntax):
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, **CASES[case]), syntax=SYNTAXES[syntax])
+    _same_prediction(predictor, _png(film), path.read_bytes())
+
+
+def test_a_jpeg_baseline_dicom_gets_its_jpegs_prediction(predictor, film, tmp_path):
+    jpeg = gray_jpeg(film)
+    _same_prediction(predictor, jpeg, dicom_from_jpeg(tmp_path / "x.dcm", jpeg, film.shape).read_bytes())

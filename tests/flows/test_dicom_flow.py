@@ -17,7 +17,7 @@ from flows.full import full
 from flows.predict import predict_batch
 from pneumo.config import BatchOptions
 from pneumo.manifest import load_manifest
-from tests.dicom_helpers import PLANTED, PLANTED_PATIENT_PREFIX, dicom_dataset, film_pixels, rsna_source, write_dicom
+from tests.dicom_helpers import ODD_OBJECTS, PLANTED, PLANTED_PATIENT_PREFIX, film_pixels, odd_object, rsna_source, write_dicom
 from tests.faults.test_security import read_everything_prefect_kept
 from tests.helpers import free_port, pneumo_command, wait_for_port
 
@@ -29,22 +29,24 @@ NEEDLES = [PLANTED_PATIENT_PREFIX, *(value for name, value in PLANTED.items() if
 
 @pytest.fixture(scope="module")
 def dicom_run(small_source, tmp_path_factory):
-    """One run over ~160 DICOM films (two odd ones quarantined), then predict, the batch flow and serve on DICOM."""
+    """One run over ~160 DICOM films, a lateral one (kept: the run asks for laterals) and five objects that are no
+    chest films (a knee, a CT, colour, two frames, a report: quarantined, 3 % of the files, under the default 1 %
+    max_bad_fraction since none is bad data); then predict, the batch flow and serve on DICOM."""
     base = tmp_path_factory.mktemp("dicom")
     source = rsna_source(small_source, base / "rsna")
     film = film_pixels(next((small_source / "train" / "NORMAL").iterdir()))
     images = source / "stage_2_train_images"
-    write_dicom(images / "lateral.dcm", dicom_dataset(film, tags={"ViewPosition": "LL"}))
-    write_dicom(images / "knee.dcm", dicom_dataset(film, tags={"BodyPartExamined": "KNEE"}))
+    for name in ODD_OBJECTS:
+        write_dicom(images / f"{name}.dcm", odd_object(film, name))
     with (source / "stage_2_train_labels.csv").open("a") as table:
-        table.write("lateral,,,,,0\nknee,,,,,0\n")
+        table.write("".join(f"{name},,,,,0\n" for name in ODD_OBJECTS))
     workdir = base / "work"
     # A fixed salt: the patients' hashes, hence the carved val and test, are the same on every run (a workdir's own
     # random salt could leave this small source's val with one class, which the threshold refuses).
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PNEUMO_PATIENT_SALT", "pneumo-tests-dicom-flow")
-        state = full(source=str(source), workdir=str(workdir), run={"shard_size": 100, "runner": "threads", "max_bad_fraction": 0.05},
-                     train={"epochs": 2, "patience": 2}, return_state=True)
+        state = full(source=str(source), workdir=str(workdir), run={"shard_size": 100, "runner": "threads"},
+                     transform={"accept_lateral": True}, train={"epochs": 2, "patience": 2}, return_state=True)
     assert state.is_completed(), state.message
     outputs = {"run": state.message}
 
@@ -82,12 +84,13 @@ def test_an_rsna_source_of_dicom_films_runs_to_a_champion(dicom_run):
     manifest = load_manifest(next((workdir / "manifests").glob("manifest-*.json")).as_posix())
     assert len(manifest.records) >= 150 and all(r.relpath.endswith(".dcm") for r in manifest.records)
     assert all(r.patient_id.startswith("h-") for r in manifest.records)  # the header's PatientID, salted and hashed
-    assert {r.view for r in manifest.records} == {"PA", "LL"}
+    assert {r.view for r in manifest.records} == {"PA", "LL"}  # the lateral kept, as asked, its view recorded
     report = json.loads(next((workdir / "reports").glob("quarantine-*.json")).read_text())
-    assert {e["relpath"]: e["reason"] for e in report["entries"]} == {
-        "stage_2_train_images/lateral.dcm": "lateral view (ViewPosition LL): frontal films only",
-        "stage_2_train_images/knee.dcm": "not a chest film (BodyPartExamined KNEE)",
-    }
+    assert {e["relpath"]: (e["stage"], e["reason"]) for e in report["entries"]} == {
+        f"stage_2_train_images/{name}.dcm": ("manifest", reason) for name, reason in ODD_OBJECTS.items() if name != "lateral"}
+    assert (report["n_out_of_scope"], report["bad_fraction"]) == (5, 0.0)
+    card = json.loads(Path(result["card"]).read_text())
+    assert card["config"]["transform"]["accept_lateral"] is True
 
 
 def test_predict_the_batch_flow_and_serve_read_dicom(dicom_run):
@@ -96,7 +99,7 @@ def test_predict_the_batch_flow_and_serve_read_dicom(dicom_run):
     row = json.loads(predicted.stdout.splitlines()[0])
     assert row["label"] in ("NORMAL", "PNEUMONIA") and 0 <= row["probability"] <= 1
     summary = dicom_run["batch"].result()
-    assert summary["scored"] == summary["files"] - 2 and summary["quarantined"] == 2  # the lateral and the knee
+    assert summary["scored"] == summary["files"] - 5 and summary["quarantined"] == 5  # the model takes laterals, as trained
     for response in (dicom_run["raw"], dicom_run["form"]):
         assert response.status_code == 200, response.text
         assert response.json()["probability"] == pytest.approx(row["probability"], abs=1e-6)
