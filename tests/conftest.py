@@ -72,9 +72,18 @@ def pytest_collection_modifyitems(config, items):
         return
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if not groups and uses_a_module_fixture(item):  # a module's shared fixture, built once: its tests on one worker
+            groups = [item.module.__name__]
         suffix = "@" + "_".join(groups)
         if groups and not item.nodeid.endswith(suffix):
             item._id = type(item._id).parse(item.nodeid + suffix)
+
+
+def uses_a_module_fixture(item) -> bool:
+    fixtures = getattr(item, "_fixtureinfo", None)
+    return fixtures is not None and any(
+        definition.scope == "module" for definitions in fixtures.name2fixturedefs.values() for definition in definitions
+    )
 
 
 def pytest_sessionfinish(session):

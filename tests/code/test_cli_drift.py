@@ -6,8 +6,12 @@ import json
 import shutil
 import zipfile
 
+import pytest
+
 from tests.helpers import invoke, pneumo_command
 from tests.predict_helpers import register_two, register_with_reference
+
+pytestmark = pytest.mark.slow  # `pneumo drift` processes and a reference of real films
 
 
 def test_a_version_registered_before_references_says_so_in_one_line(shared_data, tmp_path):

@@ -363,6 +363,7 @@ def fake_kaggle(kaggle_env, tmp_path, monkeypatch):
     server.server_close()
 
 
+@pytest.mark.slow  # kagglehub against a local HTTP endpoint
 def test_kaggle_fetch_downloads_through_kagglehub_and_reuses_it(fake_kaggle, tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_USERNAME", USER)
     monkeypatch.setenv("KAGGLE_KEY", KEY)

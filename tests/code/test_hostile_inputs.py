@@ -63,6 +63,7 @@ def test_batch_scoring_refuses_a_fifo_and_an_oversized_file_and_scores_the_rest(
     assert by_name["c.jpeg"]["error"] == f"too large: {MAX_FILE_BYTES * 10} bytes exceeds the limit of {MAX_FILE_BYTES} bytes"
 
 
+@pytest.mark.slow  # a `pneumo predict` process
 def test_pneumo_predict_refuses_a_fifo_and_an_oversized_file_and_scores_the_rest(tmp_path, shared_data):
     """Item 12 (issue 15): before, `pneumo predict` hung on the FIFO (killed here at 60 s)."""
     registry_root = str(tmp_path / "registry")
@@ -107,6 +108,7 @@ def run_refused(config: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a `pneumo run` process per file
 @pytest.mark.parametrize(
     "name, text, expected",
     [

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "sklearn", "matplotlib", "scipy")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_pipeline_and_its_tasks_loads_no_training_or_scoring_library():
     # A fresh interpreter: what `python flows/full.py` and `pneumo run` import before the flow starts.
     # The flow's tasks import them inside their bodies, where training and scoring happen.

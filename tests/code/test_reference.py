@@ -90,6 +90,7 @@ def test_a_version_registered_before_references_has_none(tmp_path):
     del torch
 
 
+@pytest.mark.slow  # a reference of 3,000 rows
 def test_a_plain_slope_is_flagged_though_its_distance_is_ordinary():
     """The per-image z-score makes a gradient look like a film lit unevenly: the slope check sees it."""
     rng = np.random.default_rng(0)

@@ -74,6 +74,7 @@ def test_a_small_val_or_test_split_is_warned_in_the_log_and_the_card(tmp_path, c
     assert [r.getMessage() for r in caplog.records if "only 40 images" in r.getMessage()] == card.warnings
 
 
+@pytest.mark.slow  # two trainings and registrations
 def test_a_corrupt_champion_never_blocks_a_new_version(tmp_path, caplog):
     """Issue 12 item 8: the champion is named, skipped with a warning, and training goes on."""
     index_uri = _index(tmp_path)

@@ -73,6 +73,7 @@ def registered(tmp_path_factory):
     return root, version, pictures
 
 
+@pytest.mark.slow  # a version trained and registered on real films
 def test_the_report_is_registered_beside_the_card_with_its_sha256(registered):
     root, version, pictures = registered
     card = registry.load_card(root, "tinynet", version)
@@ -83,6 +84,7 @@ def test_the_report_is_registered_beside_the_card_with_its_sha256(registered):
     assert f"tinynet {version}" in html and card.files["model.pt"].sha256 in html
 
 
+@pytest.mark.slow  # a version trained and registered on real films
 def test_the_report_holds_numbers_pictures_and_decisions_and_nothing_to_fetch(registered):
     root, version, pictures = registered
     card = registry.load_card(root, "tinynet", version)
@@ -153,6 +155,7 @@ def test_chromium_opens_the_report_from_disk_and_decodes_every_picture(registere
     print(f"screenshot: {shot}")
 
 
+@pytest.mark.slow  # a version trained and registered on real films
 def test_models_show_prints_cis_the_worst_shift_the_threshold_and_the_report(registered):
     from tests.helpers import invoke
 

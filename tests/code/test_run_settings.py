@@ -71,6 +71,7 @@ def test_every_leaf_field_is_an_option_and_a_flow_parameter():
     assert set(schema["properties"]) == set(RunConfig.model_fields)
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_every_field_has_its_description_and_default_in_help():
     text = " ".join(help_text(*pneumo_command("run")).split())
     flow_file = " ".join(help_text(sys.executable, "flows/full.py").split())
@@ -87,6 +88,7 @@ def test_every_field_has_its_description_and_default_in_help():
     assert "AdamW" in text and "(default: WORKDIR/registry)" in text
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_a_misspelt_option_gets_a_suggestion_and_no_prefix_is_taken():
     for typed, suggested in (("--sorce", "--source"), ("--epoch", "--epochs")):
         for command in (pneumo_command("run"), [sys.executable, "flows/full.py"]):
@@ -115,6 +117,7 @@ def test_a_setting_the_recipes_differ_on_takes_both_flags():
         parse(["--recipe", "seed", "--transform.trim-padding"])
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_predict_and_promote_help_read_cleanly():
     predict = help_text(*pneumo_command("predict"))
     assert "Alias to load (unless --version is given)." in predict and "[default: champion]" in predict
@@ -154,6 +157,7 @@ def test_yaml_config_and_unknown_keys(tmp_path):
         parse(["--config", str(config)])
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_print_config_is_the_same_from_both_commands():
     outs = [
         subprocess.run([*cmd, "--print-config", "--epochs", "5", "--recipe", "seed"], cwd=REPO,
@@ -182,6 +186,7 @@ def _bad_values(shared_data, tmp_path):
     ]
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_bad_values_are_refused_at_once_in_one_line_before_prefect_is_imported(shared_data, tmp_path):
     for args, option, says in _bad_values(shared_data, tmp_path):
         started = time.monotonic()

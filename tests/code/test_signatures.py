@@ -124,6 +124,7 @@ def _plant(tmp_path, kind: str) -> dict:
     return json.loads(run.stdout)
 
 
+@pytest.mark.slow  # subprocesses
 def test_a_2_gb_record_is_refused_by_its_size_before_it_is_read(tmp_path):
     found = _plant(tmp_path, "sparse")
     print(f"2 GB sparse record: peak RSS {found['peak_kb'] / 1024:.0f} MB, grown by {found['peak_growth_kb']} KB while refused")
@@ -132,6 +133,7 @@ def test_a_2_gb_record_is_refused_by_its_size_before_it_is_read(tmp_path):
     assert found["good"] == "content"  # the store still reads its own records
 
 
+@pytest.mark.slow  # subprocesses
 def test_a_fifo_planted_as_a_record_is_refused_without_waiting_for_a_writer(tmp_path):
     found = _plant(tmp_path, "fifo")
     assert found["said"].startswith("refused: ") and "not a regular file" in found["said"], found

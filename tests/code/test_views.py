@@ -54,6 +54,7 @@ def registered(subset_source, tmp_path_factory):
     return reg, result, {film: card_scores[film] for film in films}, index.uri
 
 
+@pytest.mark.slow  # a version trained and registered on 500 real films
 def test_the_card_is_scored_with_views_and_says_so(registered):
     reg, result, _, index_uri = registered
     card = registry.load_card(reg, "tinynet", result.ref.version)
@@ -66,6 +67,7 @@ def test_the_card_is_scored_with_views_and_says_so(registered):
     assert stress["n"] == 10 * card.metrics["val"]["n"]
 
 
+@pytest.mark.slow  # a version trained and registered on 500 real films
 def test_every_score_a_user_gets_equals_the_cards_on_50_films(registered, tmp_path):
     """pneumo predict (torch and model.onnx), the CLI, serve and the batch flow's scoring, against the card."""
     reg, result, card_scores, _ = registered
@@ -100,6 +102,7 @@ def test_every_score_a_user_gets_equals_the_cards_on_50_films(registered, tmp_pa
     assert all(float(r["distance"]) >= 0 for r in table)
 
 
+@pytest.mark.slow  # a version trained and registered on 500 real films
 def test_views_0_gives_the_single_pass_score(registered):
     reg, result, card_scores, _ = registered
     films = list(card_scores)[:5]

@@ -8,7 +8,7 @@ import pytest
 from pneumo.download import build_manifest, find_dataset_root, parse_patient_id
 
 # One xdist worker runs the whole module, so that its module fixture (manifest) is built once.
-pytestmark = pytest.mark.xdist_group("test_shared_dataset")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_shared_dataset")]  # slow: hashes all 5,216 films
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+from tests.helpers import ROBUST3
 from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import storage
 from pneumo.config import TrainConfig
@@ -66,7 +67,7 @@ def plant_everywhere(results: str, markers: Path) -> list[str]:
 def run(source, workdir: str, *, check: bool = True, **options):
     state = full(
         source=str(source), workdir=workdir, shard_size=150, train={"epochs": 3, "patience": 3},
-        return_state=True, **options,
+        return_state=True, **{**ROBUST3, **options},
     )
     assert state.is_completed() or not check, state.message
     return state

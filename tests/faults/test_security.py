@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -72,8 +73,14 @@ def test_a_malicious_model_file_is_refused_without_running_its_code(tmp_path):
 # --------------------------------------------------------------------------- credentials
 
 
-def read_everything_prefect_kept() -> str:
-    """Every log line and artifact the Prefect server holds, as one string."""
+def read_everything_prefect_kept(*outputs: str) -> str:
+    """Every log line, artifact and parameter the Prefect server holds for the flow runs whose pages
+    these outputs print, as one string (the runs' own: the session's server also keeps every other test's)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    run_ids = sorted(set(re.findall(r"/runs/flow-run/([0-9a-f-]{36})", "".join(outputs))))
+    assert run_ids, "no run page printed"
+
     def everything(read):
         items, offset = [], 0
         while page := read(limit=200, offset=offset):
@@ -81,10 +88,12 @@ def read_everything_prefect_kept() -> str:
             offset += len(page)
         return items
 
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
     with get_client(sync_client=True) as client:
-        logs = everything(client.read_logs)
-        artifacts = everything(client.read_artifacts)
-        flow_runs = everything(client.read_flow_runs)
+        logs = everything(lambda **page: client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)), **page))
+        artifacts = everything(lambda **page: client.read_artifacts(flow_run_filter=runs, **page))
+        flow_runs = client.read_flow_runs(flow_run_filter=runs)
+    assert len(flow_runs) == len(run_ids) and logs
     parts = [log.message for log in logs]
     parts += [json.dumps(a.data, default=str) + str(a.description) for a in artifacts]
     parts += [json.dumps(r.parameters, default=str) for r in flow_runs]
@@ -96,7 +105,7 @@ def test_credentials_never_reach_logs_artifacts_cards_or_errors(small_source, tm
     workdir = tmp_path / "work"
     good = subprocess.run(
         [sys.executable, "flows/full.py", "--source", str(small_source), "--workdir", str(workdir),
-         "--epochs", "3", "--train.patience", "3", "--run.runner", "threads"],
+         "--epochs", "3", "--train.patience", "3", "--run.runner", "threads", "--recipe", "robust3"],  # any recipe
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert good.returncode == 0, good.stdout + good.stderr
@@ -108,7 +117,8 @@ def test_credentials_never_reach_logs_artifacts_cards_or_errors(small_source, tm
     assert bad.returncode == 1
     assert "KAGGLE_USERNAME" in bad.stderr and "--source" in bad.stderr
 
-    outputs = [good.stdout, good.stderr, bad.stdout, bad.stderr, read_everything_prefect_kept()]
+    outputs = [good.stdout, good.stderr, bad.stdout, bad.stderr]
+    outputs.append(read_everything_prefect_kept(*outputs))
     for path in [*workdir.rglob("*"), *(tmp_path / "kaggle").rglob("*")]:
         if path.is_file():
             outputs.append(path.read_bytes().decode("latin-1"))

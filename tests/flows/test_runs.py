@@ -56,7 +56,7 @@ def test_a_cli_run_prints_no_prefect_banner_and_ends_on_its_summary(shared_data,
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     out = subprocess.run(
         [*pneumo_command("run"), "--source", str(source), "--workdir", str(tmp_path / "work"), "--epochs", "3",
-         "--train.patience", "3", "--run.runner", "threads", "--run.workers", "1"],
+         "--train.patience", "3", "--run.runner", "threads", "--run.workers", "1", "--recipe", "robust3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:]

@@ -10,6 +10,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
 
+from tests.helpers import ROBUST3
 from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import registry, shard_files, storage
 from pneumo.config import TrainConfig
@@ -27,7 +28,7 @@ SECRET = "pneumo-secret-" + uuid.uuid4().hex
 def run(source, workdir, **options):
     state = full(
         source=str(source), workdir=workdir, shard_size=40, train={"epochs": 2, "patience": 2},
-        runner="processes", workers=2, return_state=True, **options,
+        runner="processes", workers=2, return_state=True, **{**ROBUST3, **options},
     )
     assert state.is_completed(), state.message
     return state.result(), state.state_details.flow_run_id

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from tests.helpers import ROBUST3
 from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
@@ -23,7 +24,7 @@ QUICK = {"epochs": 2, "patience": 2}
 def run(source: Path, workdir: Path, **options):
     state = full(
         source=str(source), workdir=str(workdir), train=QUICK, runner="threads", workers=1,
-        return_state=True, **options,
+        return_state=True, **{**ROBUST3, **options},
     )
     assert state.is_completed(), state.message
     return state.result()

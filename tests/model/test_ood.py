@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw
 from tests.predict_helpers import image_bytes
 
 OOD = "out of distribution"
+# With test_behaviour on one worker: the session's trained model (tests/model/conftest.py) is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("model")]
 
 
 def _gradient() -> bytes:
