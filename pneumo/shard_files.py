@@ -16,7 +16,10 @@ Shard contract (SHARD_SCHEMA_VERSION 3):
               the stress val (pneumo.shift.stress_features: each image under random strong jitters);
               val and test, with test-time views: view_features float32 (n, n_views, n_features),
               val, with views and the shift suite: stress_view_features float32 (n, n_jitters, n_views, n_features)
-              (pneumo.views: what the card's figures and threshold are scored with)
+              (pneumo.views: what the card's figures and threshold are scored with);
+              val and test, with views and the shift suite: film_bytes uint8 vlen (n,), each film's own file
+              bytes, from which the evaluation makes the shift suite's views (pneumo.views.shift_scores):
+              24 x n_views rows per film would be ~215 KB, a 224 px film's bytes are ~7 KB
     attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
               manifest_digest, schema_version, split, number, start, stop,
               quarantine_json (the images of this shard that were refused, with reasons),
@@ -95,6 +98,7 @@ class ShardData:
     stress: np.ndarray | None = None  # val: (n, n_jitters, n_features), the stress val; never trained on
     views: np.ndarray | None = None  # val/test with test-time views: (n, n_views, n_features)
     stress_views: np.ndarray | None = None  # val: (n, n_jitters, n_views, n_features), each stress row's views
+    films: list[bytes] | None = None  # val/test with views and the shift suite: each film's file bytes
 
     def __post_init__(self) -> None:
         if self.renditions is None:
@@ -116,7 +120,14 @@ class ShardData:
             stress=None if self.stress is None else self.stress[keep],
             views=None if self.views is None else self.views[keep],
             stress_views=None if self.stress_views is None else self.stress_views[keep],
+            films=None if self.films is None else [self.films[i] for i in where],
         )
+
+
+def with_film_bytes(config: TransformConfig, split: str) -> bool:
+    """Whether the images of ``split`` keep their file bytes in the shard (val and test, with views and the
+    shift suite): the evaluation makes the shift suite's views from them (pneumo.views.shift_scores)."""
+    return config.views.count > 0 and config.shift_suite and split != "train"
 
 
 def shard_dir(out_dir: str, manifest_digest: str, transform: TransformConfig, split_config: SplitConfig, shard_size: int) -> str:
@@ -164,6 +175,8 @@ def _result_from_file(spec: ShardSpec, path: Path) -> ShardResult | None:
                 return None
             labels = f["labels"][:]
             renditions = f["renditions"][:]
+            if with_film_bytes(spec.transform, spec.split) and "film_bytes" not in f:
+                return None  # written before the shift suite was scored with views: recompute
             quarantine = json.loads(f.attrs["quarantine_json"])
     except (OSError, KeyError, ValueError):
         return None  # unreadable or from an older schema: recompute
@@ -188,7 +201,7 @@ def _result(
 
 def _write_h5(
     path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None,
-    stressed=None, views=None, stress_views=None,
+    stressed=None, views=None, stress_views=None, films=None,
 ) -> None:
     """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
     if renditions is None:
@@ -209,6 +222,10 @@ def _write_h5(
         for name, rows in (("view_features", views), ("stress_view_features", stress_views)):
             if rows is not None:
                 f.create_dataset(name, data=rows, dtype=np.float32, track_times=False)
+        if films is not None:
+            stored = np.empty(len(films), dtype=object)
+            stored[:] = [np.frombuffer(film, np.uint8) for film in films]
+            f.create_dataset("film_bytes", data=stored, dtype=h5py.vlen_dtype(np.uint8), track_times=False)
         for key, value in _spec_attrs(spec).items():
             f.attrs[key] = value
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
@@ -232,7 +249,7 @@ def write_file(spec: ShardSpec, data: ShardData, quarantine: list[QuarantineEntr
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
         _write_h5(local, spec, data.features, data.labels, data.relpaths, data.patient_ids, quarantine, data.renditions,
-                  shifted, data.stress, data.views, data.stress_views)
+                  shifted, data.stress, data.views, data.stress_views, data.films)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
     return _result(spec, data.labels, data.renditions, sha256, quarantine)
@@ -357,6 +374,7 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     stress=f["stress_features"][:] if "stress_features" in f else None,
                     views=f["view_features"][:] if "view_features" in f else None,
                     stress_views=f["stress_view_features"][:] if "stress_view_features" in f else None,
+                    films=[film.tobytes() for film in f["film_bytes"][:]] if "film_bytes" in f else None,
                 )
         except (OSError, KeyError) as error:
             raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
@@ -377,6 +395,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     renditions = np.empty(total, np.uint8)
     relpaths, patient_ids, shifted, stressed = [], [], {}, []
     viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": []}
+    films: list[bytes] = []
     at = 0
     for entry in entries:
         # An index names shards in its own folder; anything else is tampering.
@@ -402,6 +421,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
         for name, parts in viewed.items():
             if getattr(shard, name) is not None:
                 parts.append(getattr(shard, name))
+        films.extend(shard.films or [])
         at += n
     shifted = {name: np.concatenate(parts) for name, parts in shifted.items()}
     if shifted and any(len(rows) != total for rows in shifted.values()):
@@ -412,7 +432,9 @@ def load_split(index_uri: str, split: str) -> ShardData:
     joined = {name: np.concatenate(parts) if parts else None for name, parts in viewed.items()}
     if any(rows is not None and len(rows) != total for rows in joined.values()):
         raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the test-time views")
+    if films and len(films) != total:
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold their films' bytes")
     return ShardData(
         features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted,
-        stress=stress, **joined,
+        stress=stress, **joined, films=films or None,
     )

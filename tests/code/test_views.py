@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +113,78 @@ def test_views_0_gives_the_single_pass_score(registered):
     assert not np.allclose(got, [card_scores[f] for f in films], atol=1e-4)
     cli = run_pneumo("predict", films[0], "--registry", reg, "--json", "--views", "0")
     assert json.loads(cli.stdout)["probability"] == pytest.approx(got[0], abs=1e-5)
+
+
+def test_the_card_scores_the_shift_suite_with_the_films_views(registered, subset_source):
+    """The card's shift-suite figures are each shifted film's score with its 16 views (issue 24), made at
+    evaluation from the films' bytes the val and test shards keep: the same as scoring every shifted film's
+    views from the source file, and not the single-pass figures."""
+    from pneumo import shift
+    from pneumo.images import decode_gray
+
+    reg, result, _, index_uri = registered
+    root = subset_source
+    card = registry.load_card(reg, "tinynet", result.ref.version).as_json()
+    assert "shift" in card["views"]["scored_with_views"] and "single_pass" not in card["views"]
+    weights = registry.load_state_dict(reg, "tinynet", result.ref.version)
+    transform = registry.load_card(reg, "tinynet", result.ref.version).config.transform
+    assert transform.views.count == 16
+    for split in ("val", "test"):
+        data = shard_files.load_split(index_uri, split)
+        assert len(data.films) == len(data.labels) and data.shift
+        source = [(Path(root) / relpath).read_bytes() for relpath in data.relpaths]
+        assert data.films == source  # the film's own bytes
+        viewed = np.stack([views.shifted_view_features(decode_gray(film, transform), transform, hashlib.sha256(film).hexdigest())
+                           for film in source])
+        probs = {name: views.film_scores(lambda rows: predict_proba(weights, rows), data.shift[name], viewed[:, i])
+                 for i, name in enumerate(shift.NAMES)}
+        single = {name: predict_proba(weights, data.shift[name]) for name in shift.NAMES}
+        threshold = card["threshold"]
+        want = shift.shift_metrics(data.labels, probs, threshold)["per_shift"]
+        one_pass = shift.shift_metrics(data.labels, single, threshold)["per_shift"]
+        got = card["metrics"]["shift"][split]["per_shift"]
+        for name in shift.NAMES:
+            for metric in ("roc_auc", "accuracy", "specificity", "sensitivity"):
+                assert got[name][metric] == pytest.approx(want[name][metric], abs=1e-9), (split, name, metric)
+        assert any(got[name]["roc_auc"] != one_pass[name]["roc_auc"] or got[name]["accuracy"] != one_pass[name]["accuracy"]
+                   for name in shift.NAMES)
+
+
+def test_the_exposure_shifts_views_share_the_plain_films_view_canvases(subset_source):
+    """shifted_view_features resamples the plain film's views once for the gamma, contrast and brightness
+    shifts: the same rows as resampling each composed view on its own."""
+    from pneumo import augment, shift
+    from pneumo.images import decode_gray
+    from pneumo.transform import Resampler
+
+    transform = recipe("robust4").transform.model_copy(update={"size": (224, 224)})
+    film = next(iter(sorted(subset_source.rglob("*.jpeg")))).read_bytes()
+    sha256 = hashlib.sha256(film).hexdigest()
+    gray = decode_gray(film, transform)
+    got = views.shifted_view_features(gray, transform, sha256)
+    assert got.shape == (len(shift.SHIFTS), 16, 140)
+    drawn = views.draw_views(transform.views, sha256)
+    for number, chosen in enumerate(shift.SHIFTS):
+        if chosen.pixels is None:
+            want = augment.rendered_features(Resampler(gray, transform), [views.composed(chosen.rendition, v) for v in drawn],
+                                             transform)
+            np.testing.assert_array_equal(got[number], want, err_msg=chosen.name)
+
+
+def test_a_films_views_are_resampled_together_with_the_same_numbers_as_one_pil_call_each(subset_source):
+    """Resampler.canvases (one numpy gather for all K views) gives canvas()'s PIL affine resampling bit for
+    bit, a warp past the prepared padding included; view_warps are draw_views' warps: so the view rows of
+    versions registered before it are the rows prediction makes now."""
+    from pneumo import augment
+    from pneumo.images import decode_gray
+    from pneumo.transform import Resampler
+
+    transform = recipe("robust4").transform.model_copy(update={"size": (224, 224)})
+    for path in sorted(subset_source.rglob("*.jpeg"))[:40]:
+        film = path.read_bytes()
+        sha256 = hashlib.sha256(film).hexdigest()
+        warps = views.view_warps(transform.views, sha256)
+        assert warps == [view.warp for view in views.draw_views(transform.views, sha256)]
+        warps += [r.warp for r in augment.draw(transform.augment, np.random.default_rng(7), 4)] + [(0.6, 0.7, 0.2, -0.2, 25.0)]
+        picture = Resampler(decode_gray(film, transform), transform)
+        np.testing.assert_array_equal(picture.canvases(warps), np.stack([picture.canvas(warp) for warp in warps]))
