@@ -359,7 +359,6 @@ class Resampler:
         self.out = (self.cols * config.cell_pixels, self.rows * config.cell_pixels)  # (width, height)
         self.crop = config.crop_fraction
         self._padded: tuple[Image.Image, int, int, int] | None = None  # picture, margin, width, height
-        self._padded_gray: np.ndarray | None = None  # _padded's picture as an array
 
     def canvas(self, warp: tuple[float, float, float, float, float] | None = None) -> np.ndarray:
         c, (out_w, out_h) = self.crop, self.out
@@ -369,70 +368,8 @@ class Resampler:
             picture = Image.fromarray(self.gray)  # mode F
             return np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
-        picture, margin, _, _ = self._prepared()
-        data, need = self._affine(warp, margin)
-        if need > margin:  # a warp beyond the prepared padding: pad this once more
-            picture = Image.fromarray(np.pad(self._reduced(), need, mode="edge"))
-            data, _ = self._affine(warp, need)
-        return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
-
-    def canvases(self, warps: list[tuple[float, float, float, float, float]]) -> np.ndarray:
-        """(len(warps), height, width): ``canvas(warp)`` of each warp, bit for bit, in one vectorized gather.
-
-        The arithmetic of PIL's affine BILINEAR (libImaging/Geometry.c: output pixel centres at +0.5, the
-        position in double, the neighbours' difference in float32 and the interpolation in double, stored
-        as float32) over all warps at once: one PIL call per view costs more in Python and array copies
-        than its sampling. A warp past the prepared padding goes through ``canvas``.
-        """
-        out_w, out_h = self.out
-        if not warps:
-            return np.zeros((0, out_h, out_w), np.float32)
-        _, margin, _, _ = self._prepared()
-        affine, beyond = [], []
-        for at, warp in enumerate(warps):
-            data, need = self._affine(warp, margin)
-            if need > margin:  # gathered as the plain crop (inside the padding), then replaced
-                data = self._affine((1.0, 1.0, 0.0, 0.0, 0.0), margin)[0]
-                beyond.append(at)
-            affine.append(data)
-        a = np.array(affine)[:, :, None, None]  # (k, 6, 1, 1)
-        u = np.arange(out_w, dtype=np.float64) + 0.5
-        v = np.arange(out_h, dtype=np.float64)[:, None] + 0.5
-        x = a[:, 0] * u + a[:, 1] * v  # in PIL's order: a0 x + a1 y + a2, then - 0.5
-        x += a[:, 2]
-        x -= 0.5
-        y = a[:, 3] * u + a[:, 4] * v
-        y += a[:, 5]
-        y -= 0.5
-        left, top = np.floor(x), np.floor(y)
-        x -= left  # the weights
-        y -= top
-        width = self._padded_gray.shape[1]
-        at = top.astype(np.intp)
-        at *= width
-        at += left.astype(np.intp)
-        flat = self._padded_gray.ravel()
-
-        def along_x(start: np.ndarray) -> np.ndarray:
-            first = flat.take(start)
-            return first + (flat.take(start + 1) - first) * x
-
-        upper = along_x(at)
-        lower = along_x(at + width)
-        lower -= upper
-        lower *= y
-        lower += upper
-        out = lower.astype(np.float32)
-        for at in beyond:  # (none for the views' mild ranges)
-            out[at] = self.canvas(warps[at])
-        return out
-
-    def _affine(self, warp, margin: int) -> tuple[tuple[float, ...], int]:
-        """PIL's affine data (output pixel -> padded picture position) of ``warp`` with ``margin``
-        pixels of padding, and the margin the warp needs."""
-        c, (out_w, out_h) = self.crop, self.out
-        _, _, width, height = self._prepared()
         zoom_x, zoom_y, translate_x, translate_y, degrees = warp
+        picture, margin, width, height = self._prepared()
         cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         centre_x, centre_y = width / 2, height / 2
         # Output (u, v) -> crop position (x, y) -> picture position: undo the translation, the rotation
@@ -446,7 +383,11 @@ class Resampler:
         xs = (cx, cx + a * out_w, cx + b * out_h, cx + a * out_w + b * out_h)
         ys = (cy, cy + d * out_w, cy + e * out_h, cy + d * out_w + e * out_h)
         need = math.ceil(max(-min(xs), max(xs) - width, -min(ys), max(ys) - height, 0)) + 2
-        return (a, b, cx + margin, d, e, cy + margin), need
+        if need > margin:  # a warp beyond the prepared padding: pad this once more
+            picture = Image.fromarray(np.pad(self._reduced(), need, mode="edge"))
+            margin = need
+        data = (a, b, cx + margin, d, e, cy + margin)
+        return np.asarray(picture.transform((out_w, out_h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR))
 
     def _reduced(self) -> np.ndarray:
         # Shrink a large decode by whole pixels first (a box filter): the affine map samples
@@ -462,8 +403,7 @@ class Resampler:
             reduced = self._reduced()
             height, width = reduced.shape
             margin = math.ceil(self.MARGIN * max(height, width)) + 2
-            self._padded_gray = np.pad(reduced, margin, mode="edge")
-            self._padded = (Image.fromarray(self._padded_gray), margin, width, height)
+            self._padded = (Image.fromarray(np.pad(reduced, margin, mode="edge")), margin, width, height)
         return self._padded
 
 
