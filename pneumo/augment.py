@@ -143,11 +143,8 @@ def rendition_features(gray: np.ndarray, config: TransformConfig, sha256: str, r
     return np.concatenate([original[None], rendered_features(picture, drawn, config)])
 
 
-def rendered_features(
-    picture: Resampler, renditions: list[Rendition], config: TransformConfig, canvases: np.ndarray | None = None
-) -> np.ndarray:
+def rendered_features(picture: Resampler, renditions: list[Rendition], config: TransformConfig) -> np.ndarray:
     """(len(renditions), n_features): the picture under each rendition, resampled one by one, then
-    changed and pooled together. ``canvases``: the renditions' geometry already resampled (no blur)."""
-    if canvases is None:
-        canvases = np.stack([blurred(picture.canvas(r.warp), picture, r) for r in renditions])
+    changed and pooled together."""
+    canvases = np.stack([blurred(picture.canvas(r.warp), picture, r) for r in renditions])
     return pool_features(_photometric_batch(canvases, renditions), config)

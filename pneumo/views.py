@@ -105,27 +105,31 @@ def film_scores(
 def shifted_view_features(gray: np.ndarray, config: TransformConfig, sha256: str) -> np.ndarray:
     """(len(shift.SHIFTS), views.count, n_features): each film of the shift suite under the film's views.
 
-    The exposure shifts (gamma, contrast, brightness) change the canvas only: their views are the plain
-    film's view canvases, resampled once for all of them."""
+    A shifted film's view is made as prediction makes a view (``view_features``: the canvas of the view's
+    warp, here composed with the shift's geometry) with the shift's exposure change applied as
+    ``shift.shift_features`` applies it. The exposure shifts (gamma, contrast, brightness) change the canvas
+    only: their views start from the plain film's view canvases, resampled once for all six."""
     from pneumo import shift  # here: pneumo.shift is the shard writers' module
 
     drawn = draw_views(config.views, sha256)
     plain = Resampler(gray, config)
     plain_views = None  # the plain film's view canvases
-    out = []
+    canvases = []
     for number, chosen in enumerate(shift.SHIFTS):
-        both = [composed(chosen.rendition, view) for view in drawn]
+        warps = [composed(chosen.rendition, view).warp for view in drawn]
         if chosen.pixels is None and chosen.rendition.warp == Rendition().warp:
-            if plain_views is None:
-                plain_views = np.stack([plain.canvas(view.warp) for view in drawn])
-            out.append(augment.rendered_features(plain, both, config, canvases=plain_views))
-            continue
-        picture = plain
-        if chosen.pixels is not None:  # as shift.shift_features draws them
-            rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), number])
-            picture = Resampler(chosen.pixels(gray, rng), config)
-        out.append(augment.rendered_features(picture, both, config))
-    return np.stack(out)
+            plain_views = plain_views or [plain.canvas(warp) for warp in warps]
+            geometry = plain_views
+        else:
+            picture = plain
+            if chosen.pixels is not None:  # as shift.shift_features draws them
+                rng = np.random.default_rng([config.shift_seed, int(sha256[:32], 16), number])
+                picture = Resampler(chosen.pixels(gray, rng), config)
+            geometry = [picture.canvas(warp) for warp in warps]
+        canvases.extend(augment.photometric(canvas, chosen.rendition) for canvas in geometry)
+    if not canvases:
+        return np.zeros((len(shift.SHIFTS), 0, config.n_features), np.float32)
+    return pool_features(np.stack(canvases), config).reshape(len(shift.SHIFTS), len(drawn), config.n_features)
 
 
 def shift_scores(

@@ -150,12 +150,13 @@ def test_the_card_scores_the_shift_suite_with_the_films_views(registered, subset
                    for name in shift.NAMES)
 
 
-def test_the_exposure_shifts_views_share_the_plain_films_view_canvases(subset_source):
-    """shifted_view_features resamples the plain film's views once for the gamma, contrast and brightness
-    shifts: the same rows as resampling each composed view on its own."""
+def test_a_shifted_films_views_are_made_as_prediction_makes_a_view(subset_source):
+    """Each shifted film's view row is the canvas of the view's warp composed with the shift's geometry, with
+    the shift's exposure change as shift_features applies it, pooled; the exposure shifts' views start from
+    the plain film's view canvases (resampled once): the same rows as making each on its own."""
     from pneumo import augment, shift
     from pneumo.images import decode_gray
-    from pneumo.transform import Resampler
+    from pneumo.transform import Resampler, pool_features
 
     transform = recipe("robust4").transform.model_copy(update={"size": (224, 224)})
     film = next(iter(sorted(subset_source.rglob("*.jpeg")))).read_bytes()
@@ -165,10 +166,17 @@ def test_the_exposure_shifts_views_share_the_plain_films_view_canvases(subset_so
     assert got.shape == (len(shift.SHIFTS), 16, 140)
     drawn = views.draw_views(transform.views, sha256)
     for number, chosen in enumerate(shift.SHIFTS):
-        if chosen.pixels is None:
-            want = augment.rendered_features(Resampler(gray, transform), [views.composed(chosen.rendition, v) for v in drawn],
-                                             transform)
-            np.testing.assert_array_equal(got[number], want, err_msg=chosen.name)
+        pixels = gray
+        if chosen.pixels is not None:
+            pixels = chosen.pixels(gray, np.random.default_rng([transform.shift_seed, int(sha256[:32], 16), number]))
+        picture = Resampler(pixels, transform)
+        for at, view in enumerate(drawn):
+            canvas = augment.photometric(picture.canvas(views.composed(chosen.rendition, view).warp), chosen.rendition)
+            np.testing.assert_allclose(got[number, at], pool_features(canvas, transform), rtol=0, atol=1e-6, err_msg=chosen.name)
+    # the plain film's views are prediction's own view rows
+    plain = views.view_features(Resampler(gray, transform), transform, sha256)
+    gamma = shift.NAMES.index("gamma_e+0.35")
+    assert not np.allclose(got[gamma], plain)  # the exposure change is applied
 
 
 def test_a_films_view_warps_are_drawn_at_once_with_the_same_numbers():
