@@ -280,13 +280,15 @@ class Evaluation:
     history: list[dict[str, Any]]  # per epoch: epoch, train_loss, val_loss, val_auc
     best_epoch: Optional[int] = None
     threshold_rule: str = "fixed"  # how the threshold was chosen (TrainConfig.threshold_rule)
-    views: int = 0  # test-time views per film the val, test and stress-val figures were scored with
+    views: int = 0  # test-time views per film the val, test, stress-val (and shift-suite) figures were scored with
+    single_pass: tuple[str, ...] = ()  # what was scored without them ("shift": shards of older code, no films' bytes)
 
     def card_fields(self, plots: list[str] = ()) -> dict[str, Any]:
         """The card fields the evaluation alone writes: the threshold it scored with, its rule, the pictures,
         the views. ``metrics`` (pass ``self.metrics``) and ``training.history`` are placed by the caller; labels by the registry."""
-        scored = {"views": {"count": self.views, "scored_with_views": ["val", "test", "stress_val", "threshold"],
-                            "single_pass": ["shift"]}} if self.views else {}
+        with_views = [name for name in ("val", "test", "stress_val", "threshold", "shift") if name not in self.single_pass]
+        single = {"single_pass": list(self.single_pass)} if self.single_pass else {}
+        scored = {"views": {"count": self.views, "scored_with_views": with_views, **single}} if self.views else {}
         return {"threshold": self.threshold, "threshold_rule": self.threshold_rule, "plots": list(plots), **scored}
 
 
@@ -300,16 +302,19 @@ def evaluate_model(
     threshold_rule: str = "fixed",
     n_boot: int = 1000,
     seed: int = 0,
+    transform=None,
 ) -> Evaluation:
     """Score a model on ``splits`` ({"val": ShardData, "test": ShardData}): metrics with patient CIs,
     the shift suite when the splits carry shifted features (``ShardData.shift``), and the stress
     val (``metrics["stress_val"]``, CIs by patient) when val carries it (``ShardData.stress``).
 
     Val, test and the stress val are scored with the test-time views the shards hold
-    (``pneumo.views.film_scores``), as every prediction of the model is; the shift suite in one pass
-    (its views would cost 24 x 16 resamplings per film: benchmarks/quality.py scores them)."""
+    (``pneumo.views.film_scores``), as every prediction of the model is; the shift suite too, its views
+    made here from the films' bytes the shards keep (``pneumo.views.shift_scores``, with ``transform``,
+    the shards' TransformConfig). Without those bytes (shards of older code) the shift suite is scored in
+    one pass and ``Evaluation.single_pass`` says so."""
     from pneumo.model import predict_proba
-    from pneumo.views import film_scores
+    from pneumo.views import film_scores, shift_scores
 
     predictions, scored = {}, {}
     for split, data in splits.items():
@@ -317,16 +322,20 @@ def evaluate_model(
         p = film_scores(lambda rows: predict_proba(state_dict, rows), data.features, getattr(data, "views", None))
         predictions[split] = (y, p)
         scored[split] = metrics_with_ci(y, p, data.patient_ids, threshold, n_boot=n_boot, seed=seed)
-    shift = {}
+    shift, single_pass = {}, ()
     for split, data in splits.items():
         shifted = getattr(data, "shift", None)
         if shifted:
             from pneumo.shift import shift_metrics
 
-            # One forward pass over every shift: twenty small ones cost ten times more.
-            names = list(shifted)
-            flat = predict_proba(state_dict, np.concatenate([shifted[name] for name in names]))
-            probs = dict(zip(names, np.split(flat, len(names))))
+            if getattr(data, "views", None) is not None and getattr(data, "films", None) is not None and transform is not None:
+                probs = shift_scores(lambda rows: predict_proba(state_dict, rows), shifted, data.films, transform)
+            else:
+                single_pass = ("shift",) if getattr(data, "views", None) is not None else ()
+                # One forward pass over every shift: twenty small ones cost ten times more.
+                names = list(shifted)
+                flat = predict_proba(state_dict, np.concatenate([shifted[name] for name in names]))
+                probs = dict(zip(names, np.split(flat, len(names))))
             shift[split] = shift_metrics(predictions[split][0], {"clean": predictions[split][1], **probs}, threshold)
     if shift:
         scored["shift"] = shift
@@ -337,7 +346,8 @@ def evaluate_model(
             "jitters_per_image": int(splits["val"].stress.shape[1]),
         }
     views = next((data.views.shape[1] for data in splits.values() if getattr(data, "views", None) is not None), 0)
-    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule, views)
+    return Evaluation(float(threshold), predictions, scored, [dict(h) for h in history], best_epoch, threshold_rule, views,
+                      single_pass)
 
 
 def stress_predictions(state_dict, val) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

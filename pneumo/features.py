@@ -8,6 +8,7 @@ image is pneumo.transform's; storing the rows is pneumo.shard_files's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import tempfile
@@ -20,7 +21,7 @@ from pneumo import augment, shift, views
 from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray
 from pneumo.manifest import ImageRecord, QuarantineEntry
-from pneumo.shard_files import ShardData
+from pneumo.shard_files import ShardData, with_film_bytes
 from pneumo.transform import Resampler, borders, featurize
 
 # Files up to this size are verified and featurized in memory; bigger ones go through a temporary file.
@@ -124,10 +125,14 @@ def featurize_records(
     """
     features, kept, quarantine, shifted, stressed = [], [], [], [], []
     viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": [], "borders": [], "shift_borders": []}
+    films: list[bytes] = []
     for done, record in enumerate(records, start=1):
         try:
             with read_verified(root, record) as data:
                 rows, shift_rows, stress_rows, view_rows = featurize_record(data, record, config, split)
+                if with_film_bytes(config, split):
+                    data.seek(0)
+                    films.append(data.read())
             for name, part in view_rows.items():
                 viewed[name].append(part)
             features.append(rows)
@@ -140,7 +145,8 @@ def featurize_records(
             quarantine.append(QuarantineEntry(relpath=record.relpath, stage="transform", reason=str(error)))
         if progress:
             progress(done, len(records))
-    return _rows(kept, features, shifted, stressed, config, split, viewed), quarantine
+    rows = _rows(kept, features, shifted, stressed, config, split, viewed)
+    return (dataclasses.replace(rows, films=films) if with_film_bytes(config, split) else rows), quarantine
 
 
 def _rows(

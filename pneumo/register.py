@@ -119,9 +119,10 @@ def train_and_score(
     # metrics with CIs by patient, the stress val, the shift suite, the per-epoch history.
     step(STEPS_AFTER_TRAINING[0])
     threshold = evaluate.decision_threshold(trained.state_dict, data["val"], config.threshold_rule, config.threshold)
+    transform = TransformConfig.stored(shard_files.index_config(index_uri)["transform"])
     evaluation = evaluate.evaluate_model(
         trained.state_dict, {split: data[split] for split in ("val", "test")},
-        threshold, trained.history, best_epoch=trained.best_epoch, threshold_rule=config.threshold_rule,
+        threshold, trained.history, best_epoch=trained.best_epoch, threshold_rule=config.threshold_rule, transform=transform,
     )
     if config.threshold_rule != "fixed":
         logger.info("threshold %.4f (%s)", threshold, config.threshold_rule)
@@ -129,7 +130,6 @@ def train_and_score(
     for warning in warnings:
         logger.warning("%s", warning)
     step(STEPS_AFTER_TRAINING[1])
-    transform = TransformConfig.stored(shard_files.index_config(index_uri)["transform"])
     films = data["train"].originals()
     ref = reference.build(films.features, evaluation.predictions["val"][1], grid=transform.grid,
                           slope_part=transform.pooling.index("mean") if "mean" in transform.pooling else 0,

@@ -20,6 +20,9 @@ Shard contract (SHARD_SCHEMA_VERSION 3, BORDERS_SCHEMA_VERSION 4):
               with trim_padding (version 4): borders float32 (n, 2), the share of the film's rows and of its
               columns trimmed as padding (a rendition repeats its film's), and for val and test with the
               shift suite shift_borders float32 (n_shifts, n, 2) (pneumo.drift's border test)
+              val and test, with views and the shift suite: film_bytes uint8 vlen (n,), each film's own file
+              bytes, from which the evaluation makes the shift suite's views (pneumo.views.shift_scores):
+              24 x n_views rows per film would be ~215 KB, a 224 px film's bytes are ~7 KB
     attrs     transform (TransformConfig JSON), split_config (SplitConfig JSON),
               manifest_digest, schema_version, split, number, start, stop,
               quarantine_json (the images of this shard that were refused, with reasons),
@@ -104,6 +107,7 @@ class ShardData:
     stress_views: np.ndarray | None = None  # val: (n, n_jitters, n_views, n_features), each stress row's views
     borders: np.ndarray | None = None  # trim_padding: (n, 2), share of rows and columns trimmed; None before schema 4
     shift_borders: dict[str, np.ndarray] = field(default_factory=dict)  # val/test, trim_padding: shift name -> (n, 2)
+    films: list[bytes] | None = None  # val/test with views and the shift suite: each film's file bytes
 
     def __post_init__(self) -> None:
         if self.renditions is None:
@@ -127,7 +131,14 @@ class ShardData:
             stress_views=None if self.stress_views is None else self.stress_views[keep],
             borders=None if self.borders is None else self.borders[keep],
             shift_borders={name: rows[keep] for name, rows in self.shift_borders.items()},
+            films=None if self.films is None else [self.films[i] for i in where],
         )
+
+
+def with_film_bytes(config: TransformConfig, split: str) -> bool:
+    """Whether the images of ``split`` keep their file bytes in the shard (val and test, with views and the
+    shift suite): the evaluation makes the shift suite's views from them (pneumo.views.shift_scores)."""
+    return config.views.count > 0 and config.shift_suite and split != "train"
 
 
 def shard_dir(out_dir: str, manifest_digest: str, transform: TransformConfig, split_config: SplitConfig, shard_size: int) -> str:
@@ -180,6 +191,8 @@ def _result_from_file(spec: ShardSpec, path: Path) -> ShardResult | None:
                 return None
             labels = f["labels"][:]
             renditions = f["renditions"][:]
+            if with_film_bytes(spec.transform, spec.split) and "film_bytes" not in f:
+                return None  # written before the shift suite was scored with views: recompute
             quarantine = json.loads(f.attrs["quarantine_json"])
     except (OSError, KeyError, ValueError):
         return None  # unreadable or from an older schema: recompute
@@ -204,7 +217,7 @@ def _result(
 
 def _write_h5(
     path: Path, spec: ShardSpec, features, labels, relpaths, patient_ids, quarantine, renditions=None, shifted=None,
-    stressed=None, views=None, stress_views=None, borders=None, shift_borders=None,
+    stressed=None, views=None, stress_views=None, borders=None, shift_borders=None, films=None,
 ) -> None:
     """Write one shard file; ``renditions`` defaults to all 0 (every row an original image)."""
     if renditions is None:
@@ -226,6 +239,10 @@ def _write_h5(
                            ("shift_borders", shift_borders)):
             if rows is not None:
                 f.create_dataset(name, data=rows, dtype=np.float32, track_times=False)
+        if films is not None:
+            stored = np.empty(len(films), dtype=object)
+            stored[:] = [np.frombuffer(film, np.uint8) for film in films]
+            f.create_dataset("film_bytes", data=stored, dtype=h5py.vlen_dtype(np.uint8), track_times=False)
         for key, value in _spec_attrs(spec).items():
             f.attrs[key] = value
         f.attrs["quarantine_json"] = json.dumps([q.model_dump() for q in quarantine])
@@ -250,7 +267,7 @@ def write_file(spec: ShardSpec, data: ShardData, quarantine: list[QuarantineEntr
     with tempfile.TemporaryDirectory(prefix="pneumo-shard-") as tmp:
         local = Path(tmp, Path(spec.uri).name)
         _write_h5(local, spec, data.features, data.labels, data.relpaths, data.patient_ids, quarantine, data.renditions,
-                  shifted, data.stress, data.views, data.stress_views, data.borders, shift_borders)
+                  shifted, data.stress, data.views, data.stress_views, data.borders, shift_borders, data.films)
         sha256 = _sha256_file(local)
         storage.upload_file(local, spec.uri)
     return _result(spec, data.labels, data.renditions, sha256, quarantine)
@@ -379,6 +396,7 @@ def read_shard(uri: str, expected_sha256: str | None = None) -> ShardData:
                     stress_views=f["stress_view_features"][:] if "stress_view_features" in f else None,
                     borders=f["borders"][:] if "borders" in f else None,  # before schema 4, or no trim_padding
                     shift_borders=shift_borders,
+                    films=[film.tobytes() for film in f["film_bytes"][:]] if "film_bytes" in f else None,
                 )
         except (OSError, KeyError) as error:
             raise CorruptShard(f"shard {uri} is not a readable shard ({error}); delete it and run the transform again") from None
@@ -400,6 +418,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
     relpaths, patient_ids, shifted, stressed = [], [], {}, []
     viewed: dict[str, list[np.ndarray]] = {"views": [], "stress_views": [], "borders": []}
     shift_borders: dict[str, list[np.ndarray]] = {}
+    films: list[bytes] = []
     at = 0
     for entry in entries:
         # An index names shards in its own folder; anything else is tampering.
@@ -427,6 +446,7 @@ def load_split(index_uri: str, split: str) -> ShardData:
         for name, parts in viewed.items():
             if getattr(shard, name) is not None:
                 parts.append(getattr(shard, name))
+        films.extend(shard.films or [])
         at += n
     shifted = {name: np.concatenate(parts) for name, parts in shifted.items()}
     if shifted and any(len(rows) != total for rows in shifted.values()):
@@ -440,7 +460,9 @@ def load_split(index_uri: str, split: str) -> ShardData:
     shift_borders = {name: np.concatenate(parts) for name, parts in shift_borders.items()}
     if any(len(rows) != total for rows in shift_borders.values()):
         raise CorruptShard(f"the {split} shards of {index_uri} do not all hold the shift suite's borders")
+    if films and len(films) != total:
+        raise CorruptShard(f"the {split} shards of {index_uri} do not all hold their films' bytes")
     return ShardData(
         features=features, labels=labels, relpaths=relpaths, patient_ids=patient_ids, renditions=renditions, shift=shifted,
-        stress=stress, shift_borders=shift_borders, **joined,
+        stress=stress, shift_borders=shift_borders, **joined, films=films or None,
     )

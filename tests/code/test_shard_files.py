@@ -219,3 +219,22 @@ def test_a_trimming_transform_stores_each_films_trimmed_padding_and_its_older_sh
     with h5py.File(plain.uri, "r") as f:
         assert f.attrs["schema_version"] == SHARD_SCHEMA_VERSION == 3 and "borders" not in f
     assert read_shard(plain.uri).borders is None
+
+def test_a_views_shard_keeps_its_films_bytes_and_one_written_without_them_is_rewritten(shard_dataset):
+    """Val and test shards of a recipe with views keep each film's bytes (the evaluation makes the shift
+    suite's views from them); a shard of earlier code, without them, is not taken as finished."""
+    from pneumo.config import ViewConfig, recipe
+
+    manifest, _, out_dir = shard_dataset
+    transform = recipe("robust4").transform.model_copy(update={"size": (100, 130), "renditions": 0, "views": ViewConfig(count=2)})
+    spec = next(s for s in plan_shards(manifest, SHARD_SPLIT_CONFIG, transform, 100, out_dir) if s.split == "val")
+    first = write_shard(spec)
+    data = read_shard(spec.uri, first.sha256)
+    assert data.films and data.films == [(Path(spec.root) / relpath).read_bytes() for relpath in data.relpaths]
+    with h5py.File(spec.uri, "a") as f:
+        del f["film_bytes"]  # as the code before the films' bytes wrote it
+    again = write_shard(spec)
+    assert read_shard(spec.uri, again.sha256).films == data.films
+    assert again.sha256 == first.sha256  # rewritten, the same bytes as before
+    seed_val = next(s for s in _plan(shard_dataset, shard_size=100) if s.split == "val")
+    assert read_shard(write_shard(seed_val).uri).films is None  # no views: no bytes

@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,32 @@ def test_weight_averaging_runs_the_budget_averages_and_re_estimates_batchnorm_on
     assert not torch.allclose(last.state_dict["hidden1.weight"], result.state_dict["hidden1.weight"])
     # A budget shorter than swa_start averages its last epoch instead of failing.
     assert train(X, y, vX, vy, config.model_copy(update={"epochs": 3})).averaged_from == 3
+
+
+def test_training_does_not_fill_new_tensors_and_gives_the_same_weights(monkeypatch):
+    """Deterministic mode fills every new tensor with NaN by default, ~50 fills per step of TinyNet: training
+    turns that off inside its settings (and restores it), and the weights are those of a run with the fills."""
+    from pneumo import train as module
+
+    X, y = _separable(300, seed=1)
+    vX, vy = _separable(60, seed=2)
+    config = seed_train(epochs=3, seed=5)
+    seen = []
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    without = train(X, y, vX, vy, config, progress=lambda entry: seen.append(torch.utils.deterministic.fill_uninitialized_memory))
+    assert seen == [False] * 3 and torch.utils.deterministic.fill_uninitialized_memory == before
+
+    original = module._torch_settings
+
+    @contextlib.contextmanager
+    def filling(threads):
+        with original(threads):
+            torch.utils.deterministic.fill_uninitialized_memory = True  # as before the change
+            yield
+
+    monkeypatch.setattr(module, "_torch_settings", filling)
+    with_fills = train(X, y, vX, vy, config, progress=lambda entry: seen.append(torch.utils.deterministic.fill_uninitialized_memory))
+    assert seen[3:] == [True] * 3
+    for key in without.state_dict:
+        assert torch.equal(without.state_dict[key], with_fills.state_dict[key]), key
+    assert without.history == with_fills.history

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,76 @@ def test_views_0_gives_the_single_pass_score(registered):
     assert not np.allclose(got, [card_scores[f] for f in films], atol=1e-4)
     cli = run_pneumo("predict", films[0], "--registry", reg, "--json", "--views", "0")
     assert json.loads(cli.stdout)["probability"] == pytest.approx(got[0], abs=1e-5)
+
+
+def test_the_card_scores_the_shift_suite_with_the_films_views(registered, subset_source):
+    """The card's shift-suite figures are each shifted film's score with its 16 views (issue 24), made at
+    evaluation from the films' bytes the val and test shards keep: the same as scoring every shifted film's
+    views from the source file, and not the single-pass figures."""
+    from pneumo import shift
+    from pneumo.images import decode_gray
+
+    reg, result, _, index_uri = registered
+    root = subset_source
+    card = registry.load_card(reg, "tinynet", result.ref.version).as_json()
+    assert "shift" in card["views"]["scored_with_views"] and "single_pass" not in card["views"]
+    weights = registry.load_state_dict(reg, "tinynet", result.ref.version)
+    transform = registry.load_card(reg, "tinynet", result.ref.version).config.transform
+    assert transform.views.count == 16
+    for split in ("val", "test"):
+        data = shard_files.load_split(index_uri, split)
+        assert len(data.films) == len(data.labels) and data.shift
+        source = [(Path(root) / relpath).read_bytes() for relpath in data.relpaths]
+        assert data.films == source  # the film's own bytes
+        viewed = np.stack([views.shifted_view_features(decode_gray(film, transform), transform, hashlib.sha256(film).hexdigest())
+                           for film in source])
+        probs = {name: views.film_scores(lambda rows: predict_proba(weights, rows), data.shift[name], viewed[:, i])
+                 for i, name in enumerate(shift.NAMES)}
+        single = {name: predict_proba(weights, data.shift[name]) for name in shift.NAMES}
+        threshold = card["threshold"]
+        want = shift.shift_metrics(data.labels, probs, threshold)["per_shift"]
+        one_pass = shift.shift_metrics(data.labels, single, threshold)["per_shift"]
+        got = card["metrics"]["shift"][split]["per_shift"]
+        for name in shift.NAMES:
+            for metric in ("roc_auc", "accuracy", "specificity", "sensitivity"):
+                assert got[name][metric] == pytest.approx(want[name][metric], abs=1e-9), (split, name, metric)
+        assert any(got[name]["roc_auc"] != one_pass[name]["roc_auc"] or got[name]["accuracy"] != one_pass[name]["accuracy"]
+                   for name in shift.NAMES)
+
+
+def test_a_shifted_films_views_are_made_as_prediction_makes_a_view(subset_source):
+    """Each shifted film's view row is the canvas of the view's warp composed with the shift's geometry, with
+    the shift's exposure change as shift_features applies it, pooled; the exposure shifts' views start from
+    the plain film's view canvases (resampled once): the same rows as making each on its own."""
+    from pneumo import augment, shift
+    from pneumo.images import decode_gray
+    from pneumo.transform import Resampler, pool_features
+
+    transform = recipe("robust4").transform.model_copy(update={"size": (224, 224)})
+    film = next(iter(sorted(subset_source.rglob("*.jpeg")))).read_bytes()
+    sha256 = hashlib.sha256(film).hexdigest()
+    gray = decode_gray(film, transform)
+    got = views.shifted_view_features(gray, transform, sha256)
+    assert got.shape == (len(shift.SHIFTS), 16, 140)
+    drawn = views.draw_views(transform.views, sha256)
+    for number, chosen in enumerate(shift.SHIFTS):
+        pixels = gray
+        if chosen.pixels is not None:
+            pixels = chosen.pixels(gray, np.random.default_rng([transform.shift_seed, int(sha256[:32], 16), number]))
+        picture = Resampler(pixels, transform)
+        for at, view in enumerate(drawn):
+            canvas = augment.photometric(picture.canvas(views.composed(chosen.rendition, view).warp), chosen.rendition)
+            np.testing.assert_allclose(got[number, at], pool_features(canvas, transform), rtol=0, atol=1e-6, err_msg=chosen.name)
+    # the plain film's views are prediction's own view rows
+    plain = views.view_features(Resampler(gray, transform), transform, sha256)
+    gamma = shift.NAMES.index("gamma_e+0.35")
+    assert not np.allclose(got[gamma], plain)  # the exposure change is applied
+
+
+def test_a_films_view_warps_are_drawn_at_once_with_the_same_numbers():
+    """view_warps (the K views' warps from the generator's draws at once, for prediction) are draw_views'
+    warps bit for bit: the view rows of versions registered before it are the rows prediction makes now."""
+    for views_config in (ViewConfig(count=16), ViewConfig(count=8, aspect=0.0), ViewConfig(count=32, seed=3, zoom=(0.8, 1.2))):
+        for number in range(500):
+            sha256 = hashlib.sha256(str(number).encode()).hexdigest()
+            assert views.view_warps(views_config, sha256) == [view.warp for view in views.draw_views(views_config, sha256)]
