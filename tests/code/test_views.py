@@ -167,7 +167,8 @@ def test_a_shifted_films_views_are_made_as_prediction_makes_a_view(subset_source
     gray = decode_gray(film, transform)
     got = views.shifted_view_features(gray, transform, sha256)
     assert got.shape == (len(shift.SHIFTS), 16, 140)
-    drawn = views.draw_views(transform.views, sha256)
+    key = views.picture_key(Resampler(gray, transform))  # the film's views are drawn by its picture, as prediction draws them
+    drawn = views.draw_views(transform.views, key)
     for number, chosen in enumerate(shift.SHIFTS):
         pixels = gray
         if chosen.pixels is not None:
@@ -177,7 +178,7 @@ def test_a_shifted_films_views_are_made_as_prediction_makes_a_view(subset_source
             canvas = augment.photometric(picture.canvas(views.composed(chosen.rendition, view).warp), chosen.rendition)
             np.testing.assert_allclose(got[number, at], pool_features(canvas, transform), rtol=0, atol=1e-6, err_msg=chosen.name)
     # the plain film's views are prediction's own view rows
-    plain = views.view_features(Resampler(gray, transform), transform, sha256)
+    plain = views.view_features(Resampler(gray, transform), transform, key)
     gamma = shift.NAMES.index("gamma_e+0.35")
     assert not np.allclose(got[gamma], plain)  # the exposure change is applied
 
