@@ -79,6 +79,39 @@ def read(handle: BinaryIO, *, pixels: bool = True):
         raise DicomRejected(f"unreadable DICOM header ({type(error).__name__})") from None
 
 
+# What a film's pixels need to be screened, decoded and shown as this module shows them. A shard
+# keeps val and test films for the shift suite's views (pneumo.shard_files): of a DICOM film, a copy
+# with these elements only, so no patient, study, institution, date or private tag is written.
+PIXEL_KEYWORDS = (
+    "SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition", "SamplesPerPixel", "PhotometricInterpretation",
+    "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
+    "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
+    "PixelData",
+)
+
+
+def pixels_only(data: bytes) -> bytes:
+    """The DICOM file ``data`` with only its PIXEL_KEYWORDS (and the transfer syntax): the same picture, no patient data."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    source = read(io.BytesIO(data))
+    copy = pydicom.Dataset()
+    for keyword in PIXEL_KEYWORDS:
+        if keyword in source:
+            copy[keyword] = source[keyword]
+    copy.file_meta = FileMetaDataset()
+    copy.file_meta.TransferSyntaxUID = source.file_meta.TransferSyntaxUID
+    copy.file_meta.MediaStorageSOPClassUID = source.get("SOPClassUID", pydicom.uid.SecondaryCaptureImageStorage)
+    copy.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[hashlib.sha256(data).hexdigest()])
+    buffer = io.BytesIO()
+    copy.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def _code(value) -> str:
     """A coded header value as shown in a reason: letters, digits, spaces and _-^ only, at most 24 characters."""
     return re.sub(r"[^A-Za-z0-9 _^-]", "?", str(value).strip())[:24]

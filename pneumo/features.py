@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from pneumo import augment, shift, views
+from pneumo import augment, dicom, shift, views
 from pneumo.config import TransformConfig
 from pneumo.images import ImageRejected, decode_gray
 from pneumo.manifest import ImageRecord, QuarantineEntry
@@ -112,6 +112,12 @@ def featurize_record(
     )
 
 
+def kept_copy(film: bytes) -> bytes:
+    """The bytes a shard keeps of a val or test film: the file itself, or of a DICOM film its pixels only
+    (``dicom.pixels_only``: its header's patient data must not reach the workdir)."""
+    return dicom.pixels_only(film) if dicom.is_dicom(film[:132]) else film
+
+
 def featurize_records(
     records: Sequence[ImageRecord],
     root: Path,
@@ -132,7 +138,7 @@ def featurize_records(
                 rows, shift_rows, stress_rows, view_rows = featurize_record(data, record, config, split)
                 if with_film_bytes(config, split):
                     data.seek(0)
-                    films.append(data.read())
+                    films.append(kept_copy(data.read()))
             for name, part in view_rows.items():
                 viewed[name].append(part)
             features.append(rows)

@@ -53,6 +53,25 @@ def test_a_dicom_copy_gives_the_films_features(film, tmp_path, case, syntax):
         assert np.abs(featurize(str(path), config) - featurize(_png(film), config)).max() < 1e-3, name
 
 
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("case", CASES)
+def test_the_copy_a_shard_keeps_of_a_dicom_film_is_its_picture_without_patient_data(film, tmp_path, case, syntax):
+    """Val and test shards keep each film for the shift suite's views (features.kept_copy): of a DICOM film, its
+    pixels and how to show them only (on main, the file itself, every planted identifier included)."""
+    from pneumo.features import kept_copy
+    from pneumo.images import decode_gray
+    from tests.dicom_helpers import PLANTED
+
+    data = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, **CASES[case]), syntax=SYNTAXES[syntax]).read_bytes()
+    kept = kept_copy(data)
+    for value in [*PLANTED.values(), *PLANTED["PatientName"].split("^")]:
+        assert value.encode() in data and value.encode() not in kept, value
+    config = recipe("robust4").transform
+    np.testing.assert_array_equal(decode_gray(kept, config), decode_gray(data, config))
+    jpeg = gray_jpeg(film)
+    assert kept_copy(jpeg) == jpeg  # other files are kept as they are
+
+
 def test_a_jpeg_baseline_dicom_gives_its_jpegs_features(film, tmp_path):
     jpeg = gray_jpeg(film)
     path = dicom_from_jpeg(tmp_path / "x.dcm", jpeg, film.shape)

@@ -73,13 +73,13 @@ def test_a_malicious_model_file_is_refused_without_running_its_code(tmp_path):
 # --------------------------------------------------------------------------- credentials
 
 
-def read_everything_prefect_kept(*outputs: str) -> str:
-    """Every log line, artifact and parameter the Prefect server holds for the flow runs whose pages
-    these outputs print, as one string (the runs' own: the session's server also keeps every other test's)."""
+def read_everything_prefect_kept(run_ids: list[str]) -> str:
+    """Every log line, artifact and parameter the Prefect server holds for these flow runs, as one string
+    (the runs' own: the session's server also keeps every other test's)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    run_ids = sorted(set(re.findall(r"/runs/flow-run/([0-9a-f-]{36})", "".join(outputs))))
-    assert run_ids, "no run page printed"
+    run_ids = sorted(set(map(str, run_ids)))
+    assert run_ids, "no flow run to read"
 
     def everything(read):
         items, offset = [], 0
@@ -118,7 +118,7 @@ def test_credentials_never_reach_logs_artifacts_cards_or_errors(small_source, tm
     assert "KAGGLE_USERNAME" in bad.stderr and "--source" in bad.stderr
 
     outputs = [good.stdout, good.stderr, bad.stdout, bad.stderr]
-    outputs.append(read_everything_prefect_kept(*outputs))
+    outputs.append(read_everything_prefect_kept(re.findall(r"/runs/flow-run/([0-9a-f-]{36})", "".join(outputs))))
     for path in [*workdir.rglob("*"), *(tmp_path / "kaggle").rglob("*")]:
         if path.is_file():
             outputs.append(path.read_bytes().decode("latin-1"))
