@@ -118,6 +118,7 @@ def test_views_0_gives_the_single_pass_score(registered):
     assert json.loads(cli.stdout)["probability"] == pytest.approx(got[0], abs=1e-5)
 
 
+@pytest.mark.slow  # a version trained and registered on 500 real films
 def test_the_card_scores_the_shift_suite_with_the_films_views(registered, subset_source):
     """The card's shift-suite figures are each shifted film's score with its 16 views (issue 24), made at
     evaluation from the films' bytes the val and test shards keep: the same as scoring every shifted film's
@@ -153,6 +154,7 @@ def test_the_card_scores_the_shift_suite_with_the_films_views(registered, subset
                    for name in shift.NAMES)
 
 
+@pytest.mark.slow  # 500 real films copied
 def test_a_shifted_films_views_are_made_as_prediction_makes_a_view(subset_source):
     """Each shifted film's view row is the canvas of the view's warp composed with the shift's geometry, with
     the shift's exposure change as shift_features applies it, pooled; the exposure shifts' views start from
