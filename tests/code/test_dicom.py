@@ -301,6 +301,14 @@ def _pixels(path: str) -> np.ndarray:
         return dicom.gray8(dicom.read(handle))
 
 
+@pytest.mark.parametrize("case", ["8bit-mono2", "12bit-mono2", "16bit-mono2", "12bit-mono1", "window-rescale"])
+def test_the_shown_picture_of_a_dicom_copy_is_the_films_own_pixels(film, tmp_path, case):
+    """Every stored value through the display table (numpy's lookup for 8-bit values, Pillow's for 16-bit
+    containers): exactly the 8-bit film the copy was made from."""
+    path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, **CASES[case]))
+    np.testing.assert_array_equal(_pixels(str(path)), film)
+
+
 @pytest.mark.parametrize("variant", ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
                                      "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
 def test_every_lossless_transfer_syntax_gives_the_same_picture(variant):
