@@ -257,13 +257,7 @@ def gray8(ds) -> np.ndarray:
         return _display(ds, stored)
     low = int(np.iinfo(stored.dtype).min)
     table = _display(ds, np.arange(low, int(np.iinfo(stored.dtype).max) + 1).astype(stored.dtype))
-    if stored.dtype.itemsize == 1:
-        return np.take(table, stored if low == 0 else stored.astype(np.int32) - low)
-    # 16-bit values: Pillow's 65,536-entry lookup of a 32-bit picture, about twice as fast as np.take
-    # (which first widens every index to 64 bits) on a 2,048 x 2,048 film.
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(stored.astype(np.int32) - low).point(table.tolist(), "L"))
+    return np.take(table, stored if low == 0 else stored.astype(np.int32) - low)  # take: twice as fast as table[...]
 
 
 def _display(ds, stored: np.ndarray) -> np.ndarray:
