@@ -14,7 +14,7 @@ from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pneumo import storage, workdir as layout
-from tasks.result_storage import signed_storage_block
+from tasks.result_storage import SignedResultStorage, signed_storage_block
 from tasks.retry import retry_options
 
 def with_run_options(task: Any, workdir: str, retries: int, *, refresh: bool = False) -> Any:
@@ -61,7 +61,7 @@ def task_runner(runner: str, workers: Optional[int] = None, dask_address: Option
     )
 
 
-def result_storage(workdir: str) -> str:
+def result_storage(workdir: str) -> SignedResultStorage:
     """Where a task's results persist: ``{workdir}/prefect-results``, every record signed (tasks/result_storage.py).
 
     A record planted in the workdir is refused and recomputed, never unpickled.

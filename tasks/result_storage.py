@@ -79,16 +79,19 @@ class SignedResultStorage(WritableFileSystem):
         return await asyncio.to_thread(self.write_path, path, content)
 
 
-def signed_storage_block(root: str) -> str:
-    """Save the signed result storage block for the folder or S3 prefix ``root`` and return its slug.
+def signed_storage_block(root: str) -> SignedResultStorage:
+    """Save the signed result storage block for the folder or S3 prefix ``root`` and return it, saved.
 
-    Task subprocesses (Dask, a worker's flow run) resolve result storage by name from the
-    Prefect API, and Prefect refuses an unsaved block, so the block is saved there. It
-    holds the location only: no credential, no key.
+    Task subprocesses (Dask, a worker's flow run) resolve result storage from the Prefect API,
+    and Prefect refuses an unsaved block, so the block is saved there. It holds the location
+    only: no credential, no key. The saved block itself goes to the tasks, not its slug: a slug
+    is loaded by Prefect's block registry, which first imports every installed Prefect
+    collection (prefect-aws and prefect-dask: ~1.2 s of CPU in each run's process).
     """
     # A key that cannot sign fails the run here, in one line, not each record's commit in the log only.
     signatures.load_key()
     # Named after the location, so runs on the same workdir share one block and its cache.
     name = "pneumo-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
-    SignedResultStorage(root=root).save(name, overwrite=True)
-    return f"{SignedResultStorage.get_block_type_slug()}/{name}"
+    block = SignedResultStorage(root=root)
+    block.save(name, overwrite=True)
+    return block

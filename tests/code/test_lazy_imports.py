@@ -21,3 +21,16 @@ def test_importing_the_pipeline_and_its_tasks_loads_no_training_or_scoring_libra
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "", f"imported at start: {loaded.stdout.strip()} (import them where they are used)"
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_a_runs_result_storage_resolves_without_importing_every_prefect_collection(prefect_server, tmp_path):
+    # Prefect loads a block named by its slug through its block registry, which first imports every installed
+    # collection (prefect-aws, prefect-dask: ~1.2 s of CPU per run); the tasks get the saved block itself.
+    code = ("import sys\nfrom prefect.results import resolve_result_storage\nfrom tasks.options import result_storage\n"
+            f"block = resolve_result_storage(result_storage({str(tmp_path)!r}), _sync=True)\n"
+            "assert block._block_document_id is not None, 'unsaved: task subprocesses could not resolve it'\n"
+            "print(' '.join(sorted(name for name in ('prefect_aws', 'prefect_dask') if name in sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "", f"imported to resolve the result storage: {loaded.stdout.strip()}"

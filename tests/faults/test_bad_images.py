@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
+from tests.helpers import ROBUST3, full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files
 from pneumo.config import TrainConfig, TransformConfig
 from pneumo.download import shown_name
@@ -39,7 +39,7 @@ def mixed_run(shared_data, small_source, tmp_path_factory):
     bad = add_bad(shared_data, root, outside=tmp_path_factory.mktemp("outside"))
     junk = add_junk(root)
     summary = full(source=str(root), workdir=str(root.parent / "work"), train=QUICK, runner="processes",
-                   max_bad_fraction=0.15)
+                   max_bad_fraction=0.15, **ROBUST3)
     return root, odd, bad, junk, summary
 
 

@@ -17,7 +17,7 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
-from tests.helpers import full_flow as full  # flat settings; the run's own go into its run section
+from tests.helpers import ROBUST3, full_flow as full  # flat settings; the run's own go into its run section
 from pneumo import shard_files, shards, storage
 from pneumo.config import SplitConfig, TrainConfig, TransformConfig, seed_train, seed_transform
 from pneumo.download import build_manifest
@@ -242,7 +242,7 @@ def test_a_killed_transform_worker_fails_one_try_and_the_retry_gets_a_fresh_pool
 def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp_path):
     workdir = tmp_path / "work"
     train = {"epochs": 2, "patience": 2}
-    summary = full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    summary = full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200, **ROBUST3)
     index_uri = summary["shards_index"]
     entry = shard_files.read_index(index_uri)["shards"][0]
     victim = Path(index_uri).parent / entry["name"]
@@ -252,7 +252,7 @@ def test_a_corrupted_shard_is_caught_by_its_sha256_and_rebuilt(small_source, tmp
 
     with pytest.raises(shard_files.CorruptShard, match="sha256"):
         shard_files.load_split(index_uri, entry["split"])
-    full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200)
+    full(source=str(small_source), workdir=str(workdir), train=train, runner="threads", shard_size=200, **ROBUST3)
     assert sha256(victim) == entry["sha256"]
     assert len(shard_files.load_split(index_uri, entry["split"]).labels) > 0
 
