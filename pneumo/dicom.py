@@ -257,9 +257,9 @@ def gray8(ds) -> np.ndarray:
     if stored.ndim != 2:
         raise DicomRejected(f"pixel data of shape {stored.shape}: one gray frame expected")
     if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2:
-        return _display(ds, stored)
+        return display(ds, stored)
     raw = stored.view(stored.dtype.str.replace("i", "u"))  # same size and byte order (pydicom keeps big-endian data so)
-    return lookup(_display(ds, _raw_values(ds, stored.dtype)), raw)
+    return lookup(display(ds, _raw_values(ds, stored.dtype)), raw)
 
 
 # Uncompressed little-endian pixel data is read in place (np.frombuffer), without pydicom's copy.
@@ -312,7 +312,7 @@ def lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def _display(ds, stored: np.ndarray) -> np.ndarray:
+def display(ds, stored: np.ndarray) -> np.ndarray:
     """``stored`` values through the Modality LUT, the VOI LUT or window (else the stored range), MONOCHROME1, to uint8."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
