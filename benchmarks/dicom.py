@@ -64,7 +64,8 @@ def make_films(shared: Path, out: Path, count: int) -> list[tuple[Path, Path, Pa
 
 
 def best_ms(paths: list[Path], config, repeats: int) -> dict[str, float]:
-    """{"wall", "cpu"}: ms per film, the best of ``repeats`` consecutive passes over ``paths`` (as a source of one kind is read)."""
+    """{"wall", "cpu"}: ms per film, the best of ``repeats`` consecutive passes over ``paths``
+    (as a source of one kind is read)."""
     best = {"wall": float("inf"), "cpu": float("inf")}
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -79,11 +80,12 @@ def speed(films: int, repeats: int, recipes: list[str]) -> dict:
     kinds = ("jpeg", "dicom16", "dicom_jpeg")
     with tempfile.TemporaryDirectory(prefix="pneumo-dicom-bench-") as folder:
         made = make_films(SHARED, Path(folder), films)
-        sizes = {kind: int(np.mean([triple[i].stat().st_size for triple in made])) for i, kind in enumerate(kinds)}
+        sizes = {kind: int(np.mean([t[i].stat().st_size for t in made])) for i, kind in enumerate(kinds)}
         report = {"films": films, "side": SIDE, "mean_bytes": sizes, "load_before": os.getloadavg()[0],
                   "ms_per_film": {}, "cpu_ms_per_film": {}, "dicom16_over_jpeg": {}}
         for name in recipes:
-            best = {kind: best_ms([t[i] for t in made], recipe(name).transform, repeats) for i, kind in enumerate(kinds)}
+            config = recipe(name).transform
+            best = {kind: best_ms([t[i] for t in made], config, repeats) for i, kind in enumerate(kinds)}
             for measure, key in (("wall", "ms_per_film"), ("cpu", "cpu_ms_per_film")):
                 report[key] |= {f"{name}/{kind}": round(best[kind][measure], 1) for kind in kinds}
             report["dicom16_over_jpeg"][name] = {measure: round(best["dicom16"][measure] / best["jpeg"][measure], 2)
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=recipe(DEFAULT_RECIPE).train.epochs)
     parser.add_argument("--recipes", default=",".join(RECIPES), help="speed: comma-separated recipe names")
     args = parser.parse_args(argv)
-    report = speed(args.films, args.repeats, args.recipes.split(",")) if args.section == "speed" else quality(args.films, args.epochs)
+    if args.section == "speed":
+        report = speed(args.films, args.repeats, args.recipes.split(","))
+    else:
+        report = quality(args.films, args.epochs)
     print(json.dumps(report, indent=1))
     return 0
 
