@@ -4,7 +4,9 @@ speed:   films from the shared copy upscaled to 2,048 x 2,048 with film grain (a
          benchmarks/synthesize.py makes them), each saved as a JPEG (quality 89), as an
          uncompressed 16-bit DICOM (explicit VR little endian) and as a JPEG Baseline DICOM
          holding that JPEG (as RSNA's files are); pneumo.transform.featurize timed on one
-         process under the seed recipe (method fast) and the default recipe (resample).
+         process under every recipe (seed: method fast; the others: resample), wall and CPU
+         time (process_time) per film, the best of ``--repeats`` passes over the films of one
+         kind, with the ratio dicom16 / jpeg per recipe and the load average.
 quality: N films of whole patients as an RSNA-layout source of DICOM files
          (tests/dicom_helpers.rsna_source: a gray JPEG encapsulated, as RSNA's are, the
          header's PatientID the film's patient) and as PNGs of the pixels those DICOMs show
@@ -35,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pneumo.config import recipe  # noqa: E402
-from pneumo.recipes import DEFAULT_RECIPE  # noqa: E402
+from pneumo.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
 from pneumo.transform import featurize  # noqa: E402
 from pneumo.workdir import PATIENT_SALT_ENV  # noqa: E402
 from tests.dicom_helpers import dicom_dataset, dicom_from_jpeg, png_twin, rsna_source, write_dicom  # noqa: E402
@@ -61,28 +63,34 @@ def make_films(shared: Path, out: Path, count: int) -> list[tuple[Path, Path, Pa
     return made
 
 
-def best_seconds(paths: list[Path], config, repeats: int) -> float:
-    """Seconds per film, the best of ``repeats`` passes over ``paths``."""
-    best = float("inf")
+def best_ms(paths: list[Path], config, repeats: int) -> dict[str, float]:
+    """{"wall", "cpu"}: ms per film, the best of ``repeats`` consecutive passes over ``paths``
+    (as a source of one kind is read)."""
+    best = {"wall": float("inf"), "cpu": float("inf")}
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for path in paths:
             featurize(str(path), config)
-        best = min(best, (time.perf_counter() - start) / len(paths))
+        best["wall"] = min(best["wall"], 1000 * (time.perf_counter() - wall) / len(paths))
+        best["cpu"] = min(best["cpu"], 1000 * (time.process_time() - cpu) / len(paths))
     return best
 
 
-def speed(films: int, repeats: int) -> dict:
+def speed(films: int, repeats: int, recipes: list[str]) -> dict:
+    kinds = ("jpeg", "dicom16", "dicom_jpeg")
     with tempfile.TemporaryDirectory(prefix="pneumo-dicom-bench-") as folder:
         made = make_films(SHARED, Path(folder), films)
-        sizes = {kind: int(np.mean([triple[i].stat().st_size for triple in made])) for i, kind in enumerate(("jpeg", "dicom16", "dicom_jpeg"))}
-        report = {"films": films, "side": SIDE, "mean_bytes": sizes, "ms_per_film": {}}
-        for name in ("seed", DEFAULT_RECIPE):
+        sizes = {kind: int(np.mean([t[i].stat().st_size for t in made])) for i, kind in enumerate(kinds)}
+        report = {"films": films, "side": SIDE, "mean_bytes": sizes, "load_before": os.getloadavg()[0],
+                  "ms_per_film": {}, "cpu_ms_per_film": {}, "dicom16_over_jpeg": {}}
+        for name in recipes:
             config = recipe(name).transform
-            for i, kind in enumerate(("jpeg", "dicom16", "dicom_jpeg")):
-                report["ms_per_film"][f"{name}/{kind}"] = round(1000 * best_seconds([t[i] for t in made], config, repeats), 1)
-            report["ms_per_film"][f"{name}/dicom16_over_jpeg"] = round(
-                report["ms_per_film"][f"{name}/dicom16"] / report["ms_per_film"][f"{name}/jpeg"], 2)
+            best = {kind: best_ms([t[i] for t in made], config, repeats) for i, kind in enumerate(kinds)}
+            for measure, key in (("wall", "ms_per_film"), ("cpu", "cpu_ms_per_film")):
+                report[key] |= {f"{name}/{kind}": round(best[kind][measure], 1) for kind in kinds}
+            report["dicom16_over_jpeg"][name] = {measure: round(best["dicom16"][measure] / best["jpeg"][measure], 2)
+                                                 for measure in ("wall", "cpu")}
+        report["load_after"] = os.getloadavg()[0]
     return report
 
 
@@ -130,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--films", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=recipe(DEFAULT_RECIPE).train.epochs)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="speed: comma-separated recipe names")
     args = parser.parse_args(argv)
-    report = speed(args.films, args.repeats) if args.section == "speed" else quality(args.films, args.epochs)
+    if args.section == "speed":
+        report = speed(args.films, args.repeats, args.recipes.split(","))
+    else:
+        report = quality(args.films, args.epochs)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -248,19 +248,71 @@ def gray8(ds) -> np.ndarray:
 
     The display steps act on each stored value alone, so they run once per possible value
     (at most 65,536) into a lookup table, and the picture is one lookup: a tenth of the time
-    of running them over a 2,048 x 2,048 film's float copies.
+    of running them over a 2,048 x 2,048 film's float copies. The table is indexed by the
+    stored bits as unsigned integers (``_raw_values``), so signed films need no shifted copy.
     """
-    stored = _decoded(ds)
+    stored = _native(ds)
+    if stored is None:
+        stored = _decoded(ds)
     if stored.ndim != 2:
         raise DicomRejected(f"pixel data of shape {stored.shape}: one gray frame expected")
     if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2:
-        return _display(ds, stored)
-    low = int(np.iinfo(stored.dtype).min)
-    table = _display(ds, np.arange(low, int(np.iinfo(stored.dtype).max) + 1).astype(stored.dtype))
-    return np.take(table, stored if low == 0 else stored.astype(np.int32) - low)  # take: twice as fast as table[...]
+        return display(ds, stored)
+    raw = stored.view(stored.dtype.str.replace("i", "u"))  # same size and byte order (pydicom keeps big-endian data so)
+    return lookup(display(ds, _raw_values(ds, stored.dtype)), raw)
 
 
-def _display(ds, stored: np.ndarray) -> np.ndarray:
+# Uncompressed little-endian pixel data is read in place (np.frombuffer), without pydicom's copy.
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit and Explicit VR Little Endian
+
+
+def _native(ds) -> np.ndarray | None:
+    """An uncompressed little-endian film's stored values as a view of its bytes, else None (pydicom decodes it).
+
+    The bits above BitsStored are left in place: the display table masks them (``_raw_values``),
+    as pydicom's decoder does.
+    """
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    allocated, bits = int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or 0)
+    if syntax not in NATIVE_SYNTAXES or allocated not in (8, 16) or bits > allocated:
+        return None
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or not isinstance(ds.get("PixelData"), bytes):
+        return None
+    count = int(ds.Rows) * int(ds.Columns)
+    if len(ds.PixelData) < count * allocated // 8:
+        return None  # short: pydicom's decoder names the problem
+    kind = "i" if int(ds.get("PixelRepresentation") or 0) else "u"
+    return np.frombuffer(ds.PixelData, f"<{kind}{allocated // 8}", count=count).reshape(int(ds.Rows), int(ds.Columns))
+
+
+def _raw_values(ds, dtype: np.dtype) -> np.ndarray:
+    """The stored value (of ``dtype``) that each unsigned bit pattern of its size holds: the bits
+    above BitsStored dropped, then sign-extended for a signed film. Index i of the result is pattern i."""
+    raw = np.arange(2 ** (8 * dtype.itemsize), dtype=np.int64)
+    bits = min(int(ds.get("BitsStored") or 8 * dtype.itemsize), 8 * dtype.itemsize)
+    values = raw & (2**bits - 1)
+    if dtype.kind == "i":
+        values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
+    return values.astype(dtype)
+
+
+LOOKUP_BLOCK = 1 << 17  # index values per np.take: numpy converts the index to intp first (8 bytes each)
+
+
+def lookup(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``table[index]`` for a 2-D integer ``index``, in blocks of rows.
+
+    One np.take over a 2,048 x 2,048 film converts its whole index to a fresh 32 MB intp array
+    first; a block's conversion stays in the cache: half the time (5 ms instead of 10 here).
+    """
+    out = np.empty(index.shape, table.dtype)
+    step = max(1, LOOKUP_BLOCK // max(index.shape[1], 1))
+    for start in range(0, index.shape[0], step):
+        np.take(table, index[start : start + step], out=out[start : start + step], mode="clip")
+    return out
+
+
+def display(ds, stored: np.ndarray) -> np.ndarray:
     """``stored`` values through the Modality LUT, the VOI LUT or window (else the stored range), MONOCHROME1, to uint8."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 

@@ -181,7 +181,7 @@ def decode_cost(data: bytes) -> int:
     try:
         if dicom.is_dicom(data[:_SNIFF_BYTES]):  # colour DICOM is refused before its pixels are decoded
             width, height = dicom.header_size(io.BytesIO(data))
-            return width * height * 12  # pixel bytes, the stored array (+ int32 index if signed), 8-bit gray, float32 gray
+            return width * height * 12  # pixels, a decoder's copy (compressed), 8-bit and float32 gray, slack
         with open_image(io.BytesIO(data)) as image:
             width, height = image.size
             colour = len(image.getbands()) >= 3 or image.mode == "P"

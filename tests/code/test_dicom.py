@@ -276,6 +276,44 @@ def test_a_large_dicom_film_is_resampled_as_its_jpeg_is(film, tmp_path):
     assert np.abs(featurize(str(path), config) - featurize(gray_jpeg(big), config)).max() < 0.03
 
 
+
+def _large_film(film: np.ndarray, case: str):
+    """A 1,100 x 1,030 film (over a megapixel, rows no multiple of the lookup's blocks) made from ``film``,
+    with what the reader must get right: a window narrower than the data (clipped at both ends), a
+    rescale and MONOCHROME1; or a signed 12-bit film with garbage in the 4 bits above BitsStored."""
+    big = np.asarray(Image.fromarray(film).resize((1030, 1100), Image.Resampling.BICUBIC))
+    if case == "window-rescale-mono1":
+        ds = dicom_dataset(big, bits=12, window=True, rescale=True, photometric="MONOCHROME1")
+        ds.WindowWidth = 2048  # half the data's range: both ends clip
+        return ds
+    ds = dicom_dataset(big, bits=12)
+    values = np.frombuffer(ds.PixelData, "<u2").astype(np.int64) - 2048  # -2048 .. 2047: negative values too
+    garbage = np.random.default_rng(0).integers(0, 16, values.shape) << 12
+    ds.PixelRepresentation = 1
+    ds.PixelData = ((values & 0x0FFF) | garbage).astype(np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("case", ["window-rescale-mono1", "signed-garbage-bits"])
+def test_a_large_films_shown_picture_is_the_display_steps_run_on_every_pixel(film, tmp_path, case):
+    """gray8's shortcuts (stored bits read in place, one table indexed by the raw bits, the lookup in
+    row blocks) give exactly the picture of the display steps run over pydicom's decoded array."""
+    from pydicom.pixels import pixel_array
+
+    from pneumo import dicom
+
+    path = write_dicom(tmp_path / "x.dcm", _large_film(film, case))
+    with open(path, "rb") as handle:
+        ds = dicom.read(handle)
+    stored = pixel_array(ds)  # pydicom's decode: the bits above BitsStored dropped, signed values extended
+    reference = dicom.display(ds, stored)
+    if case.startswith("signed"):
+        assert stored.min() < 0 and (np.frombuffer(ds.PixelData, "<u2") >> 12).any()
+    else:
+        assert (reference == 0).any() and (reference == 255).any()  # the window clips at both ends
+    np.testing.assert_array_equal(_gray(str(path)), reference)
+
+
 # --- pydicom's own bundled files: transfer syntaxes the helpers cannot write, and odd objects ---
 
 
@@ -303,8 +341,8 @@ def _pixels(path: str) -> np.ndarray:
 
 @pytest.mark.parametrize("case", ["8bit-mono2", "12bit-mono2", "16bit-mono2", "12bit-mono1", "window-rescale"])
 def test_the_shown_picture_of_a_dicom_copy_is_the_films_own_pixels(film, tmp_path, case):
-    """Every stored value through the display table (numpy's lookup for 8-bit values, Pillow's for 16-bit
-    containers): exactly the 8-bit film the copy was made from."""
+    """Every stored value through the display table (one lookup, 8-bit and 16-bit containers alike):
+    exactly the 8-bit film the copy was made from."""
     path = write_dicom(tmp_path / "x.dcm", dicom_dataset(film, **CASES[case]))
     np.testing.assert_array_equal(_pixels(str(path)), film)
 
