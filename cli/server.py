@@ -8,6 +8,9 @@ mode 0700, so no other local user can read or lock it):
     server.log             the server's output
     start.lock             held while a server is checked, started or stopped (two runs at once start one)
 
+A new PREFECT_HOME starts from a copy of an empty database already migrated for this Prefect version
+(``${XDG_CACHE_HOME:-~/.cache}/pneumo/prefect-<version>.db``, made once): the migrations are half of a first start.
+
 A server is used only when the process holding the LISTEN socket on its port is the one Prefect started there
 (pid, start time, command line, PREFECT_HOME), never a process that merely answers /api/health. No Prefect import.
 """
@@ -15,10 +18,14 @@ A server is used only when the process holding the LISTEN socket on its port is 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -251,6 +258,22 @@ def clear_stale() -> None:
     (prefect_home() / "server.pid").unlink(missing_ok=True)
 
 
+def migrated_database() -> Path:
+    """An empty Prefect database with this Prefect version's migrations applied (``prefect server database upgrade``)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pneumo"
+    database = cache / f"prefect-{importlib.metadata.version('prefect')}.db"
+    if not database.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as home:
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
+                           env={**os.environ, "PREFECT_HOME": home, "DO_NOT_TRACK": "1"}, capture_output=True, timeout=600)
+            with contextlib.closing(sqlite3.connect(Path(home) / "prefect.db")) as made, \
+                    contextlib.closing(sqlite3.connect(Path(home) / "copy.db")) as copy:
+                made.backup(copy)  # one file, whatever the upgrade left in its write-ahead log
+            os.replace(Path(home) / "copy.db", database)  # whole or absent, even with two starts at once
+    return database
+
+
 def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
     """`prefect server start` on ``port``, detached; the server once its own process listens there and answers.
 
@@ -258,6 +281,9 @@ def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
     exits). Output goes to server.log; the pid file is written as `--background` writes it, for `prefect server stop`.
     """
     prefect_home().mkdir(mode=0o700, exist_ok=True)
+    if not (prefect_home() / "prefect.db").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # a cache: without it the server migrates
+            shutil.copyfile(migrated_database(), prefect_home() / "prefect.db")
     with open(os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
         log.write(f"\n--- {now()} prefect server start on {HOST}:{port}\n")
         log.flush()

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -220,6 +221,32 @@ def test_two_starts_at_once_share_one_server_that_stops_on_request(tmp_path, for
         assert foreign.poll() is None  # the foreign process was left alone
     finally:
         kill_servers_of(Path(env["PNEUMO_SERVER_DIR"]))
+
+
+@pytest.mark.slow  # a real server start
+def test_a_new_server_home_starts_from_the_migrated_database_made_once(tmp_path):
+    """Half of a first start was Prefect's migrations of an empty database: a new home copies one migrated once."""
+    env = local_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    made = subprocess.run([sys.executable, "-c", "from cli import server; print(server.migrated_database())"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    template = Path(made.stdout.strip())
+    assert template.parent == tmp_path / "cache" / "pneumo" and template.name.startswith("prefect-3.")
+    with contextlib.closing(sqlite3.connect(template)) as database:
+        assert database.execute("SELECT version_num FROM alembic_version").fetchone()  # migrated
+        assert database.execute("SELECT count(*) FROM flow_run").fetchone() == (0,)  # and empty
+        database.execute("CREATE TABLE pneumo_marker (x)")  # tells the copy from a database the server made itself
+        database.commit()
+    try:
+        started = server_command(env, "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        with contextlib.closing(sqlite3.connect(tmp_path / "server" / "prefect-home" / "prefect.db")) as database:
+            tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "pneumo_marker" in tables and "flow_run" in tables
+        with urllib.request.urlopen(f"http://127.0.0.1:{record(env)['port']}/api/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        kill_servers_of(tmp_path / "server")
 
 
 # A run through cli.runtime whose first port is squatted in one of the two windows of a start: between
