@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Keras BatchNormalization defaults. Keras keeps 0.99 of the old running statistic;
@@ -43,6 +44,21 @@ class TinyNet(nn.Module):
         x = self.norm1(self.act1(self.hidden1(x)))
         x = self.norm2(self.act2(self.hidden2(x)))
         return torch.sigmoid(self.output(x)).squeeze(1)
+
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in training mode with each layer's function called directly: the same kernels and
+        numbers (the batch statistics, running averages and batch counts too), without nn.Module's per-call
+        overhead, ~0.1 ms of a 1.7 ms training step at this size (pneumo.train). Not for update_bn's
+        cumulative averages (momentum None)."""
+        x = _batch_norm(self.norm1, F.leaky_relu(F.linear(x, self.hidden1.weight, self.hidden1.bias), self.act1.negative_slope))
+        x = _batch_norm(self.norm2, torch.tanh(F.linear(x, self.hidden2.weight, self.hidden2.bias)))
+        return torch.sigmoid(F.linear(x, self.output.weight, self.output.bias)).squeeze(1)
+
+
+def _batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """What ``norm(x)`` does in training mode with a fixed momentum."""
+    norm.num_batches_tracked.add_(1)
+    return torch.batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, norm.momentum, norm.eps, False)
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -440,15 +440,27 @@ def pool_features(canvas: np.ndarray, config: TransformConfig) -> np.ndarray:
     rows, cols = config.grid
     k = config.cell_pixels
     lead = canvas.shape[:-2]
-    cells = canvas.reshape(*lead, rows, k, cols, k)
-    axes = (len(lead) + 1, len(lead) + 3)
-    parts = np.stack(
-        [(cells.max(axis=axes) if mode == "max" else cells.mean(axis=axes)).reshape(*lead, rows * cols) for mode in config.pooling],
-        axis=-2,
-    )  # (..., parts, cells)
+    parts = np.stack([_pooled(canvas, rows, cols, k, mode).reshape(*lead, rows * cols) for mode in config.pooling], axis=-2)
     if config.normalize == "zscore":
         # A blank film has no spread: centre it and leave it at 0 rather than divide by 0.
         mean = parts.mean(axis=-1, keepdims=True)
         spread = np.maximum(parts.std(axis=-1, keepdims=True), 1e-6)
         parts = (parts - mean) / spread
     return parts.reshape(*lead, -1).astype(np.float32, copy=False)
+
+
+def _pooled(canvas: np.ndarray, rows: int, cols: int, k: int, mode: str) -> np.ndarray:
+    """(..., rows, cols): each k x k cell's max or mean, bit for bit numpy's reduction over the cells' two
+    axes at once, which runs a short inner loop per cell row (~3x the time of the whole pooling here)."""
+    lead = canvas.shape[:-2]
+    if mode == "max":  # order-free: a cell's rows first, along whole canvas rows, then its columns
+        band = canvas.reshape(*lead, rows, k, cols * k).max(axis=-2)
+        return band.reshape(*lead, rows, cols, k).max(axis=-1)
+    cells = canvas.reshape(*lead, rows, k, cols, k)
+    if k != 8:
+        return cells.mean(axis=(len(lead) + 1, len(lead) + 3))
+    # numpy sums each cell row of 8 pairwise, ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), then adds
+    # the rows in order: the same float32 sums, made by whole-array adds (a test holds them equal).
+    x = [cells[..., i] for i in range(8)]
+    row_sums = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+    return row_sums.sum(axis=-2) / np.float32(k * k)

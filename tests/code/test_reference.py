@@ -45,6 +45,22 @@ def test_distances_flag_what_lies_far_from_the_training_rows_and_the_json_is_sma
     np.testing.assert_allclose(ref.feature_quantiles[10], np.median(X, axis=0), atol=0.05)
 
 
+def test_the_arrays_are_converted_once_and_a_changed_copy_gets_its_own():
+    """distances reads the precision as an array made once per reference (not from the 140 x 140 list per film),
+    the same numbers as the lists'; a copy with another precision is not measured with the old one."""
+    X = _rows(3000)
+    ref = Reference.from_json(reference.build(X).to_json())
+    mean, precision = ref.arrays()
+    assert ref.arrays()[1] is precision  # converted once
+    assert np.array_equal(precision, np.asarray(ref.precision)) and np.array_equal(mean, np.asarray(ref.mean))
+    centred = X[:20].astype(np.float64) - np.asarray(ref.mean)
+    want = np.sqrt(np.maximum(((centred @ np.asarray(ref.precision)) * centred).sum(axis=1), 0.0))
+    assert np.array_equal(reference.distances(ref, X[:20]), want)  # bit for bit the list-based figure
+    assert ref == Reference.from_json(ref.to_json()) and b"converted" not in ref.to_json()
+    doubled = ref.model_copy(update={"precision": (4 * np.asarray(ref.precision)).tolist()})
+    np.testing.assert_allclose(reference.distances(doubled, X[:20]), 2 * want, rtol=1e-12)
+
+
 def test_a_reference_that_is_not_one_is_refused():
     data = json.loads(reference.build(_rows(500)).to_json())
     data["precision"]["upper_int16_base64"] = data["precision"]["upper_int16_base64"][:-8]

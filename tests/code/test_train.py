@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from pneumo.config import TrainConfig, seed_train
 from pneumo.model import TinyNet
 from pneumo.model import predict_proba
-from pneumo.train import _batches, _class_weights, downsample, hinge_loss, train
+from pneumo.train import LOSSES, _batches, _class_weights, _FusedAdam, _Rows, _train_epoch, downsample, hinge_loss, train
 
 
 def _separable(n: int, seed: int, positive_share: float = 0.7):
@@ -102,10 +102,47 @@ def test_class_weights_give_each_class_the_same_total():
 
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 65, 100])
 def test_batches_cover_every_row_once_and_never_hold_a_single_row(n):
-    batches = list(_batches(n, 32, np.random.default_rng(0)))
-    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    order, ends = _batches(n, 32, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(n)) and ends[-1] == n
+    sizes = np.diff(ends, prepend=0)
+    assert sizes.min() >= 1 and sizes.max() <= 33
     if n > 1:
-        assert min(len(b) for b in batches) >= 2
+        assert sizes.min() >= 2
+
+
+@pytest.mark.parametrize("loss, weight_decay, balanced", [("hinge", 0.0, False), ("bce", 1e-4, True)])
+def test_an_epoch_gives_the_weights_and_loss_of_the_plain_torch_loop(loss, weight_decay, balanced):
+    """_train_epoch's shortcuts (one gather per epoch, training_forward, autograd.grad, the functional fused
+    Adam, the aten BCE, losses read at the end) change no number: the seed's Adam and hinge loss, and the
+    robust recipes' AdamW and weighted BCE, against the textbook loop bit for bit over three epochs."""
+    X, y = _separable(301, seed=1)  # 301: the last batch of one row is merged
+    y = y.astype(np.float32)
+    weights = _class_weights(y) if balanced else None
+    config = seed_train(loss=loss, weight_decay=weight_decay, batch_size=30, lr=1e-3)
+    torch.manual_seed(0)
+    fast, plain = TinyNet(), TinyNet()
+    plain.load_state_dict(fast.state_dict())
+    fast_adam = _FusedAdam(fast.parameters(), config)
+    kind = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    plain_adam = kind(plain.parameters(), lr=config.lr, weight_decay=weight_decay, fused=True)
+    tX, ty, tw = torch.from_numpy(X), torch.from_numpy(y), None if weights is None else torch.from_numpy(weights)
+    reference = torch.nn.functional.binary_cross_entropy if loss == "bce" else hinge_loss
+    fast_rng, plain_rng = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(3):
+        got = _train_epoch(fast, fast_adam, LOSSES[loss], _Rows(X, y, weights), config.batch_size, fast_rng)
+        plain.train()
+        order, ends = _batches(len(y), config.batch_size, plain_rng)
+        total = 0.0
+        for index in np.split(order, ends[:-1]):
+            idx = torch.from_numpy(index)
+            batch_loss = reference(plain(tX[idx]), ty[idx], None if tw is None else tw[idx])
+            plain_adam.zero_grad()
+            batch_loss.backward()
+            plain_adam.step()
+            total += batch_loss.item() * len(index)
+        assert got == total / len(y)
+        for key, value in plain.state_dict().items():
+            assert torch.equal(fast.state_dict()[key], value), key
 
 
 def test_bce_loss_also_learns():

@@ -310,3 +310,30 @@ def test_the_resampler_says_how_much_padding_it_trimmed():
     untrimmed = recipe("robust2").transform.model_copy(update={"renditions": 0})
     np.testing.assert_array_equal(Resampler(letterbox, untrimmed).borders, [0, 0])
     np.testing.assert_array_equal(borders(letterbox, untrimmed), [0, 0])
+
+
+@pytest.mark.parametrize("cell_pixels, lead", [(8, ()), (8, (5,)), (8, (2, 3)), (16, (4,))])
+def test_pool_features_are_numpys_two_axis_reductions_bit_for_bit(cell_pixels, lead):
+    """pool_features reduces a cell's rows and columns in two steps (and adds the mean's sums by whole-array
+    adds): the same float32 numbers as one numpy reduction over both axes, which every card was built with."""
+    from pneumo.transform import pool_features
+
+    config = recipe("robust4").transform.model_copy(update={"cell_pixels": cell_pixels})
+    rows, cols = config.grid
+    k = cell_pixels
+    rng = np.random.default_rng(0)
+    canvas = rng.random((*lead, rows * k, cols * k), dtype=np.float32) ** 3  # values of every magnitude
+    canvas[..., :k, :k] = 0.1  # a flat cell
+    cells = canvas.reshape(*lead, rows, k, cols, k)
+    axes = (len(lead) + 1, len(lead) + 3)
+    for pooling in [("max", "mean"), ("mean",), ("max",)]:
+        for normalize in ("zscore", "none"):
+            chosen = config.model_copy(update={"pooling": pooling, "normalize": normalize})
+            parts = np.stack([(cells.max(axis=axes) if mode == "max" else cells.mean(axis=axes)).reshape(*lead, rows * cols)
+                              for mode in pooling], axis=-2)
+            if normalize == "zscore":
+                parts = (parts - parts.mean(axis=-1, keepdims=True)) / np.maximum(parts.std(axis=-1, keepdims=True), 1e-6)
+            want = parts.reshape(*lead, -1).astype(np.float32, copy=False)
+            got = pool_features(canvas, chosen)
+            assert got.dtype == np.float32 and got.shape == want.shape
+            assert np.array_equal(got, want), (pooling, normalize)
