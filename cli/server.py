@@ -283,7 +283,8 @@ def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
     prefect_home().mkdir(mode=0o700, exist_ok=True)
     if not (prefect_home() / "prefect.db").exists():
         with contextlib.suppress(OSError, subprocess.SubprocessError):  # a cache: without it the server migrates
-            shutil.copyfile(migrated_database(), prefect_home() / "prefect.db")
+            shutil.copyfile(migrated_database(), prefect_home() / "copy.db")
+            os.replace(prefect_home() / "copy.db", prefect_home() / "prefect.db")  # never a half copy
     with open(os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
         log.write(f"\n--- {now()} prefect server start on {HOST}:{port}\n")
         log.flush()
