@@ -70,6 +70,7 @@ def _expected_removable(workdir: str, uris) -> set[str]:
     }
 
 
+@pytest.mark.slow  # trains and registers versions: in `make test`, not `make test-fast`
 def test_the_plan_keeps_what_registered_versions_need_and_lists_the_rest_with_sizes(tmp_path):
     workdir = str(tmp_path / "work")
     uris = _layout(workdir)
@@ -176,6 +177,7 @@ def test_a_run_records_its_state_and_what_it_used(tmp_path):
     assert saved["state"] == "failed" and saved["finished_at"] and saved["pid"] == os.getpid()
 
 
+@pytest.mark.slow  # an S3 endpoint: in `make test`, not `make test-fast`
 def test_gc_works_on_an_s3_workdir(s3_bucket):
     workdir = f"s3://{s3_bucket}/work"
     uris = _layout(workdir)

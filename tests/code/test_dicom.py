@@ -407,6 +407,7 @@ def _same_prediction(predictor, film_bytes: bytes, copy: bytes) -> None:
     assert abs(film.probability - dicom.probability) < 0.01, (film.probability, dicom.probability)
 
 
+@pytest.mark.slow  # trains a model on real films: in `make test`, not `make test-fast`
 @pytest.mark.parametrize("syntax", SYNTAXES)
 @pytest.mark.parametrize("case", CASES)
 def test_a_dicom_copy_gets_the_films_prediction(predictor, film, tmp_path, case, syntax):

@@ -382,6 +382,7 @@ def test_kaggle_fetch_downloads_through_kagglehub_and_reuses_it(fake_kaggle, tmp
     assert not [p for p in local.parent.iterdir() if p.name.startswith(".")]  # no partial folders
 
 
+@pytest.mark.slow  # a local HTTP endpoint: in `make test`, not `make test-fast`
 def test_kaggle_fingerprint_is_the_current_version(fake_kaggle, kaggle_env):
     (kaggle_env / ".kaggle").mkdir()
     (kaggle_env / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": USER, "key": KEY}))

@@ -50,6 +50,7 @@ def test_the_default_decode_budget_is_set_by_the_tightest_limit(limits, budget):
     assert default_decode_memory(limits) == budget
 
 
+@pytest.mark.slow  # a fresh interpreter: in `make test`, not `make test-fast`
 def test_the_default_decode_budget_follows_an_address_space_limit():
     """Under `prlimit --as=1.5G` the budget was 2 GB (a quarter of this machine's RAM, capped):
     two decodes at once ran out of address space. Now at most half of what the limit leaves."""

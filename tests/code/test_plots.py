@@ -87,6 +87,7 @@ def test_single_class_split_still_draws():
         assert_valid_png(data)
 
 
+@pytest.mark.slow  # an S3 endpoint: in `make test`, not `make test-fast`
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_written_beside_the_card(pngs, where, tmp_path, request):
     out, _, _ = pngs

@@ -56,6 +56,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter and a process pool: in `make test`, not `make test-fast`
 def test_workers_exit_when_the_process_that_owns_the_pool_is_killed():
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
     worker = int(owner.stdout.readline())
@@ -67,6 +68,7 @@ def test_workers_exit_when_the_process_that_owns_the_pool_is_killed():
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # a fresh interpreter and a process pool: in `make test`, not `make test-fast`
 def test_a_pool_used_from_a_module_run_with_dash_m_starts_cleanly():
     repo = Path(__file__).resolve().parents[2]
     run = subprocess.run(

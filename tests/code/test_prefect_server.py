@@ -80,6 +80,7 @@ def foreign_server(tmp_path):
         process.wait()
 
 
+@pytest.mark.slow  # foreign processes: in `make test`, not `make test-fast`
 def test_a_dead_pid_or_a_foreign_process_is_neither_trusted_nor_signalled(tmp_path, monkeypatch, foreign_server, capsys):
     process, port = foreign_server
     monkeypatch.setenv("PNEUMO_SERVER_DIR", str(tmp_path / "server"))

@@ -123,6 +123,7 @@ def test_every_recipe_resolves_as_on_main_before_recipes_became_partial(name):
     assert RECIPES[DEFAULT_RECIPE] == {} and RunConfig() == recipe_config(DEFAULT_RECIPE)  # the default is robust4, frozen above
 
 
+@pytest.mark.slow  # trains twice: in `make test`, not `make test-fast`
 def test_weight_decay_shrinks_the_weights_and_zero_keeps_plain_adam():
     from pneumo.train import train
 

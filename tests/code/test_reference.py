@@ -70,6 +70,7 @@ def test_a_reference_that_is_not_one_is_refused():
         reference.build(np.zeros((1, 140)))
 
 
+@pytest.mark.slow  # trains and registers: in `make test`, not `make test-fast`
 def test_reference_json_is_stored_with_every_version_and_covered_by_the_card(tmp_path):
     from pneumo import register
     from pneumo.shard_files import load_split
@@ -148,6 +149,7 @@ def _trimming_index(folder, n=120) -> str:
                                    split_config=SplitConfig())
 
 
+@pytest.mark.slow  # trains and registers: in `make test`, not `make test-fast`
 def test_the_training_films_trimmed_padding_is_in_the_reference_and_under_the_card(tmp_path):
     from pneumo import register
 

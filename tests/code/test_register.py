@@ -40,6 +40,7 @@ def _index(folder, seed=0, n=120) -> str:
 CONFIG = seed_train(epochs=3, patience=3, threshold=0.4)
 
 
+@pytest.mark.slow  # trains and registers: in `make test`, not `make test-fast`
 def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     index_uri = _index(tmp_path)
     reg = str(tmp_path / "reg")
@@ -63,6 +64,7 @@ def test_train_and_register_writes_a_schema_2_card_and_promotes(tmp_path):
     assert card.warnings == []  # 120 val and test images: enough
 
 
+@pytest.mark.slow  # trains and registers: in `make test`, not `make test-fast`
 def test_a_small_val_or_test_split_is_warned_in_the_log_and_the_card(tmp_path, caplog):
     index_uri = _index(tmp_path, n=40)
     reg = str(tmp_path / "reg")

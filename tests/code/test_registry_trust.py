@@ -288,6 +288,7 @@ def any_root(request, tmp_path) -> str:
     return f"s3://{request.getfixturevalue('s3_bucket')}/registry"
 
 
+@pytest.mark.slow  # an S3 endpoint: in `make test`, not `make test-fast`
 def test_every_alias_move_is_kept_with_who_when_and_why(any_root):
     from pneumo import promotion
 

@@ -60,6 +60,7 @@ def _env(home: Path, kind: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # CLI processes: in `make test`, not `make test-fast`
 @pytest.mark.parametrize("kind, says", BAD_KEYS, ids=[kind for kind, _ in BAD_KEYS])
 def test_a_bad_results_key_stops_the_run_before_any_work_in_one_line(tmp_path, kind, says):
     home, work = tmp_path / "home", tmp_path / "work"

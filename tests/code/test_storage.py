@@ -64,6 +64,7 @@ def test_join_and_split():
         storage.split_s3("s3:///nobucket")
 
 
+@pytest.mark.slow  # another process: in `make test`, not `make test-fast`
 def test_a_compare_and_swap_lock_held_by_another_process_is_waited_for_boundedly_and_out_loud(tmp_path, monkeypatch, caplog):
     """Issue 23 item 13: the registry's champion lock was waited for without a bound or a word (any user who can
     read the lock file can hold a shared flock on it)."""

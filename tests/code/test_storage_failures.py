@@ -49,6 +49,7 @@ def dead_endpoint():
     server.close()
 
 
+@pytest.mark.slow  # waits out S3 timeouts: in `make test`, not `make test-fast`
 def test_a_dead_endpoint_fails_within_the_configured_bound_and_names_itself(dead_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
@@ -123,6 +124,7 @@ def test_a_missing_bucket_is_named(s3_bucket):
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
+@pytest.mark.slow  # an S3 endpoint and a fault proxy: in `make test`, not `make test-fast`
 def test_refused_requests_name_the_object_and_the_likely_cause(s3_bucket, monkeypatch, method, fault, call, kind, says):
     uri = f"s3://{s3_bucket}/registry/tinynet/v0001/card.json"
     storage.write_bytes(uri, b"{}")
@@ -139,6 +141,7 @@ def test_refused_requests_name_the_object_and_the_likely_cause(s3_bucket, monkey
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
 
 
+@pytest.mark.slow  # an S3 endpoint and a fault proxy: in `make test`, not `make test-fast`
 def test_throttling_stays_retryable(s3_bucket, monkeypatch):
     uri = f"s3://{s3_bucket}/x.json"
     monkeypatch.setenv("PNEUMO_S3_MAX_ATTEMPTS", "1")
@@ -193,6 +196,7 @@ def _killed_writer(workdir: Path, what: str) -> None:
     assert run.returncode == -9
 
 
+@pytest.mark.slow  # processes and an S3 endpoint: in `make test`, not `make test-fast`
 def test_leftovers_of_killed_runs_are_swept_and_a_live_runs_files_are_not(tmp_path):
     workdir = tmp_path / "work"
     _killed_writer(workdir, "write")

@@ -56,6 +56,7 @@ def with_copies(shared_data, tmp_path_factory):
     return build_manifest(root), copies
 
 
+@pytest.mark.slow  # hashes the shared films: in `make test`, not `make test-fast`
 def test_copies_never_cross_splits(with_copies):
     manifest, copies = with_copies
     assignment = assign_splits(manifest)
@@ -130,6 +131,7 @@ def held_out_copies(shared_data, tmp_path_factory):
     return build_manifest(root), made
 
 
+@pytest.mark.slow  # hashes the shared films: in `make test`, not `make test-fast`
 def test_mirrored_turned_and_cropped_copies_of_test_films_leave_train_and_are_listed(held_out_copies):
     from pneumo.splits import split_with_report
 
