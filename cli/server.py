@@ -274,6 +274,14 @@ def migrated_database() -> Path:
     return database
 
 
+def seed_home(home: Path) -> None:
+    """A new PREFECT_HOME gets a copy of ``migrated_database()`` (infra/stack.sh calls this too)."""
+    if not (home / "prefect.db").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # a cache: without it the server migrates
+            shutil.copyfile(migrated_database(), home / "copy.db")
+            os.replace(home / "copy.db", home / "prefect.db")  # never a half copy
+
+
 def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
     """`prefect server start` on ``port``, detached; the server once its own process listens there and answers.
 
@@ -281,10 +289,7 @@ def start_on(port: int, timeout: float = START_TIMEOUT_SECONDS) -> Server:
     exits). Output goes to server.log; the pid file is written as `--background` writes it, for `prefect server stop`.
     """
     prefect_home().mkdir(mode=0o700, exist_ok=True)
-    if not (prefect_home() / "prefect.db").exists():
-        with contextlib.suppress(OSError, subprocess.SubprocessError):  # a cache: without it the server migrates
-            shutil.copyfile(migrated_database(), prefect_home() / "copy.db")
-            os.replace(prefect_home() / "copy.db", prefect_home() / "prefect.db")  # never a half copy
+    seed_home(prefect_home())
     with open(os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
         log.write(f"\n--- {now()} prefect server start on {HOST}:{port}\n")
         log.flush()

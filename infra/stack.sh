@@ -121,8 +121,8 @@ case "${1:-}" in
     # pneumo migrated once for this Prefect version (cli/server.py), or let the server migrate its own.
     export PREFECT_HOME="$STATE/prefect-home"
     mkdir -p "$PREFECT_HOME"
-    [[ -f "$PREFECT_HOME/prefect.db" ]] || (cd "$ROOT" && "$BIN/python" -c "import shutil, sys; from cli import server
-shutil.copyfile(server.migrated_database(), sys.argv[1])" "$PREFECT_HOME/prefect.db") || true
+    (cd "$ROOT" && "$BIN/python" -c "import sys, pathlib; from cli import server; server.seed_home(pathlib.Path(sys.argv[1]))" \
+      "$PREFECT_HOME") || true
     start server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
     wait_for_url server "http://127.0.0.1:$PREFECT_PORT/api/health" 180
     write_env
