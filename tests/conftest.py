@@ -77,13 +77,6 @@ def pytest_collection_modifyitems(config, items):
         suffix = "@" + "_".join(groups)
         if groups and not item.nodeid.endswith(suffix):
             item._id = type(item._id).parse(item.nodeid + suffix)
-    # The longest work first: a worker takes the next group or test in this order when it is free, so the long
-    # groups (the deployment stack, the kill -9 runs, the 1,500-film model, the flow runs) start at once instead
-    # of leaving one worker alone with one of them at the end while the other has nothing left.
-    items.sort(key=lambda item: next((i for i, part in enumerate(LONGEST_FIRST) if item.nodeid.startswith(part)), len(LONGEST_FIRST)))
-
-
-LONGEST_FIRST = ("tests/infra/", "tests/faults/test_faults.py", "tests/model/", "tests/flows/", "tests/faults/")
 
 
 def uses_a_module_fixture(item) -> bool:
