@@ -172,3 +172,23 @@ def test_an_s3_record_over_the_cap_is_refused_by_its_length(s3_bucket, monkeypat
     storage.write_bytes(f"s3://{s3_bucket}/prefect-results/large", b"y" * 4096)
     with pytest.raises(storage.Unreadable, match="4096 bytes, more than the 1024 allowed"):
         store.read_path("large")
+
+
+def test_a_locations_block_is_saved_once_per_process_and_api(prefect_server, tmp_path):
+    """Each task asks for its result storage; a save is ~0.26 s of CPU (client and server), so it is made once."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.result_storage import signed_storage_block
+
+    root = str(tmp_path / "prefect-results")
+    first = signed_storage_block(root)
+    assert first._block_document_id is not None  # saved: task subprocesses resolve it from the API
+    with get_client(sync_client=True) as client:
+        saved = client.read_block_document(first._block_document_id)
+    again = signed_storage_block(root)
+    with get_client(sync_client=True) as client:
+        unchanged = client.read_block_document(first._block_document_id)
+    assert again is first and unchanged.data == saved.data == {"root": root}
+    assert unchanged.updated == saved.updated  # not written again
+    other = signed_storage_block(str(tmp_path / "elsewhere"))
+    assert other._block_document_id not in (None, first._block_document_id) and other.root.endswith("elsewhere")

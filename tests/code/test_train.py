@@ -152,11 +152,23 @@ def test_bce_loss_also_learns():
     assert result.history[-1]["val_auc"] > 0.9
 
 
-def test_global_torch_settings_are_restored():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+def _flags() -> tuple:
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+@pytest.mark.parametrize("before", [False, "warn only"])
+def test_training_runs_deterministic_kernels_and_restores_the_global_torch_settings(before):
+    torch.use_deterministic_algorithms(bool(before), warn_only=before == "warn only")
+    flags = _flags()
+    during = []
     X, y = _separable(100, seed=1)
-    train(X, y, X, y, seed_train(epochs=1))
-    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    try:
+        train(X, y, X, y, seed_train(epochs=2), progress=lambda entry: during.append(_flags()))
+        assert [flag[1:] for flag in during] == [(True, False)] * 2  # erroring on a nondeterministic kernel
+        assert _flags() == flags
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_bad_input_is_refused():
