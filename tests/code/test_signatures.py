@@ -174,6 +174,8 @@ def test_an_s3_record_over_the_cap_is_refused_by_its_length(s3_bucket, monkeypat
         store.read_path("large")
 
 
+# With the end-to-end run of `make test-fast`: the worker that has started the session's Prefect server.
+@pytest.mark.xdist_group("test_full_flow")
 def test_a_locations_block_is_saved_once_per_process_and_api(prefect_server, tmp_path):
     """Each task asks for its result storage; a save is ~0.26 s of CPU (client and server), so it is made once."""
     from prefect.client.orchestration import get_client
