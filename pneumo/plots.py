@@ -1,9 +1,9 @@
 """Pictures of a registered version: PNG files written beside its card.
 
 Each function draws one figure and returns its PNG bytes, so the same pictures can go to
-the registry (local or S3, via ``pneumo.storage``) and into a report. matplotlib runs on
-its Agg backend (no display) and the PNGs carry no timestamp or software tag, so the same
-inputs give the same bytes.
+the registry (local or S3, via ``pneumo.storage``) and into a report. Each is a matplotlib
+``Figure`` of its own (not pyplot's global state), saved through Agg, and the PNGs carry no
+timestamp or software tag, so the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
-matplotlib.use("Agg")  # no display: set before pyplot is imported
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-
-from pneumo import storage  # noqa: E402
-from pneumo.evaluate import format_metric  # noqa: E402
-from pneumo.labels import CLASSES  # noqa: E402
+from pneumo import storage
+from pneumo.evaluate import format_metric
+from pneumo.labels import CLASSES
 
 SPLIT_COLORS = {"val": "tab:blue", "test": "tab:orange"}
 DPI = 100
@@ -31,11 +27,16 @@ DPI = 100
 Predictions = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _png(fig) -> bytes:
+def _subplots(*grid: int, figsize: tuple[float, float], **options: Any) -> tuple[Figure, Any]:
+    """A figure of its own: not pyplot's (no global figure list, no display backend, safe on any thread)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **options)
+
+
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     # No "Software" tag and no timestamp: same inputs, same bytes.
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -50,7 +51,7 @@ def _two_classes(y: np.ndarray) -> bool:
 
 def roc_curves(predictions: Predictions, threshold: float) -> bytes:
     """ROC curve per split, with its AUC and the operating point at the threshold."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     for split, (y, p) in predictions.items():
         if not _two_classes(y):
             continue
@@ -68,7 +69,7 @@ def roc_curves(predictions: Predictions, threshold: float) -> bytes:
 
 def pr_curves(predictions: Predictions, threshold: float) -> bytes:
     """Precision-recall curve per split, with its average precision and the operating point."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     for split, (y, p) in predictions.items():
         if not _two_classes(y):
             continue
@@ -87,7 +88,7 @@ def pr_curves(predictions: Predictions, threshold: float) -> bytes:
 
 def confusion_matrices(predictions: Predictions, threshold: float) -> bytes:
     """Confusion matrix per split: rows = truth, columns = prediction, counts and row percentages."""
-    fig, axes = plt.subplots(1, len(predictions), figsize=(4.5 * len(predictions), 4), squeeze=False)
+    fig, axes = _subplots(1, len(predictions), figsize=(4.5 * len(predictions), 4), squeeze=False)
     for ax, (split, (y, p)) in zip(axes[0], predictions.items()):
         cm = skm.confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
         rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -104,7 +105,7 @@ def confusion_matrices(predictions: Predictions, threshold: float) -> bytes:
 
 def score_histograms(predictions: Predictions, threshold: float) -> bytes:
     """Distribution of the PNEUMONIA probability per true class, per split, with the threshold."""
-    fig, axes = plt.subplots(1, len(predictions), figsize=(5 * len(predictions), 3.8), squeeze=False)
+    fig, axes = _subplots(1, len(predictions), figsize=(5 * len(predictions), 3.8), squeeze=False)
     bins = np.linspace(0, 1, 41)
     for ax, (split, (y, p)) in zip(axes[0], predictions.items()):
         for label, color in ((0, "tab:green"), (1, "tab:red")):
@@ -119,7 +120,7 @@ def score_histograms(predictions: Predictions, threshold: float) -> bytes:
 
 def reliability(predictions: Predictions, n_bins: int = 10) -> bytes:
     """Reliability diagram: observed PNEUMONIA rate against mean predicted probability, Brier score."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
     for split, (y, p) in predictions.items():
         if not _two_classes(y):
@@ -136,7 +137,7 @@ def reliability(predictions: Predictions, n_bins: int = 10) -> bytes:
 def learning_curves(history: list[dict[str, Any]], best_epoch: Optional[int] = None) -> bytes:
     """Train and val loss, and val AUC, per epoch; the kept (best val loss) epoch marked."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, auc_ax) = _subplots(1, 2, figsize=(10, 3.8))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], label="val loss")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -162,7 +163,7 @@ def shift_suite(shift: dict[str, dict[str, Any]], stress: Optional[dict[str, Any
     names = ([STRESS_BAR] if stress else []) + list(shift[splits[0]]["per_shift"])
     bars = (("roc_auc", "ROC AUC", "tab:blue"), ("specificity", "specificity", "tab:red"))
     height = 1.5 + 0.3 * len(names)  # inches: margins + one row per shift
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), height), squeeze=False, sharey=True)
+    fig, axes = _subplots(1, len(splits), figsize=(5.5 * len(splits), height), squeeze=False, sharey=True)
     y = np.arange(len(names))
     for ax, split in zip(axes[0], splits):
         per_shift, clean = shift[split]["per_shift"], shift[split].get("clean") or {}
@@ -241,7 +242,7 @@ def drift_picture(
     (one block per pooling part, side by side), and the batch's scores beside the val films' (from
     their quantiles), as shares of films per twentieth of [0, 1]."""
     with_scores = score_quantiles is not None and scores is not None and len(scores)
-    fig, axes = plt.subplots(1, 2 if with_scores else 1, figsize=(10 if with_scores else 5.5, 3.4), squeeze=False)
+    fig, axes = _subplots(1, 2 if with_scores else 1, figsize=(10 if with_scores else 5.5, 3.4), squeeze=False)
     ks = np.asarray(feature_ks, dtype=float)
     ax = axes[0][0]
     if grid and ks.size and ks.size % (grid[0] * grid[1]) == 0:

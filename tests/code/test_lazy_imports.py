@@ -37,13 +37,17 @@ def test_a_runs_result_storage_resolves_without_importing_every_prefect_collecti
 
 
 @pytest.mark.slow  # a fresh interpreter
-def test_training_imports_no_compiler():
+def test_training_and_its_pictures_import_no_compiler_and_no_pyplot():
     # torch.use_deterministic_algorithms imports torch._inductor (and torch._dynamo): ~1.8 s of CPU per training
-    # process, for a compile option of a model that is never compiled.
+    # process, for a compile option of a model that is never compiled. pyplot: a global figure list (not
+    # thread-safe) and a display backend, for pictures that are only saved.
     code = ("import sys, numpy as np\nfrom pneumo.config import seed_train\nfrom pneumo.train import train\n"
+            "from pneumo import plots\n"
             "rng = np.random.default_rng(0)\nX = rng.normal(size=(64, 140)).astype('float32')\ny = np.arange(64) % 2\n"
-            "train(X, y, X, y, seed_train(epochs=2))\n"
-            "print(' '.join(sorted(name for name in ('torch._inductor', 'torch._dynamo') if name in sys.modules)))")
+            "result = train(X, y, X, y, seed_train(epochs=2))\n"
+            "assert plots.learning_curves(result.history, None).startswith(b'\\x89PNG')\n"
+            "print(' '.join(sorted(name for name in ('torch._inductor', 'torch._dynamo', 'matplotlib.pyplot')"
+            " if name in sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.strip() == "", f"imported to train: {loaded.stdout.strip()}"
+    assert loaded.stdout.strip() == "", f"imported to train and draw: {loaded.stdout.strip()}"
