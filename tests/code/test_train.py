@@ -159,7 +159,8 @@ def _flags() -> tuple:
 
 @pytest.mark.parametrize("before", [False, "warn only"])
 def test_training_runs_deterministic_kernels_and_restores_the_global_torch_settings(before):
-    torch.use_deterministic_algorithms(bool(before), warn_only=before == "warn only")
+    # torch's own setter, as pneumo.train calls it: torch.use_deterministic_algorithms imports torch._inductor (~2 s).
+    torch._C._set_deterministic_algorithms(bool(before), warn_only=before == "warn only")
     flags = _flags()
     during = []
     X, y = _separable(100, seed=1)
@@ -168,7 +169,7 @@ def test_training_runs_deterministic_kernels_and_restores_the_global_torch_setti
         assert [flag[1:] for flag in during] == [(True, False)] * 2  # erroring on a nondeterministic kernel
         assert _flags() == flags
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch._C._set_deterministic_algorithms(False)
 
 
 def test_bad_input_is_refused():
