@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -57,9 +58,14 @@ def imports_of(node: ast.Import | ast.ImportFrom, path: Path) -> list[tuple[str,
     return [(base, [alias.name for alias in node.names], node.lineno)]
 
 
+@functools.cache  # the checks below read the same files: each parsed once
+def parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
 def imports(path: Path) -> list[tuple[str, list[str], int]]:
     """Every import in a file, at any depth (inside functions too)."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parsed(path)
     statements = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
     return [row for node in statements for row in imports_of(node, path)]
 
@@ -119,7 +125,7 @@ def private_crossings(path: Path) -> list[str]:
     where = path.relative_to(REPO)
     found = [f"{where}:{line} imports {module}.{n}" for module, names, line in imports(path)
              if module.split(".")[0] in LAYERS and module != here for n in names if is_private(n)]
-    tree = ast.parse(path.read_text())
+    tree = parsed(path)
     bound = bound_modules(tree, path)
 
     def resolve(node: ast.expr) -> str | None:  # the project module an expression names, if any
