@@ -179,6 +179,7 @@ def test_an_s3_record_over_the_cap_is_refused_by_its_length(s3_bucket, monkeypat
 def test_a_locations_block_is_saved_once_per_process_and_api(prefect_server, tmp_path):
     """Each task asks for its result storage; a save is ~0.26 s of CPU (client and server), so it is made once."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.result_storage import signed_storage_block
 
@@ -194,3 +195,6 @@ def test_a_locations_block_is_saved_once_per_process_and_api(prefect_server, tmp
     assert unchanged.updated == saved.updated  # not written again
     other = signed_storage_block(str(tmp_path / "elsewhere"))
     assert other._block_document_id not in (None, first._block_document_id) and other.root.endswith("elsewhere")
+    with temporary_settings({PREFECT_API_URL: prefect_server.rstrip("/") + "/"}):  # another API URL: saved there too
+        through_another_url = signed_storage_block(root)
+    assert through_another_url is not first and through_another_url._block_document_id == first._block_document_id
