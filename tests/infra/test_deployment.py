@@ -88,6 +88,8 @@ def stack(tmp_path_factory):
         for name in left:  # never leave a process behind, even when `down` is broken
             os.killpg(pids[name], signal.SIGKILL)
         assert down.returncode == 0 and not left, (down.stderr, left)
+        # Each stopped on its own: the worker on its second SIGTERM, not on stack.sh's SIGKILL 20 s later.
+        assert "stopped" in down.stderr and ": killed" not in down.stderr, down.stderr
 
 
 def prefect(env, *args, timeout=300) -> subprocess.CompletedProcess:
