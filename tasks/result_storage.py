@@ -80,6 +80,9 @@ class SignedResultStorage(WritableFileSystem):
         return await asyncio.to_thread(self.write_path, path, content)
 
 
+_SAVED: dict[tuple[str, str], SignedResultStorage] = {}  # (root, API URL): the block saved there
+
+
 def signed_storage_block(root: str) -> SignedResultStorage:
     """Save the signed result storage block for the folder or S3 prefix ``root`` and return it, saved.
 
@@ -101,5 +104,3 @@ def signed_storage_block(root: str) -> SignedResultStorage:
         _SAVED[(root, api)] = block
     return _SAVED[(root, api)]
 
-
-_SAVED: dict[tuple[str, str], SignedResultStorage] = {}  # (root, API URL): the block saved there
