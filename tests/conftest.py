@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,8 @@ def uses_a_module_fixture(item) -> bool:
 
 
 def pytest_sessionfinish(session):
-    """The session's server stops with the session (each xdist worker stops its own)."""
+    """The session's server stops with the session (each xdist worker stops its own); its folder goes too,
+    unless a test failed (its server.log may say why)."""
     from cli import server
 
     if server.read_record() is not None:
@@ -96,6 +98,8 @@ def pytest_sessionfinish(session):
 
             APILogHandler.flush()
         server.stop()
+    if not session.testsfailed:  # 5-40 MB of database per worker, left in /tmp by every run before
+        shutil.rmtree(os.environ["PNEUMO_SERVER_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
