@@ -103,4 +103,3 @@ def signed_storage_block(root: str) -> SignedResultStorage:
         block.save(name, overwrite=True)
         _SAVED[(root, api)] = block
     return _SAVED[(root, api)]
-
